@@ -1,0 +1,27 @@
+"""tidar_kernels: the op library of TiDAR (layouts, reference ops, Triton and CUDA kernels, dispatch).
+
+Imports no transformers. Each op has one public function with ``backend=`` ("auto", "reference",
+"triton", "cuda"); see ``live_backends()`` for what runs here.
+"""
+from . import layouts, reference  # noqa: F401  (reference registers itself)
+from .backends import BACKENDS, live_backends
+from .layouts import Layout, dense_mask
+from .ops.kv_append import kv_append
+from .ops.rejection_sample import DraftResult, RejectionResult, draft_sample, draw_uniforms, rejection_sample
+from .ops.tidar_attention import tidar_attention
+
+__version__ = "0.1.0"
+__all__ = [
+    "BACKENDS",
+    "DraftResult",
+    "Layout",
+    "RejectionResult",
+    "dense_mask",
+    "draft_sample",
+    "draw_uniforms",
+    "kv_append",
+    "layouts",
+    "live_backends",
+    "rejection_sample",
+    "tidar_attention",
+]

@@ -1,0 +1,145 @@
+"""TiDAR attention layouts as data: ``local_limit`` + ``block_id`` (design.md 1.1).
+
+A segment of S tokens is appended after ``seg_start`` cached keys. Query ``i`` sees key ``j`` iff
+
+    j < seg_start + local_limit[i]
+    or (seg_start <= j < seg_start + S and block_id[i] >= 0 and block_id[j - seg_start] == block_id[i])
+
+Keys at ``j >= seg_start + S`` (scratch of a longer row in a ragged batch) are never seen. Every layout
+below is computed once per shape and cached; ``dense_mask`` builds the boolean twin from the same rule.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)  # identity hash: layouts are cached singletons
+class Layout:
+    """One segment's mask and positions. ``position_ids`` are offsets from the segment's first position."""
+
+    local_limit: torch.Tensor  # int32 [S]
+    block_id: torch.Tensor  # int32 [S]
+    position_ids: torch.Tensor  # int64 [S]
+
+    @property
+    def seg_len(self) -> int:
+        return self.local_limit.shape[0]
+
+    def to(self, device) -> "Layout":
+        device = torch.device(device)
+        if self.local_limit.device == device:
+            return self
+        return _on_device(self, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _on_device(layout: Layout, device: torch.device) -> Layout:
+    return Layout(*(t.to(device) for t in (layout.local_limit, layout.block_id, layout.position_ids)))
+
+
+def _layout(local_limit, block_id, position_ids) -> Layout:
+    return Layout(
+        torch.tensor(local_limit, dtype=torch.int32),
+        torch.tensor(block_id, dtype=torch.int32),
+        torch.tensor(position_ids, dtype=torch.int64),
+    )
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def training(seq_len: int, block_size: int) -> Layout:
+    """Hybrid training layout (design.md 1.2): L clean tokens then L ``[MASK]`` tokens, S = 2L.
+
+    Clean token i is causal (local_limit i+1, block -1). The mask token at L+i belongs to block
+    b = i // K, sees the clean tokens before its block (local_limit b*K) and its own block.
+    Both halves use positions 0..L-1. The last block is partial when L is not a multiple of K.
+
+    L=4, K=2 (rows are queries, ``#`` = visible)::
+
+        keys:      c0 c1 c2 c3 m0 m1 m2 m3
+        c0         #  .  .  .  .  .  .  .
+        c1         #  #  .  .  .  .  .  .
+        c2         #  #  #  .  .  .  .  .
+        c3         #  #  #  #  .  .  .  .
+        m0 (b0)    .  .  .  .  #  #  .  .
+        m1 (b0)    .  .  .  .  #  #  .  .
+        m2 (b1)    #  #  .  .  .  .  #  #
+        m3 (b1)    #  #  .  .  .  .  #  #
+    """
+    L, K = _positive("seq_len", seq_len), _positive("block_size", block_size)
+    clean = range(L)
+    return _layout(
+        [i + 1 for i in clean] + [(i // K) * K for i in clean],
+        [-1] * L + [i // K for i in clean],
+        list(clean) + list(clean),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def prefill(prompt_len: int, draft_len: int) -> Layout:
+    """Prefill layout (design.md 1.3): n prompt tokens (causal) then one block of K masks that sees the
+    whole prompt and itself. Positions 0..n-1 then n..n+K-1.
+
+    n=3, K=2::
+
+        keys:   x0 x1 x2 m0 m1
+        x0      #  .  .  .  .
+        x1      #  #  .  .  .
+        x2      #  #  #  .  .
+        m0      #  #  #  #  #
+        m1      #  #  #  #  #
+    """
+    n, K = _positive("prompt_len", prompt_len), _positive("draft_len", draft_len)
+    return _layout(
+        [i + 1 for i in range(n)] + [n] * K,
+        [-1] * n + [0] * K,
+        list(range(n + K)),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def decode_step(draft_len: int) -> Layout:
+    """Decode-step layout (design.md 1.3): K drafts (causal), then K proposal blocks of K masks.
+    Block j (1..K) assumes drafts d_0..d_{j-1} accepted: it sees them (local_limit j) and itself;
+    its slot s sits at position offset j+s. S = K + K*K.
+
+    K=2 (the cached prefix, seen by every query, is not drawn)::
+
+        keys:    d0 d1 b1s0 b1s1 b2s0 b2s1     pos
+        d0       #  .  .    .    .    .        0
+        d1       #  #  .    .    .    .        1
+        b1s0     #  .  #    #    .    .        1
+        b1s1     #  .  #    #    .    .        2
+        b2s0     #  #  .    .    #    #        2
+        b2s1     #  #  .    .    #    #        3
+    """
+    K = _positive("draft_len", draft_len)
+    limit, block, pos = [t + 1 for t in range(K)], [-1] * K, list(range(K))
+    for j in range(1, K + 1):
+        limit += [j] * K
+        block += [j] * K
+        pos += [j + s for s in range(K)]
+    return _layout(limit, block, pos)
+
+
+def dense_mask(local_limit: torch.Tensor, block_id: torch.Tensor, seg_start, kv_len: int) -> torch.Tensor:
+    """Boolean mask ``[B, S, kv_len]`` (True = visible) from the layout rule; ``seg_start`` is an int or ``[B]``."""
+    S = local_limit.shape[0]
+    device = local_limit.device
+    seg = torch.as_tensor(seg_start, device=device).reshape(-1, 1, 1).long()  # [B,1,1]
+    j = torch.arange(kv_len, device=device).view(1, 1, -1)  # [1,1,Skv]
+    rel = j - seg  # key index relative to the segment start
+    limit = local_limit.long().view(1, -1, 1)
+    blk_q = block_id.long().view(1, -1, 1)
+    in_seg = (rel >= 0) & (rel < S)
+    blk_k = block_id.long()[rel.clamp(0, S - 1)]  # [B,1,Skv]
+    same_block = in_seg & (blk_q >= 0) & (blk_k == blk_q)
+    return (rel < limit) | same_block

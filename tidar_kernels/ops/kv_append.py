@@ -1,0 +1,42 @@
+"""``kv_append``: in-place write of a segment's K/V into a preallocated cache at per-row offsets."""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from ..backends import resolve
+
+OP = "kv_append"
+
+
+def kv_append(k_cache, v_cache, k_new, v_new, seg_start, *, backend: str = "auto"):
+    """Write ``k_new[b]``/``v_new[b]`` to ``k_cache[b, :, seg_start[b] : seg_start[b] + S]`` (same for v).
+
+    Args:
+        k_cache, v_cache: ``[B, H, Smax, D]``, written in place.
+        k_new, v_new: ``[B, H, S, D]``, same dtype and device as the cache (may be non-contiguous).
+        seg_start: int ``[B]`` (or an int): per-row write offset.
+
+    Bit-exact. Raises before writing anything when a row would overflow ``Smax`` (the cache is untouched).
+    Returns ``(k_cache, v_cache)``.
+    """
+    dev = _checks.tensor("k_cache", k_cache, ndim=4, dtypes=_checks.FLOAT_TYPES).device
+    _checks.tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=dev)
+    _checks.shape("v_cache", v_cache, k_cache.shape)
+    B, H, Smax, D = k_cache.shape
+    _checks.tensor("k_new", k_new, ndim=4, dtypes=(k_cache.dtype,), device=dev)
+    _checks.tensor("v_new", v_new, ndim=4, dtypes=(k_cache.dtype,), device=dev)
+    S = k_new.shape[2]
+    _checks.shape("k_new", k_new, (B, H, S, D))
+    _checks.shape("v_new", v_new, (B, H, S, D))
+    if isinstance(seg_start, int):
+        seg_start = torch.full((B,), seg_start, dtype=torch.int32, device=dev)
+    _checks.tensor("seg_start", seg_start, ndim=1, dtypes=_checks.INT_TYPES, device=dev)
+    _checks.shape("seg_start", seg_start, (B,))
+    lo, hi = int(seg_start.min()), int(seg_start.max())
+    if lo < 0:
+        raise ValueError(f"seg_start must be >= 0, got {lo}")
+    if hi + S > Smax:
+        raise ValueError(f"kv cache overflow: writing {S} tokens at seg_start {hi} needs {hi + S} slots, cache has {Smax}")
+    resolve(OP, backend, dev)(k_cache, v_cache, k_new, v_new, seg_start.to(torch.int32))
+    return k_cache, v_cache

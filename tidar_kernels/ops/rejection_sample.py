@@ -1,0 +1,156 @@
+"""``rejection_sample``: one TiDAR verification step, from raw logits to the step's outcome (design.md 1.3).
+
+Also ``draft_sample``: the prefill's first drafts. Both take randomness from an explicit
+``torch.Generator`` or from pre-drawn uniforms (layout in ``tidar_kernels.reference.rejection_sample``),
+so any backend given the same uniforms returns the same tokens as the reference.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import _checks
+from ..backends import resolve
+
+
+class RejectionResult(NamedTuple):
+    accepted: torch.Tensor  # int64 [B]: a in 1..K, drafts d_0..d_{a-1} accepted (d_0 always)
+    emitted: torch.Tensor  # int64 [B, K]: d_0..d_{a-1}, padded with -1
+    next_drafts: torch.Tensor  # int64 [B, K]: d'_0 (correction or bonus) then d'_1..d'_{K-1} from block a
+    next_draft_probs: torch.Tensor | None  # float32 [B, K-1, V]: q'_1..q'_{K-1} (None when greedy)
+
+
+class DraftResult(NamedTuple):
+    next_drafts: torch.Tensor  # int64 [B, K]
+    next_draft_probs: torch.Tensor | None  # float32 [B, K-1, V] (None when greedy)
+
+
+def draw_uniforms(batch: int, draft_len: int, *, generator=None, device=None) -> torch.Tensor:
+    """The ``[B, 2K]`` float32 uniforms one step consumes, drawn from ``generator``."""
+    if generator is not None:
+        device = generator.device
+    return torch.rand((batch, 2 * draft_len), generator=generator, device=device, dtype=torch.float32)
+
+
+def _sampling_args(temperature, top_k, top_p, beta, V):
+    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (1 = exact AR), got {beta!r}")
+    if top_k is not None and top_k >= V:
+        top_k = None
+    return float(temperature), top_k, (None if top_p is None or top_p >= 1.0 else float(top_p)), float(beta)
+
+
+def _uniforms(uniforms, generator, B, K, dev, greedy):
+    if greedy:
+        return None
+    if uniforms is None:
+        if generator is not None and generator.device != dev:
+            raise ValueError(f"generator must be on {dev} like the logits, got {generator.device}")
+        return draw_uniforms(B, K, generator=generator, device=dev)
+    _checks.tensor("uniforms", uniforms, dtypes=(torch.float32,), device=dev)
+    _checks.shape("uniforms", uniforms, (B, 2 * K))
+    if bool(((uniforms < 0) | (uniforms >= 1)).any()):
+        raise ValueError("uniforms must lie in [0, 1)")
+    return uniforms
+
+
+def rejection_sample(
+    ar_logits,
+    block_logits,
+    drafts,
+    draft_probs=None,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    beta: float = 1.0,
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> RejectionResult:
+    """Verify the K drafts of one step and draft the next K.
+
+    Args:
+        ar_logits: ``[B, K, V]`` raw logits at the draft rows: row t (at d_t) predicts the token after it.
+        block_logits: ``[B, K, K, V]`` raw logits of the proposal blocks: ``[:, j-1, s]`` is block j, slot s.
+        drafts: int ``[B, K]``: d_0 (accepted by construction) then d_1..d_{K-1}.
+        draft_probs: float32 ``[B, K-1, V]``, the distributions q_1..q_{K-1} the drafts were sampled from
+            (after temperature/top-k/top-p); required when ``temperature > 0``, ignored when greedy.
+        temperature: 0 = greedy (accept while d_i == argmax p_i); > 0 = speculative sampling with
+            acceptance min(1, p_i(d_i) / q_i(d_i)) and the residual norm(max(0, p - q)) at the first rejection.
+        top_k, top_p: applied to targets and next drafts alike (as Hugging Face's warpers).
+        beta: target logits = beta * AR + (1 - beta) * slot 0 of the matching block. Only beta = 1 is exact.
+        generator / uniforms: the randomness (``uniforms`` ``[B, 2K]`` float32 in [0, 1) wins).
+
+    Returns ``RejectionResult(accepted, emitted, next_drafts, next_draft_probs)``.
+    """
+    dev = _checks.tensor("ar_logits", ar_logits, ndim=3, dtypes=_checks.FLOAT_TYPES).device
+    B, K, V = ar_logits.shape
+    if K < 1 or V < 1:
+        raise ValueError(f"ar_logits must be [B, K >= 1, V >= 1], got {tuple(ar_logits.shape)}")
+    _checks.tensor("block_logits", block_logits, ndim=4, dtypes=_checks.FLOAT_TYPES, device=dev)
+    if tuple(block_logits.shape[:3]) != (B, K, K):
+        raise ValueError(f"block_logits must have shape [B={B}, K={K}, K={K}, V], got {tuple(block_logits.shape)}")
+    if block_logits.shape[3] != V:
+        raise ValueError(f"vocab mismatch: ar_logits has V={V}, block_logits has V={block_logits.shape[3]}")
+    _checks.tensor("drafts", drafts, ndim=2, dtypes=_checks.INT_TYPES, device=dev)
+    _checks.shape("drafts", drafts, (B, K))
+    if bool(((drafts < 0) | (drafts >= V)).any()):
+        raise ValueError(f"drafts must be token ids in [0, V={V})")
+    temperature, top_k, top_p, beta = _sampling_args(temperature, top_k, top_p, beta, V)
+    _checks.no_nan("ar_logits", ar_logits)
+    _checks.no_nan("block_logits", block_logits)
+    greedy = temperature == 0.0
+    if not greedy:
+        if draft_probs is None:
+            if K > 1:
+                raise ValueError("draft_probs [B, K-1, V] is required when temperature > 0")
+            draft_probs = ar_logits.new_zeros((B, 0, V), dtype=torch.float32)
+        _checks.tensor("draft_probs", draft_probs, ndim=3, dtypes=(torch.float32,), device=dev)
+        if draft_probs.shape[2] != V:
+            raise ValueError(f"vocab mismatch: ar_logits has V={V}, draft_probs has V={draft_probs.shape[2]}")
+        _checks.shape("draft_probs", draft_probs, (B, K - 1, V))
+        _checks.no_nan("draft_probs", draft_probs)
+        q_d = draft_probs.gather(-1, drafts[:, 1:, None].long())
+        if bool((q_d <= 0).any()):
+            raise ValueError("draft_probs gives probability 0 to a draft it proposed: drafts and draft_probs disagree")
+    u = _uniforms(uniforms, generator, B, K, dev, greedy)
+    impl = resolve("rejection_sample", backend, dev)
+    return RejectionResult(*impl(ar_logits, block_logits, drafts.long(), draft_probs, u, temperature, top_k, top_p, beta))
+
+
+def draft_sample(
+    ar_logits,
+    block_logits,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    beta: float = 1.0,
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> DraftResult:
+    """Prefill's drafts: d_0 from ``ar_logits`` ``[B, V]`` (the last prompt token's AR logits, mixed with
+    slot 0 when beta < 1) and d_1..d_{K-1} from slots 1..K-1 of ``block_logits`` ``[B, K, V]``."""
+    dev = _checks.tensor("ar_logits", ar_logits, ndim=2, dtypes=_checks.FLOAT_TYPES).device
+    B, V = ar_logits.shape
+    _checks.tensor("block_logits", block_logits, ndim=3, dtypes=_checks.FLOAT_TYPES, device=dev)
+    if block_logits.shape[0] != B or block_logits.shape[1] < 1:
+        raise ValueError(f"block_logits must have shape [B={B}, K >= 1, V], got {tuple(block_logits.shape)}")
+    if block_logits.shape[2] != V:
+        raise ValueError(f"vocab mismatch: ar_logits has V={V}, block_logits has V={block_logits.shape[2]}")
+    K = block_logits.shape[1]
+    temperature, top_k, top_p, beta = _sampling_args(temperature, top_k, top_p, beta, V)
+    _checks.no_nan("ar_logits", ar_logits)
+    _checks.no_nan("block_logits", block_logits)
+    u = _uniforms(uniforms, generator, B, K, dev, temperature == 0.0)
+    impl = resolve("draft_sample", backend, dev)
+    return DraftResult(*impl(ar_logits, block_logits, u, temperature, top_k, top_p, beta))
