@@ -7,12 +7,20 @@ from . import layouts, reference  # noqa: F401  (reference registers itself)
 from .backends import BACKENDS, live_backends
 from .layouts import Layout, dense_mask
 from .ops.kv_append import kv_append
-from .ops.rejection_sample import DraftResult, RejectionResult, draft_sample, draw_uniforms, rejection_sample
+from .ops.rejection_sample import (
+    DraftResult,
+    RejectionResult,
+    check_sampling_args,
+    draft_sample,
+    draw_uniforms,
+    rejection_sample,
+)
 from .ops.tidar_attention import tidar_attention
 
 __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
+    "check_sampling_args",
     "DraftResult",
     "Layout",
     "RejectionResult",

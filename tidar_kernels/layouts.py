@@ -143,3 +143,10 @@ def dense_mask(local_limit: torch.Tensor, block_id: torch.Tensor, seg_start, kv_
     blk_k = block_id.long()[rel.clamp(0, S - 1)]  # [B,1,Skv]
     same_block = in_seg & (blk_q >= 0) & (blk_k == blk_q)
     return (rel < limit) | same_block
+
+
+@functools.lru_cache(maxsize=64)
+def causal(seq_len: int) -> Layout:
+    """Plain causal attention of a segment over the cached prefix (what an AR forward uses)."""
+    S = _positive("seq_len", seq_len)
+    return _layout([i + 1 for i in range(S)], [-1] * S, list(range(S)))

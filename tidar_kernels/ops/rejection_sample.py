@@ -33,7 +33,8 @@ def draw_uniforms(batch: int, draft_len: int, *, generator=None, device=None) ->
     return torch.rand((batch, 2 * draft_len), generator=generator, device=device, dtype=torch.float32)
 
 
-def _sampling_args(temperature, top_k, top_p, beta, V):
+def check_sampling_args(temperature, top_k, top_p, beta, V):
+    """Validated (temperature, top_k, top_p, beta); no-op filters become None."""
     if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -104,7 +105,7 @@ def rejection_sample(
     _checks.shape("drafts", drafts, (B, K))
     if bool(((drafts < 0) | (drafts >= V)).any()):
         raise ValueError(f"drafts must be token ids in [0, V={V})")
-    temperature, top_k, top_p, beta = _sampling_args(temperature, top_k, top_p, beta, V)
+    temperature, top_k, top_p, beta = check_sampling_args(temperature, top_k, top_p, beta, V)
     _checks.no_nan("ar_logits", ar_logits)
     _checks.no_nan("block_logits", block_logits)
     greedy = temperature == 0.0
@@ -148,7 +149,7 @@ def draft_sample(
     if block_logits.shape[2] != V:
         raise ValueError(f"vocab mismatch: ar_logits has V={V}, block_logits has V={block_logits.shape[2]}")
     K = block_logits.shape[1]
-    temperature, top_k, top_p, beta = _sampling_args(temperature, top_k, top_p, beta, V)
+    temperature, top_k, top_p, beta = check_sampling_args(temperature, top_k, top_p, beta, V)
     _checks.no_nan("ar_logits", ar_logits)
     _checks.no_nan("block_logits", block_logits)
     u = _uniforms(uniforms, generator, B, K, dev, temperature == 0.0)

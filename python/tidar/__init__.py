@@ -1,0 +1,23 @@
+"""tidar: TiDAR for Hugging Face causal LMs (the thin layer over ``tidar_kernels``).
+
+    tidar.add_mask_token(model, tokenizer)   # once, if the model has no [MASK]
+    tidar.patch(model, draft_len=16)         # "tidar" attention + drop-in model.generate
+    out = tidar.generate(model, input_ids, max_new_tokens=64)
+    tidar.unpatch(model)                     # back to the exact original
+"""
+from .attention import TidarStep
+from .cache import TidarCache
+from .generate import TidarGenerateOutput, generate
+from .patch import add_mask_token, is_patched, patch, unpatch
+
+__version__ = "0.1.0"
+__all__ = [
+    "TidarCache",
+    "TidarGenerateOutput",
+    "TidarStep",
+    "add_mask_token",
+    "generate",
+    "is_patched",
+    "patch",
+    "unpatch",
+]

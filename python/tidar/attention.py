@@ -1,0 +1,67 @@
+"""The "tidar" attention function registered in transformers' AttentionInterface.
+
+A TiDAR forward passes ``tidar_step=TidarStep(...)`` through the model's kwargs (transformers forwards
+them to the attention function). The attention function then appends the layer's K/V to the TiDAR cache
+(if any) and runs ``tidar_kernels.tidar_attention`` under the step's layout. Without a step (a plain
+forward of a patched model) it runs the causal layout; a padded batch (a dense mask from HF) cannot be
+expressed as a TiDAR layout and runs PyTorch SDPA with that mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import tidar_kernels
+from tidar_kernels import layouts
+
+NAME = "tidar"
+
+
+@dataclass
+class TidarStep:
+    """What one TiDAR forward needs inside every attention layer."""
+
+    layout: tidar_kernels.Layout  # on the model's device
+    seg_start: torch.Tensor  # int32 [B]: where the segment's K/V go in each row (committed length)
+    cache: "object | None" = None  # a TidarCache, or None for cache-free forwards (training)
+    backend: str = "auto"
+
+
+def tidar_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """HF attention interface: q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` -> (``[B, S, Hq, D]``, None)."""
+    if dropout and module.training:
+        raise ValueError(f"tidar attention does not implement attention dropout (got dropout={dropout}); set it to 0")
+    step: TidarStep | None = kwargs.get("tidar_step")
+    if step is None:
+        return _plain_forward(module, query, key, value, attention_mask, scaling, kwargs.get("sliding_window"))
+    seg_start = step.seg_start
+    if step.cache is not None:
+        key, value = step.cache.append(module.layer_idx, key, value, seg_start)
+    _check_window(kwargs.get("sliding_window"), key.shape[2])
+    out = tidar_kernels.tidar_attention(
+        query, key, value, step.layout.local_limit, step.layout.block_id, seg_start, scaling, backend=step.backend
+    )
+    return out.transpose(1, 2), None
+
+
+def _plain_forward(module, query, key, value, attention_mask, scaling, sliding_window):
+    S, Skv = query.shape[2], key.shape[2]
+    if attention_mask is not None:  # padding (or a mask HF built): not a TiDAR layout, use SDPA with it
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+        )
+        return out.transpose(1, 2), None
+    _check_window(sliding_window, Skv)
+    layout = layouts.causal(S).to(query.device)
+    out = tidar_kernels.tidar_attention(query, key, value, layout.local_limit, layout.block_id, Skv - S, scaling)
+    return out.transpose(1, 2), None
+
+
+def _check_window(sliding_window, kv_len):
+    if sliding_window is not None and kv_len > sliding_window:
+        raise ValueError(
+            f"sliding-window attention (window {sliding_window}) over {kv_len} keys is not supported by tidar "
+            "attention; use a model/config without a sliding window shorter than the sequence"
+        )

@@ -1,0 +1,85 @@
+"""The TiDAR KV cache: preallocated, ragged (per-row committed lengths), appends through ``kv_append``.
+
+Each forward writes its whole segment at the row's committed length; commit moves the length forward
+over the accepted drafts (their K/V are exactly what AR decoding caches) and never copies K/V. Everything
+past a row's length is scratch that the next forward overwrites.
+"""
+from __future__ import annotations
+
+import torch
+
+import tidar_kernels
+
+
+class TidarCache:
+    def __init__(self, batch_size: int, max_len: int, *, backend: str = "auto"):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"TidarCache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+        self.batch_size, self.max_len, self.backend = batch_size, max_len, backend
+        self.keys: list[torch.Tensor] = []  # per layer [B, Hkv, max_len, D], allocated on first append
+        self.values: list[torch.Tensor] = []
+        self.lengths = [0] * batch_size  # committed tokens per row (host copy: no sync to size views)
+
+    def seq_lengths(self, device=None) -> torch.Tensor:
+        """Committed lengths as int32 ``[B]`` (the ``seg_start`` of the next forward)."""
+        return torch.tensor(self.lengths, dtype=torch.int32, device=device)
+
+    def check_room(self, seg_len: int, rows=None) -> None:
+        """Raise before any forward if a segment of ``seg_len`` tokens would not fit in some row."""
+        rows = range(self.batch_size) if rows is None else rows
+        need = max(self.lengths[r] for r in rows) + seg_len
+        if need > self.max_len:
+            raise ValueError(f"kv cache overflow: a segment of {seg_len} tokens needs {need} slots, cache has {self.max_len}")
+
+    def _layer(self, layer_idx: int, k_new: torch.Tensor):
+        """The layer's buffers, allocated on its first append from the K/V shapes the model produces."""
+        if layer_idx == len(self.keys):
+            _, H, _, D = k_new.shape
+            shape = (self.batch_size, H, self.max_len, D)
+            self.keys.append(torch.zeros(shape, dtype=k_new.dtype, device=k_new.device))
+            self.values.append(torch.zeros(shape, dtype=k_new.dtype, device=k_new.device))
+        elif layer_idx > len(self.keys):
+            raise RuntimeError(f"TidarCache: layer {layer_idx} appended before layer {len(self.keys)}")
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def append(self, layer_idx: int, k_new: torch.Tensor, v_new: torch.Tensor, seg_start: torch.Tensor):
+        """Write the segment's K/V at ``seg_start`` and return views of the keys a query may see:
+        ``[B, Hkv, max(seg_start) + S, D]`` (no copy)."""
+        if k_new.shape[0] != self.batch_size:
+            raise ValueError(f"TidarCache was built for batch {self.batch_size}, got k/v of batch {k_new.shape[0]}")
+        return _append(*self._layer(layer_idx, k_new), k_new, v_new, seg_start, self.backend)
+
+    def commit(self, n_new) -> None:
+        """Row ``b`` keeps ``n_new[b]`` more tokens of the last segment (moves lengths, copies nothing)."""
+        n_new = [int(n) for n in n_new]
+        for b, n in enumerate(n_new):
+            if n < 0 or self.lengths[b] + n > self.max_len:
+                raise ValueError(f"cannot commit {n} tokens to row {b} (length {self.lengths[b]}, max {self.max_len})")
+        self.lengths = [m + n for m, n in zip(self.lengths, n_new)]
+
+    def committed(self, layer_idx: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The committed K/V of one row: ``[Hkv, length, D]`` each (views)."""
+        n = self.lengths[row]
+        return self.keys[layer_idx][row, :, :n], self.values[layer_idx][row, :, :n]
+
+    def row(self, b: int) -> "_RowView":
+        """A batch-1 view of row ``b`` (prefill of one row of a padded batch writes through it)."""
+        return _RowView(self, b)
+
+
+class _RowView:
+    """Batch-1 window onto one row of a TidarCache: same storage, own offsets."""
+
+    def __init__(self, cache: TidarCache, b: int):
+        self.cache, self.b = cache, b
+
+    def append(self, layer_idx, k_new, v_new, seg_start):
+        k, v = self.cache._layer(layer_idx, k_new)
+        b = self.b
+        return _append(k[b : b + 1], v[b : b + 1], k_new, v_new, seg_start, self.cache.backend)
+
+
+def _append(k, v, k_new, v_new, seg_start, backend):
+    tidar_kernels.kv_append(k, v, k_new, v_new, seg_start, backend=backend)
+    end = int(seg_start.max()) + k_new.shape[2]
+    return k[:, :, :end], v[:, :, :end]

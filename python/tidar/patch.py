@@ -1,0 +1,112 @@
+"""Patch a Hugging Face causal LM for TiDAR: the "tidar" attention backend and a drop-in ``generate``.
+
+``patch`` is idempotent and ``unpatch`` restores the model exactly (attention implementation, the
+instance's ``generate``, nothing else touched). The weights are never changed by either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .attention import NAME, tidar_attention_forward
+
+_REGISTERED = False
+
+
+@dataclass
+class TidarSettings:
+    draft_len: int
+    mask_token_id: int
+    backend: str
+    previous_attn_implementation: str | None
+    had_own_generate: bool
+    own_generate: object
+
+
+def _register() -> None:
+    """Register "tidar" once in transformers' attention and mask interfaces."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, tidar_attention_forward)
+    # Plain forwards get SDPA's mask rules: None for unpadded causal (-> the causal TiDAR layout),
+    # a boolean mask when padded. TiDAR forwards pass their masks pre-built (None) and never ask.
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _REGISTERED = True
+
+
+def settings(model) -> TidarSettings:
+    s = getattr(model, "_tidar", None)
+    if s is None:
+        raise ValueError("this model is not patched for TiDAR: call tidar.patch(model) first")
+    return s
+
+
+def is_patched(model) -> bool:
+    return getattr(model, "_tidar", None) is not None
+
+
+def patch(model, draft_len: int = 16, mask_token_id: int | None = None, *, backend: str = "auto"):
+    """Route the model's attention through ``tidar_kernels.tidar_attention`` and make ``model.generate``
+    decode with TiDAR. Calling it again updates the settings (idempotent). Returns the model."""
+    if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
+        raise ValueError(f"draft_len must be an int >= 1, got {draft_len!r}")
+    if backend not in ("auto", "reference", "triton", "cuda"):
+        raise ValueError(f"backend must be one of auto, reference, triton, cuda; got {backend!r}")
+    config = model.config
+    if mask_token_id is None:
+        mask_token_id = getattr(config, "mask_token_id", None)
+        if mask_token_id is None:
+            raise ValueError(
+                "the model has no mask token: config.mask_token_id is not set. Call "
+                "tidar.add_mask_token(model, tokenizer) first (or pass mask_token_id=)"
+            )
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab:
+        raise ValueError(f"mask_token_id must be a token id in [0, {vocab}) (the embedding size), got {mask_token_id!r}")
+    _register()
+    old = getattr(model, "_tidar", None)
+    if old is None:
+        own = model.__dict__.get("generate")
+        old = TidarSettings(draft_len, mask_token_id, backend, config._attn_implementation, own is not None, own)
+        model.set_attn_implementation(NAME)
+        from .generate import patched_generate
+
+        model.generate = patched_generate.__get__(model)
+    model._tidar = TidarSettings(
+        draft_len, mask_token_id, backend, old.previous_attn_implementation, old.had_own_generate, old.own_generate
+    )
+    return model
+
+
+def unpatch(model):
+    """Undo ``patch`` exactly. A no-op on an unpatched model. Returns the model."""
+    s = getattr(model, "_tidar", None)
+    if s is None:
+        return model
+    model.set_attn_implementation(s.previous_attn_implementation)
+    if s.had_own_generate:
+        model.generate = s.own_generate
+    else:
+        del model.generate
+    del model._tidar
+    return model
+
+
+def add_mask_token(model, tokenizer, token: str = "[MASK]") -> int:
+    """Add ``token`` to the tokenizer (if missing) as its mask token, grow the embeddings to cover it and
+    record ``config.mask_token_id`` (so ``save_pretrained``/``from_pretrained`` keep it). Returns the id."""
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"mask_token": token})
+    elif getattr(tokenizer, "mask_token", None) != token:
+        tokenizer.mask_token = token
+    mask_id = tokenizer.convert_tokens_to_ids(token)
+    if mask_id >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.mask_token_id = int(mask_id)
+    return int(mask_id)
+
+
+__all__ = ["add_mask_token", "is_patched", "patch", "settings", "unpatch", "TidarSettings"]
