@@ -5,7 +5,7 @@
     out = tidar.generate(model, input_ids, max_new_tokens=64)
     tidar.unpatch(model)                     # back to the exact original
 """
-from .attention import TidarStep
+from .attention import TidarStep, tidar_forward
 from .cache import TidarCache
 from .generate import TidarGenerateOutput, generate
 from .patch import add_mask_token, is_patched, patch, unpatch
@@ -19,5 +19,6 @@ __all__ = [
     "generate",
     "is_patched",
     "patch",
+    "tidar_forward",
     "unpatch",
 ]

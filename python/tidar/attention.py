@@ -8,6 +8,8 @@ expressed as a TiDAR layout and runs PyTorch SDPA with that mask.
 """
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,8 @@ import tidar_kernels
 from tidar_kernels import layouts
 
 NAME = "tidar"
+# Set while a TiDAR forward runs: the mask interface then builds no dense mask (the layout is the mask).
+_IN_TIDAR_FORWARD = contextvars.ContextVar("tidar_forward", default=False)
 
 
 @dataclass
@@ -27,6 +31,26 @@ class TidarStep:
     seg_start: torch.Tensor  # int32 [B]: where the segment's K/V go in each row (committed length)
     cache: "object | None" = None  # a TidarCache, or None for cache-free forwards (training)
     backend: str = "auto"
+
+
+def tidar_forward(model, input_ids, position_ids, step: TidarStep, **kwargs):
+    """One forward of a patched HF model under ``step``'s layout (cache append included). Returns the
+    model output. ``position_ids`` ``[B, S]`` are absolute positions."""
+    token = _IN_TIDAR_FORWARD.set(True)
+    try:
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, tidar_step=step, **kwargs)
+    finally:
+        _IN_TIDAR_FORWARD.reset(token)
+
+
+def tidar_mask(*args, **kwargs):
+    """The "tidar" entry of transformers' AttentionMaskInterface: no mask inside a TiDAR forward;
+    otherwise SDPA's rules (None for unpadded causal -> the causal TiDAR layout; a boolean mask if padded)."""
+    if _IN_TIDAR_FORWARD.get():
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
 
 
 def tidar_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -13,7 +13,7 @@ import torch
 import tidar_kernels
 from tidar_kernels import layouts
 
-from .attention import TidarStep
+from .attention import TidarStep, tidar_forward
 from .cache import TidarCache
 from .patch import settings
 
@@ -25,6 +25,7 @@ class TidarGenerateOutput:
     tokens_per_forward: float  # new tokens / forwards, per row, averaged over rows
     accepted_histogram: dict = field(default_factory=dict)  # a (1..K) -> number of (row, step) pairs
     new_tokens: list = field(default_factory=list)  # per row: the generated token ids (no padding)
+    cache: TidarCache | None = None  # per row, the committed K/V: a prefix of (prompt + new tokens)
 
 
 def _prompt_rows(input_ids, attention_mask):
@@ -48,13 +49,6 @@ def _prompt_rows(input_ids, attention_mask):
             raise ValueError("attention_mask must be 0/1 with left padding (pad tokens first), as for HF generate")
         rows.append(input_ids[b, P - n :].tolist())
     return rows
-
-
-def _forward(model, ids, pos, step):
-    """One TiDAR forward; masks are pre-built (None) so HF builds no dense mask."""
-    masks = {"full_attention": None, "sliding_attention": None}
-    out = model(input_ids=ids, position_ids=pos, attention_mask=masks, use_cache=False, tidar_step=step)
-    return out.logits
 
 
 @torch.no_grad()
@@ -146,7 +140,7 @@ def generate(
         ids = torch.cat([drafts, masks], 1)
         pos = seg_start.long()[:, None] + step_layout.position_ids[None]
         cache.check_room(S)
-        logits = _forward(model, ids, pos, TidarStep(step_layout, seg_start, cache, backend))
+        logits = tidar_forward(model, ids, pos, TidarStep(step_layout, seg_start, cache, backend)).logits
         forwards += 1
         V = logits.shape[-1]
         r = tidar_kernels.rejection_sample(
@@ -162,6 +156,8 @@ def generate(
             row_forwards[b] += 1
             hist[accepted[b]] += 1
             emit(b, drafts[b, 1 : accepted[b]].tolist() + [new_first[b]])
+            # Commit d_0..d_{a-1}; a row that stopped mid-step keeps only the drafts it emitted.
+            accepted[b] = min(accepted[b], len(out[b]) - before[b] + 1)
         if streamer is not None and len(out[0]) > before[0]:
             streamer.put(torch.tensor(out[0][before[0] :]))
         cache.commit(accepted)
@@ -174,7 +170,7 @@ def generate(
     for b, o in enumerate(out):
         new[b, : len(o)] = torch.tensor(o, dtype=input_ids.dtype)
     tpf = sum(len(o) / f for o, f in zip(out, row_forwards)) / B
-    return TidarGenerateOutput(torch.cat([input_ids, new], 1), forwards, tpf, dict(sorted(hist.items())), out)
+    return TidarGenerateOutput(torch.cat([input_ids, new], 1), forwards, tpf, dict(sorted(hist.items())), out, cache)
 
 
 def _prefill(model, prompts, K, mask_id, cache, device, sample_kw):
@@ -191,7 +187,7 @@ def _prefill(model, prompts, K, mask_id, cache, device, sample_kw):
         ids = torch.tensor([prompts[b] + [mask_id] * K for b in rows], dtype=torch.long, device=device)
         pos = layout.position_ids[None].expand(len(rows), -1)
         seg_start = torch.zeros(len(rows), dtype=torch.int32, device=device)
-        logits = _forward(model, ids, pos, TidarStep(layout, seg_start, target, sample_kw["backend"]))
+        logits = tidar_forward(model, ids, pos, TidarStep(layout, seg_start, target, sample_kw["backend"])).logits
         ar.append(logits[:, n - 1])
         blocks.append(logits[:, n:])
     r = tidar_kernels.draft_sample(torch.cat(ar), torch.cat(blocks), **sample_kw)

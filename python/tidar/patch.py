@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .attention import NAME, tidar_attention_forward
+from .attention import NAME, tidar_attention_forward, tidar_mask
 
 _REGISTERED = False
 
@@ -28,12 +28,10 @@ def _register() -> None:
     if _REGISTERED:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, tidar_attention_forward)
-    # Plain forwards get SDPA's mask rules: None for unpadded causal (-> the causal TiDAR layout),
-    # a boolean mask when padded. TiDAR forwards pass their masks pre-built (None) and never ask.
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, tidar_mask)
     _REGISTERED = True
 
 

@@ -1,0 +1,38 @@
+"""``tidar`` command line: ``tidar env``, ``tidar demo``, ``tidar train``.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "env": ("tidar.env_cmd", "report the build, versions and live backends"),
+    "demo": ("tidar.demo", "AR vs TiDAR greedy decoding on the bundled model"),
+    "train": ("tidar.train", "train a model with the TiDAR hybrid objective"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tidar", description="TiDAR: think in diffusion, talk in autoregression")
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        try:
+            modules[name] = importlib.import_module(module)
+        except ImportError as e:  # a subcommand whose module is missing says so when used
+            p.set_defaults(_missing=f"tidar {name} is unavailable: {e}")
+            continue
+        modules[name].add_arguments(p)
+    args = parser.parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(args._missing, file=sys.stderr)
+        return 2
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
