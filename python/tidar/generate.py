@@ -268,8 +268,9 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     want_stats = kwargs.pop("tidar_stats", False)
     kwargs.pop("use_cache", None)
     opts = _generation_options(self, generation_config, kwargs)
-    unknown = set(kwargs) - set(opts) - set(_UNSUPPORTED) - {"max_new_tokens", "max_length", "do_sample", "temperature",
-                                                          "top_k", "top_p", "eos_token_id", "pad_token_id", "bos_token_id"}
+    from transformers import GenerationConfig
+
+    unknown = set(kwargs) - set(GenerationConfig().to_dict())
     if unknown:
         raise ValueError(f"TiDAR generate does not understand {sorted(unknown)}")
     for k, off in _UNSUPPORTED.items():
