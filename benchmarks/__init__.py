@@ -1,0 +1,1 @@
+"""tidar-kernels benchmarks: ``python -m benchmarks --out DIR`` (see benchmarks/README.md)."""
