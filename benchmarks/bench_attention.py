@@ -367,9 +367,11 @@ def plots(bench: Bench, plot):
                         where=lambda r, p=pas: r["suite"] == "attention_train" and r["params"].get("pass") == p,
                         hlines={"measured matmul peak": peak}))
     copy = (bench._ceil or {}).get("copy_gbps")
-    for B in sorted({r["params"].get("B") for r in bench.rows if r["suite"] == "attention_step"} - {None}):
-        out.append(plot(f"attention_step_B{B}.png", title=f"TiDAR inference-step attention, K = 16, batch {B}",
+    step = [r for r in bench.rows if r["suite"] == "attention_step" and r["params"]]
+    K = max((r["params"].get("K", 0) for r in step), default=16)
+    for B in sorted({r["params"].get("B") for r in step} - {None}):
+        out.append(plot(f"attention_step_B{B}.png", title=f"TiDAR inference-step attention, K = {K}, batch {B}",
                         x="prefix", y="gbps", logx=True, ylabel="GB/s of K/V read",
                         where=lambda r, b=B: r["suite"] == "attention_step" and r["params"].get("B") == b
-                        and r["params"].get("K") == 16, hlines={"measured copy BW": copy}))
+                        and r["params"].get("K") == K, hlines={"measured copy BW": copy}))
     return out

@@ -1,0 +1,323 @@
+"""End to end on random-weight models with real shapes (Qwen2.5-1.5B; an 8B Llama-3 shape if memory allows).
+
+- ``e2e_forward``: latency of one forward against the number of tokens in it (1..512) over a 4k context:
+  the "free token slots" curve TiDAR rests on. ``hf-sdpa``: the unpatched model with a ``StaticCache``
+  (CUDA graph when capture works); ``ours:<backend>``: the patched model, causal layout, ``TidarCache``.
+- ``e2e_step``: one TiDAR step (forward over S = K + K*K tokens + ``rejection_sample``, greedy) for
+  K = 4, 8, 16 against one AR decode step (1-token forward + argmax). ``ours:reference`` is the TiDAR step
+  with SDPA and the dense mask (HF SDPA's way to run it).
+- ``e2e_tokens``: tokens/s = tokens per forward / step time, with the measured tokens per forward of the
+  bundled model (``--tpf`` or ``tidar demo --json``, when available) and with the paper's 7.45, against AR
+  (1 token per AR step, the fastest AR row).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+
+import torch
+
+import tidar_kernels
+from tidar_kernels import layouts
+
+from .harness import Bench, our_backends, rel_err, short
+
+PAPER_TPF = 7.45
+CTX = 4096
+
+SHAPES = {  # name: (family, config kwargs) -- the public configs' shapes, random weights
+    "qwen2.5-1.5b": ("qwen2", dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
+    "tiny-qwen2": ("qwen2", dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype, max_pos: int):
+    import transformers as tf
+
+    family, kw = SHAPES[name]
+    cfg_cls, model_cls = {"qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM)}[family]
+    cfg = cfg_cls(**kw, max_position_embeddings=max_pos, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+                  mask_token_id=kw["vocab_size"] - 1)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def n_params(name: str) -> float:
+    _, kw = SHAPES[name]
+    h, i, L, V = kw["hidden_size"], kw["intermediate_size"], kw["num_hidden_layers"], kw["vocab_size"]
+    kv = h // kw["num_attention_heads"] * kw["num_key_value_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i
+    return L * per_layer + V * h * (1 if kw["tie_word_embeddings"] else 2)
+
+
+def _cache_kw(model) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; 5.17 has only the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _rewind(cache, length: int):
+    """Put a StaticCache's write position back to ``length`` (transformers >= 5.2x counts it on the device
+    per layer, ``cumulative_length``; older versions take ``cache_position``), so a timed forward can repeat."""
+    for layer in getattr(cache, "layers", []):
+        cl = getattr(layer, "cumulative_length", None)
+        if isinstance(cl, torch.Tensor):
+            cl.fill_(length)
+        elif isinstance(cl, int):
+            layer.cumulative_length = length
+
+
+def run(bench: Bench):
+    dev = bench.device
+    if bench.smoke:
+        models, dtype, ctx, B = ["tiny-qwen2"], torch.float32, 32, 1
+        ns, Ks = [1, 4, 16], [2, 3]
+    else:
+        models, dtype, ctx, B = ["qwen2.5-1.5b", "llama3-8b"], torch.bfloat16, CTX, 1
+        ns, Ks = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], [16, 8, 4]
+    bench.start_suite("e2e_step", 90 if bench.smoke else 240)
+    with torch.no_grad():
+        for i, name in enumerate(models):
+            if i > 0 and bench.cuda:
+                free, _ = torch.cuda.mem_get_info()
+                need = 3 * n_params(name) * 2
+                if free < need:
+                    bench.skip(f"{name}", "(all)", f"not enough GPU memory ({free / 2**30:.0f} GiB free, "
+                                                   f"~{need / 2**30:.0f} GiB needed)", suite="e2e_step")
+                    continue
+            if bench.over_budget():
+                bench.skip(name, "(all)", bench.budget_reason())
+                continue
+            try:
+                model = build_model(name, dev, dtype, max_pos=ctx + 1024)
+            except Exception as e:
+                bench._error("(build)", name, e)
+                continue
+            _model_rows(bench, model, name, ctx, B, ns if i == 0 else [1], Ks if i == 0 else [max(Ks)])
+            del model
+            if bench.cuda:
+                torch.cuda.empty_cache()
+    _projections(bench)
+
+
+def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
+    import tidar
+
+    dev = bench.device
+    V = model.config.vocab_size
+    mask_id = V - 1
+    g = torch.Generator(device=dev).manual_seed(0)
+    prompt = torch.randint(0, V - 1, (B, ctx), device=dev, generator=g)
+    max_n = max(ns + [K + K * K for K in Ks])
+    base = {"model": name, "ctx": ctx, "B": B}
+    cache_kw = _cache_kw(model)
+
+    # --- HF SDPA (unpatched) with a StaticCache: the AR baseline and the forward curve ---------------
+    hf_cache = None
+    try:
+        from transformers import StaticCache
+
+        hf_cache = StaticCache(config=model.config, max_cache_len=ctx + max_n)
+        model(input_ids=prompt, **{cache_kw: hf_cache}, cache_position=torch.arange(ctx, device=dev),
+              use_cache=True, logits_to_keep=1)
+        _rewind(hf_cache, ctx)
+    except Exception as e:
+        bench._error("hf-sdpa", f"{name} prefill", e)
+        hf_cache = None
+    fwd_ids = {n: torch.randint(0, V - 1, (B, n), device=dev, generator=g) for n in ns}
+    hf_logits = {}  # the unpatched model's logits per n: what ours must reproduce
+    for n in ns:
+        case = f"{name} forward of {n} tokens, ctx {ctx}, B={B}"
+        params = {**base, "n": n, "kind": "forward"}
+        if hf_cache is None:
+            bench.skip(case, "hf-sdpa", "the StaticCache prefill failed (see the error row)", params=params,
+                       suite="e2e_forward")
+            continue
+        ids = fwd_ids[n]
+        cp = torch.arange(ctx, ctx + n, device=dev)
+
+        def hf_fwd(ids=ids, cp=cp, n=n):
+            def logits():
+                out = model(input_ids=ids, **{cache_kw: hf_cache}, cache_position=cp,
+                            position_ids=cp[None].expand(B, -1), use_cache=True).logits
+                _rewind(hf_cache, ctx)
+                return out
+
+            hf_logits[n] = logits().float()
+            return (lambda: logits()[:, -1].argmax(-1)), None
+
+        bench.measure(case, "hf-sdpa", hf_fwd, graph=True, params=params, suite="e2e_forward", rep_ms=150,
+                      notes="unpatched model, StaticCache")
+        if n == 1:  # the AR decode step, in the step table too
+            bench.measure(f"{name} AR step, ctx {ctx}, B={B}", "hf-sdpa", hf_fwd, graph=True, rep_ms=150,
+                          params={**base, "kind": "ar_step"}, suite="e2e_step", notes="unpatched model, StaticCache")
+    del hf_cache
+    if bench.cuda:
+        torch.cuda.empty_cache()
+
+    # --- ours: the patched model ----------------------------------------------------------------
+    backends = [(b, why) for b, why in our_backends("tidar_attention", dev)]
+    live = [b for b, why in backends if why is None]
+    rej_live = set(b for b, why in our_backends("rejection_sample", dev) if why is None)
+    tidar.patch(model, draft_len=max(Ks), mask_token_id=mask_id)
+    try:
+        cache = tidar.TidarCache(B, ctx + max_n + 8, backend=live[-1])
+        pre = layouts.causal(ctx).to(dev)
+        tidar.tidar_forward(model, prompt, pre.position_ids[None].expand(B, -1),
+                            tidar.TidarStep(pre, torch.zeros(B, dtype=torch.int32, device=dev), cache, live[-1]))
+    except Exception as e:
+        bench._error("ours", f"{name} prefill", e)
+        tidar.unpatch(model)
+        return
+    seg = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+
+    def forward(layout, ids, backend):
+        cache.backend = backend
+        pos = ctx + layout.position_ids[None].expand(B, -1)
+        return tidar.tidar_forward(model, ids, pos, tidar.TidarStep(layout, seg, cache, backend)).logits
+
+    for backend, why in backends:
+        name_b = f"ours:{backend}"
+        for n in ns:
+            case = f"{name} forward of {n} tokens, ctx {ctx}, B={B}"
+            params = {**base, "n": n, "kind": "forward"}
+            if why is not None:
+                bench.skip(case, name_b, why, params=params, suite="e2e_forward")
+                continue
+            layout = layouts.causal(n).to(dev)
+
+            def ours_fwd(layout=layout, ids=fwd_ids[n], backend=backend, n=n):
+                check = None
+                if n in hf_logits:
+                    check = f"logits rel_err vs hf-sdpa={rel_err(forward(layout, ids, backend).float(), hf_logits[n]):.1e}"
+                return (lambda: forward(layout, ids, backend)[:, -1].argmax(-1)), check
+
+            bench.measure(case, name_b, ours_fwd, graph=True, params=params, suite="e2e_forward", rep_ms=150,
+                          notes="patched model, TidarCache")
+            if n == 1:
+                bench.measure(f"{name} AR step, ctx {ctx}, B={B}", name_b, ours_fwd, graph=True, rep_ms=150,
+                              params={**base, "kind": "ar_step"}, suite="e2e_step", notes="patched model, causal layout")
+
+    for K in Ks:
+        layout = layouts.decode_step(K).to(dev)
+        S = layout.seg_len
+        drafts = torch.randint(0, V - 1, (B, K), device=dev, generator=g)
+        ids = torch.cat([drafts, torch.full((B, K * K), mask_id, device=dev)], 1)
+        case = f"{name} TiDAR step K={K} (S={S}), ctx {ctx}, B={B}"
+        params = {**base, "K": K, "S": S, "kind": "tidar_step"}
+        ref_logits = None
+        if "reference" in live:
+            try:
+                ref_logits = forward(layout, ids, "reference").float()
+            except Exception:
+                ref_logits = None
+        for backend, why in backends:
+            name_b = f"ours:{backend}"
+            if why is not None:
+                bench.skip(case, name_b, why, params=params)
+                continue
+            rb = backend if backend in rej_live else "auto"
+
+            def step(backend=backend, rb=rb):
+                def fn():
+                    logits = forward(layout, ids, backend)
+                    r = tidar_kernels.rejection_sample(logits[:, :K], logits[:, K:].reshape(B, K, K, V), drafts, backend=rb)
+                    return r.next_drafts
+
+                check = None
+                if ref_logits is not None and backend != "reference":
+                    check = f"logits rel_err vs reference={rel_err(forward(layout, ids, backend).float(), ref_logits):.1e}"
+                return fn, check
+
+            note = "SDPA + dense mask" if backend == "reference" else ""
+            bench.measure(case, name_b, step, graph=True, params=params, rep_ms=150,
+                          notes="; ".join(x for x in (note, f"rejection backend {rb}") if x))
+        del ref_logits
+    tidar.unpatch(model)
+    del cache
+
+
+def _measured_tpf(bench: Bench) -> tuple[float | None, str]:
+    if bench.tpf is not None:
+        return bench.tpf, "--tpf"
+    if bench.smoke:
+        return None, "not looked up in --smoke"
+    try:
+        import tidar.demo  # noqa: F401
+    except ImportError as e:
+        return None, f"no bundled model yet (tidar demo unavailable: {e})"
+    try:
+        out = subprocess.run([sys.executable, "-m", "tidar.cli", "demo", "--json", "--device", bench.device.type],
+                             capture_output=True, text=True, timeout=150)
+        data = json.loads(out.stdout.strip().splitlines()[-1])
+        return float(data["tokens_per_forward"]), "tidar demo --json (bundled model, its default draft length)"
+    except Exception as e:
+        return None, f"tidar demo --json gave no tokens_per_forward ({short(e, 120)})"
+
+
+def _projections(bench: Bench):
+    rows = [r for r in bench.rows if r["suite"] == "e2e_step" and r["status"] == "ok"]
+    if not rows:
+        return
+    tpf, src = _measured_tpf(bench)
+    bench.notes.append(f"e2e measured tokens per forward: {tpf if tpf is not None else 'none'} ({src})")
+    for model in sorted({r["params"]["model"] for r in rows}):
+        ar = [r for r in rows if r["params"]["model"] == model and r["params"]["kind"] == "ar_step"]
+        if not ar:
+            continue
+        best_ar = min(ar, key=lambda r: r["ms"])
+        B = best_ar["params"]["B"]
+        for r in rows:
+            p = r["params"]
+            if p["model"] != model or p["kind"] != "tidar_step":
+                continue
+            for label, t in (("measured", tpf), ("paper", PAPER_TPF)):
+                if t is None:
+                    continue
+                tok_s = B * t * 1000 / r["ms"]
+                ar_tok_s = B * 1000 / best_ar["ms"]
+                bench.derived(f"{model} K={p['K']} tpf={t:.2f} ({label})", r["impl"], r["ms"], suite="e2e_tokens",
+                              params={**p, "tpf": t},
+                              extra={"AR ms": best_ar["ms"], "step/AR": r["ms"] / best_ar["ms"], "AR tok/s": ar_tok_s,
+                                     "TiDAR tok/s": tok_s, "x AR": tok_s / ar_tok_s},
+                              notes=f"AR = {best_ar['impl']}")
+
+
+def goals(bench: Bench):
+    rows = [r for r in bench.rows if r["suite"] == "e2e_step" and r["status"] == "ok"
+            and r["params"].get("model") == "qwen2.5-1.5b"]
+    ar = [r for r in rows if r["params"]["kind"] == "ar_step"]
+    st = [r for r in rows if r["params"]["kind"] == "tidar_step" and r["params"]["K"] == 16
+          and r["impl"] != "ours:reference"]
+    if not ar or not st:
+        bench.goal("TiDAR step K=16 vs AR step (1.5B, ctx 4k)", "<= 1.25x", "not measured",
+                   "no AR row" if not ar else "no TiDAR step row with a triton/cuda backend")
+        return
+    a = min(ar, key=lambda r: r["ms"])
+    s = min(st, key=lambda r: r["ms"])
+    x = s["ms"] / a["ms"]
+    bench.goal("TiDAR step K=16 vs AR step (1.5B, ctx 4k)", "<= 1.25x",
+               f"{x:.2f}x ({s['impl']} {s['ms']:.3g} ms vs {a['impl']} {a['ms']:.3g} ms)",
+               "met" if x <= 1.25 else f"missed by {x / 1.25:.2f}x")
+
+
+def plots(bench: Bench, plot):
+    out = []
+    for model in sorted({r["params"].get("model") for r in bench.rows if r["suite"] == "e2e_forward"} - {None}):
+        out.append(plot(f"e2e_forward_{model}.png", title=f"{model}: one forward vs tokens in it (ctx {CTX if not bench.smoke else 32})",
+                        x="n", y="ms", logx=True, ylabel="ms (median)", xlabel="tokens in the forward",
+                        where=lambda r, m=model: r["suite"] == "e2e_forward" and r["params"].get("model") == m))
+    return out
