@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import shlex
+import signal
 import sys
 import time
 import warnings
@@ -47,21 +48,28 @@ def main(argv=None) -> int:
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     bench = Bench(device, Path(args.out), smoke=args.smoke, budget_scale=args.budget_scale, tpf=args.tpf)
     t0 = time.monotonic()
-    print(f"# {bench.env}", flush=True)
-    bench.ceilings()
-    modules = {}
-    for name in only:
-        mod = importlib.import_module(f".bench_{name}", __package__)
-        modules[name] = mod
-        t = time.monotonic()
-        try:
-            mod.run(bench)
-        except Exception as e:  # a suite that breaks outside its rows: one error row, the others still run
-            from .harness import short
 
-            bench.suite_name = name
-            bench._error("(suite)", "(setup)", e)
-        print(f"# suite {name}: {time.monotonic() - t:.1f} s", flush=True)
+    def _terminated(signum, frame):  # `timeout` sends SIGTERM: still write what was measured
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminated)
+    modules = {}
+    try:
+        print(f"# {bench.env}", flush=True)
+        bench.ceilings()
+        for name in only:
+            mod = importlib.import_module(f".bench_{name}", __package__)
+            modules[name] = mod
+            t = time.monotonic()
+            bench.cli_suite = name
+            try:
+                mod.run(bench)
+            except Exception as e:  # a suite that breaks outside its rows: one error row, the others still run
+                bench.suite_name = name
+                bench._error("(suite)", "(setup)", e)
+            print(f"# suite {name}: {time.monotonic() - t:.1f} s", flush=True)
+    except KeyboardInterrupt as e:
+        bench.notes.append(f"RUN INTERRUPTED ({e}) after {time.monotonic() - t0:.0f} s: the tables hold the rows measured so far")
     if bench.smoke or not bench.cuda:
         bench.notes.append("SMOKE RUN: tiny shapes, CPU. The goal verdicts above exercise the code only; "
                            "the goals of issue 6 are judged on full GPU runs")

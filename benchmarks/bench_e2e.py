@@ -16,6 +16,7 @@ import inspect
 import json
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -88,7 +89,7 @@ def run(bench: Bench):
     else:
         models, dtype, ctx, B = ["qwen2.5-1.5b", "llama3-8b"], torch.bfloat16, CTX, 1
         ns, Ks = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], [16, 8, 4]
-    bench.start_suite("e2e_step", 90 if bench.smoke else 240)
+    bench.start_suite("e2e_step", 90 if bench.smoke else 130)
     with torch.no_grad():
         for i, name in enumerate(models):
             if i > 0 and bench.cuda:
@@ -172,9 +173,10 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
     backends = [(b, why) for b, why in our_backends("tidar_attention", dev)]
     live = [b for b, why in backends if why is None]
     rej_live = set(b for b, why in our_backends("rejection_sample", dev) if why is None)
+    kv_live = set(b for b, why in our_backends("kv_append", dev) if why is None)
     tidar.patch(model, draft_len=max(Ks), mask_token_id=mask_id)
     try:
-        cache = tidar.TidarCache(B, ctx + max_n + 8, backend=live[-1])
+        cache = tidar.TidarCache(B, ctx + max_n + 8, backend=live[-1] if live[-1] in kv_live else "auto")
         pre = layouts.causal(ctx).to(dev)
         tidar.tidar_forward(model, prompt, pre.position_ids[None].expand(B, -1),
                             tidar.TidarStep(pre, torch.zeros(B, dtype=torch.int32, device=dev), cache, live[-1]))
@@ -185,7 +187,7 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
     seg = torch.full((B,), ctx, dtype=torch.int32, device=dev)
 
     def forward(layout, ids, backend):
-        cache.backend = backend
+        cache.backend = backend if backend in kv_live else "auto"
         pos = ctx + layout.position_ids[None].expand(B, -1)
         return tidar.tidar_forward(model, ids, pos, tidar.TidarStep(layout, seg, cache, backend)).logits
 
@@ -260,8 +262,11 @@ def _measured_tpf(bench: Bench) -> tuple[float | None, str]:
     except ImportError as e:
         return None, f"no bundled model yet (tidar demo unavailable: {e})"
     try:
+        left = bench._deadline - time.monotonic()
+        if left < 20:
+            return None, "no time left in the e2e budget to run tidar demo --json (pass --tpf)"
         out = subprocess.run([sys.executable, "-m", "tidar.cli", "demo", "--json", "--device", bench.device.type],
-                             capture_output=True, text=True, timeout=150)
+                             capture_output=True, text=True, timeout=min(90, left))
         data = json.loads(out.stdout.strip().splitlines()[-1])
         return float(data["tokens_per_forward"]), "tidar demo --json (bundled model, its default draft length)"
     except Exception as e:

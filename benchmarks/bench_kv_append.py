@@ -43,7 +43,7 @@ def run(bench: Bench):
     fi, fi_why = optional_import("flashinfer")
     if fi is not None and not bench.cuda:
         fi, fi_why = None, "FlashInfer runs on CUDA only"
-    bench.start_suite("kv_append", 60 if bench.smoke else 45)
+    bench.start_suite("kv_append", 60 if bench.smoke else 30)
     for B, H, S, prefix in cases:
         case = f"B={B} Hkv={H} S={S} prefix~{prefix} D={D}"
         nbytes = 4 * B * H * S * D * (torch.finfo(dt).bits // 8)

@@ -90,7 +90,7 @@ def run(bench: Bench):
     if fi is not None and not bench.cuda:
         fi, fi_why = None, "FlashInfer runs on CUDA only"
     backends = our_backends(OP, dev)
-    bench.start_suite("rejection", 60 if bench.smoke else 110)
+    bench.start_suite("rejection", 60 if bench.smoke else 70)
     ref_impl = resolve(OP, "reference", dev)
     for B, V, K in cases:
         if bench.over_budget():

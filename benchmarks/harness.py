@@ -237,6 +237,7 @@ class Bench:
         self.env = env_info(self.device)
         self.rows: list[dict] = []
         self.suite_name = ""
+        self.cli_suite = ""  # the --only name of the running suite
         self._deadline = math.inf
         self._budget_s = math.inf
         self._ceil: dict | None = None
@@ -322,7 +323,7 @@ class Bench:
 
     def budget_reason(self) -> str:
         return (f"time budget of the suite ({self._budget_s:.0f} s) spent; rerun with "
-                f"--only {self.suite_name.split('_')[0]} or a larger --budget-scale")
+                f"--only {self.cli_suite or self.suite_name} or a larger --budget-scale")
 
     def measure(self, case: str, impl: str, setup: Callable, *, flops: float | None = None,
                 bytes_moved: float | None = None, cold_l2: bool = False, graph: bool = False,
