@@ -8,6 +8,7 @@
 from .attention import TidarStep, tidar_forward
 from .cache import TidarCache
 from .generate import TidarGenerateOutput, generate
+from .hybrid_loss import HybridLoss, hybrid_loss
 from .patch import add_mask_token, is_patched, patch, unpatch
 
 __version__ = "0.1.0"

@@ -1,0 +1,140 @@
+"""Training corpus for ``tidar train``: a folder of text/code files (default: the running interpreter's
+standard library source), a deterministic module-level train/held-out split, and a byte-level BPE
+tokenizer trained with ``tokenizers`` on the training split.
+
+The split is by *module* (the first path component under the root: ``json/`` or ``argparse.py``), decided
+by a hash of its name, so it is the same on every machine and never splits one package across the halves.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EOS, PAD, MASK = "<|endoftext|>", "<|pad|>", "[MASK]"
+SPECIAL_TOKENS = (EOS, PAD, MASK)
+DEFAULT_EXTENSIONS = (".py",)
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", ".git"}
+
+
+def stdlib_dir() -> Path:
+    """The standard library source folder of the running interpreter."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@dataclass
+class Corpus:
+    root: Path
+    train_files: list  # [Path]
+    heldout_files: list  # [Path]
+
+    @property
+    def heldout_modules(self) -> list:
+        return sorted({module_of(self.root, f) for f in self.heldout_files})
+
+
+def module_of(root: Path, path: Path) -> str:
+    first = path.relative_to(root).parts[0]
+    return first[:-3] if first.endswith(".py") else first
+
+
+def is_heldout(module: str, heldout_percent: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(module.encode()).digest()[:8], "big")
+    return (h % 10_000) < heldout_percent * 100
+
+
+def find_corpus(root=None, extensions=DEFAULT_EXTENSIONS, heldout_percent: float = 8.0) -> Corpus:
+    """Collect the files under ``root`` (default: the stdlib) with the given extensions, skipping tests,
+    installed packages and caches, and split them by module. Raises a clear error for a missing or empty folder."""
+    root = stdlib_dir() if root is None else Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"corpus folder {root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"corpus {root} is not a folder")
+    if not 0 <= heldout_percent < 100:
+        raise ValueError(f"heldout_percent must be in [0, 100), got {heldout_percent}")
+    exts = tuple(e if e.startswith(".") else "." + e for e in extensions)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if name.endswith(exts) and p.is_file() and p.stat().st_size > 0:
+                files.append(p)
+    if not files:
+        raise ValueError(f"corpus folder {root} has no non-empty files ending in {', '.join(exts)}")
+    train, held = [], []
+    for f in files:
+        (held if is_heldout(module_of(root, f), heldout_percent) else train).append(f)
+    if not train:
+        raise ValueError(f"every module of {root} fell into the held-out split; lower --heldout-percent")
+    if not held and heldout_percent > 0:  # tiny corpora: hold out the last module so evaluation has data
+        last = module_of(root, train[-1])
+        held = [f for f in train if module_of(root, f) == last]
+        train = [f for f in train if module_of(root, f) != last] or held
+    return Corpus(root, train, held)
+
+
+def read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def train_tokenizer(files, vocab_size: int = 4096):
+    """A byte-level BPE tokenizer trained on ``files`` with EOS, PAD and [MASK] special tokens, wrapped as a
+    ``transformers.PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} (bytes + special tokens), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((read_text(f) for f in files), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, mask_token=MASK, clean_up_tokenization_spaces=False
+    )
+
+
+def encode_files(tokenizer, files) -> torch.Tensor:
+    """One long int32 stream: every file's tokens followed by EOS."""
+    eos = tokenizer.eos_token_id
+    texts = [read_text(f) for f in files]
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        out.extend(ids)
+        out.append(eos)
+    return torch.tensor(out, dtype=torch.int32)
+
+
+def heldout_prompts(tokenizer, corpus: Corpus, n: int, prompt_tokens: int = 64, min_tokens: int = 384) -> list:
+    """``n`` deterministic code prompts from held-out files: the first ``prompt_tokens`` tokens of the
+    file's body after its docstring/imports (from the first ``def``/``class`` line), one per file."""
+    prompts = []
+    for f in corpus.heldout_files:
+        text = read_text(f)
+        lines = text.splitlines(keepends=True)
+        start = next((i for i, l in enumerate(lines) if l.startswith(("def ", "class "))), None)
+        if start is None:
+            continue
+        body = "".join(lines[start:])
+        ids = tokenizer(body, add_special_tokens=False)["input_ids"]
+        if len(ids) < min_tokens:
+            continue
+        prompts.append(tokenizer.decode(ids[:prompt_tokens]))
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+__all__ = ["Corpus", "find_corpus", "train_tokenizer", "encode_files", "heldout_prompts", "stdlib_dir"]
