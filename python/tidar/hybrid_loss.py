@@ -77,6 +77,32 @@ def _mean_ce(logits, labels, valid):
     return (ce * valid).sum() / valid.sum().clamp_min(1.0)
 
 
+def hybrid_forward(model, input_ids: torch.Tensor, block_size: int, mask_token_id: int | None = None,
+                   *, backend: str | None = None) -> torch.Tensor:
+    """Logits ``[B, 2L, V]`` of one forward over ``[input_ids | [MASK] x L]`` under the training layout:
+    rows ``:L`` are the AR (clean) half, rows ``L:`` the diffusion (mask) half. ``model`` must be patched."""
+    base = _unwrap(model)  # DDP/FSDP wrappers: settings live on the inner model, the forward goes through the wrapper
+    if not is_patched(base):
+        raise ValueError("hybrid_loss needs a TiDAR-patched model: call tidar.patch(model, draft_len=K) first")
+    _check_ids(input_ids, None)
+    B, L = input_ids.shape
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if L % block_size:
+        raise ValueError(f"sequence length {L} is not a multiple of the block size {block_size}")
+    mask_id = _resolve_mask_id(base, mask_token_id)
+    emb = base.get_input_embeddings().weight
+    input_ids = input_ids.to(emb.device).long()
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= emb.shape[0]:
+        raise ValueError(f"input_ids must be token ids in [0, {emb.shape[0]}) (the model's vocabulary)")
+    layout = layouts.training(L, block_size).to(emb.device)
+    ids = torch.cat([input_ids, torch.full_like(input_ids, mask_id)], 1)
+    pos = layout.position_ids[None].expand(B, -1)
+    step = TidarStep(layout, torch.zeros(B, dtype=torch.int32, device=emb.device), None,
+                     settings(base).backend if backend is None else backend)
+    return tidar_forward(model, ids, pos, step).logits
+
+
 def hybrid_loss(model, input_ids: torch.Tensor, block_size: int, alpha: float = 1.0, mask_token_id: int | None = None,
                 *, attention_mask: torch.Tensor | None = None, backend: str | None = None) -> HybridLoss:
     """TiDAR hybrid loss of a patched HF causal LM (``tidar.patch``) on ``input_ids`` ``[B, L]``.
@@ -89,33 +115,16 @@ def hybrid_loss(model, input_ids: torch.Tensor, block_size: int, alpha: float = 
         backend: ``tidar_attention`` backend (default: the patch's).
     Returns ``HybridLoss(loss, ar_loss, diffusion_loss)``.
     """
-    base = _unwrap(model)  # DDP/FSDP wrappers: settings live on the inner model, the forward goes through the wrapper
-    if not is_patched(base):
-        raise ValueError("hybrid_loss needs a TiDAR-patched model: call tidar.patch(model, draft_len=K) first")
     valid = _check_ids(input_ids, attention_mask)
-    B, L = input_ids.shape
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if L % block_size:
-        raise ValueError(f"sequence length {L} is not a multiple of the block size {block_size}")
-    alpha = float(alpha)
-    if not alpha >= 0.0 or alpha == float("inf"):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < float("inf"):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    mask_id = _resolve_mask_id(base, mask_token_id)
-    device = base.get_input_embeddings().weight.device
-    input_ids = input_ids.to(device).long()
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= base.get_input_embeddings().weight.shape[0]:
-        raise ValueError("input_ids must be token ids within the model's vocabulary")
-    layout = layouts.training(L, block_size).to(device)
-    ids = torch.cat([input_ids, torch.full_like(input_ids, mask_id)], 1)
-    pos = layout.position_ids[None].expand(B, -1)
-    step = TidarStep(layout, torch.zeros(B, dtype=torch.int32, device=device), None,
-                     settings(base).backend if backend is None else backend)
-    logits = tidar_forward(model, ids, pos, step).logits  # [B, 2L, V]
+    logits = hybrid_forward(model, input_ids, block_size, mask_token_id, backend=backend)
+    L = input_ids.shape[1]
+    labels = input_ids.to(logits.device).long()
     if valid is not None:
-        valid = valid.to(device)
-    ar = _mean_ce(logits[:, : L - 1], input_ids[:, 1:], None if valid is None else valid[:, 1:])
-    diff = _mean_ce(logits[:, L:], input_ids, valid)
+        valid = valid.to(logits.device)
+    ar = _mean_ce(logits[:, : L - 1], labels[:, 1:], None if valid is None else valid[:, 1:])
+    diff = _mean_ce(logits[:, L:], labels, valid)
     return HybridLoss((alpha * ar + diff) / (1.0 + alpha), ar, diff)
 
 
@@ -128,4 +137,4 @@ def ar_loss(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | No
     return _mean_ce(logits[:, :-1], input_ids[:, 1:], None if valid is None else valid[:, 1:].to(device))
 
 
-__all__ = ["HybridLoss", "ar_loss", "hybrid_loss"]
+__all__ = ["HybridLoss", "ar_loss", "hybrid_forward", "hybrid_loss"]
