@@ -106,6 +106,15 @@ def train_tokenizer(files, vocab_size: int = 4096):
     )
 
 
+def load_tokenizer(path):
+    """Load a tokenizer saved by ``tidar train``. Use this (or ``PreTrainedTokenizerFast.from_pretrained``), not
+    ``AutoTokenizer``: for a ``qwen2`` config, transformers 5 maps AutoTokenizer to ``Qwen2Tokenizer``, whose own
+    normaliser and pre-tokeniser split text differently from the byte-level BPE the model was trained with."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
 def encode_files(tokenizer, files) -> torch.Tensor:
     """One long int32 stream: every file's tokens followed by EOS."""
     eos = tokenizer.eos_token_id
@@ -137,4 +146,4 @@ def heldout_prompts(tokenizer, corpus: Corpus, n: int, prompt_tokens: int = 64, 
     return prompts
 
 
-__all__ = ["Corpus", "find_corpus", "train_tokenizer", "encode_files", "heldout_prompts", "stdlib_dir"]
+__all__ = ["Corpus", "find_corpus", "load_tokenizer", "train_tokenizer", "encode_files", "heldout_prompts", "stdlib_dir"]

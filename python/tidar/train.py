@@ -103,7 +103,7 @@ def build_model(args, tokenizer):
 def load_checkpoint(path, device="cpu"):
     """(model, tokenizer, state) from a checkpoint folder written by ``tidar train``. Clear errors for a
     missing, incomplete or corrupt folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not path.is_dir():
@@ -113,7 +113,7 @@ def load_checkpoint(path, device="cpu"):
     if missing:
         raise ValueError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = corpus_mod.load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - re-raised with the path and a hint
         raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e})") from e
@@ -303,9 +303,7 @@ def train(args, log=print) -> dict:
         log(f"resumed from {ck} at step {state['step']}")
     else:
         if args.tokenizer:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+            tokenizer = corpus_mod.load_tokenizer(args.tokenizer)
         else:
             t0 = time.time()
             tokenizer = corpus_mod.train_tokenizer(corpus.train_files, args.vocab_size)
