@@ -220,6 +220,8 @@ def add_arguments(p):
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--max-steps", type=int, default=1000)
     g.add_argument("--max-minutes", type=float, default=None, help="stop (evaluate and save) after this wall time")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop (evaluate and save) after this step; the schedule still spans --max-steps")
     g = p.add_argument_group("run")
     g.add_argument("--output", default="tidar-run", help="output folder (final model + checkpoint-N folders)")
     g.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'latest' (newest in --output)")
@@ -233,6 +235,9 @@ def add_arguments(p):
     g.add_argument("--eval-new-tokens", type=int, default=64)
     g.add_argument("--save-every", type=int, default=200)
     g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--evaluate", default=None, metavar="MODEL_DIR",
+                   help="only evaluate MODEL_DIR on the held-out split (uses --eval-*, --seq-len, --block-size) and print JSON")
+    g.add_argument("--eval-draft-lens", type=int, nargs="+", default=None, help="draft lengths for --evaluate (default 4 8 16)")
 
 
 def check_args(args):
@@ -266,6 +271,13 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, state: dict):
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)  # a checkpoint folder is either complete or absent
+
+
+def write_demo_prompts(folder, tokenizer, corpus, n: int = 3):
+    """``demo_prompts.json``: held-out code prompts ``tidar demo`` completes (from modules never trained on)."""
+    prompts = corpus_mod.heldout_prompts(tokenizer, corpus, n)
+    data = {"source": str(corpus.root), "heldout_modules": corpus.heldout_modules, "prompts": prompts}
+    (Path(folder) / "demo_prompts.json").write_text(json.dumps(data, indent=1))
 
 
 def _settings_into_config(model, args):
@@ -360,6 +372,10 @@ def train(args, log=print) -> dict:
 
     stopped_early = False
     while step < args.max_steps:
+        if args.stop_after is not None and step >= args.stop_after:
+            stopped_early = True
+            log(f"--stop-after {args.stop_after} reached")
+            break
         if args.max_minutes is not None and time.time() - t_start > args.max_minutes * 60:
             stopped_early = True
             log(f"--max-minutes {args.max_minutes} reached at step {step}")
@@ -409,8 +425,26 @@ def train(args, log=print) -> dict:
     patch(model, draft_len=args.draft_len, backend=args.backend)
     tokenizer.save_pretrained(output)
     (output / STATE_FILE).write_text(json.dumps(final, indent=1))
+    write_demo_prompts(output, tokenizer, corpus)
     log(f"saved {output} (step {step}, {final['elapsed_s'] / 60:.1f} min of training)")
     return final
+
+
+def evaluate_folder(args) -> dict:
+    """``--evaluate``: held-out AR perplexity, diffusion loss and TiDAR greedy tokens/forward of a saved model."""
+    check_args(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer, _ = load_checkpoint(args.evaluate, device)
+    patch(model, draft_len=args.draft_len, backend=args.backend)
+    corpus = corpus_mod.find_corpus(args.corpus, args.ext, args.heldout_percent)
+    held = corpus_mod.encode_files(tokenizer, corpus.heldout_files)
+    prompts = corpus_mod.heldout_prompts(tokenizer, corpus, args.eval_prompts)
+    t0 = time.time()
+    res = evaluate(model, tokenizer, held, prompts, args, device, args.eval_draft_lens or [4, 8, 16], args.eval_new_tokens)
+    res.update(model=str(args.evaluate), heldout_tokens_scored=min(len(held) // args.seq_len, args.eval_batches * args.batch_size) * args.seq_len,
+               prompts=len(prompts), new_tokens=args.eval_new_tokens, heldout_modules=corpus.heldout_modules,
+               device=str(device), eval_s=round(time.time() - t0, 1))
+    return res
 
 
 def run(args) -> int:
@@ -418,6 +452,9 @@ def run(args) -> int:
 
     hf_logging.disable_progress_bar()
     try:
+        if args.evaluate:
+            print(json.dumps(evaluate_folder(args), indent=1))
+            return 0
         train(args, log=lambda s: print(s, flush=True))
     except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
         print(f"tidar train: error: {e}", file=sys.stderr)
