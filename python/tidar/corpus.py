@@ -128,7 +128,8 @@ def encode_files(tokenizer, files) -> torch.Tensor:
 
 def heldout_prompts(tokenizer, corpus: Corpus, n: int, prompt_tokens: int = 64, min_tokens: int = 384) -> list:
     """``n`` deterministic code prompts from held-out files: the first ``prompt_tokens`` tokens of the
-    file's body after its docstring/imports (from the first ``def``/``class`` line), one per file."""
+    file's body after its docstring/imports (from the first ``def``/``class`` line), cut back to a line end,
+    one per file."""
     prompts = []
     for f in corpus.heldout_files:
         text = read_text(f)
@@ -140,7 +141,9 @@ def heldout_prompts(tokenizer, corpus: Corpus, n: int, prompt_tokens: int = 64, 
         ids = tokenizer(body, add_special_tokens=False)["input_ids"]
         if len(ids) < min_tokens:
             continue
-        prompts.append(tokenizer.decode(ids[:prompt_tokens]))
+        prompt = tokenizer.decode(ids[:prompt_tokens])
+        cut = prompt.rfind("\n") + 1  # end on a line boundary when that keeps most of the prompt
+        prompts.append(prompt[:cut] if cut >= len(prompt) // 2 else prompt)
         if len(prompts) == n:
             break
     return prompts

@@ -370,6 +370,11 @@ def train(args, log=print) -> dict:
         state["eval_history"].append(ev)
         log(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if k != "step") + f" ({time.time() - t:.1f}s)")
 
+    from tqdm.auto import tqdm  # a transformers dependency; the bar shows only on a terminal, logs go through it
+
+    bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    if not bar.disable:
+        plain_log, log = log, (lambda s: bar.write(s))
     stopped_early = False
     while step < args.max_steps:
         if args.stop_after is not None and step >= args.stop_after:
@@ -402,6 +407,11 @@ def train(args, log=print) -> dict:
         if diff is not None:
             rec["diffusion_loss"] = diff.item()
         state["log_history"].append(rec)
+        bar.update(1)
+        if not bar.disable:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", ar=f"{rec['ar_loss']:.3f}",
+                            diff=f"{rec.get('diffusion_loss', float('nan')):.3f}",
+                            tok_s=f"{x.numel() * bar.format_dict['rate'] if bar.format_dict.get('rate') else 0:,.0f}")
         if step % args.log_every == 0 or step == args.max_steps:
             dt = time.time() - t_since
             log(f"step {step}/{args.max_steps} loss {rec['loss']:.4f} ar {rec['ar_loss']:.4f}"
@@ -415,6 +425,9 @@ def train(args, log=print) -> dict:
             cks = sorted(output.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
             for old in cks[: max(0, len(cks) - args.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
+    bar.close()
+    if not bar.disable:
+        log = plain_log
     do_eval()
     final = snapshot()
     final["stopped_early"] = stopped_early
