@@ -1,0 +1,541 @@
+"""Triton ``tidar_attention``: forward, split-KV merge and backward, driven by the O(S) layout vectors.
+
+Work decomposition
+------------------
+Rows of a query tile are the flattened (query, GQA head) pairs of one KV head: row ``r`` of KV head
+``hk`` is query ``r // G`` of q head ``hk * G + r % G`` (G = Hq // Hkv). Every K/V tile is therefore
+loaded once for the whole group (the inference regime), and with G = 1 this is a plain query tile.
+
+Tile classes (per query tile, from ``local_limit``/``block_id``/``seg_start`` only; no dense mask):
+  * range A, the prefix part ``[0, seg + max(local_limit))``: key tiles ending at or before
+    ``seg + min(local_limit)`` are *full* (every row sees every key: no mask arithmetic, no bound checks);
+    the rest of range A is *partial* (masked by the layout rule).
+  * range B, the block part ``[max(seg + min(span_lo), end of range A's last tile), seg + max(span_hi))``
+    where ``span_lo/hi`` is the extent of the query's own block (from ``_block_spans``): partial.
+  * everything else is *empty*: never loaded.
+So the training layout (about 75% empty) costs its unmasked area, and in the decode step every
+cached-prefix tile is full. ``tile_classes`` is the same rule in PyTorch (tested against the dense twin).
+
+Split-KV: when ``B * Hkv * query tiles`` cannot fill the GPU and the prefix is long, range A is cut
+into ``num_splits`` chunks written as (normalised partial output, log2-sum-exp) in fp32 and merged.
+
+Backward (FlashAttention-2 style): ``delta = rowsum(dO * O)``; one kernel per query tile for dQ
+(same tile walk as the forward) and one per key tile for dK/dV that walks the query tiles, skips the
+empty ones from the same per-tile statistics and accumulates the whole GQA group without atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import register, triton_interpreted
+
+LOG2E = 1.4426950408889634
+EMPTY, FULL, PARTIAL = 0, 1, 2
+
+# Test hook: force tile sizes, e.g. {"BLOCK_M": 16, "BLOCK_N": 16}; None = automatic.
+_FORCE_CONFIG: dict | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout statistics (host, O(S) torch ops, no device sync)
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_spans(block_id: torch.Tensor):
+    """``span_lo[i], span_hi[i]``: first and one-past-last segment index of query i's block
+    (``S, 0`` when ``block_id[i] < 0``). A stable sort keeps positions ascending inside each block."""
+    S = block_id.shape[0]
+    bid = block_id.to(torch.int32).contiguous()
+    sorted_b, order = torch.sort(bid, stable=True)
+    lo = order[torch.searchsorted(sorted_b, bid, right=False)]
+    hi = order[torch.searchsorted(sorted_b, bid, right=True) - 1] + 1
+    has = bid >= 0
+    lo = torch.where(has, lo, torch.full_like(lo, S))
+    hi = torch.where(has, hi, torch.zeros_like(hi))
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def tile_classes(local_limit, block_id, seg_start, kv_len: int, group: int, block_m: int, block_n: int):
+    """``[B, n_query_tiles, n_key_tiles]`` int8 classes (EMPTY/FULL/PARTIAL) as the kernels decide them,
+    for key tiles aligned at 0 (what the dK/dV kernel walks) and query tiles of ``block_m`` flattened
+    (query, group head) rows."""
+    S = local_limit.shape[0]
+    lo, hi = _block_spans(block_id)
+    rows = torch.arange(triton.cdiv(S * group, block_m) * block_m, device=local_limit.device)
+    ok = rows < S * group
+    qi = (rows // group).clamp_max(S - 1)
+    ll = local_limit.long()[qi]
+    lim_min = torch.where(ok, ll, S).view(-1, block_m).amin(1)
+    lim_max = torch.where(ok, ll, 0).view(-1, block_m).amax(1)
+    blo = torch.where(ok, lo.long()[qi], S).view(-1, block_m).amin(1)
+    bhi = torch.where(ok, hi.long()[qi], 0).view(-1, block_m).amax(1)
+    seg = torch.as_tensor(seg_start, device=local_limit.device).long().view(-1, 1, 1)
+    n0 = (torch.arange(triton.cdiv(kv_len, block_n), device=local_limit.device) * block_n).view(1, 1, -1)
+    n1 = n0 + block_n
+    lim_min, lim_max, blo, bhi = (t.view(1, -1, 1) for t in (lim_min, lim_max, blo, bhi))
+    in_a = n0 < seg + lim_max
+    b_start = seg + torch.maximum(blo, lim_max)
+    in_b = (n0 < seg + bhi) & (n1 > b_start) & (b_start < seg + bhi)
+    full = n1 <= seg + lim_min
+    cls = torch.where(full, FULL, torch.where(in_a | in_b, PARTIAL, EMPTY))
+    return cls.to(torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_stats(LL, BID, SPAN_LO, SPAN_HI, rows, row_ok, G, S):
+    qi = rows // G
+    ll = tl.load(LL + qi, mask=row_ok, other=0)
+    bq = tl.load(BID + qi, mask=row_ok, other=-1)
+    slo = tl.load(SPAN_LO + qi, mask=row_ok, other=S)
+    shi = tl.load(SPAN_HI + qi, mask=row_ok, other=0)
+    lim_min = tl.min(tl.where(row_ok, ll, S), 0)
+    lim_max = tl.max(ll, 0)
+    blk_lo = tl.min(slo, 0)
+    blk_hi = tl.max(shi, 0)
+    return qi, ll, bq, lim_min, lim_max, blk_lo, blk_hi
+
+
+@triton.jit
+def _visible(kj, ll, bq, seg, S, BID):
+    """The layout rule for a [rows, keys] tile (keys kj absolute, out-of-range keys never visible)."""
+    rel = kj - seg
+    in_seg = (rel >= 0) & (rel < S)
+    bk = tl.load(BID + rel, mask=in_seg, other=-2)
+    return (rel[None, :] < ll[:, None]) | (in_seg[None, :] & (bq[:, None] >= 0) & (bk[None, :] == bq[:, None]))
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale,
+              sks, svs, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    kj = start + offs_n
+    if MASKED:
+        kmask = (kj < Skv)[:, None] & d_ok[None, :]
+    else:
+        kmask = (kj >= 0)[:, None] & d_ok[None, :]
+    k = tl.load(k_ptrs + kj[:, None].to(tl.int64) * sks, mask=kmask, other=0.0)
+    v = tl.load(v_ptrs + kj[:, None].to(tl.int64) * svs, mask=kmask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if MASKED:
+        s = tl.where(_visible(kj, ll, bq, seg, S, BID), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, LL, BID, SPAN_LO, SPAN_HI, SEG,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
+    slb, slh, sls, sl_split,
+    S, Skv, G, Hkv, qk_scale, n_splits,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    sid = tl.program_id(2)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < S * G
+    qi, ll, bq, lim_min, lim_max, blk_lo, blk_hi = _tile_stats(LL, BID, SPAN_LO, SPAN_HI, rows, row_ok, G, S)
+    head = hk * G + rows % G
+    seg = tl.load(SEG + b)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    b64 = b.to(tl.int64)
+    q_off = b64 * sqb + head.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sqs + offs_d[None, :] * sqd
+    q = tl.load(Q + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = K + b64 * skb + hk.to(tl.int64) * skh + offs_d[None, :] * skd
+    v_ptrs = V + b64 * svb + hk.to(tl.int64) * svh + offs_d[None, :] * svd
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # range A, this split's share of its tiles: full tiles, then the partial tail
+    end_a = seg + lim_max
+    n_tiles_a = tl.cdiv(end_a, BLOCK_N)
+    per = tl.cdiv(n_tiles_a, n_splits)
+    lo = sid * per * BLOCK_N
+    hi = tl.minimum((sid + 1) * per, n_tiles_a) * BLOCK_N
+    full_end = ((seg + lim_min) // BLOCK_N) * BLOCK_N
+    for start in range(lo, tl.minimum(hi, full_end), BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv,
+                                  BID, qk_scale, sks, svs, False, UPCAST, PREC)
+    for start in range(tl.maximum(lo, full_end), hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv,
+                                  BID, qk_scale, sks, svs, True, UPCAST, PREC)
+    # range B (the own-block part past range A), split 0 only
+    if sid == 0:
+        for start in range(tl.maximum(seg + blk_lo, n_tiles_a * BLOCK_N), seg + blk_hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv,
+                                      BID, qk_scale, sks, svs, True, UPCAST, PREC)
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse2 = m_i + tl.log2(tl.where(seen, l_i, 1.0))  # log2-sum-exp2 of the scaled scores
+    o_off = b64 * sob + head.to(tl.int64)[:, None] * soh + qi.to(tl.int64)[:, None] * sos + offs_d[None, :] * sod
+    l_off = b64 * slb + head.to(tl.int64) * slh + qi.to(tl.int64) * sls
+    if SPLIT:
+        o_off += sid.to(tl.int64) * sl_split * BLOCK_D  # partial outputs: [split][B, Hq, S, BLOCK_D] fp32
+        tl.store(O + o_off, out, mask=row_ok[:, None])
+        tl.store(LSE + sid.to(tl.int64) * sl_split + l_off, tl.where(seen, lse2, float("-inf")), mask=row_ok)
+    else:
+        tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        # natural-log LSE for the backward; +inf for a query that sees nothing (its P is then 0)
+        tl.store(LSE + l_off, tl.where(seen, lse2 / 1.4426950408889634, float("inf")), mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(OP, LSEP, O, LSE, n_rows, n_splits, split_stride, Hq, S, sob, soh, sos, sod,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    r = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_SPLIT)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < n_splits
+    lse = tl.load(LSEP + offs_s.to(tl.int64) * split_stride + r, mask=s_ok, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lse - mx_safe)
+    tot = tl.sum(w, 0)
+    o = tl.load(OP + (offs_s.to(tl.int64) * split_stride + r)[:, None] * BLOCK_D + offs_d[None, :],
+                mask=s_ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(tot > 0, tot, 1.0)
+    b = r // (Hq * S)
+    h = (r // S) % Hq
+    i = r % S
+    o_off = b.to(tl.int64) * sob + h.to(tl.int64) * soh + i.to(tl.int64) * sos + offs_d * sod
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=offs_d < D)
+    tl.store(LSE + r, tl.where(tot > 0, (mx + tl.log2(tot)) / 1.4426950408889634, float("inf")))
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, LL, BID, SPAN_LO, SPAN_HI, SEG,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+    S, Skv, G, Hkv, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < S * G
+    qi, ll, bq, lim_min, lim_max, blk_lo, blk_hi = _tile_stats(LL, BID, SPAN_LO, SPAN_HI, rows, row_ok, G, S)
+    head = hk * G + rows % G
+    Hq = Hkv * G
+    seg = tl.load(SEG + b)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    b64 = b.to(tl.int64)
+    rmask = row_ok[:, None] & d_ok[None, :]
+    q_off = b64 * sqb + head.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sqs + offs_d[None, :] * sqd
+    q = tl.load(Q + q_off, mask=rmask, other=0.0)
+    d_off = b64 * sdb + head.to(tl.int64)[:, None] * sdh + qi.to(tl.int64)[:, None] * sds + offs_d[None, :] * sdd
+    do = tl.load(DO + d_off, mask=rmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    r_off = (b64 * Hq + head) * S + qi  # LSE / DELTA are contiguous [B, Hq, S]
+    lse2 = tl.load(LSE + r_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + r_off, mask=row_ok, other=0.0)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = K + b64 * skb + hk.to(tl.int64) * skh + offs_d[None, :] * skd
+    v_ptrs = V + b64 * svb + hk.to(tl.int64) * svh + offs_d[None, :] * svd
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end_a = tl.cdiv(seg + lim_max, BLOCK_N) * BLOCK_N
+    full_end = ((seg + lim_min) // BLOCK_N) * BLOCK_N
+    for start in range(0, tl.minimum(end_a, full_end), BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID,
+                      qk_scale, sks, svs, False, UPCAST, PREC)
+    for start in range(full_end, end_a, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID,
+                      qk_scale, sks, svs, True, UPCAST, PREC)
+    for start in range(tl.maximum(seg + blk_lo, end_a), seg + blk_hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID,
+                      qk_scale, sks, svs, True, UPCAST, PREC)
+    dq_off = b64 * sqb + head.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sqs + offs_d[None, :] * sqd
+    tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale,
+             sks, svs, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    kj = start + offs_n
+    if MASKED:
+        kmask = (kj < Skv)[:, None] & d_ok[None, :]
+    else:
+        kmask = (kj >= 0)[:, None] & d_ok[None, :]
+    k = tl.load(k_ptrs + kj[:, None].to(tl.int64) * sks, mask=kmask, other=0.0)
+    v = tl.load(v_ptrs + kj[:, None].to(tl.int64) * svs, mask=kmask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if MASKED:
+        s = tl.where(_visible(kj, ll, bq, seg, S, BID), s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, LL, BID, SPAN_LO, SPAN_HI, SEG,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+    s_dkb, s_dkh, s_dks, s_dkd, s_dvb, s_dvh, s_dvs, s_dvd,
+    S, Skv, G, Hkv, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    Hq = Hkv * G
+    b64 = b.to(tl.int64)
+    seg = tl.load(SEG + b)
+    n0 = pid_n * BLOCK_N
+    kj = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kmask = (kj < Skv)[:, None] & d_ok[None, :]
+    k = tl.load(K + b64 * skb + hk.to(tl.int64) * skh + kj[:, None].to(tl.int64) * sks + offs_d[None, :] * skd,
+                mask=kmask, other=0.0)
+    v = tl.load(V + b64 * svb + hk.to(tl.int64) * svh + kj[:, None].to(tl.int64) * svs + offs_d[None, :] * svd,
+                mask=kmask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for m0 in range(0, S * G, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < S * G
+        qi, ll, bq, lim_min, lim_max, blk_lo, blk_hi = _tile_stats(LL, BID, SPAN_LO, SPAN_HI, rows, row_ok, G, S)
+        b_start = seg + tl.maximum(blk_lo, lim_max)
+        in_a = n0 < seg + lim_max
+        in_b = (n0 < seg + blk_hi) & (n0 + BLOCK_N > b_start) & (b_start < seg + blk_hi)
+        if in_a | in_b:
+            head = hk * G + rows % G
+            rmask = row_ok[:, None] & d_ok[None, :]
+            q_off = (b64 * sqb + head.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sqs
+                     + offs_d[None, :] * sqd)
+            q = tl.load(Q + q_off, mask=rmask, other=0.0)
+            d_off = (b64 * sdb + head.to(tl.int64)[:, None] * sdh + qi.to(tl.int64)[:, None] * sds
+                     + offs_d[None, :] * sdd)
+            do = tl.load(DO + d_off, mask=rmask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            r_off = (b64 * Hq + head) * S + qi
+            lse2 = tl.load(LSE + r_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + r_off, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            if n0 + BLOCK_N > seg + lim_min:  # partial: apply the layout rule (full tiles skip it)
+                s = tl.where(_visible(kj, ll, bq, seg, S, BID), s, float("-inf"))
+            p = tl.exp2(s - lse2[:, None])
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    dk_off = b64 * s_dkb + hk.to(tl.int64) * s_dkh + kj[:, None].to(tl.int64) * s_dks + offs_d[None, :] * s_dkd
+    dv_off = b64 * s_dvb + hk.to(tl.int64) * s_dvh + kj[:, None].to(tl.int64) * s_dvs + offs_d[None, :] * s_dvd
+    tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + dv_off, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+_TL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _config(D: int, dtype: torch.dtype, device: torch.device, backward: bool = False) -> dict:
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if _FORCE_CONFIG is not None:
+        cfg = dict(_FORCE_CONFIG)
+    elif device.type != "cuda":  # interpreter: small tiles so short test sequences see every tile class
+        cfg = dict(BLOCK_M=32, BLOCK_N=16)
+    elif backward:
+        cfg = dict(BLOCK_M=64 if BLOCK_D <= 128 else 32, BLOCK_N=64 if BLOCK_D <= 64 else 32, num_warps=4)
+    else:
+        big = BLOCK_D <= 128 and dtype != torch.float32
+        cfg = dict(BLOCK_M=128 if big else 64, BLOCK_N=64 if BLOCK_D <= 128 else 32, num_warps=8 if big else 4,
+                   num_stages=3 if BLOCK_D <= 128 else 2)
+    cfg["BLOCK_D"] = BLOCK_D
+    cfg["UPCAST"] = dtype == torch.bfloat16 and triton_interpreted()  # interpreter: bf16 tl.dot is wrong
+    cfg["PREC"] = "ieee" if dtype == torch.float32 else "tf32"
+    return cfg
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+
+
+def _auto_splits(B, Hkv, n_m_tiles, S, Skv, device) -> int:
+    if device.type != "cuda":
+        return 1
+    n_prog = B * Hkv * n_m_tiles
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if n_prog >= sms or Skv - S < 1024:
+        return 1
+    return int(max(1, min(triton.cdiv(2 * sms, n_prog), triton.cdiv(Skv, 512), 64)))
+
+
+def _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits=0):
+    B, Hq, S, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    cfg = _config(D, q.dtype, q.device)
+    BM, BN, BD = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    n_m = triton.cdiv(S * G, BM)
+    if num_splits <= 0:
+        num_splits = _auto_splits(B, Hkv, n_m, S, Skv, q.device)
+    span_lo, span_hi = _block_spans(block_id)
+    ll = local_limit.to(torch.int32).contiguous()
+    bid = block_id.to(torch.int32).contiguous()
+    seg = seg_start.to(torch.int32).contiguous()
+    out = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    qk_scale = scale * LOG2E
+    common = dict(D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, UPCAST=cfg["UPCAST"], PREC=cfg["PREC"],
+                  **_launch_opts(cfg))
+    grid = (n_m, B * Hkv, num_splits)
+    if num_splits == 1:
+        _fwd_kernel[grid](
+            q, k, v, out, lse, ll, bid, span_lo, span_hi, seg,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), 0,
+            S, Skv, G, Hkv, qk_scale, 1, SPLIT=False, **common,
+        )
+        return out, lse
+    rows = B * Hq * S
+    o_part = torch.empty((num_splits, B, Hq, S, BD), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((num_splits, B, Hq, S), dtype=torch.float32, device=q.device)
+    _fwd_kernel[grid](
+        q, k, v, o_part, lse_part, ll, bid, span_lo, span_hi, seg,
+        *q.stride(), *k.stride(), *v.stride(), Hq * S * BD, S * BD, BD, 1, Hq * S, S, 1, rows,
+        S, Skv, G, Hkv, qk_scale, num_splits, SPLIT=True, **common,
+    )
+    _merge_kernel[(rows,)](
+        o_part, lse_part, out, lse, rows, num_splits, rows, Hq, S, *out.stride(),
+        D=D, BLOCK_D=BD, BLOCK_SPLIT=max(2, triton.next_power_of_2(num_splits)),
+    )
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale):
+    B, Hq, S, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    cfg = _config(D, q.dtype, q.device, backward=True)
+    BM, BN, BD = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    span_lo, span_hi = _block_spans(block_id)
+    ll = local_limit.to(torch.int32).contiguous()
+    bid = block_id.to(torch.int32).contiguous()
+    seg = seg_start.to(torch.int32).contiguous()
+    delta = (do.float() * out.float()).sum(-1).contiguous()  # [B, Hq, S]
+    lse = lse.contiguous()
+    dq = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Skv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hkv, Skv, D), dtype=v.dtype, device=v.device)
+    qk_scale = scale * LOG2E
+    common = dict(D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, UPCAST=cfg["UPCAST"], PREC=cfg["PREC"],
+                  **_launch_opts(cfg))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    _bwd_dq_kernel[(triton.cdiv(S * G, BM), B * Hkv)](
+        q, k, v, do, dq, lse, delta, ll, bid, span_lo, span_hi, seg, *strides,
+        S, Skv, G, Hkv, qk_scale, scale, **common,
+    )
+    _bwd_dkdv_kernel[(triton.cdiv(Skv, BN), B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, ll, bid, span_lo, span_hi, seg, *strides, *dk.stride(), *dv.stride(),
+        S, Skv, G, Hkv, qk_scale, scale, **common,
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops (torch.compile / CUDA graphs) + autograd
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tidar_kernels::triton_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local_limit: torch.Tensor, block_id: torch.Tensor,
+            seg_start: torch.Tensor, scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, local_limit, block_id, seg_start, scale, num_splits):
+    B, Hq, S, D = q.shape
+    return q.new_empty((B, Hq, S, D)), q.new_empty((B, Hq, S), dtype=torch.float32)
+
+
+@torch.library.custom_op("tidar_kernels::triton_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, local_limit: torch.Tensor, block_id: torch.Tensor, seg_start: torch.Tensor,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, local_limit, block_id, seg_start, scale, _ = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, local_limit, block_id, seg_start)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_rule(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, local_limit, block_id, seg_start = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, local_limit, block_id, seg_start, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale, num_splits: int = 0):
+    """``(out, lse)``; ``num_splits`` 0 = automatic, n > 0 forces n split-KV chunks (tests, benchmarks)."""
+    return _fwd_op(q, k, v, local_limit, block_id, seg_start, float(scale), int(num_splits))
+
+
+@register("tidar_attention", "triton")
+def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale):
+    if q.dtype not in _TL_DTYPES:
+        raise TypeError(f"backend='triton' supports q/k/v in float16, bfloat16, float32; got {q.dtype}")
+    if q.shape[3] > 256:
+        raise ValueError(f"backend='triton' supports head dims up to 256, got {q.shape[3]}")
+    return attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale)[0]
+
+
+__all__ = ["attention_with_lse", "tidar_attention", "tile_classes", "EMPTY", "FULL", "PARTIAL"]
