@@ -24,12 +24,12 @@ def test_bundled_model_is_small_safetensors_with_tidar_settings():
 
 
 def test_demo_json_identical(capsys):
-    rc = main(["demo", "--json", "--device", "cpu", "--max-new-tokens", "48"])
+    rc = main(["demo", "--json", "--device", "cpu", "--max-new-tokens", "32"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert out["identical"] is True
     assert len(out["prompts"]) >= 2 and all(p["identical"] for p in out["prompts"])
-    assert all(p["ar_text"] == p["tidar_text"] and p["new_tokens"] == 48 for p in out["prompts"])
+    assert all(p["ar_text"] == p["tidar_text"] and p["new_tokens"] == 32 for p in out["prompts"])
     assert out["tokens_per_forward"] >= 1.0
     assert sum(out["accepted_histogram"].values()) > 0
     assert out["ar_tokens_per_s"] > 0 and out["tidar_tokens_per_s"] > 0

@@ -3,7 +3,7 @@ decoding (Hugging Face ``generate`` on the unpatched model) and with TiDAR greed
 drafts with diffusion and verifies autoregressively), shows the texts are identical and compares
 tokens per forward and tokens/s. Exits 1 if a greedy TiDAR text differs from the AR text.
 
-    tidar demo                       # bundled model, its held-out prompts, 128 new tokens, K from the config
+    tidar demo                       # bundled model, its held-out prompts, 64 new tokens, K from the config
     tidar demo --prompt "def fib(n):" --draft-len 8 --json
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def bundled_model_dir() -> Path:
 def add_arguments(p):
     p.add_argument("--model", default=None, help=f"model folder (default: the bundled {BUNDLED_NAME})")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several); default: held-out code prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--draft-len", type=int, default=None, help="K (default: the model's tidar_draft_len, else 16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default; the only mode with identical texts)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import sys
@@ -276,7 +277,8 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, state: dict):
 def write_demo_prompts(folder, tokenizer, corpus, n: int = 3):
     """``demo_prompts.json``: held-out code prompts ``tidar demo`` completes (from modules never trained on)."""
     prompts = corpus_mod.heldout_prompts(tokenizer, corpus, n)
-    data = {"source": str(corpus.root), "heldout_modules": corpus.heldout_modules, "prompts": prompts}
+    source = f"standard library of Python {platform.python_version()}" if corpus.root == corpus_mod.stdlib_dir() else corpus.root.name
+    data = {"source": source, "heldout_modules": corpus.heldout_modules, "prompts": prompts}
     (Path(folder) / "demo_prompts.json").write_text(json.dumps(data, indent=1))
 
 
