@@ -58,12 +58,14 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
 
     _loaders.load_all()
     if backend == "auto":
+        # Kernels only on CUDA tensors: the Triton interpreter runs CPU tensors, but is never the fastest choice.
         for name in ("cuda", "triton"):
-            if _why_not(op, name, device) is None:
+            if device.type == "cuda" and _why_not(op, name, device) is None:
                 return _IMPLS[op][name]
         if device.type not in _WARNED:  # once per device type, not once per op or per call
             _WARNED.add(device.type)
-            reason = _why_not(op, "triton", device)
+            reason = _why_not(op, "triton", device) if device.type == "cuda" else (
+                f"the triton and cuda kernels need CUDA tensors, got {device.type} tensors")
             warnings.warn(
                 f"tidar_kernels: backend='auto' falls back to the PyTorch reference on {device.type} tensors "
                 f"(first for {op}: {reason}); `tidar env` lists the live backends",
