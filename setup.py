@@ -9,8 +9,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["tidar_kernels", "tidar_kernels.*"]) + find_packages("python"),
-    package_dir={"tidar": "python/tidar"},
+    packages=find_packages(include=["tidar_kernels", "tidar_kernels.*"]) + find_packages("python") + ["tidar.models"],
+    # The bundled demo model ships inside the wheel as tidar/models/ (tidar.demo looks there when installed).
+    package_dir={"tidar": "python/tidar", "tidar.models": "models"},
+    package_data={"tidar.models": ["tidar-stdlib-tiny/*"]},
     install_requires=["torch>=2.11", "transformers>=5.17,<6", "safetensors", "tokenizers>=0.21"],
     extras_require={"test": ["pytest>=8", "numpy", "scipy"], "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["tidar=tidar.cli:main"]},
