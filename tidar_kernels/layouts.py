@@ -11,6 +11,8 @@ below is computed once per shape and cached; ``dense_mask`` builds the boolean t
 from __future__ import annotations
 
 import functools
+import inspect
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +51,27 @@ def _layout(local_limit, block_id, position_ids) -> Layout:
 
 
 def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
-@functools.lru_cache(maxsize=64)
+def _cached(fn):
+    """``lru_cache`` keyed on validated ints: a bad argument (4.0, True, "4", [4]) raises naming itself
+    before the cache is consulted (the cache's key treats 4.0 == 4 and True == 1 as equal)."""
+    sig = inspect.signature(fn)
+    cached = functools.lru_cache(maxsize=64)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        return cached(*(_positive(n, v) for n, v in bound.arguments.items()))
+
+    wrapper.cache_info, wrapper.cache_clear = cached.cache_info, cached.cache_clear
+    return wrapper
+
+
+@_cached
 def training(seq_len: int, block_size: int) -> Layout:
     """Hybrid training layout (design.md 1.2): L clean tokens then L ``[MASK]`` tokens, S = 2L.
 
@@ -83,7 +100,7 @@ def training(seq_len: int, block_size: int) -> Layout:
     )
 
 
-@functools.lru_cache(maxsize=64)
+@_cached
 def prefill(prompt_len: int, draft_len: int) -> Layout:
     """Prefill layout (design.md 1.3): n prompt tokens (causal) then one block of K masks that sees the
     whole prompt and itself. Positions 0..n-1 then n..n+K-1.
@@ -105,7 +122,7 @@ def prefill(prompt_len: int, draft_len: int) -> Layout:
     )
 
 
-@functools.lru_cache(maxsize=64)
+@_cached
 def decode_step(draft_len: int) -> Layout:
     """Decode-step layout (design.md 1.3): K drafts (causal), then K proposal blocks of K masks.
     Block j (1..K) assumes drafts d_0..d_{j-1} accepted: it sees them (local_limit j) and itself;
@@ -145,7 +162,7 @@ def dense_mask(local_limit: torch.Tensor, block_id: torch.Tensor, seg_start, kv_
     return (rel < limit) | same_block
 
 
-@functools.lru_cache(maxsize=64)
+@_cached
 def causal(seq_len: int) -> Layout:
     """Plain causal attention of a segment over the cached prefix (what an AR forward uses)."""
     S = _positive("seq_len", seq_len)
