@@ -3,6 +3,7 @@
     tidar.add_mask_token(model, tokenizer)   # once, if the model has no [MASK]
     tidar.patch(model, draft_len=16)         # "tidar" attention + drop-in model.generate
     out = tidar.generate(model, input_ids, max_new_tokens=64)
+    loss = tidar.hybrid_loss(model, input_ids, block_size=16).loss   # training objective
     tidar.unpatch(model)                     # back to the exact original
 """
 from .attention import TidarStep, tidar_forward
@@ -13,11 +14,13 @@ from .patch import add_mask_token, is_patched, patch, unpatch
 
 __version__ = "0.1.0"
 __all__ = [
+    "HybridLoss",
     "TidarCache",
     "TidarGenerateOutput",
     "TidarStep",
     "add_mask_token",
     "generate",
+    "hybrid_loss",
     "is_patched",
     "patch",
     "tidar_forward",
