@@ -1,0 +1,125 @@
+// tidar_attention_plan.cuh: the tile classification, split-KV policy and mask rule of tidar_attention.cu as
+// plain __host__ __device__ integer functions, so csrc/tests/test_tidar_attention_host.cpp (g++, no CUDA)
+// checks exactly the code the kernel runs. No CUDA or torch includes.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define TIDAR_ATTN_HD __host__ __device__ __forceinline__
+#else
+#define TIDAR_ATTN_HD inline
+#endif
+
+namespace tidar_attn {
+
+constexpr int kBlockN = 64;     // keys per tile
+constexpr int kWarps = 8;       // warps per thread block
+constexpr int kBlockM = 16 * kWarps;  // packed (query, head-in-group) rows per thread block
+constexpr int kMaxSplits = 64;
+
+TIDAR_ATTN_HD int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// One past the last key a row may ever load or see: min(Skv, s0 + S), clamped to [0, Skv].
+TIDAR_ATTN_HD int key_end_of(int s0, int S, int Skv) {
+  return static_cast<int>(clamp64(static_cast<int64_t>(s0) + S, 0, Skv));
+}
+
+// One past the last key of the "prefix" part a query with local_limit ll sees: s0 + min(ll, S), within [0, key_end].
+TIDAR_ATTN_HD int prefix_end_of(int s0, int ll, int S, int key_end) {
+  const int64_t l = ll < S ? ll : S;
+  return static_cast<int>(clamp64(static_cast<int64_t>(s0) + l, 0, key_end));
+}
+
+// Block id of key j as the mask sees it: block_id[j - s0] inside the segment (and below key_end), else -2
+// (never equal to a query's block id, which is >= 0 whenever it is compared).
+TIDAR_ATTN_HD bool key_in_segment(int64_t j, int s0, int key_end) { return j >= s0 && j < key_end; }
+
+// The rule, given the row's prefix end pe (prefix_end_of), its block id bq and key j's block id bk (-2 outside
+// the segment).
+TIDAR_ATTN_HD bool visible(int64_t j, int pe, int bq, int bk) { return j < pe || (bq >= 0 && bk == bq); }
+
+// Per thread block statistics over its valid rows: the smallest and largest prefix end, and the key range
+// [blk_lo, blk_hi) (absolute) holding every segment key whose block id lies in [min, max] of the rows' block ids.
+struct TileStats {
+  int pe_min, pe_max;   // over valid rows; pe_min >= 0
+  int blk_lo, blk_hi;   // absolute keys, blk_lo >= blk_hi when no row has a block
+};
+
+// The key tiles one thread block (one split) walks, in order: full tiles [full_begin, full_end), then masked
+// tiles [m1_begin, m1_end), then masked tiles [m2_begin, m2_end). Tile t covers keys [t*kBlockN, (t+1)*kBlockN).
+struct TilePlan {
+  int full_begin, full_end;
+  int m1_begin, m1_end;
+  int m2_begin, m2_end;
+  TIDAR_ATTN_HD int count() const { return (full_end - full_begin) + (m1_end - m1_begin) + (m2_end - m2_begin); }
+  // The i-th tile of the walk (0 <= i < count()) and whether it needs the mask.
+  TIDAR_ATTN_HD int tile(int i, bool* masked) const {
+    const int nf = full_end - full_begin;
+    if (i < nf) { *masked = false; return full_begin + i; }
+    i -= nf;
+    *masked = true;
+    const int n1 = m1_end - m1_begin;
+    if (i < n1) return m1_begin + i;
+    return m2_begin + (i - n1);
+  }
+};
+
+TIDAR_ATTN_HD int cdiv_int(int a, int b) { return (a + b - 1) / b; }
+
+// Tiles entirely below pe_min are full for every row (their keys are all < pe_min <= key_end <= Skv, so they
+// need neither the mask nor bound checks). Split-KV cuts only the full tiles below s0 (the cached prefix, the
+// same for every row tile of a batch row, so the row tiles of one split read the same K/V and share L2); the
+// last split also takes the remaining full tiles and every masked tile:
+//   range 1: [floor(pe_min / N), ceil(pe_max / N))      (the prefix part where rows differ)
+//   range 2: [floor(blk_lo / N), ceil(blk_hi / N)) minus what is already covered (the own-block part).
+// Every visible (row, key) pair lies in exactly one tile of exactly one split (tested on the host).
+TIDAR_ATTN_HD TilePlan make_plan(const TileStats& st, int s0, int key_end, int num_splits, int split) {
+  TilePlan p;
+  const int n_full = st.pe_min / kBlockN;
+  int n_split = static_cast<int>(clamp64(s0, 0, key_end)) / kBlockN;
+  if (n_split > n_full) n_split = n_full;
+  p.full_begin = static_cast<int>(static_cast<int64_t>(n_split) * split / num_splits);
+  p.full_end = static_cast<int>(static_cast<int64_t>(n_split) * (split + 1) / num_splits);
+  p.m1_begin = p.m1_end = p.m2_begin = p.m2_end = 0;
+  if (split != num_splits - 1) return p;
+  p.full_end = n_full;
+  const int e1 = cdiv_int(st.pe_max, kBlockN);
+  p.m1_begin = n_full;
+  p.m1_end = e1 > n_full ? e1 : n_full;
+  if (st.blk_hi > st.blk_lo) {
+    const int b0 = st.blk_lo / kBlockN, b1 = cdiv_int(st.blk_hi, kBlockN);
+    p.m2_begin = b0 > p.m1_end ? b0 : p.m1_end;
+    p.m2_end = b1 > p.m2_begin ? b1 : p.m2_begin;
+  }
+  return p;
+}
+
+// Thread blocks that fit on one SM at once (from the kernel's registers and shared memory; see the .cu).
+TIDAR_ATTN_HD int ctas_per_sm(int D) { return D <= 64 ? 2 : 1; }
+
+// Split-KV policy (FlashAttention's wave-efficiency heuristic): no split when the un-split grid already fills
+// the GPU or the cache is short; else the smallest split count whose wave efficiency (ctas / (waves * slots))
+// is within 85% of the best, capped so each split keeps at least 4 key tiles and at most kMaxSplits.
+// Depends only on sizes (Skv bounds every row's prefix), never on device data.
+TIDAR_ATTN_HD int choose_num_splits(int64_t base_ctas, int Skv, int D, int num_sms) {
+  if (base_ctas <= 0 || num_sms <= 0) return 1;
+  const int64_t slots = static_cast<int64_t>(num_sms) * ctas_per_sm(D);
+  if (base_ctas * 5 >= slots * 4) return 1;  // >= 80% of one wave
+  int max_s = (Skv / kBlockN) / 4;
+  if (max_s > kMaxSplits) max_s = kMaxSplits;
+  if (max_s <= 1) return 1;
+  double best = 0.0;
+  double eff[kMaxSplits + 1];
+  for (int s = 1; s <= max_s; ++s) {
+    const int64_t ctas = base_ctas * s;
+    const int64_t waves = (ctas + slots - 1) / slots;
+    eff[s] = static_cast<double>(ctas) / static_cast<double>(waves * slots);
+    if (eff[s] > best) best = eff[s];
+  }
+  for (int s = 1; s <= max_s; ++s)
+    if (eff[s] >= 0.85 * best) return s;
+  return 1;
+}
+
+}  // namespace tidar_attn
