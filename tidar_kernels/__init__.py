@@ -15,6 +15,7 @@ from .ops.rejection_sample import (
     draw_uniforms,
     rejection_sample,
 )
+from .reference.rejection_sample import philox_uniforms
 from .ops.tidar_attention import tidar_attention
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "kv_append",
     "layouts",
     "live_backends",
+    "philox_uniforms",
     "rejection_sample",
     "tidar_attention",
 ]

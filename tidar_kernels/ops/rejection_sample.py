@@ -1,8 +1,10 @@
 """``rejection_sample``: one TiDAR verification step, from raw logits to the step's outcome (design.md 1.3).
 
-Also ``draft_sample``: the prefill's first drafts. Both take randomness from an explicit
-``torch.Generator`` or from pre-drawn uniforms (layout in ``tidar_kernels.reference.rejection_sample``),
-so any backend given the same uniforms returns the same tokens as the reference.
+Also ``draft_sample``: the prefill's first drafts. Both take randomness from exactly one of: an explicit
+``torch.Generator``, pre-drawn ``uniforms`` (layout in ``tidar_kernels.reference.rejection_sample``), or a
+Philox4x32-10 ``seed``/``offset`` (ints or one-element int64 device tensors, so a CUDA graph can capture the
+step and replay it with a new offset); ``philox_uniforms(seed, offset, B, K)`` gives the uniforms that a
+seed/offset stands for. Any backend given the same uniforms returns the same tokens as the reference.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from .. import _checks
 from ..backends import resolve
+from ..reference.rejection_sample import Philox, philox_uniforms
 
 
 class RejectionResult(NamedTuple):
@@ -48,18 +51,84 @@ def check_sampling_args(temperature, top_k, top_p, beta, V):
     return float(temperature), top_k, (None if top_p is None or top_p >= 1.0 else float(top_p)), float(beta)
 
 
-def _uniforms(uniforms, generator, B, K, dev, greedy):
+def _int64_scalar(name, x, dev, lo, hi):
+    """``x`` as a one-element int64 tensor on ``dev``: an int in [lo, hi) (bits kept) or such a tensor."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype != torch.int64 or x.numel() != 1:
+            raise TypeError(f"{name} must be an int or a one-element int64 tensor, got {x.dtype} of shape "
+                            f"{tuple(x.shape)}")
+        if x.device != dev:
+            raise ValueError(f"{name} must be on {dev} like the logits, got {x.device}")
+        return x.reshape(1)
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int or a one-element int64 tensor, got {type(x).__name__}")
+    if not lo <= x < hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}), got {x}")
+    return torch.tensor([x - 2**64 if x >= 2**63 else x], dtype=torch.int64, device=dev)
+
+
+def _randomness(uniforms, generator, seed, offset, B, K, dev, greedy):
+    """The step's randomness for a backend: ``None`` (greedy), a ``[B, 2K]`` float32 tensor, or ``Philox``.
+
+    Exactly one source: ``uniforms``, ``generator``, or ``seed`` (+ ``offset``, default 0); with none, the
+    uniforms are drawn from torch's default generator. Greedy reads none and ignores what it is given.
+    """
+    if offset is not None and seed is None:
+        raise ValueError("offset needs a seed (seed/offset are Philox's key and counter)")
+    given = [n for n, v in (("generator", generator), ("uniforms", uniforms), ("seed", seed)) if v is not None]
     if greedy:
         return None
+    if len(given) > 1:
+        raise ValueError(f"give exactly one source of randomness (generator, uniforms or seed/offset), got {given}")
+    if seed is not None:
+        return Philox(_int64_scalar("seed", seed, dev, -(2**63), 2**64),
+                      _int64_scalar("offset", 0 if offset is None else offset, dev, 0, 2**64))
     if uniforms is None:
         if generator is not None and generator.device != dev:
             raise ValueError(f"generator must be on {dev} like the logits, got {generator.device}")
         return draw_uniforms(B, K, generator=generator, device=dev)
     _checks.tensor("uniforms", uniforms, dtypes=(torch.float32,), device=dev)
     _checks.shape("uniforms", uniforms, (B, 2 * K))
-    if bool(((uniforms < 0) | (uniforms >= 1)).any()):
-        raise ValueError("uniforms must lie in [0, 1)")
+    if not bool(((uniforms >= 0) & (uniforms < 1)).all()):  # NaN fails both comparisons
+        raise ValueError("uniforms must lie in [0, 1) (no NaN)")
     return uniforms
+
+
+def _for_backend(impl, u, B, K, dev):
+    """Philox state for backends that generate uniforms themselves, else the materialised uniforms."""
+    if isinstance(u, Philox) and not getattr(impl, "philox", False):
+        return philox_uniforms(u.seed, u.offset, B, K, dev)
+    return u
+
+
+def _no_empty_rows(name, t):
+    """Every distribution needs a possible token: a row of logits that is -inf everywhere is an error."""
+    if t.numel() and bool(torch.isneginf(t).all(-1).any()):
+        raise ValueError(f"{name} has a row that is -inf everywhere: no token is possible")
+
+
+def _check_logits(ar_logits, block_logits, slot0, beta):
+    """NaN/+inf and all -inf rows; with 0 < beta < 1 also the mixed target (-inf on either side is -inf)."""
+    _checks.no_nan("ar_logits", ar_logits)
+    _checks.no_nan("block_logits", block_logits)
+    _no_empty_rows("ar_logits", ar_logits)
+    _no_empty_rows("block_logits", block_logits)
+    if 0.0 < beta < 1.0 and ar_logits.numel():
+        if bool((torch.isneginf(ar_logits) | torch.isneginf(slot0)).all(-1).any()):
+            raise ValueError("ar_logits and block_logits (slot 0) have no token that is finite in both: the beta "
+                             "mix has a row that is -inf everywhere")
+
+
+def _check_draft_probs(draft_probs):
+    """Finite, non-negative rows that sum to 1 (within 1e-3, float64 sum)."""
+    if not bool(torch.isfinite(draft_probs).all()):
+        raise ValueError("draft_probs contains NaN or inf values")
+    if bool((draft_probs < 0).any()):
+        raise ValueError("draft_probs must be non-negative")
+    if draft_probs.numel():
+        err = (draft_probs.double().sum(-1) - 1.0).abs().max().item()
+        if not err <= 1e-3:
+            raise ValueError(f"draft_probs rows must be distributions summing to 1 (worst row is off by {err:.3g})")
 
 
 def rejection_sample(
@@ -74,6 +143,8 @@ def rejection_sample(
     beta: float = 1.0,
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
     backend: str = "auto",
 ) -> RejectionResult:
     """Verify the K drafts of one step and draft the next K.
@@ -88,7 +159,10 @@ def rejection_sample(
             acceptance min(1, p_i(d_i) / q_i(d_i)) and the residual norm(max(0, p - q)) at the first rejection.
         top_k, top_p: applied to targets and next drafts alike (as Hugging Face's warpers).
         beta: target logits = beta * AR + (1 - beta) * slot 0 of the matching block. Only beta = 1 is exact.
-        generator / uniforms: the randomness (``uniforms`` ``[B, 2K]`` float32 in [0, 1) wins).
+        generator / uniforms / seed+offset: the randomness, exactly one of them (none: torch's default
+            generator): a ``torch.Generator``; ``uniforms`` ``[B, 2K]`` float32 in [0, 1); or Philox4x32-10
+            ``seed`` (int64 bits) and ``offset`` (default 0), ints or one-element int64 tensors on the logits'
+            device; the step then uses ``philox_uniforms(seed, offset, B, K)`` (advance offset by B * 2K per step).
 
     Returns ``RejectionResult(accepted, emitted, next_drafts, next_draft_probs)``.
     """
@@ -106,8 +180,7 @@ def rejection_sample(
     if bool(((drafts < 0) | (drafts >= V)).any()):
         raise ValueError(f"drafts must be token ids in [0, V={V})")
     temperature, top_k, top_p, beta = check_sampling_args(temperature, top_k, top_p, beta, V)
-    _checks.no_nan("ar_logits", ar_logits)
-    _checks.no_nan("block_logits", block_logits)
+    _check_logits(ar_logits, block_logits, block_logits[:, :, 0], beta)
     greedy = temperature == 0.0
     if not greedy:
         if draft_probs is None:
@@ -118,12 +191,13 @@ def rejection_sample(
         if draft_probs.shape[2] != V:
             raise ValueError(f"vocab mismatch: ar_logits has V={V}, draft_probs has V={draft_probs.shape[2]}")
         _checks.shape("draft_probs", draft_probs, (B, K - 1, V))
-        _checks.no_nan("draft_probs", draft_probs)
+        _check_draft_probs(draft_probs)
         q_d = draft_probs.gather(-1, drafts[:, 1:, None].long())
         if bool((q_d <= 0).any()):
             raise ValueError("draft_probs gives probability 0 to a draft it proposed: drafts and draft_probs disagree")
-    u = _uniforms(uniforms, generator, B, K, dev, greedy)
+    u = _randomness(uniforms, generator, seed, offset, B, K, dev, greedy)
     impl = resolve("rejection_sample", backend, dev)
+    u = _for_backend(impl, u, B, K, dev)
     return RejectionResult(*impl(ar_logits, block_logits, drafts.long(), draft_probs, u, temperature, top_k, top_p, beta))
 
 
@@ -137,6 +211,8 @@ def draft_sample(
     beta: float = 1.0,
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
     backend: str = "auto",
 ) -> DraftResult:
     """Prefill's drafts: d_0 from ``ar_logits`` ``[B, V]`` (the last prompt token's AR logits, mixed with
@@ -150,8 +226,8 @@ def draft_sample(
         raise ValueError(f"vocab mismatch: ar_logits has V={V}, block_logits has V={block_logits.shape[2]}")
     K = block_logits.shape[1]
     temperature, top_k, top_p, beta = check_sampling_args(temperature, top_k, top_p, beta, V)
-    _checks.no_nan("ar_logits", ar_logits)
-    _checks.no_nan("block_logits", block_logits)
-    u = _uniforms(uniforms, generator, B, K, dev, temperature == 0.0)
+    _check_logits(ar_logits, block_logits, block_logits[:, 0], beta)
+    u = _randomness(uniforms, generator, seed, offset, B, K, dev, temperature == 0.0)
     impl = resolve("draft_sample", backend, dev)
+    u = _for_backend(impl, u, B, K, dev)
     return DraftResult(*impl(ar_logits, block_logits, u, temperature, top_k, top_p, beta))

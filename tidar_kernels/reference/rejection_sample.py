@@ -17,9 +17,86 @@ Returned draft distributions are the float64 probabilities rounded to float32.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..backends import register
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based randomness: Philox4x32-10, shared bit for bit by the reference, Triton and CUDA
+# ---------------------------------------------------------------------------------------------
+# The uniforms of one step are u[b, j], b in [0, B), j in [0, 2K) (the layout above). With an int64 ``seed``
+# and ``offset`` (their bits read as uint64): n = offset + b * 2K + j (mod 2^64), key (k0, k1) = (seed lo 32,
+# seed hi 32), counter (c0, c1, c2, c3) = (n lo 32, n hi 32, 0, 0), ten rounds of
+#     c0, c1, c2, c3 = hi(B * c2) ^ c1 ^ k0, lo(B * c2), hi(A * c0) ^ c3 ^ k1, lo(A * c0);  k0 += KEY_A; k1 += KEY_B
+# (uint32 wrapping; the Random123 round order), and u = float32(c0 >> 8) * 2^-24: exact, in [0, 1).
+# A generation loop advances ``offset`` by B * 2K per step, so no two uniforms of a seed reuse a counter.
+PHILOX_A, PHILOX_B = 0xD2511F53, 0xCD9E8D57
+PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_M32 = 0xFFFFFFFF
+
+
+class Philox(NamedTuple):
+    """The randomness of one step as device scalars (one-element int64 tensors), so CUDA graphs can capture
+    it: backends get this instead of a ``[B, 2K]`` uniforms tensor when the caller gave ``seed``/``offset``."""
+
+    seed: torch.Tensor
+    offset: torch.Tensor
+
+
+def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product of the constant ``a`` and uint32 values ``b`` held in
+    int64, without overflowing int64: ``b`` is split in 16-bit halves."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_lo = a * b_lo  # < 2^48
+    p_hi = a * b_hi  # < 2^48
+    # a * b = p_hi * 2^16 + p_lo; split p_hi at bit 16 so every partial sum stays below 2^50
+    low = ((p_hi & 0xFFFF) << 16) + p_lo  # < 2^33 + 2^48
+    hi = (p_hi >> 16) + (low >> 32)
+    return hi & _M32, low & _M32
+
+
+def philox4x32(counter, key, rounds: int = 10):
+    """Philox4x32 on int64 tensors holding uint32 values: ``counter`` a 4-tuple, ``key`` a 2-tuple (tensors
+    or ints, broadcast). Returns the four output words (int64 tensors in [0, 2^32))."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & _M32 for c in counter)
+    k0, k1 = (torch.as_tensor(k, dtype=torch.int64) & _M32 for k in key)
+    for _ in range(rounds):
+        hi_b, lo_b = _mul32(PHILOX_B, c2)
+        hi_a, lo_a = _mul32(PHILOX_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + PHILOX_KEY_A) & _M32, (k1 + PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_uniforms(seed, offset, batch: int, draft_len: int, device=None) -> torch.Tensor:
+    """The float32 ``[batch, 2 * draft_len]`` uniforms of one step for ``seed``/``offset`` (ints or one-element
+    int64 tensors; tensors are never read on the host, so this can run inside a CUDA graph)."""
+    if device is None:
+        device = seed.device if torch.is_tensor(seed) else offset.device if torch.is_tensor(offset) else "cpu"
+    s = _int64(seed, device).reshape(())
+    o = _int64(offset, device).reshape(())
+    n = o + torch.arange(batch * 2 * draft_len, dtype=torch.int64, device=device)  # wraps mod 2^64 like uint64
+    c0, _, _, _ = philox4x32((n & _M32, (n >> 32) & _M32, 0, 0), (s & _M32, (s >> 32) & _M32))
+    return ((c0 >> 8).to(torch.float32) * 2.0**-24).view(batch, 2 * draft_len)
+
+
+def _int64(x, device) -> torch.Tensor:
+    """An int (its bits as int64: values in [2^63, 2^64) wrap) or an int64 tensor, on ``device``."""
+    if torch.is_tensor(x):
+        return x.to(device=device, dtype=torch.int64)
+    x = int(x)
+    if x >= 2**63:
+        x -= 2**64
+    return torch.tensor(x, dtype=torch.int64, device=device)
+
+
+def as_uniforms(u, B: int, K: int, device) -> torch.Tensor | None:
+    """``u`` as a ``[B, 2K]`` float32 tensor: Philox state is expanded, tensors and None pass through."""
+    if isinstance(u, Philox):
+        return philox_uniforms(u.seed, u.offset, B, K, device)
+    return u
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -30,16 +107,30 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, 
 def process_logits64(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """float64 probabilities after temperature, top-k then top-p: the distribution every decision uses."""
     x = logits.double() / temperature
-    if top_k is not None and top_k < x.shape[-1]:
-        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_x, idx = torch.sort(x, dim=-1, descending=False)
-        cum = sorted_x.softmax(-1).cumsum(-1)
-        drop_sorted = cum <= (1 - top_p)
-        drop_sorted[..., -1] = False  # keep at least the most likely token
-        x = x.masked_fill(drop_sorted.scatter(-1, idx, drop_sorted), float("-inf"))
+    if top_k is not None or top_p is not None:
+        x = x.masked_fill(x < filter_threshold(x, top_k, top_p)[..., None], float("-inf"))
     return x.softmax(-1)
+
+
+def filter_threshold(x: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Per row of the float64 tempered logits ``x`` ``[..., V]``, the smallest kept value: top-k then top-p
+    keep exactly the tokens with ``x >= threshold`` (-inf when nothing is filtered).
+
+    top-k: the k-th largest value (ties with it are kept). top-p (nucleus, after top-k): sort ascending,
+    drop the prefix whose cumulative probability is ``<= 1 - top_p`` (never the most likely token); the
+    threshold is the first kept value, so tokens tied with it are kept too. Kernels take these thresholds
+    as a per-row input and compare ``x >= threshold`` on their own ``x``: the same set, bit for bit.
+    """
+    thr = x.new_full(x.shape[:-1], float("-inf"))
+    if top_k is not None and top_k < x.shape[-1]:
+        thr = torch.topk(x, top_k, dim=-1).values[..., -1]
+    if top_p is not None and top_p < 1.0:
+        xs = x if top_k is None else x.masked_fill(x < thr[..., None], float("-inf"))
+        sorted_x = torch.sort(xs, dim=-1).values
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        first_kept = (cum <= (1 - top_p)).sum(-1, keepdim=True).clamp_max(x.shape[-1] - 1)  # a prefix is dropped
+        thr = torch.maximum(thr, sorted_x.gather(-1, first_kept).squeeze(-1))
+    return thr
 
 
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -73,6 +164,7 @@ def _next_drafts(first, slot_logits, u, greedy, temperature, top_k, top_p):
 def draft_sample(ar_logits, block_logits, u, temperature, top_k, top_p, beta):
     """Prefill: d_0 from the AR logits at the last prompt token (mixed with slot 0), d_1.. from slots 1..K-1."""
     greedy = temperature == 0.0
+    u = as_uniforms(u, ar_logits.shape[0], block_logits.shape[1], ar_logits.device)
     target = mix(ar_logits, block_logits[:, 0], beta)
     if greedy:
         first = target.argmax(-1)
@@ -85,6 +177,7 @@ def draft_sample(ar_logits, block_logits, u, temperature, top_k, top_p, beta):
 def rejection_sample(ar_logits, block_logits, drafts, draft_probs, u, temperature, top_k, top_p, beta):
     B, K, V = ar_logits.shape
     greedy = temperature == 0.0
+    u = as_uniforms(u, B, K, ar_logits.device)
     rows = torch.arange(B, device=ar_logits.device)
     # p_i (i = 1..K) at index i-1: AR logits at d_{i-1} mixed with slot 0 of proposal block i.
     target = mix(ar_logits, block_logits[:, :, 0], beta)  # [B, K, V]
@@ -115,3 +208,6 @@ def rejection_sample(ar_logits, block_logits, drafts, draft_probs, u, temperatur
         correction, block_logits[rows, last, 1:], u, greedy, temperature, top_k, top_p
     )
     return accepted, emitted, next_drafts, next_q
+
+
+draft_sample.philox = rejection_sample.philox = True  # they expand ``Philox`` state themselves
