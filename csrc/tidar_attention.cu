@@ -100,13 +100,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-// Element offset of 16-byte chunk c of row r in a [rows][D] tile: chunks XOR-swizzled by r % 8 so that the
-// 8 row addresses of every ldmatrix (8 consecutive rows, same logical chunk) hit 8 different bank groups.
-template <int D>
-__device__ __forceinline__ int swz(int r, int c) {
-  return r * D + ((c ^ (r & 7)) << 3);
-}
-
 template <int D>
 struct SmemLayout {
   static constexpr int kQ = kBlockM * D;  // elements
@@ -281,8 +274,8 @@ __global__ void __launch_bounds__(kThreads, 1) tidar_attention_fwd_kernel(const 
   uint32_t qf[kKSteps][4];
 #pragma unroll
   for (int kk = 0; kk < kKSteps; ++kk) {
-    const int r = warp * 16 + (lane & 15);
-    const int c = kk * 2 + (lane >> 4);
+    const int r = warp * 16 + frag_q_row(lane);
+    const int c = frag_q_chunk(lane, kk);
     ldsm_x4(smem_u32(sQ + swz<D>(r, c)), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
   }
 
@@ -303,8 +296,8 @@ __global__ void __launch_bounds__(kThreads, 1) tidar_attention_fwd_kernel(const 
     for (int kk = 0; kk < kKSteps; ++kk) {
 #pragma unroll
       for (int nb2 = 0; nb2 < kNB / 2; ++nb2) {
-        const int key = nb2 * 16 + (lane & 7) + ((lane >> 4) << 3);
-        const int c = kk * 2 + ((lane >> 3) & 1);
+        const int key = frag_k_key(lane, nb2);
+        const int c = frag_k_chunk(lane, kk);
         uint32_t b0, b1, b2, b3;
         ldsm_x4(smem_u32(tK + swz<D>(key, c)), b0, b1, b2, b3);
         mma_16816<T>(s[2 * nb2], qf[kk], b0, b1);
@@ -319,8 +312,8 @@ __global__ void __launch_bounds__(kThreads, 1) tidar_attention_fwd_kernel(const 
       for (int e = 0; e < 4; ++e) {
         float x = s[nb][e] * qk_scale;
         if constexpr (kMasked) {
-          const int kl = nb * 8 + 2 * t4 + (e & 1);
-          const int h = e >> 1;
+          const int kl = nb * 8 + frag_c_col(lane, e);
+          const int h = e >> 1;  // row g + 8 h = frag_c_row(lane, e)
           if (!visible(n0 + kl, row_pe[h], row_bq[h], tBid[kl])) x = -INFINITY;
         }
         s[nb][e] = x;
@@ -368,8 +361,8 @@ __global__ void __launch_bounds__(kThreads, 1) tidar_attention_fwd_kernel(const 
       pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
       for (int dn2 = 0; dn2 < kDB / 2; ++dn2) {
-        const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-        const int c = dn2 * 2 + (lane >> 4);
+        const int key = frag_v_key(lane, kk);
+        const int c = frag_v_chunk(lane, dn2);
         uint32_t b0, b1, b2, b3;
         ldsm_x4_t(smem_u32(tV + swz<D>(key, c)), b0, b1, b2, b3);
         mma_16816<T>(o[2 * dn2], pa, b0, b1);

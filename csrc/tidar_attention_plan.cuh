@@ -122,4 +122,28 @@ TIDAR_ATTN_HD int choose_num_splits(int64_t base_ctas, int Skv, int D, int num_s
   return 1;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Shared-memory tile layout and the lane -> address maps of the mma.sync fragments (m16n8k16, 16-bit inputs).
+// The host test replays ldmatrix/mma from the PTX ISA's fragment definitions on these maps.
+// ------------------------------------------------------------------------------------------------
+// Element offset of 16-byte chunk c (8 elements) of row r in a [rows][D] tile: chunks XOR-swizzled by r % 8 so
+// the 8 row addresses of each ldmatrix 8x8 matrix (8 consecutive rows, one logical chunk) hit 8 bank groups.
+template <int D>
+TIDAR_ATTN_HD int swz(int r, int c) { return r * D + ((c ^ (r & 7)) << 3); }
+
+// ldmatrix.x4 of the A operand (Q rows of the warp, k16 step kk): lane -> (row within the warp's 16, chunk).
+TIDAR_ATTN_HD int frag_q_row(int lane) { return lane & 15; }
+TIDAR_ATTN_HD int frag_q_chunk(int lane, int kk) { return kk * 2 + (lane >> 4); }
+// ldmatrix.x4 (no trans) of B = K^T for keys [16*nb2, 16*nb2+16), k16 step kk: regs 0,1 -> n8 block 2*nb2,
+// regs 2,3 -> n8 block 2*nb2+1.
+TIDAR_ATTN_HD int frag_k_key(int lane, int nb2) { return nb2 * 16 + (lane & 7) + ((lane >> 4) << 3); }
+TIDAR_ATTN_HD int frag_k_chunk(int lane, int kk) { return kk * 2 + ((lane >> 3) & 1); }
+// ldmatrix.x4.trans of B = V for keys [16*kk, 16*kk+16) (the k of P V), dims [16*dn2, 16*dn2+16): regs 0,1 ->
+// n8 block 2*dn2, regs 2,3 -> n8 block 2*dn2+1.
+TIDAR_ATTN_HD int frag_v_key(int lane, int kk) { return kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3); }
+TIDAR_ATTN_HD int frag_v_chunk(int lane, int dn2) { return dn2 * 2 + (lane >> 4); }
+// Accumulator element e (0..3) of an m16n8 C fragment: row and column within the 16x8 block.
+TIDAR_ATTN_HD int frag_c_row(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
+TIDAR_ATTN_HD int frag_c_col(int lane, int e) { return 2 * (lane & 3) + (e & 1); }
+
 }  // namespace tidar_attn
