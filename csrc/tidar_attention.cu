@@ -126,7 +126,7 @@ struct KernelArgs {
 // Forward kernel
 // ------------------------------------------------------------------------------------------------
 template <int D, typename T>
-__global__ void __launch_bounds__(kThreads, 1) tidar_attention_fwd_kernel(const KernelArgs a) {
+__global__ void __launch_bounds__(kThreads, (D <= 64 ? 2 : 1)) tidar_attention_fwd_kernel(const KernelArgs a) {
   constexpr int kChunks = D / 8;   // 16-byte chunks per row
   constexpr int kKSteps = D / 16;  // k16 steps of Q K^T
   constexpr int kNB = kBlockN / 8; // n8 blocks of S per tile
@@ -219,42 +219,52 @@ __global__ void __launch_bounds__(kThreads, 1) tidar_attention_fwd_kernel(const 
     }
   }
 
-  const T* kbase = static_cast<const T*>(a.k) + static_cast<int64_t>(b) * a.ks0 + static_cast<int64_t>(hk) * a.ks1;
-  const T* vbase = static_cast<const T*>(a.v) + static_cast<int64_t>(b) * a.vs0 + static_cast<int64_t>(hk) * a.vs1;
-
   // ---- async loads -----------------------------------------------------------------------------------
-  {  // Q tile: rows past a.rows are zero-filled.
-    const T* qbase = static_cast<const T*>(a.q) + static_cast<int64_t>(b) * a.qs0;
-    for (int i = tid; i < kBlockM * kChunks; i += kThreads) {
-      const int rl = i / kChunks, c = i % kChunks;
+  // Copy roles: thread tid moves 16-byte chunk tid % kChunks of rows tid / kChunks + i * kRowsPerPass.
+  constexpr int kRowsPerPass = kThreads / kChunks;  // 32 (D=64) or 16 (D=128): a multiple of 8, so the
+  const int cp_row = tid / kChunks;                  // swizzle (row & 7) is the same on every pass
+  const int cp_chunk = tid % kChunks;
+  static_assert(kBlockM % kRowsPerPass == 0 && kBlockN % kRowsPerPass == 0 && kRowsPerPass % 8 == 0, "copy roles");
+  {  // Q tile: rows past a.rows are zero-filled (never stored).
+    const T* qbase = static_cast<const T*>(a.q) + static_cast<int64_t>(b) * a.qs0 + cp_chunk * 8;
+#pragma unroll
+    for (int i = 0; i < kBlockM / kRowsPerPass; ++i) {
+      const int rl = cp_row + i * kRowsPerPass;
       const int r = m0 + rl;
       const bool ok = r < a.rows;
       const T* src = static_cast<const T*>(a.q);
       if (ok) {
         const int qi = r / G, h = hk * G + r % G;
-        src = qbase + static_cast<int64_t>(h) * a.qs1 + static_cast<int64_t>(qi) * a.qs2 + c * 8;
+        src = qbase + static_cast<int64_t>(h) * a.qs1 + static_cast<int64_t>(qi) * a.qs2;
       }
-      cp_async_16(smem_u32(sQ + swz<D>(rl, c)), src, ok);
+      cp_async_16(smem_u32(sQ + swz<D>(rl, cp_chunk)), src, ok);
     }
     cp_async_commit();
   }
-  // K/V tile `tile` -> stage; masked tiles zero-fill keys >= key_end and record the keys' block ids.
+  const T* kthr = static_cast<const T*>(a.k) + static_cast<int64_t>(b) * a.ks0 + static_cast<int64_t>(hk) * a.ks1 +
+                  cp_chunk * 8;
+  const T* vthr = static_cast<const T*>(a.v) + static_cast<int64_t>(b) * a.vs0 + static_cast<int64_t>(hk) * a.vs1 +
+                  cp_chunk * 8;
+  const int64_t ks2 = a.ks2, vs2 = a.vs2;
+  // K/V tile `tile` -> stage; masked tiles zero-fill keys >= key_end (never read from global) and record the
+  // keys' block ids (-2 outside the segment).
   auto load_tile = [&](int tile, bool masked, int stage) {
     const int n0 = tile * kBlockN;
-    T* dK = sK + stage * L::kKV;
-    T* dV = sV + stage * L::kKV;
-    for (int i = tid; i < kBlockN * kChunks; i += kThreads) {
-      const int rl = i / kChunks, c = i % kChunks;
-      const int j = n0 + rl;
+    const uint32_t dK = smem_u32(sK + stage * L::kKV + swz<D>(cp_row, cp_chunk));
+    const uint32_t dV = smem_u32(sV + stage * L::kKV + swz<D>(cp_row, cp_chunk));
+#pragma unroll
+    for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
+      const int j = n0 + cp_row + i * kRowsPerPass;
       const bool ok = !masked || j < key_end;
       const T* ks = static_cast<const T*>(a.k);
       const T* vs = static_cast<const T*>(a.v);
       if (ok) {
-        ks = kbase + static_cast<int64_t>(j) * a.ks2 + c * 8;
-        vs = vbase + static_cast<int64_t>(j) * a.vs2 + c * 8;
+        ks = kthr + static_cast<int64_t>(j) * ks2;
+        vs = vthr + static_cast<int64_t>(j) * vs2;
       }
-      cp_async_16(smem_u32(dK + swz<D>(rl, c)), ks, ok);
-      cp_async_16(smem_u32(dV + swz<D>(rl, c)), vs, ok);
+      // swz<D>(cp_row + i * kRowsPerPass, c) == swz<D>(cp_row, c) + i * kRowsPerPass * D
+      cp_async_16(dK + i * kRowsPerPass * D * 2, ks, ok);
+      cp_async_16(dV + i * kRowsPerPass * D * 2, vs, ok);
     }
     if (masked && tid < kBlockN) {
       const int j = n0 + tid;
