@@ -14,19 +14,51 @@ import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 _IMPLS: dict[str, dict[str, Callable]] = {}
+_SUPPORTS: dict[tuple[str, str], Callable] = {}
 _WARNED: set = set()
 
 
-def register(op: str, backend: str):
-    """Decorator: ``fn`` implements ``op`` for ``backend``."""
+def register(op: str, backend: str, supports: Callable | None = None):
+    """Decorator: ``fn`` implements ``op`` for ``backend``.
+
+    ``supports(*args)`` (optional, same arguments as ``fn``) returns None when ``fn`` can run this call, else the
+    reason it cannot (e.g. "needs grad", "head dim 96"): ``backend="auto"`` then falls through to the next backend
+    and an explicit ``backend=...`` raises naming the reason.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
     def wrap(fn):
         _IMPLS.setdefault(op, {})[backend] = fn
+        if supports is not None:
+            _SUPPORTS[(op, backend)] = supports
         return fn
 
     return wrap
+
+
+def _guarded(op: str, backend: str, fallback: Callable | None) -> Callable:
+    """The impl of ``op`` for ``backend``, checking its ``supports`` predicate per call (if it has one): an
+    unsupported call goes to ``fallback``, or raises when there is none (an explicit backend)."""
+    impl = _IMPLS[op][backend]
+    supports = _SUPPORTS.get((op, backend))
+    if supports is None:
+        return impl
+
+    def call(*args):
+        why = supports(*args)
+        if why is None:
+            return impl(*args)
+        if fallback is None:
+            raise RuntimeError(f"backend={backend!r} cannot run {op} for these inputs: {why}")
+        return fallback(*args)
+
+    # Capability flags set on impls (e.g. ``philox``: takes Philox state itself) hold for the wrapper only when
+    # they hold for every function it may call.
+    for key, value in vars(impl).items():
+        if fallback is None or getattr(fallback, key, None) == value:
+            setattr(call, key, value)
+    return call
 
 
 def triton_interpreted() -> bool:
@@ -59,9 +91,12 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     _loaders.load_all()
     if backend == "auto":
         # Kernels only on CUDA tensors: the Triton interpreter runs CPU tensors, but is never the fastest choice.
-        for name in ("cuda", "triton"):
-            if device.type == "cuda" and _why_not(op, name, device) is None:
-                return _IMPLS[op][name]
+        live = [n for n in ("cuda", "triton") if device.type == "cuda" and _why_not(op, n, device) is None]
+        if live:  # a kernel whose supports() declines a call hands it to the next one (reference last)
+            impl = _IMPLS[op]["reference"]
+            for name in reversed(live):
+                impl = _guarded(op, name, impl)
+            return impl
         if device.type not in _WARNED:  # once per device type, not once per op or per call
             _WARNED.add(device.type)
             reason = _why_not(op, "triton", device) if device.type == "cuda" else (
@@ -77,7 +112,7 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     reason = _why_not(op, backend, device)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run {op}: {reason}")
-    return _IMPLS[op][backend]
+    return _guarded(op, backend, None)
 
 
 def live_backends(device: str | torch.device | None = None) -> dict[str, list[str]]:

@@ -1,0 +1,448 @@
+// rejection_sample.cu: the fused TiDAR verification step and the prefill drafts, from raw logits.
+//
+// Work decomposition (one CTA of kThreads per vocabulary row, two launches per verification step):
+//   1. stats kernel, grid B*K: target row i of batch row b (AR logits at d_i mixed with slot 0 of block i+1):
+//      greedy: its argmax; sampling: softmax max and sum, then the acceptance test of d_{i+1}
+//      (u_{i+1} * q_{i+1}(d) < p_{i+1}(d)). Results go to a float64 workspace [B, K, 4] = (max, sum, argmax, ok).
+//   2. finish kernel, grid B*K: every CTA derives a = 1 + leading accepted drafts from the workspace;
+//      CTA s = 0 writes accepted/emitted and the correction or bonus token (residual max(0, p_a - q_a) at the
+//      first rejection, p_K when every draft was accepted), CTA s >= 1 drafts slot s of proposal block a
+//      (argmax, or an inverse-CDF sample whose float32 distribution is written to next_probs).
+// The prefill (draft_sample) is the finish kernel's pattern on [B, V] AR logits and a [B, K, V] block.
+//
+// Numerics as the reference: every decision in float64. Mix beta * AR + (1 - beta) * diff with separately
+// rounded products (no FMA contraction: __dmul_rn/__dadd_rn), x / T, softmax exp(x - max) / sum, acceptance
+// u * q(d) < p(d), residual max(p - q, 0), inverse CDF = first index whose inclusive cumulative sum exceeds
+// u * total. Summation order differs from torch's (~1e-16 relative), as for the Triton kernel.
+#include "rejection_sample.h"
+#include "tidar_common.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kItems = 4;  // elements per thread per chunk of the CDF scan
+constexpr int kChunk = kThreads * kItems;
+constexpr unsigned kFull = 0xffffffffu;
+
+enum MixMode { kFirstOnly = 0, kSecondOnly = 1, kMixed = 2 };
+
+// One target row: logits from `a` (AR) and/or `b` (block slot 0), element strides along V.
+struct RowSrc {
+  const void* a;
+  const void* b;
+  int64_t sa, sb;
+  int dta, dtb;
+  int mode;
+};
+
+struct Shared {
+  double red[kWarps];
+  int64_t redi[kWarps];
+  int a;
+};
+
+__device__ __forceinline__ double load_logit(const void* base, int64_t off, int dt) {
+  switch (dt) {
+    case 0: return static_cast<double>(__half2float(static_cast<const __half*>(base)[off]));
+    case 1: return static_cast<double>(__bfloat162float(static_cast<const __nv_bfloat16*>(base)[off]));
+    case 2: return static_cast<double>(static_cast<const float*>(base)[off]);
+    default: return static_cast<const double*>(base)[off];
+  }
+}
+
+// float64 target logit at v: beta * a + (1 - beta) * b, each product rounded (as torch computes it).
+__device__ __forceinline__ double row_x(const RowSrc& r, int64_t v, double beta, double omb) {
+  if (r.mode == kFirstOnly) return load_logit(r.a, v * r.sa, r.dta);
+  if (r.mode == kSecondOnly) return load_logit(r.b, v * r.sb, r.dtb);
+  return __dadd_rn(__dmul_rn(beta, load_logit(r.a, v * r.sa, r.dta)), __dmul_rn(omb, load_logit(r.b, v * r.sb, r.dtb)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block reductions: every thread returns the same value (the final combine runs in the same order in all).
+// The leading __syncthreads makes back-to-back calls safe (shared slots are reused).
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ double block_sum(double v, Shared& sm) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) sm.red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double r = sm.red[0];
+#pragma unroll
+  for (int i = 1; i < kWarps; ++i) r += sm.red[i];
+  return r;
+}
+
+__device__ __forceinline__ double block_max(double v, Shared& sm) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(kFull, v, o));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) sm.red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double r = sm.red[0];
+#pragma unroll
+  for (int i = 1; i < kWarps; ++i) r = fmax(r, sm.red[i]);
+  return r;
+}
+
+__device__ __forceinline__ int64_t block_min_i(int64_t v, Shared& sm) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = min(v, static_cast<int64_t>(__shfl_xor_sync(kFull, v, o)));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) sm.redi[threadIdx.x >> 5] = v;
+  __syncthreads();
+  int64_t r = sm.redi[0];
+#pragma unroll
+  for (int i = 1; i < kWarps; ++i) r = min(r, sm.redi[i]);
+  return r;
+}
+
+__device__ __forceinline__ int64_t block_max_i(int64_t v, Shared& sm) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, static_cast<int64_t>(__shfl_xor_sync(kFull, v, o)));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) sm.redi[threadIdx.x >> 5] = v;
+  __syncthreads();
+  int64_t r = sm.redi[0];
+#pragma unroll
+  for (int i = 1; i < kWarps; ++i) r = max(r, sm.redi[i]);
+  return r;
+}
+
+// (value, index) argmax with torch's tie-breaking: the first index of the maximum.
+__device__ __forceinline__ bool better(double v, int64_t i, double bv, int64_t bi) {
+  return v > bv || (v == bv && i < bi);
+}
+
+// Exclusive prefix sum over the block of one value per thread (float64); `chunk_total` = sum of the warp totals.
+__device__ __forceinline__ double block_exclusive_scan(double v, Shared& sm, double* chunk_total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  double incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const double n = __shfl_up_sync(kFull, incl, o);
+    if (lane >= o) incl += n;
+  }
+  double excl = __shfl_up_sync(kFull, incl, 1);
+  if (lane == 0) excl = 0.0;
+  __syncthreads();
+  if (lane == 31) sm.red[warp] = incl;
+  __syncthreads();
+  double pre = 0.0, tot = 0.0;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) {
+    if (i < warp) pre += sm.red[i];
+    tot += sm.red[i];
+  }
+  *chunk_total = tot;
+  return pre + excl;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row primitives (one CTA walks one vocabulary row)
+// ---------------------------------------------------------------------------------------------
+__device__ int64_t row_argmax(const RowSrc& r, int64_t V, double beta, double omb, Shared& sm) {
+  double best = -CUDART_INF;
+  int64_t best_i = INT64_MAX;
+  for (int64_t v = threadIdx.x; v < V; v += kThreads) {
+    const double x = row_x(r, v, beta, omb);
+    if (better(x, v, best, best_i)) { best = x; best_i = v; }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const double ov = __shfl_xor_sync(kFull, best, o);
+    const int64_t oi = __shfl_xor_sync(kFull, best_i, o);
+    if (better(ov, oi, best, best_i)) { best = ov; best_i = oi; }
+  }
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) { sm.red[threadIdx.x >> 5] = best; sm.redi[threadIdx.x >> 5] = best_i; }
+  __syncthreads();
+  best = sm.red[0];
+  best_i = sm.redi[0];
+  for (int i = 1; i < kWarps; ++i)
+    if (better(sm.red[i], sm.redi[i], best, best_i)) { best = sm.red[i]; best_i = sm.redi[i]; }
+  return best_i < V ? best_i : 0;  // V == 0 cannot happen (host checks); keep the result a valid id anyway
+}
+
+// Softmax statistics of x / T: max first, then sum of exp(x / T - max) (as torch.softmax).
+__device__ void row_stats(const RowSrc& r, int64_t V, double beta, double omb, double T, Shared& sm, double* mx_out,
+                          double* z_out) {
+  double m = -CUDART_INF;
+  for (int64_t v = threadIdx.x; v < V; v += kThreads) m = fmax(m, row_x(r, v, beta, omb) / T);
+  const double mx = block_max(m, sm);
+  double z = 0.0;
+  for (int64_t v = threadIdx.x; v < V; v += kThreads) z += exp(row_x(r, v, beta, omb) / T - mx);
+  *mx_out = mx;
+  *z_out = block_sum(z, sm);
+}
+
+__device__ __forceinline__ double row_p(const RowSrc& r, int64_t v, double beta, double omb, double T, double mx,
+                                        double z) {
+  return exp(row_x(r, v, beta, omb) / T - mx) / z;
+}
+
+// Inverse-CDF sample of p = softmax(x / T) (or of the residual max(p - q, 0) when `q` is given and has mass):
+// the first index whose inclusive cumulative sum exceeds u * total. Writes p as float32 to `p_out` if given.
+__device__ int64_t row_sample(const RowSrc& r, int64_t V, double beta, double omb, double T, double mx, double z,
+                              double u, const float* q, int64_t q_sv, float* p_out, Shared& sm) {
+  bool resid = false;
+  if (q != nullptr) {
+    double rs = 0.0;
+    for (int64_t v = threadIdx.x; v < V; v += kThreads) {
+      const double d = row_p(r, v, beta, omb, T, mx, z) - static_cast<double>(q[v * q_sv]);
+      rs += d > 0.0 ? d : 0.0;
+    }
+    resid = block_sum(rs, sm) > 0.0;
+  }
+  // total of the weights w (reduction order differs from the scan's by ~1 ulp: see the fallback below)
+  double tw = 0.0;
+  for (int64_t v = threadIdx.x; v < V; v += kThreads) {
+    const double p = row_p(r, v, beta, omb, T, mx, z);
+    double w = p;
+    if (resid) {
+      const double d = p - static_cast<double>(q[v * q_sv]);
+      w = d > 0.0 ? d : 0.0;
+    }
+    tw += w;
+  }
+  const double target = u * block_sum(tw, sm);
+
+  double carry = 0.0;
+  int64_t found = V;
+  int64_t last_pos = -1;  // last index with positive weight seen (fallback if rounding put target past the end)
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t base = c0 + static_cast<int64_t>(threadIdx.x) * kItems;
+    double w[kItems];
+    double local = 0.0;
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int64_t v = base + k;
+      w[k] = 0.0;
+      if (v < V) {
+        const double p = row_p(r, v, beta, omb, T, mx, z);
+        if (p_out != nullptr) p_out[v] = __double2float_rn(p);
+        double wk = p;
+        if (resid) {
+          const double d = p - static_cast<double>(q[v * q_sv]);
+          wk = d > 0.0 ? d : 0.0;
+        }
+        w[k] = wk;
+      }
+    }
+    double chunk_total;
+    // thread-local inclusive sums, then the block's exclusive prefix of the thread totals
+    double incl[kItems];
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) { local += w[k]; incl[k] = local; }
+    const double pre = block_exclusive_scan(local, sm, &chunk_total);
+    int64_t cand = V, lp = -1;
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int64_t v = base + k;
+      if (v < V) {
+        if (cand == V && carry + (pre + incl[k]) > target) cand = v;
+        if (w[k] > 0.0) lp = v;
+      }
+    }
+    carry += chunk_total;
+    found = min(found, block_min_i(cand, sm));
+    last_pos = max(last_pos, block_max_i(lp, sm));
+    if (found < V && p_out == nullptr) break;  // uniform across the block: every thread has the same `found`
+  }
+  if (found < V) return found;
+  return last_pos >= 0 ? last_pos : V - 1;
+}
+
+__device__ __forceinline__ int64_t tidar_seed(const TidarRandomness& g) { return g.seed_ptr ? *g.seed_ptr : g.seed; }
+__device__ __forceinline__ int64_t tidar_offset(const TidarRandomness& g) {
+  return g.offset_ptr ? *g.offset_ptr : g.offset;
+}
+
+__device__ __forceinline__ double uniform(const TidarRandomness& g, int64_t b, int64_t j, int64_t K) {
+  if (g.uniforms != nullptr) return static_cast<double>(g.uniforms[b * g.u_stride[0] + j * g.u_stride[1]]);
+  const uint64_t n = static_cast<uint64_t>(tidar_offset(g)) + static_cast<uint64_t>(b) * static_cast<uint64_t>(2 * K) +
+                     static_cast<uint64_t>(j);
+  return static_cast<double>(tidar_philox_uniform(static_cast<uint64_t>(tidar_seed(g)), n));
+}
+
+__host__ __device__ __forceinline__ int mix_mode(double beta) {
+  return beta == 1.0 ? kFirstOnly : (beta == 0.0 ? kSecondOnly : kMixed);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ int64_t elem_size(int dt) { return dt == 3 ? 8 : (dt == 2 ? 4 : 2); }
+
+__global__ void __launch_bounds__(kThreads) rejection_stats_kernel(TidarRejectionParams p) {
+  __shared__ Shared sm;
+  const int64_t b = blockIdx.x / p.K;
+  const int64_t i = blockIdx.x % p.K;  // target row i = p_{i+1}
+  const double beta = p.beta, omb = 1.0 - p.beta;
+  const int64_t ea = elem_size(p.ar_dtype), eb = elem_size(p.blk_dtype);
+  const RowSrc r{static_cast<const char*>(p.ar) + (b * p.ar_stride[0] + i * p.ar_stride[1]) * ea,
+                 static_cast<const char*>(p.blk) + (b * p.blk_stride[0] + i * p.blk_stride[1]) * eb,  // block i+1, slot 0
+                 p.ar_stride[2], p.blk_stride[3], p.ar_dtype, p.blk_dtype, mix_mode(p.beta)};
+  double* ws = p.workspace + (b * p.K + i) * 4;
+  const bool has_draft = i + 1 < p.K;
+  const int64_t d = has_draft ? p.drafts[b * p.drafts_stride[0] + (i + 1) * p.drafts_stride[1]] : -1;
+  const bool d_ok = d >= 0 && d < p.V;  // the host checked; never read out of bounds anyway
+  if (p.temperature == 0.0) {
+    const int64_t am = row_argmax(r, p.V, beta, omb, sm);
+    if (threadIdx.x == 0) {
+      ws[0] = 0.0;
+      ws[1] = 0.0;
+      ws[2] = static_cast<double>(am);
+      ws[3] = (has_draft && d_ok && d == am) ? 1.0 : 0.0;
+    }
+    return;
+  }
+  double mx, z;
+  row_stats(r, p.V, beta, omb, p.temperature, sm, &mx, &z);
+  if (threadIdx.x == 0) {
+    double ok = 0.0;
+    if (has_draft && d_ok && p.draft_probs != nullptr) {
+      const double p_d = row_p(r, d, beta, omb, p.temperature, mx, z);
+      const double q_d = static_cast<double>(p.draft_probs[b * p.q_stride[0] + i * p.q_stride[1] + d * p.q_stride[2]]);
+      const double u = uniform(p.rng, b, i + 1, p.K);
+      ok = __dmul_rn(u, q_d) < p_d ? 1.0 : 0.0;
+    }
+    ws[0] = mx;
+    ws[1] = z;
+    ws[2] = 0.0;
+    ws[3] = ok;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) rejection_finish_kernel(TidarRejectionParams p) {
+  __shared__ Shared sm;
+  const int64_t K = p.K;
+  const int64_t b = blockIdx.x / K;
+  const int64_t s = blockIdx.x % K;
+  const double* ws = p.workspace + b * K * 4;
+  if (threadIdx.x == 0) {
+    int a = 1;
+    while (a < K && ws[(a - 1) * 4 + 3] != 0.0) ++a;  // d_a accepted by target row a - 1
+    sm.a = a;
+  }
+  __syncthreads();
+  const int64_t a = sm.a;
+  const int64_t last = a - 1;
+  const bool greedy = p.temperature == 0.0;
+  const double beta = p.beta, omb = 1.0 - p.beta;
+  const int64_t ea = elem_size(p.ar_dtype), eb = elem_size(p.blk_dtype);
+  const char* blk_row = static_cast<const char*>(p.blk) + (b * p.blk_stride[0] + last * p.blk_stride[1]) * eb;
+  if (s == 0) {
+    if (threadIdx.x == 0) p.accepted[b] = a;
+    for (int64_t k = threadIdx.x; k < K; k += kThreads)
+      p.emitted[b * K + k] = k < a ? p.drafts[b * p.drafts_stride[0] + k * p.drafts_stride[1]] : -1;
+    int64_t tok;
+    if (greedy) {
+      tok = static_cast<int64_t>(ws[last * 4 + 2]);
+    } else {
+      RowSrc r{static_cast<const char*>(p.ar) + (b * p.ar_stride[0] + last * p.ar_stride[1]) * ea, blk_row,
+               p.ar_stride[2], p.blk_stride[3], p.ar_dtype, p.blk_dtype, mix_mode(p.beta)};
+      const bool has_q = a < K && p.draft_probs != nullptr;  // at a == K the bonus comes from p_K itself
+      const float* q = has_q ? p.draft_probs + b * p.q_stride[0] + last * p.q_stride[1] : nullptr;
+      tok = row_sample(r, p.V, beta, omb, p.temperature, ws[last * 4 + 0], ws[last * 4 + 1], uniform(p.rng, b, 0, K),
+                       q, p.q_stride[2], nullptr, sm);
+    }
+    if (threadIdx.x == 0) p.next_drafts[b * K] = tok;
+    return;
+  }
+  // slot s of proposal block a (raw logits, no mix)
+  RowSrc r{blk_row + s * p.blk_stride[2] * eb, nullptr, p.blk_stride[3], 0, p.blk_dtype, p.blk_dtype, kFirstOnly};
+  int64_t tok;
+  if (greedy) {
+    tok = row_argmax(r, p.V, 1.0, 0.0, sm);
+  } else {
+    double mx, z;
+    row_stats(r, p.V, 1.0, 0.0, p.temperature, sm, &mx, &z);
+    float* p_out = p.next_probs + (b * (K - 1) + (s - 1)) * p.V;
+    tok = row_sample(r, p.V, 1.0, 0.0, p.temperature, mx, z, uniform(p.rng, b, K + s, K), nullptr, 0, p_out, sm);
+  }
+  if (threadIdx.x == 0) p.next_drafts[b * K + s] = tok;
+}
+
+__global__ void __launch_bounds__(kThreads) draft_kernel(TidarDraftParams p) {
+  __shared__ Shared sm;
+  const int64_t K = p.K;
+  const int64_t b = blockIdx.x / K;
+  const int64_t s = blockIdx.x % K;
+  const bool greedy = p.temperature == 0.0;
+  const int64_t ea = elem_size(p.ar_dtype), eb = elem_size(p.blk_dtype);
+  const char* blk_row = static_cast<const char*>(p.blk) + (b * p.blk_stride[0] + s * p.blk_stride[1]) * eb;
+  RowSrc r;
+  if (s == 0) {  // d_0: the AR logits at the last prompt token, mixed with slot 0
+    r = RowSrc{static_cast<const char*>(p.ar) + b * p.ar_stride[0] * ea, blk_row, p.ar_stride[1], p.blk_stride[2],
+               p.ar_dtype, p.blk_dtype, mix_mode(p.beta)};
+  } else {
+    r = RowSrc{blk_row, nullptr, p.blk_stride[2], 0, p.blk_dtype, p.blk_dtype, kFirstOnly};
+  }
+  const double beta = s == 0 ? p.beta : 1.0, omb = 1.0 - beta;
+  int64_t tok;
+  if (greedy) {
+    tok = row_argmax(r, p.V, beta, omb, sm);
+  } else {
+    double mx, z;
+    row_stats(r, p.V, beta, omb, p.temperature, sm, &mx, &z);
+    float* p_out = s == 0 ? nullptr : p.next_probs + (b * (K - 1) + (s - 1)) * p.V;
+    const double u = uniform(p.rng, b, s == 0 ? 0 : K + s, K);
+    tok = row_sample(r, p.V, beta, omb, p.temperature, mx, z, u, nullptr, 0, p_out, sm);
+  }
+  if (threadIdx.x == 0) p.next_drafts[b * K + s] = tok;
+}
+
+bool bad_dtype(int dt) { return dt < 0 || dt > 3; }
+
+}  // namespace
+
+size_t tidar_rejection_workspace_bytes(int B, int K) {
+  return static_cast<size_t>(B > 0 ? B : 0) * static_cast<size_t>(K > 0 ? K : 0) * 4 * sizeof(double);
+}
+
+const char* tidar_rejection_error_string(int code) { return tidar_status_string(code); }
+
+float tidar_philox_uniform_host(int64_t seed, int64_t offset, int64_t b, int64_t j, int64_t draft_len) {
+  const uint64_t n = static_cast<uint64_t>(offset) + static_cast<uint64_t>(b) * static_cast<uint64_t>(2 * draft_len) +
+                     static_cast<uint64_t>(j);
+  return tidar_philox_uniform(static_cast<uint64_t>(seed), n);
+}
+
+int tidar_rejection_sample(const TidarRejectionParams& p, cudaStream_t stream) {
+  if (p.B < 0 || p.K < 1 || p.V < 1 || p.V > INT32_MAX) return TIDAR_ERR_BAD_SIZE;
+  if (p.B == 0) return TIDAR_OK;
+  if (static_cast<int64_t>(p.B) * p.K > INT32_MAX) return TIDAR_ERR_BAD_SIZE;
+  if (bad_dtype(p.ar_dtype) || bad_dtype(p.blk_dtype)) return TIDAR_ERR_BAD_DTYPE;
+  if (!p.ar || !p.blk || !p.drafts || !p.accepted || !p.emitted || !p.next_drafts || !p.workspace)
+    return TIDAR_ERR_NULL_POINTER;
+  if (p.temperature < 0.0 || !(p.beta >= 0.0 && p.beta <= 1.0)) return TIDAR_ERR_BAD_MODE;
+  const bool greedy = p.temperature == 0.0;
+  if (!greedy) {
+    if (p.K > 1 && (!p.draft_probs || !p.next_probs)) return TIDAR_ERR_NULL_POINTER;
+  }
+  const unsigned grid = static_cast<unsigned>(p.B) * static_cast<unsigned>(p.K);
+  rejection_stats_kernel<<<grid, kThreads, 0, stream>>>(p);
+  int st = tidar_launch_status();
+  if (st != TIDAR_OK) return st;
+  rejection_finish_kernel<<<grid, kThreads, 0, stream>>>(p);
+  return tidar_launch_status();
+}
+
+int tidar_draft_sample(const TidarDraftParams& p, cudaStream_t stream) {
+  if (p.B < 0 || p.K < 1 || p.V < 1 || p.V > INT32_MAX) return TIDAR_ERR_BAD_SIZE;
+  if (p.B == 0) return TIDAR_OK;
+  if (static_cast<int64_t>(p.B) * p.K > INT32_MAX) return TIDAR_ERR_BAD_SIZE;
+  if (bad_dtype(p.ar_dtype) || bad_dtype(p.blk_dtype)) return TIDAR_ERR_BAD_DTYPE;
+  if (!p.ar || !p.blk || !p.next_drafts) return TIDAR_ERR_NULL_POINTER;
+  if (p.temperature < 0.0 || !(p.beta >= 0.0 && p.beta <= 1.0)) return TIDAR_ERR_BAD_MODE;
+  if (p.temperature != 0.0 && p.K > 1 && !p.next_probs) return TIDAR_ERR_NULL_POINTER;
+  const unsigned grid = static_cast<unsigned>(p.B) * static_cast<unsigned>(p.K);
+  draft_kernel<<<grid, kThreads, 0, stream>>>(p);
+  return tidar_launch_status();
+}

@@ -1,0 +1,217 @@
+"""CUDA C++ kernels (csrc/) behind ``backend="cuda"``: the compiled extension ``tidar_kernels._C``.
+
+``_C`` registers dispatcher ops in the ``tidar_cuda`` namespace with the libtorch stable ABI
+(``torch.ops.tidar_cuda.kv_append``, ``rejection_sample``, ``draft_sample``, ``tidar_attention``); this module
+adds their fake (meta) impls so torch.compile can trace them, and registers the backend impls.
+
+Importing this package raises ImportError naming the reason when the extension cannot be used: not built
+(and why, from the build info), does not load (ABI mismatch with the torch it was built against), or built for
+other GPU architectures than the visible one. ``tidar_kernels._loaders`` records that reason for errors,
+the one-time fallback warning and ``tidar env``.
+
+What the CUDA ops cover (``supports`` predicates: ``backend="auto"`` falls through to Triton/reference otherwise,
+``backend="cuda"`` raises naming why): attention is inference only (no backward), float16/bfloat16, head dims
+64 and 128; rejection/draft sampling without top-k/top-p; kv_append everything.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import torch
+
+from ..backends import register
+from ..reference.rejection_sample import Philox
+
+
+def build_info() -> dict:
+    """What setup.py recorded at build time (empty when it never ran here)."""
+    try:
+        from .._build_info import BUILD_INFO
+    except ImportError:
+        return {}
+    return dict(BUILD_INFO)
+
+
+def _arch_covers(archs, capability) -> bool:
+    """Whether code built for ``archs`` (e.g. ["sm_90a", "compute_90"]) runs on a GPU of ``capability``."""
+    cap = capability[0] * 10 + capability[1]
+    for arch in archs:
+        m = re.fullmatch(r"(sm|compute)_(\d+)([af]?)", arch)
+        if not m:
+            continue
+        kind, num, suffix = m.group(1), int(m.group(2)), m.group(3)
+        if suffix == "a":  # arch-specific features: this exact GPU only
+            if num == cap:
+                return True
+        elif kind == "sm":  # SASS: same major, same or newer minor
+            if num // 10 == cap // 10 and num <= cap:
+                return True
+        elif num <= cap:  # PTX: JIT-compiled by the driver for this or any newer GPU
+            return True
+    return False
+
+
+def _load():
+    info = build_info()
+    if torch.version.cuda is None:
+        raise ImportError(f"torch {torch.__version__} is a CPU-only build: the CUDA extension needs a CUDA build of torch")
+    if importlib.util.find_spec("tidar_kernels._C") is None:
+        why = info.get("skipped_because") if info else None
+        raise ImportError(
+            "the CUDA extension tidar_kernels._C is not built"
+            + (f" ({why})" if why else "")
+            + "; build it with `pip install --no-build-isolation -e .` (needs nvcc and a CUDA build of torch)"
+        )
+    try:
+        from .. import _C  # noqa: F401  (loads the library: registers torch.ops.tidar_cuda.*)
+    except (ImportError, OSError) as e:
+        built = info.get("torch_version", "an unknown torch")
+        raise ImportError(
+            f"tidar_kernels._C does not load (ABI mismatch? built against torch {built}, running torch "
+            f"{torch.__version__}; rebuild with `pip install --no-build-isolation -e .`): {e}"
+        ) from e
+    archs = info.get("archs")
+    if archs and torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        if not _arch_covers(archs, cap):
+            raise ImportError(
+                f"tidar_kernels._C was built for {', '.join(archs)}, which cannot run on this GPU "
+                f"(sm_{cap[0]}{cap[1]}); rebuild with TORCH_CUDA_ARCH_LIST=\"{cap[0]}.{cap[1]}\""
+            )
+
+
+_load()
+_ops = torch.ops.tidar_cuda
+HAS_ATTENTION = bool(_ops.has_attention())
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) impls: shapes and dtypes only, for torch.compile / FakeTensor tracing
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("tidar_cuda::kv_append")
+def _kv_append_fake(k_cache, v_cache, k_new, v_new, seg_start):
+    return None
+
+
+@torch.library.register_fake("tidar_cuda::rejection_sample")
+def _rejection_fake(ar_logits, block_logits, drafts, draft_probs, uniforms, seed, offset, seed_value, offset_value,
+                    temperature, beta):
+    B, K, V = ar_logits.shape
+    i64 = dict(dtype=torch.int64)
+    probs = ar_logits.new_empty((B, K - 1, V) if temperature > 0 else (0,), dtype=torch.float32)
+    return ar_logits.new_empty((B,), **i64), ar_logits.new_empty((B, K), **i64), ar_logits.new_empty((B, K), **i64), probs
+
+
+@torch.library.register_fake("tidar_cuda::draft_sample")
+def _draft_fake(ar_logits, block_logits, uniforms, seed, offset, seed_value, offset_value, temperature, beta):
+    B, V = ar_logits.shape
+    K = block_logits.shape[1]
+    probs = ar_logits.new_empty((B, K - 1, V) if temperature > 0 else (0,), dtype=torch.float32)
+    return ar_logits.new_empty((B, K), dtype=torch.int64), probs
+
+
+@torch.library.register_fake("tidar_cuda::tidar_attention")
+def _attention_fake(q, k, v, local_limit, block_id, seg_start, scale):
+    B, Hq, S, D = q.shape
+    return q.new_empty((B, Hq, S, D)), q.new_empty((B, Hq, S), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend impls (arguments already validated by tidar_kernels.ops.*)
+# ---------------------------------------------------------------------------------------------
+
+
+@register("kv_append", "cuda")
+def kv_append(k_cache, v_cache, k_new, v_new, seg_start):
+    _ops.kv_append(k_cache, v_cache, k_new, v_new, seg_start.to(torch.int32).contiguous())
+
+
+def _randomness(u):
+    """(uniforms, seed tensor, offset tensor) for the op from what tidar_kernels.ops passes."""
+    if u is None:
+        return None, None, None
+    if isinstance(u, Philox):
+        return None, u.seed.reshape(1), u.offset.reshape(1)
+    return u, None, None
+
+
+def _no_filters(top_k, top_p):
+    if top_k is not None or top_p is not None:
+        return "top_k/top_p filtering is not in the CUDA sampling kernel (use backend='reference' or 'auto')"
+    return None
+
+
+def _rejection_supports(ar_logits, block_logits, drafts, draft_probs, u, temperature, top_k, top_p, beta):
+    return _no_filters(top_k, top_p)
+
+
+@register("rejection_sample", "cuda", supports=_rejection_supports)
+def rejection_sample(ar_logits, block_logits, drafts, draft_probs, u, temperature, top_k, top_p, beta):
+    uniforms, seed, offset = _randomness(u)
+    greedy = temperature == 0.0
+    accepted, emitted, next_drafts, next_probs = _ops.rejection_sample(
+        ar_logits, block_logits, drafts.to(torch.int64), None if greedy else draft_probs, uniforms, seed, offset,
+        0, 0, float(temperature), float(beta))
+    return accepted, emitted, next_drafts, None if greedy else next_probs
+
+
+def _draft_supports(ar_logits, block_logits, u, temperature, top_k, top_p, beta):
+    return _no_filters(top_k, top_p)
+
+
+@register("draft_sample", "cuda", supports=_draft_supports)
+def draft_sample(ar_logits, block_logits, u, temperature, top_k, top_p, beta):
+    uniforms, seed, offset = _randomness(u)
+    greedy = temperature == 0.0
+    next_drafts, next_probs = _ops.draft_sample(ar_logits, block_logits, uniforms, seed, offset, 0, 0,
+                                                float(temperature), float(beta))
+    return next_drafts, None if greedy else next_probs
+
+
+rejection_sample.philox = draft_sample.philox = True  # they take Philox state (device seed/offset) themselves
+
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+ATTENTION_HEAD_DIMS = (64, 128)
+
+
+def _attention_supports(q, k, v, local_limit, block_id, seg_start, scale):
+    if q.dtype not in ATTENTION_DTYPES:
+        return f"the CUDA attention runs float16/bfloat16 inputs, got {str(q.dtype).removeprefix('torch.')}"
+    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+        return f"the CUDA attention supports head dims 64 and 128, got {q.shape[-1]}"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "the CUDA attention is inference only (no backward) and q/k/v require grad"
+    return None
+
+
+def _attention_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if the kernel can read it in place (last stride 1, other strides and the offset multiples of 8
+    elements, so rows stay 16-byte aligned), else a contiguous copy."""
+    ok = t.stride(-1) == 1 and t.storage_offset() % 8 == 0
+    ok = ok and all(st % 8 == 0 for sz, st in zip(t.shape[:-1], t.stride()[:-1]) if sz > 1)
+    return t if ok else t.contiguous()
+
+
+def attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale):
+    """``(out, lse)`` of the CUDA forward (lse natural-log, fp32 ``[B, Hq, S]``; -inf for a query that sees no key)."""
+    q, k, v = (_attention_layout(t) for t in (q, k, v))
+    return _ops.tidar_attention(q, k, v, local_limit.to(torch.int32).contiguous(), block_id.to(torch.int32).contiguous(),
+                                seg_start.to(torch.int32).contiguous(), float(scale))
+
+
+if HAS_ATTENTION:
+
+    @register("tidar_attention", "cuda", supports=_attention_supports)
+    def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale):
+        return attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale)[0]
+
+
+def philox_uniform(seed: int, offset: int, b: int, j: int, draft_len: int) -> float:
+    """The uniform the CUDA kernels draw for (seed, offset, row b, index j) (host code compiled from the same
+    source as the device code): for CPU tests of the stream."""
+    return float(_ops.philox_uniform(seed, offset, b, j, draft_len))
+
+
+__all__ = ["attention_with_lse", "build_info", "HAS_ATTENTION", "philox_uniform"]
