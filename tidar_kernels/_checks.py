@@ -22,6 +22,27 @@ def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def capturing() -> bool:
+    """True while a CUDA graph is being captured on the current stream: host syncs are illegal then, so
+    data-dependent checks are skipped (they ran on the eager warm-up call that precedes a capture)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def int_range(t: torch.Tensor) -> tuple[int, int] | None:
+    """``(min, max)`` of a non-empty int tensor with one host sync, remembered on the tensor for its current
+    version: a layout or ``seg_start`` shared by every layer of a forward syncs once, not once per layer.
+    None while capturing a CUDA graph."""
+    if capturing():
+        return None
+    memo = getattr(t, "_tidar_range", None)
+    if memo is not None and memo[0] == t._version:
+        return memo[1]
+    lo, hi = torch.aminmax(t)
+    rng = tuple(torch.stack((lo, hi)).tolist())
+    t._tidar_range = (t._version, rng)
+    return rng
+
+
 def no_nan(name: str, t: torch.Tensor) -> None:
     if torch.isnan(t).any() or torch.isposinf(t).any():
         raise ValueError(f"{name} contains NaN or +inf values")

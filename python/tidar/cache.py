@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 import tidar_kernels
+from tidar_kernels._checks import int_range
 
 
 class TidarCache:
@@ -81,5 +82,6 @@ class _RowView:
 
 def _append(k, v, k_new, v_new, seg_start, backend):
     tidar_kernels.kv_append(k, v, k_new, v_new, seg_start, backend=backend)
-    end = int(seg_start.max()) + k_new.shape[2]
+    rng = int_range(seg_start)  # remembered from kv_append's check: no second sync
+    end = (rng[1] if rng is not None else k.shape[2] - k_new.shape[2]) + k_new.shape[2]
     return k[:, :, :end], v[:, :, :end]

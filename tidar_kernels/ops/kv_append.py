@@ -33,10 +33,12 @@ def kv_append(k_cache, v_cache, k_new, v_new, seg_start, *, backend: str = "auto
         seg_start = torch.full((B,), seg_start, dtype=torch.int32, device=dev)
     _checks.tensor("seg_start", seg_start, ndim=1, dtypes=_checks.INT_TYPES, device=dev)
     _checks.shape("seg_start", seg_start, (B,))
-    lo, hi = int(seg_start.min()), int(seg_start.max())
-    if lo < 0:
-        raise ValueError(f"seg_start must be >= 0, got {lo}")
-    if hi + S > Smax:
-        raise ValueError(f"kv cache overflow: writing {S} tokens at seg_start {hi} needs {hi + S} slots, cache has {Smax}")
+    rng = _checks.int_range(seg_start)  # None while capturing a CUDA graph (validated on the warm-up call)
+    if rng is not None and rng[0] < 0:
+        raise ValueError(f"seg_start must be >= 0, got {rng[0]}")
+    if rng is not None and rng[1] + S > Smax:
+        raise ValueError(
+            f"kv cache overflow: writing {S} tokens at seg_start {rng[1]} needs {rng[1] + S} slots, cache has {Smax}"
+        )
     resolve(OP, backend, dev)(k_cache, v_cache, k_new, v_new, seg_start.to(torch.int32))
     return k_cache, v_cache

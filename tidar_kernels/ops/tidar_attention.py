@@ -54,15 +54,16 @@ def _validate(q, k, v, local_limit, block_id, seg_start, scale):
         _checks.tensor("seg_start", seg_start, ndim=1, dtypes=_checks.INT_TYPES, device=dev)
         _checks.shape("seg_start", seg_start, (B,))
         seg_start = seg_start.to(torch.int32)
-    # Range checks: O(S + B) on the host, so no kernel ever reads or writes out of bounds.
-    lo, hi = int(local_limit.min()), int(local_limit.max())
-    if lo < 0 or hi > S:
-        raise ValueError(f"local_limit must lie in [0, S={S}], got values in [{lo}, {hi}]")
-    if int(block_id.min()) < -1:
-        raise ValueError(f"block_id must be >= -1 (-1 = no block), got {int(block_id.min())}")
-    s_lo, s_hi = int(seg_start.min()), int(seg_start.max())
-    if s_lo < 0 or s_hi + S > Skv:
-        raise ValueError(f"seg_start must lie in [0, Skv - S = {Skv - S}], got values in [{s_lo}, {s_hi}]")
+    # Range checks: O(S + B) on the host (memoised per tensor), so no kernel reads or writes out of bounds.
+    rng = _checks.int_range(local_limit)
+    if rng is not None and (rng[0] < 0 or rng[1] > S):
+        raise ValueError(f"local_limit must lie in [0, S={S}], got values in [{rng[0]}, {rng[1]}]")
+    rng = _checks.int_range(block_id)
+    if rng is not None and rng[0] < -1:
+        raise ValueError(f"block_id must be >= -1 (-1 = no block), got {rng[0]}")
+    rng = _checks.int_range(seg_start)
+    if rng is not None and (rng[0] < 0 or rng[1] + S > Skv):
+        raise ValueError(f"seg_start must lie in [0, Skv - S = {Skv - S}], got values in [{rng[0]}, {rng[1]}]")
     if scale is None:
         scale = D**-0.5
     return q, k, v, local_limit, block_id, seg_start, float(scale)
