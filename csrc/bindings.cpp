@@ -7,10 +7,10 @@
 //
 //   torch.ops.tidar_cuda.kv_append(k_cache!, v_cache!, k_new, v_new, seg_start) -> ()
 //   torch.ops.tidar_cuda.rejection_sample(ar_logits, block_logits, drafts, draft_probs?, uniforms?, seed?, offset?,
-//                                         seed_value, offset_value, temperature, beta)
+//                                         seed_value, offset_value, temperature, beta, thr_target?, thr_slots?)
 //       -> (accepted, emitted, next_drafts, next_probs)      next_probs is [0] when greedy
 //   torch.ops.tidar_cuda.draft_sample(ar_logits, block_logits, uniforms?, seed?, offset?, seed_value, offset_value,
-//                                     temperature, beta) -> (next_drafts, next_probs)
+//                                     temperature, beta, thr_target?, thr_slots?) -> (next_drafts, next_probs)
 //   torch.ops.tidar_cuda.tidar_attention(q, k, v, local_limit, block_id, seg_start, scale) -> (out, lse)
 //   torch.ops.tidar_cuda.philox_uniform(seed, offset, b, j, draft_len) -> float   (host; tests the stream)
 #include <Python.h>
@@ -223,6 +223,17 @@ TidarRandomness randomness(const char* op, int32_t dev, int64_t B, int64_t K, bo
   return g;
 }
 
+// Optional per-row top-k/top-p thresholds: contiguous float64 of the given shape on the op's device.
+const double* thresholds(const char* op, const char* name, const std::optional<Tensor>& t, int32_t dev,
+                         std::vector<int64_t> shape) {
+  if (!t.has_value()) return nullptr;
+  check_cuda(op, name, *t, dev);
+  check_dtype(op, name, *t, ST::Double);
+  check_shape(op, name, *t, shape);
+  STD_TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+  return static_cast<const double*>(t->data_ptr());
+}
+
 void check_sampling(const char* op, double temperature, double beta) {
   STD_TORCH_CHECK(temperature >= 0.0, op, ": temperature must be >= 0 (0 = greedy), got ", temperature);
   STD_TORCH_CHECK(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
@@ -232,7 +243,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rejection_sample(Tensor ar_logits, Te
                                                             std::optional<Tensor> draft_probs,
                                                             std::optional<Tensor> uniforms, std::optional<Tensor> seed,
                                                             std::optional<Tensor> offset, int64_t seed_value,
-                                                            int64_t offset_value, double temperature, double beta) {
+                                                            int64_t offset_value, double temperature, double beta,
+                                                            std::optional<Tensor> thr_target,
+                                                            std::optional<Tensor> thr_slots) {
   const char* op = "tidar_cuda::rejection_sample";
   check_cuda(op, "ar_logits", ar_logits, -1);
   const int32_t dev = ar_logits.get_device_index();
@@ -259,13 +272,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rejection_sample(Tensor ar_logits, Te
     strides_of(*draft_probs, p.q_stride);
   }
   p.rng = randomness(op, dev, B, K, greedy, uniforms, seed, offset, seed_value, offset_value);
-  const auto dev_obj = ar_logits.device();
+  if (!greedy) {
+    p.thr_target = thresholds(op, "thr_target", thr_target, dev, {B, K});
+    p.thr_slots = thresholds(op, "thr_slots", thr_slots, dev, {B, K, K});
+  }
   Tensor accepted = torch::stable::new_empty(ar_logits, {B}, ST::Long);
   Tensor emitted = torch::stable::new_empty(ar_logits, {B, K}, ST::Long);
   Tensor next_drafts = torch::stable::new_empty(ar_logits, {B, K}, ST::Long);
   Tensor next_probs = greedy ? torch::stable::new_empty(ar_logits, {int64_t{0}}, ST::Float)
                              : torch::stable::new_empty(ar_logits, {B, K - 1, V}, ST::Float);
-  (void)dev_obj;
   if (B == 0) return {accepted, emitted, next_drafts, next_probs};
   Tensor workspace = torch::stable::new_empty(ar_logits, {B, K, 4}, ST::Double);
   p.ar = ar_logits.data_ptr();
@@ -294,7 +309,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rejection_sample(Tensor ar_logits, Te
 
 std::tuple<Tensor, Tensor> draft_sample(Tensor ar_logits, Tensor block_logits, std::optional<Tensor> uniforms,
                                         std::optional<Tensor> seed, std::optional<Tensor> offset, int64_t seed_value,
-                                        int64_t offset_value, double temperature, double beta) {
+                                        int64_t offset_value, double temperature, double beta,
+                                        std::optional<Tensor> thr_target, std::optional<Tensor> thr_slots) {
   const char* op = "tidar_cuda::draft_sample";
   check_cuda(op, "ar_logits", ar_logits, -1);
   const int32_t dev = ar_logits.get_device_index();
@@ -312,6 +328,10 @@ std::tuple<Tensor, Tensor> draft_sample(Tensor ar_logits, Tensor block_logits, s
   const bool greedy = temperature == 0.0;
   TidarDraftParams p{};
   p.rng = randomness(op, dev, B, K, greedy, uniforms, seed, offset, seed_value, offset_value);
+  if (!greedy) {
+    p.thr_target = thresholds(op, "thr_target", thr_target, dev, {B});
+    p.thr_slots = thresholds(op, "thr_slots", thr_slots, dev, {B, K});
+  }
   Tensor next_drafts = torch::stable::new_empty(ar_logits, {B, K}, ST::Long);
   Tensor next_probs = greedy ? torch::stable::new_empty(ar_logits, {int64_t{0}}, ST::Float)
                              : torch::stable::new_empty(ar_logits, {B, K - 1, V}, ST::Float);
@@ -442,11 +462,12 @@ STABLE_TORCH_LIBRARY(tidar_cuda, m) {
   m.def("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor seg_start) -> ()");
   m.def(
       "rejection_sample(Tensor ar_logits, Tensor block_logits, Tensor drafts, Tensor? draft_probs, Tensor? uniforms, "
-      "Tensor? seed, Tensor? offset, int seed_value, int offset_value, float temperature, float beta) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? seed, Tensor? offset, int seed_value, int offset_value, float temperature, float beta, "
+      "Tensor? thr_target=None, Tensor? thr_slots=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "draft_sample(Tensor ar_logits, Tensor block_logits, Tensor? uniforms, Tensor? seed, Tensor? offset, "
-      "int seed_value, int offset_value, float temperature, float beta) -> (Tensor, Tensor)");
+      "int seed_value, int offset_value, float temperature, float beta, Tensor? thr_target=None, "
+      "Tensor? thr_slots=None) -> (Tensor, Tensor)");
   m.def(
       "tidar_attention(Tensor q, Tensor k, Tensor v, Tensor local_limit, Tensor block_id, Tensor seg_start, "
       "float scale) -> (Tensor, Tensor)");

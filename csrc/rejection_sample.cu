@@ -170,31 +170,37 @@ __device__ int64_t row_argmax(const RowSrc& r, int64_t V, double beta, double om
 }
 
 // Softmax statistics of x / T: max first, then sum of exp(x / T - max) (as torch.softmax).
-__device__ void row_stats(const RowSrc& r, int64_t V, double beta, double omb, double T, Shared& sm, double* mx_out,
-                          double* z_out) {
+// Tempered logit x / T, -inf below the row's top-k/top-p threshold (thr = -inf: no filter; x < -inf never holds).
+__device__ __forceinline__ double row_xt(const RowSrc& r, int64_t v, double beta, double omb, double T, double thr) {
+  const double x = row_x(r, v, beta, omb) / T;
+  return x < thr ? -CUDART_INF : x;
+}
+
+__device__ void row_stats(const RowSrc& r, int64_t V, double beta, double omb, double T, double thr, Shared& sm,
+                          double* mx_out, double* z_out) {
   double m = -CUDART_INF;
-  for (int64_t v = threadIdx.x; v < V; v += kThreads) m = fmax(m, row_x(r, v, beta, omb) / T);
+  for (int64_t v = threadIdx.x; v < V; v += kThreads) m = fmax(m, row_xt(r, v, beta, omb, T, thr));
   const double mx = block_max(m, sm);
   double z = 0.0;
-  for (int64_t v = threadIdx.x; v < V; v += kThreads) z += exp(row_x(r, v, beta, omb) / T - mx);
+  for (int64_t v = threadIdx.x; v < V; v += kThreads) z += exp(row_xt(r, v, beta, omb, T, thr) - mx);
   *mx_out = mx;
   *z_out = block_sum(z, sm);
 }
 
-__device__ __forceinline__ double row_p(const RowSrc& r, int64_t v, double beta, double omb, double T, double mx,
-                                        double z) {
-  return exp(row_x(r, v, beta, omb) / T - mx) / z;
+__device__ __forceinline__ double row_p(const RowSrc& r, int64_t v, double beta, double omb, double T, double thr,
+                                        double mx, double z) {
+  return exp(row_xt(r, v, beta, omb, T, thr) - mx) / z;
 }
 
 // Inverse-CDF sample of p = softmax(x / T) (or of the residual max(p - q, 0) when `q` is given and has mass):
 // the first index whose inclusive cumulative sum exceeds u * total. Writes p as float32 to `p_out` if given.
-__device__ int64_t row_sample(const RowSrc& r, int64_t V, double beta, double omb, double T, double mx, double z,
-                              double u, const float* q, int64_t q_sv, float* p_out, Shared& sm) {
+__device__ int64_t row_sample(const RowSrc& r, int64_t V, double beta, double omb, double T, double thr, double mx,
+                              double z, double u, const float* q, int64_t q_sv, float* p_out, Shared& sm) {
   bool resid = false;
   if (q != nullptr) {
     double rs = 0.0;
     for (int64_t v = threadIdx.x; v < V; v += kThreads) {
-      const double d = row_p(r, v, beta, omb, T, mx, z) - static_cast<double>(q[v * q_sv]);
+      const double d = row_p(r, v, beta, omb, T, thr, mx, z) - static_cast<double>(q[v * q_sv]);
       rs += d > 0.0 ? d : 0.0;
     }
     resid = block_sum(rs, sm) > 0.0;
@@ -202,7 +208,7 @@ __device__ int64_t row_sample(const RowSrc& r, int64_t V, double beta, double om
   // total of the weights w (reduction order differs from the scan's by ~1 ulp: see the fallback below)
   double tw = 0.0;
   for (int64_t v = threadIdx.x; v < V; v += kThreads) {
-    const double p = row_p(r, v, beta, omb, T, mx, z);
+    const double p = row_p(r, v, beta, omb, T, thr, mx, z);
     double w = p;
     if (resid) {
       const double d = p - static_cast<double>(q[v * q_sv]);
@@ -224,7 +230,7 @@ __device__ int64_t row_sample(const RowSrc& r, int64_t V, double beta, double om
       const int64_t v = base + k;
       w[k] = 0.0;
       if (v < V) {
-        const double p = row_p(r, v, beta, omb, T, mx, z);
+        const double p = row_p(r, v, beta, omb, T, thr, mx, z);
         if (p_out != nullptr) p_out[v] = __double2float_rn(p);
         double wk = p;
         if (resid) {
@@ -303,11 +309,12 @@ __global__ void __launch_bounds__(kThreads) rejection_stats_kernel(TidarRejectio
     return;
   }
   double mx, z;
-  row_stats(r, p.V, beta, omb, p.temperature, sm, &mx, &z);
+  const double thr = p.thr_target ? p.thr_target[b * p.K + i] : -CUDART_INF;
+  row_stats(r, p.V, beta, omb, p.temperature, thr, sm, &mx, &z);
   if (threadIdx.x == 0) {
     double ok = 0.0;
     if (has_draft && d_ok && p.draft_probs != nullptr) {
-      const double p_d = row_p(r, d, beta, omb, p.temperature, mx, z);
+      const double p_d = row_p(r, d, beta, omb, p.temperature, thr, mx, z);
       const double q_d = static_cast<double>(p.draft_probs[b * p.q_stride[0] + i * p.q_stride[1] + d * p.q_stride[2]]);
       const double u = uniform(p.rng, b, i + 1, p.K);
       ok = __dmul_rn(u, q_d) < p_d ? 1.0 : 0.0;
@@ -349,7 +356,8 @@ __global__ void __launch_bounds__(kThreads) rejection_finish_kernel(TidarRejecti
                p.ar_stride[2], p.blk_stride[3], p.ar_dtype, p.blk_dtype, mix_mode(p.beta)};
       const bool has_q = a < K && p.draft_probs != nullptr;  // at a == K the bonus comes from p_K itself
       const float* q = has_q ? p.draft_probs + b * p.q_stride[0] + last * p.q_stride[1] : nullptr;
-      tok = row_sample(r, p.V, beta, omb, p.temperature, ws[last * 4 + 0], ws[last * 4 + 1], uniform(p.rng, b, 0, K),
+      const double thr = p.thr_target ? p.thr_target[b * K + last] : -CUDART_INF;
+      tok = row_sample(r, p.V, beta, omb, p.temperature, thr, ws[last * 4 + 0], ws[last * 4 + 1], uniform(p.rng, b, 0, K),
                        q, p.q_stride[2], nullptr, sm);
     }
     if (threadIdx.x == 0) p.next_drafts[b * K] = tok;
@@ -362,9 +370,10 @@ __global__ void __launch_bounds__(kThreads) rejection_finish_kernel(TidarRejecti
     tok = row_argmax(r, p.V, 1.0, 0.0, sm);
   } else {
     double mx, z;
-    row_stats(r, p.V, 1.0, 0.0, p.temperature, sm, &mx, &z);
+    const double thr = p.thr_slots ? p.thr_slots[(b * K + last) * K + s] : -CUDART_INF;
+    row_stats(r, p.V, 1.0, 0.0, p.temperature, thr, sm, &mx, &z);
     float* p_out = p.next_probs + (b * (K - 1) + (s - 1)) * p.V;
-    tok = row_sample(r, p.V, 1.0, 0.0, p.temperature, mx, z, uniform(p.rng, b, K + s, K), nullptr, 0, p_out, sm);
+    tok = row_sample(r, p.V, 1.0, 0.0, p.temperature, thr, mx, z, uniform(p.rng, b, K + s, K), nullptr, 0, p_out, sm);
   }
   if (threadIdx.x == 0) p.next_drafts[b * K + s] = tok;
 }
@@ -390,10 +399,12 @@ __global__ void __launch_bounds__(kThreads) draft_kernel(TidarDraftParams p) {
     tok = row_argmax(r, p.V, beta, omb, sm);
   } else {
     double mx, z;
-    row_stats(r, p.V, beta, omb, p.temperature, sm, &mx, &z);
+    const double* thr_row = s == 0 ? p.thr_target : p.thr_slots;
+    const double thr = thr_row ? thr_row[s == 0 ? b : b * K + s] : -CUDART_INF;
+    row_stats(r, p.V, beta, omb, p.temperature, thr, sm, &mx, &z);
     float* p_out = s == 0 ? nullptr : p.next_probs + (b * (K - 1) + (s - 1)) * p.V;
     const double u = uniform(p.rng, b, s == 0 ? 0 : K + s, K);
-    tok = row_sample(r, p.V, beta, omb, p.temperature, mx, z, u, nullptr, 0, p_out, sm);
+    tok = row_sample(r, p.V, beta, omb, p.temperature, thr, mx, z, u, nullptr, 0, p_out, sm);
   }
   if (threadIdx.x == 0) p.next_drafts[b * K + s] = tok;
 }

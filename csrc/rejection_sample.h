@@ -29,6 +29,11 @@ struct TidarRejectionParams {
   int64_t* next_drafts;  // [B, K] contiguous
   float* next_probs;     // [B, K-1, V] contiguous; null when greedy
   double* workspace;     // >= tidar_rejection_workspace_bytes(B, K)
+  // top-k/top-p (sampling only; null = no filter): tokens whose tempered float64 logit x / T is below the row's
+  // threshold get probability 0. thr_target [B, K] (target row i), thr_slots [B, K, K] ([b, j-1, s]: block j,
+  // slot s), both contiguous float64 (the reference's filter_threshold of the same x, so the kept sets agree).
+  const double* thr_target;
+  const double* thr_slots;
   int B, K;
   int64_t V;
   double temperature;  // 0 = greedy
@@ -41,6 +46,8 @@ struct TidarDraftParams {
   TidarRandomness rng;
   int64_t* next_drafts;  // [B, K] contiguous
   float* next_probs;     // [B, K-1, V] contiguous; null when greedy
+  const double* thr_target;  // [B] contiguous float64 or null (see TidarRejectionParams)
+  const double* thr_slots;   // [B, K] contiguous float64 or null (slot 0 unused)
   int B, K;
   int64_t V;
   double temperature, beta;

@@ -11,7 +11,8 @@ the one-time fallback warning and ``tidar env``.
 
 What the CUDA ops cover (``supports`` predicates: ``backend="auto"`` falls through to Triton/reference otherwise,
 ``backend="cuda"`` raises naming why): attention is inference only (no backward), float16/bfloat16, head dims
-64 and 128; rejection/draft sampling without top-k/top-p; kv_append everything.
+64 and 128. Sampling and kv_append take every input the public ops accept (top-k/top-p become per-row
+thresholds computed with the reference's ``filter_threshold``, applied in the kernel).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import re
 import torch
 
 from ..backends import register
+from ..reference import rejection_sample as _ref
 from ..reference.rejection_sample import Philox
 
 
@@ -97,7 +99,7 @@ def _kv_append_fake(k_cache, v_cache, k_new, v_new, seg_start):
 
 @torch.library.register_fake("tidar_cuda::rejection_sample")
 def _rejection_fake(ar_logits, block_logits, drafts, draft_probs, uniforms, seed, offset, seed_value, offset_value,
-                    temperature, beta):
+                    temperature, beta, thr_target=None, thr_slots=None):
     B, K, V = ar_logits.shape
     i64 = dict(dtype=torch.int64)
     probs = ar_logits.new_empty((B, K - 1, V) if temperature > 0 else (0,), dtype=torch.float32)
@@ -105,7 +107,8 @@ def _rejection_fake(ar_logits, block_logits, drafts, draft_probs, uniforms, seed
 
 
 @torch.library.register_fake("tidar_cuda::draft_sample")
-def _draft_fake(ar_logits, block_logits, uniforms, seed, offset, seed_value, offset_value, temperature, beta):
+def _draft_fake(ar_logits, block_logits, uniforms, seed, offset, seed_value, offset_value, temperature, beta,
+                thr_target=None, thr_slots=None):
     B, V = ar_logits.shape
     K = block_logits.shape[1]
     probs = ar_logits.new_empty((B, K - 1, V) if temperature > 0 else (0,), dtype=torch.float32)
@@ -137,36 +140,35 @@ def _randomness(u):
     return u, None, None
 
 
-def _no_filters(top_k, top_p):
-    if top_k is not None or top_p is not None:
-        return "top_k/top_p filtering is not in the CUDA sampling kernel (use backend='reference' or 'auto')"
-    return None
+def _thresholds(target, slots, temperature, top_k, top_p):
+    """top-k/top-p as per-row float64 thresholds (the reference's ``filter_threshold`` of the same tempered float64
+    logits; the kernel keeps ``x / T >= thr``, exactly the reference's set): (thr_target, thr_slots) or Nones."""
+    if temperature == 0.0 or (top_k is None and top_p is None):
+        return None, None
+    return (_ref.filter_threshold(target / temperature, top_k, top_p).contiguous(),
+            _ref.filter_threshold(slots.double() / temperature, top_k, top_p).contiguous())
 
 
-def _rejection_supports(ar_logits, block_logits, drafts, draft_probs, u, temperature, top_k, top_p, beta):
-    return _no_filters(top_k, top_p)
-
-
-@register("rejection_sample", "cuda", supports=_rejection_supports)
+@register("rejection_sample", "cuda")
 def rejection_sample(ar_logits, block_logits, drafts, draft_probs, u, temperature, top_k, top_p, beta):
     uniforms, seed, offset = _randomness(u)
     greedy = temperature == 0.0
+    thr_t, thr_s = (None, None) if greedy else _thresholds(
+        _ref.mix(ar_logits, block_logits[:, :, 0], beta), block_logits, temperature, top_k, top_p)
     accepted, emitted, next_drafts, next_probs = _ops.rejection_sample(
         ar_logits, block_logits, drafts.to(torch.int64), None if greedy else draft_probs, uniforms, seed, offset,
-        0, 0, float(temperature), float(beta))
+        0, 0, float(temperature), float(beta), thr_t, thr_s)
     return accepted, emitted, next_drafts, None if greedy else next_probs
 
 
-def _draft_supports(ar_logits, block_logits, u, temperature, top_k, top_p, beta):
-    return _no_filters(top_k, top_p)
-
-
-@register("draft_sample", "cuda", supports=_draft_supports)
+@register("draft_sample", "cuda")
 def draft_sample(ar_logits, block_logits, u, temperature, top_k, top_p, beta):
     uniforms, seed, offset = _randomness(u)
     greedy = temperature == 0.0
+    thr_t, thr_s = (None, None) if greedy else _thresholds(
+        _ref.mix(ar_logits, block_logits[:, 0], beta), block_logits, temperature, top_k, top_p)
     next_drafts, next_probs = _ops.draft_sample(ar_logits, block_logits, uniforms, seed, offset, 0, 0,
-                                                float(temperature), float(beta))
+                                                float(temperature), float(beta), thr_t, thr_s)
     return next_drafts, None if greedy else next_probs
 
 
@@ -191,7 +193,7 @@ def _attention_layout(t: torch.Tensor) -> torch.Tensor:
     elements, so rows stay 16-byte aligned), else a contiguous copy."""
     ok = t.stride(-1) == 1 and t.storage_offset() % 8 == 0
     ok = ok and all(st % 8 == 0 for sz, st in zip(t.shape[:-1], t.stride()[:-1]) if sz > 1)
-    return t if ok else t.contiguous()
+    return t if ok else t.clone(memory_format=torch.contiguous_format)  # (contiguous() keeps a bad offset)
 
 
 def attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale):

@@ -1,0 +1,72 @@
+"""``tidar env`` / ``tidar_kernels.env``: the report's keys, JSON output, and a built flag that tells the truth."""
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+from tidar import cli
+from tidar_kernels import env
+
+KEYS = {"tidar_kernels", "python", "torch", "torch_cuda", "triton", "transformers", "cuda_available", "devices",
+        "cuda_extension_built", "cuda_extension_error", "build", "backends"}
+OPS = {"kv_append", "rejection_sample", "draft_sample", "tidar_attention"}
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+def test_report_keys_and_types():
+    d = env.report()
+    assert KEYS <= set(d)
+    assert isinstance(d["cuda_extension_built"], bool)
+    assert d["cuda_extension_error"] is None or isinstance(d["cuda_extension_error"], str)
+    assert OPS <= set(d["backends"])
+    assert all("reference" in names for names in d["backends"].values())
+    assert set(d["build"]) >= {"git_sha", "cuda_version", "torch_version", "archs"}
+    json.dumps(d)  # serialisable as is
+
+
+def test_built_flag_consistent_with_importability():
+    d = env.report()
+    assert d["cuda_extension_built"] == _importable("tidar_kernels.cuda")
+    assert (d["cuda_extension_error"] is None) == d["cuda_extension_built"]
+    if d["cuda_extension_built"]:
+        assert _importable("tidar_kernels._C")
+        assert d["build"]["archs"] and d["build"]["cuda_version"]
+
+
+def test_cli_json(capsys):
+    assert cli.main(["env", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert KEYS <= set(d)
+    assert d["cuda_extension_built"] == env.report()["cuda_extension_built"]
+
+
+def test_cli_text(capsys):
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "CUDA extension" in out and "live backends" in out
+    for op in OPS:
+        assert op in out
+    if not env.report()["cuda_extension_built"]:
+        assert "why" in out
+
+
+def test_format_report_without_extension():
+    d = env.report()
+    d.update(cuda_extension_built=False, cuda_extension_error="the CUDA extension tidar_kernels._C is not built")
+    text = env.format_report(d)
+    assert "not available" in text and "not built" in text
+
+
+@pytest.mark.gpu
+def test_report_lists_gpu():
+    d = env.report()
+    assert d["cuda_available"] and d["devices"] and d["devices"][0]["capability"]
