@@ -44,6 +44,36 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+#if defined(TIDAR_ATTN_EMULATE)
+// Host emulation (csrc/tests/emu/cuda_runtime.h, tests only): the same operations, replayed per the PTX ISA.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  tidar_emu::cp_async_16(dst, src, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { tidar_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { tidar_emu::cp_async_wait(N); }
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  tidar_emu::ldmatrix_x4(addr, false, r0, r1, r2, r3);
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  tidar_emu::ldmatrix_x4(addr, true, r0, r1, r2, r3);
+}
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  tidar_emu::mma_16816(std::is_same<T, __half>::value, d, a, b0, b1);
+}
+__device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
+__device__ __forceinline__ void sts_i32(int* p, int v) {
+  tidar_emu::shadow_write(smem_u32(p), 4, tidar_emu::st().cur);
+  *p = v;
+}
+__device__ __forceinline__ int lds_i32(const int* p) {
+  tidar_emu::shadow_read(smem_u32(p), 4);
+  return *p;
+}
+#else
+__device__ __forceinline__ void sts_i32(int* p, int v) { *p = v; }
+__device__ __forceinline__ int lds_i32(const int* p) { return *p; }
 // 16-byte async copy global -> shared; src_bytes 0 writes zeros (the source is not read).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   const int n = valid ? 16 : 0;
@@ -87,6 +117,8 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: exp2(-inf)
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+#endif  // TIDAR_ATTN_EMULATE
 
 // Two floats -> packed pair of T (low half = first), as the mma A/C fragments and 4-byte stores want.
 template <typename T>
@@ -133,7 +165,11 @@ __global__ void __launch_bounds__(kThreads, (D <= 64 ? 2 : 1)) tidar_attention_f
   constexpr int kDB = D / 8;       // n8 blocks of O
   using L = SmemLayout<D>;
 
+#if defined(TIDAR_ATTN_EMULATE)
+  unsigned char* smem_raw = tidar_emu::dynamic_smem();
+#else
   extern __shared__ __align__(128) unsigned char smem_raw[];
+#endif
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = reinterpret_cast<T*>(smem_raw + L::kQBytes);                       // [kStages][kBlockN * D]
   T* sV = reinterpret_cast<T*>(smem_raw + L::kQBytes + kStages * L::kKVBytes);  // [kStages][kBlockN * D]
@@ -268,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, (D <= 64 ? 2 : 1)) tidar_attention_f
     }
     if (masked && tid < kBlockN) {
       const int j = n0 + tid;
-      sBid[stage * kBlockN + tid] = key_in_segment(j, s0, key_end) ? a.block_id[j - s0] : -2;
+      sts_i32(&sBid[stage * kBlockN + tid], key_in_segment(j, s0, key_end) ? a.block_id[j - s0] : -2);
     }
   };
 
@@ -324,7 +360,7 @@ __global__ void __launch_bounds__(kThreads, (D <= 64 ? 2 : 1)) tidar_attention_f
         if constexpr (kMasked) {
           const int kl = nb * 8 + frag_c_col(lane, e);
           const int h = e >> 1;  // row g + 8 h = frag_c_row(lane, e)
-          if (!visible(n0 + kl, row_pe[h], row_bq[h], tBid[kl])) x = -INFINITY;
+          if (!visible(n0 + kl, row_pe[h], row_bq[h], lds_i32(&tBid[kl]))) x = -INFINITY;
         }
         s[nb][e] = x;
         mx[e >> 1] = fmaxf(mx[e >> 1], x);
@@ -569,7 +605,11 @@ int launch(const TidarAttentionParams& p, int num_splits, cudaStream_t stream) {
   auto kernel = tidar_attention_fwd_kernel<D, T>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return static_cast<int>(e);
+#if defined(TIDAR_ATTN_EMULATE)
+  tidar_emu::launch(kernel, static_cast<unsigned>(grid), kThreads, smem, a);
+#else
   kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(a);
+#endif
   e = cudaGetLastError();
   if (e != cudaSuccess) return static_cast<int>(e);
   if (num_splits > 1) {
@@ -579,7 +619,11 @@ int launch(const TidarAttentionParams& p, int num_splits, cudaStream_t stream) {
     m.n_rows = n_rows; m.Hq = p.Hq; m.S = p.S; m.num_splits = num_splits;
     const int64_t mgrid = (n_rows + 7) / 8;
     if (mgrid > INT_MAX) return TIDAR_ATTN_ERR_BAD_SIZE;
+#if defined(TIDAR_ATTN_EMULATE)
+    tidar_emu::launch(tidar_attention_merge_kernel<D, T>, static_cast<unsigned>(mgrid), 256, 0, m);
+#else
     tidar_attention_merge_kernel<D, T><<<static_cast<unsigned>(mgrid), 256, 0, stream>>>(m);
+#endif
     e = cudaGetLastError();
     if (e != cudaSuccess) return static_cast<int>(e);
   }
