@@ -11,8 +11,8 @@
 //   the range of block ids, then scans block_id[0, S) for the keys of those blocks: tidar_attn::TileStats.
 //   tidar_attn::make_plan turns it into the walk: full tiles (every row sees every key: no mask arithmetic,
 //   no bound checks), then masked tiles (layout rule per element); every other tile is never loaded.
-// * Per key tile of 64: cp.async (16 B, L2-only) of K and V into a 2-stage XOR-swizzled shared buffer (the
-//   next tile loads while this one computes); per warp S = Q K^T with mma.sync m16n8k16 (Q fragments stay in
+// * Per key tile of 64: cp.async (16 B, L2-only) of K and V into a 3-slot XOR-swizzled shared ring (two tiles
+//   in flight while one computes; the Q tile is staged in the third slot before the loop); per warp S = Q K^T with mma.sync m16n8k16 (Q fragments stay in
 //   registers, K via ldmatrix), fp32 online softmax in the exp2 domain (scale * log2 e folded in, running max,
 //   per-thread partial row sums), then O += P V with P re-packed from the S accumulators (no shared round
 //   trip) and V via ldmatrix.trans.
@@ -33,7 +33,7 @@ namespace tidar_attn {
 namespace {
 
 constexpr int kThreads = kWarps * 32;
-constexpr int kStages = 2;
+constexpr int kStages = 3;  // K/V ring depth (tiles in flight while one computes: kStages - 1)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -132,13 +132,17 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+// Dynamic shared memory: kStages ring slots of [K tile | V tile] (16-bit, swizzled), then kStages x kBlockN key
+// block ids. The Q tile is staged in the last slot before the main loop (Q goes to registers; the slot is
+// released by a barrier before tile kStages - 1 is loaded into it): D=128 uses 96.75 KB, D=64 48.75 KB.
 template <int D>
 struct SmemLayout {
-  static constexpr int kQ = kBlockM * D;  // elements
-  static constexpr int kKV = kBlockN * D;
-  static constexpr size_t kQBytes = size_t(kQ) * 2;
-  static constexpr size_t kKVBytes = size_t(kKV) * 2;
-  static constexpr size_t kBytes = kQBytes + 2 * kStages * kKVBytes + size_t(kStages) * kBlockN * sizeof(int);
+  static constexpr int kKV = kBlockN * D;             // elements of one K (or V) tile
+  static constexpr int kSlot = 2 * kKV;               // elements of one ring slot
+  static constexpr size_t kSlotBytes = size_t(kSlot) * 2;
+  static constexpr size_t kBidOffset = kStages * kSlotBytes;
+  static constexpr size_t kBytes = kBidOffset + size_t(kStages) * kBlockN * sizeof(int);
+  static_assert(size_t(kBlockM) * D * 2 <= kSlotBytes, "the Q tile must fit in one ring slot");
 };
 
 struct KernelArgs {
@@ -170,10 +174,9 @@ __global__ void __launch_bounds__(kThreads, (D <= 64 ? 2 : 1)) tidar_attention_f
 #else
   extern __shared__ __align__(128) unsigned char smem_raw[];
 #endif
-  T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = reinterpret_cast<T*>(smem_raw + L::kQBytes);                       // [kStages][kBlockN * D]
-  T* sV = reinterpret_cast<T*>(smem_raw + L::kQBytes + kStages * L::kKVBytes);  // [kStages][kBlockN * D]
-  int* sBid = reinterpret_cast<int*>(smem_raw + L::kQBytes + 2 * kStages * L::kKVBytes);  // [kStages][kBlockN]
+  T* sKV = reinterpret_cast<T*>(smem_raw);                               // [kStages][K tile | V tile]
+  T* sQ = sKV + (kStages - 1) * L::kSlot;                                // aliases the last slot (prologue only)
+  int* sBid = reinterpret_cast<int*>(smem_raw + L::kBidOffset);          // [kStages][kBlockN]
   __shared__ int sh_stats[6];
 
   const int tid = threadIdx.x;
@@ -286,8 +289,8 @@ __global__ void __launch_bounds__(kThreads, (D <= 64 ? 2 : 1)) tidar_attention_f
   // keys' block ids (-2 outside the segment).
   auto load_tile = [&](int tile, bool masked, int stage) {
     const int n0 = tile * kBlockN;
-    const uint32_t dK = smem_u32(sK + stage * L::kKV + swz<D>(cp_row, cp_chunk));
-    const uint32_t dV = smem_u32(sV + stage * L::kKV + swz<D>(cp_row, cp_chunk));
+    const uint32_t dK = smem_u32(sKV + stage * L::kSlot + swz<D>(cp_row, cp_chunk));
+    const uint32_t dV = dK + L::kKV * 2;
 #pragma unroll
     for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
       const int j = n0 + cp_row + i * kRowsPerPass;
@@ -308,13 +311,17 @@ __global__ void __launch_bounds__(kThreads, (D <= 64 ? 2 : 1)) tidar_attention_f
     }
   };
 
-  if (n_tiles > 0) {
-    bool masked;
-    const int tile = plan.tile(0, &masked);
-    load_tile(tile, masked, 0);
+  // Prologue: tiles 0 .. kStages-2 into slots 0 .. kStages-2 (one commit group each, empty past the walk).
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < n_tiles) {
+      bool masked;
+      const int tile = plan.tile(t, &masked);
+      load_tile(tile, masked, t);
+    }
+    cp_async_commit();
   }
-  cp_async_commit();
-  cp_async_wait<1>();  // Q landed (tile 0 may still be in flight)
+  cp_async_wait<kStages - 1>();  // the Q group (the oldest) has landed; the tiles may still be in flight
   __syncthreads();
 
   uint32_t qf[kKSteps][4];
@@ -324,6 +331,7 @@ __global__ void __launch_bounds__(kThreads, (D <= 64 ? 2 : 1)) tidar_attention_f
     const int c = frag_q_chunk(lane, kk);
     ldsm_x4(smem_u32(sQ + swz<D>(r, c)), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
   }
+  __syncthreads();  // every warp holds its Q fragments: the Q slot is refilled in iteration 0
 
   float o[kDB][4];
 #pragma unroll
@@ -417,29 +425,34 @@ __global__ void __launch_bounds__(kThreads, (D <= 64 ? 2 : 1)) tidar_attention_f
     }
   };
 
-  // ---- main loop: 2-stage pipeline ---------------------------------------------------------------
+  // ---- main loop: kStages-slot ring, tile t in slot t % kStages ---------------------------------------
+  int stage = 0;                   // slot of tile it
+  int pf_stage = kStages - 1;      // slot of tile it + kStages - 1 (the one issued this iteration)
   for (int it = 0; it < n_tiles; ++it) {
-    const int stage = it & 1;
-    if (it + 1 < n_tiles) {
+    if (it + kStages - 1 < n_tiles) {
+      // pf_stage held tile it - 1 (read in iteration it - 1, released by its trailing barrier) or, at it = 0,
+      // the Q tile (released by the barrier after the Q fragments were loaded).
       bool nmasked;
-      const int ntile = plan.tile(it + 1, &nmasked);
-      load_tile(ntile, nmasked, stage ^ 1);  // stage ^ 1 was last read in iteration it - 1 (synced below)
+      const int ntile = plan.tile(it + kStages - 1, &nmasked);
+      load_tile(ntile, nmasked, pf_stage);
     }
     cp_async_commit();
-    cp_async_wait<1>();  // everything but the group just committed: tile `it` has landed
-    __syncthreads();     // ... for every thread's copies, and sBid[stage] is visible
+    cp_async_wait<kStages - 1>();  // all but the kStages - 1 newest groups: tile `it` has landed
+    __syncthreads();               // ... for every thread's copies, and sBid[stage] is visible
     bool masked;
     const int tile = plan.tile(it, &masked);
     if (warp_active) {
-      const T* tK = sK + stage * L::kKV;
-      const T* tV = sV + stage * L::kKV;
+      const T* tK = sKV + stage * L::kSlot;
+      const T* tV = tK + L::kKV;
       const int* tBid = sBid + stage * kBlockN;
       if (masked)
         compute_tile(tK, tV, tBid, tile * kBlockN, std::true_type{});
       else
         compute_tile(tK, tV, tBid, tile * kBlockN, std::false_type{});
     }
-    __syncthreads();  // this stage is refilled in iteration it + 1
+    __syncthreads();  // this slot is refilled in iteration it + 1
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    pf_stage = pf_stage + 1 == kStages ? 0 : pf_stage + 1;
   }
   cp_async_wait<0>();
 

@@ -1,6 +1,6 @@
 // Runs the real csrc/tidar_attention.cu (host launcher, forward and merge kernels) on the CPU under the emulator of
 // csrc/tests/emu/cuda_runtime.h and compares against a double-precision softmax of the same rounded inputs.
-//   g++ -std=c++17 -O2 -DTIDAR_ATTN_EMULATE -I csrc/tests/emu -I csrc csrc/tests/test_tidar_attention_emu.cpp \
+//   g++ -std=c++17 -O2 -DTIDAR_ATTN_EMULATE -I csrc/tests/emu -I csrc csrc/tests/test_tidar_attention_emu.cpp
 //       -o /tmp/tidar_attention_emu && /tmp/tidar_attention_emu
 // Checks per case: out within fp16/bf16 tolerance, lse (natural log, -inf for a query that sees nothing), no
 // write outside the logical output (guards and stride gaps keep their sentinel), workspace guards, bitwise
