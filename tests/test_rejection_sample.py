@@ -513,6 +513,30 @@ BAD_CALLS = [
     ("uniforms_equal_one", lambda: _with(uniforms=torch.ones(2, 6)), ValueError, "uniforms"),
     ("uniforms_negative", lambda: _with(uniforms=torch.full((2, 6), -0.1)), ValueError, "uniforms"),
     ("uniforms_fp64", lambda: _with(uniforms=torch.rand(2, 6, dtype=torch.float64)), TypeError, "uniforms"),
+    ("uniforms_inf", lambda: _with(uniforms=torch.full((2, 6), float("inf"))), ValueError, "uniforms"),
+    ("draft_probs_negative", lambda: _with(draft_probs=torch.tensor([0.5, -0.1, 0.2, 0.2, 0.1, 0.1]).expand(2, 2, 6)),
+     ValueError, "draft_probs"),
+    ("draft_probs_inf", lambda: _with(draft_probs=torch.full((2, 2, 6), float("inf"))), ValueError, "draft_probs"),
+    ("draft_probs_not_normalised", lambda: _with(draft_probs=torch.full((2, 2, 6), 0.5)), ValueError, "draft_probs"),
+    ("draft_probs_logits_by_mistake", lambda: _with(draft_probs=torch.randn(2, 2, 6).abs()), ValueError,
+     "draft_probs"),
+    ("all_neg_inf_block_row", lambda: _with(block_logits=torch.randn(2, 3, 3, 6).index_fill(0, torch.tensor([1]),
+                                                                                          float("-inf"))),
+     ValueError, "block_logits"),
+    ("beta_mix_disjoint_support", lambda: _with(
+        ar_logits=torch.tensor([0.0, 0.0, 0.0, float("-inf"), float("-inf"), float("-inf")]).expand(2, 3, 6),
+        block_logits=torch.tensor([float("-inf"), float("-inf"), float("-inf"), 0.0, 0.0, 0.0]).expand(2, 3, 3, 6),
+        beta=0.5), ValueError, "beta mix"),
+    ("generator_and_uniforms", lambda: _with(generator=gen(0)), ValueError, "exactly one source"),
+    ("seed_and_uniforms", lambda: _with(seed=1), ValueError, "exactly one source"),
+    ("offset_without_seed", lambda: {**_with(offset=4), "uniforms": None}, ValueError, "offset needs a seed"),
+    ("seed_float", lambda: {**_with(seed=1.5), "uniforms": None}, TypeError, "seed"),
+    ("seed_bool", lambda: {**_with(seed=True), "uniforms": None}, TypeError, "seed"),
+    ("seed_too_large", lambda: {**_with(seed=2**64), "uniforms": None}, ValueError, "seed"),
+    ("seed_int32_tensor", lambda: {**_with(seed=torch.tensor([1], dtype=torch.int32)), "uniforms": None}, TypeError,
+     "seed"),
+    ("seed_two_elements", lambda: {**_with(seed=torch.tensor([1, 2])), "uniforms": None}, TypeError, "seed"),
+    ("offset_negative", lambda: {**_with(seed=1, offset=-1), "uniforms": None}, ValueError, "offset"),
     ("unknown_backend", lambda: _with(backend="nope"), ValueError, "backend"),
 ]
 
@@ -591,6 +615,11 @@ DRAFT_BAD = [
     ("negative_temperature", dict(temperature=-1.0), ValueError, "temperature"),
     ("top_k_zero", dict(top_k=0), ValueError, "top_k"),
     ("uniforms_shape", dict(uniforms=torch.rand(2, 3)), ValueError, "uniforms"),
+    ("uniforms_nan", dict(uniforms=torch.full((2, 6), float("nan"))), ValueError, "uniforms"),
+    ("all_neg_inf_block_row", dict(block_logits=torch.randn(2, 3, 6).index_fill(1, torch.tensor([2]), float("-inf"))),
+     ValueError, "block_logits"),
+    ("two_sources", dict(uniforms=torch.rand(2, 6), seed=3), ValueError, "exactly one source"),
+    ("offset_without_seed", dict(offset=3), ValueError, "offset needs a seed"),
 ]
 
 

@@ -2,10 +2,11 @@
 
 EXACTNESS: tokens, acceptance lengths and emitted drafts equal the reference bit for bit given the same
 uniforms (greedy and temperature > 0, beta = 1 / 0 / mixed, several K and B, V not a multiple of the
-vocab block, fp32/fp16/bf16 logits, expanded (stride 0) inputs); next-draft distributions within 1e-6.
+vocab block, fp32/fp16/bf16 logits, expanded (stride 0) inputs, top-k / top-p with ties at the boundary);
+next-draft distributions within 1e-6. Philox: the kernel's in-kernel uniforms from seed/offset tensors are
+bit-exact with ``philox_uniforms`` (direct kernel check and whole steps, counters wrapping 2^32 and 2^64).
 Distribution: chi-square of the emitted tokens against p on a small vocabulary (with a negative control),
 plus the reference suite's greedy, hand-computed and bad-call tests re-run on backend="triton".
-top-k / top-p are not implemented in the kernel: a clear NotImplementedError.
 """
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ if not torch.cuda.is_available():
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from tidar_kernels import draft_sample, draw_uniforms, rejection_sample  # noqa: E402
+from tidar_kernels import draft_sample, draw_uniforms, philox_uniforms, rejection_sample  # noqa: E402
 from tidar_kernels.backends import resolve  # noqa: E402
+from tidar_kernels.triton import rejection_sample as impl_mod  # noqa: E402
 
 from test_rejection_sample import (  # noqa: E402,F401  (re-run against the triton backend)
     BAD_CALLS,
@@ -34,7 +38,9 @@ from test_rejection_sample import (  # noqa: E402,F401  (re-run against the trit
     test_draft_sample_greedy,
     test_greedy_by_hand,
     test_greedy_ignores_draft_probs_and_uniforms,
+    test_all_neg_inf_logit_row_raises,
     test_greedy_semantics,
+    test_nan_uniforms_raise,
     test_sampling_by_hand,
 )
 
@@ -159,13 +165,101 @@ def test_generator_path_reproducible():
     _assert_same(r1, r0)
 
 
-def test_top_k_top_p_not_implemented():
-    ar, blk, drafts, q = _step(2, 3, 9, 1.0, seed=1)
-    for kw in (dict(top_k=3), dict(top_p=0.5)):
-        with pytest.raises(NotImplementedError, match="top_k/top_p"):
-            rejection_sample(ar, blk, drafts, q, temperature=1.0, generator=gen(0), backend="triton", **kw)
-        with pytest.raises(NotImplementedError, match="top_k/top_p"):
-            draft_sample(ar[:, 0], blk[:, 0], temperature=1.0, generator=gen(0), backend="triton", **kw)
+TOPK_CASES = [  # (B, K, V, temperature, top_k, top_p, beta)
+    (6, 3, 7, 1.0, 3, None, 1.0),
+    (6, 4, 113, 0.8, None, 0.7, 1.0),
+    (4, 3, 127, 1.2, 20, 0.9, 0.5),
+    (4, 2, 300, 0.7, 1, None, 1.0),
+    (3, 3, 257, 1.0, None, 0.05, 0.0),
+]
+
+
+@pytest.mark.parametrize("B,K,V,T,top_k,top_p,beta", TOPK_CASES)
+def test_exact_top_k_top_p(B, K, V, T, top_k, top_p, beta):
+    """EXACT with top-k / top-p (thresholds from the reference's filter_threshold, compared in-kernel)."""
+    ar, blk, drafts, _ = _step(B, K, V, T, seed=V + K)
+    kw = dict(temperature=T, top_k=top_k, top_p=top_p, beta=beta)
+    # drafts and q from the filtered distributions, as in generation
+    pre = draft_sample(blk[:, 0, 0], blk[:, 0], generator=gen(V), backend="reference", **kw)
+    drafts[:, 1:], q = pre.next_drafts[:, 1:], pre.next_draft_probs
+    if K > 1:
+        ar[:, :-1] = blk[:, 0, 1:] + 0.3 * torch.randn(B, K - 1, V, generator=gen(1))  # p near q: some accepted
+    u = draw_uniforms(B, K, generator=gen(V + 1))
+    want = rejection_sample(ar, blk, drafts, q, uniforms=u, backend="reference", **kw)
+    got = rejection_sample(ar, blk, drafts, q, uniforms=u, backend="triton", **kw)
+    _assert_same(got, want)
+    assert (want.next_draft_probs == 0).any(), "the filter should remove tokens"
+    assert torch.equal(got.next_draft_probs == 0, want.next_draft_probs == 0), "same support"
+    d_want = draft_sample(ar[:, 0], blk[:, 0], uniforms=u, backend="reference", **kw)
+    d_got = draft_sample(ar[:, 0], blk[:, 0], uniforms=u, backend="triton", **kw)
+    assert torch.equal(d_got.next_drafts, d_want.next_drafts)
+    torch.testing.assert_close(d_got.next_draft_probs, d_want.next_draft_probs, rtol=1e-6, atol=1e-7)
+    # negative control: the kernel without the filter is not the filtered step
+    unfiltered = rejection_sample(ar, blk, drafts, q, uniforms=u, backend="triton", temperature=T, beta=beta)
+    assert not torch.equal(unfiltered.next_draft_probs == 0, want.next_draft_probs == 0)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, None), (None, 0.5), (4, 0.6)])
+def test_exact_top_k_top_p_with_ties(top_k, top_p):
+    """EXACT: integer logits, so many tokens tie at the top-k / top-p boundary (all ties are kept)."""
+    B, K, V = 5, 3, 9
+    g = gen(11)
+    ar = torch.randint(-2, 3, (B, K, V), generator=g).float()
+    blk = torch.randint(-2, 3, (B, K, K, V), generator=g).float()
+    kw = dict(temperature=1.0, top_k=top_k, top_p=top_p)
+    pre = draft_sample(blk[:, 0, 0], blk[:, 0], generator=gen(12), backend="reference", **kw)
+    drafts = torch.cat([torch.zeros(B, 1, dtype=torch.long), pre.next_drafts[:, 1:]], 1)
+    u = draw_uniforms(B, K, generator=gen(13))
+    want = rejection_sample(ar, blk, drafts, pre.next_draft_probs, uniforms=u, backend="reference", **kw)
+    got = rejection_sample(ar, blk, drafts, pre.next_draft_probs, uniforms=u, backend="triton", **kw)
+    _assert_same(got, want)
+    kept = (want.next_draft_probs > 0).sum(-1)
+    if top_p is None:
+        assert (kept >= top_k).all() and (kept > top_k).any(), "ties at the k-th value are kept"
+    else:
+        assert (kept > 1).any()
+
+
+@triton.jit
+def _philox_probe(SEED, OFFSET, OUT, N):
+    """u[i] = the kernel module's Philox uniform at counter OFFSET + i."""
+    i = tl.program_id(0) * 64 + tl.arange(0, 64)
+    n = tl.load(OFFSET) + i.to(tl.int64)
+    u = impl_mod._philox_uniform(tl.load(SEED), n)
+    tl.store(OUT + i, u, mask=i < N)
+
+
+PHILOX_CASES = [(0, 0), (1234, 7), (-1, 2**32 - 40), (-(2**63), 2**63 - 50), (987654321987, -30)]  # int64 bits
+
+
+@pytest.mark.parametrize("seed,offset", PHILOX_CASES)
+def test_philox_kernel_bit_exact(seed, offset):
+    """The in-kernel Philox (vectorised over 200 counters) == philox_uniforms, crossing 2^32 / 2^63 / 2^64."""
+    out = torch.empty(200, dtype=torch.float32, device=DEV)
+    _philox_probe[(4,)](torch.tensor([seed], device=DEV), torch.tensor([offset], device=DEV), out, 200)
+    want = philox_uniforms(seed, offset, 100, 1, device=DEV).view(-1)
+    assert torch.equal(out, want)
+    assert not torch.equal(out, philox_uniforms(seed ^ 1, offset, 100, 1, device=DEV).view(-1))  # control
+
+
+@pytest.mark.parametrize("T,top_k,beta", [(0.9, None, 1.0), (1.1, 5, 0.5)])
+def test_exact_seed_offset_steps(T, top_k, beta):
+    """EXACT: seed/offset (ints or int64 tensors; uniforms made in-kernel) == the reference given
+    philox_uniforms(seed, offset); draft_sample too."""
+    B, K, V = 8, 3, 29
+    ar, blk, drafts, q = _step(B, K, V, T, seed=3)
+    kw = dict(temperature=T, top_k=top_k, beta=beta)
+    seen = set()
+    for seed, offset in [(7, 0), (-5, 2**32 - 9), (11, torch.tensor([-3]))]:
+        s_t = torch.tensor([seed], device=DEV)
+        u = philox_uniforms(seed, offset, B, K)
+        want = rejection_sample(ar, blk, drafts, q, uniforms=u, backend="reference", **kw)
+        _assert_same(rejection_sample(ar, blk, drafts, q, seed=s_t, offset=offset, backend="triton", **kw), want)
+        d_want = draft_sample(ar[:, 0], blk[:, 0], uniforms=u, backend="reference", **kw)
+        d_got = draft_sample(ar[:, 0], blk[:, 0], seed=seed, offset=offset, backend="triton", **kw)
+        assert torch.equal(d_got.next_drafts, d_want.next_drafts)
+        seen.add(tuple(want.next_drafts.view(-1).tolist()))
+    assert len(seen) == 3, "different seeds/offsets give different steps"
 
 
 # ---------------------------------------------------------------------------------------------
