@@ -7,12 +7,35 @@
 // determinism over two runs, no shared-memory race or cp.async hazard (the emulator aborts or counts), no
 // cp.async read outside q/k/v, never-visible keys (scratch past the segment, cache capacity past Skv) hold NaN
 // and must not leak into the output. Then the error codes.
+//
+// The same file runs the kernels on a GPU: csrc/tests/test_tidar_attention_gpu.cu includes it without
+// TIDAR_ATTN_EMULATE (buffers, guards included, are mirrored to device memory; races are then compute-sanitizer's
+// job) and adds a decode-step benchmark.
 #include "tidar_attention.cu"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
+
+#if defined(TIDAR_ATTN_EMULATE)
+#define EMU_ONLY(x) x
+#else
+#define EMU_ONLY(x)
+#define CUDA_OK(x)                                                                       \
+  do {                                                                                   \
+    cudaError_t e_ = (x);                                                                \
+    if (e_ != cudaSuccess) {                                                             \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(2);                                                                      \
+    }                                                                                    \
+  } while (0)
+#endif
 
 namespace {
 
@@ -42,44 +65,88 @@ struct Case {
   float scale = 0.f;  // 0 = D^-0.5
 };
 
+#if defined(TIDAR_ATTN_EMULATE)
 float to_f(uint16_t b, int dtype) { return dtype == 0 ? tidar_emu::f16_bits_to_f32(b) : tidar_emu::bf16_bits_to_f32(b); }
 uint16_t from_f(float f, int dtype) { return dtype == 0 ? tidar_emu::f32_to_f16_bits(f) : tidar_emu::f32_to_bf16_bits(f); }
+#else
+float to_f(uint16_t b, int dtype) {
+  if (dtype == 0) { __half h; std::memcpy(&h, &b, 2); return __half2float(h); }
+  __nv_bfloat16 h; std::memcpy(&h, &b, 2); return __bfloat162float(h);
+}
+uint16_t from_f(float f, int dtype) {
+  uint16_t b;
+  if (dtype == 0) { const __half h = __float2half_rn(f); std::memcpy(&b, &h, 2); }
+  else { const __nv_bfloat16 h = __float2bfloat16_rn(f); std::memcpy(&b, &h, 2); }
+  return b;
+}
+#endif
 
-struct Buf16 {  // 16-bit tensor with guards; data() is 16-byte aligned
-  std::vector<uint16_t> v;
-  size_t n = 0;
-  explicit Buf16(size_t n_, uint16_t fill) : v(n_ + 2 * kGuard + 8, kSentinel), n(n_) {
+// Host buffer with guards on both sides, 256-byte aligned so a device mirror keeps every offset's alignment.
+template <typename E>
+struct Buf {
+  size_t n = 0, total = 0;
+  E sentinel;
+  std::unique_ptr<E[], void (*)(void*)> base{nullptr, std::free};
+  Buf(size_t n_, E fill, E sentinel_) : n(n_), sentinel(sentinel_) {
+    total = n + 2 * kGuard;
+    const size_t bytes = ((total * sizeof(E) + 255) / 256) * 256;
+    base.reset(static_cast<E*>(std::aligned_alloc(256, bytes)));
+    for (size_t i = 0; i < total; ++i) base[i] = sentinel;
     for (size_t i = 0; i < n; ++i) data()[i] = fill;
   }
-  uint16_t* data() {
-    uintptr_t p = reinterpret_cast<uintptr_t>(v.data() + kGuard);
-    p = (p + 15) & ~uintptr_t(15);
-    return reinterpret_cast<uint16_t*>(p);
-  }
+  E* data() { return base.get() + kGuard; }
+  size_t bytes() const { return total * sizeof(E); }
   bool guards_intact() {
-    const uint16_t* d = data();
-    for (const uint16_t* p = v.data(); p < d; ++p) if (*p != kSentinel) return false;
-    for (const uint16_t* p = d + n; p < v.data() + v.size(); ++p) if (*p != kSentinel) return false;
+    for (size_t i = 0; i < kGuard; ++i)
+      if (std::memcmp(&base[i], &sentinel, sizeof(E)) || std::memcmp(&base[kGuard + n + i], &sentinel, sizeof(E)))
+        return false;
     return true;
   }
+};
+using Buf16 = Buf<uint16_t>;
+using BufF = Buf<float>;
+
+// Where the kernels see a host buffer: itself under the emulator, a device copy on a GPU.
+struct Mirror {
+  void* host;
+  size_t bytes;
+  void* dev;
+  Mirror(void* h, size_t b) : host(h), bytes(b), dev(h) {
+#if !defined(TIDAR_ATTN_EMULATE)
+    CUDA_OK(cudaMalloc(&dev, b == 0 ? 16 : b));
+    if (b) CUDA_OK(cudaMemcpy(dev, h, b, cudaMemcpyHostToDevice));
+#endif
+  }
+  template <typename T>
+  Mirror(Buf<T>& buf) : Mirror(buf.base.get(), buf.bytes()) {}
+  template <typename T>
+  T* map(T* hp) const {
+    return reinterpret_cast<T*>(static_cast<char*>(dev) + (reinterpret_cast<char*>(hp) - static_cast<char*>(host)));
+  }
+  void back() {
+#if !defined(TIDAR_ATTN_EMULATE)
+    if (bytes) CUDA_OK(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost));
+#endif
+  }
+  ~Mirror() {
+#if !defined(TIDAR_ATTN_EMULATE)
+    cudaFree(dev);
+#endif
+  }
+  Mirror(const Mirror&) = delete;
+  Mirror& operator=(const Mirror&) = delete;
 };
 
-struct BufF {
-  std::vector<float> v;
-  size_t n = 0;
-  explicit BufF(size_t n_) : v(n_ + 2 * kGuard + 4, 12345.f), n(n_) {}
-  float* data() {
-    uintptr_t p = reinterpret_cast<uintptr_t>(v.data() + kGuard);
-    p = (p + 15) & ~uintptr_t(15);
-    return reinterpret_cast<float*>(p);
+int forward_sync(const TidarAttentionParams& p) {
+  const int rc = tidar_attention_forward(p, nullptr);
+#if !defined(TIDAR_ATTN_EMULATE)
+  if (rc == 0) {
+    const cudaError_t e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) return static_cast<int>(e);
   }
-  bool guards_intact() {
-    const float* d = data();
-    for (const float* p = v.data(); p < d; ++p) if (*p != 12345.f) return false;
-    for (const float* p = d + n; p < v.data() + v.size(); ++p) if (*p != 12345.f) return false;
-    return true;
-  }
-};
+#endif
+  return rc;
+}
 
 bool rule(const Case& c, int b, int i, long j) {
   const int s0 = c.seg[b];
@@ -100,7 +167,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   else { qs[0] = int64_t(Hq) * S * D; qs[1] = int64_t(S) * D; qs[2] = D; qs[3] = 1; }
   const int64_t ks[4] = {int64_t(Hkv) * cap * D, int64_t(cap) * D, D, 1};
   const size_t nq = size_t(B) * Hq * S * D, nk = size_t(B) * Hkv * cap * D;
-  Buf16 q(nq, 0), k(nk, nan16), v(nk, nan16), out(nq, kSentinel);
+  Buf16 q(nq, 0, kSentinel), k(nk, nan16, kSentinel), v(nk, nan16, kSentinel), out(nq, kSentinel, kSentinel);
   for (size_t i = 0; i < nq; ++i) q.data()[i] = from_f(nd(rng), c.dtype);
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hkv; ++h)
@@ -110,27 +177,32 @@ void run_case(const Case& c, std::mt19937& rng) {
           k.data()[o] = from_f(nd(rng), c.dtype);
           v.data()[o] = from_f(nd(rng), c.dtype);
         }
-  BufF lse(size_t(B) * Hq * S);
+  BufF lse(size_t(B) * Hq * S, 12345.f, 12345.f);
   std::vector<int32_t> ll(c.ll.begin(), c.ll.end()), bid(c.bid.begin(), c.bid.end()), seg(c.seg.begin(), c.seg.end());
+  Mirror mq(q), mk(k), mv(v), mout(out), mlse(lse);
+  Mirror mll(ll.data(), ll.size() * 4), mbid(bid.data(), bid.size() * 4), mseg(seg.data(), seg.size() * 4);
 
   TidarAttentionParams p{};
-  p.q = q.data(); p.k = k.data(); p.v = v.data(); p.out = out.data(); p.lse = lse.data();
-  p.local_limit = ll.data(); p.block_id = bid.data(); p.seg_start = seg.data();
+  p.q = mq.map(q.data()); p.k = mk.map(k.data()); p.v = mv.map(v.data());
+  p.out = mout.map(out.data()); p.lse = mlse.map(lse.data());
+  p.local_limit = mll.map(ll.data()); p.block_id = mbid.map(bid.data()); p.seg_start = mseg.map(seg.data());
   for (int i = 0; i < 4; ++i) { p.q_stride[i] = qs[i]; p.o_stride[i] = qs[i]; p.k_stride[i] = ks[i]; p.v_stride[i] = ks[i]; }
   p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.S = S; p.Skv = Skv; p.D = D;
   p.scale = scale; p.dtype = c.dtype; p.num_sms = c.num_sms;
   const size_t ws_bytes = tidar_attention_workspace_bytes(p);
   const int splits = tidar_attention_num_splits(p);
-  BufF ws(ws_bytes / sizeof(float) + 1);
-  p.workspace = ws_bytes ? ws.data() : nullptr;
-  tidar_emu::clear_buffers();
-  tidar_emu::register_buffer(q.data(), nq * 2);
-  tidar_emu::register_buffer(k.data(), nk * 2);
-  tidar_emu::register_buffer(v.data(), nk * 2);
-  const long races0 = tidar_emu::st().races;
-  const int rc = tidar_attention_forward(p, nullptr);
+  BufF ws(ws_bytes / sizeof(float) + 1, 12345.f, 12345.f);
+  Mirror mws(ws);
+  p.workspace = ws_bytes ? mws.map(ws.data()) : nullptr;
+  EMU_ONLY(tidar_emu::clear_buffers());
+  EMU_ONLY(tidar_emu::register_buffer(q.data(), nq * 2));
+  EMU_ONLY(tidar_emu::register_buffer(k.data(), nk * 2));
+  EMU_ONLY(tidar_emu::register_buffer(v.data(), nk * 2));
+  EMU_ONLY(const long races0 = tidar_emu::st().races);
+  const int rc = forward_sync(p);
   EXPECT(rc == 0, "forward returned %d (%s)", rc, tidar_attention_error_string(rc));
-  EXPECT(tidar_emu::st().races == races0, "%ld shared-memory races", tidar_emu::st().races - races0);
+  EMU_ONLY(EXPECT(tidar_emu::st().races == races0, "%ld shared-memory races", tidar_emu::st().races - races0));
+  mout.back(); mlse.back(); mws.back();
 
   // reference
   double max_err = 0, max_lse_err = 0;
@@ -196,7 +268,8 @@ void run_case(const Case& c, std::mt19937& rng) {
   // determinism: a second run gives the same bits
   std::vector<uint16_t> out1(out.data(), out.data() + nq);
   std::vector<float> lse1(lse.data(), lse.data() + lse.n);
-  EXPECT(tidar_attention_forward(p, nullptr) == 0, "second run");
+  EXPECT(forward_sync(p) == 0, "second run");
+  mout.back(); mlse.back();
   bool same = std::equal(out1.begin(), out1.end(), out.data()) &&
               std::memcmp(lse1.data(), lse.data(), lse.n * sizeof(float)) == 0;
   EXPECT(same, "%s: second run differs", c.name.c_str());
@@ -213,9 +286,11 @@ void decode_layout(int K, std::vector<int>& ll, std::vector<int>& bid) {
 }
 
 void error_codes() {
-  std::vector<uint16_t> buf(4096 + 8);
-  void* al = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 15) & ~uintptr_t(15));
-  int32_t ints[4] = {1, 1, 1, 0};
+  Buf16 buf(4096, 0, 0);
+  int32_t ints_h[4] = {1, 1, 1, 0};
+  Mirror mbuf(buf), mints(ints_h, sizeof(ints_h));
+  void* al = mbuf.map(buf.data());
+  int32_t* ints = mints.map(ints_h);
   TidarAttentionParams base{};
   base.q = base.k = base.v = al; base.out = al;
   base.local_limit = ints; base.block_id = ints; base.seg_start = ints + 3;
@@ -224,12 +299,12 @@ void error_codes() {
   for (int64_t* st : {base.q_stride, base.o_stride}) { st[0] = 128; st[1] = 64; st[2] = 64; st[3] = 1; }
   for (int64_t* st : {base.k_stride, base.v_stride}) { st[0] = 64; st[1] = 64; st[2] = 64; st[3] = 1; }
   auto expect_code = [](TidarAttentionParams p, int code, const char* what) {
-    const int rc = tidar_attention_forward(p, nullptr);
+    const int rc = forward_sync(p);
     EXPECT(rc == code, "%s: got %d want %d", what, rc, code);
     EXPECT(rc == 0 || std::string(tidar_attention_error_string(rc)).size() > 16, "%s: no message", what);
   };
-  tidar_emu::clear_buffers();
-  tidar_emu::register_buffer(al, 4096 * 2);
+  EMU_ONLY(tidar_emu::clear_buffers());
+  EMU_ONLY(tidar_emu::register_buffer(al, 4096 * 2));
   { auto p = base; expect_code(p, 0, "valid"); }
   { auto p = base; p.D = 96; expect_code(p, TIDAR_ATTN_ERR_BAD_HEAD_DIM, "D=96"); }
   { auto p = base; p.D = 32; expect_code(p, TIDAR_ATTN_ERR_BAD_HEAD_DIM, "D=32"); }
@@ -253,7 +328,12 @@ void error_codes() {
 
 }  // namespace
 
-int main() {
+#if defined(TIDAR_ATTN_GPU_TEST)
+void benchmark();  // test_tidar_attention_gpu.cu
+#endif
+
+int main(int argc, char** argv) {
+  (void)argc; (void)argv;
   std::mt19937 rng(7);
   std::vector<Case> cases;
   {
@@ -300,15 +380,27 @@ int main() {
     c.S = 66; c.seg = {0}; c.Skv = 66;
     cases.push_back(c);
   }
+#if defined(TIDAR_ATTN_EMULATE)
   std::printf("tidar_attention under the emulator:\n");
+#else
+  int dev = 0;
+  cudaDeviceProp prop;
+  CUDA_OK(cudaGetDevice(&dev));
+  CUDA_OK(cudaGetDeviceProperties(&prop, dev));
+  std::printf("tidar_attention on %s (sm_%d%d, %d SMs):\n", prop.name, prop.major, prop.minor,
+              prop.multiProcessorCount);
+#endif
   for (const Case& c : cases) run_case(c, rng);
   error_codes();
-  std::printf("%d collectives emulated, %ld races\n", static_cast<int>(tidar_emu::st().collectives),
-              tidar_emu::st().races);
+  EMU_ONLY(std::printf("%d collectives emulated, %ld races\n", static_cast<int>(tidar_emu::st().collectives),
+                       tidar_emu::st().races));
   if (g_fail) {
     std::printf("%d FAILURES\n", g_fail);
     return 1;
   }
-  std::printf("all emulated checks passed\n");
+  std::printf("all checks passed\n");
+#if defined(TIDAR_ATTN_GPU_TEST)
+  if (argc > 1 && std::string(argv[1]) == "--bench") benchmark();
+#endif
   return 0;
 }
