@@ -25,6 +25,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -621,8 +622,17 @@ int launch(const TidarAttentionParams& p, int num_splits, cudaStream_t stream) {
   if (grid <= 0 || grid > INT_MAX) return TIDAR_ATTN_ERR_BAD_SIZE;
   constexpr size_t smem = SmemLayout<D>::kBytes;
   auto kernel = tidar_attention_fwd_kernel<D, T>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  // Opt in to > 48 KB of dynamic shared memory once per device (a host call of ~1 us, kept off the decode path).
+  static std::atomic<uint64_t> configured{0};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return static_cast<int>(e);
+  const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
+  if (bit == 0 || !(configured.load(std::memory_order_acquire) & bit)) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return static_cast<int>(e);
+    configured.fetch_or(bit, std::memory_order_acq_rel);
+  }
 #if defined(TIDAR_ATTN_EMULATE)
   tidar_emu::launch(kernel, static_cast<unsigned>(grid), kThreads, smem, a);
 #else

@@ -373,6 +373,12 @@ int main(int argc, char** argv) {
     cases.push_back(c);
   }
   {
+    Case c; c.name = "decode K=2, GQA 8, D=128 split";
+    c.B = 1; c.Hq = 8; c.Hkv = 1; c.D = 128; c.dtype = 1; decode_layout(2, c.ll, c.bid);
+    c.S = static_cast<int>(c.ll.size()); c.seg = {1500}; c.Skv = 1500 + c.S + 70;
+    cases.push_back(c);
+  }
+  {
     Case c; c.name = "prefill n=50 K=16, GQA 8";
     c.B = 1; c.Hq = 8; c.Hkv = 1; c.D = 128; c.dtype = 0;
     for (int i = 0; i < 50; ++i) { c.ll.push_back(i + 1); c.bid.push_back(-1); }
