@@ -4,6 +4,13 @@
 // General path: one thread moves one element (as an integer of the element's size), any strides.
 // All index math is 64-bit; every store is guarded by the row's bound (0 <= seg_start + s < Smax).
 #include "kv_append.h"
+
+#if defined(TIDAR_EMULATE)  // CPU test build: csrc/tests/emu_sampling.h (fibers for threads, see test_cuda_emu.py)
+#include "emu_sampling.h"
+#else
+#define TIDAR_LAUNCH(kernel, grid, threads, stream, arg) kernel<<<(grid), (threads), 0, (stream)>>>(arg)
+#endif
+
 #include "tidar_common.cuh"
 
 namespace {
@@ -18,13 +25,24 @@ inline Strides4 make_strides(const int64_t* st) { return {st[0], st[1], st[2], s
 // Copies `Word`s: `words_per_row` of them per (b, h, s) row; `d_step` is the element stride of one Word
 // along D (1 word = elem_per_word elements on the fast path, so its D stride is elem_per_word).
 template <typename Word>
-__global__ void __launch_bounds__(kThreads) kv_append_kernel(
-    Word* __restrict__ kc, Word* __restrict__ vc, const Word* __restrict__ kn, const Word* __restrict__ vn,
-    const int32_t* __restrict__ seg_start, Strides4 skc, Strides4 svc, Strides4 skn, Strides4 svn,
-    int64_t H, int64_t S, int64_t Smax, int64_t words_per_row, int64_t total) {
-  // Strides here are in Words (the launcher divided them); d stride is in Words too.
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+struct KvArgs {
+  Word* kc; Word* vc; const Word* kn; const Word* vn;
+  const int32_t* seg_start;
+  Strides4 skc, svc, skn, svn;  // in Words (the launcher divided them); d stride in Words too
+  int64_t H, S, Smax, words_per_row, total;
+};
+
+template <typename Word>
+__global__ void __launch_bounds__(kThreads) kv_append_kernel(const KvArgs<Word> a) {
+  Word* __restrict__ kc = a.kc;
+  Word* __restrict__ vc = a.vc;
+  const Word* __restrict__ kn = a.kn;
+  const Word* __restrict__ vn = a.vn;
+  const Strides4 skc = a.skc, svc = a.svc, skn = a.skn, svn = a.svn;
+  const int64_t H = a.H, S = a.S, Smax = a.Smax, words_per_row = a.words_per_row, total = a.total;
+  const int32_t* seg_start = a.seg_start;
+  const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += grid_threads) {
     const int64_t w = idx % words_per_row;
     const int64_t row = idx / words_per_row;  // (b, h, s) flattened, s fastest
     const int64_t s = row % S;
@@ -54,10 +72,11 @@ int launch(const TidarKvAppendParams& p, int64_t words_per_row, int64_t div, cud
   if (total == 0) return TIDAR_OK;
   int64_t blocks = tidar_cdiv(total, kThreads);
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
-  kv_append_kernel<Word><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<Word*>(p.k_cache), static_cast<Word*>(p.v_cache), static_cast<const Word*>(p.k_new),
-      static_cast<const Word*>(p.v_new), p.seg_start, conv(p.kc_stride), conv(p.vc_stride), conv(p.kn_stride),
-      conv(p.vn_stride), p.H, p.S, p.Smax, words_per_row, total);
+  const KvArgs<Word> args{static_cast<Word*>(p.k_cache), static_cast<Word*>(p.v_cache),
+                          static_cast<const Word*>(p.k_new), static_cast<const Word*>(p.v_new), p.seg_start,
+                          conv(p.kc_stride), conv(p.vc_stride), conv(p.kn_stride), conv(p.vn_stride),
+                          p.H, p.S, p.Smax, words_per_row, total};
+  TIDAR_LAUNCH(kv_append_kernel<Word>, static_cast<unsigned>(blocks), kThreads, stream, args);
   return tidar_launch_status();
 }
 

@@ -15,11 +15,17 @@
 // u * q(d) < p(d), residual max(p - q, 0), inverse CDF = first index whose inclusive cumulative sum exceeds
 // u * total. Summation order differs from torch's (~1e-16 relative), as for the Triton kernel.
 #include "rejection_sample.h"
-#include "tidar_common.cuh"
 
+#if defined(TIDAR_EMULATE)  // CPU test build: csrc/tests/emu_sampling.h (fibers for threads, see test_cuda_emu.py)
+#include "emu_sampling.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math_constants.h>
+#define TIDAR_LAUNCH(kernel, grid, threads, stream, arg) kernel<<<(grid), (threads), 0, (stream)>>>(arg)
+#endif
+
+#include "tidar_common.cuh"
 
 namespace {
 
@@ -438,10 +444,10 @@ int tidar_rejection_sample(const TidarRejectionParams& p, cudaStream_t stream) {
     if (p.K > 1 && (!p.draft_probs || !p.next_probs)) return TIDAR_ERR_NULL_POINTER;
   }
   const unsigned grid = static_cast<unsigned>(p.B) * static_cast<unsigned>(p.K);
-  rejection_stats_kernel<<<grid, kThreads, 0, stream>>>(p);
+  TIDAR_LAUNCH(rejection_stats_kernel, grid, kThreads, stream, p);
   int st = tidar_launch_status();
   if (st != TIDAR_OK) return st;
-  rejection_finish_kernel<<<grid, kThreads, 0, stream>>>(p);
+  TIDAR_LAUNCH(rejection_finish_kernel, grid, kThreads, stream, p);
   return tidar_launch_status();
 }
 
@@ -454,6 +460,6 @@ int tidar_draft_sample(const TidarDraftParams& p, cudaStream_t stream) {
   if (p.temperature < 0.0 || !(p.beta >= 0.0 && p.beta <= 1.0)) return TIDAR_ERR_BAD_MODE;
   if (p.temperature != 0.0 && p.K > 1 && !p.next_probs) return TIDAR_ERR_NULL_POINTER;
   const unsigned grid = static_cast<unsigned>(p.B) * static_cast<unsigned>(p.K);
-  draft_kernel<<<grid, kThreads, 0, stream>>>(p);
+  TIDAR_LAUNCH(draft_kernel, grid, kThreads, stream, p);
   return tidar_launch_status();
 }
