@@ -16,7 +16,8 @@
 //   registers, K via ldmatrix), fp32 online softmax in the exp2 domain (scale * log2 e folded in, running max,
 //   per-thread partial row sums), then O += P V with P re-packed from the S accumulators (no shared round
 //   trip) and V via ldmatrix.trans.
-// * Split-KV (tidar_attn::choose_num_splits): splits cut the cached prefix's full tiles; each writes its
+// * Split-KV (tidar_attn::choose_num_splits, a wave/tile cost model): splits cut the cached prefix's full tiles
+//   (balanced with the segment's masked tiles counted on the last split); each writes its
 //   normalised partial O (fp32) and log2-sum-exp to the workspace; a merge kernel (one warp per row, splits
 //   combined in a fixed order: deterministic) writes out and lse.
 #include "tidar_attention.h"
@@ -597,7 +598,8 @@ bool nothing_to_do(const TidarAttentionParams& p) { return p.B == 0 || p.Hq == 0
 
 int splits_for(const TidarAttentionParams& p) {
   if (nothing_to_do(p)) return 1;
-  return choose_num_splits(base_ctas(p), p.Skv, p.D, resolve_num_sms(p.num_sms));
+  const int64_t rows_total = static_cast<int64_t>(p.B) * p.Hq * p.S;
+  return choose_num_splits(base_ctas(p), rows_total, p.Skv, p.D, resolve_num_sms(p.num_sms));
 }
 
 template <int D, typename T>

@@ -68,19 +68,26 @@ struct TilePlan {
 TIDAR_ATTN_HD int cdiv_int(int a, int b) { return (a + b - 1) / b; }
 
 // Tiles entirely below pe_min are full for every row (their keys are all < pe_min <= key_end <= Skv, so they
-// need neither the mask nor bound checks). Split-KV cuts only the full tiles below s0 (the cached prefix, the
-// same for every row tile of a batch row, so the row tiles of one split read the same K/V and share L2); the
-// last split also takes the remaining full tiles and every masked tile:
+// need neither the mask nor bound checks). Split-KV cuts only the full tiles of the cached prefix (below s0);
+// the last split also takes the remaining full tiles and every masked tile:
 //   range 1: [floor(pe_min / N), ceil(pe_max / N))      (the prefix part where rows differ)
 //   range 2: [floor(blk_lo / N), ceil(blk_hi / N)) minus what is already covered (the own-block part).
+// The cut points balance the splits counting the segment's tiles as the last split's extra work, and depend only
+// on s0 and key_end, so every row tile of a batch row cuts at the same keys (its splits share K/V in L2).
 // Every visible (row, key) pair lies in exactly one tile of exactly one split (tested on the host).
 TIDAR_ATTN_HD TilePlan make_plan(const TileStats& st, int s0, int key_end, int num_splits, int split) {
   TilePlan p;
   const int n_full = st.pe_min / kBlockN;
-  int n_split = static_cast<int>(clamp64(s0, 0, key_end)) / kBlockN;
-  if (n_split > n_full) n_split = n_full;
-  p.full_begin = static_cast<int>(static_cast<int64_t>(n_split) * split / num_splits);
-  p.full_end = static_cast<int>(static_cast<int64_t>(n_split) * (split + 1) / num_splits);
+  const int n_pref = static_cast<int>(clamp64(s0, 0, key_end)) / kBlockN;  // full tiles of the cached prefix
+  const int n_split = n_pref < n_full ? n_pref : n_full;                    // (== n_pref for valid layouts)
+  const int64_t total = static_cast<int64_t>(n_pref) + (cdiv_int(key_end, kBlockN) - n_pref);
+  auto cut = [&](int i) -> int {
+    if (i >= num_splits) return n_split;
+    const int64_t c = total * i / num_splits;
+    return static_cast<int>(c < n_split ? c : n_split);
+  };
+  p.full_begin = cut(split);
+  p.full_end = cut(split + 1);
   p.m1_begin = p.m1_end = p.m2_begin = p.m2_end = 0;
   if (split != num_splits - 1) return p;
   p.full_end = n_full;
@@ -98,27 +105,33 @@ TIDAR_ATTN_HD TilePlan make_plan(const TileStats& st, int s0, int key_end, int n
 // Thread blocks that fit on one SM at once (from the kernel's registers and shared memory; see the .cu).
 TIDAR_ATTN_HD int ctas_per_sm(int D) { return D <= 64 ? 2 : 1; }
 
-// Split-KV policy (FlashAttention's wave-efficiency heuristic): no split when the un-split grid already fills
-// the GPU or the cache is short; else the smallest split count whose wave efficiency (ctas / (waves * slots))
-// is within 85% of the best, capped so each split keeps at least 4 key tiles and at most kMaxSplits.
-// Depends only on sizes (Skv bounds every row's prefix), never on device data.
-TIDAR_ATTN_HD int choose_num_splits(int64_t base_ctas, int Skv, int D, int num_sms) {
-  if (base_ctas <= 0 || num_sms <= 0) return 1;
+// Split-KV policy: a cost model in units of one key tile of one thread block. A block walks about
+// T = Skv / 64 + 1 tiles (+1 for its prologue and epilogue) unsplit, T / s + 1 split s ways; the grid runs in
+// ceil(base_ctas * s / slots) waves; splitting adds the merge launch (~2) and the fp32 partials written and
+// read back (~rows_total / 4096 per split, rows_total = B * Hq * S: bytes vs. MMA time of an H100 SM). The
+// smallest s within 3% of the cheapest wins; s <= kMaxSplits and at least 4 key tiles per split. Depends only
+// on sizes (Skv bounds every row's prefix), never on device data.
+TIDAR_ATTN_HD double split_cost(int64_t base_ctas, int64_t rows_total, int Skv, int D, int num_sms, int s) {
   const int64_t slots = static_cast<int64_t>(num_sms) * ctas_per_sm(D);
-  if (base_ctas * 5 >= slots * 4) return 1;  // >= 80% of one wave
+  const double tiles = static_cast<double>(Skv / kBlockN + 1);
+  const double waves = static_cast<double>((base_ctas * s + slots - 1) / slots);
+  double c = waves * (tiles / s + 1.0);
+  if (s > 1) c += 2.0 + s * static_cast<double>(rows_total) / 4096.0;
+  return c;
+}
+
+TIDAR_ATTN_HD int choose_num_splits(int64_t base_ctas, int64_t rows_total, int Skv, int D, int num_sms) {
+  if (base_ctas <= 0 || num_sms <= 0) return 1;
   int max_s = (Skv / kBlockN) / 4;
   if (max_s > kMaxSplits) max_s = kMaxSplits;
   if (max_s <= 1) return 1;
-  double best = 0.0;
-  double eff[kMaxSplits + 1];
-  for (int s = 1; s <= max_s; ++s) {
-    const int64_t ctas = base_ctas * s;
-    const int64_t waves = (ctas + slots - 1) / slots;
-    eff[s] = static_cast<double>(ctas) / static_cast<double>(waves * slots);
-    if (eff[s] > best) best = eff[s];
+  double best = split_cost(base_ctas, rows_total, Skv, D, num_sms, 1);
+  for (int s = 2; s <= max_s; ++s) {
+    const double c = split_cost(base_ctas, rows_total, Skv, D, num_sms, s);
+    if (c < best) best = c;
   }
   for (int s = 1; s <= max_s; ++s)
-    if (eff[s] >= 0.85 * best) return s;
+    if (split_cost(base_ctas, rows_total, Skv, D, num_sms, s) <= 1.03 * best) return s;
   return 1;
 }
 

@@ -10,7 +10,7 @@
 //    swizzled shared-memory layout: S = Q K^T and O = P V of one warp and one tile, exact on small integers.
 // 3. The kernel's algorithm in float (tile walk, exp2-domain online softmax with the kernel's -inf handling,
 //    split partials + log-sum-exp merge) against a double-precision softmax per query, including queries that
-//    see nothing (out 0, lse -inf) and the split-KV policy.
+//    see nothing (out 0, lse -inf); and the split-KV policy (bounds, no split where it cannot pay).
 #include "tidar_attention_plan.cuh"
 
 #include <cmath>
@@ -494,17 +494,24 @@ int main() {
   std::printf("algorithm: %d runs, max |out - ref| = %.3g\n", runs, max_err);
 
   // ---- split policy ----
-  CHECK(choose_num_splits(200, 32768, 128, 132) == 1, "full grid: no split");
-  CHECK(choose_num_splits(8, 100, 128, 132) == 1, "short cache: no split");
-  for (int64_t ctas : {1, 2, 8, 9, 17, 34, 72, 100}) {
-    for (int skv : {1024, 4096, 32768}) {
+  CHECK(choose_num_splits(264, 264 * 128, 32768, 128, 132) == 1, "two full waves: no split");
+  CHECK(choose_num_splits(8, 8 * 128, 100, 128, 132) == 1, "short cache: no split");
+  CHECK(choose_num_splits(8, 8 * 128, 32768, 128, 132) > 8, "8 blocks over 32k keys: split");
+  std::printf("policy (132 SMs; D=128 unless noted): base ctas x keys -> splits\n");
+  for (int64_t ctas : {1, 6, 18, 24, 34, 72, 96, 136, 288, 544}) {
+    std::printf("  %4lld ctas:", static_cast<long long>(ctas));
+    for (int skv : {1024, 4368, 8464, 33040}) {
       for (int D : {64, 128}) {
-        const int ns = choose_num_splits(ctas, skv, D, 132);
+        const int64_t rows_total = ctas * 100;  // ~ B * Hq * S for GQA-packed decode rows
+        const int ns = choose_num_splits(ctas, rows_total, skv, D, 132);
         CHECK(ns >= 1 && ns <= kMaxSplits && (ns == 1 || ns <= (skv / kBlockN) / 4), "splits %d", ns);
-        if (ctas == 72 && skv == 32768 && D == 128) std::printf("policy: 72 ctas, 32k keys, D=128 -> %d splits\n", ns);
-        if (ctas == 8 && skv == 32768 && D == 128) std::printf("policy: 8 ctas, 32k keys, D=128 -> %d splits\n", ns);
+        for (int s2 = 1; s2 <= std::min(kMaxSplits, (skv / kBlockN) / 4); ++s2)
+          CHECK(split_cost(ctas, rows_total, skv, D, 132, ns) <= 1.03 * split_cost(ctas, rows_total, skv, D, 132, s2),
+                "policy not within 3%% of the cheapest");
+        if (D == 128) std::printf(" %5d keys -> %2d", skv, ns);
       }
     }
+    std::printf("\n");
   }
   if (g_failures) {
     std::printf("%d FAILURES\n", g_failures);
