@@ -379,6 +379,16 @@ int main(int argc, char** argv) {
     cases.push_back(c);
   }
   {
+    // Out-of-range layout values (the torch layer rejects them; here only memory safety and the rule as the kernel
+    // reads it matter): local_limit < 0 or > S, block ids < -1, seg_start < 0 and past Skv - S.
+    Case c; c.name = "wild layout values (memory safety)";
+    c.B = 3; c.Hq = 4; c.Hkv = 2; c.D = 128; c.dtype = 0; c.S = 45; c.Skv = 300; c.num_sms = 4;
+    std::uniform_int_distribution<int> lld(-3, c.S + 5), bd(-3, 4);
+    for (int i = 0; i < c.S; ++i) { c.ll.push_back(lld(rng)); c.bid.push_back(bd(rng)); }
+    c.seg = {-5, 200, 290};
+    cases.push_back(c);
+  }
+  {
     Case c; c.name = "prefill n=50 K=16, GQA 8";
     c.B = 1; c.Hq = 8; c.Hkv = 1; c.D = 128; c.dtype = 0;
     for (int i = 0; i < 50; ++i) { c.ll.push_back(i + 1); c.bid.push_back(-1); }
