@@ -20,6 +20,11 @@
 // dimensions of size > 1 multiples of 8 elements (make the tensor contiguous otherwise); S * Hq / Hkv < 2^31.
 // Device data (local_limit, block_id, seg_start) is never trusted for memory safety: only keys in
 // [0, min(Skv, s0 + S)) are ever loaded, whatever their values; the torch layer validates their ranges.
+// The split count (and so the workspace size) is chosen on the host from the sizes alone, with Skv standing in
+// for the prefix length: when k/v are a preallocated cache much longer than max(seg_start) + S, pass that
+// shorter Skv (the keys past it are never visible anyway) to avoid splits that find no work.
+// No allocation, no host synchronisation: capturable in a CUDA graph (the > 48 KB shared-memory opt-in is set
+// on the first call per device, outside any stream).
 #pragma once
 
 #include <cstddef>
