@@ -11,15 +11,18 @@
 //   the range of block ids, then scans block_id[0, S) for the keys of those blocks: tidar_attn::TileStats.
 //   tidar_attn::make_plan turns it into the walk: full tiles (every row sees every key: no mask arithmetic,
 //   no bound checks), then masked tiles (layout rule per element); every other tile is never loaded.
-// * Per key tile of 64: cp.async (16 B, L2-only) of K and V into a 3-slot XOR-swizzled shared ring (two tiles
-//   in flight while one computes; the Q tile is staged in the third slot before the loop); per warp S = Q K^T with mma.sync m16n8k16 (Q fragments stay in
-//   registers, K via ldmatrix), fp32 online softmax in the exp2 domain (scale * log2 e folded in, running max,
-//   per-thread partial row sums), then O += P V with P re-packed from the S accumulators (no shared round
-//   trip) and V via ldmatrix.trans.
-// * Split-KV (tidar_attn::choose_num_splits, a wave/tile cost model): splits cut the cached prefix's full tiles
-//   (balanced with the segment's masked tiles counted on the last split); each writes its
-//   normalised partial O (fp32) and log2-sum-exp to the workspace; a merge kernel (one warp per row, splits
-//   combined in a fixed order: deterministic) writes out and lse.
+// * Per key tile of 64: cp.async (16 B, L2-only) of K and V into a 3-slot XOR-swizzled shared ring (two
+//   tiles in flight while one computes; the Q tile is staged in the third slot before the loop). Per warp:
+//   S = Q K^T with mma.sync m16n8k16 (Q fragments stay in registers, K via ldmatrix), fp32 online softmax in
+//   the exp2 domain (scale * log2 e folded in, running max, per-thread partial row sums), then O += P V with P
+//   re-packed from the S accumulators (no shared round trip) and V via ldmatrix.trans.
+// * Split-KV (tidar_attn::choose_num_splits, a wave/tile cost model): splits cut the cached prefix's full
+//   tiles (balanced with the segment's masked tiles counted on the last split); each writes its normalised
+//   partial O (fp32) and log2-sum-exp to the workspace; a merge kernel (one warp per row, splits combined in a
+//   fixed order: deterministic) writes out and lse.
+// * Verified without a GPU: csrc/tests/test_tidar_attention_host.cpp (plans, fragment maps, algorithm) and
+//   csrc/tests/test_tidar_attention_emu.cpp (this file's kernels run under a CPU emulator with a race checker);
+//   on a GPU: csrc/tests/test_tidar_attention_gpu.cu (same cases + a decode-step benchmark).
 #include "tidar_attention.h"
 #include "tidar_attention_plan.cuh"
 
