@@ -44,7 +44,7 @@ step cmake_bench bash -c "cmake -S . -B build/cmake -DCMAKE_CUDA_ARCHITECTURES=9
 
 # 3. compute-sanitizer on a subset that launches every kernel (small shapes: the sanitizer is ~100x slower)
 CS="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
-SEL="${SANITIZER_TESTS:-tests/test_cuda_gpu.py -k 'kv_append_whole_cache and (1-1-1-1-1 or 3-2-200-7-113) or rejection_exact_vs_reference_given_uniforms and (16-2-5 or 8-5-113 or 24-4-33) or seed_offset and 1234 or top_k_top_p_exact and 5-None-1.0 or attention_random_layouts_odd_sizes and (113 or 7) or attention_decode_step and 1000-4 or long_prefix_split_kv'}"
+SEL="${SANITIZER_TESTS:-tests/test_cuda_gpu.py -k 'kv_append_whole_cache and (1-1-1-1-1 or 3-2-200-7-113) or kv_append_noncontiguous or rejection_exact_vs_reference_given_uniforms and (16-2-5 or 8-5-113 or 24-4-33) or seed_offset and 1234 or top_k_top_p_exact and 1.0-5-None or attention_random_layouts_odd_sizes and ([7-64 or 113-128 or 272-64) or attention_decode_step and 4-1000 or long_prefix_split_kv'}"
 if [ -n "$CS" ]; then
   # memcheck and racecheck gate the result; initcheck and synccheck are informational (torch.empty outputs are
   # uninitialised by design). No caching allocator, so an out-of-bounds access cannot hide inside a pooled block.
