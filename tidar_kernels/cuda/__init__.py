@@ -85,6 +85,14 @@ def _load():
 
 _load()
 _ops = torch.ops.tidar_cuda
+_EXPECTED = {  # op -> an argument its current schema has (a stale build from older sources fails here, not at a call)
+    "kv_append": "seg_start", "rejection_sample": "thr_slots", "draft_sample": "thr_slots",
+    "tidar_attention": "seg_start", "philox_uniform": "draft_len", "has_attention": None,
+}
+for _name, _arg in _EXPECTED.items():
+    if not hasattr(_ops, _name) or (_arg and _arg not in str(getattr(_ops, _name).default._schema)):
+        raise ImportError(f"tidar_kernels._C is stale (op tidar_cuda::{_name} missing or out of date); "
+                          "rebuild with `pip install --no-build-isolation -e .`")
 HAS_ATTENTION = bool(_ops.has_attention())
 
 # ---------------------------------------------------------------------------------------------
