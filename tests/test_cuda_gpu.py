@@ -322,7 +322,8 @@ def test_rejection_cuda_graph_with_device_offset():
     ar, blk, drafts, q = _step(B, K, V, T, seed=13)
     seed = torch.tensor([42], dtype=torch.int64, device=DEV)
     offset = torch.tensor([0], dtype=torch.int64, device=DEV)
-    fn = lambda: rejection_sample(ar, blk, drafts, q, temperature=T, seed=seed, offset=offset, backend="cuda")  # noqa
+    # the raw op: tidar_kernels.ops.rejection_sample validates data on the host (syncs), which capture forbids
+    fn = lambda: torch.ops.tidar_cuda.rejection_sample(ar, blk, drafts, q, None, seed, offset, 0, 0, T, 1.0)  # noqa
     fn()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
