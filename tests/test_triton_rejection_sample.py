@@ -5,6 +5,7 @@ uniforms (greedy and temperature > 0, beta = 1 / 0 / mixed, several K and B, V n
 vocab block, fp32/fp16/bf16 logits, expanded (stride 0) inputs, top-k / top-p with ties at the boundary);
 next-draft distributions within 1e-6. Philox: the kernel's in-kernel uniforms from seed/offset tensors are
 bit-exact with ``philox_uniforms`` (direct kernel check and whole steps, counters wrapping 2^32 and 2^64).
+Vocabulary-parallel path (forced, with small chunks): exact vs the reference and vs the one-launch kernel.
 Distribution: chi-square of the emitted tokens against p on a small vocabulary (with a negative control),
 plus the reference suite's greedy, hand-computed and bad-call tests re-run on backend="triton".
 """
@@ -260,6 +261,79 @@ def test_exact_seed_offset_steps(T, top_k, beta):
         assert torch.equal(d_got.next_drafts, d_want.next_drafts)
         seen.add(tuple(want.next_drafts.view(-1).tolist()))
     assert len(seen) == 3, "different seeds/offsets give different steps"
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary-parallel path (small batch, large vocabulary), forced here with small chunks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vocab_parallel(monkeypatch):
+    monkeypatch.setattr(impl_mod, "VOCAB_PARALLEL", True)
+    monkeypatch.setattr(impl_mod, "VOCAB_CHUNK", 8)  # V = 29 -> 4 chunks, the last one partial
+
+
+def test_path_choice():
+    dev = torch.device(DEV)
+    if DEV == "cpu":
+        assert not impl_mod.use_vocab_parallel(1, 16, 151936, dev), "CPU (interpreter) takes the one-launch kernel"
+    else:
+        assert impl_mod.use_vocab_parallel(1, 16, 151936, dev) and not impl_mod.use_vocab_parallel(4096, 16, 151936, dev)
+        assert not impl_mod.use_vocab_parallel(1, 16, 1000, dev)
+
+
+VP_CASES = [  # (B, K, V, temperature, beta, top_k, top_p, randomness, dtype)
+    (3, 4, 29, 0.0, 1.0, None, None, "none", torch.float32),
+    (2, 3, 29, 0.0, 0.5, None, None, "none", torch.float16),
+    (2, 3, 29, 0.8, 1.0, None, None, "uniforms", torch.float32),
+    (3, 3, 29, 1.1, 0.8, 2, None, "philox", torch.float32),  # top-k 2: most chunks hold no possible token
+    (2, 3, 29, 0.9, 1.0, None, 0.6, "philox", torch.bfloat16),
+    (4, 1, 29, 1.0, 1.0, None, None, "uniforms", torch.float32),  # K = 1: only the bonus
+]
+
+
+@pytest.mark.parametrize("B,K,V,T,beta,top_k,top_p,rand,dtype", VP_CASES)
+def test_vocab_parallel_exact(vocab_parallel, B, K, V, T, beta, top_k, top_p, rand, dtype):
+    """EXACT: the vocabulary-parallel step == the reference (and the one-launch kernel) given the same uniforms."""
+    ar, blk, drafts, q = _step(B, K, V, T, seed=B * 10 + K)
+    ar, blk = ar.to(dtype), blk.to(dtype)
+    if T == 0.0 and K > 1:  # greedy: plant the target argmax in rows >= 1 (row 0 keeps its random drafts)
+        target = ref_mix(ar, blk, beta)
+        drafts[1:, 1:] = target[1:, :-1].argmax(-1)
+    if T > 0 and (top_k or top_p) and K > 1:  # drafts and q from the filtered distributions
+        pre = draft_sample(blk[:, 0, 0], blk[:, 0], temperature=T, top_k=top_k, top_p=top_p, generator=gen(2),
+                           backend="reference")
+        drafts[:, 1:], q = pre.next_drafts[:, 1:], pre.next_draft_probs
+        ar[:, :-1] = (blk[:, 0, 1:].float() + 0.3 * torch.randn(B, K - 1, V, generator=gen(3))).to(dtype)
+    kw = dict(temperature=T, beta=beta, top_k=top_k, top_p=top_p)
+    qq = q if (T > 0 and K > 1) else None
+    u = philox_uniforms(5, 17, B, K) if rand == "philox" else draw_uniforms(B, K, generator=gen(V))
+    want = rejection_sample(ar, blk, drafts, qq, uniforms=u, backend="reference", **kw)
+    rand_kw = dict(seed=5, offset=17) if rand == "philox" else dict(uniforms=u)
+    got = rejection_sample(ar, blk, drafts, qq, backend="triton", **rand_kw, **kw)
+    _assert_same(got, want)
+    if K > 1:
+        assert len(set(want.accepted.tolist())) >= 2, "the case should exercise several acceptance lengths"
+
+
+def ref_mix(ar, blk, beta):
+    from tidar_kernels.reference.rejection_sample import mix
+
+    return mix(ar, blk[:, :, 0], beta)
+
+
+def test_vocab_parallel_matches_one_launch(monkeypatch):
+    """The two Triton paths agree on a larger vocabulary (V = 300, chunk 64: 5 chunks), sampling + top-p."""
+    B, K, V = 2, 3, 300
+    ar, blk, drafts, q = _step(B, K, V, 1.0, seed=21)
+    u = draw_uniforms(B, K, generator=gen(22))
+    kw = dict(temperature=1.0, uniforms=u, backend="triton")
+    monkeypatch.setattr(impl_mod, "VOCAB_PARALLEL", False)
+    one = rejection_sample(ar, blk, drafts, q, **kw)
+    monkeypatch.setattr(impl_mod, "VOCAB_PARALLEL", True)
+    monkeypatch.setattr(impl_mod, "VOCAB_CHUNK", 64)
+    _assert_same(rejection_sample(ar, blk, drafts, q, **kw), one)
 
 
 # ---------------------------------------------------------------------------------------------
