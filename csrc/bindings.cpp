@@ -143,7 +143,9 @@ void check_writable(const char* op, const char* name, const Tensor& t) {
 // ---------------------------------------------------------------------------------------------
 // kv_append
 // ---------------------------------------------------------------------------------------------
-void kv_append(Tensor k_cache, Tensor v_cache, Tensor k_new, Tensor v_new, Tensor seg_start) {
+// Returns std::tuple<> (the schema's "-> ()"): boxed by TORCH_BOX's multiple-returns path, which every stable-ABI
+// release has (a plain void return needs a newer boxer).
+std::tuple<> kv_append(Tensor k_cache, Tensor v_cache, Tensor k_new, Tensor v_new, Tensor seg_start) {
   const char* op = "tidar_cuda::kv_append";
   check_cuda(op, "k_cache", k_cache, -1);
   const int32_t dev = k_cache.get_device_index();
@@ -182,10 +184,11 @@ void kv_append(Tensor k_cache, Tensor v_cache, Tensor k_new, Tensor v_new, Tenso
   strides_of(v_new, p.vn_stride);
   p.B = B; p.H = H; p.S = S; p.D = D; p.Smax = Smax;
   p.elem_size = static_cast<int>(k_cache.element_size());
-  if (B == 0 || H == 0 || S == 0 || D == 0) return;
+  if (B == 0 || H == 0 || S == 0 || D == 0) return {};
   torch::stable::accelerator::DeviceGuard guard(dev);
   const int st = tidar_kv_append(p, current_stream(dev));
   check_status(op, st, tidar_kv_append_error_string(st));
+  return {};
 }
 
 // ---------------------------------------------------------------------------------------------
