@@ -1,7 +1,7 @@
 """The generation loop on backend="triton" (attention, kv_append and the rejection step all through the
 Triton kernels, under TRITON_INTERPRET=1 on CPU): greedy gives exactly the tokens of HF greedy ``generate``
 (fp32, batch 1 and 2 with left padding, K = 1 and 4) and of the reference backend; sampling with the
-same generator gives the same sequences as the reference backend. Each test counts the Triton calls of
+same generator (or the same Philox seed, made in-kernel) gives the same sequences as the reference backend. Each test counts the Triton calls of
 every op, so a silent fallback to the reference fails it.
 
 backend="auto" never runs the interpreter on CPU tensors, so every call names backend="triton".
@@ -83,19 +83,39 @@ def test_greedy_triton_equals_hf(model, triton_calls, K):
         assert ref.tokens_per_forward >= 1.0
 
 
-@pytest.mark.parametrize("top_k,top_p", [(None, 0.9)])
-def test_sampling_triton_equals_reference(model, triton_calls, top_k, top_p):
-    """Same generator -> the same sampled sequences on both backends (batch 2, left padded, K = 3, top-p)."""
+@pytest.mark.parametrize("rng", ["generator", "seed"])
+def test_sampling_triton_equals_reference(model, triton_calls, rng):
+    """The same randomness -> the same sampled sequences on both backends (batch 2, left padded, K = 3, top-p):
+    a torch.Generator (uniforms drawn on the host), or a Philox seed (uniforms made inside the kernel)."""
     ids, mask = _left_pad(PROMPTS[1:])
+
+    def rand(s):
+        return dict(generator=torch.Generator().manual_seed(s)) if rng == "generator" else dict(seed=s)
+
     tidar.patch(model, draft_len=3)
     try:
-        kw = dict(attention_mask=mask, max_new_tokens=NEW, temperature=1.0, top_k=top_k, top_p=top_p)
-        got = tidar.generate(model, ids, generator=torch.Generator().manual_seed(0), backend="triton", **kw)
-        ref = tidar.generate(model, ids, generator=torch.Generator().manual_seed(0), backend="reference", **kw)
-        other = tidar.generate(model, ids, generator=torch.Generator().manual_seed(1), backend="reference", **kw)
+        kw = dict(attention_mask=mask, max_new_tokens=NEW, temperature=1.0, top_p=0.9)
+        got = tidar.generate(model, ids, backend="triton", **rand(0), **kw)
+        ref = tidar.generate(model, ids, backend="reference", **rand(0), **kw)
+        other = tidar.generate(model, ids, backend="reference", **rand(1), **kw)
     finally:
         tidar.unpatch(model)
     assert torch.equal(got.sequences, ref.sequences)
     assert got.accepted_histogram == ref.accepted_histogram
     assert not torch.equal(other.sequences, ref.sequences), "control: another seed samples other tokens"
     assert triton_calls["rejection_sample"] > 0 and triton_calls["draft_sample"] > 0
+
+
+def test_seed_mode_reproducible_and_exclusive(model):
+    """generate(seed=...) is reproducible, differs from another seed, and refuses a generator as well."""
+    ids = torch.tensor([PROMPTS[0]])
+    tidar.patch(model, draft_len=2)
+    try:
+        kw = dict(max_new_tokens=6, temperature=1.0, backend="reference")
+        a = tidar.generate(model, ids, seed=3, **kw).sequences
+        assert torch.equal(a, tidar.generate(model, ids, seed=3, **kw).sequences)
+        assert not torch.equal(a, tidar.generate(model, ids, seed=4, **kw).sequences)
+        with pytest.raises(ValueError, match="generator or seed"):
+            tidar.generate(model, ids, seed=3, generator=torch.Generator(), **kw)
+    finally:
+        tidar.unpatch(model)

@@ -67,6 +67,7 @@ def generate(
     generator: torch.Generator | None = None,
     streamer=None,
     backend: str | None = None,
+    seed: int | None = None,
 ) -> TidarGenerateOutput:
     """Decode with TiDAR. ``model`` must be patched (``tidar.patch``).
 
@@ -79,6 +80,8 @@ def generate(
             which is faster to accept but no longer the AR distribution.
         eos_token_id: an int or a list; a row stops after emitting one. pad_token_id fills finished rows.
         generator: torch.Generator for sampling (reproducible); streamer: an HF streamer (batch 1).
+        seed: instead of ``generator``, Philox4x32-10 counter-based sampling (the same tokens on every backend
+            and device): the prefill uses offset 0 and each step advances the offset by B * 2K.
     """
     s = settings(model)
     K = s.draft_len if draft_len is None else draft_len
@@ -107,6 +110,11 @@ def generate(
     tidar_kernels.check_sampling_args(temperature, top_k, top_p, beta, vocab)  # fail before any work
     if generator is not None and generator.device != device:
         raise ValueError(f"generator must be on the model's device {device}, got {generator.device}")
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("give either generator or seed, not both")
+        del sample_kw["generator"]
+        sample_kw.update(seed=seed, offset=0)
 
     step_layout = layouts.decode_step(K).to(device)
     S = step_layout.seg_len
@@ -143,6 +151,8 @@ def generate(
         logits = tidar_forward(model, ids, pos, TidarStep(step_layout, seg_start, cache, backend)).logits
         forwards += 1
         V = logits.shape[-1]
+        if seed is not None:  # Philox: every step draws fresh counters
+            sample_kw["offset"] += B * 2 * K
         r = tidar_kernels.rejection_sample(
             logits[:, :K], logits[:, K:].reshape(B, K, K, V), drafts, probs, **sample_kw
         )
@@ -254,7 +264,7 @@ def _generation_options(model, generation_config, kwargs) -> dict:
 def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     """``model.generate`` after ``tidar.patch``: greedy or sampling decoding through TiDAR.
     Options TiDAR cannot honour (beam search, penalties, extra outputs, ...) raise instead of running
-    something else. Extra TiDAR options: ``draft_len``, ``beta``, ``generator``, ``tidar_stats``
+    something else. Extra TiDAR options: ``draft_len``, ``beta``, ``generator``, ``seed``, ``tidar_stats``
     (True returns the full ``TidarGenerateOutput``)."""
     for k in _UNSUPPORTED_KWARGS:
         if kwargs.get(k) is not None:
@@ -264,7 +274,7 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
         raise ValueError("generate needs input_ids (or inputs)")
     attention_mask = kwargs.pop("attention_mask", None)
     streamer = kwargs.pop("streamer", None)
-    tidar_kw = {k: kwargs.pop(k) for k in ("draft_len", "beta", "generator", "backend") if k in kwargs}
+    tidar_kw = {k: kwargs.pop(k) for k in ("draft_len", "beta", "generator", "backend", "seed") if k in kwargs}
     want_stats = kwargs.pop("tidar_stats", False)
     kwargs.pop("use_cache", None)
     opts = _generation_options(self, generation_config, kwargs)
