@@ -403,3 +403,60 @@ def test_gpu_exact_real_vocab(T, beta):
     kw = dict(temperature=T, beta=beta, uniforms=u)
     _assert_same(rejection_sample(ar, blk, drafts, q, backend="triton", **kw),
                  rejection_sample(ar, blk, drafts, q, backend="reference", **kw))
+
+
+def _gpu_step(B, K, V, T, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ar = (torch.randn(B, K, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    blk = (torch.randn(B, K, K, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    q = (ar[:, :-1].float() / max(T, 0.5) + 0.3 * torch.randn(B, K - 1, V, device="cuda", generator=g)).softmax(-1)
+    drafts = torch.cat([torch.zeros(B, 1, dtype=torch.long, device="cuda"),
+                        torch.multinomial(q.view(-1, V), 1, generator=g).view(B, K - 1)], 1)
+    return ar, blk, drafts, q
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,beta,top_k,top_p", [(0.0, 1.0, None, None), (1.0, 1.0, None, None),
+                                               (0.8, 0.5, None, 0.9), (1.0, 1.0, 50, None)])
+def test_gpu_vocab_parallel_batch1(T, beta, top_k, top_p):
+    """EXACT (GPU): batch 1, K=16, V=151936 bf16 takes the vocabulary-parallel path; uniforms made in-kernel
+    from seed/offset == the reference given philox_uniforms; and == the one-launch kernel."""
+    B, K, V = 1, 16, 151936
+    assert impl_mod.use_vocab_parallel(B, K, V, torch.device("cuda"))
+    ar, blk, drafts, q = _gpu_step(B, K, V, T)
+    kw = dict(temperature=T, beta=beta, top_k=top_k, top_p=top_p)
+    want = rejection_sample(ar, blk, drafts, q, uniforms=philox_uniforms(123, 4096, B, K, device="cuda"),
+                            backend="reference", **kw)
+    got = rejection_sample(ar, blk, drafts, q, seed=123, offset=4096, backend="triton", **kw)
+    _assert_same(got, want)
+    impl_mod.VOCAB_PARALLEL = False
+    try:
+        _assert_same(rejection_sample(ar, blk, drafts, q, seed=123, offset=4096, backend="triton", **kw), want)
+    finally:
+        impl_mod.VOCAB_PARALLEL = None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 256])
+def test_gpu_cuda_graph_seed_offset(B):
+    """The raw Triton op with Philox state (device seed/offset tensors) is captured once in a CUDA graph and
+    replayed with new offsets: each replay equals the reference step for that offset."""
+    from tidar_kernels.reference.rejection_sample import Philox
+
+    K, V = 4, 32000
+    ar, blk, drafts, q = _gpu_step(B, K, V, 1.0, seed=1)
+    seed_t = torch.tensor([77], device="cuda")
+    offset_t = torch.tensor([0], device="cuda")
+    args = (ar, blk, drafts, q, Philox(seed_t, offset_t), 1.0, None, None, 1.0)
+    for _ in range(2):  # warm up (compiles) outside the capture
+        impl_mod.rejection_sample(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = impl_mod.rejection_sample(*args)
+    for step in range(3):
+        offset_t.fill_(step * B * 2 * K)
+        graph.replay()
+        want = rejection_sample(ar, blk, drafts, q, temperature=1.0, seed=77, offset=step * B * 2 * K,
+                                backend="reference")
+        _assert_same(type(want)(*out), want)

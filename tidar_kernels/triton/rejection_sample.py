@@ -539,10 +539,22 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# No fused multiply-add: the beta mix ``beta * a + (1 - beta) * b`` must round like the reference's separate
+# torch ops, since top-k/top-p thresholds (computed by torch) are compared with ``x >= threshold`` exactly.
+_NO_FMA = dict(enable_fp_fusion=False)
+
+_COEF: dict = {}  # (temperature, beta, device) -> float64 [T, beta, 1 - beta], made once (no copy inside a CUDA graph)
+
+
 def _setup(ar_logits, temperature, beta):
     mix = AR_ONLY if beta == 1.0 else DIFF_ONLY if beta == 0.0 else MIXED
-    coef = torch.tensor([temperature if temperature > 0 else 1.0, beta, 1.0 - beta], dtype=torch.float64,
-                        device=ar_logits.device)
+    key = (temperature, beta, ar_logits.device)
+    coef = _COEF.get(key)
+    if coef is None:
+        if len(_COEF) > 64:
+            _COEF.clear()
+        coef = _COEF[key] = torch.tensor([temperature if temperature > 0 else 1.0, beta, 1.0 - beta],
+                                         dtype=torch.float64, device=ar_logits.device)
     V = ar_logits.shape[-1]
     block_v = min(triton.next_power_of_2(V), 1024 if ar_logits.device.type == "cuda" else 256)
     return mix, coef, block_v
@@ -566,7 +578,11 @@ def _thresholds(target, slots, temperature, top_k, top_p):
         z = torch.zeros(1, dtype=torch.float64, device=target.device)
         return z, z, False
     thr_t = ref.filter_threshold(target / temperature, top_k, top_p).contiguous()
-    thr_s = ref.filter_threshold(slots.double() / temperature, top_k, top_p).contiguous()
+    if top_p is None:  # top-k alone: x = logit / T is strictly increasing in the logit, so the k-th largest
+        # raw logit, converted the kernel's way, is exactly the threshold (no float64 copy of the block rows)
+        thr_s = (torch.topk(slots, top_k, dim=-1).values[..., -1].double() / temperature).contiguous()
+    else:
+        thr_s = ref.filter_threshold(slots.double() / temperature, top_k, top_p).contiguous()
     return thr_t, thr_s, True
 
 
@@ -621,7 +637,7 @@ def rejection_sample(ar_logits, block_logits, drafts, draft_probs, u, temperatur
     if not use_vocab_parallel(B, K, V, dev):
         _rejection_kernel[(B,)](
             ar, blk, drafts, q, uu, seed, offset, thr_t, thr_s, coef, accepted, emitted, next_drafts, p_out,
-            K, V, *strides, PHILOX=philox, BLOCK_V=block_v, BLOCK_K=block_k, BLOCK_U=block_u, **flags,
+            K, V, *strides, PHILOX=philox, BLOCK_V=block_v, BLOCK_K=block_k, BLOCK_U=block_u, **flags, **_NO_FMA,
         )
         return accepted, emitted, next_drafts, next_p
     chunk = _vocab_chunk(dev)
@@ -632,15 +648,15 @@ def rejection_sample(ar_logits, block_logits, drafts, draft_probs, u, temperatur
     rowstat = torch.empty((B, 2), dtype=torch.float64, device=dev)
     s_ar_b, s_ar_k, s_blk_b, s_blk_j, s_blk_s, s_q_b, s_q_k = strides
     _vp_target_stats[(C, K, B)](ar, blk, coef, thr_t, stats, arg, K, V, chunk, C, s_ar_b, s_ar_k, s_blk_b, s_blk_j,
-                                BLOCK_V=block_vc, **flags)
+                                BLOCK_V=block_vc, **flags, **_NO_FMA)
     _vp_accept[(B,)](ar, blk, drafts, q, uu, seed, offset, thr_t, coef, stats, arg, rowstat, accepted, emitted,
                      next_drafts, K, C, s_ar_b, s_ar_k, s_blk_b, s_blk_j, s_q_b, s_q_k, PHILOX=philox,
-                     BLOCK_K=block_k, BLOCK_U=block_u, BLOCK_C=block_c, **flags)
+                     BLOCK_K=block_k, BLOCK_U=block_u, BLOCK_C=block_c, **flags, **_NO_FMA)
     _vp_chunk_mass[(C, K, B)](ar, blk, q, thr_t, thr_s, coef, rowstat, accepted, stats, arg, K, V, chunk, C, *strides,
-                              BLOCK_V=block_vc, **flags)
+                              BLOCK_V=block_vc, **flags, **_NO_FMA)
     _vp_sample[(C, K, B)](ar, blk, q, uu, seed, offset, thr_t, thr_s, coef, rowstat, accepted, stats, arg,
                           next_drafts, p_out, K, V, chunk, C, *strides, PHILOX=philox, BLOCK_V=block_vc,
-                          BLOCK_U=block_u, BLOCK_C=block_c, **flags)
+                          BLOCK_U=block_u, BLOCK_C=block_c, **flags, **_NO_FMA)
     return accepted, emitted, next_drafts, next_p
 
 
@@ -667,6 +683,7 @@ def draft_sample(ar_logits, block_logits, u, temperature, top_k, top_p, beta):
         next_p if next_p is not None and next_p.numel() else next_drafts,
         K, V, ar.stride(0), blk.stride(0), blk.stride(1),
         GREEDY=greedy, MIX=mix, PHILOX=philox, FILTER=filt, BLOCK_V=block_v, BLOCK_U=triton.next_power_of_2(2 * K),
+        **_NO_FMA,
     )
     return next_drafts, next_p
 
