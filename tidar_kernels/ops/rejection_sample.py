@@ -157,7 +157,8 @@ def rejection_sample(
             (after temperature/top-k/top-p); required when ``temperature > 0``, ignored when greedy.
         temperature: 0 = greedy (accept while d_i == argmax p_i); > 0 = speculative sampling with
             acceptance min(1, p_i(d_i) / q_i(d_i)) and the residual norm(max(0, p - q)) at the first rejection.
-        top_k, top_p: applied to targets and next drafts alike (as Hugging Face's warpers).
+        top_k, top_p: applied to targets and next drafts alike (as Hugging Face's warpers, top-k then top-p);
+            tokens tied with the last kept value are kept too (``reference.rejection_sample.filter_threshold``).
         beta: target logits = beta * AR + (1 - beta) * slot 0 of the matching block. Only beta = 1 is exact.
         generator / uniforms / seed+offset: the randomness, exactly one of them (none: torch's default
             generator): a ``torch.Generator``; ``uniforms`` ``[B, 2K]`` float32 in [0, 1); or Philox4x32-10
