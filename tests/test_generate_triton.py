@@ -1,8 +1,8 @@
 """The generation loop on backend="triton" (attention, kv_append and the rejection step all through the
 Triton kernels, under TRITON_INTERPRET=1 on CPU): greedy gives exactly the tokens of HF greedy ``generate``
 (fp32, batch 1 and 2 with left padding, K = 1 and 4) and of the reference backend; sampling with the
-same generator (or the same Philox seed, made in-kernel) gives the same sequences as the reference backend. Each test counts the Triton calls of
-every op, so a silent fallback to the reference fails it.
+same generator (or the same Philox seed, made in-kernel) gives the same sequences as the reference
+backend. Each test counts the Triton calls of every op, so a silent fallback to the reference fails it.
 
 backend="auto" never runs the interpreter on CPU tensors, so every call names backend="triton".
 """

@@ -279,7 +279,8 @@ def test_path_choice():
     if DEV == "cpu":
         assert not impl_mod.use_vocab_parallel(1, 16, 151936, dev), "CPU (interpreter) takes the one-launch kernel"
     else:
-        assert impl_mod.use_vocab_parallel(1, 16, 151936, dev) and not impl_mod.use_vocab_parallel(4096, 16, 151936, dev)
+        assert impl_mod.use_vocab_parallel(1, 16, 151936, dev)
+        assert not impl_mod.use_vocab_parallel(4096, 16, 151936, dev)
         assert not impl_mod.use_vocab_parallel(1, 16, 1000, dev)
 
 

@@ -1,8 +1,8 @@
 """Triton TiDAR verification step (``rejection_sample``) and prefill drafts (``draft_sample``).
 
-One launch per step: one program per batch row walks the vocabulary in ``BLOCK_V`` chunks, straight
-from the raw logits (no probability tensor is materialised except the next draft distributions the
-caller asked for). Greedy is its own compiled variant (argmax only). Every decision is taken in
+One launch per step (batches that fill the GPU): one program per batch row walks the vocabulary in
+``BLOCK_V`` chunks, straight from the raw logits (no probability tensor is materialised except the next
+draft distributions the caller asked for). Greedy is its own compiled variant (argmax only). Every decision is taken in
 float64 exactly as ``tidar_kernels.reference.rejection_sample`` defines it (mix, temperature, softmax
 as max / sum of exp(x - max), acceptance ``u * q(d) < p(d)``, residual ``max(0, p - q)``, inverse CDF
 ``first index with cumsum > u * total``), so given the same uniforms the tokens and acceptance
@@ -24,7 +24,6 @@ import triton.language as tl
 from ..backends import register
 from ..reference import rejection_sample as ref
 from ..reference.rejection_sample import Philox
-
 
 
 def _device(fn):
