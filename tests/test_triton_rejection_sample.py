@@ -143,8 +143,11 @@ def test_exact_many_rows_every_acceptance_length():
     assert set(want.accepted.tolist()) == {1, 2, 3, 4}
 
 
-def test_exact_expanded_and_strided_inputs():
-    """EXACT: stride-0 (expanded) logits and draft probs and a non-contiguous block tensor."""
+@pytest.mark.parametrize("vocab_parallel", [False, True])
+def test_exact_expanded_and_strided_inputs(monkeypatch, vocab_parallel):
+    """EXACT: stride-0 (expanded) logits and draft probs and a non-contiguous block tensor (both paths)."""
+    monkeypatch.setattr(impl_mod, "VOCAB_PARALLEL", vocab_parallel)
+    monkeypatch.setattr(impl_mod, "VOCAB_CHUNK", 8)
     B, K, V = 6, 3, 19
     ar0, blk0, drafts, q0 = _step(1, K, V, 0.9, seed=7)
     ar, q = ar0.expand(B, K, V), q0.expand(B, K - 1, V)
