@@ -31,7 +31,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
   export MAX_JOBS="${MAX_JOBS:-16}"
-  step build "$PY" -m pip install --no-build-isolation --no-deps -e . || { echo "build failed: see $OUT/build.log"; exit 1; }
+  step build env TIDAR_FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e . || { echo "build failed: see $OUT/build.log"; exit 1; }
 fi
 step env "$PY" -m tidar.cli env
 "$PY" -m tidar.cli env --json > "$OUT/env.json" 2>&1
