@@ -24,13 +24,14 @@ import tidar  # noqa: E402
 from tidar_kernels import backends  # noqa: E402
 
 NEW = 8
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter; a GPU machine runs the compiled kernels
 OPS = ("tidar_attention", "kv_append", "rejection_sample", "draft_sample")
 
 
 @pytest.fixture
 def triton_calls(monkeypatch):
     """Counts the calls of each op's triton implementation."""
-    backends.resolve("kv_append", "reference", torch.device("cpu"))  # load the backends
+    backends.resolve("kv_append", "reference", torch.device(DEV))  # load the backends
     calls = Counter()
     for op in OPS:
         impl = backends._IMPLS[op]["triton"]
@@ -45,7 +46,7 @@ def triton_calls(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model("qwen2")  # hidden 32, 2 layers, 4 query heads over 2 KV heads (GQA), vocab 97
+    return tiny_model("qwen2").to(DEV)  # hidden 32, 2 layers, 4 query heads over 2 KV heads (GQA), vocab 97
 
 
 PROMPTS = [[5, 9, 13, 2, 7], [40, 3], [11, 12, 13, 14, 15, 16, 17, 18]]
@@ -53,8 +54,8 @@ PROMPTS = [[5, 9, 13, 2, 7], [40, 3], [11, 12, 13, 14, 15, 16, 17, 18]]
 
 def _left_pad(rows, pad=0):
     P = max(map(len, rows))
-    ids = torch.tensor([[pad] * (P - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
+    ids = torch.tensor([[pad] * (P - len(r)) + r for r in rows], device=DEV)
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows], device=DEV)
     return ids, mask
 
 
@@ -90,7 +91,7 @@ def test_sampling_triton_equals_reference(model, triton_calls, rng):
     ids, mask = _left_pad(PROMPTS[1:])
 
     def rand(s):
-        return dict(generator=torch.Generator().manual_seed(s)) if rng == "generator" else dict(seed=s)
+        return dict(generator=torch.Generator(device=DEV).manual_seed(s)) if rng == "generator" else dict(seed=s)
 
     tidar.patch(model, draft_len=3)
     try:
@@ -108,7 +109,7 @@ def test_sampling_triton_equals_reference(model, triton_calls, rng):
 
 def test_seed_mode_reproducible_and_exclusive(model):
     """generate(seed=...) is reproducible, differs from another seed, and refuses a generator as well."""
-    ids = torch.tensor([PROMPTS[0]])
+    ids = torch.tensor([PROMPTS[0]], device=DEV)
     tidar.patch(model, draft_len=2)
     try:
         kw = dict(max_new_tokens=6, temperature=1.0, backend="reference")
@@ -116,6 +117,6 @@ def test_seed_mode_reproducible_and_exclusive(model):
         assert torch.equal(a, tidar.generate(model, ids, seed=3, **kw).sequences)
         assert not torch.equal(a, tidar.generate(model, ids, seed=4, **kw).sequences)
         with pytest.raises(ValueError, match="generator or seed"):
-            tidar.generate(model, ids, seed=3, generator=torch.Generator(), **kw)
+            tidar.generate(model, ids, seed=3, generator=torch.Generator(device=DEV), **kw)
     finally:
         tidar.unpatch(model)
