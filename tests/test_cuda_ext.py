@@ -247,3 +247,17 @@ def test_fake_impls_shapes():
         assert out.shape == qq.shape and out.dtype == torch.float16 and lse.shape == (B, 8, 5)
         kc = torch.empty(B, 2, 50, 128, device="cuda", dtype=torch.float16)
         assert ops.kv_append(kc, kc, kk, kk, torch.empty(B, **i32)) is None
+
+
+def test_extension_is_built_wherever_it_can_be():
+    """CI's install must really compile the extension: with nvcc on PATH, a CUDA build of torch and no opt-out,
+    a missing ``_C`` is a build failure (setup.py falls back to pure Python with a warning), not a skip."""
+    import os
+    import shutil
+
+    if os.environ.get("TIDAR_SKIP_CUDA_BUILD") == "1" or not shutil.which("nvcc") or torch.version.cuda is None:
+        pytest.skip("no CUDA toolkit or no CUDA build of torch here: the pure-Python wheel is expected")
+    from tidar_kernels import env
+
+    report = env.report()
+    assert BUILT and report["cuda_extension_built"], f"extension not built: {report.get('cuda_extension_error')}"
