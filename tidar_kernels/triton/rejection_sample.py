@@ -17,25 +17,39 @@ chunks, see below); ``use_vocab_parallel`` picks the path by shape.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import triton
 import triton.language as tl
+from triton.language import core as _tl_core  # noqa: F401  (see _fast_calls)
 
 from ..backends import register
 from ..reference import rejection_sample as ref
 from ..reference.rejection_sample import Philox
 
 
-def _device(fn):
-    """``triton.jit`` for the device functions below. Under the interpreter each call of a jitted device
-    function re-patches ``triton.language`` (about 4 ms, most of the interpreter's time here); the launching
-    kernel has already patched it, so calls go straight to the rewritten function. Compiled: plain triton.jit."""
-    jf = triton.jit(fn)
+def _fast_calls(jf):
+    """Under the interpreter every call of a jitted device function re-patches triton.language (about 3 ms,
+    most of the interpreter's time here). A kernel launch already patches the language modules found in
+    the kernel's globals (``tl`` and, imported above for this, ``triton.language.core``), so calls made
+    inside our kernels can go straight to the rewritten function. Compiled: ``jf`` unchanged."""
     cls = type(jf)
-    if cls.__name__ == "InterpretedFunction" and callable(getattr(jf, "rewrite", None)):
-        jf.__class__ = type("_InterpretedDeviceFunction", (cls,), {
-            "__call__": lambda self, *args, **kwargs: self.rewrite()(*args, **kwargs)})
-    return jf
+    if cls.__name__ != "InterpretedFunction" or not callable(getattr(jf, "rewrite", None)):
+        return jf
+    fast = copy.copy(jf)
+    fast.__class__ = type("_InterpretedDeviceFunction", (cls,), {
+        "__call__": lambda self, *args, **kwargs: self.rewrite()(*args, **kwargs)})
+    return fast
+
+
+def _device(fn):
+    """``triton.jit`` for the device functions below (fast calls under the interpreter)."""
+    return _fast_calls(triton.jit(fn))
+
+
+# triton.language's reductions (jitted functions themselves), called through fast copies under the interpreter
+_max, _min, _sum, _cumsum, _zeros = map(_fast_calls, (tl.max, tl.min, tl.sum, tl.cumsum, tl.zeros))
 
 
 # MIX modes of a target row: 0 = first pointer only (AR, or a raw block row), 1 = second only, 2 = mixed.
@@ -85,7 +99,7 @@ def _row_uniforms(U_ROW, seed, n_row, K, PHILOX: tl.constexpr, BLOCK_U: tl.const
 @_device
 def _pick(uv, j, BLOCK_U: tl.constexpr):
     """uv[j] as a scalar."""
-    return tl.sum(tl.where(tl.arange(0, BLOCK_U) == j, uv, 0.0), 0)
+    return _sum(tl.where(tl.arange(0, BLOCK_U) == j, uv, 0.0), 0)
 
 
 @_device
@@ -118,8 +132,8 @@ def _argmax(row_a, row_b, V, COEF, MIX: tl.constexpr, BLOCK_V: tl.constexpr):
     for v0 in range(0, V, BLOCK_V):
         m = v0 + offs < V
         x = _load_x(row_a, row_b, v0 + offs, m, COEF, 0.0, MIX, False, False)
-        bm = tl.max(x, 0)
-        bi = tl.min(tl.where((x == bm) & m, v0 + offs, V), 0)
+        bm = _max(x, 0)
+        bi = _min(tl.where((x == bm) & m, v0 + offs, V), 0)
         upd = bm > best
         best_i = tl.where(upd, bi, best_i)
         best = tl.where(upd, bm, best)
@@ -133,11 +147,11 @@ def _softmax_stats(row_a, row_b, V, COEF, thr, MIX: tl.constexpr, FILTER: tl.con
     mx = tl.full([], float("-inf"), tl.float64)
     for v0 in range(0, V, BLOCK_V):
         x = _load_x(row_a, row_b, v0 + offs, v0 + offs < V, COEF, thr, MIX, True, FILTER)
-        mx = tl.maximum(mx, tl.max(x, 0))
+        mx = tl.maximum(mx, _max(x, 0))
     z = tl.full([], 0.0, tl.float64)
     for v0 in range(0, V, BLOCK_V):
         x = _load_x(row_a, row_b, v0 + offs, v0 + offs < V, COEF, thr, MIX, True, FILTER)
-        z += tl.sum(tl.exp(x - mx), 0)
+        z += _sum(tl.exp(x - mx), 0)
     return mx, z
 
 
@@ -153,8 +167,8 @@ def _sample(row_a, row_b, V, mx, z, u, Q_ROW, use_q, P_OUT, write_p, COEF, thr, 
         m = v0 + offs < V
         p = tl.exp(_load_x(row_a, row_b, v0 + offs, m, COEF, thr, MIX, True, FILTER) - mx) / z
         q = tl.load(Q_ROW + v0 + offs, mask=m & use_q, other=0.0).to(tl.float64)
-        tot_r += tl.sum(tl.maximum(p - q, 0.0), 0)
-        tot_p += tl.sum(p, 0)
+        tot_r += _sum(tl.maximum(p - q, 0.0), 0)
+        tot_p += _sum(p, 0)
     resid = use_q & (tot_r > 0)
     target = u * tl.where(resid, tot_r, tot_p)
     carry = tl.full([], 0.0, tl.float64)
@@ -164,9 +178,9 @@ def _sample(row_a, row_b, V, mx, z, u, Q_ROW, use_q, P_OUT, write_p, COEF, thr, 
         p = tl.exp(_load_x(row_a, row_b, v0 + offs, m, COEF, thr, MIX, True, FILTER) - mx) / z
         q = tl.load(Q_ROW + v0 + offs, mask=m & use_q, other=0.0).to(tl.float64)
         w = tl.where(resid, tl.maximum(p - q, 0.0), p)
-        cdf = tl.cumsum(w, 0) + carry
-        found = tl.minimum(found, tl.min(tl.where((cdf > target) & m, v0 + offs, V), 0))
-        carry += tl.sum(w, 0)
+        cdf = _cumsum(w, 0) + carry
+        found = tl.minimum(found, _min(tl.where((cdf > target) & m, v0 + offs, V), 0))
+        carry += _sum(w, 0)
         tl.store(P_OUT + v0 + offs, p.to(tl.float32), mask=m & write_p)
     return tl.minimum(found, V - 1)
 
@@ -200,7 +214,7 @@ def _rejection_kernel(
     a = tl.full([], 1, tl.int32)
     going = tl.full([], 1, tl.int32)
     if GREEDY:
-        uv = tl.zeros([BLOCK_U], tl.float64)
+        uv = _zeros([BLOCK_U], tl.float64)
     else:
         uv = _row_uniforms(U + b * 2 * K, tl.load(SEED), tl.load(OFFSET) + b * 2 * K, K, PHILOX, BLOCK_U)
     for i in range(1, K):  # the acceptance walk: p_i is target row i - 1
@@ -249,7 +263,7 @@ def _draft_kernel(
     ra = AR + b * s_ar_b
     rb = BLK + b * s_blk_b  # slot 0
     if GREEDY:
-        uv = tl.zeros([BLOCK_U], tl.float64)
+        uv = _zeros([BLOCK_U], tl.float64)
     else:
         uv = _row_uniforms(U + b * 2 * K, tl.load(SEED), tl.load(OFFSET) + b * 2 * K, K, PHILOX, BLOCK_U)
     if GREEDY:
@@ -290,8 +304,8 @@ def _chunk_argmax(row_a, row_b, lo, hi, COEF, MIX: tl.constexpr, BLOCK_V: tl.con
     for v0 in range(lo, hi, BLOCK_V):
         m = v0 + offs < hi
         x = _load_x(row_a, row_b, v0 + offs, m, COEF, 0.0, MIX, False, False)
-        bm = tl.max(x, 0)
-        bi = tl.min(tl.where((x == bm) & m, v0 + offs, hi), 0)
+        bm = _max(x, 0)
+        bi = _min(tl.where((x == bm) & m, v0 + offs, hi), 0)
         upd = bm > best
         best_i = tl.where(upd, bi, best_i)
         best = tl.where(upd, bm, best)
@@ -305,12 +319,12 @@ def _chunk_stats(row_a, row_b, lo, hi, COEF, thr, MIX: tl.constexpr, FILTER: tl.
     mx = tl.full([], float("-inf"), tl.float64)
     for v0 in range(lo, hi, BLOCK_V):
         x = _load_x(row_a, row_b, v0 + offs, v0 + offs < hi, COEF, thr, MIX, True, FILTER)
-        mx = tl.maximum(mx, tl.max(x, 0))
+        mx = tl.maximum(mx, _max(x, 0))
     s = tl.full([], 0.0, tl.float64)
     if mx > float("-inf"):
         for v0 in range(lo, hi, BLOCK_V):
             x = _load_x(row_a, row_b, v0 + offs, v0 + offs < hi, COEF, thr, MIX, True, FILTER)
-            s += tl.sum(tl.exp(x - mx), 0)
+            s += _sum(tl.exp(x - mx), 0)
     return mx, s
 
 
@@ -320,8 +334,8 @@ def _combine(STATS_ROW, C, BLOCK_C: tl.constexpr):
     c = tl.arange(0, BLOCK_C)
     m = tl.load(STATS_ROW + 2 * c, mask=c < C, other=float("-inf"))
     s = tl.load(STATS_ROW + 2 * c + 1, mask=c < C, other=0.0)
-    M = tl.max(m, 0)
-    Z = tl.sum(tl.where(m > float("-inf"), s * tl.exp(m - M), 0.0), 0)
+    M = _max(m, 0)
+    Z = _sum(tl.where(m > float("-inf"), s * tl.exp(m - M), 0.0), 0)
     return M, Z
 
 
@@ -331,9 +345,9 @@ def _combine_argmax(STATS_ROW, ARG_ROW, C, BLOCK_C: tl.constexpr):
     c = tl.arange(0, BLOCK_C)
     m = tl.load(STATS_ROW + 2 * c, mask=c < C, other=float("-inf"))
     i = tl.load(ARG_ROW + c, mask=c < C, other=0)
-    M = tl.max(m, 0)
-    first = tl.min(tl.where((m == M) & (c < C), c, BLOCK_C), 0)
-    return tl.sum(tl.where(c == first, i, 0), 0)
+    M = _max(m, 0)
+    first = _min(tl.where((m == M) & (c < C), c, BLOCK_C), 0)
+    return _sum(tl.where(c == first, i, 0), 0)
 
 
 @triton.jit
@@ -371,7 +385,7 @@ def _vp_accept(
     a = tl.full([], 1, tl.int32)
     going = tl.full([], 1, tl.int32)
     if GREEDY:
-        uv = tl.zeros([BLOCK_U], tl.float64)
+        uv = _zeros([BLOCK_U], tl.float64)
     else:
         uv = _row_uniforms(U + b * 2 * K, tl.load(SEED), tl.load(OFFSET) + b * 2 * K, K, PHILOX, BLOCK_U)
     for i in range(1, K):
@@ -433,8 +447,8 @@ def _vp_chunk_mass(
                 m = v0 + offs < hi
                 p = tl.exp(_load_x(ra, rb, v0 + offs, m, COEF, thr, MIX, True, FILTER) - M) / Z
                 q = tl.load(q_row + v0 + offs, mask=m & use_q, other=0.0).to(tl.float64)
-                tot_r += tl.sum(tl.maximum(p - q, 0.0), 0)
-                tot_p += tl.sum(p, 0)
+                tot_r += _sum(tl.maximum(p - q, 0.0), 0)
+                tot_p += _sum(p, 0)
             tl.store(STATS + 2 * out, tot_r)
             tl.store(STATS + 2 * out + 1, tot_p)
     else:  # slot r of block a (raw logits)
@@ -458,11 +472,11 @@ def _claim_scan(w, u, C, c, ra, rb, lo, hi, V, M, Z, thr, q_row, resid, P_OUT, w
     p = exp(x - M) / Z) for the first cumulative mass above u * total. Writes p of this chunk to ``P_OUT``
     when ``write_p``. Returns (this chunk claims, token)."""
     cc = tl.arange(0, BLOCK_C)
-    incl = tl.cumsum(w, 0)
-    target = u * tl.max(incl, 0)
-    last_pos = tl.max(tl.where((w > 0) & (cc < C), cc, 0), 0)
-    claim = tl.minimum(tl.min(tl.where((incl > target) & (cc < C), cc, BLOCK_C), 0), last_pos)
-    carry = tl.sum(tl.where(cc == claim, incl - w, 0.0), 0)
+    incl = _cumsum(w, 0)
+    target = u * _max(incl, 0)
+    last_pos = _max(tl.where((w > 0) & (cc < C), cc, 0), 0)
+    claim = tl.minimum(_min(tl.where((incl > target) & (cc < C), cc, BLOCK_C), 0), last_pos)
+    carry = _sum(tl.where(cc == claim, incl - w, 0.0), 0)
     offs = tl.arange(0, BLOCK_V)
     found = tl.full([], 0, tl.int32) + V
     last_w = tl.full([], -1, tl.int32)
@@ -471,10 +485,10 @@ def _claim_scan(w, u, C, c, ra, rb, lo, hi, V, M, Z, thr, q_row, resid, P_OUT, w
         p = tl.exp(_load_x(ra, rb, v0 + offs, m, COEF, thr, MIX, True, FILTER) - M) / Z
         q = tl.load(q_row + v0 + offs, mask=m & resid, other=0.0).to(tl.float64)
         wv = tl.where(resid, tl.maximum(p - q, 0.0), p)
-        cdf = tl.cumsum(wv, 0) + carry
-        found = tl.minimum(found, tl.min(tl.where((cdf > target) & m, v0 + offs, V), 0))
-        last_w = tl.maximum(last_w, tl.max(tl.where((wv > 0) & m, v0 + offs, -1), 0))
-        carry += tl.sum(wv, 0)
+        cdf = _cumsum(wv, 0) + carry
+        found = tl.minimum(found, _min(tl.where((cdf > target) & m, v0 + offs, V), 0))
+        last_w = tl.maximum(last_w, _max(tl.where((wv > 0) & m, v0 + offs, -1), 0))
+        carry += _sum(wv, 0)
         tl.store(P_OUT + v0 + offs, p.to(tl.float32), mask=m & write_p)
     tok = tl.where(found < V, found, tl.where(last_w >= 0, last_w, hi - 1))  # rounding guard
     return c == claim, tok
@@ -507,7 +521,7 @@ def _vp_sample(
             use_q = a < K  # at a == K the bonus is sampled from p_K itself
             mass_r = tl.load(srow + 2 * cc, mask=cc < C, other=0.0)
             mass_p = tl.load(srow + 2 * cc + 1, mask=cc < C, other=0.0)
-            resid = use_q & (tl.sum(mass_r, 0) > 0)
+            resid = use_q & (_sum(mass_r, 0) > 0)
             thr = tl.load(THR_T + b * K + last) if FILTER else 0.0
             claims, tok = _claim_scan(
                 tl.where(resid, mass_r, mass_p), _pick(uv, 0, BLOCK_U), C, c,
