@@ -89,7 +89,7 @@ def _randomness(uniforms, generator, seed, offset, B, K, dev, greedy):
         return draw_uniforms(B, K, generator=generator, device=dev)
     _checks.tensor("uniforms", uniforms, dtypes=(torch.float32,), device=dev)
     _checks.shape("uniforms", uniforms, (B, 2 * K))
-    if not bool(((uniforms >= 0) & (uniforms < 1)).all()):  # NaN fails both comparisons
+    if not _checks.capturing() and not bool(((uniforms >= 0) & (uniforms < 1)).all()):  # NaN fails both
         raise ValueError("uniforms must lie in [0, 1) (no NaN)")
     return uniforms
 
@@ -178,10 +178,12 @@ def rejection_sample(
         raise ValueError(f"vocab mismatch: ar_logits has V={V}, block_logits has V={block_logits.shape[3]}")
     _checks.tensor("drafts", drafts, ndim=2, dtypes=_checks.INT_TYPES, device=dev)
     _checks.shape("drafts", drafts, (B, K))
-    if bool(((drafts < 0) | (drafts >= V)).any()):
+    data = not _checks.capturing()  # data checks sync with the host: skipped while capturing a CUDA graph
+    if data and bool(((drafts < 0) | (drafts >= V)).any()):
         raise ValueError(f"drafts must be token ids in [0, V={V})")
     temperature, top_k, top_p, beta = check_sampling_args(temperature, top_k, top_p, beta, V)
-    _check_logits(ar_logits, block_logits, block_logits[:, :, 0], beta)
+    if data:
+        _check_logits(ar_logits, block_logits, block_logits[:, :, 0], beta)
     greedy = temperature == 0.0
     if not greedy:
         if draft_probs is None:
@@ -192,9 +194,10 @@ def rejection_sample(
         if draft_probs.shape[2] != V:
             raise ValueError(f"vocab mismatch: ar_logits has V={V}, draft_probs has V={draft_probs.shape[2]}")
         _checks.shape("draft_probs", draft_probs, (B, K - 1, V))
-        _check_draft_probs(draft_probs)
+        if data:
+            _check_draft_probs(draft_probs)
         q_d = draft_probs.gather(-1, drafts[:, 1:, None].long())
-        if bool((q_d <= 0).any()):
+        if data and bool((q_d <= 0).any()):
             raise ValueError("draft_probs gives probability 0 to a draft it proposed: drafts and draft_probs disagree")
     u = _randomness(uniforms, generator, seed, offset, B, K, dev, greedy)
     impl = resolve("rejection_sample", backend, dev)
@@ -227,7 +230,8 @@ def draft_sample(
         raise ValueError(f"vocab mismatch: ar_logits has V={V}, block_logits has V={block_logits.shape[2]}")
     K = block_logits.shape[1]
     temperature, top_k, top_p, beta = check_sampling_args(temperature, top_k, top_p, beta, V)
-    _check_logits(ar_logits, block_logits, block_logits[:, 0], beta)
+    if not _checks.capturing():  # data checks sync with the host: skipped while capturing a CUDA graph
+        _check_logits(ar_logits, block_logits, block_logits[:, 0], beta)
     u = _randomness(uniforms, generator, seed, offset, B, K, dev, temperature == 0.0)
     impl = resolve("draft_sample", backend, dev)
     u = _for_backend(impl, u, B, K, dev)
