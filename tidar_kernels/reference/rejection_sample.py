@@ -136,7 +136,7 @@ def filter_threshold(x: torch.Tensor, top_k: int | None, top_p: float | None) ->
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sample of each row of ``probs`` ``[..., V]`` with uniforms ``u`` ``[...]``."""
     cdf = probs.double().cumsum(-1)
-    target = (u * cdf[..., -1]).unsqueeze(-1)
+    target = (u * cdf[..., -1]).unsqueeze(-1).contiguous()  # u may be a strided view
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     return idx.clamp_max(probs.shape[-1] - 1)
 
