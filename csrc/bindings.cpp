@@ -285,7 +285,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rejection_sample(Tensor ar_logits, Te
   Tensor next_probs = greedy ? torch::stable::new_empty(ar_logits, {int64_t{0}}, ST::Float)
                              : torch::stable::new_empty(ar_logits, {B, K - 1, V}, ST::Float);
   if (B == 0) return {accepted, emitted, next_drafts, next_probs};
-  Tensor workspace = torch::stable::new_empty(ar_logits, {B, K, 4}, ST::Double);
+  torch::stable::accelerator::DeviceGuard guard(dev);  // the workspace size depends on the device's path choice
+  const size_t ws_bytes = tidar_rejection_workspace_bytes_v(static_cast<int>(B), static_cast<int>(K), V);
+  Tensor workspace = torch::stable::new_empty(ar_logits, {static_cast<int64_t>(ws_bytes / sizeof(double))}, ST::Double);
+  p.workspace_bytes = ws_bytes;
   p.ar = ar_logits.data_ptr();
   p.ar_dtype = ar_code;
   strides_of(ar_logits, p.ar_stride);
@@ -304,7 +307,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rejection_sample(Tensor ar_logits, Te
   p.V = V;
   p.temperature = temperature;
   p.beta = beta;
-  torch::stable::accelerator::DeviceGuard guard(dev);
   const int st = tidar_rejection_sample(p, current_stream(dev));
   check_status(op, st, tidar_rejection_error_string(st));
   return {accepted, emitted, next_drafts, next_probs};

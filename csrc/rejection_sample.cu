@@ -9,12 +9,17 @@
 //      first rejection, p_K when every draft was accepted), CTA s >= 1 drafts slot s of proposal block a
 //      (argmax, or an inverse-CDF sample whose float32 distribution is written to next_probs).
 // The prefill (draft_sample) is the finish kernel's pattern on [B, V] AR logits and a [B, K, V] block.
+// Small batches with large vocabularies (B * K < 2 * SMs, at least 4 chunks) take the vocabulary-parallel path
+// instead: four launches over (row, position, vocabulary chunk) grids, see "Vocabulary-parallel path" below;
+// tidar_rejection_workspace_bytes_v sizes the workspace for the path the launcher will take.
 //
 // Numerics as the reference: every decision in float64. Mix beta * AR + (1 - beta) * diff with separately
 // rounded products (no FMA contraction: __dmul_rn/__dadd_rn), x / T, softmax exp(x - max) / sum, acceptance
 // u * q(d) < p(d), residual max(p - q, 0), inverse CDF = first index whose inclusive cumulative sum exceeds
 // u * total. Summation order differs from torch's (~1e-16 relative), as for the Triton kernel.
 #include "rejection_sample.h"
+
+#include <cstdlib>
 
 #if defined(TIDAR_EMULATE)  // CPU test build: csrc/tests/emu_sampling.h (fibers for threads, see test_cuda_emu.py)
 #include "emu_sampling.h"
@@ -50,6 +55,8 @@ struct Shared {
   double red[kWarps];
   int64_t redi[kWarps];
   int a;
+  double vp[4];    // vocabulary-parallel path: (max, sum, carry before the claimed chunk, target) from thread 0
+  int64_t claim;   // vocabulary-parallel path: the chunk that holds the CDF crossing
 };
 
 __device__ __forceinline__ double load_logit(const void* base, int64_t off, int dt) {
@@ -152,10 +159,12 @@ __device__ __forceinline__ double block_exclusive_scan(double v, Shared& sm, dou
 // ---------------------------------------------------------------------------------------------
 // Row primitives (one CTA walks one vocabulary row)
 // ---------------------------------------------------------------------------------------------
-__device__ int64_t row_argmax(const RowSrc& r, int64_t V, double beta, double omb, Shared& sm) {
+// (max, first index of the max) of a target row over [lo, hi) (hi > lo); every thread returns the same pair.
+__device__ int64_t range_argmax(const RowSrc& r, int64_t lo, int64_t hi, double beta, double omb, Shared& sm,
+                                double* best_out) {
   double best = -CUDART_INF;
   int64_t best_i = INT64_MAX;
-  for (int64_t v = threadIdx.x; v < V; v += kThreads) {
+  for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) {
     const double x = row_x(r, v, beta, omb);
     if (better(x, v, best, best_i)) { best = x; best_i = v; }
   }
@@ -172,7 +181,13 @@ __device__ int64_t row_argmax(const RowSrc& r, int64_t V, double beta, double om
   best_i = sm.redi[0];
   for (int i = 1; i < kWarps; ++i)
     if (better(sm.red[i], sm.redi[i], best, best_i)) { best = sm.red[i]; best_i = sm.redi[i]; }
-  return best_i < V ? best_i : 0;  // V == 0 cannot happen (host checks); keep the result a valid id anyway
+  *best_out = best;
+  return best_i < hi ? best_i : lo;  // hi > lo always; keep the result a valid id anyway
+}
+
+__device__ int64_t row_argmax(const RowSrc& r, int64_t V, double beta, double omb, Shared& sm) {
+  double best;
+  return range_argmax(r, 0, V, beta, omb, sm, &best);
 }
 
 // Softmax statistics of x / T: max first, then sum of exp(x / T - max) (as torch.softmax).
@@ -415,9 +430,390 @@ __global__ void __launch_bounds__(kThreads) draft_kernel(TidarDraftParams p) {
   if (threadIdx.x == 0) p.next_drafts[b * K + s] = tok;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Vocabulary-parallel path (small batches, large vocabularies): four launches over vocabulary chunks of
+// `chunk` tokens (C = ceil(V / chunk) chunks), so B = 1 spreads over B * K * C CTAs instead of B * K.
+//   1. vp_target_stats [B, K, C]: chunk c of target row i: greedy (max, first argmax); sampling (m_c, s_c) =
+//      (max of x / T, sum of exp(x / T - m_c)) over the chunk ((-inf, 0) when the filter keeps nothing there).
+//   2. vp_accept       [B]:       combine each row's chunks in ascending order (greedy: first argmax; sampling:
+//      M = max m_c, Z = sum_c s_c exp(m_c - M)), acceptance tests of the drafts (into the [B, K, 4] row
+//      workspace, the row path's layout), a, accepted, emitted; the greedy correction.
+//   3. vp_chunk_mass   [B, K, C]: row 0: chunk masses of the residual max(0, p_a - q_a) and of p_a; rows
+//      s = 1..K-1: chunk statistics (as pass 1) of slot s of proposal block a.
+//   4. vp_sample       [B, K, C]: every CTA of a row combines the row's C chunk masses in the same order, so
+//      exactly one claims the chunk where the cumulative mass first exceeds u * total and scans it (inverse
+//      CDF); slot CTAs also write their chunk of next_probs. Greedy slots: CTA c = 0 combines the chunk argmaxes.
+// Exactness: greedy is exact (argmax over disjoint ascending chunks, ties to the lowest index). Sampling takes
+// every decision with the reference's float64 formulas; only the summation order differs from torch's:
+// per-chunk sums, Z = sum_c s_c * exp(m_c - M) instead of sum exp(x - M), slot chunk masses s_c exp(m_c - M) / Z,
+// chunks in ascending order: ~1e-16 relative, so a token or acceptance can differ from the reference only when
+// a uniform falls within that distance of a decision boundary (as the Triton kernel's vocabulary-parallel path).
+// Workspace: the row workspace [B, K, 4] (M, Z, argmax, ok) then chunk statistics [B, K, C, 2] (pass 1 writes,
+// pass 2 reads; pass 3 reuses the same slots for its masses / slot statistics, pass 4 reads them).
+// ---------------------------------------------------------------------------------------------
+struct VpShape {
+  int64_t chunk, C;
+};
+struct VpArgs {
+  TidarRejectionParams p;
+  VpShape vs;
+};
+
+// (max, sum of exp(x / T - max)) over [lo, hi), uniform over the block; (-inf, 0) if nothing is kept.
+__device__ void range_stats(const RowSrc& r, int64_t lo, int64_t hi, double beta, double omb, double T, double thr,
+                            Shared& sm, double* mx_out, double* z_out) {
+  double m = -CUDART_INF;
+  for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) m = fmax(m, row_xt(r, v, beta, omb, T, thr));
+  const double mx = block_max(m, sm);
+  *mx_out = mx;
+  if (mx == -CUDART_INF) {  // uniform branch: avoid exp(-inf - -inf) = NaN
+    *z_out = 0.0;
+    return;
+  }
+  double z = 0.0;
+  for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) z += exp(row_xt(r, v, beta, omb, T, thr) - mx);
+  *z_out = block_sum(z, sm);
+}
+
+// Inverse-CDF scan of [lo, hi): the first index whose carry + inclusive in-chunk sum of the weights exceeds
+// `target` (weights p = softmax, or the residual max(p - q, 0) when `resid`); when rounding leaves the crossing
+// past the chunk, the last index of the chunk with positive weight. Writes p as float32 to p_out[v] if given
+// (then the whole chunk is walked). `search` = false: only write p_out (returns -1).
+__device__ int64_t range_scan(const RowSrc& r, int64_t lo, int64_t hi, double beta, double omb, double T, double thr,
+                              double mx, double z, const float* q, int64_t q_sv, bool resid, float* p_out,
+                              bool search, double carry, double target, Shared& sm) {
+  int64_t found = hi;
+  int64_t last_pos = -1;
+  for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
+    const int64_t base = c0 + static_cast<int64_t>(threadIdx.x) * kItems;
+    double w[kItems];
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int64_t v = base + k;
+      w[k] = 0.0;
+      if (v < hi) {
+        const double p = row_p(r, v, beta, omb, T, thr, mx, z);
+        if (p_out != nullptr) p_out[v] = __double2float_rn(p);
+        double wk = p;
+        if (resid) {
+          const double d = p - static_cast<double>(q[v * q_sv]);
+          wk = d > 0.0 ? d : 0.0;
+        }
+        w[k] = wk;
+      }
+    }
+    if (!search) continue;
+    double local = 0.0, incl[kItems];
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) { local += w[k]; incl[k] = local; }
+    double chunk_total;
+    const double pre = block_exclusive_scan(local, sm, &chunk_total);
+    int64_t cand = hi, lp = -1;
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int64_t v = base + k;
+      if (v < hi) {
+        if (cand == hi && carry + (pre + incl[k]) > target) cand = v;
+        if (w[k] > 0.0) lp = v;
+      }
+    }
+    carry += chunk_total;
+    found = min(found, block_min_i(cand, sm));
+    last_pos = max(last_pos, block_max_i(lp, sm));
+    if (found < hi && p_out == nullptr) break;  // uniform across the block
+  }
+  if (!search) return -1;
+  if (found < hi) return found;
+  return last_pos >= 0 ? last_pos : hi - 1;
+}
+
+// Claim of one row (thread 0): masses mass(c) in ascending chunk order; target = u * total. Returns the first
+// chunk whose cumulative mass exceeds the target (the last chunk with mass if none), and the carry before it.
+template <typename Mass>
+__device__ int64_t vp_claim(Mass mass, int64_t C, double u, double* carry_out, double* target_out) {
+  double total = 0.0;
+  for (int64_t c = 0; c < C; ++c) total += mass(c);
+  const double target = u * total;
+  double carry = 0.0, carry_last = 0.0;
+  int64_t last = -1;
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = mass(c);
+    if (m > 0.0) { last = c; carry_last = carry; }
+    if (carry + m > target) {
+      *carry_out = carry;
+      *target_out = target;
+      return c;
+    }
+    carry += m;
+  }
+  *target_out = target;
+  if (last >= 0) { *carry_out = carry_last; return last; }
+  *carry_out = 0.0;
+  return C - 1;
+}
+
+// a = 1 + leading accepted drafts, from the row workspace (pass 2's flags); thread 0 walks, all threads return it.
+__device__ int64_t vp_accepted(const double* ws_row, int64_t K, Shared& sm) {
+  if (threadIdx.x == 0) {
+    int a = 1;
+    while (a < K && ws_row[(a - 1) * 4 + 3] != 0.0) ++a;
+    sm.a = a;
+  }
+  __syncthreads();
+  return sm.a;
+}
+
+__device__ __forceinline__ RowSrc target_row(const TidarRejectionParams& p, int64_t b, int64_t i) {
+  const int64_t ea = elem_size(p.ar_dtype), eb = elem_size(p.blk_dtype);
+  return RowSrc{static_cast<const char*>(p.ar) + (b * p.ar_stride[0] + i * p.ar_stride[1]) * ea,
+                static_cast<const char*>(p.blk) + (b * p.blk_stride[0] + i * p.blk_stride[1]) * eb,  // block i+1 slot 0
+                p.ar_stride[2], p.blk_stride[3], p.ar_dtype, p.blk_dtype, mix_mode(p.beta)};
+}
+
+__device__ __forceinline__ RowSrc slot_row(const TidarRejectionParams& p, int64_t b, int64_t last, int64_t s) {
+  const int64_t eb = elem_size(p.blk_dtype);
+  const char* row = static_cast<const char*>(p.blk) +
+                    (b * p.blk_stride[0] + last * p.blk_stride[1] + s * p.blk_stride[2]) * eb;
+  return RowSrc{row, nullptr, p.blk_stride[3], 0, p.blk_dtype, p.blk_dtype, kFirstOnly};
+}
+
+__global__ void __launch_bounds__(kThreads) vp_target_stats_kernel(VpArgs args) {
+  __shared__ Shared sm;
+  const TidarRejectionParams& p = args.p;
+  const VpShape& vs = args.vs;
+  const int64_t c = blockIdx.x % vs.C;
+  const int64_t bi = blockIdx.x / vs.C;  // b * K + i
+  const int64_t b = bi / p.K, i = bi % p.K;
+  const int64_t lo = c * vs.chunk, hi = min(p.V, lo + vs.chunk);
+  const RowSrc r = target_row(p, b, i);
+  double* out = p.workspace + static_cast<int64_t>(p.B) * p.K * 4 + (bi * vs.C + c) * 2;
+  double v0, v1;
+  if (p.temperature == 0.0) {
+    v1 = static_cast<double>(range_argmax(r, lo, hi, p.beta, 1.0 - p.beta, sm, &v0));
+  } else {
+    const double thr = p.thr_target ? p.thr_target[bi] : -CUDART_INF;
+    range_stats(r, lo, hi, p.beta, 1.0 - p.beta, p.temperature, thr, sm, &v0, &v1);
+  }
+  if (threadIdx.x == 0) { out[0] = v0; out[1] = v1; }
+}
+
+__global__ void __launch_bounds__(kThreads) vp_accept_kernel(VpArgs args) {
+  __shared__ Shared sm;
+  const TidarRejectionParams& p = args.p;
+  const VpShape& vs = args.vs;
+  const int64_t K = p.K, b = blockIdx.x;
+  double* ws_row = p.workspace + b * K * 4;
+  const double* stats = p.workspace + static_cast<int64_t>(p.B) * K * 4 + b * K * vs.C * 2;
+  const bool greedy = p.temperature == 0.0;
+  for (int64_t i = threadIdx.x; i < K; i += kThreads) {
+    const double* st = stats + i * vs.C * 2;
+    const bool has_draft = i + 1 < K;
+    const int64_t d = has_draft ? p.drafts[b * p.drafts_stride[0] + (i + 1) * p.drafts_stride[1]] : -1;
+    const bool d_ok = d >= 0 && d < p.V;
+    double* w = ws_row + i * 4;
+    if (greedy) {
+      double best = -CUDART_INF;
+      int64_t best_i = INT64_MAX;
+      for (int64_t c = 0; c < vs.C; ++c) {
+        const int64_t ci = static_cast<int64_t>(st[c * 2 + 1]);
+        if (better(st[c * 2], ci, best, best_i)) { best = st[c * 2]; best_i = ci; }
+      }
+      if (best_i >= p.V) best_i = 0;
+      w[0] = 0.0;
+      w[1] = 0.0;
+      w[2] = static_cast<double>(best_i);
+      w[3] = (has_draft && d_ok && d == best_i) ? 1.0 : 0.0;
+    } else {
+      double mx = -CUDART_INF;
+      for (int64_t c = 0; c < vs.C; ++c) mx = fmax(mx, st[c * 2]);
+      double z = 0.0;
+      for (int64_t c = 0; c < vs.C; ++c)
+        if (st[c * 2] != -CUDART_INF) z += st[c * 2 + 1] * exp(st[c * 2] - mx);
+      double ok = 0.0;
+      if (has_draft && d_ok && p.draft_probs != nullptr) {
+        const double thr = p.thr_target ? p.thr_target[b * K + i] : -CUDART_INF;
+        const double p_d = row_p(target_row(p, b, i), d, p.beta, 1.0 - p.beta, p.temperature, thr, mx, z);
+        const double q_d = static_cast<double>(p.draft_probs[b * p.q_stride[0] + i * p.q_stride[1] + d * p.q_stride[2]]);
+        ok = __dmul_rn(uniform(p.rng, b, i + 1, K), q_d) < p_d ? 1.0 : 0.0;
+      }
+      w[0] = mx;
+      w[1] = z;
+      w[2] = 0.0;
+      w[3] = ok;
+    }
+  }
+  __syncthreads();  // the row workspace (global) is visible to the whole block after the barrier
+  const int64_t a = vp_accepted(ws_row, K, sm);
+  if (threadIdx.x == 0) {
+    p.accepted[b] = a;
+    if (greedy) p.next_drafts[b * K] = static_cast<int64_t>(ws_row[(a - 1) * 4 + 2]);
+  }
+  for (int64_t k = threadIdx.x; k < K; k += kThreads)
+    p.emitted[b * K + k] = k < a ? p.drafts[b * p.drafts_stride[0] + k * p.drafts_stride[1]] : -1;
+}
+
+__global__ void __launch_bounds__(kThreads) vp_chunk_mass_kernel(VpArgs args) {
+  __shared__ Shared sm;
+  const TidarRejectionParams& p = args.p;
+  const VpShape& vs = args.vs;
+  const int64_t K = p.K;
+  const int64_t c = blockIdx.x % vs.C;
+  const int64_t bs = blockIdx.x / vs.C;  // b * K + s
+  const int64_t b = bs / K, s = bs % K;
+  const int64_t lo = c * vs.chunk, hi = min(p.V, lo + vs.chunk);
+  const bool greedy = p.temperature == 0.0;
+  if (greedy && s == 0) return;  // the greedy correction was written by pass 2
+  const int64_t a = vp_accepted(p.workspace + b * K * 4, K, sm);
+  const int64_t last = a - 1;
+  double* out = p.workspace + static_cast<int64_t>(p.B) * K * 4 + (bs * vs.C + c) * 2;
+  double v0, v1;
+  if (s == 0) {
+    const double* w = p.workspace + (b * K + last) * 4;
+    const double mx = w[0], z = w[1];
+    const RowSrc r = target_row(p, b, last);
+    const double thr = p.thr_target ? p.thr_target[b * K + last] : -CUDART_INF;
+    const bool has_q = a < K && p.draft_probs != nullptr;
+    const float* q = has_q ? p.draft_probs + b * p.q_stride[0] + last * p.q_stride[1] : nullptr;
+    double tr = 0.0, tp = 0.0;
+    for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) {
+      const double pv = row_p(r, v, p.beta, 1.0 - p.beta, p.temperature, thr, mx, z);
+      tp += pv;
+      if (has_q) {
+        const double d = pv - static_cast<double>(q[v * p.q_stride[2]]);
+        tr += d > 0.0 ? d : 0.0;
+      }
+    }
+    v0 = block_sum(tr, sm);
+    v1 = block_sum(tp, sm);
+  } else {
+    const RowSrc r = slot_row(p, b, last, s);
+    if (greedy) {
+      v1 = static_cast<double>(range_argmax(r, lo, hi, 1.0, 0.0, sm, &v0));
+    } else {
+      const double thr = p.thr_slots ? p.thr_slots[(b * K + last) * K + s] : -CUDART_INF;
+      range_stats(r, lo, hi, 1.0, 0.0, p.temperature, thr, sm, &v0, &v1);
+    }
+  }
+  if (threadIdx.x == 0) { out[0] = v0; out[1] = v1; }
+}
+
+__global__ void __launch_bounds__(kThreads) vp_sample_kernel(VpArgs args) {
+  __shared__ Shared sm;
+  const TidarRejectionParams& p = args.p;
+  const VpShape& vs = args.vs;
+  const int64_t K = p.K, C = vs.C;
+  const int64_t c = blockIdx.x % C;
+  const int64_t bs = blockIdx.x / C;
+  const int64_t b = bs / K, s = bs % K;
+  const int64_t lo = c * vs.chunk, hi = min(p.V, lo + vs.chunk);
+  const bool greedy = p.temperature == 0.0;
+  if (greedy && (s == 0 || c != 0)) return;
+  const int64_t a = vp_accepted(p.workspace + b * K * 4, K, sm);
+  const int64_t last = a - 1;
+  const double* st = p.workspace + static_cast<int64_t>(p.B) * K * 4 + bs * C * 2;  // this row's C chunk pairs
+  if (greedy) {  // slot s >= 1, CTA c == 0
+    if (threadIdx.x == 0) {
+      double best = -CUDART_INF;
+      int64_t best_i = INT64_MAX;
+      for (int64_t cc = 0; cc < C; ++cc) {
+        const int64_t ci = static_cast<int64_t>(st[cc * 2 + 1]);
+        if (better(st[cc * 2], ci, best, best_i)) { best = st[cc * 2]; best_i = ci; }
+      }
+      p.next_drafts[b * K + s] = best_i < p.V ? best_i : 0;
+    }
+    return;
+  }
+  if (s == 0) {
+    const bool has_q = a < K && p.draft_probs != nullptr;
+    if (threadIdx.x == 0) {
+      double rtot = 0.0;
+      if (has_q)
+        for (int64_t cc = 0; cc < C; ++cc) rtot += st[cc * 2];
+      const int sel = (has_q && rtot > 0.0) ? 0 : 1;  // residual mass, or p_a (bonus / no residual mass)
+      sm.vp[0] = static_cast<double>(sel);
+      sm.claim = vp_claim([&](int64_t cc) { return st[cc * 2 + sel]; }, C, uniform(p.rng, b, 0, K), &sm.vp[2],
+                          &sm.vp[3]);
+    }
+    __syncthreads();
+    if (c != sm.claim) return;
+    const bool resid = sm.vp[0] == 0.0;
+    const double* w = p.workspace + (b * K + last) * 4;
+    const double thr = p.thr_target ? p.thr_target[b * K + last] : -CUDART_INF;
+    const float* q = resid ? p.draft_probs + b * p.q_stride[0] + last * p.q_stride[1] : nullptr;
+    const int64_t tok = range_scan(target_row(p, b, last), lo, hi, p.beta, 1.0 - p.beta, p.temperature, thr, w[0],
+                                   w[1], q, p.q_stride[2], resid, nullptr, true, sm.vp[2], sm.vp[3], sm);
+    if (threadIdx.x == 0) p.next_drafts[b * K] = tok;
+    return;
+  }
+  if (threadIdx.x == 0) {
+    double mx = -CUDART_INF;
+    for (int64_t cc = 0; cc < C; ++cc) mx = fmax(mx, st[cc * 2]);
+    double z = 0.0;
+    for (int64_t cc = 0; cc < C; ++cc)
+      if (st[cc * 2] != -CUDART_INF) z += st[cc * 2 + 1] * exp(st[cc * 2] - mx);
+    sm.vp[0] = mx;
+    sm.vp[1] = z;
+    auto mass = [&](int64_t cc) { return st[cc * 2] == -CUDART_INF ? 0.0 : st[cc * 2 + 1] * exp(st[cc * 2] - mx) / z; };
+    sm.claim = vp_claim(mass, C, uniform(p.rng, b, K + s, K), &sm.vp[2], &sm.vp[3]);
+  }
+  __syncthreads();
+  const bool search = c == sm.claim;
+  const double thr = p.thr_slots ? p.thr_slots[(b * K + last) * K + s] : -CUDART_INF;
+  float* p_out = p.next_probs + (b * (K - 1) + (s - 1)) * p.V;
+  const int64_t tok = range_scan(slot_row(p, b, last, s), lo, hi, 1.0, 0.0, p.temperature, thr, sm.vp[0], sm.vp[1],
+                                 nullptr, 0, false, p_out, search, sm.vp[2], sm.vp[3], sm);
+  if (search && threadIdx.x == 0) p.next_drafts[b * K + s] = tok;
+}
+
 bool bad_dtype(int dt) { return dt < 0 || dt > 3; }
 
+constexpr int64_t kVpDefaultChunk = 4096;  // tokens per chunk (152k vocabulary: 38 chunks); untuned without a GPU
+
+// An integer from the environment, `dflt` when unset or not a number.
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return dflt;
+  char* end = nullptr;
+  const long long v = std::strtoll(s, &end, 10);
+  return (end != nullptr && *end == '\0') ? static_cast<int64_t>(v) : dflt;
+}
+
+// The path of a [B, K, V] step on the current device: the vocabulary-parallel one when the row path's B * K CTAs
+// cannot fill the GPU (B * K < 2 * SMs) and the vocabulary has at least 4 chunks. TIDAR_CUDA_VOCAB_PARALLEL=1/0
+// forces it on/off and TIDAR_CUDA_VOCAB_CHUNK sets the chunk (tests: small chunks on small vocabularies).
+bool vp_plan(int B, int K, int64_t V, VpShape* vs) {
+  int64_t chunk = env_int("TIDAR_CUDA_VOCAB_CHUNK", kVpDefaultChunk);
+  if (chunk < 1) chunk = kVpDefaultChunk;
+  if (B < 1 || K < 1 || V < 1) return false;
+  vs->chunk = chunk;
+  vs->C = tidar_cdiv(V, chunk);
+  if (static_cast<int64_t>(B) * K * vs->C > INT32_MAX) return false;  // 1-D grid of B * K * C CTAs
+  const int64_t force = env_int("TIDAR_CUDA_VOCAB_PARALLEL", -1);
+  if (force == 0 || force == 1) return force == 1;
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    (void)cudaGetLastError();  // do not leave the query's error for the launch status
+    return false;
+  }
+  return vs->C >= 4 && static_cast<int64_t>(B) * K < 2 * static_cast<int64_t>(sms);
+}
+
+size_t vp_workspace_bytes(int B, int K, const VpShape& vs) {
+  return (static_cast<size_t>(B) * K * 4 + static_cast<size_t>(B) * K * vs.C * 2) * sizeof(double);
+}
+
 }  // namespace
+
+size_t tidar_rejection_workspace_bytes_v(int B, int K, int64_t V) {
+  VpShape vs{};
+  if (vp_plan(B, K, V, &vs)) return vp_workspace_bytes(B, K, vs);
+  return tidar_rejection_workspace_bytes(B, K);
+}
+
+int tidar_rejection_uses_vocab_parallel(int B, int K, int64_t V) {
+  VpShape vs{};
+  return vp_plan(B, K, V, &vs) ? 1 : 0;
+}
 
 size_t tidar_rejection_workspace_bytes(int B, int K) {
   return static_cast<size_t>(B > 0 ? B : 0) * static_cast<size_t>(K > 0 ? K : 0) * 4 * sizeof(double);
@@ -442,6 +838,21 @@ int tidar_rejection_sample(const TidarRejectionParams& p, cudaStream_t stream) {
   const bool greedy = p.temperature == 0.0;
   if (!greedy) {
     if (p.K > 1 && (!p.draft_probs || !p.next_probs)) return TIDAR_ERR_NULL_POINTER;
+  }
+  VpShape vs{};
+  if (vp_plan(p.B, p.K, p.V, &vs) && p.workspace_bytes >= vp_workspace_bytes(p.B, p.K, vs)) {
+    const VpArgs vargs{p, vs};
+    const unsigned rows = static_cast<unsigned>(p.B) * static_cast<unsigned>(p.K);
+    const unsigned cgrid = rows * static_cast<unsigned>(vs.C);
+    TIDAR_LAUNCH(vp_target_stats_kernel, cgrid, kThreads, stream, vargs);
+    int st = tidar_launch_status();
+    if (st != TIDAR_OK) return st;
+    TIDAR_LAUNCH(vp_accept_kernel, static_cast<unsigned>(p.B), kThreads, stream, vargs);
+    if ((st = tidar_launch_status()) != TIDAR_OK) return st;
+    TIDAR_LAUNCH(vp_chunk_mass_kernel, cgrid, kThreads, stream, vargs);
+    if ((st = tidar_launch_status()) != TIDAR_OK) return st;
+    TIDAR_LAUNCH(vp_sample_kernel, cgrid, kThreads, stream, vargs);
+    return tidar_launch_status();
   }
   const unsigned grid = static_cast<unsigned>(p.B) * static_cast<unsigned>(p.K);
   TIDAR_LAUNCH(rejection_stats_kernel, grid, kThreads, stream, p);

@@ -28,7 +28,7 @@ struct TidarRejectionParams {
   int64_t* emitted;      // [B, K] contiguous
   int64_t* next_drafts;  // [B, K] contiguous
   float* next_probs;     // [B, K-1, V] contiguous; null when greedy
-  double* workspace;     // >= tidar_rejection_workspace_bytes(B, K)
+  double* workspace;     // >= tidar_rejection_workspace_bytes_v(B, K, V) bytes (see workspace_bytes)
   // top-k/top-p (sampling only; null = no filter): tokens whose tempered float64 logit x / T is below the row's
   // threshold get probability 0. thr_target [B, K] (target row i), thr_slots [B, K, K] ([b, j-1, s]: block j,
   // slot s), both contiguous float64 (the reference's filter_threshold of the same x, so the kept sets agree).
@@ -38,6 +38,8 @@ struct TidarRejectionParams {
   int64_t V;
   double temperature;  // 0 = greedy
   double beta;         // target logits = beta * AR + (1 - beta) * slot 0 (1 and 0 use one side only)
+  // bytes available at `workspace`; 0 (or less than tidar_rejection_workspace_bytes_v) keeps the row path
+  size_t workspace_bytes;
 };
 
 struct TidarDraftParams {
@@ -53,7 +55,14 @@ struct TidarDraftParams {
   double temperature, beta;
 };
 
+// Workspace of the one-CTA-per-row path ([B, K, 4] float64).
 size_t tidar_rejection_workspace_bytes(int B, int K);
+// Workspace for whichever path tidar_rejection_sample takes for [B, K, V] on the current device (vocabulary-parallel:
+// small batches with large vocabularies; TIDAR_CUDA_VOCAB_PARALLEL=1/0 forces it on/off, TIDAR_CUDA_VOCAB_CHUNK
+// sets its chunk, both read at every call). Pass it as workspace_bytes.
+size_t tidar_rejection_workspace_bytes_v(int B, int K, int64_t V);
+// 1 when tidar_rejection_sample takes the vocabulary-parallel path for [B, K, V] (given that workspace), else 0.
+int tidar_rejection_uses_vocab_parallel(int B, int K, int64_t V);
 // 0 ok; < 0 bad arguments (nothing launched); > 0 cudaError_t of a launch.
 int tidar_rejection_sample(const TidarRejectionParams& p, cudaStream_t stream);
 int tidar_draft_sample(const TidarDraftParams& p, cudaStream_t stream);

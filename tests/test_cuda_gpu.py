@@ -237,6 +237,50 @@ def test_rejection_exact_vs_reference_given_uniforms(B, K, V, T, beta, dtype, bl
         torch.testing.assert_close(d_got.next_draft_probs, d_want.next_draft_probs, rtol=1e-6, atol=1e-7)
 
 
+# The vocabulary-parallel path (csrc/rejection_sample.cu passes 1-4): taken by shape for small batches with large
+# vocabularies (B * K < 2 * SMs, V >= 4 chunks); TIDAR_CUDA_VOCAB_PARALLEL=1/0 forces it, TIDAR_CUDA_VOCAB_CHUNK
+# sets the chunk (both read at every call). Both paths must give the reference's decisions.
+VP_GPU_CASES = [  # B, K, V, T, beta, top_k, top_p, chunk
+    (1, 16, 151936, 0.0, 1.0, None, None, None),
+    (1, 16, 151936, 0.8, 1.0, None, None, None),
+    (1, 16, 151936, 1.0, 0.6, None, None, 1000),
+    (1, 16, 151936, 0.7, 1.0, 50, 0.9, None),
+    (16, 16, 151936, 0.9, 1.0, None, None, None),
+    (3, 4, 5003, 1.1, 0.3, None, None, 97),
+]
+
+
+@pytest.mark.parametrize("path", ["1", "0"])
+@pytest.mark.parametrize("B,K,V,T,beta,top_k,top_p,chunk", VP_GPU_CASES)
+def test_rejection_vocab_parallel_exact_vs_reference(monkeypatch, path, B, K, V, T, beta, top_k, top_p, chunk):
+    monkeypatch.setenv("TIDAR_CUDA_VOCAB_PARALLEL", path)
+    if chunk is not None:
+        monkeypatch.setenv("TIDAR_CUDA_VOCAB_CHUNK", str(chunk))
+    ar, blk, drafts, q = _step(B, K, V, T, seed=B + V + K, dtype=torch.bfloat16)
+    if T == 0.0:
+        drafts = _plant_greedy(ar, blk, drafts, beta, V)
+    qq = q if T > 0 else None
+    for kw in (dict(uniforms=draw_uniforms(B, K, generator=_gen(V))), dict(seed=7, offset=123)):
+        kw.update(temperature=T, beta=beta, top_k=top_k, top_p=top_p)
+        _assert_same(rejection_sample(ar, blk, drafts, qq, backend="cuda", **kw),
+                     rejection_sample(ar, blk, drafts, qq, backend="reference", **kw))
+
+
+def test_rejection_vocab_parallel_acceptance_lengths_b1(monkeypatch):
+    """B = 1, K = 16, 152k bf16 over many steps (seeds): several acceptance lengths, bonus included."""
+    monkeypatch.setenv("TIDAR_CUDA_VOCAB_PARALLEL", "1")
+    B, K, V, T = 1, 16, 151936, 1.0
+    seen = set()
+    for step in range(12):
+        ar, blk, drafts, q = _step(B, K, V, T, seed=100 + step, dtype=torch.bfloat16)
+        ar[:, : step % K] = (q[:, : step % K].log() * T).to(ar.dtype)  # drafts ~ p up to bf16: long acceptances
+        kw = dict(temperature=T, seed=step, offset=0)
+        want = rejection_sample(ar, blk, drafts, q, backend="reference", **kw)
+        _assert_same(rejection_sample(ar, blk, drafts, q, backend="cuda", **kw), want)
+        seen.add(int(want.accepted))
+    assert len(seen) >= 3, seen
+
+
 def test_rejection_every_acceptance_length():
     B, K, V = 400, 4, 37
     ar, blk, drafts, q = _step(B, K, V, 1.0, seed=5)

@@ -11,7 +11,8 @@ int emu_rejection_sample(const void* ar, int ar_dtype, const int64_t* ar_stride,
                          const float* q, const int64_t* q_stride, const float* uniforms, const int64_t* u_stride,
                          const int64_t* seed_ptr, const int64_t* offset_ptr, int64_t seed, int64_t offset,
                          int64_t* accepted, int64_t* emitted, int64_t* next_drafts, float* next_probs,
-                         double* workspace, const double* thr_target, const double* thr_slots, int B, int K,
+                         double* workspace, int64_t workspace_bytes, const double* thr_target,
+                         const double* thr_slots, int B, int K,
                          int64_t V, double temperature, double beta) {
   TidarRejectionParams p{};
   p.ar = ar; p.ar_dtype = ar_dtype;
@@ -25,7 +26,8 @@ int emu_rejection_sample(const void* ar, int ar_dtype, const int64_t* ar_stride,
   if (uniforms) { p.rng.u_stride[0] = u_stride[0]; p.rng.u_stride[1] = u_stride[1]; }
   p.rng.seed_ptr = seed_ptr; p.rng.offset_ptr = offset_ptr; p.rng.seed = seed; p.rng.offset = offset;
   p.accepted = accepted; p.emitted = emitted; p.next_drafts = next_drafts; p.next_probs = next_probs;
-  p.workspace = workspace; p.thr_target = thr_target; p.thr_slots = thr_slots;
+  p.workspace = workspace; p.workspace_bytes = static_cast<size_t>(workspace_bytes);
+  p.thr_target = thr_target; p.thr_slots = thr_slots;
   p.B = B; p.K = K; p.V = V; p.temperature = temperature; p.beta = beta;
   return tidar_rejection_sample(p, nullptr);
 }
@@ -45,6 +47,12 @@ int emu_draft_sample(const void* ar, int ar_dtype, const int64_t* ar_stride, con
   p.B = B; p.K = K; p.V = V; p.temperature = temperature; p.beta = beta;
   return tidar_draft_sample(p, nullptr);
 }
+
+// Workspace bytes and path of a [B, K, V] step (TIDAR_CUDA_VOCAB_PARALLEL / TIDAR_CUDA_VOCAB_CHUNK apply).
+int64_t emu_rejection_workspace_bytes(int B, int K, int64_t V) {
+  return static_cast<int64_t>(tidar_rejection_workspace_bytes_v(B, K, V));
+}
+int emu_rejection_uses_vocab_parallel(int B, int K, int64_t V) { return tidar_rejection_uses_vocab_parallel(B, K, V); }
 
 float emu_philox_uniform(int64_t seed, int64_t offset, int64_t b, int64_t j, int64_t K) {
   return tidar_philox_uniform_host(seed, offset, b, j, K);
