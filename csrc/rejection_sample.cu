@@ -28,6 +28,10 @@
 #include <cuda_fp16.h>
 #include <math_constants.h>
 #define TIDAR_LAUNCH(kernel, grid, threads, stream, arg) kernel<<<(grid), (threads), 0, (stream)>>>(arg)
+// Shared-memory fields and the per-block Shared object; the emulator build (emu_sampling.h) puts them in its
+// race-checked shared memory instead (every access recorded: same-interval cross-thread accesses are reported).
+#define TIDAR_SH(T) T
+#define TIDAR_SHARED(type, name) __shared__ type name
 #endif
 
 #include "tidar_common.cuh"
@@ -52,11 +56,11 @@ struct RowSrc {
 };
 
 struct Shared {
-  double red[kWarps];
-  int64_t redi[kWarps];
-  int a;
-  double vp[4];    // vocabulary-parallel path: (max, sum, carry before the claimed chunk, target) from thread 0
-  int64_t claim;   // vocabulary-parallel path: the chunk that holds the CDF crossing
+  TIDAR_SH(double) red[kWarps];
+  TIDAR_SH(int64_t) redi[kWarps];
+  TIDAR_SH(int) a;
+  TIDAR_SH(double) vp[4];   // vocabulary-parallel path: (max, sum, carry before the claimed chunk, target)
+  TIDAR_SH(int64_t) claim;  // vocabulary-parallel path: the chunk that holds the CDF crossing
 };
 
 __device__ __forceinline__ double load_logit(const void* base, int64_t off, int dt) {
@@ -99,7 +103,7 @@ __device__ __forceinline__ double block_max(double v, Shared& sm) {
   __syncthreads();
   double r = sm.red[0];
 #pragma unroll
-  for (int i = 1; i < kWarps; ++i) r = fmax(r, sm.red[i]);
+  for (int i = 1; i < kWarps; ++i) r = fmax(r, static_cast<double>(sm.red[i]));
   return r;
 }
 
@@ -111,7 +115,7 @@ __device__ __forceinline__ int64_t block_min_i(int64_t v, Shared& sm) {
   __syncthreads();
   int64_t r = sm.redi[0];
 #pragma unroll
-  for (int i = 1; i < kWarps; ++i) r = min(r, sm.redi[i]);
+  for (int i = 1; i < kWarps; ++i) r = min(r, static_cast<int64_t>(sm.redi[i]));
   return r;
 }
 
@@ -123,7 +127,7 @@ __device__ __forceinline__ int64_t block_max_i(int64_t v, Shared& sm) {
   __syncthreads();
   int64_t r = sm.redi[0];
 #pragma unroll
-  for (int i = 1; i < kWarps; ++i) r = max(r, sm.redi[i]);
+  for (int i = 1; i < kWarps; ++i) r = max(r, static_cast<int64_t>(sm.redi[i]));
   return r;
 }
 
@@ -307,7 +311,7 @@ __host__ __device__ __forceinline__ int mix_mode(double beta) {
 __device__ __forceinline__ int64_t elem_size(int dt) { return dt == 3 ? 8 : (dt == 2 ? 4 : 2); }
 
 __global__ void __launch_bounds__(kThreads) rejection_stats_kernel(TidarRejectionParams p) {
-  __shared__ Shared sm;
+  TIDAR_SHARED(Shared, sm);
   const int64_t b = blockIdx.x / p.K;
   const int64_t i = blockIdx.x % p.K;  // target row i = p_{i+1}
   const double beta = p.beta, omb = 1.0 - p.beta;
@@ -348,7 +352,7 @@ __global__ void __launch_bounds__(kThreads) rejection_stats_kernel(TidarRejectio
 }
 
 __global__ void __launch_bounds__(kThreads) rejection_finish_kernel(TidarRejectionParams p) {
-  __shared__ Shared sm;
+  TIDAR_SHARED(Shared, sm);
   const int64_t K = p.K;
   const int64_t b = blockIdx.x / K;
   const int64_t s = blockIdx.x % K;
@@ -400,7 +404,7 @@ __global__ void __launch_bounds__(kThreads) rejection_finish_kernel(TidarRejecti
 }
 
 __global__ void __launch_bounds__(kThreads) draft_kernel(TidarDraftParams p) {
-  __shared__ Shared sm;
+  TIDAR_SHARED(Shared, sm);
   const int64_t K = p.K;
   const int64_t b = blockIdx.x / K;
   const int64_t s = blockIdx.x % K;
@@ -578,7 +582,7 @@ __device__ __forceinline__ RowSrc slot_row(const TidarRejectionParams& p, int64_
 }
 
 __global__ void __launch_bounds__(kThreads) vp_target_stats_kernel(VpArgs args) {
-  __shared__ Shared sm;
+  TIDAR_SHARED(Shared, sm);
   const TidarRejectionParams& p = args.p;
   const VpShape& vs = args.vs;
   const int64_t c = blockIdx.x % vs.C;
@@ -598,7 +602,7 @@ __global__ void __launch_bounds__(kThreads) vp_target_stats_kernel(VpArgs args) 
 }
 
 __global__ void __launch_bounds__(kThreads) vp_accept_kernel(VpArgs args) {
-  __shared__ Shared sm;
+  TIDAR_SHARED(Shared, sm);
   const TidarRejectionParams& p = args.p;
   const VpShape& vs = args.vs;
   const int64_t K = p.K, b = blockIdx.x;
@@ -653,7 +657,7 @@ __global__ void __launch_bounds__(kThreads) vp_accept_kernel(VpArgs args) {
 }
 
 __global__ void __launch_bounds__(kThreads) vp_chunk_mass_kernel(VpArgs args) {
-  __shared__ Shared sm;
+  TIDAR_SHARED(Shared, sm);
   const TidarRejectionParams& p = args.p;
   const VpShape& vs = args.vs;
   const int64_t K = p.K;
@@ -698,7 +702,7 @@ __global__ void __launch_bounds__(kThreads) vp_chunk_mass_kernel(VpArgs args) {
 }
 
 __global__ void __launch_bounds__(kThreads) vp_sample_kernel(VpArgs args) {
-  __shared__ Shared sm;
+  TIDAR_SHARED(Shared, sm);
   const TidarRejectionParams& p = args.p;
   const VpShape& vs = args.vs;
   const int64_t K = p.K, C = vs.C;
@@ -730,9 +734,11 @@ __global__ void __launch_bounds__(kThreads) vp_sample_kernel(VpArgs args) {
       if (has_q)
         for (int64_t cc = 0; cc < C; ++cc) rtot += st[cc * 2];
       const int sel = (has_q && rtot > 0.0) ? 0 : 1;  // residual mass, or p_a (bonus / no residual mass)
+      double carry, target;
+      sm.claim = vp_claim([&](int64_t cc) { return st[cc * 2 + sel]; }, C, uniform(p.rng, b, 0, K), &carry, &target);
       sm.vp[0] = static_cast<double>(sel);
-      sm.claim = vp_claim([&](int64_t cc) { return st[cc * 2 + sel]; }, C, uniform(p.rng, b, 0, K), &sm.vp[2],
-                          &sm.vp[3]);
+      sm.vp[2] = carry;
+      sm.vp[3] = target;
     }
     __syncthreads();
     if (c != sm.claim) return;
@@ -754,7 +760,10 @@ __global__ void __launch_bounds__(kThreads) vp_sample_kernel(VpArgs args) {
     sm.vp[0] = mx;
     sm.vp[1] = z;
     auto mass = [&](int64_t cc) { return st[cc * 2] == -CUDART_INF ? 0.0 : st[cc * 2 + 1] * exp(st[cc * 2] - mx) / z; };
-    sm.claim = vp_claim(mass, C, uniform(p.rng, b, K + s, K), &sm.vp[2], &sm.vp[3]);
+    double carry, target;
+    sm.claim = vp_claim(mass, C, uniform(p.rng, b, K + s, K), &carry, &target);
+    sm.vp[2] = carry;
+    sm.vp[3] = target;
   }
   __syncthreads();
   const bool search = c == sm.claim;

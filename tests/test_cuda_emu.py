@@ -1,6 +1,7 @@
 """The CUDA sampling and kv_append kernels (csrc/rejection_sample.cu, csrc/kv_append.cu) run on the CPU under a fiber emulator of CUDA threads
 (csrc/tests/emu/cuda_runtime.h + csrc/tests/emu_sampling.h: every thread a fiber, warp shuffles as true warp
-collectives, __syncthreads for the whole block, divergence and deadlocks reported).
+collectives, __syncthreads for the whole block, divergence and deadlocks reported; the sampling kernels' shared
+memory is race-checked, and every test asserts no race).
 
 Both paths of the verification step run here: the one-CTA-per-row path and the vocabulary-parallel one (forced
 with TIDAR_CUDA_VOCAB_PARALLEL=1 and small TIDAR_CUDA_VOCAB_CHUNK, so 1 to 11 chunks on V = 1..4500).
@@ -46,9 +47,27 @@ def lib(tmp_path_factory):
     so.emu_rejection_workspace_bytes.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     so.emu_rejection_uses_vocab_parallel.restype = ctypes.c_int
     so.emu_rejection_uses_vocab_parallel.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    so.emu_sampling_races.restype = ctypes.c_long
+    so.emu_race_selftest.restype = ctypes.c_long
     so.emu_philox_uniform.restype = ctypes.c_float
     so.emu_philox_uniform.argtypes = [ctypes.c_int64] * 5
     return so
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_memory_races(request):
+    """Every test: the sampling kernels' shared memory (TIDAR_SH fields) had no same-interval cross-thread access."""
+    if "lib" not in request.fixturenames:
+        yield
+        return
+    so = request.getfixturevalue("lib")
+    so.emu_sampling_races()
+    yield
+    assert so.emu_sampling_races() == 0, "shared-memory race in a sampling kernel (details on stderr)"
+
+
+def test_emulated_race_checker_is_live(lib):
+    assert lib.emu_race_selftest() > 0
 
 
 def _ptr(t):

@@ -2,7 +2,11 @@
 // csrc/tests/emu/cuda_runtime.h (tests only). Compile rejection_sample.cu with -DTIDAR_EMULATE and
 // -I csrc/tests/emu -I csrc/tests: every CUDA thread runs as a fiber, warp shuffles are true warp collectives
 // (all 32 lanes must arrive: divergence is an error), __syncthreads waits for the whole block.
-// Limits: __shared__ variables are plain statics (functional, not race-checked; blocks run one at a time).
+// Shared memory: csrc/rejection_sample.cu declares its per-block `Shared` with TIDAR_SHARED and its fields with
+// TIDAR_SH(T); here they live in the emulator's dynamic shared memory and every field access goes through the
+// shadow race checker (a read of a byte another thread wrote in the same barrier interval, or a write over a
+// byte another thread read or wrote in it, is counted: emu_sampling_races() in sampling_emu_lib.cpp).
+// Other __shared__ variables are plain statics (functional, not race-checked; blocks run one at a time).
 #pragma once
 
 #include <algorithm>
@@ -63,6 +67,25 @@ struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline tidar_emu::Dim& tidar_emu_grid_dim() { static tidar_emu::Dim d{1, 1, 1}; return d; }
 #define gridDim (tidar_emu_grid_dim())
 
+namespace tidar_emu {
+// A shared-memory field whose every load and store is recorded by the shadow race checker (trivial type: the
+// object is the dynamic shared memory's bytes, uninitialised = 0xFF as in the emulator).
+template <typename T>
+struct Sh {
+  T v;
+  uint32_t off() const {
+    return static_cast<uint32_t>(reinterpret_cast<const unsigned char*>(this) - dynamic_smem());
+  }
+  operator T() const { shadow_read(off(), sizeof(T)); return v; }
+  Sh& operator=(T x) { shadow_write(off(), sizeof(T), st().cur); v = x; return *this; }
+};
+constexpr size_t kSamplingSmem = 2048;  // dynamic shared bytes of every TIDAR_LAUNCH (>= sizeof(Shared))
+}  // namespace tidar_emu
+#define TIDAR_SH(T) tidar_emu::Sh<T>
+#define TIDAR_SHARED(type, name)                                                             \
+  static_assert(sizeof(type) <= tidar_emu::kSamplingSmem, "Shared exceeds the emulated smem"); \
+  type& name = *reinterpret_cast<type*>(tidar_emu::dynamic_smem())
+
 #define TIDAR_LAUNCH(kernel, grid, threads, stream, arg)                                     \
   (tidar_emu_grid_dim() = tidar_emu::Dim{static_cast<unsigned>(grid), 1, 1},                \
-   tidar_emu::launch(kernel, (grid), (threads), 0, (arg)), (void)(stream))
+   tidar_emu::launch(kernel, (grid), (threads), tidar_emu::kSamplingSmem, (arg)), (void)(stream))

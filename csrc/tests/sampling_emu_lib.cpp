@@ -4,6 +4,17 @@
 //       csrc/tests/sampling_emu_lib.cpp csrc/tests/kv_append_emu.cpp -o libtidar_sampling_emu.so
 #include "../rejection_sample.cu"
 
+namespace {
+// Self-test of the shared-memory race checker: 64 threads store to one field in the same barrier interval.
+struct RaceProbe { TIDAR_SH(int) x; };
+struct ProbeArgs { int unused; };
+void race_probe_kernel(ProbeArgs) {
+  TIDAR_SHARED(RaceProbe, sm);
+  sm.x = static_cast<int>(threadIdx.x);
+  __syncthreads();
+}
+}  // namespace
+
 extern "C" {
 
 int emu_rejection_sample(const void* ar, int ar_dtype, const int64_t* ar_stride, const void* blk, int blk_dtype,
@@ -53,6 +64,19 @@ int64_t emu_rejection_workspace_bytes(int B, int K, int64_t V) {
   return static_cast<int64_t>(tidar_rejection_workspace_bytes_v(B, K, V));
 }
 int emu_rejection_uses_vocab_parallel(int B, int K, int64_t V) { return tidar_rejection_uses_vocab_parallel(B, K, V); }
+
+// Shared-memory races the checker counted since the last call (then reset).
+long emu_sampling_races() {
+  const long n = tidar_emu::st().races;
+  tidar_emu::st().races = 0;
+  return n;
+}
+
+long emu_race_selftest() {
+  tidar_emu::st().races = 0;
+  TIDAR_LAUNCH(race_probe_kernel, 1, 64, nullptr, ProbeArgs{0});
+  return emu_sampling_races();
+}
 
 float emu_philox_uniform(int64_t seed, int64_t offset, int64_t b, int64_t j, int64_t K) {
   return tidar_philox_uniform_host(seed, offset, b, j, K);
