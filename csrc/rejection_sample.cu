@@ -439,19 +439,22 @@ __global__ void __launch_bounds__(kThreads) draft_kernel(TidarDraftParams p) {
 // `chunk` tokens (C = ceil(V / chunk) chunks), so B = 1 spreads over B * K * C CTAs instead of B * K.
 //   1. vp_target_stats [B, K, C]: chunk c of target row i: greedy (max, first argmax); sampling (m_c, s_c) =
 //      (max of x / T, sum of exp(x / T - m_c)) over the chunk ((-inf, 0) when the filter keeps nothing there).
-//   2. vp_accept       [B]:       combine each row's chunks in ascending order (greedy: first argmax; sampling:
+//   2. vp_accept       [B]:       one warp per target row combines its chunks (greedy: first argmax; sampling:
 //      M = max m_c, Z = sum_c s_c exp(m_c - M)), acceptance tests of the drafts (into the [B, K, 4] row
 //      workspace, the row path's layout), a, accepted, emitted; the greedy correction.
 //   3. vp_chunk_mass   [B, K, C]: row 0: chunk masses of the residual max(0, p_a - q_a) and of p_a; rows
 //      s = 1..K-1: chunk statistics (as pass 1) of slot s of proposal block a.
-//   4. vp_sample       [B, K, C]: every CTA of a row combines the row's C chunk masses in the same order, so
-//      exactly one claims the chunk where the cumulative mass first exceeds u * total and scans it (inverse
-//      CDF); slot CTAs also write their chunk of next_probs. Greedy slots: CTA c = 0 combines the chunk argmaxes.
+//   4. vp_sample       [B, K, C]: warp 0 of every CTA of a row combines the row's C chunk masses the same way
+//      (warp reductions / scans: same bits in every CTA), so exactly one CTA claims the chunk where the
+//      cumulative mass first exceeds u * total and scans it (inverse CDF); slot CTAs also write their chunk
+//      of next_probs. Greedy slots: CTA c = 0 combines the chunk argmaxes.
 // Exactness: greedy is exact (argmax over disjoint ascending chunks, ties to the lowest index). Sampling takes
 // every decision with the reference's float64 formulas; only the summation order differs from torch's:
-// per-chunk sums, Z = sum_c s_c * exp(m_c - M) instead of sum exp(x - M), slot chunk masses s_c exp(m_c - M) / Z,
-// chunks in ascending order: ~1e-16 relative, so a token or acceptance can differ from the reference only when
-// a uniform falls within that distance of a decision boundary (as the Triton kernel's vocabulary-parallel path).
+// per-chunk sums (block reductions), Z = sum_c s_c * exp(m_c - M) instead of sum exp(x - M) (a warp tree over
+// the chunks), slot chunk masses s_c exp(m_c - M) / Z, cumulative masses by warp scans over groups of 32 chunks:
+// ~1e-16 relative, so a token or acceptance can differ from the reference only when a uniform falls within that
+// distance of a decision boundary (as the Triton kernel's vocabulary-parallel path). If rounding leaves the
+// crossing past the claimed chunk's in-chunk sums, its last token with positive weight is taken.
 // Workspace: the row workspace [B, K, 4] (M, Z, argmax, ok) then chunk statistics [B, K, C, 2] (pass 1 writes,
 // pass 2 reads; pass 3 reuses the same slots for its masses / slot statistics, pass 4 reads them).
 // ---------------------------------------------------------------------------------------------
@@ -531,27 +534,95 @@ __device__ int64_t range_scan(const RowSrc& r, int64_t lo, int64_t hi, double be
   return last_pos >= 0 ? last_pos : hi - 1;
 }
 
-// Claim of one row (thread 0): masses mass(c) in ascending chunk order; target = u * total. Returns the first
-// chunk whose cumulative mass exceeds the target (the last chunk with mass if none), and the carry before it.
-template <typename Mass>
-__device__ int64_t vp_claim(Mass mass, int64_t C, double u, double* carry_out, double* target_out) {
-  double total = 0.0;
-  for (int64_t c = 0; c < C; ++c) total += mass(c);
-  const double target = u * total;
-  double carry = 0.0, carry_last = 0.0;
-  int64_t last = -1;
-  for (int64_t c = 0; c < C; ++c) {
-    const double m = mass(c);
-    if (m > 0.0) { last = c; carry_last = carry; }
-    if (carry + m > target) {
-      *carry_out = carry;
-      *target_out = target;
-      return c;
-    }
-    carry += m;
+// Warp-level combines of a row's C chunk statistics (all 32 lanes of one warp call them; every lane gets the same
+// result, and every CTA that combines the same row gets the same bits: the order depends on C only).
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+__device__ __forceinline__ double warp_max(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+__device__ __forceinline__ int64_t warp_min_i(int64_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = min(v, static_cast<int64_t>(__shfl_xor_sync(kFull, v, o)));
+  return v;
+}
+
+// First index of the maximum over the chunks' (max, first argmax) pairs st[2c], st[2c + 1] (exact: `better` is a
+// total order on the pairs, ties to the lowest index as torch.argmax).
+__device__ int64_t warp_chunk_argmax(const double* st, int64_t C, int64_t V) {
+  const int lane = threadIdx.x & 31;
+  double best = -CUDART_INF;
+  int64_t best_i = INT64_MAX;
+  for (int64_t c = lane; c < C; c += 32) {
+    const int64_t ci = static_cast<int64_t>(st[c * 2 + 1]);
+    if (better(st[c * 2], ci, best, best_i)) { best = st[c * 2]; best_i = ci; }
   }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const double ov = __shfl_xor_sync(kFull, best, o);
+    const int64_t oi = __shfl_xor_sync(kFull, best_i, o);
+    if (better(ov, oi, best, best_i)) { best = ov; best_i = oi; }
+  }
+  return best_i < V ? best_i : 0;
+}
+
+// Softmax statistics of a row from its chunks' (m_c, s_c): M = max m_c, Z = sum_c s_c exp(m_c - M).
+__device__ void warp_chunk_softmax(const double* st, int64_t C, double* mx_out, double* z_out) {
+  const int lane = threadIdx.x & 31;
+  double m = -CUDART_INF;
+  for (int64_t c = lane; c < C; c += 32) m = fmax(m, st[c * 2]);
+  const double mx = warp_max(m);
+  double z = 0.0;
+  for (int64_t c = lane; c < C; c += 32)
+    if (st[c * 2] != -CUDART_INF) z += st[c * 2 + 1] * exp(st[c * 2] - mx);
+  *mx_out = mx;
+  *z_out = warp_sum(z);
+}
+
+// Inclusive prefix sum over the warp (Hillis-Steele).
+__device__ __forceinline__ double warp_inclusive_scan(double v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const double n = __shfl_up_sync(kFull, v, o);
+    if (lane >= o) v += n;
+  }
+  return v;
+}
+
+// Claim of one row (one warp): chunk masses mass(c) >= 0, prefix sums in groups of 32 chunks (warp scan, groups
+// in ascending order), total = the last prefix, target = u * total. Returns the first chunk whose inclusive prefix
+// exceeds the target (exists when total > 0, as u < 1; else C - 1 with carry 0) and the exclusive prefix before it.
+template <typename Mass>
+__device__ int64_t warp_claim(Mass mass, int64_t C, double u, double* carry_out, double* target_out) {
+  const int lane = threadIdx.x & 31;
+  double run = 0.0;
+  for (int64_t c0 = 0; c0 < C; c0 += 32) {
+    const double m = c0 + lane < C ? mass(c0 + lane) : 0.0;
+    run += __shfl_sync(kFull, warp_inclusive_scan(m), 31);
+  }
+  const double target = u * run;
   *target_out = target;
-  if (last >= 0) { *carry_out = carry_last; return last; }
+  run = 0.0;
+  for (int64_t c0 = 0; c0 < C; c0 += 32) {
+    const double m = c0 + lane < C ? mass(c0 + lane) : 0.0;
+    const double incl = warp_inclusive_scan(m);
+    double excl = __shfl_up_sync(kFull, incl, 1);
+    if (lane == 0) excl = 0.0;
+    const int64_t first = warp_min_i(c0 + lane < C && run + incl > target ? lane : 32);
+    if (first < 32) {
+      *carry_out = run + __shfl_sync(kFull, excl, static_cast<int>(first));
+      return c0 + first;
+    }
+    run += __shfl_sync(kFull, incl, 31);
+  }
   *carry_out = 0.0;
   return C - 1;
 }
@@ -609,41 +680,38 @@ __global__ void __launch_bounds__(kThreads) vp_accept_kernel(VpArgs args) {
   double* ws_row = p.workspace + b * K * 4;
   const double* stats = p.workspace + static_cast<int64_t>(p.B) * K * 4 + b * K * vs.C * 2;
   const bool greedy = p.temperature == 0.0;
-  for (int64_t i = threadIdx.x; i < K; i += kThreads) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t i = threadIdx.x >> 5; i < K; i += kWarps) {  // one warp per target row
     const double* st = stats + i * vs.C * 2;
     const bool has_draft = i + 1 < K;
     const int64_t d = has_draft ? p.drafts[b * p.drafts_stride[0] + (i + 1) * p.drafts_stride[1]] : -1;
     const bool d_ok = d >= 0 && d < p.V;
     double* w = ws_row + i * 4;
     if (greedy) {
-      double best = -CUDART_INF;
-      int64_t best_i = INT64_MAX;
-      for (int64_t c = 0; c < vs.C; ++c) {
-        const int64_t ci = static_cast<int64_t>(st[c * 2 + 1]);
-        if (better(st[c * 2], ci, best, best_i)) { best = st[c * 2]; best_i = ci; }
+      const int64_t am = warp_chunk_argmax(st, vs.C, p.V);
+      if (lane == 0) {
+        w[0] = 0.0;
+        w[1] = 0.0;
+        w[2] = static_cast<double>(am);
+        w[3] = (has_draft && d_ok && d == am) ? 1.0 : 0.0;
       }
-      if (best_i >= p.V) best_i = 0;
-      w[0] = 0.0;
-      w[1] = 0.0;
-      w[2] = static_cast<double>(best_i);
-      w[3] = (has_draft && d_ok && d == best_i) ? 1.0 : 0.0;
     } else {
-      double mx = -CUDART_INF;
-      for (int64_t c = 0; c < vs.C; ++c) mx = fmax(mx, st[c * 2]);
-      double z = 0.0;
-      for (int64_t c = 0; c < vs.C; ++c)
-        if (st[c * 2] != -CUDART_INF) z += st[c * 2 + 1] * exp(st[c * 2] - mx);
-      double ok = 0.0;
-      if (has_draft && d_ok && p.draft_probs != nullptr) {
-        const double thr = p.thr_target ? p.thr_target[b * K + i] : -CUDART_INF;
-        const double p_d = row_p(target_row(p, b, i), d, p.beta, 1.0 - p.beta, p.temperature, thr, mx, z);
-        const double q_d = static_cast<double>(p.draft_probs[b * p.q_stride[0] + i * p.q_stride[1] + d * p.q_stride[2]]);
-        ok = __dmul_rn(uniform(p.rng, b, i + 1, K), q_d) < p_d ? 1.0 : 0.0;
+      double mx, z;
+      warp_chunk_softmax(st, vs.C, &mx, &z);
+      if (lane == 0) {
+        double ok = 0.0;
+        if (has_draft && d_ok && p.draft_probs != nullptr) {
+          const double thr = p.thr_target ? p.thr_target[b * K + i] : -CUDART_INF;
+          const double p_d = row_p(target_row(p, b, i), d, p.beta, 1.0 - p.beta, p.temperature, thr, mx, z);
+          const double q_d =
+              static_cast<double>(p.draft_probs[b * p.q_stride[0] + i * p.q_stride[1] + d * p.q_stride[2]]);
+          ok = __dmul_rn(uniform(p.rng, b, i + 1, K), q_d) < p_d ? 1.0 : 0.0;
+        }
+        w[0] = mx;
+        w[1] = z;
+        w[2] = 0.0;
+        w[3] = ok;
       }
-      w[0] = mx;
-      w[1] = z;
-      w[2] = 0.0;
-      w[3] = ok;
     }
   }
   __syncthreads();  // the row workspace (global) is visible to the whole block after the barrier
@@ -716,29 +784,28 @@ __global__ void __launch_bounds__(kThreads) vp_sample_kernel(VpArgs args) {
   const int64_t last = a - 1;
   const double* st = p.workspace + static_cast<int64_t>(p.B) * K * 4 + bs * C * 2;  // this row's C chunk pairs
   if (greedy) {  // slot s >= 1, CTA c == 0
-    if (threadIdx.x == 0) {
-      double best = -CUDART_INF;
-      int64_t best_i = INT64_MAX;
-      for (int64_t cc = 0; cc < C; ++cc) {
-        const int64_t ci = static_cast<int64_t>(st[cc * 2 + 1]);
-        if (better(st[cc * 2], ci, best, best_i)) { best = st[cc * 2]; best_i = ci; }
-      }
-      p.next_drafts[b * K + s] = best_i < p.V ? best_i : 0;
+    if (threadIdx.x < 32) {
+      const int64_t am = warp_chunk_argmax(st, C, p.V);
+      if (threadIdx.x == 0) p.next_drafts[b * K + s] = am;
     }
     return;
   }
   if (s == 0) {
     const bool has_q = a < K && p.draft_probs != nullptr;
-    if (threadIdx.x == 0) {
-      double rtot = 0.0;
+    if (threadIdx.x < 32) {
+      double rmax = 0.0;  // the residual has mass iff a chunk has (sums of non-negative terms)
       if (has_q)
-        for (int64_t cc = 0; cc < C; ++cc) rtot += st[cc * 2];
-      const int sel = (has_q && rtot > 0.0) ? 0 : 1;  // residual mass, or p_a (bonus / no residual mass)
+        for (int64_t cc = threadIdx.x; cc < C; cc += 32) rmax = fmax(rmax, st[cc * 2]);
+      const int sel = (has_q && warp_max(rmax) > 0.0) ? 0 : 1;  // residual mass, or p_a (bonus / no residual)
       double carry, target;
-      sm.claim = vp_claim([&](int64_t cc) { return st[cc * 2 + sel]; }, C, uniform(p.rng, b, 0, K), &carry, &target);
-      sm.vp[0] = static_cast<double>(sel);
-      sm.vp[2] = carry;
-      sm.vp[3] = target;
+      const int64_t claim =
+          warp_claim([&](int64_t cc) { return st[cc * 2 + sel]; }, C, uniform(p.rng, b, 0, K), &carry, &target);
+      if (threadIdx.x == 0) {
+        sm.claim = claim;
+        sm.vp[0] = static_cast<double>(sel);
+        sm.vp[2] = carry;
+        sm.vp[3] = target;
+      }
     }
     __syncthreads();
     if (c != sm.claim) return;
@@ -751,19 +818,19 @@ __global__ void __launch_bounds__(kThreads) vp_sample_kernel(VpArgs args) {
     if (threadIdx.x == 0) p.next_drafts[b * K] = tok;
     return;
   }
-  if (threadIdx.x == 0) {
-    double mx = -CUDART_INF;
-    for (int64_t cc = 0; cc < C; ++cc) mx = fmax(mx, st[cc * 2]);
-    double z = 0.0;
-    for (int64_t cc = 0; cc < C; ++cc)
-      if (st[cc * 2] != -CUDART_INF) z += st[cc * 2 + 1] * exp(st[cc * 2] - mx);
-    sm.vp[0] = mx;
-    sm.vp[1] = z;
+  if (threadIdx.x < 32) {  // warp 0 combines the slot's chunk statistics and claims the sample's chunk
+    double mx, z;
+    warp_chunk_softmax(st, C, &mx, &z);
     auto mass = [&](int64_t cc) { return st[cc * 2] == -CUDART_INF ? 0.0 : st[cc * 2 + 1] * exp(st[cc * 2] - mx) / z; };
     double carry, target;
-    sm.claim = vp_claim(mass, C, uniform(p.rng, b, K + s, K), &carry, &target);
-    sm.vp[2] = carry;
-    sm.vp[3] = target;
+    const int64_t claim = warp_claim(mass, C, uniform(p.rng, b, K + s, K), &carry, &target);
+    if (threadIdx.x == 0) {
+      sm.claim = claim;
+      sm.vp[0] = mx;
+      sm.vp[1] = z;
+      sm.vp[2] = carry;
+      sm.vp[3] = target;
+    }
   }
   __syncthreads();
   const bool search = c == sm.claim;

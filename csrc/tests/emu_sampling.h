@@ -25,7 +25,8 @@ inline uint64_t bits64(double v) { uint64_t u; std::memcpy(&u, &v, 8); return u;
 inline double from_bits64(uint64_t u) { double v; std::memcpy(&v, &u, 8); return v; }
 
 // One 64-bit value per lane through a warp collective; `op` tells shuffles of different kinds apart.
-// kind 0: xor lane mask, kind 1: up by delta (lanes < delta keep their own value).
+// kind 0: xor lane mask, kind 1: up by delta (lanes < delta keep their own value), kind 2: from lane arg (all
+// lanes must name the same source lane here).
 inline uint64_t shfl64(int op, int kind, unsigned mask, uint64_t v, int arg) {
   if (mask != 0xffffffffu) fail("partial-warp shuffle");
   Payload in{};
@@ -36,7 +37,7 @@ inline uint64_t shfl64(int op, int kind, unsigned mask, uint64_t v, int arg) {
     for (int l = 0; l < 32; ++l) {
       if (w.in[l].u[2] != w.in[0].u[2]) fail("shuffle lanes disagree on the lane argument");
       const int a = static_cast<int>(w.in[0].u[2]);
-      const int src = kind == 0 ? (l ^ a) : (l >= a ? l - a : l);
+      const int src = kind == 0 ? (l ^ a) : kind == 1 ? (l >= a ? l - a : l) : (a & 31);
       w.out[l].u[0] = w.in[src].u[0];
       w.out[l].u[1] = w.in[src].u[1];
     }
@@ -53,6 +54,9 @@ inline long __shfl_xor_sync(unsigned mask, long v, int lane_mask) {
 }
 inline double __shfl_up_sync(unsigned mask, double v, unsigned delta) {
   return tidar_emu::from_bits64(tidar_emu::shfl64(203, 1, mask, tidar_emu::bits64(v), static_cast<int>(delta)));
+}
+inline double __shfl_sync(unsigned mask, double v, int src_lane) {
+  return tidar_emu::from_bits64(tidar_emu::shfl64(204, 2, mask, tidar_emu::bits64(v), src_lane));
 }
 inline double __dmul_rn(double a, double b) { volatile double r = a * b; return r; }
 inline double __dadd_rn(double a, double b) { volatile double r = a + b; return r; }
