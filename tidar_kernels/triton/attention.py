@@ -20,8 +20,11 @@ Split-KV: when ``B * Hkv * query tiles`` cannot fill the GPU and the prefix is l
 into ``num_splits`` chunks written as (normalised partial output, log2-sum-exp) in fp32 and merged.
 
 Backward (FlashAttention-2 style): ``delta = rowsum(dO * O)``; one kernel per query tile for dQ
-(same tile walk as the forward) and one per key tile for dK/dV that walks the query tiles, skips the
-empty ones from the same per-tile statistics and accumulates the whole GQA group without atomics.
+(same tile walk as the forward) and one per key tile for dK/dV that accumulates the whole GQA group without
+atomics. The dK/dV kernel walks, per key tile, at most two disjoint query-row ranges (``dkdv_ranges``, from the
+same per-tile statistics as ``tile_classes``: the non-empty query tiles minus the longest empty run between them)
+as one loop with no data-dependent branch around its Q/dO loads, so Triton pipelines them (cp.async); partial
+tiles are masked by a select.
 """
 from __future__ import annotations
 
@@ -81,6 +84,35 @@ def tile_classes(local_limit, block_id, seg_start, kv_len: int, group: int, bloc
     full = n1 <= seg + lim_min
     cls = torch.where(full, FULL, torch.where(in_a | in_b, PARTIAL, EMPTY))
     return cls.to(torch.int8)
+
+
+def dkdv_ranges(local_limit, block_id, seg_start, kv_len: int, group: int, block_m: int, block_n: int):
+    """``[B, n_key_tiles, 4]`` int32 ``(a_lo, a_hi, b_lo, b_hi)``: the two disjoint query-row ranges (multiples of
+    ``block_m``, ``a_hi <= b_lo``; an unused range is empty) the dK/dV kernel walks for each key tile.
+
+    Together they cover every query tile that ``tile_classes`` does not call EMPTY for that key tile (a superset
+    of the tiles with a visible (query, key) pair), and they are the tightest two-range cover of them: the hull of
+    the non-empty query tiles minus its longest run of empty tiles (in the training layout: the clean queries at
+    or after the key tile, then the mask blocks that start past it). O(B x query tiles x key tiles) torch ops on
+    the layout's device, no host sync."""
+    cls = tile_classes(local_limit, block_id, seg_start, kv_len, group, block_m, block_n)
+    ne = (cls != EMPTY).transpose(1, 2)  # [B, n_n, n_m]
+    n_m = ne.shape[-1]
+    idx = torch.arange(n_m, device=ne.device).expand_as(ne)
+    last = torch.where(ne, idx, -1).amax(-1)
+    first = torch.where(ne, idx, n_m).amin(-1)
+    prev = torch.where(ne, idx, -1).cummax(-1).values  # last non-empty tile at or before m
+    prev_excl = torch.cat([torch.full_like(prev[..., :1], -1), prev[..., :-1]], -1)
+    gap = torch.where(ne & (prev_excl >= 0), idx - prev_excl - 1, 0)  # empty run ending just before m
+    gmax, gend = gap.max(-1)
+    split = gmax > 0
+    gstart = prev_excl.gather(-1, gend.unsqueeze(-1)).squeeze(-1) + 1
+    none = last < 0
+    a_lo = torch.where(none, 0, first)
+    a_hi = torch.where(none, 0, torch.where(split, gstart, last + 1))
+    b_lo = torch.where(split, gend, a_hi)
+    b_hi = torch.where(split, last + 1, a_hi)
+    return (torch.stack([a_lo, a_hi, b_lo, b_hi], -1) * block_m).to(torch.int32).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,11 +333,44 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, k, v, m0, kj, n0, offs_d, d_ok, b64, hk, seg, Q, DO, LSE, DELTA, LL, BID, SPAN_LO, SPAN_HI,
+               sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, S, G, Hq, qk_scale,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < S * G
+    qi, ll, bq, lim_min, lim_max, blk_lo, blk_hi = _tile_stats(LL, BID, SPAN_LO, SPAN_HI, rows, row_ok, G, S)
+    head = hk * G + rows % G
+    rmask = row_ok[:, None] & d_ok[None, :]
+    q_off = (b64 * sqb + head.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sqs
+             + offs_d[None, :] * sqd)
+    q = tl.load(Q + q_off, mask=rmask, other=0.0)
+    d_off = (b64 * sdb + head.to(tl.int64)[:, None] * sdh + qi.to(tl.int64)[:, None] * sds
+             + offs_d[None, :] * sdd)
+    do = tl.load(DO + d_off, mask=rmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    r_off = (b64 * Hq + head) * S + qi
+    lse2 = tl.load(LSE + r_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + r_off, mask=row_ok, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    # the layout rule, skipped (as a select, not a branch around the loads) on full tiles
+    full = n0 + BLOCK_N <= seg + lim_min
+    s = tl.where(_visible(kj, ll, bq, seg, S, BID) | full, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, LL, BID, SPAN_LO, SPAN_HI, SEG,
+    Q, K, V, DO, DK, DV, LSE, DELTA, LL, BID, SPAN_LO, SPAN_HI, SEG, RANGES,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dkb, s_dkh, s_dks, s_dkd, s_dvb, s_dvh, s_dvs, s_dvd,
-    S, Skv, G, Hkv, qk_scale, sm_scale,
+    S, Skv, G, Hkv, qk_scale, sm_scale, n_key_tiles,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -330,36 +395,20 @@ def _bwd_dkdv_kernel(
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for m0 in range(0, S * G, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < S * G
-        qi, ll, bq, lim_min, lim_max, blk_lo, blk_hi = _tile_stats(LL, BID, SPAN_LO, SPAN_HI, rows, row_ok, G, S)
-        b_start = seg + tl.maximum(blk_lo, lim_max)
-        in_a = n0 < seg + lim_max
-        in_b = (n0 < seg + blk_hi) & (n0 + BLOCK_N > b_start) & (b_start < seg + blk_hi)
-        if in_a | in_b:
-            head = hk * G + rows % G
-            rmask = row_ok[:, None] & d_ok[None, :]
-            q_off = (b64 * sqb + head.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sqs
-                     + offs_d[None, :] * sqd)
-            q = tl.load(Q + q_off, mask=rmask, other=0.0)
-            d_off = (b64 * sdb + head.to(tl.int64)[:, None] * sdh + qi.to(tl.int64)[:, None] * sds
-                     + offs_d[None, :] * sdd)
-            do = tl.load(DO + d_off, mask=rmask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            r_off = (b64 * Hq + head) * S + qi
-            lse2 = tl.load(LSE + r_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + r_off, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            if n0 + BLOCK_N > seg + lim_min:  # partial: apply the layout rule (full tiles skip it)
-                s = tl.where(_visible(kj, ll, bq, seg, S, BID), s, float("-inf"))
-            p = tl.exp2(s - lse2[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    # the (at most two, disjoint) query-row ranges that can see this key tile (``dkdv_ranges``), walked as one
+    # loop (range B's rows follow range A's; the jump is arithmetic, not a branch) with no data-dependent
+    # branch around the Q/dO loads, so the software pipeliner applies (cp.async)
+    r_ptr = RANGES + (b64 * n_key_tiles + pid_n) * 4
+    a_lo = tl.load(r_ptr)
+    a_hi = tl.load(r_ptr + 1)
+    b_lo = tl.load(r_ptr + 2)
+    b_hi = tl.load(r_ptr + 3)
+    jump = b_lo - a_hi
+    for m in range(a_lo, a_hi + (b_hi - b_lo), BLOCK_M):
+        m0 = m + tl.where(m >= a_hi, jump, 0)
+        dk, dv = _dkdv_tile(dk, dv, k, v, m0, kj, n0, offs_d, d_ok, b64, hk, seg, Q, DO, LSE, DELTA, LL, BID,
+                            SPAN_LO, SPAN_HI, sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, S, G, Hq, qk_scale,
+                            BLOCK_M, BLOCK_N, UPCAST, PREC)
     dk_off = b64 * s_dkb + hk.to(tl.int64) * s_dkh + kj[:, None].to(tl.int64) * s_dks + offs_d[None, :] * s_dkd
     dv_off = b64 * s_dvb + hk.to(tl.int64) * s_dvh + kj[:, None].to(tl.int64) * s_dvs + offs_d[None, :] * s_dvd
     tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
@@ -381,6 +430,10 @@ def _config(D: int, dtype: torch.dtype, device: torch.device, backward: bool = F
         cfg = dict(BLOCK_M=32, BLOCK_N=16)
     elif backward:
         cfg = dict(BLOCK_M=64 if BLOCK_D <= 128 else 32, BLOCK_N=64 if BLOCK_D <= 64 else 32, num_warps=4)
+        if dtype == torch.float32:  # FMA dots already spill; pipelined Q/dO tiles would add ~20x the spills
+            cfg["dkdv_stages"] = 1
+        elif BLOCK_D > 64:  # dK/dV with pipelined Q/dO tiles: 4 warps spill at D = 96..256 (sm_90 compile check)
+            cfg["dkdv_warps"] = 8
     else:
         big = BLOCK_D <= 128 and dtype != torch.float32
         cfg = dict(BLOCK_M=128 if big else 64, BLOCK_N=64 if BLOCK_D <= 128 else 32, num_warps=8 if big else 4,
@@ -469,9 +522,16 @@ def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale):
         q, k, v, do, dq, lse, delta, ll, bid, span_lo, span_hi, seg, *strides,
         S, Skv, G, Hkv, qk_scale, scale, **common,
     )
-    _bwd_dkdv_kernel[(triton.cdiv(Skv, BN), B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, ll, bid, span_lo, span_hi, seg, *strides, *dk.stride(), *dv.stride(),
-        S, Skv, G, Hkv, qk_scale, scale, **common,
+    n_n = triton.cdiv(Skv, BN)
+    ranges = dkdv_ranges(ll, bid, seg, Skv, G, BM, BN)  # [B, n_n, 4]
+    dkdv_opts = dict(common)
+    if "dkdv_warps" in cfg:
+        dkdv_opts["num_warps"] = cfg["dkdv_warps"]
+    if "dkdv_stages" in cfg:
+        dkdv_opts["num_stages"] = cfg["dkdv_stages"]
+    _bwd_dkdv_kernel[(n_n, B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, ll, bid, span_lo, span_hi, seg, ranges, *strides, *dk.stride(),
+        *dv.stride(), S, Skv, G, Hkv, qk_scale, scale, n_n, **dkdv_opts,
     )
     return dq, dk, dv
 
@@ -538,4 +598,4 @@ def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale):
     return attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale)[0]
 
 
-__all__ = ["attention_with_lse", "tidar_attention", "tile_classes", "EMPTY", "FULL", "PARTIAL"]
+__all__ = ["attention_with_lse", "dkdv_ranges", "tidar_attention", "tile_classes", "EMPTY", "FULL", "PARTIAL"]
