@@ -83,53 +83,37 @@ __device__ __forceinline__ double row_x(const RowSrc& r, int64_t v, double beta,
 // Block reductions: every thread returns the same value (the final combine runs in the same order in all).
 // The leading __syncthreads makes back-to-back calls safe (shared slots are reused).
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ double block_sum(double v, Shared& sm) {
+struct SumOp {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ double operator()(double a, double b) const { return fmax(a, b); }
+};
+struct MinIOp {
+  __device__ int64_t operator()(int64_t a, int64_t b) const { return min(a, b); }
+};
+struct MaxIOp {
+  __device__ int64_t operator()(int64_t a, int64_t b) const { return max(a, b); }
+};
+
+// Warp shuffles, then the warps' partials through ``red`` (kWarps slots) combined in a fixed order.
+template <typename T, typename Slots, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Slots& red, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = op(v, static_cast<T>(__shfl_xor_sync(kFull, v, o)));
   __syncthreads();
-  if ((threadIdx.x & 31) == 0) sm.red[threadIdx.x >> 5] = v;
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
   __syncthreads();
-  double r = sm.red[0];
+  T r = red[0];
 #pragma unroll
-  for (int i = 1; i < kWarps; ++i) r += sm.red[i];
+  for (int i = 1; i < kWarps; ++i) r = op(r, static_cast<T>(red[i]));
   return r;
 }
 
-__device__ __forceinline__ double block_max(double v, Shared& sm) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(kFull, v, o));
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) sm.red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  double r = sm.red[0];
-#pragma unroll
-  for (int i = 1; i < kWarps; ++i) r = fmax(r, static_cast<double>(sm.red[i]));
-  return r;
-}
-
-__device__ __forceinline__ int64_t block_min_i(int64_t v, Shared& sm) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = min(v, static_cast<int64_t>(__shfl_xor_sync(kFull, v, o)));
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) sm.redi[threadIdx.x >> 5] = v;
-  __syncthreads();
-  int64_t r = sm.redi[0];
-#pragma unroll
-  for (int i = 1; i < kWarps; ++i) r = min(r, static_cast<int64_t>(sm.redi[i]));
-  return r;
-}
-
-__device__ __forceinline__ int64_t block_max_i(int64_t v, Shared& sm) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = max(v, static_cast<int64_t>(__shfl_xor_sync(kFull, v, o)));
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) sm.redi[threadIdx.x >> 5] = v;
-  __syncthreads();
-  int64_t r = sm.redi[0];
-#pragma unroll
-  for (int i = 1; i < kWarps; ++i) r = max(r, static_cast<int64_t>(sm.redi[i]));
-  return r;
-}
+__device__ __forceinline__ double block_sum(double v, Shared& sm) { return block_reduce(v, sm.red, SumOp{}); }
+__device__ __forceinline__ double block_max(double v, Shared& sm) { return block_reduce(v, sm.red, MaxOp{}); }
+__device__ __forceinline__ int64_t block_min_i(int64_t v, Shared& sm) { return block_reduce(v, sm.redi, MinIOp{}); }
+__device__ __forceinline__ int64_t block_max_i(int64_t v, Shared& sm) { return block_reduce(v, sm.redi, MaxIOp{}); }
 
 // (value, index) argmax with torch's tie-breaking: the first index of the maximum.
 __device__ __forceinline__ bool better(double v, int64_t i, double bv, int64_t bi) {
