@@ -201,6 +201,58 @@ __device__ __forceinline__ double row_p(const RowSrc& r, int64_t v, double beta,
   return exp(row_xt(r, v, beta, omb, T, thr) - mx) / z;
 }
 
+// Inverse-CDF scan of [lo, hi): the first index whose carry + inclusive in-chunk sum of the weights exceeds
+// `target` (weights p = softmax, or the residual max(p - q, 0) when `resid`); when rounding leaves the crossing
+// past the chunk, the last index of the chunk with positive weight. Writes p as float32 to p_out[v] if given
+// (then the whole chunk is walked). `search` = false: only write p_out (returns -1).
+__device__ int64_t range_scan(const RowSrc& r, int64_t lo, int64_t hi, double beta, double omb, double T, double thr,
+                              double mx, double z, const float* q, int64_t q_sv, bool resid, float* p_out,
+                              bool search, double carry, double target, Shared& sm) {
+  int64_t found = hi;
+  int64_t last_pos = -1;
+  for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
+    const int64_t base = c0 + static_cast<int64_t>(threadIdx.x) * kItems;
+    double w[kItems];
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int64_t v = base + k;
+      w[k] = 0.0;
+      if (v < hi) {
+        const double p = row_p(r, v, beta, omb, T, thr, mx, z);
+        if (p_out != nullptr) p_out[v] = __double2float_rn(p);
+        double wk = p;
+        if (resid) {
+          const double d = p - static_cast<double>(q[v * q_sv]);
+          wk = d > 0.0 ? d : 0.0;
+        }
+        w[k] = wk;
+      }
+    }
+    if (!search) continue;
+    double local = 0.0, incl[kItems];
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) { local += w[k]; incl[k] = local; }
+    double chunk_total;
+    const double pre = block_exclusive_scan(local, sm, &chunk_total);
+    int64_t cand = hi, lp = -1;
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int64_t v = base + k;
+      if (v < hi) {
+        if (cand == hi && carry + (pre + incl[k]) > target) cand = v;
+        if (w[k] > 0.0) lp = v;
+      }
+    }
+    carry += chunk_total;
+    found = min(found, block_min_i(cand, sm));
+    last_pos = max(last_pos, block_max_i(lp, sm));
+    if (found < hi && p_out == nullptr) break;  // uniform across the block
+  }
+  if (!search) return -1;
+  if (found < hi) return found;
+  return last_pos >= 0 ? last_pos : hi - 1;
+}
+
 // Inverse-CDF sample of p = softmax(x / T) (or of the residual max(p - q, 0) when `q` is given and has mass):
 // the first index whose inclusive cumulative sum exceeds u * total. Writes p as float32 to `p_out` if given.
 __device__ int64_t row_sample(const RowSrc& r, int64_t V, double beta, double omb, double T, double thr, double mx,
@@ -214,7 +266,7 @@ __device__ int64_t row_sample(const RowSrc& r, int64_t V, double beta, double om
     }
     resid = block_sum(rs, sm) > 0.0;
   }
-  // total of the weights w (reduction order differs from the scan's by ~1 ulp: see the fallback below)
+  // total of the weights w (reduction order differs from the scan's by ~1 ulp: see range_scan's fallback)
   double tw = 0.0;
   for (int64_t v = threadIdx.x; v < V; v += kThreads) {
     const double p = row_p(r, v, beta, omb, T, thr, mx, z);
@@ -226,51 +278,7 @@ __device__ int64_t row_sample(const RowSrc& r, int64_t V, double beta, double om
     tw += w;
   }
   const double target = u * block_sum(tw, sm);
-
-  double carry = 0.0;
-  int64_t found = V;
-  int64_t last_pos = -1;  // last index with positive weight seen (fallback if rounding put target past the end)
-  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-    const int64_t base = c0 + static_cast<int64_t>(threadIdx.x) * kItems;
-    double w[kItems];
-    double local = 0.0;
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int64_t v = base + k;
-      w[k] = 0.0;
-      if (v < V) {
-        const double p = row_p(r, v, beta, omb, T, thr, mx, z);
-        if (p_out != nullptr) p_out[v] = __double2float_rn(p);
-        double wk = p;
-        if (resid) {
-          const double d = p - static_cast<double>(q[v * q_sv]);
-          wk = d > 0.0 ? d : 0.0;
-        }
-        w[k] = wk;
-      }
-    }
-    double chunk_total;
-    // thread-local inclusive sums, then the block's exclusive prefix of the thread totals
-    double incl[kItems];
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) { local += w[k]; incl[k] = local; }
-    const double pre = block_exclusive_scan(local, sm, &chunk_total);
-    int64_t cand = V, lp = -1;
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int64_t v = base + k;
-      if (v < V) {
-        if (cand == V && carry + (pre + incl[k]) > target) cand = v;
-        if (w[k] > 0.0) lp = v;
-      }
-    }
-    carry += chunk_total;
-    found = min(found, block_min_i(cand, sm));
-    last_pos = max(last_pos, block_max_i(lp, sm));
-    if (found < V && p_out == nullptr) break;  // uniform across the block: every thread has the same `found`
-  }
-  if (found < V) return found;
-  return last_pos >= 0 ? last_pos : V - 1;
+  return range_scan(r, 0, V, beta, omb, T, thr, mx, z, q, q_sv, resid, p_out, true, 0.0, target, sm);
 }
 
 __device__ __forceinline__ int64_t tidar_seed(const TidarRandomness& g) { return g.seed_ptr ? *g.seed_ptr : g.seed; }
@@ -466,57 +474,6 @@ __device__ void range_stats(const RowSrc& r, int64_t lo, int64_t hi, double beta
   *z_out = block_sum(z, sm);
 }
 
-// Inverse-CDF scan of [lo, hi): the first index whose carry + inclusive in-chunk sum of the weights exceeds
-// `target` (weights p = softmax, or the residual max(p - q, 0) when `resid`); when rounding leaves the crossing
-// past the chunk, the last index of the chunk with positive weight. Writes p as float32 to p_out[v] if given
-// (then the whole chunk is walked). `search` = false: only write p_out (returns -1).
-__device__ int64_t range_scan(const RowSrc& r, int64_t lo, int64_t hi, double beta, double omb, double T, double thr,
-                              double mx, double z, const float* q, int64_t q_sv, bool resid, float* p_out,
-                              bool search, double carry, double target, Shared& sm) {
-  int64_t found = hi;
-  int64_t last_pos = -1;
-  for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
-    const int64_t base = c0 + static_cast<int64_t>(threadIdx.x) * kItems;
-    double w[kItems];
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int64_t v = base + k;
-      w[k] = 0.0;
-      if (v < hi) {
-        const double p = row_p(r, v, beta, omb, T, thr, mx, z);
-        if (p_out != nullptr) p_out[v] = __double2float_rn(p);
-        double wk = p;
-        if (resid) {
-          const double d = p - static_cast<double>(q[v * q_sv]);
-          wk = d > 0.0 ? d : 0.0;
-        }
-        w[k] = wk;
-      }
-    }
-    if (!search) continue;
-    double local = 0.0, incl[kItems];
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) { local += w[k]; incl[k] = local; }
-    double chunk_total;
-    const double pre = block_exclusive_scan(local, sm, &chunk_total);
-    int64_t cand = hi, lp = -1;
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int64_t v = base + k;
-      if (v < hi) {
-        if (cand == hi && carry + (pre + incl[k]) > target) cand = v;
-        if (w[k] > 0.0) lp = v;
-      }
-    }
-    carry += chunk_total;
-    found = min(found, block_min_i(cand, sm));
-    last_pos = max(last_pos, block_max_i(lp, sm));
-    if (found < hi && p_out == nullptr) break;  // uniform across the block
-  }
-  if (!search) return -1;
-  if (found < hi) return found;
-  return last_pos >= 0 ? last_pos : hi - 1;
-}
 
 // Warp-level combines of a row's C chunk statistics (all 32 lanes of one warp call them; every lane gets the same
 // result, and every CTA that combines the same row gets the same bits: the order depends on C only).
