@@ -1,4 +1,4 @@
-"""The rejection step: verify K drafts from the step's raw logits and draft the next K (design.md 1.3).
+"""The rejection step: verify K drafts from the step's raw logits and draft the next K (docs/design.md §4.1).
 
 Every implementation does the same work, from raw logits to the step's outcome:
 target softmax, acceptance of d_1..d_{K-1}, the correction (residual sample) or bonus token, and the next

@@ -1,4 +1,4 @@
-// kv_append.h: torch-free launcher of the in-place KV-cache append (design.md 2).
+// kv_append.h: torch-free launcher of the in-place KV-cache append (docs/design.md §7).
 //
 // cache[b, h, seg_start[b] + s, d] = new[b, h, s, d] for K and V, as raw bits (bit-exact, NaN payloads kept).
 // Element strides of [B, H, *, D] tensors; any layout. Rows whose seg_start[b] + S would leave [0, Smax) are

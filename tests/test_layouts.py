@@ -1,4 +1,4 @@
-"""Layouts (design.md 1.1-1.3): the dense twin equals the rule evaluated element by element, the
+"""Layouts (docs/design.md §2-§3): the dense twin equals the rule evaluated element by element, the
 per-layout tables hold, the limiting block sizes reduce to causal / bidirectional, layouts are cached,
 bad arguments raise."""
 from __future__ import annotations
@@ -11,12 +11,12 @@ import torch
 from tidar_kernels import dense_mask, layouts
 
 # ---------------------------------------------------------------------------------------------
-# Independent twins, written from design.md only (plain Python, no tensors ops of the library)
+# Independent twins, written from docs/design.md only (plain Python, no tensors ops of the library)
 # ---------------------------------------------------------------------------------------------
 
 
 def rule(local_limit: list[int], block_id: list[int], seg_start: int, j: int, i: int) -> bool:
-    """design.md 1.1: does query i (of the segment) see key j?"""
+    """docs/design.md §2: does query i (of the segment) see key j?"""
     S = len(local_limit)
     if j < seg_start + local_limit[i]:
         return True
@@ -35,7 +35,7 @@ def loop_mask(layout, seg_starts: list[int], kv_len: int) -> torch.Tensor:
 
 
 def training_table(L: int, K: int):
-    """design.md 1.2 table: (local_limit, block_id, position_ids)."""
+    """docs/design.md §3.1 table: (local_limit, block_id, position_ids)."""
     ll = [i + 1 for i in range(L)] + [(i // K) * K for i in range(L)]
     bid = [-1] * L + [i // K for i in range(L)]
     pos = list(range(L)) + list(range(L))
@@ -121,7 +121,7 @@ def test_dense_mask_on_random_arbitrary_layouts():
 
 
 # ---------------------------------------------------------------------------------------------
-# The tables of design.md 1.2 / 1.3
+# The tables of docs/design.md §3.1 / §3.3
 # ---------------------------------------------------------------------------------------------
 
 
@@ -156,7 +156,7 @@ def _ll_bid(lay):
 
 
 def test_training_mask_semantics():
-    """design.md 1.2 in words: clean tokens causal and blind to masks; block b sees x[< bK] and itself;
+    """docs/design.md §3.1 in words: clean tokens causal and blind to masks; block b sees x[< bK] and itself;
     mask blocks never see each other."""
     for L, K in [(8, 2), (7, 3), (6, 4), (5, 5)]:
         m = dense_mask(*_ll_bid(layouts.training(L, K)), 0, 2 * L)[0]

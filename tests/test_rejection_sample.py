@@ -1,4 +1,4 @@
-"""rejection_sample / draft_sample (design.md 1.3): greedy semantics exactly, a hand-computed sampling
+"""rejection_sample / draft_sample (docs/design.md §4.1): greedy semantics exactly, a hand-computed sampling
 step, reproducibility, the sampling distribution (acceptance rates and chi-square against p, with a
 negative control that proves the test has power), top-k/top-p support, the beta mix, bad calls."""
 from __future__ import annotations
@@ -31,7 +31,7 @@ def gen(seed):
 
 
 def greedy_twin(ar, blk, drafts, beta=1.0):
-    """design.md 1.3, greedy, one row at a time in plain Python."""
+    """docs/design.md §4.1, greedy, one row at a time in plain Python."""
     B, K, V = ar.shape
     acc, emitted, nxt = [], [], []
     for b in range(B):

@@ -22,7 +22,7 @@ def backend(request):
 
 
 def sees(ll: list[int], bid: list[int], seg: int, i: int, j: int) -> bool:
-    """design.md 1.1, written again here so the loop does not share code with the op."""
+    """docs/design.md §2, written again here so the loop does not share code with the op."""
     S = len(ll)
     return j < seg + ll[i] or (seg <= j < seg + S and bid[i] >= 0 and bid[j - seg] == bid[i])
 

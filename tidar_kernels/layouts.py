@@ -1,4 +1,4 @@
-"""TiDAR attention layouts as data: ``local_limit`` + ``block_id`` (design.md 1.1).
+"""TiDAR attention layouts as data: ``local_limit`` + ``block_id`` (docs/design.md §2).
 
 A segment of S tokens is appended after ``seg_start`` cached keys. Query ``i`` sees key ``j`` iff
 
@@ -73,7 +73,7 @@ def _cached(fn):
 
 @_cached
 def training(seq_len: int, block_size: int) -> Layout:
-    """Hybrid training layout (design.md 1.2): L clean tokens then L ``[MASK]`` tokens, S = 2L.
+    """Hybrid training layout (docs/design.md §3.1): L clean tokens then L ``[MASK]`` tokens, S = 2L.
 
     Clean token i is causal (local_limit i+1, block -1). The mask token at L+i belongs to block
     b = i // K, sees the clean tokens before its block (local_limit b*K) and its own block.
@@ -102,7 +102,7 @@ def training(seq_len: int, block_size: int) -> Layout:
 
 @_cached
 def prefill(prompt_len: int, draft_len: int) -> Layout:
-    """Prefill layout (design.md 1.3): n prompt tokens (causal) then one block of K masks that sees the
+    """Prefill layout (docs/design.md §3.2): n prompt tokens (causal) then one block of K masks that sees the
     whole prompt and itself. Positions 0..n-1 then n..n+K-1.
 
     n=3, K=2::
@@ -124,7 +124,7 @@ def prefill(prompt_len: int, draft_len: int) -> Layout:
 
 @_cached
 def decode_step(draft_len: int) -> Layout:
-    """Decode-step layout (design.md 1.3): K drafts (causal), then K proposal blocks of K masks.
+    """Decode-step layout (docs/design.md §3.3): K drafts (causal), then K proposal blocks of K masks.
     Block j (1..K) assumes drafts d_0..d_{j-1} accepted: it sees them (local_limit j) and itself;
     its slot s sits at position offset j+s. S = K + K*K.
 

@@ -20,7 +20,7 @@ __global__ void fill_random_16(uint16_t* p, size_t n, uint32_t seed, int dtype) 
 }
 }  // namespace
 
-// Decode step of design.md 1.3 at K=16 (S=272), B=1, Hq=32, Hkv=8, D=128, bf16, prefixes 1k..32k.
+// Decode step of docs/design.md §3.3 at K=16 (S=272), B=1, Hq=32, Hkv=8, D=128, bf16, prefixes 1k..32k.
 // TFLOP/s counts the visible (row, key) pairs only (4 * D flops each); GB/s counts one read of the K/V rows
 // the step can see plus q/out.
 void benchmark() {

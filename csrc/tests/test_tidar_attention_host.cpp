@@ -73,7 +73,7 @@ static Layout random_layout(std::mt19937& rng, int S, bool wild) {
   return L;
 }
 
-// The rule of design.md 1.1 (keys past s0 + S and past Skv are never visible); ll clamped to S as the op's
+// The rule of docs/design.md §2 (keys past s0 + S and past Skv are never visible); ll clamped to S as the op's
 // contract says local_limit lies in [0, S] (the torch layer rejects other values).
 static bool rule(const Layout& L, int S, int Skv, int s0, int i, long j) {
   if (j < 0 || j >= Skv || j >= static_cast<long>(s0) + S) return false;

@@ -1,4 +1,4 @@
-"""Triton kernels behind ``backend="triton"`` (design.md 2).
+"""Triton kernels behind ``backend="triton"`` (docs/design.md §7, §8).
 
 Importing this package imports triton; an ImportError here only marks the backend as missing
 (``tidar_kernels._loaders``). On CPU the kernels run under the Triton interpreter when
