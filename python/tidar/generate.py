@@ -15,6 +15,7 @@ from tidar_kernels import layouts
 
 from .attention import TidarStep, tidar_forward
 from .cache import TidarCache
+from .generate_args import check_generate_args
 from .patch import settings
 
 
@@ -26,29 +27,6 @@ class TidarGenerateOutput:
     accepted_histogram: dict = field(default_factory=dict)  # a (1..K) -> number of (row, step) pairs
     new_tokens: list = field(default_factory=list)  # per row: the generated token ids (no padding)
     cache: TidarCache | None = None  # per row, the committed K/V: a prefix of (prompt + new tokens)
-
-
-def _prompt_rows(input_ids, attention_mask):
-    """Per-row prompt token lists, checking HF-style left padding."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"input_ids must be an integer tensor [B, P], got {getattr(input_ids, 'shape', input_ids)!r}")
-    B, P = input_ids.shape
-    if B == 0 or P == 0:
-        raise ValueError(f"input_ids must have at least one row and one token, got shape {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        return [input_ids[b].tolist() for b in range(B)]
-    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, P):
-        raise ValueError(f"attention_mask must have the shape of input_ids {(B, P)}, got {getattr(attention_mask, 'shape', None)}")
-    rows = []
-    for b in range(B):
-        m = attention_mask[b].tolist()
-        n = int(sum(m))
-        if n == 0:
-            raise ValueError(f"attention_mask row {b} is all padding: every prompt needs at least one token")
-        if m != [0] * (P - n) + [1] * n:
-            raise ValueError("attention_mask must be 0/1 with left padding (pad tokens first), as for HF generate")
-        rows.append(input_ids[b, P - n :].tolist())
-    return rows
 
 
 @torch.no_grad()
@@ -90,29 +68,12 @@ def generate(
     max_draft = getattr(model.config, "max_position_embeddings", None)
     if max_draft is not None and K + K * K > max_draft:
         raise ValueError(f"draft_len {K} is too large: a step of {K + K * K} tokens exceeds max_position_embeddings {max_draft}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     backend = s.backend if backend is None else backend
-    eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    eos = set(eos_list)
-    if pad_token_id is None:  # as HF: pad finished rows with the (first) EOS token
-        pad_token_id = eos_list[0] if eos_list else 0
-    prompts = _prompt_rows(input_ids, attention_mask)
-    B = len(prompts)
-    if streamer is not None and B != 1:
-        raise ValueError("a streamer needs batch size 1")
-    vocab = model.get_input_embeddings().weight.shape[0]
-    for ids in prompts:
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"input_ids must be token ids in [0, {vocab})")
-    device = model.get_input_embeddings().weight.device
+    g = check_generate_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, beta,
+                            eos_token_id, pad_token_id, generator, seed, streamer)
+    prompts, eos, pad_token_id, device, B = g.prompts, g.eos, g.pad_token_id, g.device, len(g.prompts)
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, beta=beta, generator=generator, backend=backend)
-    tidar_kernels.check_sampling_args(temperature, top_k, top_p, beta, vocab)  # fail before any work
-    if generator is not None and generator.device != device:
-        raise ValueError(f"generator must be on the model's device {device}, got {generator.device}")
     if seed is not None:
-        if generator is not None:
-            raise ValueError("give either generator or seed, not both")
         del sample_kw["generator"]
         sample_kw.update(seed=seed, offset=0)
 
@@ -205,113 +166,4 @@ def _prefill(model, prompts, K, mask_id, cache, device, sample_kw):
     return r.next_drafts, r.next_draft_probs
 
 
-# ----------------------------------------------------------------------------------------------------
-# Drop-in model.generate
-
-_UNSUPPORTED = {  # generation options TiDAR cannot honour, with the value that means "off"
-    "num_beams": 1,
-    "num_beam_groups": 1,
-    "num_return_sequences": 1,
-    "penalty_alpha": None,
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "bad_words_ids": None,
-    "force_words_ids": None,
-    "constraints": None,
-    "min_length": 0,
-    "min_new_tokens": None,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "min_p": None,
-    "top_h": None,
-    "sequence_bias": None,
-    "guidance_scale": None,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "forced_bos_token_id": None,
-    "forced_eos_token_id": None,
-    "exponential_decay_length_penalty": None,
-    "renormalize_logits": False,
-    "watermarking_config": None,
-    "stop_strings": None,
-    "max_time": None,
-    "output_scores": False,
-    "output_logits": False,
-    "output_attentions": False,
-    "output_hidden_states": False,
-    "return_dict_in_generate": False,
-    "prompt_lookup_num_tokens": None,
-    "dola_layers": None,
-    "use_mtp": None,
-}
-_UNSUPPORTED_KWARGS = ("logits_processor", "stopping_criteria", "assistant_model", "prefix_allowed_tokens_fn",
-                       "synced_gpus", "negative_prompt_ids", "inputs_embeds", "past_key_values", "cache")
-_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
-
-
-def _generation_options(model, generation_config, kwargs) -> dict:
-    """HF's precedence: library defaults < model.generation_config < generation_config < kwargs."""
-    opts = dict(_DEFAULTS)
-    for cfg in (getattr(model, "generation_config", None), generation_config):
-        if cfg is not None:
-            opts.update({k: v for k, v in cfg.to_dict().items() if v is not None})
-    opts.update(kwargs)
-    return opts
-
-
-def patched_generate(self, inputs=None, generation_config=None, **kwargs):
-    """``model.generate`` after ``tidar.patch``: greedy or sampling decoding through TiDAR.
-    Options TiDAR cannot honour (beam search, penalties, extra outputs, ...) raise instead of running
-    something else. Extra TiDAR options: ``draft_len``, ``beta``, ``generator``, ``seed``, ``tidar_stats``
-    (True returns the full ``TidarGenerateOutput``)."""
-    for k in _UNSUPPORTED_KWARGS:
-        if kwargs.get(k) is not None:
-            raise ValueError(f"TiDAR generate does not support {k}=; call tidar.unpatch(model) for plain HF generate")
-    input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
-    if input_ids is None:
-        raise ValueError("generate needs input_ids (or inputs)")
-    attention_mask = kwargs.pop("attention_mask", None)
-    streamer = kwargs.pop("streamer", None)
-    tidar_kw = {k: kwargs.pop(k) for k in ("draft_len", "beta", "generator", "backend", "seed") if k in kwargs}
-    want_stats = kwargs.pop("tidar_stats", False)
-    kwargs.pop("use_cache", None)
-    opts = _generation_options(self, generation_config, kwargs)
-    from transformers import GenerationConfig
-
-    unknown = set(kwargs) - set(GenerationConfig().to_dict())
-    if unknown:
-        raise ValueError(f"TiDAR generate does not understand {sorted(unknown)}")
-    for k, off in _UNSUPPORTED.items():
-        v = opts.get(k, off)
-        if v is not None and v != off and not (k == "min_length" and v == 0):
-            raise ValueError(f"TiDAR generate cannot honour {k}={v!r} (only greedy and sampling decoding)")
-    P = input_ids.shape[-1]
-    max_new = opts.get("max_new_tokens")
-    if max_new is None:
-        max_new = opts["max_length"] - P
-        if max_new < 1:
-            raise ValueError(f"max_length {opts['max_length']} leaves no room after a prompt of {P} tokens; set max_new_tokens")
-    sample = bool(opts.get("do_sample"))
-    temperature = float(opts["temperature"]) if sample else 0.0
-    if sample and temperature == 0.0:
-        raise ValueError("do_sample=True needs temperature > 0")
-    eos = opts.get("eos_token_id")
-    res = generate(
-        self,
-        input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new,
-        temperature=temperature,
-        top_k=opts["top_k"] if sample else None,
-        top_p=opts["top_p"] if sample else None,
-        eos_token_id=eos,
-        pad_token_id=opts.get("pad_token_id"),
-        streamer=streamer,
-        **tidar_kw,
-    )
-    return res if want_stats else res.sequences
-
-
-__all__ = ["generate", "patched_generate", "TidarGenerateOutput"]
+__all__ = ["generate", "TidarGenerateOutput"]

@@ -70,7 +70,7 @@ def patch(model, draft_len: int = 16, mask_token_id: int | None = None, *, backe
         own = model.__dict__.get("generate")
         old = TidarSettings(draft_len, mask_token_id, backend, config._attn_implementation, own is not None, own)
         model.set_attn_implementation(NAME)
-        from .generate import patched_generate
+        from .hf_generate import patched_generate
 
         model.generate = patched_generate.__get__(model)
     model._tidar = TidarSettings(
