@@ -1,4 +1,4 @@
-"""Builds tidar_kernels + tidar, and the CUDA extension ``tidar_kernels._C`` (csrc/) when it can.
+"""Builds the CUDA extension ``tidar_kernels._C`` (csrc/) when it can; everything else is in pyproject.toml.
 
 The extension is built when a CUDA build of torch and a CUDA toolkit (nvcc, ``CUDA_HOME``) are present, with or
 without a visible GPU (CI compiles it on CPU machines). Otherwise the wheel is pure Python and the loader says why.
@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
@@ -244,21 +244,5 @@ def _has_ninja() -> bool:
 
 ext_modules, cmdclass, options = extension_setup()
 
-setup(
-    name="tidar-kernels",
-    version="0.1.0",
-    description="TiDAR (Think in Diffusion, Talk in Autoregression): kernels and Hugging Face integration",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["tidar_kernels", "tidar_kernels.*"]) + find_packages("python") + ["tidar.models"],
-    # The bundled demo model ships inside the wheel as tidar/models/ (tidar.demo looks there when installed).
-    package_dir={"tidar": "python/tidar", "tidar.models": "models"},
-    package_data={"tidar.models": ["tidar-stdlib-tiny/*"]},
-    install_requires=["torch>=2.11", "transformers>=5.17,<6", "safetensors", "tokenizers>=0.21"],
-    extras_require={"test": ["pytest>=8", "numpy", "scipy"], "bench": ["matplotlib"]},
-    entry_points={"console_scripts": ["tidar=tidar.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    options=options,
-)
+# Metadata, packages, package data, dependencies and the console script: pyproject.toml. Here only the extension.
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)

@@ -4,6 +4,7 @@ Imports no transformers. Each op has one public function with ``backend=`` ("aut
 "triton", "cuda"); see ``live_backends()`` for what runs here.
 """
 from . import layouts, reference  # noqa: F401  (reference registers itself)
+from ._version import __version__
 from .backends import BACKENDS, live_backends
 from .layouts import Layout, dense_mask
 from .ops.kv_append import kv_append
@@ -18,8 +19,8 @@ from .ops.rejection_sample import (
 from .reference.rejection_sample import philox_uniforms
 from .ops.tidar_attention import tidar_attention
 
-__version__ = "0.1.0"
 __all__ = [
+    "__version__",
     "BACKENDS",
     "check_sampling_args",
     "DraftResult",
