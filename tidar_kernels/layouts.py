@@ -122,11 +122,12 @@ def prefill(prompt_len: int, draft_len: int) -> Layout:
     )
 
 
-@_cached
-def decode_step(draft_len: int) -> Layout:
-    """Decode-step layout (docs/design.md §3.3): K drafts (causal), then K proposal blocks of K masks.
-    Block j (1..K) assumes drafts d_0..d_{j-1} accepted: it sees them (local_limit j) and itself;
-    its slot s sits at position offset j+s. S = K + K*K.
+def decode_step(draft_len: int, levels=None) -> Layout:
+    """Decode-step layout (docs/design.md §4): K drafts (causal), then one proposal block of K masks per
+    level j in ``levels`` (default: all of 1..K, the paper's layout). Block j assumes drafts d_0..d_{j-1}
+    accepted: it sees them (local_limit j) and itself; its slot s sits at position offset j+s.
+    S = K + K * len(levels). ``levels`` must be strictly increasing ints in 1..K; ``()`` gives the drafts
+    alone (S = K: a plain causal verification, e.g. K = 1 is an AR step).
 
     K=2 (the cached prefix, seen by every query, is not drawn)::
 
@@ -137,10 +138,30 @@ def decode_step(draft_len: int) -> Layout:
         b1s1     #  .  #    #    .    .        2
         b2s0     #  #  .    .    #    #        2
         b2s1     #  #  .    .    #    #        3
+
+    With ``levels=(2,)`` only the rows and keys of block 2 remain after d0, d1.
     """
     K = _positive("draft_len", draft_len)
+    if levels is None:
+        return _decode_step(K, tuple(range(1, K + 1)))
+    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__iter__"):
+        raise ValueError(f"levels must be None or a sequence of ints in 1..{K}, got {levels!r}")
+    levels = tuple(levels)
+    for j in levels:
+        if isinstance(j, bool) or not isinstance(j, numbers.Integral):
+            raise ValueError(f"levels must hold ints, got {j!r} in {levels!r}")
+    levels = tuple(int(j) for j in levels)
+    if list(levels) != sorted(set(levels)):
+        raise ValueError(f"levels must be strictly increasing, got {levels!r}")
+    if levels and (levels[0] < 1 or levels[-1] > K):
+        raise ValueError(f"levels must lie in 1..draft_len={K}, got {levels!r}")
+    return _decode_step(K, levels)
+
+
+@functools.lru_cache(maxsize=512)
+def _decode_step(K: int, levels: tuple) -> Layout:
     limit, block, pos = [t + 1 for t in range(K)], [-1] * K, list(range(K))
-    for j in range(1, K + 1):
+    for j in levels:
         limit += [j] * K
         block += [j] * K
         pos += [j + s for s in range(K)]
