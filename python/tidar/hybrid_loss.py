@@ -69,14 +69,6 @@ def _check_ids(input_ids, attention_mask):
     return None
 
 
-def _mean_ce(logits, labels, valid):
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-    if valid is None:
-        return ce.mean()
-    valid = valid.to(ce.dtype)
-    return (ce * valid).sum() / valid.sum().clamp_min(1.0)
-
-
 def hybrid_forward(model, input_ids: torch.Tensor, block_size: int, mask_token_id: int | None = None,
                    *, backend: str | None = None) -> torch.Tensor:
     """Logits ``[B, 2L, V]`` of one forward over ``[input_ids | [MASK] x L]`` under the training layout:
@@ -103,8 +95,13 @@ def hybrid_forward(model, input_ids: torch.Tensor, block_size: int, mask_token_i
     return tidar_forward(model, ids, pos, step).logits
 
 
+DIFFUSION_TARGETS = ("data", "ar-hard", "ar-soft")
+
+
 def hybrid_loss(model, input_ids: torch.Tensor, block_size: int, alpha: float = 1.0, mask_token_id: int | None = None,
-                *, attention_mask: torch.Tensor | None = None, backend: str | None = None) -> HybridLoss:
+                *, attention_mask: torch.Tensor | None = None, backend: str | None = None,
+                diffusion_target: str = "data", ar_valid: torch.Tensor | None = None,
+                diffusion_valid: torch.Tensor | None = None) -> HybridLoss:
     """TiDAR hybrid loss of a patched HF causal LM (``tidar.patch``) on ``input_ids`` ``[B, L]``.
 
     Args:
@@ -113,28 +110,92 @@ def hybrid_loss(model, input_ids: torch.Tensor, block_size: int, alpha: float = 
         mask_token_id: default: the patch's, else ``model.config.mask_token_id``.
         attention_mask: optional ``[B, L]`` right-padding mask (1 = real token); padded positions carry no loss.
         backend: ``tidar_attention`` backend (default: the patch's).
+        diffusion_target: what the mask half is trained toward (design.md 1.4): ``"data"`` (the token x[i], the
+            paper's objective), ``"ar-hard"`` (the AR head's argmax at the same position, i.e. the clean-half
+            logits at i-1 of this same forward, detached; conditioned on the data's tokens before i: the
+            teacher-forced approximation of what the verifier accepts) or ``"ar-soft"`` (that AR distribution,
+            detached, as a soft target). Position 0 has no AR prediction and carries no diffusion loss with the
+            ``ar-*`` targets. (Targets on the model's own greedy continuations: ``tidar.self_distill``.)
+        ar_valid / diffusion_valid: optional ``[B, L]`` boolean masks of the positions whose AR label
+            (``ar_valid[:, i]``: the label x[i] predicted at i-1) / diffusion label counts, combined with
+            ``attention_mask``; a term with no valid position is 0.
     Returns ``HybridLoss(loss, ar_loss, diffusion_loss)``.
     """
-    valid = _check_ids(input_ids, attention_mask)
+    _check_alpha(alpha)
+    ar_sum, ar_n, diff_sum, diff_n = hybrid_loss_sums(
+        model, input_ids, block_size, mask_token_id, attention_mask=attention_mask, backend=backend,
+        diffusion_target=diffusion_target, ar_valid=ar_valid, diffusion_valid=diffusion_valid)
+    ar = ar_sum / ar_n.clamp_min(1.0)
+    diff = diff_sum / diff_n.clamp_min(1.0)
+    return HybridLoss((alpha * ar + diff) / (1.0 + alpha), ar, diff)
+
+
+def _check_alpha(alpha):
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < float("inf"):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+
+
+def _check_valid(name, v, shape):
+    if v is None:
+        return None
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(shape):
+        raise ValueError(f"{name} must be a boolean tensor of the shape of input_ids {tuple(shape)}, got {getattr(v, 'shape', v)!r}")
+    return v.bool()
+
+
+def hybrid_loss_sums(model, input_ids, block_size, mask_token_id=None, *, attention_mask=None, backend=None,
+                     diffusion_target="data", ar_valid=None, diffusion_valid=None):
+    """The two terms of :func:`hybrid_loss` as (sum of cross-entropies, count) pairs:
+    ``(ar_sum, ar_count, diffusion_sum, diffusion_count)`` (float tensors), so that several forwards
+    (real and generated rows) can be pooled into one mean per term."""
+    if diffusion_target not in DIFFUSION_TARGETS:
+        raise ValueError(f"diffusion_target must be one of {', '.join(DIFFUSION_TARGETS)}, got {diffusion_target!r}")
+    valid = _check_ids(input_ids, attention_mask)
+    shape = input_ids.shape
+    ar_valid = _check_valid("ar_valid", ar_valid, shape)
+    diffusion_valid = _check_valid("diffusion_valid", diffusion_valid, shape)
     logits = hybrid_forward(model, input_ids, block_size, mask_token_id, backend=backend)
-    L = input_ids.shape[1]
-    labels = input_ids.to(logits.device).long()
-    if valid is not None:
-        valid = valid.to(logits.device)
-    ar = _mean_ce(logits[:, : L - 1], labels[:, 1:], None if valid is None else valid[:, 1:])
-    diff = _mean_ce(logits[:, L:], labels, valid)
-    return HybridLoss((alpha * ar + diff) / (1.0 + alpha), ar, diff)
+    L = shape[1]
+    dev = logits.device
+    labels = input_ids.to(dev).long()
+    full = torch.ones(shape, dtype=torch.bool, device=dev)
+    base = full if valid is None else valid.to(dev)
+    av = base if ar_valid is None else base & ar_valid.to(dev)
+    dv = base if diffusion_valid is None else base & diffusion_valid.to(dev)
+    ar_ce = F.cross_entropy(logits[:, : L - 1].float().flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
+    ar_m = av[:, 1:].flatten().float()
+    mask_logits = logits[:, L:].float()
+    if diffusion_target == "data":
+        diff_ce = F.cross_entropy(mask_logits.flatten(0, 1), labels.flatten(), reduction="none")
+    else:
+        teacher = logits[:, : L - 1].detach().float()  # AR head at i-1 predicts position i; no gradient
+        student = mask_logits[:, 1:]
+        if diffusion_target == "ar-hard":
+            ce = F.cross_entropy(student.flatten(0, 1), teacher.argmax(-1).flatten(), reduction="none")
+        else:
+            ce = -(teacher.softmax(-1) * student.log_softmax(-1)).sum(-1).flatten()
+        diff_ce = torch.cat([torch.zeros_like(ce.view(shape[0], L - 1)[:, :1]), ce.view(shape[0], L - 1)], 1).flatten()
+        dv = dv.clone()
+        dv[:, 0] = False
+    diff_m = dv.flatten().float()
+    return (ar_ce * ar_m).sum(), ar_m.sum(), (diff_ce * diff_m).sum(), diff_m.sum()
 
 
 def ar_loss(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Plain next-token cross-entropy (the AR-only baseline's objective), a mean over valid positions."""
+    s, n = ar_loss_sums(model, input_ids, attention_mask=attention_mask)
+    return s / n.clamp_min(1.0)
+
+
+def ar_loss_sums(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None):
+    """(sum of next-token cross-entropies, count) of a plain causal forward."""
     valid = _check_ids(input_ids, attention_mask)
     device = _unwrap(model).get_input_embeddings().weight.device
     input_ids = input_ids.to(device).long()
     logits = model(input_ids=input_ids, use_cache=False).logits
-    return _mean_ce(logits[:, :-1], input_ids[:, 1:], None if valid is None else valid[:, 1:].to(device))
+    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
+    m = torch.ones_like(ce) if valid is None else valid[:, 1:].to(device).flatten().float()
+    return (ce * m).sum(), m.sum()
 
 
-__all__ = ["HybridLoss", "ar_loss", "hybrid_forward", "hybrid_loss"]
+__all__ = ["DIFFUSION_TARGETS", "HybridLoss", "ar_loss", "ar_loss_sums", "hybrid_forward", "hybrid_loss", "hybrid_loss_sums"]

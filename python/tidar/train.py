@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 
 from . import corpus as corpus_mod
+from . import self_distill
 from .hybrid_loss import ar_loss, hybrid_loss
 from .patch import is_patched, patch
 
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
+POOL_FILE = "distill_pool.pt"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,6 +131,24 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), tokenizer, state
 
 
+def load_init_model(path, device="cpu"):
+    """(model, tokenizer) to start a run from a saved causal LM folder (``--init-from``). The tokenizer must have
+    a mask token; the model's config gets its id."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--init-from {path} does not exist (or is not a folder)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--init-from {path} is not a saved model: no config.json")
+    tokenizer = corpus_mod.load_tokenizer(path)
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"--init-from {path}: the tokenizer has no mask token")
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    model.config.mask_token_id = tokenizer.mask_token_id
+    return model.to(device), tokenizer
+
+
 def lr_at(step, args):
     """Linear warmup then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
     if step < args.warmup_steps:
@@ -213,6 +233,22 @@ def add_arguments(p):
     g.add_argument("--draft-len", type=int, default=None, help="draft length saved in the config (default: --block-size)")
     g.add_argument("--alpha", type=float, default=1.0, help="AR weight: (alpha*AR + diffusion) / (1 + alpha)")
     g.add_argument("--no-diffusion", action="store_true", help="AR-only baseline: train the AR term alone")
+    g.add_argument("--diffusion-target", default="data", choices=None,
+                   help="what the mask half learns (design.md 1.4): data (the paper), ar-hard / ar-soft (teacher-forced: "
+                        "the AR head's argmax / distribution at the same position, detached), greedy (the model's own "
+                        "continuations of real prompts, regenerated every --distill-refresh steps)")
+    g.add_argument("--distill-rows", type=int, default=None,
+                   help="greedy target: rows carrying the diffusion term per step (default: --batch-size // 2); "
+                        "the AR term always uses the --batch-size real rows")
+    g.add_argument("--distill-ratio", type=float, default=1.0,
+                   help="greedy target: share of the --distill-rows that are generated continuations (the rest: real "
+                        "rows with data targets)")
+    g.add_argument("--distill-refresh", type=int, default=100, help="greedy target: regenerate the continuations every N steps")
+    g.add_argument("--distill-prompt-len", type=int, default=64,
+                   help="greedy target: real tokens before the continuation (no diffusion loss on them)")
+    g.add_argument("--distill-temperature", type=float, default=0.0,
+                   help="greedy target: 0 = greedy continuations; > 0 = sampled at this temperature")
+    g.add_argument("--distill-gen-batch", type=int, default=64, help="greedy target: rows generated at once")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--min-lr-ratio", type=float, default=0.1)
@@ -225,6 +261,9 @@ def add_arguments(p):
                    help="stop (evaluate and save) after this step; the schedule still spans --max-steps")
     g = p.add_argument_group("run")
     g.add_argument("--output", default="tidar-run", help="output folder (final model + checkpoint-N folders)")
+    g.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                   help="start from this saved causal LM (weights + tokenizer; e.g. an AR-only run: the conversion recipe) "
+                        "instead of a fresh model; the model-shape options are then ignored")
     g.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'latest' (newest in --output)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -253,6 +292,16 @@ def check_args(args):
         args.draft_len = args.block_size
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise ValueError("--max-minutes must be > 0")
+    if args.distill_rows is None:
+        args.distill_rows = max(1, args.batch_size // 2)
+    self_distill.check_options(args.diffusion_target, args.distill_ratio, args.distill_refresh, args.distill_prompt_len,
+                               args.seq_len, args.distill_rows, args.distill_temperature)
+    if args.distill_gen_batch < 1:
+        raise ValueError(f"--distill-gen-batch must be >= 1, got {args.distill_gen_batch}")
+    if args.no_diffusion and args.diffusion_target != "data":
+        raise ValueError(f"--no-diffusion trains no diffusion term; --diffusion-target {args.diffusion_target} contradicts it")
+    if args.init_from and args.resume:
+        raise ValueError("--init-from starts a new run and --resume continues one; give only one")
 
 
 def _latest_checkpoint(output: Path):
@@ -262,13 +311,15 @@ def _latest_checkpoint(output: Path):
     return cks[-1]
 
 
-def save_checkpoint(path: Path, model, tokenizer, optimizer, state: dict):
+def save_checkpoint(path: Path, model, tokenizer, optimizer, state: dict, pool=None):
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
+    if pool is not None and pool.rows is not None:
+        torch.save(pool.state_dict(), tmp / POOL_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)  # a checkpoint folder is either complete or absent
@@ -286,7 +337,15 @@ def _settings_into_config(model, args):
     c = model.config
     c.tidar_draft_len = int(args.draft_len)
     c.tidar_block_size = int(args.block_size)
-    c.tidar_objective = "ar" if args.no_diffusion else f"hybrid(alpha={args.alpha})"
+    if args.no_diffusion:
+        c.tidar_objective = "ar"
+    elif args.diffusion_target == "greedy":
+        c.tidar_objective = (f"hybrid(alpha={args.alpha}, diffusion_target=greedy, ratio={args.distill_ratio}, "
+                             f"refresh={args.distill_refresh}, temperature={args.distill_temperature})")
+    elif args.diffusion_target != "data":
+        c.tidar_objective = f"hybrid(alpha={args.alpha}, diffusion_target={args.diffusion_target})"
+    else:
+        c.tidar_objective = f"hybrid(alpha={args.alpha})"
 
 
 def train(args, log=print) -> dict:
@@ -315,6 +374,9 @@ def train(args, log=print) -> dict:
             except Exception as e:  # noqa: BLE001
                 raise ValueError(f"checkpoint {ck} is corrupt: {OPTIM_FILE} unreadable ({type(e).__name__}: {e})") from e
         log(f"resumed from {ck} at step {state['step']}")
+    elif args.init_from:
+        model, tokenizer = load_init_model(args.init_from, device)
+        log(f"initialised from {args.init_from} (mask token {tokenizer.mask_token!r} = id {tokenizer.mask_token_id})")
     else:
         if args.tokenizer:
             tokenizer = corpus_mod.load_tokenizer(args.tokenizer)
@@ -343,6 +405,22 @@ def train(args, log=print) -> dict:
     log(f"model: Qwen2 {n_params / 1e6:.2f}M params, d={args.hidden_size}, {args.layers} layers; device {device}; "
         f"objective {'AR only' if args.no_diffusion else f'hybrid K={args.block_size} alpha={args.alpha}'}; "
         f"L={args.seq_len}, batch {args.batch_size}")
+
+    pool, n_data, n_gen = None, 0, 0
+    if not args.no_diffusion and args.diffusion_target == "greedy":
+        n_data, n_gen = self_distill.split_rows(args.distill_rows, args.distill_ratio)
+        n_data = min(n_data, args.batch_size)
+        if n_gen:
+            pool = self_distill.ContinuationPool(
+                train_stream, size=n_gen * args.distill_refresh, prompt_len=args.distill_prompt_len, seq_len=args.seq_len,
+                refresh=args.distill_refresh, seed=args.seed, temperature=args.distill_temperature,
+                gen_batch_size=args.distill_gen_batch)
+            if args.resume and (ck / POOL_FILE).is_file():
+                pool.load_state_dict(torch.load(ck / POOL_FILE, weights_only=True))
+        log(f"self-distillation: per step {args.batch_size} real rows (AR), diffusion on {n_data} real rows (data) + "
+            f"{n_gen} generated rows ({args.distill_prompt_len} real + {args.seq_len - args.distill_prompt_len} "
+            f"{'greedy' if args.distill_temperature == 0 else f'T={args.distill_temperature}'} tokens, refreshed every "
+            f"{args.distill_refresh} steps)")
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -391,12 +469,20 @@ def train(args, log=print) -> dict:
         for g_ in optimizer.param_groups:
             g_["lr"] = lr
         x = batch_at(train_stream, step, args).to(device)
+        if pool is not None:
+            t_gen = time.time()
+            if pool.maybe_refresh(model, step):
+                log(f"step {step}: generated {pool.size} continuations in {time.time() - t_gen:.1f}s")
         with _autocast(device):
             if args.no_diffusion:
                 loss = ar_loss(model, x)
                 ar, diff = loss, None
+            elif args.diffusion_target == "greedy":
+                gen = pool.rows_at(step, n_gen) if pool is not None else None
+                loss, ar, diff = self_distill.self_distill_loss(model, x, gen, args.distill_prompt_len, args.block_size,
+                                                                args.alpha, n_data)
             else:
-                loss, ar, diff = hybrid_loss(model, x, args.block_size, args.alpha)
+                loss, ar, diff = hybrid_loss(model, x, args.block_size, args.alpha, diffusion_target=args.diffusion_target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
@@ -423,7 +509,7 @@ def train(args, log=print) -> dict:
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             do_eval()
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            save_checkpoint(output / f"checkpoint-{step}", model, tokenizer, optimizer, snapshot())
+            save_checkpoint(output / f"checkpoint-{step}", model, tokenizer, optimizer, snapshot(), pool)
             cks = sorted(output.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
             for old in cks[: max(0, len(cks) - args.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -433,7 +519,7 @@ def train(args, log=print) -> dict:
     do_eval()
     final = snapshot()
     final["stopped_early"] = stopped_early
-    save_checkpoint(output / f"checkpoint-{step}", model, tokenizer, optimizer, final)
+    save_checkpoint(output / f"checkpoint-{step}", model, tokenizer, optimizer, final, pool)
     # the final model at the top of --output: weights, tokenizer, config with the TiDAR settings, history
     tidar.unpatch(model)
     model.save_pretrained(output, safe_serialization=True)
