@@ -11,7 +11,7 @@
 //       -> (accepted, emitted, next_drafts, next_probs)      next_probs is [0] when greedy
 //   torch.ops.tidar_cuda.draft_sample(ar_logits, block_logits, uniforms?, seed?, offset?, seed_value, offset_value,
 //                                     temperature, beta, thr_target?, thr_slots?) -> (next_drafts, next_probs)
-//   torch.ops.tidar_cuda.tidar_attention(q, k, v, local_limit, block_id, seg_start, scale) -> (out, lse)
+//   torch.ops.tidar_cuda.tidar_attention(q, k, v, local_limit, block_id, seg_start, scale, softcap=0.) -> (out, lse)
 //   torch.ops.tidar_cuda.philox_uniform(seed, offset, b, j, draft_len) -> float   (host; tests the stream)
 #include <Python.h>
 
@@ -24,6 +24,7 @@
 #include <cuda_runtime_api.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <mutex>
 #include <optional>
@@ -384,7 +385,7 @@ int num_sms(int32_t dev) {
 }
 
 std::tuple<Tensor, Tensor> tidar_attention(Tensor q, Tensor k, Tensor v, Tensor local_limit, Tensor block_id,
-                                           Tensor seg_start, double scale) {
+                                           Tensor seg_start, double scale, double softcap) {
   const char* op = "tidar_cuda::tidar_attention";
   check_cuda(op, "q", q, -1);
   const int32_t dev = q.get_device_index();
@@ -419,6 +420,9 @@ std::tuple<Tensor, Tensor> tidar_attention(Tensor q, Tensor k, Tensor v, Tensor 
   STD_TORCH_CHECK(local_limit.is_contiguous() && block_id.is_contiguous() && seg_start.is_contiguous(), op,
                   ": local_limit, block_id and seg_start must be contiguous");
   STD_TORCH_CHECK(B <= INT32_MAX && Hq <= INT32_MAX && S <= INT32_MAX && Skv <= INT32_MAX, op, ": sizes too large");
+  STD_TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  STD_TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be 0 (none) or a finite float > 0, got ",
+                  softcap);
   Tensor out = torch::stable::new_empty(q, {B, Hq, S, D});
   Tensor lse = torch::stable::new_empty(q, {B, Hq, S}, ST::Float);
 #if TIDAR_HAVE_ATTENTION
@@ -443,6 +447,7 @@ std::tuple<Tensor, Tensor> tidar_attention(Tensor q, Tensor k, Tensor v, Tensor 
   p.Skv = static_cast<int>(Skv);
   p.D = static_cast<int>(D);
   p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
   p.dtype = dt == ST::Half ? 0 : 1;
   torch::stable::accelerator::DeviceGuard guard(dev);
   p.num_sms = num_sms(dev);
@@ -454,6 +459,7 @@ std::tuple<Tensor, Tensor> tidar_attention(Tensor q, Tensor k, Tensor v, Tensor 
   return {out, lse};
 #else
   (void)scale;
+  (void)softcap;
   STD_TORCH_CHECK(false, op, ": this build has no attention kernel (csrc/tidar_attention.cu was missing at build time)");
   return {out, lse};
 #endif
@@ -475,7 +481,7 @@ STABLE_TORCH_LIBRARY(tidar_cuda, m) {
       "Tensor? thr_slots=None) -> (Tensor, Tensor)");
   m.def(
       "tidar_attention(Tensor q, Tensor k, Tensor v, Tensor local_limit, Tensor block_id, Tensor seg_start, "
-      "float scale) -> (Tensor, Tensor)");
+      "float scale, float softcap=0.0) -> (Tensor, Tensor)");
   m.def("philox_uniform(int seed, int offset, int b, int j, int draft_len) -> float");
   m.def("has_attention() -> bool");
 }

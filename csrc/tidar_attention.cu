@@ -163,7 +163,8 @@ struct KernelArgs {
   int rows;         // S * G
   int row_tiles;    // cdiv(rows, kBlockM)
   int num_splits;
-  float qk_scale;   // scale * log2(e)
+  float qk_scale;   // scale * log2(e); with soft-capping scale / softcap
+  float cap;        // softcap * log2(e); 0 = no soft-capping
   float* o_part;    // [num_splits][B*Hq*S][D] fp32 (num_splits > 1)
   float* lse_part;  // [num_splits][B*Hq*S] fp32, log2 domain
 };
@@ -349,6 +350,8 @@ __global__ void __launch_bounds__(kThreads, (D <= 64 ? 2 : 1)) tidar_attention_f
   float row_m[2] = {-INFINITY, -INFINITY};  // running max of the scaled (log2-domain) scores
   float row_l[2] = {0.f, 0.f};              // this thread's partial row sums (its 2 columns of each n8 block)
   const float qk_scale = a.qk_scale;
+  const float cap = a.cap;
+  const bool soft = cap > 0.f;  // block-uniform
 
   // One key tile: S = Q K^T, online softmax, O += P V. MASKED applies the layout rule per element.
   auto compute_tile = [&](const T* tK, const T* tV, const int* tBid, int n0, auto masked_tag) {
@@ -375,6 +378,7 @@ __global__ void __launch_bounds__(kThreads, (D <= 64 ? 2 : 1)) tidar_attention_f
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float x = s[nb][e] * qk_scale;
+        if (soft) x = cap * tanhf(x);  // softcap * tanh(scale * q.k / softcap), log2 domain (before the mask)
         if constexpr (kMasked) {
           const int kl = nb * 8 + frag_c_col(lane, e);
           const int h = e >> 1;  // row g + 8 h = frag_c_row(lane, e)
@@ -618,7 +622,13 @@ int launch(const TidarAttentionParams& p, int num_splits, cudaStream_t stream) {
   a.rows = p.S * a.G;
   a.row_tiles = (a.rows + kBlockM - 1) / kBlockM;
   a.num_splits = num_splits;
-  a.qk_scale = p.scale * kLog2e;
+  if (p.softcap > 0.f) {
+    a.qk_scale = p.scale / p.softcap;
+    a.cap = p.softcap * kLog2e;
+  } else {
+    a.qk_scale = p.scale * kLog2e;
+    a.cap = 0.f;
+  }
   const int64_t n_rows = static_cast<int64_t>(p.B) * p.Hq * p.S;
   a.o_part = static_cast<float*>(p.workspace);
   a.lse_part = num_splits > 1 ? a.o_part + static_cast<int64_t>(num_splits) * n_rows * D : nullptr;
@@ -685,6 +695,7 @@ int tidar_attention_forward(const TidarAttentionParams& p, cudaStream_t stream) 
   using namespace tidar_attn;
   int rc = check_sizes(p);
   if (rc != TIDAR_ATTN_OK) return rc;
+  if (!(p.softcap >= 0.f) || std::isinf(p.softcap)) return TIDAR_ATTN_ERR_BAD_SOFTCAP;  // NaN fails >= 0
   if (nothing_to_do(p)) return TIDAR_ATTN_OK;
   if (!p.q || !p.k || !p.v || !p.out || !p.local_limit || !p.block_id || !p.seg_start)
     return TIDAR_ATTN_ERR_NULL_POINTER;
@@ -717,6 +728,7 @@ const char* tidar_attention_error_string(int code) {
       return "tidar_attention: q/k/v/out/workspace must be 16-byte aligned with strides multiple of 8 elements "
              "(make the tensors contiguous)";
     case TIDAR_ATTN_ERR_NO_WORKSPACE: return "tidar_attention: split-KV needs a workspace but it is null";
+    case TIDAR_ATTN_ERR_BAD_SOFTCAP: return "tidar_attention: softcap must be 0 (none) or a finite float > 0";
     default: break;
   }
   if (code > 0) return cudaGetErrorString(static_cast<cudaError_t>(code));

@@ -4,8 +4,9 @@
 // (0 <= i < S) sees key j iff
 //     j < s0 + local_limit[i]
 //     or (s0 <= j < s0 + S and block_id[i] >= 0 and block_id[j - s0] == block_id[i]);
-// keys at j >= s0 + S are never seen (local_limit is clamped to S). out[b, h, i, :] = softmax(scale * q.k over the
-// visible keys) @ v with fp32 accumulation, written in the input dtype. A query that sees no key writes zeros
+// keys at j >= s0 + S are never seen (local_limit is clamped to S). out[b, h, i, :] = softmax(x over the visible
+// keys) @ v with fp32 accumulation, written in the input dtype, where x = scale * q.k, or with logit soft-capping
+// (softcap > 0, Gemma2's attn_logit_softcapping) x = softcap * tanh(scale * q.k / softcap). A query that sees no key writes zeros
 // and lse = -inf (the reference op returns zeros there; the Triton op stores +inf in its own lse for its backward).
 //
 // Work decomposition (see tidar_attention.cu): one thread block per (128 packed rows, batch row, KV head,
@@ -37,6 +38,7 @@ struct TidarAttentionParams {
   int64_t q_stride[4], k_stride[4], v_stride[4], o_stride[4];  // element strides of [B,H,S,D] / [B,Hkv,Skv,D] tensors; last stride is 1
   int B, Hq, Hkv, S, Skv, D;   // D in {64, 128}; Hq % Hkv == 0
   float scale;
+  float softcap;               // > 0: logit soft-capping; 0: none (a negative or non-finite value is an error)
   int dtype;                   // 0 = fp16, 1 = bf16 (q, k, v, out share it)
   int num_sms;                 // of the current device, to size split-KV (<= 0: queried from the current device)
   void* workspace;             // scratch for split-KV partials, at least tidar_attention_workspace_bytes(p) bytes
@@ -53,6 +55,7 @@ enum TidarAttentionStatus : int {
   TIDAR_ATTN_ERR_BAD_GQA = -11,        // Hkv <= 0 (with Hq > 0) or Hq % Hkv != 0
   TIDAR_ATTN_ERR_MISALIGNED = -12,     // a base pointer not 16-byte aligned or a stride not a multiple of 8
   TIDAR_ATTN_ERR_NO_WORKSPACE = -13,   // split-KV needs workspace (tidar_attention_workspace_bytes > 0) but it is null
+  TIDAR_ATTN_ERR_BAD_SOFTCAP = -14,    // softcap negative, NaN or infinite (0 = no soft-capping)
 };
 
 // Bytes of workspace the forward will use for these params (0 when it does not split: workspace may be null).

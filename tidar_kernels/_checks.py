@@ -1,7 +1,12 @@
 """Input validation shared by every backend: clear errors naming the argument, raised before any launch."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+INT32_MAX = 2**31 - 1
 
 
 def tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None) -> torch.Tensor:
@@ -15,6 +20,36 @@ def tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None) -
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
     return t
+
+
+def is_int(x) -> bool:
+    """A Python/NumPy integer that is not a bool (``True`` is an ``int`` to Python, never a count or an offset here)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and not _is_bool_like(x)
+
+
+def _is_bool_like(x) -> bool:
+    return type(x).__name__ == "bool_"  # numpy.bool_ (not numbers.Integral, but be explicit)
+
+
+def real(name: str, x, *, expected: str) -> float:
+    """``x`` as a finite Python float: a Python/NumPy real number that is not a bool, NaN or infinite."""
+    if isinstance(x, bool) or _is_bool_like(x) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(x).__name__} {x!r}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be {expected}, got {x!r}")
+    return x
+
+
+def positive_float(name: str, x, *, default):
+    """None -> ``default``; else a finite real number > 0 as a float (TypeError/ValueError naming ``name``)."""
+    if x is None:
+        return default
+    expected = "None or a finite number > 0"
+    x = real(name, x, expected=expected)
+    if not x > 0:
+        raise ValueError(f"{name} must be {expected}, got {x!r}")
+    return x
 
 
 def shape(name: str, t: torch.Tensor, expected: tuple) -> None:

@@ -63,6 +63,7 @@ struct Case {
   int kv_cap = 0;     // allocated keys per head (>= Skv); 0 = Skv
   int num_sms = 132;
   float scale = 0.f;  // 0 = D^-0.5
+  float softcap = 0.f;  // > 0: logit soft-capping
 };
 
 #if defined(TIDAR_ATTN_EMULATE)
@@ -188,7 +189,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   p.local_limit = mll.map(ll.data()); p.block_id = mbid.map(bid.data()); p.seg_start = mseg.map(seg.data());
   for (int i = 0; i < 4; ++i) { p.q_stride[i] = qs[i]; p.o_stride[i] = qs[i]; p.k_stride[i] = ks[i]; p.v_stride[i] = ks[i]; }
   p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.S = S; p.Skv = Skv; p.D = D;
-  p.scale = scale; p.dtype = c.dtype; p.num_sms = c.num_sms;
+  p.scale = scale; p.softcap = c.softcap; p.dtype = c.dtype; p.num_sms = c.num_sms;
   const size_t ws_bytes = tidar_attention_workspace_bytes(p);
   const int splits = tidar_attention_num_splits(p);
   BufF ws(ws_bytes / sizeof(float) + 1, 12345.f, 12345.f);
@@ -222,6 +223,7 @@ void run_case(const Case& c, std::mt19937& rng) {
             dot += double(to_f(q.data()[b * qs[0] + h * qs[1] + i * qs[2] + d], c.dtype)) *
                    to_f(k.data()[b * ks[0] + hk * ks[1] + j * ks[2] + d], c.dtype);
           sc[j] = dot * scale;
+          if (c.softcap > 0) sc[j] = c.softcap * std::tanh(sc[j] / c.softcap);  // Gemma2: scale, cap, then mask
           mx = std::max(mx, sc[j]);
         }
         const size_t ob = b * qs[0] + h * qs[1] + i * qs[2];
@@ -273,7 +275,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   bool same = std::equal(out1.begin(), out1.end(), out.data()) &&
               std::memcmp(lse1.data(), lse.data(), lse.n * sizeof(float)) == 0;
   EXPECT(same, "%s: second run differs", c.name.c_str());
-  std::printf("  %-34s D=%3d %s B=%d Hq=%d Hkv=%d S=%3d Skv=%4d splits=%d: max|err| %.2e, lse %.1e, %d empty rows\n",
+  std::printf("  %-38s D=%3d %s B=%d Hq=%d Hkv=%d S=%3d Skv=%4d splits=%d: max|err| %.2e, lse %.1e, %d empty rows\n",
               c.name.c_str(), D, c.dtype ? "bf16" : "fp16", B, Hq, Hkv, S, Skv, splits, max_err, max_lse_err,
               empty_rows);
 }
@@ -320,6 +322,10 @@ void error_codes() {
   { auto p = base; p.q_stride[1] = 65; expect_code(p, TIDAR_ATTN_ERR_MISALIGNED, "stride 65"); }
   { auto p = base; p.q = static_cast<uint16_t*>(al) + 1; expect_code(p, TIDAR_ATTN_ERR_MISALIGNED, "q + 1"); }
   { auto p = base; p.B = 0; p.q = nullptr; expect_code(p, 0, "B = 0 is a no-op"); }
+  { auto p = base; p.softcap = 30.f; expect_code(p, 0, "softcap 30"); }
+  { auto p = base; p.softcap = -1.f; expect_code(p, TIDAR_ATTN_ERR_BAD_SOFTCAP, "softcap < 0"); }
+  { auto p = base; p.softcap = NAN; expect_code(p, TIDAR_ATTN_ERR_BAD_SOFTCAP, "softcap NaN"); }
+  { auto p = base; p.softcap = INFINITY; expect_code(p, TIDAR_ATTN_ERR_BAD_SOFTCAP, "softcap inf"); }
   { auto p = base; p.Skv = 40000; p.workspace = nullptr;
     EXPECT(tidar_attention_workspace_bytes(p) > 0, "a long cache with one row tile splits");
     expect_code(p, TIDAR_ATTN_ERR_NO_WORKSPACE, "no workspace"); }
@@ -386,6 +392,24 @@ int main(int argc, char** argv) {
     std::uniform_int_distribution<int> lld(-3, c.S + 5), bd(-3, 4);
     for (int i = 0; i < c.S; ++i) { c.ll.push_back(lld(rng)); c.bid.push_back(bd(rng)); }
     c.seg = {-5, 200, 290};
+    cases.push_back(c);
+  }
+  {
+    // Logit soft-capping (Gemma2): a cap of 1.5 at scale 0.5 bends most scores, so a missing or misplaced cap
+    // (after the mask, before the scale) changes the output far beyond the tolerance.
+    Case c; c.name = "softcap 1.5, decode K=3, GQA 2, split";
+    c.B = 2; c.Hq = 4; c.Hkv = 2; c.D = 64; c.dtype = 0; decode_layout(3, c.ll, c.bid);
+    c.S = static_cast<int>(c.ll.size()); c.seg = {600, 311}; c.Skv = 620; c.num_sms = 4;
+    c.scale = 0.5f; c.softcap = 1.5f;
+    cases.push_back(c);
+  }
+  {
+    Case c; c.name = "softcap 20, random + empty rows, D=128";
+    c.B = 1; c.Hq = 3; c.Hkv = 1; c.D = 128; c.dtype = 1; c.S = 29; c.Skv = 90; c.softcap = 20.f; c.scale = 0.3f;
+    std::uniform_int_distribution<int> lld(0, c.S), bd(-1, 3);
+    for (int i = 0; i < c.S; ++i) { c.ll.push_back(lld(rng)); c.bid.push_back(bd(rng)); }
+    c.ll[3] = 0; c.bid[3] = -1;  // sees nothing (seg_start 0)
+    c.seg = {0};
     cases.push_back(c);
   }
   {

@@ -11,7 +11,7 @@ the one-time fallback warning and ``tidar env``.
 
 What the CUDA ops cover (``supports`` predicates: ``backend="auto"`` falls through to Triton/reference otherwise,
 ``backend="cuda"`` raises naming why): attention is inference only (no backward), float16/bfloat16, head dims
-64 and 128. Sampling and kv_append take every input the public ops accept (top-k/top-p become per-row
+64 and 128, with or without logit soft-capping. Sampling and kv_append take every input the public ops accept (top-k/top-p become per-row
 thresholds computed with the reference's ``filter_threshold``, applied in the kernel).
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ _load()
 _ops = torch.ops.tidar_cuda
 _EXPECTED = {  # op -> an argument its current schema has (a stale build from older sources fails here, not at a call)
     "kv_append": "seg_start", "rejection_sample": "thr_slots", "draft_sample": "thr_slots",
-    "tidar_attention": "seg_start", "philox_uniform": "draft_len", "has_attention": None,
+    "tidar_attention": "softcap", "philox_uniform": "draft_len", "has_attention": None,
 }
 for _name, _arg in _EXPECTED.items():
     if not hasattr(_ops, _name) or (_arg and _arg not in str(getattr(_ops, _name).default._schema)):
@@ -124,7 +124,7 @@ def _draft_fake(ar_logits, block_logits, uniforms, seed, offset, seed_value, off
 
 
 @torch.library.register_fake("tidar_cuda::tidar_attention")
-def _attention_fake(q, k, v, local_limit, block_id, seg_start, scale):
+def _attention_fake(q, k, v, local_limit, block_id, seg_start, scale, softcap=0.0):
     B, Hq, S, D = q.shape
     return q.new_empty((B, Hq, S, D)), q.new_empty((B, Hq, S), dtype=torch.float32)
 
@@ -186,7 +186,7 @@ ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 ATTENTION_HEAD_DIMS = (64, 128)
 
 
-def _attention_supports(q, k, v, local_limit, block_id, seg_start, scale):
+def _attention_supports(q, k, v, local_limit, block_id, seg_start, scale, softcap=None):
     if q.dtype not in ATTENTION_DTYPES:
         return f"the CUDA attention runs float16/bfloat16 inputs, got {str(q.dtype).removeprefix('torch.')}"
     if q.shape[-1] not in ATTENTION_HEAD_DIMS:
@@ -204,18 +204,20 @@ def _attention_layout(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.clone(memory_format=torch.contiguous_format)  # (contiguous() keeps a bad offset)
 
 
-def attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale):
-    """``(out, lse)`` of the CUDA forward (lse natural-log, fp32 ``[B, Hq, S]``; -inf for a query that sees no key)."""
+def attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale, softcap=None):
+    """``(out, lse)`` of the CUDA forward (lse natural-log, fp32 ``[B, Hq, S]``; -inf for a query that sees no key);
+    ``softcap`` None or > 0: scores ``softcap * tanh(scale * q.k / softcap)`` (logit soft-capping)."""
     q, k, v = (_attention_layout(t) for t in (q, k, v))
     return _ops.tidar_attention(q, k, v, local_limit.to(torch.int32).contiguous(), block_id.to(torch.int32).contiguous(),
-                                seg_start.to(torch.int32).contiguous(), float(scale))
+                                seg_start.to(torch.int32).contiguous(), float(scale),
+                                0.0 if softcap is None else float(softcap))
 
 
 if HAS_ATTENTION:
 
     @register("tidar_attention", "cuda", supports=_attention_supports)
-    def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale):
-        return attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale)[0]
+    def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale, softcap=None):
+        return attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale, softcap)[0]
 
 
 def philox_uniform(seed: int, offset: int, b: int, j: int, draft_len: int) -> float:

@@ -1,4 +1,4 @@
-"""Reference ``tidar_attention``: SDPA with the dense twin of the layout."""
+"""Reference ``tidar_attention``: SDPA with the dense twin of the layout (explicit softmax when soft-capping)."""
 from __future__ import annotations
 
 import torch
@@ -9,10 +9,28 @@ from ..layouts import dense_mask
 
 
 @register("tidar_attention", "reference")
-def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale):
+def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale, softcap=None):
     mask = dense_mask(local_limit, block_id, seg_start, k.shape[2])  # [B, S, Skv]
     empty = ~mask.any(-1, keepdim=True)  # queries that see nothing: compute on all keys, then zero (no NaN)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=(mask | empty)[:, None], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    if softcap is None:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=(mask | empty)[:, None], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+    else:
+        out = softcapped_attention(q, k, v, (mask | empty)[:, None], scale, softcap)
     return out.masked_fill(empty[:, None], 0.0)
+
+
+def softcapped_attention(q, k, v, mask, scale: float, softcap: float):
+    """Attention with logit soft-capping in the order of transformers' Gemma2 eager attention: scores scaled,
+    then ``softcap * tanh(scores / softcap)``, then masked (``mask`` boolean, broadcast to ``[B, Hq, S, Skv]``,
+    True = visible), then softmax in float32, cast back to the input dtype before ``@ v``."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    weights = torch.softmax(scores, -1, dtype=acc).to(q.dtype)
+    return torch.matmul(weights, v)

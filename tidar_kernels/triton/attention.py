@@ -135,6 +135,34 @@ def _tile_stats(LL, BID, SPAN_LO, SPAN_HI, rows, row_ok, G, S):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh to a few ulp in fp32 on the interpreter and the GPU alike (libdevice is not interpretable): an odd
+    Taylor polynomial near 0 (where 1 - exp(-2|x|) would cancel), else (1 - e) / (1 + e) with e = exp(-2|x|)."""
+    a = tl.abs(x)
+    e = tl.exp2(a * -2.8853900817779268)  # exp(-2|x|), in (0, 1]: no overflow
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = a * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397
+                                                                                      + x2 * 0.021869488536155203))))
+    t = tl.where(a < 0.125, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(qk, qk_scale, cap, SOFTCAP: tl.constexpr):
+    """log2-domain scores of raw dot products ``qk`` and ``t``, the tanh of the soft-cap (for the backward).
+    Without soft-capping ``qk_scale = scale * log2(e)`` and ``t`` is unused; with it ``qk_scale = scale / softcap``,
+    ``cap = softcap * log2(e)``: s = log2(e) * softcap * tanh(scale * qk / softcap) (Gemma2's order: scale, cap)."""
+    if SOFTCAP:
+        t = _tanh(qk * qk_scale)
+        s = t * cap
+    else:
+        t = qk
+        s = qk * qk_scale
+    return s, t
+
+
+@triton.jit
 def _visible(kj, ll, bq, seg, S, BID):
     """The layout rule for a [rows, keys] tile (keys kj absolute, out-of-range keys never visible)."""
     rel = kj - seg
@@ -144,8 +172,8 @@ def _visible(kj, ll, bq, seg, S, BID):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale,
-              sks, svs, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale, cap,
+              sks, svs, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr):
     kj = start + offs_n
     if MASKED:
         kmask = (kj < Skv)[:, None] & d_ok[None, :]
@@ -156,7 +184,7 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, cap, SOFTCAP)
     if MASKED:
         s = tl.where(_visible(kj, ll, bq, seg, S, BID), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -173,9 +201,9 @@ def _fwd_kernel(
     Q, K, V, O, LSE, LL, BID, SPAN_LO, SPAN_HI, SEG,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
     slb, slh, sls, sl_split,
-    S, Skv, G, Hkv, qk_scale, n_splits,
+    S, Skv, G, Hkv, qk_scale, cap, n_splits,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -211,15 +239,15 @@ def _fwd_kernel(
     full_end = ((seg + lim_min) // BLOCK_N) * BLOCK_N
     for start in range(lo, tl.minimum(hi, full_end), BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv,
-                                  BID, qk_scale, sks, svs, False, UPCAST, PREC)
+                                  BID, qk_scale, cap, sks, svs, False, UPCAST, PREC, SOFTCAP)
     for start in range(tl.maximum(lo, full_end), hi, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv,
-                                  BID, qk_scale, sks, svs, True, UPCAST, PREC)
+                                  BID, qk_scale, cap, sks, svs, True, UPCAST, PREC, SOFTCAP)
     # range B (the own-block part past range A), split 0 only
     if sid == 0:
         for start in range(tl.maximum(seg + blk_lo, n_tiles_a * BLOCK_N), seg + blk_hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv,
-                                      BID, qk_scale, sks, svs, True, UPCAST, PREC)
+                                      BID, qk_scale, cap, sks, svs, True, UPCAST, PREC, SOFTCAP)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -263,9 +291,9 @@ def _merge_kernel(OP, LSEP, O, LSE, n_rows, n_splits, split_stride, Hq, S, sob, 
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, LL, BID, SPAN_LO, SPAN_HI, SEG,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
-    S, Skv, G, Hkv, qk_scale, sm_scale,
+    S, Skv, G, Hkv, qk_scale, cap, sm_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -299,20 +327,20 @@ def _bwd_dq_kernel(
     full_end = ((seg + lim_min) // BLOCK_N) * BLOCK_N
     for start in range(0, tl.minimum(end_a, full_end), BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID,
-                      qk_scale, sks, svs, False, UPCAST, PREC)
+                      qk_scale, cap, sks, svs, False, UPCAST, PREC, SOFTCAP)
     for start in range(full_end, end_a, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID,
-                      qk_scale, sks, svs, True, UPCAST, PREC)
+                      qk_scale, cap, sks, svs, True, UPCAST, PREC, SOFTCAP)
     for start in range(tl.maximum(seg + blk_lo, end_a), seg + blk_hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID,
-                      qk_scale, sks, svs, True, UPCAST, PREC)
+                      qk_scale, cap, sks, svs, True, UPCAST, PREC, SOFTCAP)
     dq_off = b64 * sqb + head.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sqs + offs_d[None, :] * sqd
     tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale,
-             sks, svs, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale, cap,
+             sks, svs, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr):
     kj = start + offs_n
     if MASKED:
         kmask = (kj < Skv)[:, None] & d_ok[None, :]
@@ -323,19 +351,22 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, cap, SOFTCAP)
     if MASKED:
         s = tl.where(_visible(kj, ll, bq, seg, S, BID), s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+        ds = ds * (1.0 - t * t)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
 
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, m0, kj, n0, offs_d, d_ok, b64, hk, seg, Q, DO, LSE, DELTA, LL, BID, SPAN_LO, SPAN_HI,
-               sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, S, G, Hq, qk_scale,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+               sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, S, G, Hq, qk_scale, cap,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+               SOFTCAP: tl.constexpr):
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < S * G
     qi, ll, bq, lim_min, lim_max, blk_lo, blk_hi = _tile_stats(LL, BID, SPAN_LO, SPAN_HI, rows, row_ok, G, S)
@@ -353,7 +384,7 @@ def _dkdv_tile(dk, dv, k, v, m0, kj, n0, offs_d, d_ok, b64, hk, seg, Q, DO, LSE,
     r_off = (b64 * Hq + head) * S + qi
     lse2 = tl.load(LSE + r_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + r_off, mask=row_ok, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, cap, SOFTCAP)
     # the layout rule, skipped (as a select, not a branch around the loads) on full tiles
     full = n0 + BLOCK_N <= seg + lim_min
     s = tl.where(_visible(kj, ll, bq, seg, S, BID) | full, s, float("-inf"))
@@ -361,6 +392,8 @@ def _dkdv_tile(dk, dv, k, v, m0, kj, n0, offs_d, d_ok, b64, hk, seg, Q, DO, LSE,
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     return dk, dv
 
@@ -370,9 +403,9 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, LL, BID, SPAN_LO, SPAN_HI, SEG, RANGES,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dkb, s_dkh, s_dks, s_dkd, s_dvb, s_dvh, s_dvs, s_dvd,
-    S, Skv, G, Hkv, qk_scale, sm_scale, n_key_tiles,
+    S, Skv, G, Hkv, qk_scale, cap, sm_scale, n_key_tiles,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -407,8 +440,8 @@ def _bwd_dkdv_kernel(
     for m in range(a_lo, a_hi + (b_hi - b_lo), BLOCK_M):
         m0 = m + tl.where(m >= a_hi, jump, 0)
         dk, dv = _dkdv_tile(dk, dv, k, v, m0, kj, n0, offs_d, d_ok, b64, hk, seg, Q, DO, LSE, DELTA, LL, BID,
-                            SPAN_LO, SPAN_HI, sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, S, G, Hq, qk_scale,
-                            BLOCK_M, BLOCK_N, UPCAST, PREC)
+                            SPAN_LO, SPAN_HI, sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, S, G, Hq, qk_scale, cap,
+                            BLOCK_M, BLOCK_N, UPCAST, PREC, SOFTCAP)
     dk_off = b64 * s_dkb + hk.to(tl.int64) * s_dkh + kj[:, None].to(tl.int64) * s_dks + offs_d[None, :] * s_dkd
     dv_off = b64 * s_dvb + hk.to(tl.int64) * s_dvh + kj[:, None].to(tl.int64) * s_dvs + offs_d[None, :] * s_dvd
     tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
@@ -458,7 +491,14 @@ def _auto_splits(B, Hkv, n_m_tiles, S, Skv, device) -> int:
     return int(max(1, min(triton.cdiv(2 * sms, n_prog), triton.cdiv(Skv, 512), 64)))
 
 
-def _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits=0):
+def _score_consts(scale: float, softcap: float) -> tuple[float, float, bool]:
+    """(qk_scale, cap, SOFTCAP) for ``_scores``; softcap 0 = none."""
+    if softcap > 0:
+        return scale / softcap, softcap * LOG2E, True
+    return scale * LOG2E, 0.0, False
+
+
+def _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits=0, softcap=0.0):
     B, Hq, S, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -473,15 +513,15 @@ def _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits=0):
     seg = seg_start.to(torch.int32).contiguous()
     out = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
-    qk_scale = scale * LOG2E
-    common = dict(D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, UPCAST=cfg["UPCAST"], PREC=cfg["PREC"],
+    qk_scale, cap, soft = _score_consts(scale, softcap)
+    common = dict(D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, UPCAST=cfg["UPCAST"], PREC=cfg["PREC"], SOFTCAP=soft,
                   **_launch_opts(cfg))
     grid = (n_m, B * Hkv, num_splits)
     if num_splits == 1:
         _fwd_kernel[grid](
             q, k, v, out, lse, ll, bid, span_lo, span_hi, seg,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), 0,
-            S, Skv, G, Hkv, qk_scale, 1, SPLIT=False, **common,
+            S, Skv, G, Hkv, qk_scale, cap, 1, SPLIT=False, **common,
         )
         return out, lse
     rows = B * Hq * S
@@ -490,7 +530,7 @@ def _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits=0):
     _fwd_kernel[grid](
         q, k, v, o_part, lse_part, ll, bid, span_lo, span_hi, seg,
         *q.stride(), *k.stride(), *v.stride(), Hq * S * BD, S * BD, BD, 1, Hq * S, S, 1, rows,
-        S, Skv, G, Hkv, qk_scale, num_splits, SPLIT=True, **common,
+        S, Skv, G, Hkv, qk_scale, cap, num_splits, SPLIT=True, **common,
     )
     _merge_kernel[(rows,)](
         o_part, lse_part, out, lse, rows, num_splits, rows, Hq, S, *out.stride(),
@@ -499,7 +539,7 @@ def _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits=0):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale):
+def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale, softcap=0.0):
     B, Hq, S, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -514,13 +554,13 @@ def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale):
     dq = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Skv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, Skv, D), dtype=v.dtype, device=v.device)
-    qk_scale = scale * LOG2E
-    common = dict(D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, UPCAST=cfg["UPCAST"], PREC=cfg["PREC"],
+    qk_scale, cap, soft = _score_consts(scale, softcap)
+    common = dict(D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, UPCAST=cfg["UPCAST"], PREC=cfg["PREC"], SOFTCAP=soft,
                   **_launch_opts(cfg))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     _bwd_dq_kernel[(triton.cdiv(S * G, BM), B * Hkv)](
         q, k, v, do, dq, lse, delta, ll, bid, span_lo, span_hi, seg, *strides,
-        S, Skv, G, Hkv, qk_scale, scale, **common,
+        S, Skv, G, Hkv, qk_scale, cap, scale, **common,
     )
     n_n = triton.cdiv(Skv, BN)
     ranges = dkdv_ranges(ll, bid, seg, Skv, G, BM, BN)  # [B, n_n, 4]
@@ -531,7 +571,7 @@ def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale):
         dkdv_opts["num_stages"] = cfg["dkdv_stages"]
     _bwd_dkdv_kernel[(n_n, B * Hkv)](
         q, k, v, do, dk, dv, lse, delta, ll, bid, span_lo, span_hi, seg, ranges, *strides, *dk.stride(),
-        *dv.stride(), S, Skv, G, Hkv, qk_scale, scale, n_n, **dkdv_opts,
+        *dv.stride(), S, Skv, G, Hkv, qk_scale, cap, scale, n_n, **dkdv_opts,
     )
     return dq, dk, dv
 
@@ -543,12 +583,13 @@ def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale):
 
 @torch.library.custom_op("tidar_kernels::triton_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local_limit: torch.Tensor, block_id: torch.Tensor,
-            seg_start: torch.Tensor, scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits)
+            seg_start: torch.Tensor, scale: float, num_splits: int,
+            softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits, softcap)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, local_limit, block_id, seg_start, scale, num_splits):
+def _(q, k, v, local_limit, block_id, seg_start, scale, num_splits, softcap=0.0):
     B, Hq, S, D = q.shape
     return q.new_empty((B, Hq, S, D)), q.new_empty((B, Hq, S), dtype=torch.float32)
 
@@ -556,46 +597,49 @@ def _(q, k, v, local_limit, block_id, seg_start, scale, num_splits):
 @torch.library.custom_op("tidar_kernels::triton_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, local_limit: torch.Tensor, block_id: torch.Tensor, seg_start: torch.Tensor,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale)
+            scale: float, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale, softcap)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale):
+def _(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale, softcap=0.0):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, local_limit, block_id, seg_start, scale, _ = inputs
+    q, k, v, local_limit, block_id, seg_start, scale, _, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, local_limit, block_id, seg_start)
     ctx.scale = scale
+    ctx.softcap = softcap
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_rule(ctx, grad_out, grad_lse):
     q, k, v, out, lse, local_limit, block_id, seg_start = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, local_limit, block_id, seg_start, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, local_limit, block_id, seg_start, ctx.scale, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale, num_splits: int = 0):
-    """``(out, lse)``; ``num_splits`` 0 = automatic, n > 0 forces n split-KV chunks (tests, benchmarks)."""
-    return _fwd_op(q, k, v, local_limit, block_id, seg_start, float(scale), int(num_splits))
+def attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale, num_splits: int = 0, softcap=None):
+    """``(out, lse)``; ``num_splits`` 0 = automatic, n > 0 forces n split-KV chunks (tests, benchmarks);
+    ``softcap`` None or > 0 (logit soft-capping, see ``tidar_kernels.tidar_attention``)."""
+    return _fwd_op(q, k, v, local_limit, block_id, seg_start, float(scale), int(num_splits),
+                   0.0 if softcap is None else float(softcap))
 
 
 @register("tidar_attention", "triton")
-def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale):
+def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale, softcap=None):
     if q.dtype not in _TL_DTYPES:
         raise TypeError(f"backend='triton' supports q/k/v in float16, bfloat16, float32; got {q.dtype}")
     if q.shape[3] > 256:
         raise ValueError(f"backend='triton' supports head dims up to 256, got {q.shape[3]}")
-    return attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale)[0]
+    return attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale, softcap=softcap)[0]
 
 
 __all__ = ["attention_with_lse", "dkdv_ranges", "tidar_attention", "tile_classes", "EMPTY", "FULL", "PARTIAL"]
