@@ -50,10 +50,20 @@ def _layout(local_limit, block_id, position_ids) -> Layout:
     )
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def _seg_len(what: str, S: int) -> int:
+    """A layout's segment length must fit the int32 ``local_limit`` values: raised before any list is built."""
+    if S > _INT32_MAX:
+        raise ValueError(f"{what} would have {S} tokens, more than the int32 layout vectors can index (2^31 - 1)")
+    return S
 
 
 def _cached(fn):
@@ -92,6 +102,7 @@ def training(seq_len: int, block_size: int) -> Layout:
         m3 (b1)    #  #  .  .  .  .  #  #
     """
     L, K = _positive("seq_len", seq_len), _positive("block_size", block_size)
+    _seg_len(f"training(seq_len={L}) (S = 2 * seq_len)", 2 * L)
     clean = range(L)
     return _layout(
         [i + 1 for i in clean] + [(i // K) * K for i in clean],
@@ -115,6 +126,7 @@ def prefill(prompt_len: int, draft_len: int) -> Layout:
         m1      #  #  #  #  #
     """
     n, K = _positive("prompt_len", prompt_len), _positive("draft_len", draft_len)
+    _seg_len(f"prefill({n}, {K}) (S = prompt_len + draft_len)", n + K)
     return _layout(
         [i + 1 for i in range(n)] + [n] * K,
         [-1] * n + [0] * K,
@@ -160,6 +172,7 @@ def decode_step(draft_len: int, levels=None) -> Layout:
 
 @functools.lru_cache(maxsize=512)
 def _decode_step(K: int, levels: tuple) -> Layout:
+    _seg_len(f"decode_step(draft_len={K}) with {len(levels)} levels (S = K + K * levels)", K + K * len(levels))
     limit, block, pos = [t + 1 for t in range(K)], [-1] * K, list(range(K))
     for j in levels:
         limit += [j] * K
@@ -169,10 +182,12 @@ def _decode_step(K: int, levels: tuple) -> Layout:
 
 
 def dense_mask(local_limit: torch.Tensor, block_id: torch.Tensor, seg_start, kv_len: int) -> torch.Tensor:
-    """Boolean mask ``[B, S, kv_len]`` (True = visible) from the layout rule; ``seg_start`` is an int or ``[B]``."""
-    S = local_limit.shape[0]
-    device = local_limit.device
-    seg = torch.as_tensor(seg_start, device=device).reshape(-1, 1, 1).long()  # [B,1,1]
+    """Boolean mask ``[B, S, kv_len]`` (True = visible) from the layout rule; ``seg_start`` is an int or ``[B]``.
+
+    Any values are allowed (it is the twin of the rule, not of the ops' ranges; no host sync); malformed
+    arguments (types, shapes, lengths, devices) raise naming the argument."""
+    S, device, seg_start, kv_len = _check_dense_args(local_limit, block_id, seg_start, kv_len)
+    seg = seg_start.reshape(-1, 1, 1).long()  # [B,1,1]
     j = torch.arange(kv_len, device=device).view(1, 1, -1)  # [1,1,Skv]
     rel = j - seg  # key index relative to the segment start
     limit = local_limit.long().view(1, -1, 1)
@@ -183,8 +198,31 @@ def dense_mask(local_limit: torch.Tensor, block_id: torch.Tensor, seg_start, kv_
     return (rel < limit) | same_block
 
 
+def _check_dense_args(local_limit, block_id, seg_start, kv_len):
+    from . import _checks
+
+    _checks.tensor("local_limit", local_limit, ndim=1, dtypes=_checks.INT_TYPES)
+    device = local_limit.device
+    _checks.tensor("block_id", block_id, ndim=1, dtypes=_checks.INT_TYPES, device=device)
+    S = local_limit.shape[0]
+    if S == 0:
+        raise ValueError("local_limit must have at least one entry (S >= 1)")
+    _checks.shape("block_id", block_id, (S,))
+    if not _checks.is_int(kv_len) or kv_len < 0:
+        raise TypeError(f"kv_len must be an int >= 0, got {type(kv_len).__name__} {kv_len!r}")
+    if _checks.is_int(seg_start):
+        seg_start = torch.tensor([int(seg_start)], dtype=torch.int64, device=device)
+    elif isinstance(seg_start, torch.Tensor):
+        _checks.tensor("seg_start", seg_start, dtypes=_checks.INT_TYPES, device=device)
+        if seg_start.dim() > 1:
+            raise ValueError(f"seg_start must be an int or a 0-D/1-D int tensor [B], got shape {tuple(seg_start.shape)}")
+    else:
+        raise TypeError(f"seg_start must be an int or an int tensor [B], got {type(seg_start).__name__}")
+    return S, device, seg_start, int(kv_len)
+
+
 @_cached
 def causal(seq_len: int) -> Layout:
     """Plain causal attention of a segment over the cached prefix (what an AR forward uses)."""
-    S = _positive("seq_len", seq_len)
+    S = _seg_len(f"causal({seq_len})", _positive("seq_len", seq_len))
     return _layout([i + 1 for i in range(S)], [-1] * S, list(range(S)))
