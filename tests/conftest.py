@@ -1,16 +1,39 @@
-"""Shared fixtures: tiny Hugging Face models built from configs (no downloads), GPU-test skipping."""
+"""Shared fixtures: the backends under test, tiny Hugging Face models built from configs (no downloads), GPU-test
+skipping.
+
+Backends: a test that takes ``backend`` runs once per implementation of its module's ``OP`` that is live for the
+tensors it uses (``backends_under_test``):
+  - ``reference`` always (CPU tensors);
+  - ``triton`` on CPU tensors under the Triton interpreter, only for tests marked ``triton_interpreter`` (the
+    interpreter is slow: tests opt in);
+  - on a CUDA machine, for tests that also take ``device``: ``triton`` and ``cuda`` on CUDA tensors, where live.
+A test that takes ``device`` builds its tensors there (``reference`` runs on ``"cpu"``).
+Without a GPU the suite runs under ``TRITON_INTERPRET=1``, set here, before anything imports triton.
+"""
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (collection imports it)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton_interpreter
+
+    triton_interpreter.install()
+
 
 ARCHS = ("qwen2", "llama", "qwen3", "mistral")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line(
+        "markers", "triton_interpreter: also run on backend='triton' under the Triton interpreter (CPU tensors)"
+    )
     # The auto backend's one-time fallback notice is expected on CPU; keep test output readable.
     warnings.filterwarnings("ignore", message="tidar_kernels: backend='auto' falls back")
 
@@ -22,6 +45,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def backends_under_test(op: str, *, on_device: bool, interpreter: bool) -> list[tuple[str, str]]:
+    """(backend, device type) pairs a test of ``op`` runs on here: the reference on CPU, Triton under the
+    interpreter (``interpreter``: the test opted in), and with ``on_device`` the live kernels on CUDA tensors."""
+    from tidar_kernels import live_backends
+    from tidar_kernels.backends import triton_interpreted
+
+    pairs = [("reference", "cpu")]
+    if interpreter and triton_interpreted() and "triton" in live_backends("cpu").get(op, []):
+        pairs.append(("triton", "cpu"))
+    if on_device and torch.cuda.is_available():
+        pairs += [(b, "cuda") for b in live_backends("cuda").get(op, []) if b != "reference"]
+    return pairs
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" not in metafunc.fixturenames:
+        return
+    op = getattr(metafunc.module, "OP", None)
+    if op is None:
+        raise pytest.UsageError(f"{metafunc.module.__name__} takes the backend fixture but names no OP (the op tested)")
+    on_device = "device" in metafunc.fixturenames
+    interpreter = metafunc.definition.get_closest_marker("triton_interpreter") is not None
+    pairs = backends_under_test(op, on_device=on_device, interpreter=interpreter)
+    if on_device:
+        ids = [b if d == "cpu" or b != "triton" else f"{b}-{d}" for b, d in pairs]
+        metafunc.parametrize(("backend", "device"), pairs, ids=ids)
+    else:
+        metafunc.parametrize("backend", [b for b, _ in pairs])
 
 
 def tiny_model(arch: str = "qwen2", vocab: int = 97, seed: int = 0, *, hidden: int = 32, layers: int = 2,

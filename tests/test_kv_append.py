@@ -7,15 +7,10 @@ import torch
 
 from tidar_kernels import kv_append
 
-# Backends under test on this machine; a later backend is added here.
-BACKENDS = ["reference"]
+OP = "kv_append"  # the `backend` fixture (conftest) runs each test on every live implementation of it
+pytestmark = pytest.mark.triton_interpreter  # every test here also runs on Triton under the interpreter
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return request.param
 
 
 def rand(shape, dtype, seed):
@@ -51,14 +46,17 @@ def bits(t: torch.Tensor) -> torch.Tensor:
         (2, 2, 9, 4, 9, [0, 0]),  # the segment fills the cache
     ],
 )
-def test_whole_cache_bit_exact(backend, dtype, B, H, Smax, D, S, seg_start):
+def test_whole_cache_bit_exact(backend, device, dtype, B, H, Smax, D, S, seg_start):
     k_cache, v_cache = rand((B, H, Smax, D), dtype, 1), rand((B, H, Smax, D), dtype, 2)
     k_new, v_new = rand((B, H, S, D), dtype, 3), rand((B, H, S, D), dtype, 4)
     want_k, want_v = expected(k_cache, k_new, seg_start), expected(v_cache, v_new, seg_start)
+    k_cache, v_cache, k_new, v_new = (t.to(device) for t in (k_cache, v_cache, k_new, v_new))
     k_ptr, v_ptr = k_cache.data_ptr(), v_cache.data_ptr()
-    ret = kv_append(k_cache, v_cache, k_new, v_new, torch.tensor(seg_start, dtype=torch.int32), backend=backend)
+    seg = torch.tensor(seg_start, dtype=torch.int32, device=device)
+    ret = kv_append(k_cache, v_cache, k_new, v_new, seg, backend=backend)
     assert ret[0] is k_cache and ret[1] is v_cache, "returns the caches it wrote in place"
     assert k_cache.data_ptr() == k_ptr and v_cache.data_ptr() == v_ptr
+    k_cache, v_cache = k_cache.cpu(), v_cache.cpu()
     assert torch.equal(bits(k_cache), bits(want_k)) and torch.equal(bits(v_cache), bits(want_v))
     # and the untouched regions really are untouched: compare against a second copy of the original
     orig_k = rand((B, H, Smax, D), dtype, 1)
@@ -67,7 +65,7 @@ def test_whole_cache_bit_exact(backend, dtype, B, H, Smax, D, S, seg_start):
         assert torch.equal(bits(k_cache[b, :, s0 + S :]), bits(orig_k[b, :, s0 + S :]))
 
 
-def test_special_values_copied_bit_for_bit(backend):
+def test_special_values_copied_bit_for_bit(backend, device):
     """-0.0, inf, NaN with a payload, subnormals: a copy, not arithmetic."""
     k_cache = rand((1, 1, 6, 4), torch.float32, 5)
     v_cache = rand((1, 1, 6, 4), torch.float32, 6)
@@ -76,16 +74,18 @@ def test_special_values_copied_bit_for_bit(backend):
     flipped = raw ^ torch.tensor(-(2**31), dtype=torch.int32)  # sign bit flipped: +0.0, -inf, -NaN, -subnormal
     k_new = raw.view(torch.float32).reshape(1, 1, 1, 4).clone()
     v_new = flipped.view(torch.float32).reshape(1, 1, 1, 4).clone()
-    kv_append(k_cache, v_cache, k_new, v_new, torch.tensor([2]), backend=backend)
-    assert torch.equal(bits(k_cache[0, 0, 2]), raw[0])
-    assert torch.equal(bits(v_cache[0, 0, 2]), flipped[0])
+    k_cache, v_cache, k_new, v_new = (t.to(device) for t in (k_cache, v_cache, k_new, v_new))
+    kv_append(k_cache, v_cache, k_new, v_new, torch.tensor([2], device=device), backend=backend)
+    assert torch.equal(bits(k_cache[0, 0, 2]).cpu(), raw[0])
+    assert torch.equal(bits(v_cache[0, 0, 2]).cpu(), flipped[0])
 
 
-def test_noncontiguous_new_and_int_seg_start_and_int64_offsets(backend):
+def test_noncontiguous_new_and_int_seg_start_and_int64_offsets(backend, device):
     B, H, Smax, D, S = 3, 4, 30, 8, 5
     k_cache, v_cache = rand((B, H, Smax, D), torch.bfloat16, 7), rand((B, H, Smax, D), torch.bfloat16, 8)
     k_src = rand((B, S, H, D), torch.bfloat16, 9)
     v_src = rand((B, H, S, 2 * D), torch.bfloat16, 10)
+    k_cache, v_cache, k_src, v_src = (t.to(device) for t in (k_cache, v_cache, k_src, v_src))
     k_new = k_src.transpose(1, 2)  # [B, H, S, D], strided
     v_new = v_src[..., ::2]  # [B, H, S, D], strided last dim
     assert not k_new.is_contiguous() and not v_new.is_contiguous()
@@ -95,34 +95,36 @@ def test_noncontiguous_new_and_int_seg_start_and_int64_offsets(backend):
     # int64 per-row offsets
     offs = [0, 25, 3]
     want_k, want_v = expected(k_cache, k_new, offs), expected(v_cache, v_new, offs)
-    kv_append(k_cache, v_cache, k_new, v_new, torch.tensor(offs, dtype=torch.int64), backend=backend)
+    kv_append(k_cache, v_cache, k_new, v_new, torch.tensor(offs, dtype=torch.int64, device=device), backend=backend)
     assert torch.equal(bits(k_cache), bits(want_k)) and torch.equal(bits(v_cache), bits(want_v))
 
 
-def test_noncontiguous_cache_view(backend):
+def test_noncontiguous_cache_view(backend, device):
     """A cache that is a strided view (e.g. one layer of a [L, B, H, Smax, D] buffer seen as [B, H, Smax, D]
     with another axis order) is written through the view; the rest of the buffer is untouched."""
-    buf_k = rand((2, 3, 20, 2, 4), torch.float16, 11)  # [layer, B, Smax, H, D]
-    buf_v = rand((2, 3, 20, 2, 4), torch.float16, 12)
+    buf_k = rand((2, 3, 20, 2, 4), torch.float16, 11).to(device)  # [layer, B, Smax, H, D]
+    buf_v = rand((2, 3, 20, 2, 4), torch.float16, 12).to(device)
     orig_k, orig_v = buf_k.clone(), buf_v.clone()
     k_cache, v_cache = buf_k[1].transpose(1, 2), buf_v[1].transpose(1, 2)  # [B, H, Smax, D] views
-    k_new, v_new = rand((3, 2, 4, 4), torch.float16, 13), rand((3, 2, 4, 4), torch.float16, 14)
+    k_new = rand((3, 2, 4, 4), torch.float16, 13).to(device)
+    v_new = rand((3, 2, 4, 4), torch.float16, 14).to(device)
     offs = [0, 16, 7]
     want_k, want_v = expected(k_cache, k_new, offs), expected(v_cache, v_new, offs)
-    kv_append(k_cache, v_cache, k_new, v_new, torch.tensor(offs), backend=backend)
+    kv_append(k_cache, v_cache, k_new, v_new, torch.tensor(offs, device=device), backend=backend)
     assert torch.equal(bits(k_cache), bits(want_k)) and torch.equal(bits(v_cache), bits(want_v))
     assert torch.equal(bits(buf_k[0]), bits(orig_k[0])) and torch.equal(bits(buf_v[0]), bits(orig_v[0]))
 
 
-def test_repeated_appends_build_the_sequence(backend):
+def test_repeated_appends_build_the_sequence(backend, device):
     """Appending step after step at moving offsets (commit = move the length) lays the tokens end to end."""
     B, H, D, Smax = 2, 2, 4, 64
-    k_cache, v_cache = torch.zeros(B, H, Smax, D), torch.zeros(B, H, Smax, D)
-    full_k, full_v = rand((B, H, 40, D), torch.float32, 15), rand((B, H, 40, D), torch.float32, 16)
+    k_cache, v_cache = torch.zeros(B, H, Smax, D, device=device), torch.zeros(B, H, Smax, D, device=device)
+    full_k = rand((B, H, 40, D), torch.float32, 15).to(device)
+    full_v = rand((B, H, 40, D), torch.float32, 16).to(device)
     lengths = [0, 0]
-    for step, (a0, a1) in enumerate([(3, 1), (2, 4), (5, 5), (1, 2)]):
+    for a0, a1 in [(3, 1), (2, 4), (5, 5), (1, 2)]:
         S = 6
-        seg = torch.tensor(lengths)
+        seg = torch.tensor(lengths, device=device)
         k_new = torch.stack([full_k[b, :, lengths[b] : lengths[b] + S] for b in range(B)])
         v_new = torch.stack([full_v[b, :, lengths[b] : lengths[b] + S] for b in range(B)])
         kv_append(k_cache, v_cache, k_new, v_new, seg, backend=backend)
@@ -191,6 +193,11 @@ def test_good_call_of_bad_call_table_runs(backend):
     assert torch.equal(bits(args["k_cache"]), bits(want))
 
 
-@pytest.mark.skip(reason="mismatched devices need a second device (CUDA); not testable on a CPU-only machine")
-def test_mismatched_device_raises():  # pragma: no cover
-    pass
+@pytest.mark.gpu
+def test_mismatched_device_raises():
+    args = _good()
+    args["k_new"] = args["k_new"].cuda()
+    before = args["k_cache"].clone()
+    with pytest.raises(ValueError, match="k_new must be on cpu"):
+        kv_append(**args)
+    assert torch.equal(bits(args["k_cache"]), bits(before))

@@ -12,13 +12,7 @@ from scipy import stats
 
 from tidar_kernels import draft_sample, draw_uniforms, rejection_sample
 
-# Backends under test on this machine; a later backend is added here.
-BACKENDS = ["reference"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return request.param
+OP = "rejection_sample"  # the `backend` fixture (conftest) runs each test on every live implementation of it
 
 
 def gen(seed):
@@ -63,6 +57,7 @@ def planted_drafts(ar, n_accept: torch.Tensor, g):
 
 
 @pytest.mark.parametrize("K,V", [(1, 7), (2, 5), (5, 11), (8, 33)])
+@pytest.mark.triton_interpreter
 def test_greedy_semantics(backend, K, V):
     g = gen(K * 100 + V)
     B = 96
@@ -81,6 +76,7 @@ def test_greedy_semantics(backend, K, V):
     assert set(res.accepted.tolist()) == set(range(1, K + 1))
 
 
+@pytest.mark.triton_interpreter
 def test_greedy_by_hand(backend):
     """K=3, V=4: row 0 rejects d_1, row 1 accepts all (bonus), row 2 accepts d_1 only."""
     ar = torch.full((3, 3, 4), -1.0)
@@ -98,6 +94,7 @@ def test_greedy_by_hand(backend):
     assert res.next_drafts.tolist() == [[2, 0, 1], [3, 2, 3], [0, 1, 2]]
 
 
+@pytest.mark.triton_interpreter
 def test_greedy_ignores_draft_probs_and_uniforms(backend):
     g = gen(3)
     ar, blk = torch.randn(8, 4, 9, generator=g), torch.randn(8, 4, 4, 9, generator=g)
@@ -119,6 +116,7 @@ def test_greedy_low_precision_logits(backend, dtype):
     assert torch.equal(res.accepted, acc) and torch.equal(res.emitted, emitted) and torch.equal(res.next_drafts, nxt)
 
 
+@pytest.mark.triton_interpreter
 def test_draft_sample_greedy(backend):
     g = gen(6)
     ar, blk = torch.randn(5, 13, generator=g), torch.randn(5, 4, 13, generator=g)
@@ -130,6 +128,7 @@ def test_draft_sample_greedy(backend):
     assert one.next_drafts.shape == (5, 1) and one.next_drafts[:, 0].tolist() == ar.argmax(-1).tolist()
 
 
+@pytest.mark.triton_interpreter
 def test_beta_mix_greedy(backend):
     """Target = beta * AR + (1 - beta) * slot 0 of the matching block, for the test and the correction/bonus."""
     V, K = 5, 2
@@ -170,6 +169,7 @@ def logp(*p):
     return torch.tensor(p).log()
 
 
+@pytest.mark.triton_interpreter
 def test_sampling_by_hand(backend):
     """K=3, V=4, temperature 1, logits = log p so the probabilities are known; uniforms chosen by hand.
 
@@ -225,6 +225,7 @@ def test_sampling_by_hand(backend):
             assert torch.equal(x, y)
 
 
+@pytest.mark.triton_interpreter
 def test_draft_sample_by_hand(backend):
     ar = logp(0.1, 0.2, 0.3, 0.4)[None]
     blk = torch.stack([logp(0.25, 0.25, 0.25, 0.25), logp(0.4, 0.3, 0.2, 0.1), logp(0.1, 0.1, 0.1, 0.7)])[None]
@@ -542,6 +543,7 @@ BAD_CALLS = [
 
 
 @pytest.mark.parametrize("name,make,exc,match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+@pytest.mark.triton_interpreter
 def test_bad_calls_raise(backend, name, make, exc, match):
     args = make()
     args.setdefault("backend", backend)
@@ -561,6 +563,7 @@ def test_good_call_of_bad_call_table_runs(backend):
     assert res.accepted.shape == (2,) and ((res.accepted >= 1) & (res.accepted <= 3)).all()
 
 
+@pytest.mark.triton_interpreter
 def test_nan_uniforms_raise(backend):
     """BUG (tidar_kernels/ops/rejection_sample.py, ``_uniforms``): the range check
     ``((uniforms < 0) | (uniforms >= 1)).any()`` is False for NaN, so NaN uniforms pass validation and
@@ -575,6 +578,7 @@ def test_nan_uniforms_raise(backend):
                      uniforms=torch.full((2, 6), float("nan")), backend=backend)
 
 
+@pytest.mark.triton_interpreter
 def test_beta_zero_with_masked_ar_logits(backend):
     """BUG (tidar_kernels/reference/rejection_sample.py, ``mix``): at beta = 0 (pure diffusion target, allowed
     by check_sampling_args) it computes ``0.0 * ar + 1.0 * diff``; an AR logit of -inf (a banned token, as
@@ -591,6 +595,7 @@ def test_beta_zero_with_masked_ar_logits(backend):
     assert d.next_drafts[0, 0].item() == 1
 
 
+@pytest.mark.triton_interpreter
 def test_all_neg_inf_logit_row_raises(backend):
     """BUG (validation gap, tidar_kernels/_checks.py ``no_nan`` as used by ops/rejection_sample.py): -inf is
     allowed (masking) but a row that is -inf everywhere leaves no possible token; it is accepted silently
@@ -624,6 +629,7 @@ DRAFT_BAD = [
 
 
 @pytest.mark.parametrize("name,override,exc,match", DRAFT_BAD, ids=[c[0] for c in DRAFT_BAD])
+@pytest.mark.triton_interpreter
 def test_draft_sample_bad_calls_raise(backend, name, override, exc, match):
     args = dict(ar_logits=torch.randn(2, 6), block_logits=torch.randn(2, 3, 6), temperature=1.0)
     args.update(override)

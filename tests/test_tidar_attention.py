@@ -9,16 +9,9 @@ import torch
 
 from tidar_kernels import dense_mask, layouts, tidar_attention
 
-# Backends under test on this machine. A later backend (e.g. "triton" under TRITON_INTERPRET=1)
-# is added here and every test below runs against it.
-BACKENDS = ["reference"]
+OP = "tidar_attention"  # the `backend` fixture (conftest) runs each test on every live implementation of it
 
 HUGE = 1e4  # planted in keys/values that must never be seen
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return request.param
 
 
 def sees(ll: list[int], bid: list[int], seg: int, i: int, j: int) -> bool:
@@ -330,12 +323,14 @@ BAD_CALLS = [
 
 
 @pytest.mark.parametrize("name,make,exc,match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+@pytest.mark.triton_interpreter
 def test_bad_calls_raise(backend, name, make, exc, match):
     args = make()
     with pytest.raises(exc, match=match):
         tidar_attention(**args, backend=backend)
 
 
+@pytest.mark.triton_interpreter
 def test_good_call_of_bad_call_table_runs(backend):
     """The base of the bad-call table is itself valid, so each bad call fails for its own reason."""
     out = tidar_attention(**_good(), backend=backend)

@@ -1,8 +1,8 @@
 """Triton kv_append (under TRITON_INTERPRET=1 on CPU): EXACTNESS checks, bit for bit over the whole cache.
 
-Runs every test of test_kv_append.py against backend="triton" (whole cache vs a Python-loop twin,
-special values, non-contiguous inputs and cache views, repeated appends, bad calls leave the cache
-untouched), plus fresh random shapes that do not divide the tiles and a GPU variant at real size.
+The op tests of test_kv_append.py run on backend="triton" through the conftest ``backend`` fixture (whole cache
+vs a Python-loop twin, special values, non-contiguous inputs and cache views, repeated appends, bad calls leave
+the cache untouched); here: fresh random shapes that do not divide the tiles and a GPU variant at real size.
 """
 from __future__ import annotations
 
@@ -18,25 +18,9 @@ import pytest  # noqa: E402
 from tidar_kernels import kv_append  # noqa: E402
 from tidar_kernels.backends import resolve  # noqa: E402
 
-from test_kv_append import (  # noqa: E402,F401  (re-run against the triton backend)
-    bits,
-    expected,
-    rand,
-    test_bad_calls_raise_and_leave_cache_untouched,
-    test_good_call_of_bad_call_table_runs,
-    test_noncontiguous_cache_view,
-    test_noncontiguous_new_and_int_seg_start_and_int64_offsets,
-    test_repeated_appends_build_the_sequence,
-    test_special_values_copied_bit_for_bit,
-    test_whole_cache_bit_exact,
-)
+from test_kv_append import bits, expected, rand  # noqa: E402  (the twins)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(params=["triton"])
-def backend(request):
-    return request.param
 
 
 def test_triton_backend_is_live():

@@ -28,29 +28,7 @@ from tidar_kernels import draft_sample, draw_uniforms, philox_uniforms, rejectio
 from tidar_kernels.backends import resolve  # noqa: E402
 from tidar_kernels.triton import rejection_sample as impl_mod  # noqa: E402
 
-from test_rejection_sample import (  # noqa: E402,F401  (re-run against the triton backend)
-    BAD_CALLS,
-    DRAFT_BAD,
-    test_bad_calls_raise,
-    test_beta_mix_greedy,
-    test_beta_zero_with_masked_ar_logits,
-    test_draft_sample_bad_calls_raise,
-    test_draft_sample_by_hand,
-    test_draft_sample_greedy,
-    test_greedy_by_hand,
-    test_greedy_ignores_draft_probs_and_uniforms,
-    test_all_neg_inf_logit_row_raises,
-    test_greedy_semantics,
-    test_nan_uniforms_raise,
-    test_sampling_by_hand,
-)
-
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(params=["triton"])
-def backend(request):
-    return request.param
 
 
 def gen(seed):

@@ -18,26 +18,12 @@ import pytest  # noqa: E402
 from tidar_kernels import dense_mask, layouts, tidar_attention  # noqa: E402
 from tidar_kernels.backends import resolve  # noqa: E402
 
-from test_tidar_attention import (  # noqa: E402,F401  (shared twins; the bad-call table re-runs on triton)
-    BAD_CALLS,
-    CASES,
-    loop_attention,
-    plain_attention,
-    rand_inputs,
-    seg,
-    test_bad_calls_raise,
-    test_good_call_of_bad_call_table_runs,
-)
+from test_tidar_attention import CASES, loop_attention, plain_attention, rand_inputs, seg  # noqa: E402  (the twins)
 
 from tidar_kernels.triton import attention as tri  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float16: 2e-4, torch.bfloat16: 2e-3, torch.float32: 1e-5}
-
-
-@pytest.fixture(params=["triton"])
-def backend(request):
-    return request.param
 
 
 @pytest.fixture
@@ -128,13 +114,13 @@ def _ref(q, k, v, ll, bid, seg_start, scale=None):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[c[0] for c in CASES])
-def test_forward_fp32_cases(backend, small_tiles, case):
+def test_forward_fp32_cases(small_tiles, case):
     """The reference suite's layouts (training K=1 and K=L, ragged prefill/decode, GQA) vs the fp64 loop twin."""
     name, lay, B, Hq, Hkv, seg_start, extra = CASES[case]
     S, D = lay.seg_len, 16
     Skv = int(seg_start.max()) + S + extra
     q, k, v = rand_inputs(B, Hq, Hkv, S, Skv, D, seg_start, dtype=torch.float32, seed=100 + case)
-    out = tidar_attention(q, k, v, lay.local_limit, lay.block_id, seg_start, backend=backend)
+    out = tidar_attention(q, k, v, lay.local_limit, lay.block_id, seg_start, backend="triton")
     assert out.dtype == torch.float32 and out.shape == (B, Hq, S, D)
     assert out.abs().max() < 10, "a planted (never visible) key leaked into the output"
     want = loop_attention(q.double(), k.double(), v.double(), lay.local_limit, lay.block_id, seg_start)
@@ -158,14 +144,14 @@ def _layout(lay):
 
 
 @pytest.mark.parametrize("case", SHAPES, ids=[c[0] for c in SHAPES])
-def test_forward_fp32_odd_shapes(backend, case):
+def test_forward_fp32_odd_shapes(case):
     name, lay, B, Hq, Hkv, segs, extra, D = case
     ll, bid = _layout(lay)
     S = ll.shape[0]
     seg_start = seg(*segs)
     Skv = max(segs) + S + extra
     q, k, v = rand_inputs(B, Hq, Hkv, S, Skv, D, seg_start, dtype=torch.float32, seed=S)
-    out = tidar_attention(q, k, v, ll, bid, seg_start, backend=backend)
+    out = tidar_attention(q, k, v, ll, bid, seg_start, backend="triton")
     assert out.abs().max() < 10, "a planted (never visible) key leaked into the output"
     torch.testing.assert_close(out.double(), _ref(q, k, v, ll, bid, seg_start), rtol=1e-5, atol=1e-5)
 
@@ -188,7 +174,7 @@ def test_split_kv_matches(num_splits):
     torch.testing.assert_close(lse, lse1, rtol=1e-5, atol=1e-5)
 
 
-def test_noncontiguous_inputs_and_scale(backend):
+def test_noncontiguous_inputs_and_scale():
     lay = layouts.prefill(13, 4)
     S = lay.seg_len
     g = torch.Generator().manual_seed(21)
@@ -196,16 +182,16 @@ def test_noncontiguous_inputs_and_scale(backend):
     k = torch.randn(2, 2, 16, S + 3, generator=g).transpose(2, 3)
     v = torch.randn(2, 2, S + 3, 32, generator=g)[..., ::2]
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    out = tidar_attention(q, k, v, lay.local_limit, lay.block_id, scale=0.3, backend=backend)
+    out = tidar_attention(q, k, v, lay.local_limit, lay.block_id, scale=0.3, backend="triton")
     torch.testing.assert_close(out.double(), _ref(q, k, v, lay.local_limit, lay.block_id, seg(3, 3), 0.3),
                                rtol=1e-5, atol=1e-5)
 
 
-def test_query_seeing_no_key_returns_zero_without_nan(backend):
+def test_query_seeing_no_key_returns_zero_without_nan():
     ll = torch.tensor([0, 1, 0, 0], dtype=torch.int32)
     bid = torch.tensor([-1, -1, 5, 5], dtype=torch.int32)
     q, k, v = (t.requires_grad_(True) for t in rand_inputs(1, 2, 1, 4, 4, 16, seg(0), torch.float32, 50, False))
-    out = tidar_attention(q, k, v, ll, bid, 0, backend=backend)
+    out = tidar_attention(q, k, v, ll, bid, 0, backend="triton")
     assert not torch.isnan(out).any() and (out[:, :, 0] == 0).all()
     torch.testing.assert_close(out.double(), _ref(q, k, v, ll, bid, seg(0)), rtol=1e-5, atol=1e-5)
     out.sum().backward()
@@ -235,7 +221,7 @@ BWD = [  # (name, layout, B, Hq, Hkv, seg_start, extra)
 
 
 @pytest.mark.parametrize("case", BWD, ids=[c[0] for c in BWD])
-def test_backward_fp32(backend, case):
+def test_backward_fp32(case):
     name, lay, B, Hq, Hkv, segs, extra = case
     ll, bid = _layout(lay)
     S, D = ll.shape[0], 16
@@ -243,7 +229,7 @@ def test_backward_fp32(backend, case):
     Skv = max(segs) + S + extra
     q, k, v = rand_inputs(B, Hq, Hkv, S, Skv, D, seg_start, dtype=torch.float32, seed=S + 1)
     dout = torch.randn(B, Hq, S, D, generator=torch.Generator().manual_seed(2))
-    _, got = _grads(lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend=backend), q, k, v, dout)
+    _, got = _grads(lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend="triton"), q, k, v, dout)
     _, want = _grads(lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend="reference"),
                      q.double(), k.double(), v.double(), dout)
     for n, a, b in zip("qkv", got, want):
@@ -268,7 +254,7 @@ LOWP_DTYPES = [torch.float16, torch.bfloat16]  # bf16 under the interpreter: upc
 
 @pytest.mark.parametrize("dtype", LOWP_DTYPES)
 @pytest.mark.parametrize("layout_name", ["training", "decode", "prefill"])
-def test_low_precision_fwd_bwd_bounded_by_pytorch_error(backend, dtype, layout_name):
+def test_low_precision_fwd_bwd_bounded_by_pytorch_error(dtype, layout_name):
     lay, segs = {
         "training": (layouts.training(40, 8), [0]),
         "decode": (layouts.decode_step(4), [3, 40]),
@@ -282,7 +268,7 @@ def test_low_precision_fwd_bwd_bounded_by_pytorch_error(backend, dtype, layout_n
                                               plant=False))
     ll, bid, seg_start = ll.to(DEV), bid.to(DEV), seg_start.to(DEV)
     dout = torch.randn(len(segs), Hq, S, D, generator=torch.Generator().manual_seed(3)).to(DEV)
-    out, g = _grads(lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend=backend), q, k, v, dout)
+    out, g = _grads(lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend="triton"), q, k, v, dout)
     ref, gr = _grads(lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend="reference"),
                      q.double(), k.double(), v.double(), dout)
     base, gb = _grads(lambda q, k, v: _plain(q, k, v, ll, bid, seg_start), q, k, v, dout)
@@ -308,11 +294,11 @@ def test_custom_op_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_float64_is_a_clear_error(backend):
+def test_float64_is_a_clear_error():
     lay = layouts.causal(3)
     q = torch.randn(1, 1, 3, 16, dtype=torch.float64)
     with pytest.raises(TypeError, match="triton"):
-        tidar_attention(q, q, q, lay.local_limit, lay.block_id, backend=backend)
+        tidar_attention(q, q, q, lay.local_limit, lay.block_id, backend="triton")
 
 
 # ---------------------------------------------------------------------------------------------
