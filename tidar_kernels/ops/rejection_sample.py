@@ -8,6 +8,8 @@ seed/offset stands for. Any backend given the same uniforms returns the same tok
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -31,24 +33,42 @@ class DraftResult(NamedTuple):
 
 def draw_uniforms(batch: int, draft_len: int, *, generator=None, device=None) -> torch.Tensor:
     """The ``[B, 2K]`` float32 uniforms one step consumes, drawn from ``generator``."""
+    _check_generator(generator)
+    if not (_checks.is_int(batch) and batch >= 0):
+        raise ValueError(f"batch must be an int >= 0, got {batch!r}")
+    if not (_checks.is_int(draft_len) and draft_len >= 1):
+        raise ValueError(f"draft_len must be an int >= 1, got {draft_len!r}")
     if generator is not None:
         device = generator.device
     return torch.rand((batch, 2 * draft_len), generator=generator, device=device, dtype=torch.float32)
 
 
+def _number(x) -> bool:
+    """A finite real number that is not a bool (``True`` would silently mean 1)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x).__name__ != "bool_" and \
+        math.isfinite(x)
+
+
 def check_sampling_args(temperature, top_k, top_p, beta, V):
-    """Validated (temperature, top_k, top_p, beta); no-op filters become None."""
-    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    """Validated (temperature, top_k, top_p, beta); no-op filters become None. Bools, NaN, infinities and
+    non-numbers are ValueErrors naming the argument."""
+    if not _number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not (_checks.is_int(top_k) and top_k >= 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-    if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1] (1 = exact AR), got {beta!r}")
+    if top_p is not None and not (_number(top_p) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if not _number(beta) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1] (1 = exact AR), got {beta!r}")
+    top_k = None if top_k is None else int(top_k)
     if top_k is not None and top_k >= V:
         top_k = None
     return float(temperature), top_k, (None if top_p is None or top_p >= 1.0 else float(top_p)), float(beta)
+
+
+def _check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
 
 
 def _int64_scalar(name, x, dev, lo, hi):
@@ -73,6 +93,9 @@ def _randomness(uniforms, generator, seed, offset, B, K, dev, greedy):
     Exactly one source: ``uniforms``, ``generator``, or ``seed`` (+ ``offset``, default 0); with none, the
     uniforms are drawn from torch's default generator. Greedy reads none and ignores what it is given.
     """
+    _check_generator(generator)
+    if uniforms is not None and not isinstance(uniforms, torch.Tensor):
+        raise TypeError(f"uniforms must be None or a float32 tensor [B, 2K], got {type(uniforms).__name__}")
     if offset is not None and seed is None:
         raise ValueError("offset needs a seed (seed/offset are Philox's key and counter)")
     given = [n for n, v in (("generator", generator), ("uniforms", uniforms), ("seed", seed)) if v is not None]
@@ -223,6 +246,8 @@ def draft_sample(
     slot 0 when beta < 1) and d_1..d_{K-1} from slots 1..K-1 of ``block_logits`` ``[B, K, V]``."""
     dev = _checks.tensor("ar_logits", ar_logits, ndim=2, dtypes=_checks.FLOAT_TYPES).device
     B, V = ar_logits.shape
+    if V < 1:
+        raise ValueError(f"ar_logits must be [B, V >= 1], got {tuple(ar_logits.shape)}")
     _checks.tensor("block_logits", block_logits, ndim=3, dtypes=_checks.FLOAT_TYPES, device=dev)
     if block_logits.shape[0] != B or block_logits.shape[1] < 1:
         raise ValueError(f"block_logits must have shape [B={B}, K >= 1, V], got {tuple(block_logits.shape)}")
