@@ -215,7 +215,8 @@ def _check_dense_args(local_limit, block_id, seg_start, kv_len):
     elif isinstance(seg_start, torch.Tensor):
         _checks.tensor("seg_start", seg_start, dtypes=_checks.INT_TYPES, device=device)
         if seg_start.dim() > 1:
-            raise ValueError(f"seg_start must be an int or a 0-D/1-D int tensor [B], got shape {tuple(seg_start.shape)}")
+            raise ValueError(
+                f"seg_start must be an int or a 0-D/1-D int tensor [B], got shape {tuple(seg_start.shape)}")
     else:
         raise TypeError(f"seg_start must be an int or an int tensor [B], got {type(seg_start).__name__}")
     return S, device, seg_start, int(kv_len)
