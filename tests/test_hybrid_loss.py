@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import tidar
 from tidar.hybrid_loss import hybrid_forward
-from tidar.train import HybridLossMixin
+from tidar.trainer import HybridLossMixin
 
 from conftest import tiny_model
 

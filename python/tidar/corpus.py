@@ -1,13 +1,16 @@
 """Training corpus for ``tidar train``: a folder of text/code files (default: the running interpreter's
-standard library source), a deterministic module-level train/held-out split, and a byte-level BPE
-tokenizer trained with ``tokenizers`` on the training split.
+standard library source) or one ``.txt`` / ``.jsonl`` file, a deterministic train/held-out split, and a
+byte-level BPE tokenizer trained with ``tokenizers`` on the training split.
 
-The split is by *module* (the first path component under the root: ``json/`` or ``argparse.py``), decided
+A folder is split by *module* (the first path component under the root: ``json/`` or ``argparse.py``), decided
 by a hash of its name, so it is the same on every machine and never splits one package across the halves.
+A ``.txt`` file holds one document per line, a ``.jsonl`` file one ``{"text": ...}`` object per line; documents
+are split by a hash of their text. Documents are packed into one token stream with EOS between them.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -29,12 +32,57 @@ def stdlib_dir() -> Path:
 @dataclass
 class Corpus:
     root: Path
-    train_files: list  # [Path]
+    train_files: list  # [Path] (a folder corpus; empty for a .txt/.jsonl file)
     heldout_files: list  # [Path]
+    train_docs: list | None = None  # [str] (a .txt/.jsonl corpus)
+    heldout_docs: list | None = None
 
     @property
     def heldout_modules(self) -> list:
+        if self.heldout_docs is not None:
+            return [f"{self.root.name}: {len(self.heldout_docs)} held-out documents"]
         return sorted({module_of(self.root, f) for f in self.heldout_files})
+
+    def train_texts(self) -> list:
+        return self.train_docs if self.train_docs is not None else [read_text(f) for f in self.train_files]
+
+    def heldout_texts(self) -> list:
+        return self.heldout_docs if self.heldout_docs is not None else [read_text(f) for f in self.heldout_files]
+
+
+def read_documents(path: Path) -> list:
+    """The documents of a ``.txt`` (one per non-empty line) or ``.jsonl`` (``{"text": ...}`` per line) file."""
+    docs = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n} is not valid JSON ({e})") from e
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise ValueError(f'{path} line {n} has no "text" string field (each line must be {{"text": ...}})')
+                if obj["text"]:
+                    docs.append(obj["text"])
+            else:
+                docs.append(line.rstrip("\n"))
+    if not docs:
+        raise ValueError(f"corpus file {path} has no non-empty documents")
+    return docs
+
+
+def _doc_corpus(path: Path, heldout_percent: float) -> Corpus:
+    docs = read_documents(path)
+    train, held = [], []
+    for d in docs:
+        (held if is_heldout(d, heldout_percent) else train).append(d)
+    if not train:
+        raise ValueError(f"every document of {path} fell into the held-out split; lower --heldout-percent")
+    if not held and heldout_percent > 0:  # tiny corpora: hold out the last document so evaluation has data
+        held = [train.pop()] if len(train) > 1 else list(train)
+    return Corpus(path, [], [], train, held)
 
 
 def module_of(root: Path, path: Path) -> str:
@@ -53,10 +101,12 @@ def find_corpus(root=None, extensions=DEFAULT_EXTENSIONS, heldout_percent: float
     root = stdlib_dir() if root is None else Path(root)
     if not root.exists():
         raise FileNotFoundError(f"corpus folder {root} does not exist")
-    if not root.is_dir():
-        raise NotADirectoryError(f"corpus {root} is not a folder")
     if not 0 <= heldout_percent < 100:
         raise ValueError(f"heldout_percent must be in [0, 100), got {heldout_percent}")
+    if root.is_file() and root.suffix in (".txt", ".jsonl"):
+        return _doc_corpus(root, heldout_percent)
+    if not root.is_dir():
+        raise NotADirectoryError(f"corpus {root} is not a folder, a .txt or a .jsonl file")
     exts = tuple(e if e.startswith(".") else "." + e for e in extensions)
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -83,9 +133,9 @@ def read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def train_tokenizer(files, vocab_size: int = 4096):
-    """A byte-level BPE tokenizer trained on ``files`` with EOS, PAD and [MASK] special tokens, wrapped as a
-    ``transformers.PreTrainedTokenizerFast``."""
+def train_tokenizer(files, vocab_size: int = 4096, texts=None):
+    """A byte-level BPE tokenizer trained on ``files`` (or the strings ``texts``) with EOS, PAD and [MASK]
+    special tokens, wrapped as a ``transformers.PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -100,7 +150,7 @@ def train_tokenizer(files, vocab_size: int = 4096):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator((read_text(f) for f in files), trainer=trainer)
+    tok.train_from_iterator(iter(texts) if texts is not None else (read_text(f) for f in files), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, pad_token=PAD, mask_token=MASK, clean_up_tokenization_spaces=False
     )
@@ -117,8 +167,14 @@ def load_tokenizer(path):
 
 def encode_files(tokenizer, files) -> torch.Tensor:
     """One long int32 stream: every file's tokens followed by EOS."""
+    return encode_texts(tokenizer, [read_text(f) for f in files])
+
+
+def encode_texts(tokenizer, texts) -> torch.Tensor:
+    """One long int32 stream: every document's tokens followed by EOS."""
     eos = tokenizer.eos_token_id
-    texts = [read_text(f) for f in files]
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; documents are packed with EOS between them")
     out = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         out.extend(ids)
@@ -131,10 +187,12 @@ def heldout_prompts(tokenizer, corpus: Corpus, n: int, prompt_tokens: int = 64, 
     file's body after its docstring/imports (from the first ``def``/``class`` line), cut back to a line end,
     one per file."""
     prompts = []
-    for f in corpus.heldout_files:
-        text = read_text(f)
+    code = corpus.heldout_docs is None  # documents of a .txt/.jsonl file: their first tokens, no def/class search
+    if not code:
+        min_tokens = min(min_tokens, prompt_tokens + 16)
+    for text in corpus.heldout_texts():
         lines = text.splitlines(keepends=True)
-        start = next((i for i, l in enumerate(lines) if l.startswith(("def ", "class "))), None)
+        start = next((i for i, l in enumerate(lines) if l.startswith(("def ", "class "))), None) if code else 0
         if start is None:
             continue
         body = "".join(lines[start:])
@@ -142,11 +200,12 @@ def heldout_prompts(tokenizer, corpus: Corpus, n: int, prompt_tokens: int = 64, 
         if len(ids) < min_tokens:
             continue
         prompt = tokenizer.decode(ids[:prompt_tokens])
-        cut = prompt.rfind("\n") + 1  # end on a line boundary when that keeps most of the prompt
+        cut = prompt.rfind("\n") + 1 if code else 0  # end on a line boundary when that keeps most of the prompt
         prompts.append(prompt[:cut] if cut >= len(prompt) // 2 else prompt)
         if len(prompts) == n:
             break
     return prompts
 
 
-__all__ = ["Corpus", "find_corpus", "load_tokenizer", "train_tokenizer", "encode_files", "heldout_prompts", "stdlib_dir"]
+__all__ = ["Corpus", "encode_files", "encode_texts", "find_corpus", "heldout_prompts", "load_tokenizer", "read_documents",
+           "stdlib_dir", "train_tokenizer"]

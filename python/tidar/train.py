@@ -1,13 +1,16 @@
-"""``tidar train``: train a small causal LM with the TiDAR hybrid objective (or, with ``--no-diffusion``,
-the AR-only baseline) over a folder of text/code files; default corpus: the interpreter's standard library.
+"""``tidar train``: train a causal LM with the TiDAR hybrid objective (or, with ``--no-diffusion``, the AR-only
+baseline) on ``TidarTrainer`` (Hugging Face ``Trainer``), one process or many, over a folder of text/code files or a
+``.txt``/``.jsonl`` file; default corpus: the interpreter's standard library.
 
-    tidar train --output runs/tiny --max-steps 600           # hybrid, K=16, L=256
+    tidar train --output runs/tiny --max-steps 600           # a fresh tiny Qwen2, hybrid, K=16, L=256
     tidar train --output runs/tiny --resume latest           # continue from the newest checkpoint
     tidar train --output runs/ar --max-steps 600 --no-diffusion
+    tidar train --output runs/conv --init-from MODEL_DIR     # convert a saved HF causal LM (the paper's recipe)
+    torchrun --nproc-per-node 2 -m tidar train ...           # data parallel (also: accelerate launch -m tidar train)
 
-For multi-GPU training with Hugging Face ``Trainer`` (accelerate/torchrun/FSDP), use ``tidar.train.TidarTrainer``
-(a ``Trainer`` whose ``compute_loss`` is the hybrid loss) on a patched model; the built-in loop here is
-the single-device path the CLI uses.
+This module is the CLI and the run's orchestration; the Trainer subclass and the step loss are in
+``tidar.trainer``, model folders and checkpoints in ``tidar.checkpoint``, the self-distilled targets in
+``tidar.self_distill``. Importing it does not import ``transformers.Trainer``.
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,64 +27,35 @@ import torch
 
 from . import corpus as corpus_mod
 from . import self_distill
-from .hybrid_loss import ar_loss, hybrid_loss
-from .patch import is_patched, patch
-
-STATE_FILE = "trainer_state.json"
-OPTIM_FILE = "optimizer.pt"
-POOL_FILE = "distill_pool.pt"
+from .checkpoint import (POOL_FILE, TIDAR_STATE_FILE, load_checkpoint, load_init_model, save_model_folder, settings_into_config)
+from .hybrid_loss import hybrid_loss
+from .patch import patch
 
 
-# ----------------------------------------------------------------------------------------------------
-# Hugging Face Trainer integration
+def __getattr__(name):  # tidar.train.TidarTrainer / HybridLossMixin: the one class in tidar.trainer, imported on use
+    if name in ("TidarTrainer", "HybridLossMixin"):
+        from . import trainer
 
-
-class HybridLossMixin:
-    """``compute_loss`` for ``transformers.Trainer``: the TiDAR hybrid loss on ``inputs["input_ids"]``
-    (``[B, L]``, L a multiple of ``tidar_block_size``). Set ``tidar_block_size``/``tidar_alpha`` (or pass
-    ``block_size=``/``alpha=`` to ``TidarTrainer``); ``tidar_alpha=None`` trains the AR-only baseline."""
-
-    tidar_block_size: int = 16
-    tidar_alpha: float | None = 1.0
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mask = inputs.get("attention_mask")
-        if self.tidar_alpha is None:
-            loss = ar_loss(model, inputs["input_ids"], attention_mask=mask)
-            return (loss, {"ar_loss": loss.detach()}) if return_outputs else loss
-        r = hybrid_loss(model, inputs["input_ids"], self.tidar_block_size, self.tidar_alpha, attention_mask=mask)
-        extra = {"ar_loss": r.ar_loss.detach(), "diffusion_loss": r.diffusion_loss.detach()}
-        return (r.loss, extra) if return_outputs else r.loss
-
-
-def _make_trainer_class():
-    from transformers import Trainer
-
-    class TidarTrainer(HybridLossMixin, Trainer):
-        """``transformers.Trainer`` with the TiDAR hybrid loss. The model must be patched (``tidar.patch``)."""
-
-        def __init__(self, *args, block_size: int = 16, alpha: float | None = 1.0, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.tidar_block_size = block_size
-            self.tidar_alpha = alpha
-
-    return TidarTrainer
-
-
-def __getattr__(name):  # TidarTrainer imports transformers.Trainer (and accelerate) only when asked for
-    if name == "TidarTrainer":
-        return _make_trainer_class()
+        return getattr(trainer, name)
     raise AttributeError(name)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ----------------------------------------------------------------------------------------------------
 # Model, data, schedule
 
 
-def build_model(args, tokenizer):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def model_config(args, tokenizer):
+    from transformers import Qwen2Config
 
-    config = Qwen2Config(
+    return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size or 3 * args.hidden_size,
@@ -98,72 +71,30 @@ def build_model(args, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         mask_token_id=tokenizer.mask_token_id,
     )
+
+
+def build_model(args, tokenizer):
+    from transformers import Qwen2ForCausalLM
+
+    config = model_config(args, tokenizer)
     torch.manual_seed(args.seed)
-    model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa")
-    return model
-
-
-def load_checkpoint(path, device="cpu"):
-    """(model, tokenizer, state) from a checkpoint folder written by ``tidar train``. Clear errors for a
-    missing, incomplete or corrupt folder."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a folder)")
-    need = ["config.json", "model.safetensors", "tokenizer.json"]
-    missing = [n for n in need if not (path / n).is_file()]
-    if missing:
-        raise ValueError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    try:
-        tokenizer = corpus_mod.load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path and a hint
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e})") from e
-    if getattr(model.config, "mask_token_id", None) is None:
-        raise ValueError(f"checkpoint {path} has no mask token (config.mask_token_id); it is not a TiDAR model")
-    state = {}
-    if (path / STATE_FILE).is_file():
-        try:
-            state = json.loads((path / STATE_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"checkpoint {path} is corrupt: {STATE_FILE} is not valid JSON ({e})") from e
-    return model.to(device), tokenizer, state
-
-
-def load_init_model(path, device="cpu"):
-    """(model, tokenizer) to start a run from a saved causal LM folder (``--init-from``). The tokenizer must have
-    a mask token; the model's config gets its id."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--init-from {path} does not exist (or is not a folder)")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--init-from {path} is not a saved model: no config.json")
-    tokenizer = corpus_mod.load_tokenizer(path)
-    if tokenizer.mask_token_id is None:
-        raise ValueError(f"--init-from {path}: the tokenizer has no mask token")
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
-    model.config.mask_token_id = tokenizer.mask_token_id
-    return model.to(device), tokenizer
+    return Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa")
 
 
 def lr_at(step, args):
     """Linear warmup then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    t = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    from .trainer import lr_factor
+
+    return args.lr * lr_factor(step, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
+                               min_lr_ratio=args.min_lr_ratio)
 
 
 def batch_at(stream: torch.Tensor, step: int, args) -> torch.Tensor:
-    """The training batch of ``step``: random windows drawn from a generator seeded by (seed, step), so a
-    resumed run sees exactly the batches an uninterrupted run would."""
+    """The training batch of ``step`` (``[batch, L]``), as the run reads it."""
+    from .trainer import batch_starts
+
     L = args.seq_len
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-    starts = torch.randint(0, len(stream) - L, (args.batch_size,), generator=g)
-    return torch.stack([stream[s : s + L] for s in starts.tolist()]).long()
+    return torch.stack([stream[s : s + L] for s in batch_starts(len(stream), L, args.batch_size, args.seed, step)]).long()
 
 
 def eval_batches(stream: torch.Tensor, args):
@@ -181,9 +112,21 @@ def _autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
+def distinct_ngram_share(token_lists, n: int = 4) -> float:
+    """Distinct n-grams / all n-grams over the given token lists (1.0 = no repeated n-gram; a looping text -> 0)."""
+    seen, total = set(), 0
+    for i, toks in enumerate(token_lists):
+        grams = [tuple(toks[j : j + n]) for j in range(len(toks) - n + 1)]
+        seen.update((i, g) for g in grams)
+        total += len(grams)
+    return len(seen) / total if total else float("nan")
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, heldout_stream, prompts, args, device, draft_lens=None, max_new_tokens=None):
-    """Held-out AR loss/perplexity, diffusion loss, and TiDAR greedy tokens per forward on ``prompts``."""
+def evaluate(model, tokenizer, heldout_stream, prompts, args, device, draft_lens=None, max_new_tokens=None,
+             sampling=False):
+    """Held-out AR loss/perplexity, diffusion loss, TiDAR greedy tokens per forward on ``prompts`` (and the share
+    of distinct 4-grams of those greedy continuations); with ``sampling``, tokens per forward at temperature 1."""
     import tidar
 
     was_training = model.training
@@ -199,13 +142,21 @@ def evaluate(model, tokenizer, heldout_stream, prompts, args, device, draft_lens
     draft_lens = draft_lens or [args.draft_len]
     max_new = max_new_tokens or args.eval_new_tokens
     for K in draft_lens:
-        tpf = []
-        for p in prompts:
+        tpf, texts, tpf_t1 = [], [], []
+        for i, p in enumerate(prompts):
             ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
             res = tidar.generate(model, ids, max_new_tokens=max_new, draft_len=K)
             tpf.append(res.tokens_per_forward)
+            texts.append(res.sequences[0, ids.shape[1] :].tolist())
+            if sampling:
+                g = torch.Generator(device).manual_seed(args.seed * 1000 + i)
+                res = tidar.generate(model, ids, max_new_tokens=max_new, draft_len=K, temperature=1.0, generator=g)
+                tpf_t1.append(res.tokens_per_forward)
         if tpf:
             out[f"tokens_per_forward_k{K}"] = sum(tpf) / len(tpf)
+            out["distinct_4gram_share"] = distinct_ngram_share(texts)
+        if tpf_t1:
+            out[f"tokens_per_forward_t1_k{K}"] = sum(tpf_t1) / len(tpf_t1)
     model.train(was_training)
     return out
 
@@ -216,7 +167,9 @@ def evaluate(model, tokenizer, heldout_stream, prompts, args, device, draft_lens
 
 def add_arguments(p):
     g = p.add_argument_group("data")
-    g.add_argument("--corpus", default=None, help="folder of text/code files (default: this Python's standard library)")
+    g.add_argument("--corpus", default=None,
+                   help="folder of text/code files, or a .txt (one document per line) / .jsonl ({\"text\": ...} per line) "
+                        "file (default: this Python's standard library)")
     g.add_argument("--ext", nargs="+", default=[".py"], help="file extensions to read (default: .py)")
     g.add_argument("--heldout-percent", type=float, default=8.0, help="share of modules held out for evaluation")
     g.add_argument("--vocab-size", type=int, default=4096)
@@ -249,7 +202,10 @@ def add_arguments(p):
     g.add_argument("--distill-temperature", type=float, default=0.0,
                    help="greedy target: 0 = greedy continuations; > 0 = sampled at this temperature")
     g.add_argument("--distill-gen-batch", type=int, default=64, help="greedy target: rows generated at once")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="rows per optimizer step (the global batch, split over processes and --grad-accum)")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--min-lr-ratio", type=float, default=0.1)
     g.add_argument("--warmup-steps", type=int, default=50)
@@ -278,6 +234,10 @@ def add_arguments(p):
     g.add_argument("--evaluate", default=None, metavar="MODEL_DIR",
                    help="only evaluate MODEL_DIR on the held-out split (uses --eval-*, --seq-len, --block-size) and print JSON")
     g.add_argument("--eval-draft-lens", type=int, nargs="+", default=None, help="draft lengths for --evaluate (default 4 8 16)")
+    g.add_argument("--eval-sampling", action="store_true",
+                   help="--evaluate also measures tokens per forward at temperature 1 (sampled, seed --seed)")
+    g.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the final model's weights (bf16 halves the folder; loading upcasts to fp32)")
 
 
 def check_args(args):
@@ -302,233 +262,213 @@ def check_args(args):
         raise ValueError(f"--no-diffusion trains no diffusion term; --diffusion-target {args.diffusion_target} contradicts it")
     if args.init_from and args.resume:
         raise ValueError("--init-from starts a new run and --resume continues one; give only one")
+    if args.grad_accum < 1:
+        raise ValueError(f"--grad-accum must be >= 1, got {args.grad_accum}")
+    shards = _world_size() * args.grad_accum
+    if args.batch_size % shards:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of processes x --grad-accum = {shards}")
+    if args.diffusion_target == "greedy" and args.distill_rows > args.batch_size:
+        raise ValueError(f"--distill-rows {args.distill_rows} must be <= --batch-size {args.batch_size}")
+    for name in ("log_every", "eval_batches"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
 def _latest_checkpoint(output: Path):
-    cks = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    cks = sorted((p for p in output.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
+                 key=lambda p: int(p.name.split("-")[1]))
     if not cks:
         raise FileNotFoundError(f"--resume latest: no checkpoint-N folder in {output}")
     return cks[-1]
 
 
-def save_checkpoint(path: Path, model, tokenizer, optimizer, state: dict, pool=None):
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
-    if pool is not None and pool.rows is not None:
-        torch.save(pool.state_dict(), tmp / POOL_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)  # a checkpoint folder is either complete or absent
-
-
 def write_demo_prompts(folder, tokenizer, corpus, n: int = 3):
-    """``demo_prompts.json``: held-out code prompts ``tidar demo`` completes (from modules never trained on)."""
+    """``demo_prompts.json``: held-out prompts ``tidar demo`` completes (from modules/documents never trained on)."""
     prompts = corpus_mod.heldout_prompts(tokenizer, corpus, n)
-    source = f"standard library of Python {platform.python_version()}" if corpus.root == corpus_mod.stdlib_dir() else corpus.root.name
+    if corpus.root == corpus_mod.stdlib_dir():
+        source = f"standard library of Python {platform.python_version()}"
+    else:
+        source = corpus.root.name
     data = {"source": source, "heldout_modules": corpus.heldout_modules, "prompts": prompts}
     (Path(folder) / "demo_prompts.json").write_text(json.dumps(data, indent=1))
 
 
-def _settings_into_config(model, args):
-    c = model.config
-    c.tidar_draft_len = int(args.draft_len)
-    c.tidar_block_size = int(args.block_size)
+def objective_name(args) -> str:
     if args.no_diffusion:
-        c.tidar_objective = "ar"
-    elif args.diffusion_target == "greedy":
-        c.tidar_objective = (f"hybrid(alpha={args.alpha}, diffusion_target=greedy, ratio={args.distill_ratio}, "
-                             f"refresh={args.distill_refresh}, temperature={args.distill_temperature})")
-    elif args.diffusion_target != "data":
-        c.tidar_objective = f"hybrid(alpha={args.alpha}, diffusion_target={args.diffusion_target})"
-    else:
-        c.tidar_objective = f"hybrid(alpha={args.alpha})"
+        return "ar"
+    if args.diffusion_target == "greedy":
+        return (f"hybrid(alpha={args.alpha}, diffusion_target=greedy, ratio={args.distill_ratio}, "
+                f"refresh={args.distill_refresh}, temperature={args.distill_temperature})")
+    if args.diffusion_target != "data":
+        return f"hybrid(alpha={args.alpha}, diffusion_target={args.diffusion_target})"
+    return f"hybrid(alpha={args.alpha})"
+
+
+MODEL_ARGS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "init_from")
+
+
+def _check_resume(ck: Path, st: dict, model, args):
+    """A checkpoint of another model is refused (before any step): the model options must match."""
+    if not st or "args" not in st:
+        raise ValueError(f"--resume {ck}: no {TIDAR_STATE_FILE} with the run's options: it is a model folder, "
+                         f"not a resumable tidar train checkpoint")
+    if not (ck / "optimizer.pt").is_file() or not (ck / "scheduler.pt").is_file():
+        raise ValueError(f"--resume {ck} has no optimizer.pt/scheduler.pt of the Trainer: not a resumable checkpoint")
+    saved = st["args"]
+    diff = [k for k in MODEL_ARGS if k in saved and saved[k] != getattr(args, k)]
+    if diff:
+        raise ValueError(f"--resume {ck} is a checkpoint of another model: "
+                         + ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} there, {getattr(args, k)!r} here" for k in diff))
+    if not args.init_from and saved.get("init_from") is None:
+        want = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "num_attention_heads": args.heads}
+        got = {k: getattr(model.config, k, None) for k in want}
+        if got != want:
+            raise ValueError(f"--resume {ck} holds a model of shape {got}, the options say {want}")
+
+
+def _load_data(args, corpus, tokenizer, log):
+    t0 = time.time()
+    train_stream = corpus_mod.encode_texts(tokenizer, corpus.train_texts())
+    held_texts = corpus.heldout_texts()
+    held_stream = corpus_mod.encode_texts(tokenizer, held_texts) if held_texts else train_stream[-args.seq_len * 8 :]
+    if len(train_stream) <= args.seq_len:
+        raise ValueError(f"the training split has {len(train_stream)} tokens, not more than --seq-len {args.seq_len}")
+    if len(held_stream) < args.seq_len:
+        raise ValueError(f"the held-out split has {len(held_stream)} tokens, fewer than --seq-len {args.seq_len}")
+    n_train = len(corpus.train_docs) if corpus.train_docs is not None else len(corpus.train_files)
+    log(f"corpus {corpus.root}: {n_train} train documents ({len(train_stream):,} tokens), held out: "
+        f"{', '.join(corpus.heldout_modules[:3])}{' ...' if len(corpus.heldout_modules) > 3 else ''} "
+        f"({len(held_stream):,} tokens); encoded in {time.time() - t0:.1f}s")
+    return train_stream, held_stream
 
 
 def train(args, log=print) -> dict:
-    """The built-in single-device training loop. Returns the final state (log history, eval results)."""
-    import tidar
+    """Train on ``TidarTrainer``. Returns the final state (options, loss and evaluation histories)."""
+    from transformers import TrainingArguments
+
+    from .trainer import RunCallback, RunLoss, TidarTrainer, WindowDataset, lr_factor
 
     check_args(args)
+    main = _is_main()
+    if not main:
+        log = lambda s: None  # noqa: E731 - one process talks
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     t_setup = time.time()
 
     corpus = corpus_mod.find_corpus(args.corpus, args.ext, args.heldout_percent)
-    state = {"step": 0, "log_history": [], "eval_history": [], "elapsed_s": 0.0}
-    optim_state = None
+    state = {"log_history": [], "eval_history": []}
+    ck = None
     if args.resume:
         ck = _latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
-        model, tokenizer, state = load_checkpoint(ck, device)
-        if not state:
-            raise ValueError(f"checkpoint {ck} has no {STATE_FILE}: it is a model, not a resumable training checkpoint")
-        if (ck / OPTIM_FILE).is_file():
-            try:
-                optim_state = torch.load(ck / OPTIM_FILE, map_location=device, weights_only=True)
-            except Exception as e:  # noqa: BLE001
-                raise ValueError(f"checkpoint {ck} is corrupt: {OPTIM_FILE} unreadable ({type(e).__name__}: {e})") from e
-        log(f"resumed from {ck} at step {state['step']}")
+        model, tokenizer, st = load_checkpoint(ck, "cpu")
+        _check_resume(ck, st, model, args)
+        state = {"log_history": list(st.get("log_history", [])), "eval_history": list(st.get("eval_history", []))}
+        elapsed0 = float(st.get("elapsed_s", 0.0))
+        log(f"resuming from {ck} at step {st.get('step')}")
     elif args.init_from:
-        model, tokenizer = load_init_model(args.init_from, device)
-        log(f"initialised from {args.init_from} (mask token {tokenizer.mask_token!r} = id {tokenizer.mask_token_id})")
+        model, tokenizer, how = load_init_model(args.init_from, "cpu")
+        log(f"initialised from {args.init_from}: {how} (id {tokenizer.mask_token_id})")
+        elapsed0 = 0.0
     else:
         if args.tokenizer:
             tokenizer = corpus_mod.load_tokenizer(args.tokenizer)
         else:
             t0 = time.time()
-            tokenizer = corpus_mod.train_tokenizer(corpus.train_files, args.vocab_size)
+            tokenizer = corpus_mod.train_tokenizer(None, args.vocab_size, texts=corpus.train_texts())
             log(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens, trained in {time.time() - t0:.1f}s")
         if tokenizer.mask_token_id is None:
             raise ValueError("the tokenizer has no mask token ([MASK]); TiDAR needs one")
-        model = build_model(args, tokenizer).to(device)
-    _settings_into_config(model, args)
+        model = build_model(args, tokenizer)
+        elapsed0 = 0.0
+    settings_into_config(model, draft_len=args.draft_len, block_size=args.block_size, objective=objective_name(args))
     patch(model, draft_len=args.draft_len, backend=args.backend)
-
-    t0 = time.time()
-    train_stream = corpus_mod.encode_files(tokenizer, corpus.train_files)
-    held_stream = corpus_mod.encode_files(tokenizer, corpus.heldout_files) if corpus.heldout_files else train_stream[-args.seq_len * 8 :]
-    if len(train_stream) <= args.seq_len:
-        raise ValueError(f"the training split has {len(train_stream)} tokens, not more than --seq-len {args.seq_len}")
-    if len(held_stream) < args.seq_len:
-        raise ValueError(f"the held-out split has {len(held_stream)} tokens, fewer than --seq-len {args.seq_len}")
+    train_stream, held_stream = _load_data(args, corpus, tokenizer, log)
     prompts = corpus_mod.heldout_prompts(tokenizer, corpus, args.eval_prompts)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"corpus {corpus.root}: {len(corpus.train_files)} train files ({len(train_stream):,} tokens), "
-        f"{len(corpus.heldout_files)} held-out files in {len(corpus.heldout_modules)} modules ({len(held_stream):,} tokens); "
-        f"encoded in {time.time() - t0:.1f}s")
-    log(f"model: Qwen2 {n_params / 1e6:.2f}M params, d={args.hidden_size}, {args.layers} layers; device {device}; "
-        f"objective {'AR only' if args.no_diffusion else f'hybrid K={args.block_size} alpha={args.alpha}'}; "
-        f"L={args.seq_len}, batch {args.batch_size}")
+    log(f"model: {type(model).__name__} {n_params / 1e6:.2f}M params; device {device}; objective {objective_name(args)}; "
+        f"K={args.block_size}, L={args.seq_len}, batch {args.batch_size} = {_world_size()} process(es) x "
+        f"{args.grad_accum} accumulation x {args.batch_size // (_world_size() * args.grad_accum)} rows")
 
     pool, n_data, n_gen = None, 0, 0
     if not args.no_diffusion and args.diffusion_target == "greedy":
         n_data, n_gen = self_distill.split_rows(args.distill_rows, args.distill_ratio)
-        n_data = min(n_data, args.batch_size)
         if n_gen:
             pool = self_distill.ContinuationPool(
-                train_stream, size=n_gen * args.distill_refresh, prompt_len=args.distill_prompt_len, seq_len=args.seq_len,
-                refresh=args.distill_refresh, seed=args.seed, temperature=args.distill_temperature,
-                gen_batch_size=args.distill_gen_batch)
-            if args.resume and (ck / POOL_FILE).is_file():
+                train_stream, size=n_gen * args.distill_refresh, prompt_len=args.distill_prompt_len,
+                seq_len=args.seq_len, refresh=args.distill_refresh, seed=args.seed,
+                temperature=args.distill_temperature, gen_batch_size=args.distill_gen_batch)
+            if ck is not None and (ck / POOL_FILE).is_file():
                 pool.load_state_dict(torch.load(ck / POOL_FILE, weights_only=True))
-        log(f"self-distillation: per step {args.batch_size} real rows (AR), diffusion on {n_data} real rows (data) + "
-            f"{n_gen} generated rows ({args.distill_prompt_len} real + {args.seq_len - args.distill_prompt_len} "
-            f"{'greedy' if args.distill_temperature == 0 else f'T={args.distill_temperature}'} tokens, refreshed every "
-            f"{args.distill_refresh} steps)")
+        log(f"self-distillation: per step {args.batch_size} real rows (AR term), diffusion term on {n_data} real rows "
+            f"(data targets) + {n_gen} generated rows ({args.distill_prompt_len} real + "
+            f"{args.seq_len - args.distill_prompt_len} {'greedy' if args.distill_temperature == 0 else 'sampled'} "
+            f"tokens, regenerated every {args.distill_refresh} steps)")
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+    shards = _world_size() * args.grad_accum
+    run_loss = RunLoss(seq_len=args.seq_len, batch=args.batch_size, block_size=args.block_size, alpha=args.alpha,
+                       no_diffusion=args.no_diffusion, target=args.diffusion_target, n_data=n_data, n_gen=n_gen,
+                       prompt_len=args.distill_prompt_len, pool=pool, shards=shards)
+    dataset = WindowDataset(train_stream, args.seq_len, args.batch_size, args.seed, args.max_steps)
+    targs = TrainingArguments(
+        output_dir=str(output), per_device_train_batch_size=args.batch_size // shards,
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, learning_rate=args.lr,
+        weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=args.clip,
+        logging_strategy="steps", logging_steps=1, save_strategy="steps" if args.save_every else "no",
+        save_steps=args.save_every or args.max_steps, save_total_limit=args.keep_checkpoints, seed=args.seed,
+        data_seed=args.seed, bf16=device.type == "cuda", use_cpu=device.type == "cpu", report_to=[],
+        disable_tqdm=not sys.stderr.isatty(), remove_unused_columns=False, dataloader_num_workers=0,
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False,
     )
-    if optim_state is not None:
-        optimizer.load_state_dict(optim_state)
-    model.train()
-    step = state["step"]
-    elapsed0 = state.get("elapsed_s", 0.0)
-    t_start = time.time()
-    log(f"setup {t_start - t_setup:.1f}s; training steps {step}..{args.max_steps}")
-    tokens_since, t_since = 0, time.time()
-    save_meta = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)}}
-
-    def snapshot():
-        return {**save_meta, "step": step, "log_history": state["log_history"], "eval_history": state["eval_history"],
-                "elapsed_s": elapsed0 + time.time() - t_start, "params": n_params,
-                "device": str(device), "torch": torch.__version__}
-
-    def do_eval():
-        t = time.time()
+    factor = lambda s: lr_factor(s, max_steps=args.max_steps, warmup_steps=args.warmup_steps,  # noqa: E731
+                                 min_lr_ratio=args.min_lr_ratio)
+    meta = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)},
+            "params": n_params, "device": str(device), "torch": torch.__version__, "processes": _world_size()}
+    state.update(meta)
+    evaluate_fn = lambda: evaluate(model, tokenizer, held_stream, prompts, args, device)  # noqa: E731
+    callback = RunCallback(run_loss=run_loss, state=state, args=args, evaluate_fn=evaluate_fn, log=log,
+                           lr_at=lambda s: lr_at(s, args), main_process=main, pool=pool, elapsed0=elapsed0)
+    trainer = TidarTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tokenizer,
+                           callbacks=[callback], block_size=args.block_size,
+                           alpha=None if args.no_diffusion else args.alpha, diffusion_target=args.diffusion_target,
+                           run_loss=run_loss, lr_lambda=factor, sequential=True)
+    if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and _zero3(trainer)):
+        if args.eval_prompts:
+            raise ValueError("held-out TiDAR decoding (--eval-prompts > 0) is not supported under FSDP / DeepSpeed "
+                             "ZeRO-3 (the weights are sharded); pass --eval-prompts 0 and evaluate the saved model "
+                             "with tidar train --evaluate")
+    log(f"setup {time.time() - t_setup:.1f}s; training to step {args.max_steps}")
+    trainer.train(resume_from_checkpoint=str(ck) if ck is not None else None)
+    step = trainer.state.global_step
+    final = callback.snapshot(step)
+    if main:
+        model = trainer.model
         ev = evaluate(model, tokenizer, held_stream, prompts, args, device)
         ev["step"] = step
         state["eval_history"].append(ev)
-        log(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if k != "step") + f" ({time.time() - t:.1f}s)")
+        log(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if k != "step"))
+        final = callback.snapshot(step)
+        last = output / f"checkpoint-{step}"
+        if last.is_dir():
+            (last / TIDAR_STATE_FILE).write_text(json.dumps(final, indent=1))
+        import tidar
 
-    from tqdm.auto import tqdm  # a transformers dependency; the bar shows only on a terminal, logs go through it
-
-    bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    if not bar.disable:
-        plain_log, log = log, (lambda s: bar.write(s))
-    stopped_early = False
-    while step < args.max_steps:
-        if args.stop_after is not None and step >= args.stop_after:
-            stopped_early = True
-            log(f"--stop-after {args.stop_after} reached")
-            break
-        if args.max_minutes is not None and time.time() - t_start > args.max_minutes * 60:
-            stopped_early = True
-            log(f"--max-minutes {args.max_minutes} reached at step {step}")
-            break
-        lr = lr_at(step, args)
-        for g_ in optimizer.param_groups:
-            g_["lr"] = lr
-        x = batch_at(train_stream, step, args).to(device)
-        if pool is not None:
-            t_gen = time.time()
-            if pool.maybe_refresh(model, step):
-                log(f"step {step}: generated {pool.size} continuations in {time.time() - t_gen:.1f}s")
-        with _autocast(device):
-            if args.no_diffusion:
-                loss = ar_loss(model, x)
-                ar, diff = loss, None
-            elif args.diffusion_target == "greedy":
-                gen = pool.rows_at(step, n_gen) if pool is not None else None
-                loss, ar, diff = self_distill.self_distill_loss(model, x, gen, args.distill_prompt_len, args.block_size,
-                                                                args.alpha, n_data)
-            else:
-                loss, ar, diff = hybrid_loss(model, x, args.block_size, args.alpha, diffusion_target=args.diffusion_target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
-        optimizer.step()
-        step += 1
-        tokens_since += x.numel()
-        rec = {"step": step, "loss": loss.item(), "ar_loss": ar.item(), "lr": lr, "grad_norm": gnorm}
-        if diff is not None:
-            rec["diffusion_loss"] = diff.item()
-        state["log_history"].append(rec)
-        bar.update(1)
-        if not bar.disable:
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", ar=f"{rec['ar_loss']:.3f}",
-                            diff=f"{rec.get('diffusion_loss', float('nan')):.3f}",
-                            tok_s=f"{x.numel() * bar.format_dict['rate'] if bar.format_dict.get('rate') else 0:,.0f}")
-        if step % args.log_every == 0 or step == args.max_steps:
-            dt = time.time() - t_since
-            log(f"step {step}/{args.max_steps} loss {rec['loss']:.4f} ar {rec['ar_loss']:.4f}"
-                + (f" diff {rec['diffusion_loss']:.4f}" if diff is not None else "")
-                + f" lr {lr:.2e} gnorm {gnorm:.2f} {tokens_since / dt:,.0f} tok/s elapsed {time.time() - t_start:.0f}s")
-            tokens_since, t_since = 0, time.time()
-        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            do_eval()
-        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            save_checkpoint(output / f"checkpoint-{step}", model, tokenizer, optimizer, snapshot(), pool)
-            cks = sorted(output.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-            for old in cks[: max(0, len(cks) - args.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
-    bar.close()
-    if not bar.disable:
-        log = plain_log
-    do_eval()
-    final = snapshot()
-    final["stopped_early"] = stopped_early
-    save_checkpoint(output / f"checkpoint-{step}", model, tokenizer, optimizer, final, pool)
-    # the final model at the top of --output: weights, tokenizer, config with the TiDAR settings, history
-    tidar.unpatch(model)
-    model.save_pretrained(output, safe_serialization=True)
-    patch(model, draft_len=args.draft_len, backend=args.backend)
-    tokenizer.save_pretrained(output)
-    (output / STATE_FILE).write_text(json.dumps(final, indent=1))
-    write_demo_prompts(output, tokenizer, corpus)
-    log(f"saved {output} (step {step}, {final['elapsed_s'] / 60:.1f} min of training)")
+        tidar.unpatch(model)
+        save_model_folder(output, model, tokenizer, final,
+                          dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else None)
+        patch(model, draft_len=args.draft_len, backend=args.backend)
+        write_demo_prompts(output, tokenizer, corpus)
+        log(f"saved {output} (step {step}, {final['elapsed_s'] / 60:.1f} min of training)")
     return final
+
+
+def _zero3(trainer) -> bool:
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(plugin) and getattr(plugin, "zero_stage", 0) == 3
 
 
 def evaluate_folder(args) -> dict:
@@ -538,13 +478,14 @@ def evaluate_folder(args) -> dict:
     model, tokenizer, _ = load_checkpoint(args.evaluate, device)
     patch(model, draft_len=args.draft_len, backend=args.backend)
     corpus = corpus_mod.find_corpus(args.corpus, args.ext, args.heldout_percent)
-    held = corpus_mod.encode_files(tokenizer, corpus.heldout_files)
+    held = corpus_mod.encode_texts(tokenizer, corpus.heldout_texts())
     prompts = corpus_mod.heldout_prompts(tokenizer, corpus, args.eval_prompts)
     t0 = time.time()
-    res = evaluate(model, tokenizer, held, prompts, args, device, args.eval_draft_lens or [4, 8, 16], args.eval_new_tokens)
-    res.update(model=str(args.evaluate), heldout_tokens_scored=min(len(held) // args.seq_len, args.eval_batches * args.batch_size) * args.seq_len,
-               prompts=len(prompts), new_tokens=args.eval_new_tokens, heldout_modules=corpus.heldout_modules,
-               device=str(device), eval_s=round(time.time() - t0, 1))
+    res = evaluate(model, tokenizer, held, prompts, args, device, args.eval_draft_lens or [4, 8, 16],
+                   args.eval_new_tokens, sampling=args.eval_sampling)
+    res.update(model=str(args.evaluate), prompts=len(prompts), new_tokens=args.eval_new_tokens,
+               heldout_tokens_scored=min(len(held) // args.seq_len, args.eval_batches * args.batch_size) * args.seq_len,
+               heldout_modules=corpus.heldout_modules, device=str(device), eval_s=round(time.time() - t0, 1))
     return res
 
 
@@ -563,4 +504,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["HybridLossMixin", "add_arguments", "build_model", "evaluate", "load_checkpoint", "run", "train"]
+__all__ = ["add_arguments", "build_model", "evaluate", "load_checkpoint", "run", "train"]
