@@ -57,7 +57,7 @@ def add_arguments(p):
 
 
 def _load(model_dir, device):
-    from .train import load_checkpoint
+    from .checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(model_dir, device)
     return model.eval(), tokenizer
