@@ -1,6 +1,7 @@
 """Drive every acceptance length 1..K through the real loop, and check the committed cache.
 
 Random weights accept few drafts, so an "oracle" forward hook rewrites the logits of the [MASK] rows
+(the loop runs with ``full_logits=True`` so the hook sees every row's logits, and without context drafts)
 (never the AR rows that verify) so that, in each forward, the proposal slots are right up to a chosen
 slot c and wrong after it: the next step then accepts exactly 1 + c drafts. The output must still be
 the model's AR greedy output, which also proves that long accepted runs commit the right K/V.
@@ -55,7 +56,7 @@ def test_every_acceptance_length_and_exact_output(arch, K, B):
     tidar.patch(model, draft_len=K)
     handle = _oracle(model, ref, K)
     try:
-        out = tidar.generate(model, ids, max_new_tokens=new)
+        out = tidar.generate(model, ids, max_new_tokens=new, full_logits=True, context_drafts=False)
     finally:
         handle.remove()
     assert torch.equal(out.sequences, want)
@@ -87,3 +88,29 @@ def test_beta_mix_changes_targets_but_beta_one_is_exact():
     mixed = tidar.generate(model, ids, max_new_tokens=16, beta=0.0)  # pure diffusion targets: not AR
     assert mixed.sequences.shape == want.shape
     assert not torch.equal(mixed.sequences, want)
+
+
+@pytest.mark.parametrize("arch,K,levels,B", [("qwen2", 6, (1, 3), 2), ("llama", 8, (2, 5, 8), 1), ("qwen3", 5, (1,), 2)])
+def test_sparse_levels_exact_with_long_acceptances(arch, K, levels, B):
+    """Only the blocks of ``levels`` are computed; after an acceptance that is not a level the next drafts
+    come from the largest level below it (fewer drafts). Output stays HF greedy, the cache stays exact."""
+    model = tiny_model(arch)
+    V = model.config.vocab_size
+    new = 3 * K * K
+    torch.manual_seed(11)
+    ids = torch.randint(1, V - 1, (B, 7))
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new + 3 * K)
+    tidar.patch(model, draft_len=K, proposal_levels=levels)
+    handle = _oracle(model, ref, K)
+    try:
+        out = tidar.generate(model, ids, max_new_tokens=new, full_logits=True, context_drafts=False)
+    finally:
+        handle.remove()
+    assert torch.equal(out.sequences, ref[:, : 7 + new])
+    assert all(lv == levels for lv in out.levels[1:]), out.levels[:4]
+    assert max(out.accepted_histogram) >= 3, out.accepted_histogram  # long runs were accepted
+    assert len(out.accepted_histogram) >= 3
+    # the fast path (LM head on needed rows, context drafts on) gives the same tokens
+    lean = tidar.generate(model, ids, max_new_tokens=new)
+    assert torch.equal(lean.sequences, out.sequences)
+    tidar.unpatch(model)

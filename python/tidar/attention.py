@@ -43,6 +43,17 @@ def tidar_forward(model, input_ids, position_ids, step: TidarStep, **kwargs):
         _IN_TIDAR_FORWARD.reset(token)
 
 
+def tidar_hidden(model, input_ids, position_ids, step: TidarStep):
+    """The decoder body of a patched HF causal LM under ``step``'s layout (cache append included): the final
+    hidden states ``[B, S, H]`` (after the final norm), without the LM head (see ``lm_head.OutputHead``)."""
+    token = _IN_TIDAR_FORWARD.set(True)
+    try:
+        out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, tidar_step=step)
+    finally:
+        _IN_TIDAR_FORWARD.reset(token)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
 def tidar_mask(*args, **kwargs):
     """The "tidar" entry of transformers' AttentionMaskInterface: no mask inside a TiDAR forward;
     otherwise SDPA's rules (None for unpadded causal -> the causal TiDAR layout; a boolean mask if padded)."""

@@ -1,10 +1,19 @@
-"""TiDAR generation (design.md 1.3): one forward per step drafts K tokens and verifies the previous K.
+"""TiDAR generation (docs/design.md §3-4): one forward per step drafts the next tokens and verifies the drafts.
 
-Exact: with beta = 1, greedy output equals the model's AR greedy output token for token, and sampling
-has the AR distribution (speculative sampling with the diffusion drafts as proposals).
+Exact: with beta = 1, greedy output equals the model's AR greedy output token for token, and sampling has the
+AR distribution (speculative sampling; any drafts are valid proposals). The loop is prefill, then steps:
+
+- each step runs the decoder body on K drafts + one block of K masks per proposal level, applies the LM head
+  to the K draft rows, decides the acceptance (greedy: argmax compare; sampling: ``rejection_sample``), then
+  the LM head on the K rows of the one proposal block the next drafts come from (``lm_head``);
+- the only host synchronisation of a step reads the accepted counts and the candidate next drafts;
+- the next drafts of a row come from the diffusion block or from the context (n-gram match), whichever is
+  expected to be accepted more; ``draft_len="auto"`` re-chooses K and the levels as generation goes on
+  (``draft_plan``), from the measured token-slot curve (``slot_curve``).
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -13,10 +22,14 @@ import torch
 import tidar_kernels
 from tidar_kernels import layouts
 
-from .attention import TidarStep, tidar_forward
+from .attention import TidarStep, tidar_forward, tidar_hidden
 from .cache import TidarCache
-from .generate_args import check_generate_args
+from .context_drafts import NgramIndex
+from .draft_plan import MAX_K, Plan, Planner, new_stats
+from .generate_args import check_draft_len, check_generate_args, check_levels
+from .lm_head import output_head
 from .patch import settings
+from .slot_curve import slot_curve
 
 
 @dataclass
@@ -27,6 +40,225 @@ class TidarGenerateOutput:
     accepted_histogram: dict = field(default_factory=dict)  # a (1..K) -> number of (row, step) pairs
     new_tokens: list = field(default_factory=list)  # per row: the generated token ids (no padding)
     cache: TidarCache | None = None  # per row, the committed K/V: a prefix of (prompt + new tokens)
+    draft_lens: list = field(default_factory=list)  # K of every decode step (the prefill's block first)
+    levels: list = field(default_factory=list)  # the proposal levels of every decode step
+    draft_sources: dict = field(default_factory=dict)  # "diffusion" / "context" / "none" -> (row, step) pairs
+
+
+class _Decoder:
+    """The decoding state of one ``generate`` call, kept on the device; the host keeps token lists."""
+
+    def __init__(self, model, g, K, levels, backend, sample_kw, seed, context, full_logits):
+        self.model, self.g, self.backend, self.sample_kw, self.seed = model, g, backend, sample_kw, seed
+        s = settings(model)
+        self.mask_id = s.mask_token_id
+        self.device = g.device
+        self.greedy = g.temperature == 0.0 and g.beta == 1.0  # the lean path: argmax rows only
+        self.head = output_head(model)
+        self.full_logits = full_logits
+        self.context = context
+        self.B = len(g.prompts)
+        self.max_pos = getattr(model.config, "max_position_embeddings", None)
+        stats = s.stats if s.stats is not None else new_stats()
+        if s.stats is None:
+            s.stats = stats
+        self.stats = stats
+        auto = K == "auto"
+        self.auto = auto
+        self.planner = Planner(slot_curve(model), stats, levels=levels) if auto else None
+        self.fixed = None if auto else (K, levels)
+        self.max_k = MAX_K if auto else K
+        self.out: list[list[int]] = [[] for _ in range(self.B)]
+        self.done = [False] * self.B
+        self.ngrams = [NgramIndex(p) for p in g.prompts] if context else None
+        self.hist: Counter = Counter()
+        self.sources: Counter = Counter()
+        self.draft_lens: list[int] = []
+        self.level_log: list[tuple] = []
+        self.forwards = 0
+        self.row_forwards = [0] * self.B
+
+    # ------------------------------------------------------------------ planning
+    def _k_limit(self, lengths) -> int:
+        """The largest K the remaining tokens and the position range allow (full levels assumed)."""
+        rem = max((self.g.max_new_tokens - len(o) for o, d in zip(self.out, self.done) if not d), default=1)
+        k = min(self.max_k, max(1, rem))
+        if self.max_pos is not None:
+            room = self.max_pos - max(lengths)  # positions m .. max_pos - 1 are free
+            k = min(k, max(1, (room + 1) // 2))
+        return k
+
+    def _fits(self, plan: Plan, lengths) -> bool:
+        return self.max_pos is None or max(lengths) + plan.max_offset() <= max(self.max_pos - 1, max(lengths))
+
+    def _fixed_plan(self, k_limit: int) -> Plan:
+        K, levels = self.fixed
+        K = min(K, k_limit)
+        lv = tuple(range(1, K + 1)) if levels is None else tuple(j for j in levels if j <= K)
+        if K > 1 and not lv:
+            lv = (1,)
+        return Plan(K, lv if K > 1 else ())
+
+    def _plan(self, rows, lengths) -> Plan:
+        k_limit = self._k_limit(lengths)
+        plan = self._fixed_plan(k_limit) if self.planner is None else self.planner.choose(rows, k_limit)
+        while not self._fits(plan, lengths) and plan.draft_len > 1:  # near max_position_embeddings: shrink
+            K = plan.draft_len - 1
+            plan = Plan(K, tuple(j for j in plan.levels if j <= K) if K > 1 else ())
+        if not self._fits(plan, lengths):
+            plan = Plan(1, ())
+        return plan
+
+    # ------------------------------------------------------------------ forwards
+    def _forward(self, ids, pos, layout, seg_start, cache):
+        """Hidden states (or full logits) of one forward; counts it."""
+        step = TidarStep(layout, seg_start, cache, self.backend)
+        if self.full_logits:
+            return tidar_forward(self.model, ids, pos, step).logits
+        return tidar_hidden(self.model, ids, pos, step)
+
+    def _rows(self, h, index):
+        """Logits of the rows ``index`` (``[B, R]`` or a slice) of a forward's output ``h``."""
+        sel = h[:, index] if not isinstance(index, torch.Tensor) else h.gather(
+            1, index[:, :, None].expand(-1, -1, h.shape[-1]))
+        return sel if self.full_logits else self.head(sel)
+
+    def _check_head(self, prompt):
+        """Once per model: body + LM head must equal the model's own forward (else use full logits)."""
+        if self.full_logits or self.head.verified is not None:
+            if self.head.verified is False:
+                self.full_logits = True
+            return
+        n = min(len(prompt), 16)
+        ids = torch.tensor([prompt[:n]], device=self.device)
+        lay = layouts.causal(n).to(self.device)
+        seg = torch.zeros(1, dtype=torch.int32, device=self.device)
+        pos = lay.position_ids[None]
+        hidden = tidar_hidden(self.model, ids, pos, TidarStep(lay, seg, None, self.backend))
+        logits = tidar_forward(self.model, ids, pos, TidarStep(lay, seg, None, self.backend)).logits
+        if not self.head.verify(hidden, logits):
+            self.full_logits = True
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, cache, K):
+        """Prompt (causal) + one block of K masks; returns the first drafts [B, K] (device) and their q."""
+        prompts = self.g.prompts
+        lengths = list(map(len, prompts))
+        groups = [(list(range(self.B)), cache)] if len(set(lengths)) == 1 else \
+            [([b], cache.row(b)) for b in range(self.B)]
+        ar, blocks = [], []
+        for rows, target in groups:
+            n = lengths[rows[0]]
+            layout = layouts.prefill(n, K).to(self.device)
+            ids = torch.tensor([prompts[b] + [self.mask_id] * K for b in rows], dtype=torch.long, device=self.device)
+            pos = layout.position_ids[None].expand(len(rows), -1)
+            seg_start = torch.zeros(len(rows), dtype=torch.int32, device=self.device)
+            h = self._forward(ids, pos, layout, seg_start, target)
+            self.forwards += 1
+            logits = self._rows(h, slice(n - 1, n + K))
+            ar.append(logits[:, 0])
+            blocks.append(logits[:, 1:])
+        r = tidar_kernels.draft_sample(torch.cat(ar), torch.cat(blocks), **self.sample_kw)
+        cache.commit(lengths)
+        self.row_forwards = [1] * self.B
+        return r.next_drafts, r.next_draft_probs
+
+    # ------------------------------------------------------------------ one step
+    def step(self, cache, plan: Plan, drafts: torch.Tensor, probs):
+        """Run one decode step. Returns host lists: accepted a, correction/bonus token, and per row the
+        diffusion drafts for the next step (with their q rows when sampling)."""
+        B, K, lv = self.B, plan.draft_len, plan.levels
+        layout = layouts.decode_step(K, lv).to(self.device)
+        S = layout.seg_len
+        seg_start = cache.seq_lengths(self.device)
+        ids = drafts if not lv else torch.cat(
+            [drafts, torch.full((B, K * len(lv)), self.mask_id, dtype=drafts.dtype, device=self.device)], 1)
+        pos = seg_start.long()[:, None] + layout.position_ids[None]
+        cache.check_room(S)
+        h = self._forward(ids, pos, layout, seg_start, cache)
+        self.forwards += 1
+        if self.greedy:
+            return self._greedy_verify(h, plan, drafts)
+        return self._sampled_verify(h, plan, drafts, probs)
+
+    def _jstar(self, plan: Plan):
+        """Per acceptance count a (index 0..K): the index in ``levels`` of the block the next drafts come
+        from (the largest level <= a), or -1."""
+        idx = []
+        for a in range(plan.draft_len + 1):
+            js = [i for i, j in enumerate(plan.levels) if j <= a]
+            idx.append(js[-1] if js else -1)
+        return idx
+
+    def _greedy_verify(self, h, plan, drafts):
+        B, K, lv = self.B, plan.draft_len, plan.levels
+        tgt = self._rows(h, slice(0, K)).argmax(-1)  # [B, K]: AR argmax after d_0..d_i
+        if K > 1:
+            a = 1 + (drafts[:, 1:] == tgt[:, :-1]).int().cumprod(1).sum(1)
+        else:
+            a = torch.ones(B, dtype=torch.long, device=self.device)
+        corr = tgt.gather(1, (a - 1)[:, None])
+        parts = [a[:, None], corr]
+        if lv:
+            table = torch.tensor(self._jstar(plan), device=self.device)
+            bi = table[a].clamp_min(0)  # [B]
+            rows = K + bi[:, None] * K + torch.arange(K, device=self.device)[None]
+            parts.append(self._rows(h, rows).argmax(-1))  # block j*'s slots [B, K]
+        host = torch.cat(parts, 1).tolist()  # the step's one host sync
+        jstar = self._jstar(plan)
+        res = []
+        for row in host:
+            a_, c = row[0], row[1]
+            j = jstar[a_]
+            diff = row[2 + (a_ - lv[j]) + 1 :] if j >= 0 else []
+            res.append((a_, c, diff, None))
+        return res
+
+    def _sampled_verify(self, h, plan, drafts, probs):
+        B, K, lv = self.B, plan.draft_len, plan.levels
+        logits = self._rows(h, slice(0, h.shape[1]))
+        V = logits.shape[-1]
+        blocks = _virtual_blocks(logits[:, K:], K, lv, self._jstar(plan), V)
+        if self.seed is not None:  # Philox: every step draws fresh counters
+            self.sample_kw["offset"] += B * 2 * K
+        r = tidar_kernels.rejection_sample(logits[:, :K], blocks, drafts, probs if K > 1 else None, **self.sample_kw)
+        host = torch.cat([r.accepted[:, None], r.next_drafts], 1).tolist()
+        jstar = self._jstar(plan)
+        res = []
+        for b, row in enumerate(host):
+            a_ = row[0]
+            j = jstar[a_]
+            n = K - 1 - (a_ - lv[j]) if j >= 0 else 0
+            q = r.next_draft_probs[b, :n] if n > 0 and r.next_draft_probs is not None else None
+            res.append((a_, row[1], row[2 : 2 + n], q))
+        return res
+
+
+def _virtual_blocks(block_logits, K, levels, jstar, V):
+    """``[B, K, K, V]`` proposal blocks for every acceptance count a = 1..K from the computed levels: block a
+    is block j* = max level <= a shifted by a - j* slots; slots past the computed ones (and blocks with no
+    level <= a) hold one-token logits (a deterministic filler draft, q = 1: still an exact proposal)."""
+    B = block_logits.shape[0]
+    filler = torch.full((V,), float("-inf"), dtype=block_logits.dtype, device=block_logits.device)
+    filler[0] = 0.0
+    if levels == tuple(range(1, K + 1)):
+        return block_logits.reshape(B, K, K, V)
+    comp = block_logits.reshape(B, len(levels), K, V)
+    out = filler.expand(B, K, K, V).clone()
+    for a in range(1, K + 1):
+        j = jstar[a]
+        if j < 0:
+            continue
+        shift = a - levels[j]
+        out[:, a - 1, : K - shift] = comp[:, j, shift:]
+    return out
+
+
+def _one_hot_rows(tokens, V, device):
+    q = torch.zeros(len(tokens), V, dtype=torch.float32, device=device)
+    if tokens:
+        q[torch.arange(len(tokens), device=device), torch.tensor(tokens, device=device)] = 1.0
+    return q
 
 
 @torch.no_grad()
@@ -35,7 +267,7 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 32,
-    draft_len: int | None = None,
+    draft_len: int | str | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -46,124 +278,166 @@ def generate(
     streamer=None,
     backend: str | None = None,
     seed: int | None = None,
+    proposal_levels=None,
+    context_drafts: bool | None = None,
+    full_logits: bool = False,
 ) -> TidarGenerateOutput:
     """Decode with TiDAR. ``model`` must be patched (``tidar.patch``).
 
     Args:
         input_ids / attention_mask: ``[B, P]`` prompts, left-padded as for HF ``generate``.
         max_new_tokens: new tokens per row (fewer when the row emits ``eos_token_id``).
-        draft_len: K (default: the patch's). temperature 0 = greedy.
-        top_k, top_p: sampling filters, applied to targets and drafts alike.
+        draft_len: K, or ``"auto"``: chosen per step from the measured token-slot curve and the running
+            acceptance (default: the patch's). Near the end of ``max_new_tokens`` or of the model's
+            ``max_position_embeddings`` the step uses a smaller K.
+        proposal_levels: the acceptance counts that get a proposal block (a subset of 1..K; default: the
+            patch's, else all, the paper's layout). Fewer blocks make a step cheaper; after an acceptance that
+            is not a level the next step has fewer drafts. Output stays exact.
+        context_drafts: fill a row's draft slots from an n-gram match in its text when that is expected to be
+            accepted more than the diffusion drafts (default: the patch's, True). Exact either way.
+        temperature 0 = greedy. top_k, top_p: sampling filters, applied to targets and drafts alike.
         beta: 1.0 (default) is exact; < 1 mixes the diffusion logits into the target ("trust diffusion"),
             which is faster to accept but no longer the AR distribution.
         eos_token_id: an int or a list; a row stops after emitting one. pad_token_id fills finished rows.
         generator: torch.Generator for sampling (reproducible); streamer: an HF streamer (batch 1).
         seed: instead of ``generator``, Philox4x32-10 counter-based sampling (the same tokens on every backend
             and device): the prefill uses offset 0 and each step advances the offset by B * 2K.
+        full_logits: apply the LM head to every row of each step (slower; for forward hooks that edit logits).
     """
     s = settings(model)
-    K = s.draft_len if draft_len is None else draft_len
-    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-        raise ValueError(f"draft_len must be an int >= 1, got {K!r}")
-    max_draft = getattr(model.config, "max_position_embeddings", None)
-    if max_draft is not None and K + K * K > max_draft:
-        raise ValueError(f"draft_len {K} is too large: a step of {K + K * K} tokens exceeds max_position_embeddings {max_draft}")
+    K = check_draft_len(s.draft_len if draft_len is None else draft_len)
+    levels = check_levels(s.proposal_levels if proposal_levels is None else proposal_levels, K)
+    context = s.context_drafts if context_drafts is None else context_drafts
+    if not isinstance(context, bool):
+        raise ValueError(f"context_drafts must be True or False, got {context!r}")
+    if not isinstance(full_logits, bool):
+        raise ValueError(f"full_logits must be True or False, got {full_logits!r}")
     backend = s.backend if backend is None else backend
     g = check_generate_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, beta,
                             eos_token_id, pad_token_id, generator, seed, streamer)
-    prompts, eos, pad_token_id, device, B = g.prompts, g.eos, g.pad_token_id, g.device, len(g.prompts)
-    sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, beta=beta, generator=generator, backend=backend)
+    sample_kw = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, beta=g.beta, generator=generator,
+                     backend=backend)
     if seed is not None:
         del sample_kw["generator"]
         sample_kw.update(seed=seed, offset=0)
+    dec = _Decoder(model, g, K, levels, backend, sample_kw, seed, context, full_logits)
+    B, device, V = dec.B, g.device, g.vocab
+    dec._check_head(g.prompts[0])
 
-    step_layout = layouts.decode_step(K).to(device)
-    S = step_layout.seg_len
-    cache = TidarCache(B, max(map(len, prompts)) + max_new_tokens + S, backend=backend)
-
-    # Prefill: prompt (causal) + one block of K masks. Rows of different lengths run one by one.
-    drafts, probs = _prefill(model, prompts, K, s.mask_token_id, cache, device, sample_kw)
-    forwards = 1 if len(set(map(len, prompts))) == 1 else B
-    row_forwards = [1] * B
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    hist: Counter = Counter()
+    max_prompt = max(map(len, g.prompts))
+    max_k = dec.max_k
+    cache = TidarCache(B, max_prompt + g.max_new_tokens + max_k * (max_k + 1), backend=backend)
+    first = dec._plan([(MAX_K, 0)] * B, list(map(len, g.prompts))) if dec.planner is None else \
+        dec.planner.first(dec._k_limit(list(map(len, g.prompts))))
+    K0 = first.draft_len if dec.planner is None else (max(2, first.draft_len) if g.max_new_tokens > 1 else 1)
+    drafts, probs = dec.prefill(cache, K0)
+    out, done, eos = dec.out, dec.done, g.eos
 
     def emit(b, tokens):
+        n = 0
         for t in tokens:
             out[b].append(t)
-            if t in eos or len(out[b]) >= max_new_tokens:
+            n += 1
+            if t in eos or len(out[b]) >= g.max_new_tokens:
                 done[b] = True
                 break
+        if dec.ngrams is not None:
+            dec.ngrams[b].extend(tokens[:n])
+        return n
 
-    first = drafts[:, 0].tolist()
+    host = drafts.tolist()
     for b in range(B):
-        emit(b, [first[b]])
+        emit(b, [host[b][0]])
     if streamer is not None:
         streamer.put(input_ids.cpu())
         streamer.put(torch.tensor(out[0]))
+    # Per row: the diffusion drafts after d_0 (and their q when sampling), and the source of the current drafts.
+    diff = [(host[b][1:], probs[b] if probs is not None else None) for b in range(B)]
+    cur = None  # (plan, drafts tensor [B, K], q tensor [B, K-1, V] or None, per-row (source, n real drafts))
 
-    masks = torch.full((B, K * K), s.mask_token_id, dtype=torch.long, device=device)
     while not all(done):
-        seg_start = cache.seq_lengths(device)
-        ids = torch.cat([drafts, masks], 1)
-        pos = seg_start.long()[:, None] + step_layout.position_ids[None]
-        cache.check_room(S)
-        logits = tidar_forward(model, ids, pos, TidarStep(step_layout, seg_start, cache, backend)).logits
-        forwards += 1
-        V = logits.shape[-1]
-        if seed is not None:  # Philox: every step draws fresh counters
-            sample_kw["offset"] += B * 2 * K
-        r = tidar_kernels.rejection_sample(
-            logits[:, :K], logits[:, K:].reshape(B, K, K, V), drafts, probs, **sample_kw
-        )
-        accepted = r.accepted.tolist()
-        new_first = r.next_drafts[:, 0].tolist()
-        before = [len(o) for o in out]
-        for b in range(B):
+        lengths = cache.lengths
+        ctx = [dec.ngrams[b].lookup(MAX_K - 1) if dec.ngrams is not None and not done[b] else [] for b in range(B)]
+        rows = [(len(diff[b][0]), len(ctx[b])) for b in range(B) if not done[b]]
+        plan = dec._plan(rows, lengths)
+        cur = _compose(dec, plan, out, diff, ctx, device, V)
+        if streamer is not None:
+            before = len(out[0])
+        res = dec.step(cache, plan, cur[0], cur[1])
+        dec.draft_lens.append(plan.draft_len)
+        dec.level_log.append(plan.levels)
+        commit = [0] * B
+        for b, (a, c, dnext, q) in enumerate(res):
             if done[b]:
-                accepted[b] = 0  # finished rows ride along without committing
                 continue
-            row_forwards[b] += 1
-            hist[accepted[b]] += 1
-            emit(b, drafts[b, 1 : accepted[b]].tolist() + [new_first[b]])
-            # Commit d_0..d_{a-1}; a row that stopped mid-step keeps only the drafts it emitted.
-            accepted[b] = min(accepted[b], len(out[b]) - before[b] + 1)
-        if streamer is not None and len(out[0]) > before[0]:
-            streamer.put(torch.tensor(out[0][before[0] :]))
-        cache.commit(accepted)
-        drafts, probs = r.next_drafts, r.next_draft_probs
+            src, n_real = cur[2][b]
+            dec.sources[src] += 1
+            if src != "none":
+                dec.stats[src].update(n_real, a - 1)
+            dec.row_forwards[b] += 1
+            dec.hist[a] += 1
+            row_drafts = cur[3][b]
+            n = emit(b, row_drafts[1:a] + [c])
+            commit[b] = min(a, n + 1)  # d_0..d_{a-1}; a row that stopped mid-step keeps d_0 and what it emitted
+            diff[b] = (dnext, q)
+        if streamer is not None and len(out[0]) > before:
+            streamer.put(torch.tensor(out[0][before:]))
+        cache.commit(commit)
     if streamer is not None:
         streamer.end()
 
     width = max(map(len, out))
-    new = torch.full((B, width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    new = torch.full((B, width), g.pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
     for b, o in enumerate(out):
         new[b, : len(o)] = torch.tensor(o, dtype=input_ids.dtype)
-    tpf = sum(len(o) / f for o, f in zip(out, row_forwards)) / B
-    return TidarGenerateOutput(torch.cat([input_ids, new], 1), forwards, tpf, dict(sorted(hist.items())), out, cache)
+    tpf = sum(len(o) / f for o, f in zip(out, dec.row_forwards)) / B
+    return TidarGenerateOutput(
+        torch.cat([input_ids, new], 1), dec.forwards, tpf, dict(sorted(dec.hist.items())), out, cache,
+        [K0] + dec.draft_lens, [tuple(range(1, K0 + 1))] + dec.level_log, dict(dec.sources),
+    )
 
 
-def _prefill(model, prompts, K, mask_id, cache, device, sample_kw):
-    """Run the prefill forward(s) and return the first drafts ``[B, K]`` and their distributions."""
-    lengths = list(map(len, prompts))
-    if len(set(lengths)) == 1:
-        groups = [(list(range(len(prompts))), cache)]
-    else:
-        groups = [([b], cache.row(b)) for b in range(len(prompts))]
-    ar, blocks = [], []
-    for rows, target in groups:
-        n = lengths[rows[0]]
-        layout = layouts.prefill(n, K).to(device)
-        ids = torch.tensor([prompts[b] + [mask_id] * K for b in rows], dtype=torch.long, device=device)
-        pos = layout.position_ids[None].expand(len(rows), -1)
-        seg_start = torch.zeros(len(rows), dtype=torch.int32, device=device)
-        logits = tidar_forward(model, ids, pos, TidarStep(layout, seg_start, target, sample_kw["backend"])).logits
-        ar.append(logits[:, n - 1])
-        blocks.append(logits[:, n:])
-    r = tidar_kernels.draft_sample(torch.cat(ar), torch.cat(blocks), **sample_kw)
-    cache.commit(lengths)
-    return r.next_drafts, r.next_draft_probs
+def _compose(dec, plan: Plan, out, diff, ctx, device, V):
+    """The step's drafts ``[B, K]``: d_0 (the last emitted token) then, per row, the diffusion drafts or the
+    context copy, whichever is expected to be accepted more, padded with filler drafts (never counted)."""
+    K, B = plan.draft_len, dec.B
+    ds, cs = dec.stats["diffusion"], dec.stats["context"]
+    tokens, meta, q_rows = [], [], []
+    for b in range(B):
+        d0 = out[b][-1] if out[b] else 0
+        if dec.done[b]:
+            tokens.append([d0] * K)
+            meta.append(("none", 0))
+            q_rows.append(None)
+            continue
+        dtok, dq = diff[b]
+        nd, nc = min(len(dtok), K - 1), min(len(ctx[b]), K - 1)
+        use_ctx = nc > 0 and cs.expected(nc) > ds.expected(nd)
+        if use_ctx:
+            body, src, n = ctx[b][:nc], "context", nc
+        elif nd > 0:
+            body, src, n = dtok[:nd], "diffusion", nd
+        else:
+            body, src, n = [], "none", 0
+        row = [d0] + body + [body[-1] if body else d0] * (K - 1 - len(body))
+        tokens.append(row)
+        meta.append((src, n))
+        q_rows.append((src, n, dq))
+    drafts = torch.tensor(tokens, dtype=torch.long, device=device)
+    probs = None
+    if dec.g.temperature > 0 and K > 1:
+        probs = torch.zeros(B, K - 1, V, dtype=torch.float32, device=device)
+        for b in range(B):
+            row = tokens[b]
+            info = q_rows[b]
+            start = 0
+            if info is not None and info[0] == "diffusion" and info[2] is not None:
+                n = min(info[1], info[2].shape[0])
+                probs[b, :n] = info[2][:n]
+                start = n
+            if start < K - 1:
+                probs[b, start:] = _one_hot_rows(row[1 + start :], V, device)
+    return drafts, probs, meta, tokens
 
 
 __all__ = ["generate", "TidarGenerateOutput"]

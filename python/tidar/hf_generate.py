@@ -70,7 +70,8 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
         raise ValueError("generate needs input_ids (or inputs)")
     attention_mask = kwargs.pop("attention_mask", None)
     streamer = kwargs.pop("streamer", None)
-    tidar_kw = {k: kwargs.pop(k) for k in ("draft_len", "beta", "generator", "backend", "seed") if k in kwargs}
+    tidar_kw = {k: kwargs.pop(k) for k in ("draft_len", "beta", "generator", "backend", "seed",
+                                                 "proposal_levels", "context_drafts") if k in kwargs}
     want_stats = kwargs.pop("tidar_stats", False)
     kwargs.pop("use_cache", None)
     opts = _generation_options(self, generation_config, kwargs)

@@ -14,12 +14,15 @@ _REGISTERED = False
 
 @dataclass
 class TidarSettings:
-    draft_len: int
+    draft_len: int | str  # K, or "auto"
     mask_token_id: int
     backend: str
     previous_attn_implementation: str | None
     had_own_generate: bool
     own_generate: object
+    proposal_levels: tuple | None = None  # None = all of 1..K
+    context_drafts: bool = True
+    stats: dict | None = None  # running acceptance statistics of draft_len="auto" (kept across generate calls)
 
 
 def _register() -> None:
@@ -46,11 +49,20 @@ def is_patched(model) -> bool:
     return getattr(model, "_tidar", None) is not None
 
 
-def patch(model, draft_len: int = 16, mask_token_id: int | None = None, *, backend: str = "auto"):
+def patch(model, draft_len: int | str = "auto", mask_token_id: int | None = None, *, backend: str = "auto",
+          proposal_levels=None, context_drafts: bool = True):
     """Route the model's attention through ``tidar_kernels.tidar_attention`` and make ``model.generate``
-    decode with TiDAR. Calling it again updates the settings (idempotent). Returns the model."""
-    if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
-        raise ValueError(f"draft_len must be an int >= 1, got {draft_len!r}")
+    decode with TiDAR. Calling it again updates the settings (idempotent). Returns the model.
+
+    ``draft_len``: K, or ``"auto"`` (default: chosen per step from the measured token-slot curve and the
+    running acceptance). ``proposal_levels``: the acceptance counts that get a proposal block (default all).
+    ``context_drafts``: also draft from n-gram matches in the text. All three are defaults of ``generate``."""
+    from .generate_args import check_draft_len, check_levels
+
+    draft_len = check_draft_len(draft_len)
+    proposal_levels = check_levels(proposal_levels, draft_len)
+    if not isinstance(context_drafts, bool):
+        raise ValueError(f"context_drafts must be True or False, got {context_drafts!r}")
     if backend not in ("auto", "reference", "triton", "cuda"):
         raise ValueError(f"backend must be one of auto, reference, triton, cuda; got {backend!r}")
     config = model.config
@@ -74,7 +86,8 @@ def patch(model, draft_len: int = 16, mask_token_id: int | None = None, *, backe
 
         model.generate = patched_generate.__get__(model)
     model._tidar = TidarSettings(
-        draft_len, mask_token_id, backend, old.previous_attn_implementation, old.had_own_generate, old.own_generate
+        draft_len, mask_token_id, backend, old.previous_attn_implementation, old.had_own_generate, old.own_generate,
+        proposal_levels, context_drafts, old.stats,
     )
     return model
 

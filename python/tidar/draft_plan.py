@@ -1,0 +1,199 @@
+"""Choosing K and the proposal levels of each step (``draft_len="auto"``, docs/design.md §4).
+
+Expected tokens per second of a plan = expected tokens per step / the step's cost, with the cost from the
+measured token-slot curve (``slot_curve``) and the expectation from running acceptance statistics: per draft
+source (diffusion, context) and per depth i, the rate ``alpha_i`` at which draft i is accepted once drafts
+1..i-1 were. The diffusion plans are scored at their steady state (a plan's levels decide how many drafts the
+next step gets); each step then picks K for the drafts it actually has. Plain AR steps (K = 1, no levels)
+are a plan like any other, so TiDAR is never slower than AR by choice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .slot_curve import SlotCurve
+
+MAX_K = 16
+SOURCES = ("diffusion", "context")
+
+
+class AcceptanceStats:
+    """Decayed counts of trials and acceptances of draft i (1..MAX_K-1) given drafts 1..i-1 were accepted."""
+
+    def __init__(self, prior: float, weight: float = 2.0, decay: float = 0.995):
+        self.prior, self.weight, self.decay = prior, weight, decay
+        self.trials = [0.0] * MAX_K
+        self.accepts = [0.0] * MAX_K
+        self._table: list[float] | None = None
+
+    def update(self, n_drafts: int, accepted: int) -> None:
+        """A row had ``n_drafts`` drafts of this source and ``accepted`` of them were accepted."""
+        if n_drafts <= 0:
+            return
+        d = self.decay
+        if d < 1.0:
+            self.trials = [t * d for t in self.trials]
+            self.accepts = [a * d for a in self.accepts]
+        accepted = min(accepted, n_drafts)
+        for i in range(1, min(accepted + 1, n_drafts) + 1):
+            self.trials[i] += 1.0
+            if i <= accepted:
+                self.accepts[i] += 1.0
+        self._table = None
+
+    def alpha(self, i: int) -> float:
+        w = self.weight
+        return (self.accepts[i] + w * self.prior) / (self.trials[i] + w)
+
+    def expected(self, n: int) -> float:
+        """Expected accepted drafts among ``n`` of this source: sum over i <= n of prod_{t <= i} alpha_t."""
+        if self._table is None:
+            table, run, total = [0.0], 1.0, 0.0
+            for i in range(1, MAX_K):
+                run *= self.alpha(i)
+                total += run
+                table.append(total)
+            self._table = table
+        return self._table[max(0, min(n, MAX_K - 1))]
+
+
+@dataclass(frozen=True)
+class Plan:
+    draft_len: int
+    levels: tuple  # proposal levels (subset of 1..K); () = no proposal blocks
+
+    @property
+    def seg_len(self) -> int:
+        return self.draft_len * (1 + len(self.levels))
+
+    def max_offset(self) -> int:
+        """The largest position offset the step uses (drafts and mask slots)."""
+        K = self.draft_len
+        return K - 1 + (self.levels[-1] if self.levels else 0)
+
+    def next_diffusion_drafts(self, a: int) -> int:
+        """Diffusion drafts the next step gets after ``a`` accepted (docs/design.md §4)."""
+        j = max((j for j in self.levels if j <= a), default=None)
+        return 0 if j is None else self.draft_len - 1 - (a - j)
+
+
+def _accept_probs(stats: AcceptanceStats, n: int) -> list[float]:
+    """P(a = k + 1) for k = 0..n accepted drafts among n."""
+    probs, run = [], 1.0
+    for k in range(n + 1):
+        if k == n:
+            probs.append(run)
+        else:
+            al = stats.alpha(k + 1)
+            probs.append(run * (1 - al))
+            run *= al
+    return probs
+
+
+def steady_tokens(plan: Plan, stats: AcceptanceStats, iterations: int = 4) -> float:
+    """Expected tokens per step when ``plan`` is used step after step with diffusion drafts only."""
+    K = plan.draft_len
+    dist = {K - 1: 1.0}  # drafts available -> probability
+    tokens = 1.0
+    nxt = [plan.next_diffusion_drafts(a) for a in range(K + 1)]
+    for _ in range(iterations):
+        new, tokens = {}, 0.0
+        for n, pn in dist.items():
+            for k, pk in enumerate(_accept_probs(stats, min(n, K - 1))):
+                a = k + 1
+                tokens += pn * pk * a
+                m = nxt[a]
+                new[m] = new.get(m, 0.0) + pn * pk
+        dist = new
+    return tokens
+
+
+def level_sets(K: int, stats: AcceptanceStats) -> list[tuple]:
+    """Candidate proposal levels for K: all, {1}, and {1} plus the most likely acceptance counts."""
+    if K == 1:
+        return [()]  # a 1-slot block drafts nothing for the next step: K = 1 is a plain AR step
+    probs = _accept_probs(stats, K - 1)
+    likely = sorted(range(1, K + 1), key=lambda a: -probs[a - 1])
+    sets = {tuple(range(1, K + 1)), (1,)}
+    for m in (2, 3, 4):
+        sets.add(tuple(sorted({1, *likely[: m - 1]})))
+    return sorted(sets, key=len)
+
+
+class Planner:
+    """Chooses each step's plan from the slot curve and the acceptance statistics."""
+
+    CANDIDATE_K = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
+    REPLAN_EVERY = 32  # steps between re-scoring the steady-state diffusion plans
+    EXPLORE_AFTER = 16  # AR steps in a row before one diffusion step refreshes the statistics
+
+    def __init__(self, curve: SlotCurve, stats: dict, max_k: int = MAX_K, levels: tuple | None = None,
+                 fixed_k: int | None = None):
+        self.curve, self.stats = curve, stats
+        self.max_k = min(max_k, MAX_K) if fixed_k is None else fixed_k
+        self.fixed_k, self.fixed_levels = fixed_k, levels
+        self.best: dict[int, tuple[tuple, float, float]] = {}  # K -> (levels, steady tokens, step ms)
+        self.since_replan = self.REPLAN_EVERY
+        self.ar_run = 0
+
+    def _replan(self):
+        diff = self.stats["diffusion"]
+        ks = [self.fixed_k] if self.fixed_k else [k for k in self.CANDIDATE_K if k <= self.max_k]
+        best = {}
+        for K in ks:
+            cands = [self._levels_for(K)] if self.fixed_levels is not None or self.fixed_k else level_sets(K, diff)
+            scored = []
+            for lv in cands:
+                plan = Plan(K, lv)
+                tok = steady_tokens(plan, diff)
+                ms = self.curve.step(plan.seg_len, 2 * K)
+                scored.append((tok / ms, lv, tok, ms))
+            _, lv, tok, ms = max(scored)
+            best[K] = (lv, tok, ms)
+        self.best = best
+        self.since_replan = 0
+
+    def _levels_for(self, K: int) -> tuple:
+        if self.fixed_levels is None:
+            return tuple(range(1, K + 1))
+        lv = tuple(j for j in self.fixed_levels if j <= K)
+        return lv or (1,)
+
+    def first(self, k_limit: int) -> Plan:
+        """The plan of the prefill's proposal block (before any statistics of this call)."""
+        if self.since_replan >= self.REPLAN_EVERY:
+            self._replan()
+        ks = [k for k in self.best if k <= max(1, k_limit)] or [min(self.best)]
+        K = max(ks, key=lambda k: self.best[k][1] / self.best[k][2])
+        return Plan(K, self.best[K][0])
+
+    def choose(self, rows: list[tuple[int, int]], k_limit: int) -> Plan:
+        """``rows``: per active row (diffusion drafts, context drafts) available. ``k_limit``: the largest K the
+        remaining tokens and positions allow. Maximises (tokens now + steady tokens) / (cost now + steady cost)."""
+        self.since_replan += 1
+        if self.since_replan >= self.REPLAN_EVERY:
+            self._replan()
+        diff, ctx = self.stats["diffusion"], self.stats["context"]
+        best_val, best_k = -1.0, 1
+        for K, (lv, tok, ms) in self.best.items():
+            if K > max(1, k_limit):
+                continue
+            now = sum(1.0 + max(diff.expected(min(nd, K - 1)), ctx.expected(min(nc, K - 1))) for nd, nc in rows)
+            now /= max(1, len(rows))
+            val = (now + tok) / (self.curve.step(K * (1 + len(lv)), 2 * K) + ms)
+            if val > best_val:
+                best_val, best_k = val, K
+        if self.fixed_k is None and best_k == 1 and not any(nc for _, nc in rows):
+            self.ar_run += 1
+            if self.ar_run >= self.EXPLORE_AFTER and k_limit >= 2 and 2 in self.best:
+                self.ar_run = 0
+                return Plan(2, (1, 2))
+        else:
+            self.ar_run = 0
+        lv = self.best[best_k][0] if best_k in self.best else self._levels_for(best_k)
+        return Plan(best_k, lv)
+
+
+def new_stats() -> dict:
+    """Fresh statistics with their priors (diffusion drafts: a coin flip; context copies: a bit better)."""
+    return {"diffusion": AcceptanceStats(prior=0.5), "context": AcceptanceStats(prior=0.6)}

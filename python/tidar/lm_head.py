@@ -1,0 +1,71 @@
+"""The LM head on the rows that need it (docs/design.md §4).
+
+A decode step needs logits only at its K draft rows (verification) and at the K rows of the one proposal
+block whose drafts are used next: 2K of K + K*|levels| rows. So the step runs the model's body (decoder
+stack + final norm) for every token and the output embeddings (+ the family's logit post-processing) only
+on those rows. ``OutputHead`` does the second part and proves, on a probe, that body + head equals the
+model's own forward; where it does not (an unknown post-processing), the step computes the full logits.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+
+
+class OutputHead:
+    """``head(hidden_rows) -> logits`` for a Hugging Face causal LM, as its own forward computes them."""
+
+    def __init__(self, model):
+        self.model = weakref.proxy(model)
+        self.body = getattr(model, "base_model", None)
+        self.proj = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if self.proj is None or self.body is None or self.body is model:
+            raise ValueError(
+                f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None): TiDAR needs "
+                "a causal LM with an LM head"
+            )
+        cfg = model.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+        self.scale = getattr(model, "logit_scale", None) if isinstance(getattr(model, "logit_scale", None), float) \
+            else getattr(cfg, "logit_scale", None)  # Cohere
+        self.divide = getattr(cfg, "logits_scaling", None)  # Granite
+        self.verified: bool | None = None  # set by verify(): body + head == the model's forward
+        self.reason = ""
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(hidden)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def verify(self, forward_hidden, forward_logits) -> bool:
+        """Compare ``self(forward_hidden)`` with the model's logits of the same forward (once per model)."""
+        if self.verified is None:
+            mine = self(forward_hidden).float()
+            ref = forward_logits.float()
+            tol = 1e-4 if ref.dtype == torch.float32 and forward_hidden.dtype == torch.float32 else 2e-2
+            err = (mine - ref).abs().max().item() if mine.shape == ref.shape else float("inf")
+            scale = ref.abs().max().item() + 1e-6
+            self.verified = err <= tol * max(1.0, scale)
+            if not self.verified:
+                self.reason = (f"{type(self.model).__name__}: its LM head post-processing is not known to tidar "
+                               f"(max difference {err:.3g}); every step computes the full logits instead")
+                warnings.warn(f"tidar: LM head on needed rows disabled for {self.reason}", stacklevel=3)
+        return self.verified
+
+
+_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> OutputHead (nothing stored on it)
+
+
+def output_head(model) -> OutputHead:
+    """The model's ``OutputHead``, built once per model."""
+    head = _HEADS.get(model)
+    if head is None:
+        head = _HEADS[model] = OutputHead(model)
+    return head
