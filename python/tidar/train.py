@@ -410,7 +410,7 @@ def train(args, log=print) -> dict:
     shards = _world_size() * args.grad_accum
     run_loss = RunLoss(seq_len=args.seq_len, batch=args.batch_size, block_size=args.block_size, alpha=args.alpha,
                        no_diffusion=args.no_diffusion, target=args.diffusion_target, n_data=n_data, n_gen=n_gen,
-                       prompt_len=args.distill_prompt_len, pool=pool, shards=shards)
+                       prompt_len=args.distill_prompt_len, pool=pool, shards=_world_size())
     dataset = WindowDataset(train_stream, args.seq_len, args.batch_size, args.seed, args.max_steps)
     targs = TrainingArguments(
         output_dir=str(output), per_device_train_batch_size=args.batch_size // shards,

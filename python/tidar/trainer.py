@@ -145,8 +145,8 @@ def spread(t: torch.Tensor, n: int, batch: int) -> torch.Tensor:
 
 class RunLoss:
     """The step loss of ``tidar train`` as each micro-batch's share of the global mean: sums of cross-entropies
-    divided by the global counts (known in advance: full windows), times the number of shards (DDP averages
-    gradients over processes; accumulation sums micro-batches). Keeps the step's sums for logging."""
+    divided by the global counts (known in advance: full windows), times the number of processes ``shards`` (DDP
+    averages gradients over processes; accumulated micro-batches add up). Keeps the step's sums for logging."""
 
     def __init__(self, *, seq_len, batch, block_size, alpha, no_diffusion, target, n_data=0, n_gen=0, prompt_len=0,
                  pool=None, shards=1):
