@@ -17,13 +17,17 @@ import tidar
 
 def _oracle(model, truth: torch.Tensor, K: int):
     """Hook: mask token at absolute position p of row b predicts truth[b, p] iff its slot <= c (b, call)."""
-    V, mask_id = model.config.vocab_size, model.config.mask_token_id
+    V = model.config.vocab_size
     calls = [0]
 
     def hook(module, args, kwargs, output):
         ids, pos = kwargs["input_ids"], kwargs["position_ids"]
         B, S = ids.shape
-        is_mask = ids == mask_id
+        step = kwargs.get("tidar_step")
+        if step is None:
+            return output
+        # mask rows from the layout (a draft may be the [MASK] id itself: it is still an AR row)
+        is_mask = (step.layout.block_id >= 0)[None].expand(B, -1)
         if not is_mask.any():
             return output
         logits = output.logits
@@ -107,7 +111,8 @@ def test_sparse_levels_exact_with_long_acceptances(arch, K, levels, B):
     finally:
         handle.remove()
     assert torch.equal(out.sequences, ref[:, : 7 + new])
-    assert all(lv == levels for lv in out.levels[1:]), out.levels[:4]
+    full = [lv for k, lv in zip(out.draft_lens[1:], out.levels[1:]) if k == K]  # K shrinks near the end
+    assert full and all(lv == levels for lv in full), out.levels
     assert max(out.accepted_histogram) >= 3, out.accepted_histogram  # long runs were accepted
     assert len(out.accepted_histogram) >= 3
     # the fast path (LM head on needed rows, context drafts on) gives the same tokens
