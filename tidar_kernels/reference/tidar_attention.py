@@ -8,10 +8,25 @@ from ..backends import register
 from ..layouts import dense_mask
 
 
+_MEMO: list = [None, None]  # (key, (mask, empty)) of the last call: every layer of a forward shares it
+
+
+def _mask(local_limit, block_id, seg_start, kv_len):
+    """The dense twin and its empty rows, built once per forward: the layers of one model forward pass the
+    same layout and ``seg_start`` tensors (same objects, same versions), so the later layers reuse it."""
+    key = (id(local_limit), local_limit._version, id(block_id), block_id._version, id(seg_start),
+           seg_start._version, kv_len, local_limit.device)
+    if _MEMO[0] == key and _MEMO[1][2] is local_limit and _MEMO[1][3] is block_id and _MEMO[1][4] is seg_start:
+        return _MEMO[1][0], _MEMO[1][1]
+    mask = dense_mask(local_limit, block_id, seg_start, kv_len)  # [B, S, Skv]
+    empty = ~mask.any(-1, keepdim=True)  # queries that see nothing: compute on all keys, then zero (no NaN)
+    _MEMO[0], _MEMO[1] = key, (mask, empty, local_limit, block_id, seg_start)  # held: their ids stay unique
+    return mask, empty
+
+
 @register("tidar_attention", "reference")
 def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale, softcap=None):
-    mask = dense_mask(local_limit, block_id, seg_start, k.shape[2])  # [B, S, Skv]
-    empty = ~mask.any(-1, keepdim=True)  # queries that see nothing: compute on all keys, then zero (no NaN)
+    mask, empty = _mask(local_limit, block_id, seg_start, k.shape[2])
     if softcap is None:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=(mask | empty)[:, None], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
