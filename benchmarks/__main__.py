@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         bench.notes.append(f"RUN INTERRUPTED ({e}) after {time.monotonic() - t0:.0f} s: the tables hold the rows measured so far")
     if bench.smoke or not bench.cuda:
         bench.notes.append("SMOKE RUN: tiny shapes, CPU. The goal verdicts above exercise the code only; "
-                           "the goals of issue 6 are judged on full GPU runs")
+                           "the goals are judged on full GPU runs")
     for mod in modules.values():
         try:
             mod.goals(bench)
@@ -83,9 +83,9 @@ def main(argv=None) -> int:
     text = bench.write_markdown(command)
     bench.write_csv()
     print(f"# {len(bench.rows)} rows in {time.monotonic() - t0:.1f} s -> {bench.out}", flush=True)
-    goals = text.split("## Goals (issue 6)")
+    goals = text.split("## Goals")
     if len(goals) > 1:
-        print("## Goals (issue 6)" + goals[1].split("\n## ")[0])
+        print("## Goals" + goals[1].split("\n## ")[0])
     return 0
 
 

@@ -446,7 +446,7 @@ def markdown(rows, env, ceil, goals, notes, command) -> str:
               f"| {env['device']} | {env['gpu']} | {env['torch']} | {env['triton']} | {env['cuda']} | {env['git_sha']} "
               f"| {env['date']} | {_fmt(ceil.get('matmul_tflops'), '{:.1f}')} | {_fmt(ceil.get('copy_gbps'), '{:.0f}')} |", ""]
     if goals:
-        lines += ["## Goals (issue 6)", "", "| goal | target | measured | verdict |", "|---|---|---|---|"]
+        lines += ["## Goals", "", "| goal | target | measured | verdict |", "|---|---|---|---|"]
         lines += [f"| {g['goal']} | {g['target']} | {g['measured']} | {g['verdict']} |" for g in goals]
         lines.append("")
     for n in notes:
