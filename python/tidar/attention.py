@@ -70,28 +70,35 @@ def tidar_attention_forward(module, query, key, value, attention_mask, scaling=N
         raise ValueError(f"tidar attention does not implement attention dropout (got dropout={dropout}); set it to 0")
     step: TidarStep | None = kwargs.get("tidar_step")
     if step is None:
-        return _plain_forward(module, query, key, value, attention_mask, scaling, kwargs.get("sliding_window"))
+        return _plain_forward(module, query, key, value, attention_mask, scaling, kwargs.get("sliding_window"),
+                              kwargs.get("softcap"))
     seg_start = step.seg_start
     if step.cache is not None:
         key, value = step.cache.append(module.layer_idx, key, value, seg_start)
     _check_window(kwargs.get("sliding_window"), key.shape[2])
     out = tidar_kernels.tidar_attention(
-        query, key, value, step.layout.local_limit, step.layout.block_id, seg_start, scaling, backend=step.backend
+        query, key, value, step.layout.local_limit, step.layout.block_id, seg_start, scaling, kwargs.get("softcap"),
+        backend=step.backend,
     )
-    return out.transpose(1, 2), None
+    return out.transpose(1, 2).contiguous(), None
 
 
-def _plain_forward(module, query, key, value, attention_mask, scaling, sliding_window):
+def _plain_forward(module, query, key, value, attention_mask, scaling, sliding_window, softcap=None):
     S, Skv = query.shape[2], key.shape[2]
+    if attention_mask is not None and softcap is not None:  # padded + soft-capped (Gemma2): explicit softmax
+        from tidar_kernels.reference.tidar_attention import softcapped_attention
+
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return softcapped_attention(query, key, value, attention_mask.bool(), scale, softcap).transpose(1, 2).contiguous(), None
     if attention_mask is not None:  # padding (or a mask HF built): not a TiDAR layout, use SDPA with it
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
         )
-        return out.transpose(1, 2), None
+        return out.transpose(1, 2).contiguous(), None
     _check_window(sliding_window, Skv)
     layout = layouts.causal(S).to(query.device)
-    out = tidar_kernels.tidar_attention(query, key, value, layout.local_limit, layout.block_id, Skv - S, scaling)
-    return out.transpose(1, 2), None
+    out = tidar_kernels.tidar_attention(query, key, value, layout.local_limit, layout.block_id, Skv - S, scaling, softcap)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _check_window(sliding_window, kv_len):

@@ -1,7 +1,9 @@
 """Validation of ``tidar.generate``'s arguments: every bad value is a clear error naming the argument, raised
 before any forward (so nothing is changed by a failed call). Returns the normalised values."""
+
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -23,29 +25,141 @@ class GenerateArgs:
     pad_token_id: int
     device: torch.device
     vocab: int
+    max_len: int | None = None  # the most positions a row may reach (settings(model).max_len), None: no limit known
+    max_len_reason: str = ""  # which limit max_len is ("max_position_embeddings 1024", "the sliding window 64 ...")
+
+
+def _is_int(x) -> bool:
+    """A Python or NumPy integer that is not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and type(x).__name__ != "bool_"
+
+
+def check_input_ids(input_ids) -> None:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be an integer tensor [B, P], got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"input_ids must be an integer tensor [B, P] (int32/int64), got {input_ids.dtype} of shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have at least one row and one token, got shape {tuple(input_ids.shape)}")
 
 
 def prompt_rows(input_ids, attention_mask):
     """Per-row prompt token lists, checking HF-style left padding."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"input_ids must be an integer tensor [B, P], got {getattr(input_ids, 'shape', input_ids)!r}")
+    check_input_ids(input_ids)
     B, P = input_ids.shape
-    if B == 0 or P == 0:
-        raise ValueError(f"input_ids must have at least one row and one token, got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
         return input_ids.tolist()
-    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, P):
-        raise ValueError(f"attention_mask must have the shape of input_ids {(B, P)}, got {getattr(attention_mask, 'shape', None)}")
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be None or a tensor [B, P] of 0/1, got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != (B, P):
+        raise ValueError(f"attention_mask must have the shape of input_ids {(B, P)}, got {tuple(attention_mask.shape)}")
+    if attention_mask.is_complex():
+        raise ValueError(f"attention_mask must hold 0/1, got {attention_mask.dtype}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(
+            f"attention_mask must be on the device of input_ids {input_ids.device}, got {attention_mask.device}"
+        )
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
     rows = []
     for b in range(B):
-        m = attention_mask[b].tolist()
-        n = int(sum(m))
+        m = [int(x) for x in attention_mask[b].tolist()]
+        n = sum(m)
         if n == 0:
             raise ValueError(f"attention_mask row {b} is all padding: every prompt needs at least one token")
         if m != [0] * (P - n) + [1] * n:
             raise ValueError("attention_mask must be 0/1 with left padding (pad tokens first), as for HF generate")
         rows.append(input_ids[b, P - n :].tolist())
     return rows
+
+
+def token_ids(name: str, value) -> list:
+    """``eos_token_id``-style argument as HF takes it: None, an int (Python or NumPy), a list/tuple of ints,
+    or a 0-d/1-d integer tensor. Returns a list of ints (empty for None)."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool or value.dim() > 1:
+            raise TypeError(
+                f"{name} must be an int, a list of ints or a 0-d/1-d integer tensor, got a {value.dtype} "
+                f"tensor of shape {tuple(value.shape)}"
+            )
+        ids = [int(x) for x in value.reshape(-1).tolist()]
+    elif _is_int(value):
+        ids = [int(value)]
+    elif isinstance(value, (list, tuple)):
+        bad = [
+            x
+            for x in value
+            if not _is_int(x)
+            and not (
+                isinstance(x, torch.Tensor) and x.dim() == 0 and not x.dtype.is_floating_point and x.dtype != torch.bool
+            )
+        ]
+        if bad:
+            raise TypeError(f"{name} must be an int or a list of ints, got {bad[0]!r} ({type(bad[0]).__name__}) in it")
+        ids = [int(x) for x in value]
+    else:
+        raise TypeError(
+            f"{name} must be an int, a list of ints or an integer tensor, got {value!r} ({type(value).__name__})"
+        )
+    neg = [i for i in ids if i < 0]
+    if neg:
+        raise ValueError(f"{name} must hold token ids >= 0, got {neg[0]}")
+    return ids
+
+
+def _pad_id(pad_token_id):
+    if isinstance(pad_token_id, torch.Tensor):
+        if pad_token_id.numel() != 1 or pad_token_id.dtype.is_floating_point or pad_token_id.dtype == torch.bool:
+            raise TypeError(
+                f"pad_token_id must be an int (or a one-element integer tensor), got a {pad_token_id.dtype} "
+                f"tensor of shape {tuple(pad_token_id.shape)}"
+            )
+        return int(pad_token_id.item())
+    if not _is_int(pad_token_id):
+        raise TypeError(f"pad_token_id must be None or an int, got {pad_token_id!r} ({type(pad_token_id).__name__})")
+    return int(pad_token_id)
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+    if not _is_int(max_new_tokens):
+        raise TypeError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r} ({type(max_new_tokens).__name__})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    return int(max_new_tokens)
+
+
+def _limit(model):
+    """``(max_len, reason)`` from the patch (``settings(model).max_len``); None when no limit is known."""
+    s = getattr(model, "_tidar", None)
+    return (getattr(s, "max_len", None), getattr(s, "max_len_reason", "")) if s is not None else (None, "")
+
+
+def _check_cache_size(model, B: int, length: int) -> None:
+    """Without a position limit: refuse a KV cache larger than the device's memory before allocating it."""
+    from .patch_probe import text_config
+
+    cfg = text_config(model)
+    layers = getattr(cfg, "num_hidden_layers", None) or 1
+    hidden = model.get_input_embeddings().weight.shape[1]
+    elem = model.get_input_embeddings().weight.element_size()
+    need = 2 * layers * B * hidden * length * elem  # K and V (an upper bound for GQA/MQA models)
+    dev = model.get_input_embeddings().weight.device
+    if dev.type == "cuda":
+        have = torch.cuda.mem_get_info(dev)[0]
+    else:
+        import os
+
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(
+            f"max_new_tokens is too large: a KV cache for {length} positions x {B} rows needs about "
+            f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of {dev}"
+        )
 
 
 def check_draft_len(draft_len, max_positions=None):
@@ -78,25 +192,80 @@ def check_levels(levels, draft_len):
     return tuple(levels)
 
 
-def check_generate_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, beta,
-                        eos_token_id, pad_token_id, generator, seed, streamer) -> GenerateArgs:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+def check_generate_args(
+    model,
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    beta,
+    eos_token_id,
+    pad_token_id,
+    generator,
+    seed,
+    streamer,
+) -> GenerateArgs:
+    """Every argument of ``tidar.generate`` (but ``draft_len``/``proposal_levels``, see ``check_draft_len`` and
+    ``check_levels``), checked before any work: types are TypeErrors, values ValueErrors, each naming the argument
+    and what is expected. ``eos_token_id`` is taken as HF takes it (int, NumPy int, list of ints, 0-d/1-d integer
+    tensor). A generation longer than the model can hold (``max_position_embeddings``, or the sliding window of
+    its attention, found by ``tidar.patch``) is refused here, before any allocation."""
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    eos_list = token_ids("eos_token_id", eos_token_id)
     if pad_token_id is None:  # as HF: pad finished rows with the (first) EOS token
         pad_token_id = eos_list[0] if eos_list else 0
+    pad_token_id = _pad_id(pad_token_id)
     prompts = prompt_rows(input_ids, attention_mask)
-    if streamer is not None and len(prompts) != 1:
-        raise ValueError("a streamer needs batch size 1")
+    if streamer is not None:
+        if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+            raise TypeError(f"streamer must have put() and end() (an HF streamer), got {type(streamer).__name__}")
+        if len(prompts) != 1:
+            raise ValueError(f"a streamer needs batch size 1, got {len(prompts)} rows")
     vocab = model.get_input_embeddings().weight.shape[0]
-    for ids in prompts:
+    for b, ids in enumerate(prompts):
         if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"input_ids must be token ids in [0, {vocab})")
+            raise ValueError(
+                f"input_ids must be token ids in [0, {vocab}), row {b} holds {min(ids) if min(ids) < 0 else max(ids)}"
+            )
     device = model.get_input_embeddings().weight.device
+    if input_ids.device != device:
+        raise ValueError(f"input_ids must be on the model's device {device}, got {input_ids.device}")
     temperature, top_k, top_p, beta = tidar_kernels.check_sampling_args(temperature, top_k, top_p, beta, vocab)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
     if generator is not None and generator.device != device:
         raise ValueError(f"generator must be on the model's device {device}, got {generator.device}")
+    if seed is not None:
+        if not _is_int(seed):
+            raise TypeError(f"seed must be None or an int, got {seed!r} ({type(seed).__name__})")
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
+        seed = int(seed)
     if seed is not None and generator is not None:
         raise ValueError("give either generator or seed, not both")
-    return GenerateArgs(prompts, max_new_tokens, temperature, top_k, top_p, beta, set(eos_list), pad_token_id,
-                        device, vocab)
+    max_len, reason = _limit(model)
+    longest = max(map(len, prompts))
+    if max_len is not None and longest + max_new_tokens > max_len:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens needs "
+            f"{longest + max_new_tokens} positions, more than the model can hold ({reason}); "
+            f"at most {max(0, max_len - longest)} new tokens fit"
+        )
+    if max_len is None:
+        _check_cache_size(model, len(prompts), longest + max_new_tokens)
+    return GenerateArgs(
+        prompts,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        beta,
+        set(eos_list),
+        pad_token_id,
+        device,
+        vocab,
+        max_len,
+        reason,
+    )

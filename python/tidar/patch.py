@@ -1,15 +1,31 @@
 """Patch a Hugging Face causal LM for TiDAR: the "tidar" attention backend and a drop-in ``generate``.
 
-``patch`` is idempotent and ``unpatch`` restores the model exactly (attention implementation, the
-instance's ``generate``, nothing else touched). The weights are never changed by either.
+``patch`` first proves TiDAR is in control of the model (``patch_probe``: a small probe forward whose logits
+must equal the model's own) and refuses the model otherwise, leaving it exactly as it was. ``patch`` is
+idempotent and ``unpatch`` restores the model exactly (attention implementation, the instance's ``generate``,
+nothing else touched). The weights are never changed by either.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .attention import NAME, tidar_attention_forward, tidar_mask
+from .patch_probe import (
+    PROBE_NAME,
+    UnsupportedModel,
+    impl_restore,
+    impl_snapshot,
+    probe_attention,
+    run_probe,
+    static_checks,
+)
 
 _REGISTERED = False
+# Config attributes that bound the positions a model can take, in the order they are looked for.
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_target_positions", "n_ctx", "max_seq_len")
 
 
 @dataclass
@@ -20,6 +36,12 @@ class TidarSettings:
     previous_attn_implementation: str | None
     had_own_generate: bool
     own_generate: object
+    proposal_levels: tuple | None = None  # None = all of 1..K
+    context_drafts: bool = True
+    stats: dict | None = None  # running acceptance statistics of draft_len="auto" (kept across generate calls)
+    max_len: int | None = None  # the most positions a row may reach: max_position_embeddings and the sliding window
+    max_len_reason: str = ""  # which limit max_len is ("max_position_embeddings 1024", "sliding window 64")
+    attn_implementations: list | None = None  # (config, implementation) of every config before the patch
     proposal_levels: tuple | None = None  # None = all of 1..K
     context_drafts: bool = True
     stats: dict | None = None  # running acceptance statistics of draft_len="auto" (kept across generate calls)
@@ -35,6 +57,8 @@ def _register() -> None:
 
     AttentionInterface.register(NAME, tidar_attention_forward)
     AttentionMaskInterface.register(NAME, tidar_mask)
+    AttentionInterface.register(PROBE_NAME, probe_attention)
+    AttentionMaskInterface.register(PROBE_NAME, tidar_mask)
     _REGISTERED = True
 
 
@@ -49,21 +73,65 @@ def is_patched(model) -> bool:
     return getattr(model, "_tidar", None) is not None
 
 
-def patch(model, draft_len: int | str = "auto", mask_token_id: int | None = None, *, backend: str = "auto",
-          proposal_levels=None, context_drafts: bool = True):
+def _check_model(model) -> None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        PreTrainedModel = ()
+    if not isinstance(model, PreTrainedModel) or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(
+            f"model must be a Hugging Face causal LM (a transformers PreTrainedModel), got {type(model).__name__}"
+        )
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(getattr(emb, "weight", None), torch.Tensor) or emb.weight.dim() != 2:
+        raise TypeError(
+            f"model must have input embeddings with a [vocab, hidden] weight, {type(model).__name__} has none"
+        )
+
+
+def _limits(model, window):
+    """``(max_len, reason)``: the most positions a row may reach."""
+    from .patch_probe import text_config
+
+    cfg = text_config(model)
+    limits = []
+    for name in POSITION_LIMITS:
+        max_pos = getattr(cfg, name, None)
+        if isinstance(max_pos, int) and not isinstance(max_pos, bool) and max_pos > 0:
+            limits.append((max_pos, f"{name} {max_pos}"))
+            break
+    if window is not None:
+        limits.append((window, f"the sliding window {window} of its attention"))
+    return min(limits) if limits else (None, "")
+
+
+def patch(
+    model,
+    draft_len: int | str = "auto",
+    mask_token_id: int | None = None,
+    *,
+    backend: str = "auto",
+    proposal_levels=None,
+    context_drafts: bool = True,
+):
     """Route the model's attention through ``tidar_kernels.tidar_attention`` and make ``model.generate``
     decode with TiDAR. Calling it again updates the settings (idempotent). Returns the model.
 
     ``draft_len``: K, or ``"auto"`` (default: chosen per step from the measured token-slot curve and the
     running acceptance). ``proposal_levels``: the acceptance counts that get a proposal block (default all).
-    ``context_drafts``: also draft from n-gram matches in the text. All three are defaults of ``generate``."""
+    ``context_drafts``: also draft from n-gram matches in the text. All three are defaults of ``generate``.
+
+    The first call runs a small probe forward on the model's device (``tidar.patch_probe``) and raises
+    :class:`~tidar.patch_probe.UnsupportedModel` (a ValueError) naming the family and the reason when TiDAR
+    would not run the model exactly; the model is then exactly as before the call."""
     from .generate_args import check_draft_len, check_levels
 
+    _check_model(model)
     draft_len = check_draft_len(draft_len)
     proposal_levels = check_levels(proposal_levels, draft_len)
     if not isinstance(context_drafts, bool):
         raise ValueError(f"context_drafts must be True or False, got {context_drafts!r}")
-    if backend not in ("auto", "reference", "triton", "cuda"):
+    if not isinstance(backend, str) or backend not in ("auto", "reference", "triton", "cuda"):
         raise ValueError(f"backend must be one of auto, reference, triton, cuda; got {backend!r}")
     config = model.config
     if mask_token_id is None:
@@ -75,21 +143,71 @@ def patch(model, draft_len: int | str = "auto", mask_token_id: int | None = None
             )
     vocab = model.get_input_embeddings().weight.shape[0]
     if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab:
-        raise ValueError(f"mask_token_id must be a token id in [0, {vocab}) (the embedding size), got {mask_token_id!r}")
+        raise ValueError(
+            f"mask_token_id must be a token id in [0, {vocab}) (the embedding size), got {mask_token_id!r}"
+        )
     _register()
     old = getattr(model, "_tidar", None)
-    if old is None:
-        own = model.__dict__.get("generate")
-        old = TidarSettings(draft_len, mask_token_id, backend, config._attn_implementation, own is not None, own)
-        model.set_attn_implementation(NAME)
-        from .hf_generate import patched_generate
+    if old is not None:  # already proven: update the settings only
+        model._tidar = TidarSettings(
+            draft_len,
+            mask_token_id,
+            backend,
+            old.previous_attn_implementation,
+            old.had_own_generate,
+            old.own_generate,
+            proposal_levels,
+            context_drafts,
+            old.stats,
+            old.max_len,
+            old.max_len_reason,
+            old.attn_implementations,
+        )
+        return model
+    static_checks(model)
+    before = impl_snapshot(model)
+    report, previous = _probe(model, mask_token_id, backend)
+    max_len, reason = _limits(model, report.window)
+    own = model.__dict__.get("generate")
+    model.set_attn_implementation(NAME)
+    from .hf_generate import patched_generate
 
-        model.generate = patched_generate.__get__(model)
+    model.generate = patched_generate.__get__(model)
     model._tidar = TidarSettings(
-        draft_len, mask_token_id, backend, old.previous_attn_implementation, old.had_own_generate, old.own_generate,
-        proposal_levels, context_drafts, old.stats,
+        draft_len,
+        mask_token_id,
+        backend,
+        previous,
+        own is not None,
+        own,
+        proposal_levels,
+        context_drafts,
+        None,
+        max_len,
+        reason,
+        before,
     )
     return model
+
+
+def _probe(model, mask_id, backend):
+    """Run the probe with the model in eval mode and no gradient; restore the training flags and (on a
+    refusal) every attention implementation."""
+    snapshot = impl_snapshot(model)
+    previous = model.config._attn_implementation
+    training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            report = run_probe(model, mask_id, backend)
+    except BaseException:
+        impl_restore(snapshot)
+        raise
+    finally:
+        for m, flag in training:
+            m.training = flag
+    impl_restore(snapshot)
+    return report, previous
 
 
 def unpatch(model):
@@ -98,6 +216,8 @@ def unpatch(model):
     if s is None:
         return model
     model.set_attn_implementation(s.previous_attn_implementation)
+    if s.attn_implementations is not None:  # sub-configs exactly as they were
+        impl_restore(s.attn_implementations)
     if s.had_own_generate:
         model.generate = s.own_generate
     else:
@@ -120,4 +240,4 @@ def add_mask_token(model, tokenizer, token: str = "[MASK]") -> int:
     return int(mask_id)
 
 
-__all__ = ["add_mask_token", "is_patched", "patch", "settings", "unpatch", "TidarSettings"]
+__all__ = ["add_mask_token", "is_patched", "patch", "settings", "unpatch", "TidarSettings", "UnsupportedModel"]
