@@ -68,18 +68,23 @@ def test_gradient_checkpointing_same_gradients(tiny_corpus, tmp_path):  # noqa: 
     _close(_losses(ckpt), _losses(plain), 1e-5)
 
 
+GREEDY_MIX = ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-refresh", "2", "--distill-rows", "2",
+              "--distill-ratio", "0.5")  # rows with AR only, AR + data diffusion, and generated rows, spread over ranks
+
+
 def test_torchrun_two_processes_equal_one(tiny_corpus, tmp_path):  # noqa: F811
-    one, _ = _train(tmp_path, tiny_corpus, "--max-steps", "3", name="one")
+    one, _ = _train(tmp_path, tiny_corpus, "--max-steps", "3", *GREEDY_MIX, name="one")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
            "-m", "tidar", "train", "--corpus", str(tiny_corpus), "--output", str(tmp_path / "ddp"), *TINY,
-           "--max-steps", "3"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+           "--max-steps", "3", *GREEDY_MIX]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     state = json.loads((tmp_path / "ddp" / ck_mod.STATE_FILE).read_text())
     assert state["processes"] == 2
     _close(_losses(state), _losses(one), 1e-4)
-    _close([h["ar_loss"] for h in state["log_history"]], [h["ar_loss"] for h in one["log_history"]], 1e-4)
+    for key in ("ar_loss", "diffusion_loss"):
+        _close([h[key] for h in state["log_history"]], [h[key] for h in one["log_history"]], 1e-4)
 
 
 def _save_ar_model(folder, tokenizer, vocab_rows=None, seed=0):

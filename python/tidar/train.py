@@ -436,6 +436,10 @@ def train(args, log=print) -> dict:
                            callbacks=[callback], block_size=args.block_size,
                            alpha=None if args.no_diffusion else args.alpha, diffusion_target=args.diffusion_target,
                            run_loss=run_loss, lr_lambda=factor, sequential=True)
+    if targs.disable_tqdm:  # our own log lines replace HF's printed dicts
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and _zero3(trainer)):
         if args.eval_prompts:
             raise ValueError("held-out TiDAR decoding (--eval-prompts > 0) is not supported under FSDP / DeepSpeed "

@@ -189,7 +189,11 @@ class RunLoss:
         L = self.L
         data_rows = spread(rows, self.n_data, self.batch) >= 0
         gen_idx = spread(rows, self.n_gen, self.batch)
-        parts = [x[data_rows]]
+        # one process: the rows without a diffusion term take a plain causal forward (half the tokens). Several
+        # processes: every row goes through one hybrid forward (its clean half is that same causal forward), so each
+        # rank runs the same forwards whatever rows it holds (DDP needs it)
+        single = self.shards > 1
+        parts = [x if single else x[data_rows]]
         if self.n_gen:
             self.pool.maybe_refresh(model, step)
             gen_all = self.pool.rows_at(step, self.n_gen)
@@ -199,13 +203,15 @@ class RunLoss:
         zero = torch.zeros((), device=x.device)
         ar_s, d_s = zero, zero
         if len(hyb):
-            nd = int(data_rows.sum())
-            is_real = torch.arange(len(hyb), device=x.device) < nd
+            nr = len(x) if single else int(data_rows.sum())
+            is_real = torch.arange(len(hyb), device=x.device) < nr
+            real_diff = torch.zeros(len(hyb), dtype=torch.bool, device=x.device)
+            real_diff[:nr] = data_rows if single else True
             ar_valid = is_real[:, None].expand(-1, L)
-            diff_valid = is_real[:, None] | (torch.arange(L, device=x.device) >= self.P)[None]
+            diff_valid = real_diff[:, None] | (~is_real[:, None] & (torch.arange(L, device=x.device) >= self.P)[None])
             a, _, d, _ = hybrid_loss_sums(model, hyb, self.K, ar_valid=ar_valid, diffusion_valid=diff_valid)
             ar_s, d_s = ar_s + a, d_s + d
-        if bool((~data_rows).any()):
+        if not single and bool((~data_rows).any()):
             a, _ = ar_loss_sums(model, x[~data_rows])
             ar_s = ar_s + a
         return ar_s, d_s
