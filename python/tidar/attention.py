@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextvars
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 import tidar_kernels
-from tidar_kernels import layouts
+from tidar_kernels import backends, layouts
 
 NAME = "tidar"
 # Set while a TiDAR forward runs: the mask interface then builds no dense mask (the layout is the mask).
@@ -31,6 +31,7 @@ class TidarStep:
     seg_start: torch.Tensor  # int32 [B]: where the segment's K/V go in each row (committed length)
     cache: "object | None" = None  # a TidarCache, or None for cache-free forwards (training)
     backend: str = "auto"
+    validated: dict = field(default_factory=dict, repr=False)  # op -> (signature, impl, args) checked this forward
 
 
 def tidar_forward(model, input_ids, position_ids, step: TidarStep, **kwargs):
@@ -76,11 +77,28 @@ def tidar_attention_forward(module, query, key, value, attention_mask, scaling=N
     if step.cache is not None:
         key, value = step.cache.append(module.layer_idx, key, value, seg_start)
     _check_window(kwargs.get("sliding_window"), key.shape[2])
-    out = tidar_kernels.tidar_attention(
-        query, key, value, step.layout.local_limit, step.layout.block_id, seg_start, scaling, kwargs.get("softcap"),
-        backend=step.backend,
-    )
+    out = _step_attention(step, query, key, value, scaling, kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _step_attention(step: TidarStep, query, key, value, scaling, softcap):
+    """``tidar_attention`` under the step's layout, validated once per forward: every layer of a forward
+    passes inputs of the same shapes, dtypes and devices with the same layout and ``seg_start`` tensors, so
+    the checks of the first layer hold for the others, which call the resolved implementation directly."""
+    sig = (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
+           value.device, scaling, softcap)
+    memo = step.validated.get("tidar_attention")
+    if memo is not None and memo[0] == sig:
+        return memo[1](query, key, value, *memo[2])
+    lay = step.layout
+    out = tidar_kernels.tidar_attention(query, key, value, lay.local_limit, lay.block_id, step.seg_start, scaling,
+                                        softcap, backend=step.backend)
+    if query.shape[0] > 0 and all(t.dtype == torch.int32 for t in (lay.local_limit, lay.block_id, step.seg_start)):
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        impl = backends.resolve("tidar_attention", step.backend, query.device)
+        step.validated["tidar_attention"] = (sig, impl, (lay.local_limit, lay.block_id, step.seg_start, scale,
+                                                         None if softcap is None else float(softcap)))
+    return out
 
 
 def _plain_forward(module, query, key, value, attention_mask, scaling, sliding_window, softcap=None):
