@@ -419,7 +419,7 @@ def train(args, log=print) -> dict:
         logging_strategy="steps", logging_steps=1, save_strategy="steps" if args.save_every else "no",
         save_steps=args.save_every or args.max_steps, save_total_limit=args.keep_checkpoints, seed=args.seed,
         data_seed=args.seed, bf16=device.type == "cuda", use_cpu=device.type == "cpu", report_to=[],
-        disable_tqdm=not sys.stderr.isatty(), remove_unused_columns=False, dataloader_num_workers=0,
+        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
         activation_checkpointing=args.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         ddp_find_unused_parameters=False,
@@ -436,17 +436,19 @@ def train(args, log=print) -> dict:
                            callbacks=[callback], block_size=args.block_size,
                            alpha=None if args.no_diffusion else args.alpha, diffusion_target=args.diffusion_target,
                            run_loss=run_loss, lr_lambda=factor, sequential=True)
-    if targs.disable_tqdm:  # our own log lines replace HF's printed dicts
-        from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(PrinterCallback)  # our progress bar (on a terminal) and log lines replace HF's dicts
     if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and _zero3(trainer)):
         if args.eval_prompts:
             raise ValueError("held-out TiDAR decoding (--eval-prompts > 0) is not supported under FSDP / DeepSpeed "
                              "ZeRO-3 (the weights are sharded); pass --eval-prompts 0 and evaluate the saved model "
                              "with tidar train --evaluate")
     log(f"setup {time.time() - t_setup:.1f}s; training to step {args.max_steps}")
-    trainer.train(resume_from_checkpoint=str(ck) if ck is not None else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(ck) if ck is not None else None)
+    finally:
+        callback.close_bar()
     step = trainer.state.global_step
     final = callback.snapshot(step)
     if main:

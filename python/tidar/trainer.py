@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -239,12 +240,24 @@ class RunCallback(TrainerCallback):
         self.t_start = self.t_since = time.time()
         self.tokens_since = 0
         self.stopped_early = False
+        self.bar = None
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def elapsed(self):
         return self.elapsed0 + time.time() - self.t_start
 
     def on_train_begin(self, args, state, control, **kw):
         self.t_start = self.t_since = time.time()
+        if self.main and sys.stderr.isatty():  # a progress bar with the losses and tokens/s; log lines go through it
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.a.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True)
+            plain = self.log
+            self.log = lambda s: self.bar.write(s) if self.bar is not None else plain(s)
 
     def on_step_end(self, args, state, control, **kw):
         a, step = self.a, state.global_step
@@ -256,6 +269,11 @@ class RunCallback(TrainerCallback):
             rec["diffusion_loss"] = diff
         self.state["log_history"].append(rec)
         self.tokens_since += a.batch_size * a.seq_len
+        if self.bar is not None:
+            self.bar.update(1)
+            rate = self.bar.format_dict.get("rate")
+            self.bar.set_postfix(loss=f"{loss:.3f}", ar=f"{ar:.3f}", diff=f"{diff if diff is not None else float('nan'):.3f}",
+                                 tok_s=f"{a.batch_size * a.seq_len * rate if rate else 0:,.0f}")
         if a.stop_after is not None and step >= a.stop_after:
             self.stopped_early = control.should_training_stop = True
             self.log(f"--stop-after {a.stop_after} reached")
@@ -279,7 +297,9 @@ class RunCallback(TrainerCallback):
             self.state["log_history"][-1]["grad_norm"] = float(logs["grad_norm"])
         rec = self.state["log_history"][-1] if self.state["log_history"] else None
         step = state.global_step
-        if self.main and rec and rec["step"] == step and (step % self.a.log_every == 0 or step == self.a.max_steps):
+        if (self.main and rec and rec["step"] == step and step != getattr(self, "_printed", None)
+                and (step % self.a.log_every == 0 or step == self.a.max_steps)):
+            self._printed = step
             dt = time.time() - self.t_since
             self.log(f"step {step}/{self.a.max_steps} loss {rec['loss']:.4f} ar {rec['ar_loss']:.4f}"
                      + (f" diff {rec['diffusion_loss']:.4f}" if "diffusion_loss" in rec else "")
