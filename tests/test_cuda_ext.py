@@ -169,12 +169,10 @@ def test_supports_predicate_dispatch():
         calls.append("cuda")
         return "cuda"
 
-    ref.philox = True
-    fast.philox = True
-    fast.only_fast = True
+    fast.only_fast = True  # an attribute of a function is no capability: only the records are
     try:
-        backends.register(op, "reference")(ref)
-        backends.register(op, "cuda", supports=lambda x: None if x > 0 else f"x must be > 0, got {x}")(fast)
+        backends.register(op, "reference", philox=True)(ref)
+        backends.register(op, "cuda", supports=lambda x: None if x > 0 else f"x must be > 0, got {x}", philox=True)(fast)
         dev = torch.device("cuda")  # dispatch looks at the device type only; nothing runs on it
         auto = backends.resolve(op, "auto", dev)
         assert auto(1) == "cuda" and auto(-1) == "reference"
@@ -185,7 +183,8 @@ def test_supports_predicate_dispatch():
             explicit(-3)
     finally:
         backends._IMPLS.pop(op, None)
-        backends._SUPPORTS.pop((op, "cuda"), None)
+        for name in ("reference", "cuda"):
+            backends._RECORDS.pop((op, name), None)
 
 
 @needs_ext

@@ -1,63 +1,168 @@
-"""Backend registry and dispatch: one public function per op, several implementations behind it.
+"""Backend registry and dispatch: one public function per op, several implementations behind it (docs/design.md §8).
 
-``backend="auto"`` picks, for the tensors' device, the fastest implementation that is live:
-``cuda`` (the compiled extension) > ``triton`` > ``reference``. When it has to fall back it says so
-once per (op, device type), naming why; ``live_backends()`` reports what is live (``tidar env``).
+Each implementation is one ``Impl`` record: its op and backend, the device types, dtypes and head dims it takes,
+whether it has a backward, whether it draws Philox uniforms itself, and an optional extra predicate. Its
+``supports(*args)`` returns None when it can run a call, else the reason it cannot; dispatch and every
+explanation come from these records:
+
+- ``backend="auto"`` on CUDA tensors tries ``cuda`` > ``triton`` > ``reference``: an implementation whose
+  ``supports`` declines a call hands it to the next one. On other tensors it runs the reference and says once
+  per device type why (the kernels need CUDA tensors).
+- an explicit ``backend=...`` runs exactly that implementation or raises naming the reason.
+
+``live_backends()`` reports what is live (``tidar env``).
 """
+
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 BACKENDS = ("reference", "triton", "cuda")
-_IMPLS: dict[str, dict[str, Callable]] = {}
-_SUPPORTS: dict[tuple[str, str], Callable] = {}
+_IMPLS: dict[str, dict[str, Callable]] = {}  # op -> backend -> the function dispatch calls
+_RECORDS: dict[tuple[str, str], Impl] = {}  # (op, backend) -> what that implementation supports
 _WARNED: set = set()
 
 
-def register(op: str, backend: str, supports: Callable | None = None):
-    """Decorator: ``fn`` implements ``op`` for ``backend``.
+class BackendCannotRun(RuntimeError):
+    """An explicit ``backend=`` cannot run this call; the message names the limit from its ``Impl`` record."""
 
-    ``supports(*args)`` (optional, same arguments as ``fn``) returns None when ``fn`` can run this call, else the
-    reason it cannot (e.g. "needs grad", "head dim 96"): ``backend="auto"`` then falls through to the next backend
-    and an explicit ``backend=...`` raises naming the reason.
+
+class BackendDtypeError(BackendCannotRun, TypeError):
+    """The explicit backend does not take the inputs' dtype (a RuntimeError and a TypeError)."""
+
+
+class BackendShapeError(BackendCannotRun, ValueError):
+    """The explicit backend does not take the inputs' shape, e.g. the head dim (a RuntimeError and a ValueError)."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """What one implementation of an op can run. ``None`` in a field means "no limit".
+
+    ``dtypes`` and ``head_dims`` are checked on the op's first argument (q, ar_logits or k_cache); ``head_dims``
+    only for attention (q's last dim), ``max_head_dim`` likewise. ``grad`` False: no backward, so calls whose
+    tensor arguments require grad (with grad enabled) are declined. ``philox``: the implementation draws the
+    Philox uniforms of a seed/offset itself (the others are given the uniforms, docs/design.md §6). ``check``:
+    an extra predicate with the implementation's arguments, returning None or the reason it cannot run them.
+    """
+
+    op: str
+    backend: str
+    device_types: tuple[str, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    head_dims: tuple[int, ...] | None = None
+    max_head_dim: int | None = None
+    grad: bool = True
+    philox: bool = False
+    check: Callable | None = None
+
+    def _refusal(self, args) -> tuple[type, str] | None:
+        """(exception type, reason) when this implementation cannot run ``args``, else None."""
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        who = f"the {self.backend} {self.op}"
+        if x is not None:  # (the device was checked when the implementation was resolved)
+            if self.dtypes is not None and x.dtype not in self.dtypes:
+                names = "/".join(_dtype_name(d) for d in self.dtypes)
+                return BackendDtypeError, f"{who} runs {names} inputs, got {_dtype_name(x.dtype)}"
+            if self.head_dims is not None and x.shape[-1] not in self.head_dims:
+                *most, last = map(str, self.head_dims)
+                dims = f"{', '.join(most)} and {last}" if most else last
+                return BackendShapeError, f"{who} supports head dims {dims}, got {x.shape[-1]}"
+            if self.max_head_dim is not None and x.shape[-1] > self.max_head_dim:
+                return BackendShapeError, f"{who} supports head dims up to {self.max_head_dim}, got {x.shape[-1]}"
+        if not self.grad and torch.is_grad_enabled():
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+                return BackendCannotRun, f"{who} has no backward (inference only) and an input requires grad"
+        if self.check is not None:
+            why = self.check(*args)
+            if why is not None:
+                return BackendCannotRun, why
+        return None
+
+    def supports(self, *args) -> str | None:
+        """None when this implementation can run a call with these (validated) arguments, else why not."""
+        refusal = self._refusal(args)
+        return None if refusal is None else refusal[1]
+
+
+def register(
+    op: str,
+    backend: str,
+    supports: Callable | None = None,
+    *,
+    device_types: tuple[str, ...] | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    head_dims: tuple[int, ...] | None = None,
+    max_head_dim: int | None = None,
+    grad: bool = True,
+    philox: bool = False,
+):
+    """Decorator: ``fn`` implements ``op`` for ``backend``, with the limits of its ``Impl`` record.
+
+    ``supports(*args)`` (optional, same arguments as ``fn``) is the record's extra ``check``. Kernel backends
+    (``triton``, ``cuda``) run on CUDA tensors unless ``device_types`` says otherwise.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if device_types is None and backend != "reference":
+        device_types = ("cuda",)
 
     def wrap(fn):
         _IMPLS.setdefault(op, {})[backend] = fn
-        if supports is not None:
-            _SUPPORTS[(op, backend)] = supports
+        _RECORDS[(op, backend)] = Impl(
+            op,
+            backend,
+            device_types=device_types,
+            dtypes=dtypes,
+            head_dims=head_dims,
+            max_head_dim=max_head_dim,
+            grad=grad,
+            philox=philox,
+            check=supports,
+        )
         return fn
 
     return wrap
 
 
-def _guarded(op: str, backend: str, fallback: Callable | None) -> Callable:
-    """The impl of ``op`` for ``backend``, checking its ``supports`` predicate per call (if it has one): an
-    unsupported call goes to ``fallback``, or raises when there is none (an explicit backend)."""
-    impl = _IMPLS[op][backend]
-    supports = _SUPPORTS.get((op, backend))
-    if supports is None:
-        return impl
+def record(op: str, backend: str) -> Impl:
+    """The ``Impl`` record of ``op``'s ``backend`` implementation (KeyError when there is none)."""
+    from . import _loaders
+
+    _loaders.load_all()
+    return _RECORDS[(op, backend)]
+
+
+def _chain(op: str, names: list[str], strict: bool) -> Callable:
+    """A callable running the first of ``names`` (implementations of ``op``) whose record supports the call;
+    the last one always runs (``auto``: the reference), unless ``strict`` (an explicit backend), where a refused
+    call raises naming the reason. Implementations are looked up per call (tests swap them)."""
+    records = [_RECORDS[(op, n)] for n in names]
 
     def call(*args):
-        why = supports(*args)
-        if why is None:
-            return impl(*args)
-        if fallback is None:
-            raise RuntimeError(f"backend={backend!r} cannot run {op} for these inputs: {why}")
-        return fallback(*args)
+        for i, rec in enumerate(records):
+            last = i == len(records) - 1
+            if last and not strict:
+                return _IMPLS[op][rec.backend](*args)
+            refusal = rec._refusal(args)
+            if refusal is None:
+                return _IMPLS[op][rec.backend](*args)
+            if strict:
+                exc, why = refusal
+                raise exc(f"backend={rec.backend!r} cannot run {op} for these inputs: {why}")
+        raise AssertionError("unreachable: the last implementation of a chain always runs")
 
-    # Capability flags set on impls (e.g. ``philox``: takes Philox state itself) hold for the wrapper only when
-    # they hold for every function it may call.
-    for key, value in vars(impl).items():
-        if fallback is None or getattr(fallback, key, None) == value:
-            setattr(call, key, value)
+    call.philox = all(r.philox for r in records)  # seed/offset are passed on only if every candidate draws them
+    call.records = tuple(records)
     return call
 
 
@@ -66,16 +171,17 @@ def triton_interpreted() -> bool:
 
 
 def _why_not(op: str, backend: str, device: torch.device) -> str | None:
-    """None if ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
-    if backend == "reference":
-        return None
+    """None if ``backend`` is live for ``op`` on ``device`` (ignoring the inputs' dtypes and shapes), else why."""
     if backend not in _IMPLS.get(op, {}):
         return f"no {backend} implementation of {op} is available ({_load_error(backend)})"
-    if device.type == "cuda" or (backend == "triton" and triton_interpreted()):
+    rec = _RECORDS[(op, backend)]
+    if rec.device_types is None or device.type in rec.device_types:
+        return None
+    if backend == "triton" and triton_interpreted():
         return None
     if backend == "triton":
         return f"triton needs CUDA tensors (or TRITON_INTERPRET=1), got {device.type} tensors"
-    return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
+    return f"the {backend} backend needs {'/'.join(rec.device_types).upper()} tensors, got {device.type} tensors"
 
 
 def _load_error(backend: str) -> str:
@@ -92,27 +198,27 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     if backend == "auto":
         # Kernels only on CUDA tensors: the Triton interpreter runs CPU tensors, but is never the fastest choice.
         live = [n for n in ("cuda", "triton") if device.type == "cuda" and _why_not(op, n, device) is None]
-        if live:  # a kernel whose supports() declines a call hands it to the next one (reference last)
-            impl = _IMPLS[op]["reference"]
-            for name in reversed(live):
-                impl = _guarded(op, name, impl)
-            return impl
+        if live:
+            return _chain(op, live + ["reference"], strict=False)
         if device.type not in _WARNED:  # once per device type, not once per op or per call
             _WARNED.add(device.type)
-            reason = _why_not(op, "triton", device) if device.type == "cuda" else (
-                f"the triton and cuda kernels need CUDA tensors, got {device.type} tensors")
+            reason = (
+                _why_not(op, "triton", device)
+                if device.type == "cuda"
+                else f"the triton and cuda kernels need CUDA tensors, got {device.type} tensors"
+            )
             warnings.warn(
                 f"tidar_kernels: backend='auto' falls back to the PyTorch reference on {device.type} tensors "
                 f"(first for {op}: {reason}); `tidar env` lists the live backends",
                 stacklevel=3,
             )
-        return _IMPLS[op]["reference"]
+        return _chain(op, ["reference"], strict=False)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     reason = _why_not(op, backend, device)
     if reason is not None:
-        raise RuntimeError(f"backend={backend!r} cannot run {op}: {reason}")
-    return _guarded(op, backend, None)
+        raise BackendCannotRun(f"backend={backend!r} cannot run {op}: {reason}")
+    return _chain(op, [backend], strict=True)
 
 
 def live_backends(device: str | torch.device | None = None) -> dict[str, list[str]]:

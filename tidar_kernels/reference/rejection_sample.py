@@ -160,7 +160,7 @@ def _next_drafts(first, slot_logits, u, greedy, temperature, top_k, top_p):
     return torch.cat([first[:, None], sample(q, u[:, K + 1 : 2 * K])], 1), q.float()
 
 
-@register("draft_sample", "reference")
+@register("draft_sample", "reference", philox=True)  # expands ``Philox`` state itself
 def draft_sample(ar_logits, block_logits, u, temperature, top_k, top_p, beta):
     """Prefill: d_0 from the AR logits at the last prompt token (mixed with slot 0), d_1.. from slots 1..K-1."""
     greedy = temperature == 0.0
@@ -173,7 +173,7 @@ def draft_sample(ar_logits, block_logits, u, temperature, top_k, top_p, beta):
     return _next_drafts(first, block_logits[:, 1:], u, greedy, temperature, top_k, top_p)
 
 
-@register("rejection_sample", "reference")
+@register("rejection_sample", "reference", philox=True)
 def rejection_sample(ar_logits, block_logits, drafts, draft_probs, u, temperature, top_k, top_p, beta):
     B, K, V = ar_logits.shape
     greedy = temperature == 0.0
@@ -208,6 +208,3 @@ def rejection_sample(ar_logits, block_logits, drafts, draft_probs, u, temperatur
         correction, block_logits[rows, last, 1:], u, greedy, temperature, top_k, top_p
     )
     return accepted, emitted, next_drafts, next_q
-
-
-draft_sample.philox = rejection_sample.philox = True  # they expand ``Philox`` state themselves

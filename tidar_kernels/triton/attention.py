@@ -627,19 +627,19 @@ _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale, num_splits: int = 0, softcap=None):
-    """``(out, lse)``; ``num_splits`` 0 = automatic, n > 0 forces n split-KV chunks (tests, benchmarks);
-    ``softcap`` None or > 0 (logit soft-capping, see ``tidar_kernels.tidar_attention``)."""
-    return _fwd_op(q, k, v, local_limit, block_id, seg_start, float(scale), int(num_splits),
-                   0.0 if softcap is None else float(softcap))
+    """``(out, lse)``: lse natural-log, fp32 ``[B, Hq, S]``, -inf for a query that sees no key (docs/design.md §7;
+    the backward's saved copy holds +inf there, so its exp(s - lse) is 0); ``num_splits`` 0 = automatic, n > 0
+    forces n split-KV chunks (tests, benchmarks); ``softcap`` None or > 0 (logit soft-capping)."""
+    out, lse = _fwd_op(q, k, v, local_limit, block_id, seg_start, float(scale), int(num_splits),
+                       0.0 if softcap is None else float(softcap))
+    return out, lse.masked_fill(torch.isposinf(lse), float("-inf"))
 
 
-@register("tidar_attention", "triton")
+# limits stated in the record (tidar_kernels.backends): auto falls back to the reference outside them
+@register("tidar_attention", "triton", dtypes=_TL_DTYPES, max_head_dim=256)
 def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale, softcap=None):
-    if q.dtype not in _TL_DTYPES:
-        raise TypeError(f"backend='triton' supports q/k/v in float16, bfloat16, float32; got {q.dtype}")
-    if q.shape[3] > 256:
-        raise ValueError(f"backend='triton' supports head dims up to 256, got {q.shape[3]}")
-    return attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale, softcap=softcap)[0]
+    return _fwd_op(q, k, v, local_limit, block_id, seg_start, float(scale), 0,
+                   0.0 if softcap is None else float(softcap))[0]
 
 
 __all__ = ["attention_with_lse", "dkdv_ranges", "tidar_attention", "tile_classes", "EMPTY", "FULL", "PARTIAL"]
