@@ -4,6 +4,7 @@ The op tests of test_kv_append.py run on backend="triton" through the conftest `
 vs a Python-loop twin, special values, non-contiguous inputs and cache views, repeated appends, bad calls leave
 the cache untouched); here: fresh random shapes that do not divide the tiles and a GPU variant at real size.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,11 +15,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
 import pytest  # noqa: E402
-
-from tidar_kernels import kv_append  # noqa: E402
-from tidar_kernels.backends import resolve  # noqa: E402
-
 from test_kv_append import bits, expected, rand  # noqa: E402  (the twins)
+
+from tidar_kernels import (
+    backends,  # noqa: E402
+    kv_append,  # noqa: E402
+)
+from tidar_kernels.backends import resolve  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,7 +29,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 def test_triton_backend_is_live():
     from tidar_kernels.triton import kv_append as impl
 
-    assert resolve("kv_append", "triton", torch.device(DEV)) is impl.kv_append
+    assert resolve("kv_append", "triton", torch.device(DEV)).records == (backends.record("kv_append", "triton"),)
+    assert backends._IMPLS["kv_append"]["triton"] is impl.kv_append
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
@@ -48,8 +52,10 @@ def test_exact_nan_payloads_fp16():
     """EXACT: every fp16 bit pattern (all NaN payloads included) survives the copy."""
     allbits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     new = allbits.view(torch.float16).reshape(1, 1, 2**14, 4)
-    k_cache, v_cache = torch.zeros(1, 1, 2**14 + 3, 4, dtype=torch.float16), torch.zeros(1, 1, 2**14 + 3, 4,
-                                                                                          dtype=torch.float16)
+    k_cache, v_cache = (
+        torch.zeros(1, 1, 2**14 + 3, 4, dtype=torch.float16),
+        torch.zeros(1, 1, 2**14 + 3, 4, dtype=torch.float16),
+    )
     kv_append(k_cache, v_cache, new, new.flip(2), torch.tensor([3]), backend="triton")
     assert torch.equal(bits(k_cache[0, 0, 3:]), bits(new[0, 0]))
     assert torch.equal(bits(v_cache[0, 0, 3:]), bits(new.flip(2)[0, 0]))

@@ -9,6 +9,7 @@ Vocabulary-parallel path (forced, with small chunks): exact vs the reference and
 Distribution: chi-square of the emitted tokens against p on a small vocabulary (with a negative control),
 plus the reference suite's greedy, hand-computed and bad-call tests re-run on backend="triton".
 """
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,16 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from tidar_kernels import draft_sample, draw_uniforms, philox_uniforms, rejection_sample  # noqa: E402
+from tidar_kernels import (  # noqa: E402
+    backends,  # noqa: E402
+    draft_sample,
+    draw_uniforms,
+    philox_uniforms,
+    rejection_sample,
+)
 from tidar_kernels.backends import resolve  # noqa: E402
 from tidar_kernels.triton import rejection_sample as impl_mod  # noqa: E402
+from tidar_kernels.triton import sampling  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -38,16 +46,23 @@ def gen(seed):
 def test_triton_backend_is_live():
     from tidar_kernels.triton import rejection_sample as impl
 
-    assert resolve("rejection_sample", "triton", torch.device(DEV)) is impl.rejection_sample
-    assert resolve("draft_sample", "triton", torch.device(DEV)) is impl.draft_sample
+    assert resolve("rejection_sample", "triton", torch.device(DEV)).records == (
+        backends.record("rejection_sample", "triton"),
+    )
+    assert backends._IMPLS["rejection_sample"]["triton"] is impl.rejection_sample
+    assert resolve("draft_sample", "triton", torch.device(DEV)).records == (backends.record("draft_sample", "triton"),)
+    assert backends._IMPLS["draft_sample"]["triton"] is impl.draft_sample
 
 
 def _step(B, K, V, T, seed, dtype=torch.float32, accept_bias=True):
     """Random step whose drafts are often accepted: AR logits near the draft distributions."""
     g = gen(seed)
     q = (torch.randn(B, K - 1, V, generator=g) * 1.5).softmax(-1)
-    d_rest = torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K - 1) if K > 1 else \
-        torch.zeros(B, 0, dtype=torch.long)
+    d_rest = (
+        torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K - 1)
+        if K > 1
+        else torch.zeros(B, 0, dtype=torch.long)
+    )
     drafts = torch.cat([torch.randint(0, V, (B, 1), generator=g), d_rest], 1)
     ar = torch.randn(B, K, V, generator=g) * 2
     if accept_bias and K > 1:
@@ -91,8 +106,11 @@ def test_exact_vs_reference_given_uniforms(B, K, V, T, beta, dtype):
     ar, blk, drafts, q = _step(B, K, V, T, seed=B * K + V)
     ar, blk = ar.to(dtype), blk.to(dtype)
     if T == 0.0 and K > 1:  # greedy: plant the target argmax as the draft most of the time
-        target = beta * ar.double() + (1 - beta) * blk[:, :, 0].double() if 0 < beta < 1 else \
-            (ar if beta == 1 else blk[:, :, 0]).double()
+        target = (
+            beta * ar.double() + (1 - beta) * blk[:, :, 0].double()
+            if 0 < beta < 1
+            else (ar if beta == 1 else blk[:, :, 0]).double()
+        )
         plant = torch.rand(B, K - 1, generator=gen(1)) < 0.7
         drafts[:, 1:] = torch.where(plant, target[:, :-1].argmax(-1), drafts[:, 1:])
     u = draw_uniforms(B, K, generator=gen(V))
@@ -204,10 +222,10 @@ def test_exact_top_k_top_p_with_ties(top_k, top_p):
 
 @triton.jit
 def _philox_probe(SEED, OFFSET, OUT, N):
-    """u[i] = the kernel module's Philox uniform at counter OFFSET + i."""
+    """u[i] = the sampling kernels' Philox uniform at counter OFFSET + i."""
     i = tl.program_id(0) * 64 + tl.arange(0, 64)
     n = tl.load(OFFSET) + i.to(tl.int64)
-    u = impl_mod._philox_uniform(tl.load(SEED), n)
+    u = sampling._philox_uniform(tl.load(SEED), n)
     tl.store(OUT + i, u, mask=i < N)
 
 
@@ -284,8 +302,9 @@ def test_vocab_parallel_exact(vocab_parallel, B, K, V, T, beta, top_k, top_p, ra
         target = ref_mix(ar, blk, beta)
         drafts[1:, 1:] = target[1:, :-1].argmax(-1)
     if T > 0 and (top_k or top_p) and K > 1:  # drafts and q from the filtered distributions
-        pre = draft_sample(blk[:, 0, 0], blk[:, 0], temperature=T, top_k=top_k, top_p=top_p, generator=gen(2),
-                           backend="reference")
+        pre = draft_sample(
+            blk[:, 0, 0], blk[:, 0], temperature=T, top_k=top_k, top_p=top_p, generator=gen(2), backend="reference"
+        )
         drafts[:, 1:], q = pre.next_drafts[:, 1:], pre.next_draft_probs
         ar[:, :-1] = (blk[:, 0, 1:].float() + 0.3 * torch.randn(B, K - 1, V, generator=gen(3))).to(dtype)
     kw = dict(temperature=T, beta=beta, top_k=top_k, top_p=top_p)
@@ -342,8 +361,15 @@ def test_emitted_tokens_distributed_as_p():
     q0 = (torch.randn(KD - 1, VD, generator=g) * 1.2).softmax(-1)
     d_rest = torch.stack([torch.multinomial(q0[i], N, replacement=True, generator=g) for i in range(KD - 1)], 1)
     drafts = torch.cat([torch.zeros(N, 1, dtype=torch.long), d_rest], 1)
-    res = rejection_sample(ar0.expand(N, KD, VD), blk0.expand(N, KD, KD, VD), drafts, q0.expand(N, KD - 1, VD),
-                           temperature=TEMP, generator=gen(77), backend="triton")
+    res = rejection_sample(
+        ar0.expand(N, KD, VD),
+        blk0.expand(N, KD, KD, VD),
+        drafts,
+        q0.expand(N, KD - 1, VD),
+        temperature=TEMP,
+        generator=gen(77),
+        backend="triton",
+    )
     p = (ar0.double() / TEMP).softmax(-1)
     a, em, nd = res.accepted, res.emitted, res.next_drafts
     overlap = torch.minimum(p[0], q0[0].double()).sum().item()
@@ -379,12 +405,19 @@ def test_gpu_exact_real_vocab(T, beta):
     ar = torch.randn(B, K, V, device="cuda", generator=g).to(torch.bfloat16) * 3
     blk = torch.randn(B, K, K, V, device="cuda", generator=g).to(torch.bfloat16) * 3
     q = (ar[:, :-1].float() / max(T, 0.5) + 0.3 * torch.randn(B, K - 1, V, device="cuda", generator=g)).softmax(-1)
-    drafts = torch.cat([torch.zeros(B, 1, dtype=torch.long, device="cuda"),
-                        torch.multinomial(q.view(-1, V), 1, generator=g).view(B, K - 1)], 1)
+    drafts = torch.cat(
+        [
+            torch.zeros(B, 1, dtype=torch.long, device="cuda"),
+            torch.multinomial(q.view(-1, V), 1, generator=g).view(B, K - 1),
+        ],
+        1,
+    )
     u = draw_uniforms(B, K, generator=g)
     kw = dict(temperature=T, beta=beta, uniforms=u)
-    _assert_same(rejection_sample(ar, blk, drafts, q, backend="triton", **kw),
-                 rejection_sample(ar, blk, drafts, q, backend="reference", **kw))
+    _assert_same(
+        rejection_sample(ar, blk, drafts, q, backend="triton", **kw),
+        rejection_sample(ar, blk, drafts, q, backend="reference", **kw),
+    )
 
 
 def _gpu_step(B, K, V, T, seed=0):
@@ -392,14 +425,20 @@ def _gpu_step(B, K, V, T, seed=0):
     ar = (torch.randn(B, K, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
     blk = (torch.randn(B, K, K, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
     q = (ar[:, :-1].float() / max(T, 0.5) + 0.3 * torch.randn(B, K - 1, V, device="cuda", generator=g)).softmax(-1)
-    drafts = torch.cat([torch.zeros(B, 1, dtype=torch.long, device="cuda"),
-                        torch.multinomial(q.view(-1, V), 1, generator=g).view(B, K - 1)], 1)
+    drafts = torch.cat(
+        [
+            torch.zeros(B, 1, dtype=torch.long, device="cuda"),
+            torch.multinomial(q.view(-1, V), 1, generator=g).view(B, K - 1),
+        ],
+        1,
+    )
     return ar, blk, drafts, q
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,beta,top_k,top_p", [(0.0, 1.0, None, None), (1.0, 1.0, None, None),
-                                               (0.8, 0.5, None, 0.9), (1.0, 1.0, 50, None)])
+@pytest.mark.parametrize(
+    "T,beta,top_k,top_p", [(0.0, 1.0, None, None), (1.0, 1.0, None, None), (0.8, 0.5, None, 0.9), (1.0, 1.0, 50, None)]
+)
 def test_gpu_vocab_parallel_batch1(T, beta, top_k, top_p):
     """EXACT (GPU): batch 1, K=16, V=151936 bf16 takes the vocabulary-parallel path; uniforms made in-kernel
     from seed/offset == the reference given philox_uniforms; and == the one-launch kernel."""
@@ -407,8 +446,9 @@ def test_gpu_vocab_parallel_batch1(T, beta, top_k, top_p):
     assert impl_mod.use_vocab_parallel(B, K, V, torch.device("cuda"))
     ar, blk, drafts, q = _gpu_step(B, K, V, T)
     kw = dict(temperature=T, beta=beta, top_k=top_k, top_p=top_p)
-    want = rejection_sample(ar, blk, drafts, q, uniforms=philox_uniforms(123, 4096, B, K, device="cuda"),
-                            backend="reference", **kw)
+    want = rejection_sample(
+        ar, blk, drafts, q, uniforms=philox_uniforms(123, 4096, B, K, device="cuda"), backend="reference", **kw
+    )
     got = rejection_sample(ar, blk, drafts, q, seed=123, offset=4096, backend="triton", **kw)
     _assert_same(got, want)
     impl_mod.VOCAB_PARALLEL = False
@@ -439,12 +479,13 @@ def test_gpu_cuda_graph_seed_offset(B):
     for step in range(3):
         offset_t.fill_(step * B * 2 * K)
         graph.replay()
-        want = rejection_sample(ar, blk, drafts, q, temperature=1.0, seed=77, offset=step * B * 2 * K,
-                                backend="reference")
+        want = rejection_sample(
+            ar, blk, drafts, q, temperature=1.0, seed=77, offset=step * B * 2 * K, backend="reference"
+        )
         _assert_same(type(want)(*out), want)
 
 
-_COMPILE_SCRIPT = r'''
+_COMPILE_SCRIPT = r"""
 import itertools, sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -454,7 +495,9 @@ import tidar_kernels.triton.rejection_sample as M
 types = dict(AR="*bf16", BLK="*fp16", DRAFTS="*i64", Q="*fp32", U="*fp32", SEED="*i64", OFFSET="*i64", THR_T="*fp64",
              THR_S="*fp64", COEF="*fp64", ACC="*i64", EMIT="*i64", NEXT="*i64", NEXT_P="*fp32", STATS="*fp64",
              ARG="*i32", ROWSTAT="*fp64")
-for greedy, mix, philox, filt in [(True, 2, False, False), (False, 2, True, True), (False, 0, False, False)]:
+from tidar_kernels.triton.sampling import MIX_AR, MIX_BOTH
+for greedy, mix, philox, filt in [(True, MIX_BOTH.value, False, False), (False, MIX_BOTH.value, True, True),
+                                  (False, MIX_AR.value, False, False)]:
     f = dict(GREEDY=greedy, MIX=mix, FILTER=filt)
     for fn, consts in [
         (M._rejection_kernel, dict(f, PHILOX=philox, BLOCK_V=1024, BLOCK_K=16, BLOCK_U=32)),
@@ -469,11 +512,12 @@ for greedy, mix, philox, filt in [(True, 2, False, False), (False, 2, True, True
         src = ASTSource(fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
         print("compiled", fn.__name__, consts, flush=True)
-'''
+"""
 
 
-@pytest.mark.skipif(os.environ.get("TIDAR_TRITON_COMPILE_CHECK") != "1",
-                    reason="opt-in (about a minute): TIDAR_TRITON_COMPILE_CHECK=1")
+@pytest.mark.skipif(
+    os.environ.get("TIDAR_TRITON_COMPILE_CHECK") != "1", reason="opt-in (about a minute): TIDAR_TRITON_COMPILE_CHECK=1"
+)
 def test_kernels_compile_for_sm90():
     """The kernels compile for sm_90 without a GPU (the interpreter accepts code the compiler rejects:
     if/else type mismatches, unsupported ops). Runs in a subprocess without TRITON_INTERPRET."""

@@ -4,6 +4,7 @@ seg_start, shapes that divide no tile (S in 1, 7, 113, 127, 300), forced split-K
 (FlashAttention-style bound: error vs fp64 at most 2x plain low-precision PyTorch + small atol),
 empty queries, non-contiguous inputs, the custom op (opcheck), bad calls. GPU variants: bf16, real sizes.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,12 +15,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
 import pytest  # noqa: E402
-
-from tidar_kernels import dense_mask, layouts, tidar_attention  # noqa: E402
-from tidar_kernels.backends import resolve  # noqa: E402
-
 from test_tidar_attention import CASES, loop_attention, plain_attention, rand_inputs, seg  # noqa: E402  (the twins)
 
+from tidar_kernels import (  # noqa: E402
+    backends,  # noqa: E402
+    dense_mask,
+    layouts,
+    tidar_attention,
+)
+from tidar_kernels.backends import resolve  # noqa: E402
 from tidar_kernels.triton import attention as tri  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,7 +40,10 @@ def small_tiles():
 
 
 def test_triton_backend_is_live():
-    assert resolve("tidar_attention", "triton", torch.device(DEV)) is tri.tidar_attention
+    assert resolve("tidar_attention", "triton", torch.device(DEV)).records == (
+        backends.record("tidar_attention", "triton"),
+    )
+    assert backends._IMPLS["tidar_attention"]["triton"] is tri.tidar_attention
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +190,9 @@ def test_noncontiguous_inputs_and_scale():
     v = torch.randn(2, 2, S + 3, 32, generator=g)[..., ::2]
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     out = tidar_attention(q, k, v, lay.local_limit, lay.block_id, scale=0.3, backend="triton")
-    torch.testing.assert_close(out.double(), _ref(q, k, v, lay.local_limit, lay.block_id, seg(3, 3), 0.3),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.double(), _ref(q, k, v, lay.local_limit, lay.block_id, seg(3, 3), 0.3), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_query_seeing_no_key_returns_zero_without_nan():
@@ -197,6 +205,9 @@ def test_query_seeing_no_key_returns_zero_without_nan():
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     assert (q.grad[:, :, 0] == 0).all(), "an empty query gets zero gradient"
+    for num_splits in (1, 2):  # the lse convention shared with the CUDA forward: -inf where a query sees no key
+        _, lse = tri.attention_with_lse(q, k, v, ll, bid, seg(0), 0.25, num_splits=num_splits)
+        assert torch.isneginf(lse[:, :, 0]).all() and torch.isfinite(lse[:, :, 1:]).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,13 +241,18 @@ def test_backward_fp32(case):
     q, k, v = rand_inputs(B, Hq, Hkv, S, Skv, D, seg_start, dtype=torch.float32, seed=S + 1)
     dout = torch.randn(B, Hq, S, D, generator=torch.Generator().manual_seed(2))
     _, got = _grads(lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend="triton"), q, k, v, dout)
-    _, want = _grads(lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend="reference"),
-                     q.double(), k.double(), v.double(), dout)
+    _, want = _grads(
+        lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend="reference"),
+        q.double(),
+        k.double(),
+        v.double(),
+        dout,
+    )
     for n, a, b in zip("qkv", got, want):
         assert a.dtype == torch.float32 and a.shape == b.shape
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=f"d{n}")
     for b, s0 in enumerate(segs):  # never-seen keys get exactly zero gradient
-        assert (got[1][b, :, s0 + S:] == 0).all() and (got[2][b, :, s0 + S:] == 0).all()
+        assert (got[1][b, :, s0 + S :] == 0).all() and (got[2][b, :, s0 + S :] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,13 +280,19 @@ def test_low_precision_fwd_bwd_bounded_by_pytorch_error(dtype, layout_name):
     S, D, Hq, Hkv = lay.seg_len, 32, 4, 2
     seg_start = seg(*segs)
     Skv = max(segs) + S + 2
-    q, k, v = (t.to(DEV) for t in rand_inputs(len(segs), Hq, Hkv, S, Skv, D, seg_start, dtype=dtype, seed=17,
-                                              plant=False))
+    q, k, v = (
+        t.to(DEV) for t in rand_inputs(len(segs), Hq, Hkv, S, Skv, D, seg_start, dtype=dtype, seed=17, plant=False)
+    )
     ll, bid, seg_start = ll.to(DEV), bid.to(DEV), seg_start.to(DEV)
     dout = torch.randn(len(segs), Hq, S, D, generator=torch.Generator().manual_seed(3)).to(DEV)
     out, g = _grads(lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend="triton"), q, k, v, dout)
-    ref, gr = _grads(lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend="reference"),
-                     q.double(), k.double(), v.double(), dout)
+    ref, gr = _grads(
+        lambda q, k, v: tidar_attention(q, k, v, ll, bid, seg_start, backend="reference"),
+        q.double(),
+        k.double(),
+        v.double(),
+        dout,
+    )
     base, gb = _grads(lambda q, k, v: _plain(q, k, v, ll, bid, seg_start), q, k, v, dout)
     assert out.dtype == dtype
     for n, x, r, bx in zip(["out", "dq", "dk", "dv"], [out] + g, [ref] + gr, [base] + gb):
@@ -290,8 +312,11 @@ def test_custom_op_opcheck():
     S = lay.seg_len
     q, k, v = rand_inputs(1, 2, 1, S, S + 5, 16, seg(5), dtype=torch.float32, seed=1, plant=False)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    torch.library.opcheck(tri._fwd_op, (q, k, v, lay.local_limit, lay.block_id, seg(5), 0.25, 1),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        tri._fwd_op,
+        (q, k, v, lay.local_limit, lay.block_id, seg(5), 0.25, 1),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_float64_is_a_clear_error():
