@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The one script to run on the GPU machine: install (building the CUDA extension), report the live
-# backends, run every benchmark, write OUTDIR/{results.csv,results.md,env.json,*.png,build.log,run.log}.
-# Fits in about 8 minutes: suite budgets shrink to the time the build left (TIDAR_BENCH_TOTAL_S, default 480).
-#   usage: benchmarks/run_gpu.sh OUTDIR [extra args for python -m benchmarks]
+# The benchmarks on the GPU machine: install (building the CUDA extension; SKIP_BUILD=1 when it is built already),
+# report the live backends, run every benchmark within a time budget, write
+# OUTDIR/{results.csv,results.md,env.json,*.png,build.log,run.log}. Suite budgets shrink to the seconds left after
+# the build; past the budget the run is stopped and still writes the rows it measured.
+#   usage: benchmarks/run_gpu.sh OUTDIR [SECONDS] [extra args for python -m benchmarks]
+#          SECONDS: the whole script's budget (default: TIDAR_BENCH_TOTAL_S, else 480)
 # FlashInfer is optional: a wheel under .whl/ (carried to the machine) is installed offline when present.
 set -uo pipefail
-OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR [args]}
+OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR [SECONDS] [args]}
 shift
+TOTAL=${TIDAR_BENCH_TOTAL_S:-480}
+if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+  TOTAL=$1
+  shift
+fi
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-TOTAL=${TIDAR_BENCH_TOTAL_S:-480}
 t0=$(date +%s)
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv \
@@ -21,7 +27,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
 cat "$OUT/gpu.txt"
 
 echo "== install (CUDA extension build), log in build.log"
-if pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+if [ "${SKIP_BUILD:-0}" = "1" ]; then
+  echo "SKIP_BUILD=1: using the installed build" | tee "$OUT/build.log"
+elif pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   echo "installed in $(( $(date +%s) - t0 )) s"
 else
   echo "!! pip install failed after $(( $(date +%s) - t0 )) s; tail of build.log:"; tail -25 "$OUT/build.log"
@@ -37,9 +45,11 @@ echo "== tidar env"
 python -m tidar.cli env 2>&1 | tee "$OUT/tidar_env.txt" || true
 
 left=$(( TOTAL - ($(date +%s) - t0) ))
-scale=$(python -c "print(max(0.2, min(1.0, ($left - 45) / 410)))")
+scale=$(python -c "print(max(0.05, min(1.0, ($left - 45) / 410)))")
 echo "== benchmarks: ${left} s left, budget scale ${scale}"
-timeout $(( left > 60 ? left : 60 )) python -m benchmarks --out "$OUT" --budget-scale "$scale" "$@" 2>&1 | tee "$OUT/run.log"
+# SIGTERM at the budget: the harness then writes the rows measured so far (SIGKILL 20 s later if it hangs)
+timeout --kill-after=20 $(( left > 30 ? left - 20 : 10 )) python -m benchmarks --out "$OUT" --budget-scale "$scale" "$@" \
+  2>&1 | tee "$OUT/run.log"
 rc=${PIPESTATUS[0]}
 echo "== done in $(( $(date +%s) - t0 )) s (rc $rc); results in $OUT"
 exit "$rc"

@@ -10,8 +10,10 @@ import sys
 
 SUBCOMMANDS = {
     "env": ("tidar.env_cmd", "report the build, versions and live backends"),
+    "selftest": ("tidar.selftest_cmd", "check every live kernel backend against the reference"),
     "demo": ("tidar.demo", "AR vs TiDAR greedy decoding on the bundled model"),
     "train": ("tidar.train", "train a model with the TiDAR hybrid objective"),
+    "profile": ("tidar.profile_cmd", "token-slot curve, acceptance statistics and the draft length auto chooses"),
 }
 
 
