@@ -81,3 +81,22 @@ def test_same_generator_seed_reproduces():
     b, _ = _sample(model, 3, seed=5)
     c, _ = _sample(model, 3, seed=6)
     assert a == b and a != c
+
+
+@pytest.mark.parametrize("K,levels,context", [(3, (1,), False), (4, (2, 4), True), (3, None, True)])
+def test_level_sets_and_context_drafts_keep_the_ar_distribution(K, levels, context):
+    """Sparse proposal levels (fewer, shifted diffusion drafts, filler drafts with q = 1) and context drafts
+    (copies, q = 1) are proposals like any other: the samples still follow the exact AR distribution."""
+    model = tiny_model("qwen2", vocab=V, hidden=16, init=0.5, seed=20 + K)
+    exact = _exact_ar_distribution(model)
+    tidar.patch(model, draft_len=K, proposal_levels=levels, context_drafts=context)
+    ids = torch.tensor([PROMPT]).expand(N, -1).contiguous()
+    g = torch.Generator().manual_seed(1)
+    out = tidar.generate(model, ids, max_new_tokens=T, temperature=1.0, generator=g)
+    samples = [tuple(r) for r in out.sequences[:, len(PROMPT) :].tolist()]
+    assert max(out.accepted_histogram) > 1, "no draft was ever accepted: the test would prove nothing"
+    if context:
+        assert out.draft_sources.get("context", 0) > 0, out.draft_sources
+    assert _chi2_pvalue(samples, exact) > 1e-3
+    tv = 0.5 * sum(abs(exact[s] - samples.count(s) / N) for s in exact)
+    assert tv < 0.06
