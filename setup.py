@@ -17,6 +17,7 @@ API (abi3), so one binary keeps loading on later torch releases and Python versi
 installed torch. csrc/sources.txt is the source list shared with CMakeLists.txt. No network or git calls here:
 the git sha is read from .git/ files.
 """
+
 import os
 import re
 import shutil
@@ -113,8 +114,12 @@ def resolve_cuda_home():
     if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
         return
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.SubprocessError):
         return
     m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
@@ -206,10 +211,19 @@ def extension_setup():
         include_dirs=[CSRC],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17"] + common + isystem,
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo",
-                     # torch adds these "no half operators" defines; our kernels use cuda_fp16/bf16 operators
-                     "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                     "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"] + common + isystem + gencode,
+            "nvcc": [
+                "-O3",
+                "-std=c++17",
+                "-lineinfo",
+                # torch adds these "no half operators" defines; our kernels use cuda_fp16/bf16 operators
+                "-U__CUDA_NO_HALF_OPERATORS__",
+                "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                "-U__CUDA_NO_HALF2_OPERATORS__",
+            ]
+            + common
+            + isystem
+            + gencode,
         },
         py_limited_api=True,
     )
@@ -226,8 +240,11 @@ def extension_setup():
                 if _flag("TIDAR_FORCE_CUDA"):
                     raise
                 msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
-                print(f"tidar-kernels: WARNING: the CUDA extension failed to build ({msg}); installing without it "
-                      "(set TIDAR_FORCE_CUDA=1 to make this an error)", file=sys.stderr)
+                print(
+                    f"tidar-kernels: WARNING: the CUDA extension failed to build ({msg}); installing without it "
+                    "(set TIDAR_FORCE_CUDA=1 to make this an error)",
+                    file=sys.stderr,
+                )
                 write_build_info({**info, "extension": False, "skipped_because": f"the build failed: {msg}"})
 
     return [ext], {"build_ext": OptionalBuildExt}, {"bdist_wheel": {"py_limited_api": "cp310"}}

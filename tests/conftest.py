@@ -10,6 +10,7 @@ tensors it uses (``backends_under_test``):
 A test that takes ``device`` builds its tensors there (``reference`` runs on ``"cpu"``).
 Without a GPU the suite runs under ``TRITON_INTERPRET=1``, set here, before anything imports triton.
 """
+
 from __future__ import annotations
 
 import os
@@ -77,8 +78,18 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", [b for b, _ in pairs])
 
 
-def tiny_model(arch: str = "qwen2", vocab: int = 97, seed: int = 0, *, hidden: int = 32, layers: int = 2,
-               heads: int = 4, kv_heads: int = 2, init: float = 0.2, max_pos: int = 1024):
+def tiny_model(
+    arch: str = "qwen2",
+    vocab: int = 97,
+    seed: int = 0,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    init: float = 0.2,
+    max_pos: int = 1024,
+):
     """A tiny random-weight causal LM of the given family; the last vocab id is its [MASK].
 
     ``init`` is larger than HF's 0.02 so the logits are peaked and fp32 near-ties are rare.

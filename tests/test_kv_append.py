@@ -1,5 +1,6 @@
 """kv_append: bit-exact over the whole cache (no stray writes), per-row offsets, non-contiguous inputs,
 every float dtype; overflow and bad calls raise and leave the cache bit-identical."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,14 @@ def expected(cache: torch.Tensor, new: torch.Tensor, seg_start: list[int]) -> to
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Raw bits, so equality is bit equality (also for -0.0 and NaN payloads)."""
-    return t.view({torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-                   torch.float64: torch.int64}[t.dtype])
+    return t.view(
+        {
+            torch.float16: torch.int16,
+            torch.bfloat16: torch.int16,
+            torch.float32: torch.int32,
+            torch.float64: torch.int64,
+        }[t.dtype]
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -153,8 +160,12 @@ F16 = torch.float16
 BAD_CALLS = [
     ("overflow_one_row", dict(seg_start=torch.tensor([0, 8], dtype=torch.int32)), ValueError, "overflow"),
     ("overflow_int", dict(seg_start=8), ValueError, "overflow"),
-    ("overflow_segment_longer_than_cache", dict(k_new=rand((2, 2, 11, 4), F16, 0), v_new=rand((2, 2, 11, 4), F16, 1),
-                                                seg_start=0), ValueError, "overflow"),
+    (
+        "overflow_segment_longer_than_cache",
+        dict(k_new=rand((2, 2, 11, 4), F16, 0), v_new=rand((2, 2, 11, 4), F16, 1), seg_start=0),
+        ValueError,
+        "overflow",
+    ),
     ("negative_seg_start", dict(seg_start=torch.tensor([-1, 0], dtype=torch.int32)), ValueError, "seg_start"),
     ("negative_int_seg_start", dict(seg_start=-2), ValueError, "seg_start"),
     ("seg_start_wrong_length", dict(seg_start=torch.tensor([0, 1, 2])), ValueError, "seg_start"),
@@ -182,8 +193,9 @@ def test_bad_calls_raise_and_leave_cache_untouched(backend, name, override, exc,
     with pytest.raises(exc, match=match):
         kv_append(**args, backend=backend)
     for n, t in before.items():
-        assert torch.equal(bits(args[n]) if t.is_floating_point() else args[n],
-                           bits(t) if t.is_floating_point() else t), f"{n} changed by a failed call"
+        assert torch.equal(
+            bits(args[n]) if t.is_floating_point() else args[n], bits(t) if t.is_floating_point() else t
+        ), f"{n} changed by a failed call"
 
 
 def test_good_call_of_bad_call_table_runs(backend):

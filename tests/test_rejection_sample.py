@@ -1,6 +1,7 @@
 """rejection_sample / draft_sample (docs/design.md §4.1): greedy semantics exactly, a hand-computed sampling
 step, reproducibility, the sampling distribution (acceptance rates and chi-square against p, with a
 negative control that proves the test has power), top-k/top-p support, the beta mix, bad calls."""
+
 from __future__ import annotations
 
 import math
@@ -155,8 +156,12 @@ def test_beta_mix_greedy(backend):
     acc, emitted, nxt = greedy_twin(ar, blk, drafts, beta=0.3)
     assert torch.equal(res.accepted, acc) and torch.equal(res.emitted, emitted) and torch.equal(res.next_drafts, nxt)
     # draft_sample mixes d_0 the same way
-    d = draft_sample(torch.tensor([[0.0, 4.0, 0.0, 3.0, 0.0]]), torch.tensor([[[0.0, -4.0, 4.0, 3.0, 0.0]]]),
-                     beta=0.5, backend=backend)
+    d = draft_sample(
+        torch.tensor([[0.0, 4.0, 0.0, 3.0, 0.0]]),
+        torch.tensor([[[0.0, -4.0, 4.0, 3.0, 0.0]]]),
+        beta=0.5,
+        backend=backend,
+    )
     assert d.next_drafts.tolist() == [[3]]
 
 
@@ -207,11 +212,13 @@ def test_sampling_by_hand(backend):
     blk[2, 1, 1] = logp(0.1, 0.2, 0.3, 0.4)
     blk[2, 1, 2] = logp(0.4, 0.3, 0.2, 0.1)
     drafts = torch.tensor([[2, 0, 1], [1, 3, 1], [0, 1, 0]])
-    u = torch.tensor([
-        [0.3, 0.5, 0.9, 0.0, 0.6, 0.05],
-        [0.75, 0.99, 0.99, 0.0, 0.25, 0.95],
-        [0.2, 0.6, 0.7, 0.0, 0.5, 0.1],
-    ])
+    u = torch.tensor(
+        [
+            [0.3, 0.5, 0.9, 0.0, 0.6, 0.05],
+            [0.75, 0.99, 0.99, 0.0, 0.25, 0.95],
+            [0.2, 0.6, 0.7, 0.0, 0.5, 0.1],
+        ]
+    )
     res = rejection_sample(ar, blk, drafts, q, temperature=1.0, uniforms=u, backend=backend)
     assert res.accepted.tolist() == [1, 3, 2]
     assert res.emitted.tolist() == [[2, -1, -1], [1, 3, 1], [0, 1, -1]]
@@ -239,8 +246,10 @@ def _random_step(B, K, V, seed, temperature=0.9):
     g = gen(seed)
     ar, blk = torch.randn(B, K, V, generator=g) * 2, torch.randn(B, K, K, V, generator=g) * 2
     q = torch.randn(B, K - 1, V, generator=g).div(temperature).softmax(-1)
-    d = torch.cat([torch.randint(0, V, (B, 1), generator=g),
-                   torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K - 1)], 1)
+    d = torch.cat(
+        [torch.randint(0, V, (B, 1), generator=g), torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K - 1)],
+        1,
+    )
     return ar, blk, d, q
 
 
@@ -482,11 +491,18 @@ def _draft_probs_zero_at_draft():
 
 BAD_CALLS = [
     ("nan_ar_logits", lambda: _with(ar_logits=_nan((2, 3, 6), 7)), ValueError, "ar_logits"),
-    ("posinf_block_logits", lambda: _with(block_logits=torch.randn(2, 3, 3, 6).index_fill(3, torch.tensor([2]),
-                                                                                          float("inf"))),
-     ValueError, "block_logits"),
-    ("nan_block_logits_greedy", lambda: _with(block_logits=_nan((2, 3, 3, 6), 50), temperature=0.0), ValueError,
-     "block_logits"),
+    (
+        "posinf_block_logits",
+        lambda: _with(block_logits=torch.randn(2, 3, 3, 6).index_fill(3, torch.tensor([2]), float("inf"))),
+        ValueError,
+        "block_logits",
+    ),
+    (
+        "nan_block_logits_greedy",
+        lambda: _with(block_logits=_nan((2, 3, 3, 6), 50), temperature=0.0),
+        ValueError,
+        "block_logits",
+    ),
     ("nan_draft_probs", lambda: _with(draft_probs=_nan((2, 2, 6), 3).abs()), ValueError, "draft_probs"),
     ("vocab_block_logits", lambda: _with(block_logits=torch.randn(2, 3, 3, 7)), ValueError, "block_logits"),
     ("vocab_draft_probs", lambda: _with(draft_probs=torch.full((2, 2, 5), 0.2)), ValueError, "draft_probs"),
@@ -507,35 +523,55 @@ BAD_CALLS = [
     ("beta_negative", lambda: _with(beta=-0.1), ValueError, "beta"),
     ("missing_draft_probs", lambda: _with(draft_probs=None), ValueError, "draft_probs"),
     ("draft_probs_wrong_shape", lambda: _with(draft_probs=torch.full((2, 3, 6), 1 / 6)), ValueError, "draft_probs"),
-    ("draft_probs_fp16", lambda: _with(draft_probs=torch.full((2, 2, 6), 1 / 6, dtype=torch.float16)), TypeError,
-     "draft_probs"),
+    (
+        "draft_probs_fp16",
+        lambda: _with(draft_probs=torch.full((2, 2, 6), 1 / 6, dtype=torch.float16)),
+        TypeError,
+        "draft_probs",
+    ),
     ("draft_probs_zero_at_draft", _draft_probs_zero_at_draft, ValueError, "draft_probs"),
     ("uniforms_wrong_shape", lambda: _with(uniforms=torch.rand(2, 5)), ValueError, "uniforms"),
     ("uniforms_equal_one", lambda: _with(uniforms=torch.ones(2, 6)), ValueError, "uniforms"),
     ("uniforms_negative", lambda: _with(uniforms=torch.full((2, 6), -0.1)), ValueError, "uniforms"),
     ("uniforms_fp64", lambda: _with(uniforms=torch.rand(2, 6, dtype=torch.float64)), TypeError, "uniforms"),
     ("uniforms_inf", lambda: _with(uniforms=torch.full((2, 6), float("inf"))), ValueError, "uniforms"),
-    ("draft_probs_negative", lambda: _with(draft_probs=torch.tensor([0.5, -0.1, 0.2, 0.2, 0.1, 0.1]).expand(2, 2, 6)),
-     ValueError, "draft_probs"),
+    (
+        "draft_probs_negative",
+        lambda: _with(draft_probs=torch.tensor([0.5, -0.1, 0.2, 0.2, 0.1, 0.1]).expand(2, 2, 6)),
+        ValueError,
+        "draft_probs",
+    ),
     ("draft_probs_inf", lambda: _with(draft_probs=torch.full((2, 2, 6), float("inf"))), ValueError, "draft_probs"),
     ("draft_probs_not_normalised", lambda: _with(draft_probs=torch.full((2, 2, 6), 0.5)), ValueError, "draft_probs"),
-    ("draft_probs_logits_by_mistake", lambda: _with(draft_probs=torch.randn(2, 2, 6).abs()), ValueError,
-     "draft_probs"),
-    ("all_neg_inf_block_row", lambda: _with(block_logits=torch.randn(2, 3, 3, 6).index_fill(0, torch.tensor([1]),
-                                                                                          float("-inf"))),
-     ValueError, "block_logits"),
-    ("beta_mix_disjoint_support", lambda: _with(
-        ar_logits=torch.tensor([0.0, 0.0, 0.0, float("-inf"), float("-inf"), float("-inf")]).expand(2, 3, 6),
-        block_logits=torch.tensor([float("-inf"), float("-inf"), float("-inf"), 0.0, 0.0, 0.0]).expand(2, 3, 3, 6),
-        beta=0.5), ValueError, "beta mix"),
+    ("draft_probs_logits_by_mistake", lambda: _with(draft_probs=torch.randn(2, 2, 6).abs()), ValueError, "draft_probs"),
+    (
+        "all_neg_inf_block_row",
+        lambda: _with(block_logits=torch.randn(2, 3, 3, 6).index_fill(0, torch.tensor([1]), float("-inf"))),
+        ValueError,
+        "block_logits",
+    ),
+    (
+        "beta_mix_disjoint_support",
+        lambda: _with(
+            ar_logits=torch.tensor([0.0, 0.0, 0.0, float("-inf"), float("-inf"), float("-inf")]).expand(2, 3, 6),
+            block_logits=torch.tensor([float("-inf"), float("-inf"), float("-inf"), 0.0, 0.0, 0.0]).expand(2, 3, 3, 6),
+            beta=0.5,
+        ),
+        ValueError,
+        "beta mix",
+    ),
     ("generator_and_uniforms", lambda: _with(generator=gen(0)), ValueError, "exactly one source"),
     ("seed_and_uniforms", lambda: _with(seed=1), ValueError, "exactly one source"),
     ("offset_without_seed", lambda: {**_with(offset=4), "uniforms": None}, ValueError, "offset needs a seed"),
     ("seed_float", lambda: {**_with(seed=1.5), "uniforms": None}, TypeError, "seed"),
     ("seed_bool", lambda: {**_with(seed=True), "uniforms": None}, TypeError, "seed"),
     ("seed_too_large", lambda: {**_with(seed=2**64), "uniforms": None}, ValueError, "seed"),
-    ("seed_int32_tensor", lambda: {**_with(seed=torch.tensor([1], dtype=torch.int32)), "uniforms": None}, TypeError,
-     "seed"),
+    (
+        "seed_int32_tensor",
+        lambda: {**_with(seed=torch.tensor([1], dtype=torch.int32)), "uniforms": None},
+        TypeError,
+        "seed",
+    ),
     ("seed_two_elements", lambda: {**_with(seed=torch.tensor([1, 2])), "uniforms": None}, TypeError, "seed"),
     ("offset_negative", lambda: {**_with(seed=1, offset=-1), "uniforms": None}, ValueError, "offset"),
     ("unknown_backend", lambda: _with(backend="nope"), ValueError, "backend"),
@@ -550,16 +586,23 @@ def test_bad_calls_raise(backend, name, make, exc, match):
     inputs = dict(args)
     before = {k: v.clone() for k, v in args.items() if torch.is_tensor(v)}
     with pytest.raises(exc, match=match):
-        rejection_sample(args.pop("ar_logits"), args.pop("block_logits"), args.pop("drafts"),
-                         args.pop("draft_probs"), **args)
+        rejection_sample(
+            args.pop("ar_logits"), args.pop("block_logits"), args.pop("drafts"), args.pop("draft_probs"), **args
+        )
     for k, v in before.items():  # a failed call modifies none of its inputs
         assert torch.equal(inputs[k].isnan(), v.isnan()) and torch.equal(inputs[k].nan_to_num(), v.nan_to_num()), k
 
 
 def test_good_call_of_bad_call_table_runs(backend):
     args = _good()
-    res = rejection_sample(args.pop("ar_logits"), args.pop("block_logits"), args.pop("drafts"),
-                           args.pop("draft_probs"), backend=backend, **args)
+    res = rejection_sample(
+        args.pop("ar_logits"),
+        args.pop("block_logits"),
+        args.pop("drafts"),
+        args.pop("draft_probs"),
+        backend=backend,
+        **args,
+    )
     assert res.accepted.shape == (2,) and ((res.accepted >= 1) & (res.accepted <= 3)).all()
 
 
@@ -571,11 +614,22 @@ def test_nan_uniforms_raise(backend):
     sampling uniform makes ``searchsorted`` run off the end, clamped to the last token id."""
     args = _with(uniforms=torch.tensor([[0.5, float("nan"), 0.5, 0.5, 0.5, 0.5], [float("nan")] + [0.5] * 5]))
     with pytest.raises(ValueError, match="uniforms"):
-        rejection_sample(args.pop("ar_logits"), args.pop("block_logits"), args.pop("drafts"),
-                         args.pop("draft_probs"), backend=backend, **args)
+        rejection_sample(
+            args.pop("ar_logits"),
+            args.pop("block_logits"),
+            args.pop("drafts"),
+            args.pop("draft_probs"),
+            backend=backend,
+            **args,
+        )
     with pytest.raises(ValueError, match="uniforms"):
-        draft_sample(torch.randn(2, 6), torch.randn(2, 3, 6), temperature=1.0,
-                     uniforms=torch.full((2, 6), float("nan")), backend=backend)
+        draft_sample(
+            torch.randn(2, 6),
+            torch.randn(2, 3, 6),
+            temperature=1.0,
+            uniforms=torch.full((2, 6), float("nan")),
+            backend=backend,
+        )
 
 
 @pytest.mark.triton_interpreter
@@ -607,8 +661,14 @@ def test_all_neg_inf_logit_row_raises(backend):
     args = _good()
     args["ar_logits"][1, 2] = float("-inf")
     with pytest.raises(ValueError, match="ar_logits"):
-        rejection_sample(args.pop("ar_logits"), args.pop("block_logits"), args.pop("drafts"),
-                         args.pop("draft_probs"), backend=backend, **args)
+        rejection_sample(
+            args.pop("ar_logits"),
+            args.pop("block_logits"),
+            args.pop("drafts"),
+            args.pop("draft_probs"),
+            backend=backend,
+            **args,
+        )
 
 
 DRAFT_BAD = [
@@ -621,8 +681,12 @@ DRAFT_BAD = [
     ("top_k_zero", dict(top_k=0), ValueError, "top_k"),
     ("uniforms_shape", dict(uniforms=torch.rand(2, 3)), ValueError, "uniforms"),
     ("uniforms_nan", dict(uniforms=torch.full((2, 6), float("nan"))), ValueError, "uniforms"),
-    ("all_neg_inf_block_row", dict(block_logits=torch.randn(2, 3, 6).index_fill(1, torch.tensor([2]), float("-inf"))),
-     ValueError, "block_logits"),
+    (
+        "all_neg_inf_block_row",
+        dict(block_logits=torch.randn(2, 3, 6).index_fill(1, torch.tensor([2]), float("-inf"))),
+        ValueError,
+        "block_logits",
+    ),
     ("two_sources", dict(uniforms=torch.rand(2, 6), seed=3), ValueError, "exactly one source"),
     ("offset_without_seed", dict(offset=3), ValueError, "offset needs a seed"),
 ]

@@ -1,5 +1,6 @@
 """tidar_attention vs a naive per-query loop in fp64 (forward and backward), GQA, ragged seg_start,
 low precision against what plain PyTorch gets wrong, empty queries, bad calls."""
+
 from __future__ import annotations
 
 import contextlib
@@ -145,7 +146,11 @@ def test_ragged_rows_are_independent(backend):
     out = tidar_attention(q, k, v, lay.local_limit, lay.block_id, seg_start, backend=backend)
     for b, s0 in enumerate(seg_start.tolist()):
         alone = tidar_attention(
-            q[b : b + 1], k[b : b + 1, :, : s0 + S], v[b : b + 1, :, : s0 + S], lay.local_limit, lay.block_id,
+            q[b : b + 1],
+            k[b : b + 1, :, : s0 + S],
+            v[b : b + 1, :, : s0 + S],
+            lay.local_limit,
+            lay.block_id,
             backend=backend,
         )
         torch.testing.assert_close(out[b : b + 1], alone, rtol=1e-12, atol=1e-12)
@@ -301,13 +306,25 @@ BAD_CALLS = [
     ("k_batch", lambda: _with(k=torch.randn(3, 2, 10, 8)), ValueError, "k"),
     ("v_shape", lambda: _with(v=torch.randn(2, 2, 9, 8)), ValueError, "v"),
     ("gqa_ratio", lambda: _with(k=torch.randn(2, 3, 10, 8), v=torch.randn(2, 3, 10, 8)), ValueError, "GQA"),
-    ("no_queries", lambda: _with(q=torch.randn(2, 4, 0, 8), local_limit=torch.zeros(0, **I32),
-                                 block_id=torch.zeros(0, **I32)), ValueError, "q"),
+    (
+        "no_queries",
+        lambda: _with(q=torch.randn(2, 4, 0, 8), local_limit=torch.zeros(0, **I32), block_id=torch.zeros(0, **I32)),
+        ValueError,
+        "q",
+    ),
     ("local_limit_above_S", lambda: _with(local_limit=torch.full((6,), 7, **I32)), ValueError, "local_limit"),
-    ("local_limit_negative", lambda: _with(local_limit=torch.tensor([1, 2, -1, 1, 2, 2], **I32)), ValueError,
-     "local_limit"),
-    ("block_id_below_minus_one", lambda: _with(block_id=torch.tensor([-1, -1, -2, 1, 2, 2], **I32)), ValueError,
-     "block_id"),
+    (
+        "local_limit_negative",
+        lambda: _with(local_limit=torch.tensor([1, 2, -1, 1, 2, 2], **I32)),
+        ValueError,
+        "local_limit",
+    ),
+    (
+        "block_id_below_minus_one",
+        lambda: _with(block_id=torch.tensor([-1, -1, -2, 1, 2, 2], **I32)),
+        ValueError,
+        "block_id",
+    ),
     ("local_limit_wrong_length", lambda: _with(local_limit=torch.ones(5, **I32)), ValueError, "local_limit"),
     ("block_id_wrong_length", lambda: _with(block_id=torch.ones(7, **I32)), ValueError, "block_id"),
     ("block_id_float", lambda: _with(block_id=torch.ones(6)), TypeError, "block_id"),
@@ -317,8 +334,12 @@ BAD_CALLS = [
     ("seg_start_int_past_end", lambda: _with(seg_start=5), ValueError, "seg_start"),
     ("seg_start_wrong_length", lambda: _with(seg_start=seg(4, 2, 0)), ValueError, "seg_start"),
     ("seg_start_float", lambda: _with(seg_start=torch.tensor([4.0, 2.0])), TypeError, "seg_start"),
-    ("fewer_keys_than_queries", lambda: _with(k=torch.randn(2, 2, 5, 8), v=torch.randn(2, 2, 5, 8),
-                                              seg_start=None), ValueError, "seg_start"),
+    (
+        "fewer_keys_than_queries",
+        lambda: _with(k=torch.randn(2, 2, 5, 8), v=torch.randn(2, 2, 5, 8), seg_start=None),
+        ValueError,
+        "seg_start",
+    ),
 ]
 
 

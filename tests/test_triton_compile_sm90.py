@@ -11,13 +11,16 @@ log, falling back to ``cuobjdump -res-usage``), shared memory (``metadata.shared
 and fails on a compile error, on shared memory over the sm_90 opt-in limit (227 KB) or on register spills other
 than the known D = 256 ones (``_KNOWN_SPILLS``).
 
-Opt-in (a few minutes on two cores): ``TIDAR_TRITON_COMPILE_CHECK=1 python -m pytest tests/test_triton_compile_sm90.py``.
+Opt-in (a few minutes on two cores):
+``TIDAR_TRITON_COMPILE_CHECK=1 python -m pytest tests/test_triton_compile_sm90.py``.
 The results table in ``benchmarks/results/triton_sm90_compile.md`` is written by
-``TIDAR_COMPILE_DTYPES=fp16,bf16,fp32 python tests/test_triton_compile_sm90.py --write benchmarks/results/triton_sm90_compile.md``
+``TIDAR_COMPILE_DTYPES=fp16,bf16,fp32 python tests/test_triton_compile_sm90.py``
+``--write benchmarks/results/triton_sm90_compile.md``
 (``TIDAR_COMPILE_DIMS`` / ``TIDAR_COMPILE_DTYPES`` / ``TIDAR_COMPILE_JOBS`` narrow or widen the script; the test uses
 the defaults: head dims 32, 64, 96, 128, 256 in fp16 and bf16. fp32 compiles too, but its ``PREC="ieee"`` dots are
 FMA loops that spill heavily, so the test leaves it out.)
 """
+
 from __future__ import annotations
 
 import json
@@ -214,9 +217,15 @@ def _run(extra_env: dict | None = None, timeout: int = 3000):
     env.update(extra_env or {})
     with tempfile.TemporaryDirectory() as cache:  # leave the user's Triton cache alone
         env["TRITON_CACHE_DIR"] = cache
-        r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                           timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    rows = [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+        r = subprocess.run(
+            [sys.executable, "-c", _COMPILE_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+    rows = [json.loads(line[len("RESULT ") :]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     return r, rows
 
 
@@ -226,8 +235,9 @@ def _run(extra_env: dict | None = None, timeout: int = 3000):
 _KNOWN_SPILLS = {("_fwd_kernel", 256), ("_bwd_dkdv_kernel", 256)}
 
 
-@pytest.mark.skipif(os.environ.get("TIDAR_TRITON_COMPILE_CHECK") != "1",
-                    reason="opt-in (several minutes): TIDAR_TRITON_COMPILE_CHECK=1")
+@pytest.mark.skipif(
+    os.environ.get("TIDAR_TRITON_COMPILE_CHECK") != "1", reason="opt-in (several minutes): TIDAR_TRITON_COMPILE_CHECK=1"
+)
 def test_attention_kv_append_compile_for_sm90():
     r, rows = _run()
     bad = [row for row in rows if not (row.get("ok") and row.get("smem_ok"))]
@@ -241,18 +251,25 @@ def test_attention_kv_append_compile_for_sm90():
 
 
 def _table(rows) -> str:
-    head = ("| kernel | config | constexprs | warps | stages | regs | spills (st/ld B) | smem (B) | MMA | loads "
-            "| smem <= 227 KB, no spills |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| kernel | config | constexprs | warps | stages | regs | spills (st/ld B) | smem (B) | MMA | loads "
+        "| smem <= 227 KB, no spills |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     out = []
     for row in rows:
         if not row.get("ok"):
-            out.append(f"| {row['kernel']} | {row['config']} | {row['constexprs']} | {row['num_warps']} | "
-                       f"{row['num_stages']} | - | - | - | - | - | COMPILE ERROR: {row['error'][:200]} |")
+            out.append(
+                f"| {row['kernel']} | {row['config']} | {row['constexprs']} | {row['num_warps']} | "
+                f"{row['num_stages']} | - | - | - | - | - | COMPILE ERROR: {row['error'][:200]} |"
+            )
             continue
         c = ", ".join(f"{k}={v}" for k, v in row["constexprs"].items())
         ok = "yes" if row["smem_ok"] and row["no_spills"] else "smem OVER" if not row["smem_ok"] else "SPILLS"
-        out.append(f"| {row['kernel']} | {row['config']} | {c} | {row['num_warps']} | {row['num_stages']} | "
-                   f"{row['regs']} | {row['spill_stores']}/{row['spill_loads']} | {row['smem']} | {row['mma']} | {row['async_copy']} | {ok} |")
+        out.append(
+            f"| {row['kernel']} | {row['config']} | {c} | {row['num_warps']} | {row['num_stages']} | "
+            f"{row['regs']} | {row['spill_stores']}/{row['spill_loads']} | {row['smem']} | {row['mma']} | "
+            f"{row['async_copy']} | {ok} |"
+        )
     return head + "\n".join(out) + "\n"
 
 
@@ -273,17 +290,19 @@ if __name__ == "__main__":
     print(table)
     if ns.write:
         with open(ns.write, "w") as f:
-            f.write(f"# Triton kernels compiled for H100 (sm_90a): registers, spills, shared memory\n\n"
-                    f"COMPILE-ONLY check: no GPU was used, nothing was run or timed (no timings here).\n\n"
-                    f"- date: {t0:%Y-%m-%d %H:%M} UTC; triton {triton.__version__}; "
-                    f"target `GPUTarget(\"cuda\", 90, 32)`\n"
-                    f"- command: `{envs}python tests/test_triton_compile_sm90.py --write {ns.write}` "
-                    f"(the opt-in test `TIDAR_TRITON_COMPILE_CHECK=1 python -m pytest tests/test_triton_compile_sm90.py` "
-                    f"runs the same script on the fp16/bf16 rows)\n"
-                    f"- kernel launches compiled: {len(rows)}; script exit status {r.returncode} "
-                    f"(`{r.stdout.splitlines()[-1] if r.stdout else '?'}`)\n"
-                    f"- regs / spills: ptxas `-v` log of the compile; smem: `metadata.shared` (dynamic shared memory "
-                    f"per block, limit 232448 B); MMA: instruction in the PTX; loads: async copies in the PTX "
-                    f"(`cp.async` = software-pipelined global->shared loads, `none` = plain loads to registers)\n\n")
+            f.write(
+                f"# Triton kernels compiled for H100 (sm_90a): registers, spills, shared memory\n\n"
+                f"COMPILE-ONLY check: no GPU was used, nothing was run or timed (no timings here).\n\n"
+                f"- date: {t0:%Y-%m-%d %H:%M} UTC; triton {triton.__version__}; "
+                f'target `GPUTarget("cuda", 90, 32)`\n'
+                f"- command: `{envs}python tests/test_triton_compile_sm90.py --write {ns.write}` "
+                f"(the opt-in test `TIDAR_TRITON_COMPILE_CHECK=1 python -m pytest tests/test_triton_compile_sm90.py` "
+                f"runs the same script on the fp16/bf16 rows)\n"
+                f"- kernel launches compiled: {len(rows)}; script exit status {r.returncode} "
+                f"(`{r.stdout.splitlines()[-1] if r.stdout else '?'}`)\n"
+                f"- regs / spills: ptxas `-v` log of the compile; smem: `metadata.shared` (dynamic shared memory "
+                f"per block, limit 232448 B); MMA: instruction in the PTX; loads: async copies in the PTX "
+                f"(`cp.async` = software-pipelined global->shared loads, `none` = plain loads to registers)\n\n"
+            )
             f.write(table)
     sys.exit(r.returncode)

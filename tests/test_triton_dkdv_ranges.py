@@ -2,6 +2,7 @@
 key tile) pair with a visible (query, key) element lies inside the key tile's two ranges, for random layouts and
 the training / prefill / decode layouts, GQA-packed rows (G > 1), ragged seg_start and several tile sizes; and
 in the training layout the ranges add no tile beyond the non-empty ones (the walk is as tight as the old skip)."""
+
 from __future__ import annotations
 
 import os

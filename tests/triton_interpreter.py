@@ -9,6 +9,7 @@ until it ends, so a device call needs to patch only the modules that launch did 
 patches them for the rest of the launch). The results are unchanged: the same rewritten functions run on the same
 patched language. Compiled kernels are not affected (this only wraps interpreter classes).
 """
+
 from __future__ import annotations
 
 import inspect

@@ -3,6 +3,7 @@
 Imports no transformers. Each op has one public function with ``backend=`` ("auto", "reference",
 "triton", "cuda"); see ``live_backends()`` for what runs here.
 """
+
 from . import layouts, reference  # noqa: F401  (reference registers itself)
 from ._version import __version__
 from .backends import BACKENDS, live_backends
@@ -16,8 +17,8 @@ from .ops.rejection_sample import (
     draw_uniforms,
     rejection_sample,
 )
-from .reference.rejection_sample import philox_uniforms
 from .ops.tidar_attention import tidar_attention
+from .reference.rejection_sample import philox_uniforms
 
 __all__ = [
     "__version__",

@@ -1,4 +1,5 @@
 """Imports the optional backends once and remembers why one is missing (for errors and ``tidar env``)."""
+
 from __future__ import annotations
 
 import importlib

@@ -4,6 +4,7 @@
 prints one or the other. Build info (CUDA and torch versions, archs, git sha) was recorded by setup.py at build
 time in ``tidar_kernels/_build_info.py``; nothing here calls git or probes the GPU beyond torch.cuda.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,6 +28,7 @@ def report() -> dict:
     cuda_error = _loaders.load_error("cuda")
     try:
         from ._build_info import BUILD_INFO as build
+
         build = dict(build)
     except ImportError:
         build = {}
@@ -91,8 +93,10 @@ def format_report(d: dict) -> str:
     else:
         lines.append(f"  why           {d['cuda_extension_error']}")
     if b.get("cuda_version") or b.get("git_sha"):
-        lines.append(f"  built with    CUDA {b.get('cuda_version')}, torch {b.get('torch_version')} "
-                     f"(stable ABI target {b.get('torch_target_version')})")
+        lines.append(
+            f"  built with    CUDA {b.get('cuda_version')}, torch {b.get('torch_version')} "
+            f"(stable ABI target {b.get('torch_target_version')})"
+        )
         lines.append(f"  archs         {', '.join(b.get('archs') or []) or 'unknown'}")
         lines.append(f"  git sha       {b.get('git_sha') or 'unknown'}")
     if d.get("triton_error"):

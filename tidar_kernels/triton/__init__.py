@@ -4,6 +4,7 @@ Importing this package imports triton; an ImportError here only marks the backen
 (``tidar_kernels._loaders``). On CPU the kernels run under the Triton interpreter when
 ``TRITON_INTERPRET=1`` is set before triton is first imported.
 """
+
 import triton  # noqa: F401  (an ImportError marks the backend missing)
 
 from . import attention, kv_append, rejection_sample  # noqa: F401  (register the triton backend)

@@ -1,6 +1,7 @@
 """Triton ``kv_append``: one program per (row, head, tile of tokens) copies K and V of the segment into
 the cache at ``seg_start[row]``. Pure loads and stores (bit-exact); strides in, so non-contiguous inputs
 need no copy. Bounds were checked on the host by ``tidar_kernels.ops.kv_append``."""
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ def _kv_append_kernel(
     s_kn_b, s_kn_h, s_kn_s, s_kn_d,
     s_vn_b, s_vn_h, s_vn_s, s_vn_d,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+):  # fmt: skip
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -50,10 +51,12 @@ def kv_append(k_cache, v_cache, k_new, v_new, seg_start):
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_S = max(1, min(triton.next_power_of_2(S), max(1, 4096 // BLOCK_D), 64))
     grid = (B * H, triton.cdiv(S, BLOCK_S))
+    # fmt: off
     _kv_append_kernel[grid](
         kc, vc, kn, vn, seg_start.to(torch.int32).contiguous(),
         H, S, D,
         *kc.stride(), *vc.stride(), *kn.stride(), *vn.stride(),
         BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
     )
+    # fmt: on
     return None
