@@ -49,11 +49,24 @@ def add_arguments(p):
     p.add_argument("--model", default=None, help=f"model folder (default: the bundled {BUNDLED_NAME})")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several); default: held-out code prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--draft-len", type=int, default=None, help="K (default: the model's tidar_draft_len, else 16)")
+    p.add_argument("--draft-len", type=_draft_len, default="auto",
+                   help="K, or 'auto' (default): chosen per step from the measured token-slot curve and the acceptance")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default; the only mode with identical texts)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def _draft_len(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise __import__("argparse").ArgumentTypeError(f"--draft-len must be an int >= 1 or 'auto', got {text!r}")
+    return k
 
 
 def _load(model_dir, device):
@@ -87,11 +100,13 @@ def _streamer(tokenizer, enabled):
 
 def run_demo(args, out=print) -> dict:
     import tidar
+    from tidar.patch import settings
+    from tidar.slot_curve import slot_curve
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dir = Path(args.model) if args.model else bundled_model_dir()
     model, tok = _load(model_dir, device)
-    K = args.draft_len or getattr(model.config, "tidar_draft_len", None) or 16
+    K = args.draft_len or "auto"
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -105,21 +120,33 @@ def run_demo(args, out=print) -> dict:
     gen = torch.Generator(device).manual_seed(args.seed)
 
     def ar_generate(ids, n, streamer=None):
-        tidar.unpatch(model)
         kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0)
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, eos_token_id=eos,
                               pad_token_id=tok.pad_token_id, streamer=streamer, **kw)
 
-    def tidar_generate(ids, n, streamer=None):
+    stats = {}  # the running acceptance statistics of draft_len="auto", kept across prompts (and unpatch)
+
+    def use_tidar():  # not timed: patching runs a probe forward
         tidar.patch(model, draft_len=K)
-        try:
-            return tidar.generate(model, ids, max_new_tokens=n, draft_len=K, temperature=args.temperature,
-                                  eos_token_id=eos, generator=None if greedy else gen, streamer=streamer)
-        finally:
+        if stats:
+            settings(model).stats = stats["s"]
+
+    def use_ar():
+        if tidar.is_patched(model):
+            stats["s"] = settings(model).stats
             tidar.unpatch(model)
 
+    def tidar_generate(ids, n, streamer=None):
+        return tidar.generate(model, ids, max_new_tokens=n, temperature=args.temperature, eos_token_id=eos,
+                              generator=None if greedy else gen, streamer=streamer)
+
     warm = tok(prompts[0], return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    use_ar()
     ar_generate(warm, 2)  # first-call overheads out of the timings
+    use_tidar()
+    t0 = time.perf_counter()
+    curve = slot_curve(model)  # measured once per model, device and dtype (the auto draft length's costs)
+    curve_s = time.perf_counter() - t0
     tidar_generate(warm, 2)
 
     if stream:
@@ -132,6 +159,7 @@ def run_demo(args, out=print) -> dict:
             out(f"\n=== prompt {i + 1}/{len(prompts)} ===\n{prompt}", end="")
             out("\n--- AR (Hugging Face generate) ---")
             sys.stdout.flush()
+        use_ar()
         _sync(device)
         t0 = time.perf_counter()
         ar_seq = ar_generate(ids, args.max_new_tokens, _streamer(tok, stream))
@@ -143,6 +171,8 @@ def run_demo(args, out=print) -> dict:
         if stream:
             out("--- TiDAR ---")
             sys.stdout.flush()
+        use_tidar()
+        _sync(device)
         t0 = time.perf_counter()
         res = tidar_generate(ids, args.max_new_tokens, _streamer(tok, stream))
         _sync(device)
@@ -162,6 +192,8 @@ def run_demo(args, out=print) -> dict:
             "ar_forwards": len(ar_new),
             "tokens_per_forward": len(td_new) / res.forwards,
             "accepted_histogram": {str(k): v for k, v in res.accepted_histogram.items()},
+            "draft_lens": dict(sorted(Counter(res.draft_lens[1:]).items())),
+            "draft_sources": res.draft_sources,
             "ar_tokens_per_s": len(ar_new) / t_ar,
             "tidar_tokens_per_s": len(td_new) / t_td,
         }
@@ -169,7 +201,8 @@ def run_demo(args, out=print) -> dict:
         if stream:
             verdict = {True: "identical to AR", False: "DIFFERS from AR", None: "(sampling: not compared)"}[same]
             out(f"--- {verdict}: {r['new_tokens']} tokens in {r['forwards']} forwards = {r['tokens_per_forward']:.2f} tokens/forward; "
-                f"accepted lengths {dict(sorted(res.accepted_histogram.items()))}; "
+                f"accepted lengths {dict(sorted(res.accepted_histogram.items()))}; K used {r['draft_lens']}; "
+                f"draft sources {res.draft_sources}; "
                 f"tokens/s AR {r['ar_tokens_per_s']:.1f} vs TiDAR {r['tidar_tokens_per_s']:.1f}")
     tokens = sum(r["new_tokens"] for r in results)
     forwards = sum(r["forwards"] for r in results)
@@ -186,6 +219,9 @@ def run_demo(args, out=print) -> dict:
         "accepted_histogram": {str(k): v for k, v in sorted(hist_all.items())},
         "ar_tokens_per_s": sum(r["ar_new_tokens"] for r in results) / ar_time,
         "tidar_tokens_per_s": tokens / td_time,
+        "speedup": (tokens / td_time) / (sum(r["ar_new_tokens"] for r in results) / ar_time),
+        "slot_curve_ms": dict(zip(curve.tokens, curve.body_ms)),
+        "slot_curve_measured_s": round(curve_s, 3),
         "prompts": results,
     }
     if stream:
@@ -194,10 +230,11 @@ def run_demo(args, out=print) -> dict:
             out("TiDAR text identical to AR text on every prompt: " + ("yes" if summary["identical"] else "NO"))
         out(f"TiDAR tokens per forward: {summary['tokens_per_forward']:.2f} (AR: 1.00)")
         out(f"accepted-length histogram (a: steps): {dict(sorted(hist_all.items()))}")
-        out(f"tokens/s on {device}: AR {summary['ar_tokens_per_s']:.1f}, TiDAR {summary['tidar_tokens_per_s']:.1f}")
-        if device.type == "cpu" and K > 4:
-            out(f"(on a CPU a forward costs about as much as its K + K^2 = {K + K * K} tokens, so TiDAR trails AR here; "
-                "on a GPU those token slots are nearly free. --draft-len 4 is cheaper on a CPU.)")
+        out(f"tokens/s on {device}: AR {summary['ar_tokens_per_s']:.1f}, TiDAR {summary['tidar_tokens_per_s']:.1f} "
+            f"({summary['speedup']:.2f}x)")
+        if K == "auto":
+            out(f"draft_len auto: K and the proposal levels chosen per step from this machine's token-slot curve "
+                f"(measured in {curve_s:.1f}s; `tidar profile` prints it) and the running acceptance")
     return summary
 
 

@@ -26,10 +26,10 @@ _CURVES: dict[str, "SlotCurve"] = {}
 
 @dataclass
 class SlotCurve:
-    """Median milliseconds of one forward (decoder body) by token count, plus the LM head per row."""
+    """Milliseconds of one forward (decoder body) by token count (fastest of a few runs), plus the LM head per row."""
 
     tokens: list  # the measured token counts, increasing
-    body_ms: list  # non-decreasing envelope of the medians (a noisy spike never makes more tokens cheaper)
+    body_ms: list  # non-decreasing envelope of the timings (a noisy spike never makes more tokens cheaper)
     head_ms_per_row: float  # output embeddings (+ post-processing) on one more row
     device: str
     dtype: str
@@ -92,7 +92,7 @@ def _timer(device):
 @torch.no_grad()
 def measure_slot_curve(model, grid=GRID, repeats: int | None = None, prefix: int = PREFIX) -> SlotCurve:
     """Time the patched ``model``'s forward (decoder body) for every token count in ``grid`` after ``prefix``
-    cached tokens, and its LM head per row. Medians of ``repeats`` runs after a warm-up."""
+    cached tokens, and its LM head per row. The fastest of ``repeats`` runs after a warm-up."""
     from .attention import TidarStep, tidar_hidden
     from .cache import TidarCache
     from .lm_head import output_head
@@ -130,11 +130,11 @@ def measure_slot_curve(model, grid=GRID, repeats: int | None = None, prefix: int
         medians = []
         for n in grid:
             forward(prefix, n)  # warm-up of this shape
-            times = sorted(timer(lambda: forward(prefix, n)) for _ in range(repeats))
-            medians.append(times[len(times) // 2])
+            # the fastest of the repeats: interference from other work only ever adds time
+            medians.append(min(timer(lambda: forward(prefix, n)) for _ in range(repeats)))
         rows = hidden[:, :32] if hidden.shape[1] >= 32 else hidden
-        one = sorted(timer(lambda: head(rows[:, :1])) for _ in range(repeats))[repeats // 2]
-        many = sorted(timer(lambda: head(rows)) for _ in range(repeats))[repeats // 2]
+        one = min(timer(lambda: head(rows[:, :1])) for _ in range(repeats))
+        many = min(timer(lambda: head(rows)) for _ in range(repeats))
         per_row = max(0.0, (many - one) / max(1, rows.shape[1] - 1))
     finally:
         model.train(was_training)
