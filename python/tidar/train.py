@@ -125,8 +125,9 @@ def distinct_ngram_share(token_lists, n: int = 4) -> float:
 @torch.no_grad()
 def evaluate(model, tokenizer, heldout_stream, prompts, args, device, draft_lens=None, max_new_tokens=None,
              sampling=False):
-    """Held-out AR loss/perplexity, diffusion loss, TiDAR greedy tokens per forward on ``prompts`` (and the share
-    of distinct 4-grams of those greedy continuations); with ``sampling``, tokens per forward at temperature 1."""
+    """Held-out AR loss/perplexity, diffusion loss, TiDAR greedy tokens per forward on ``prompts`` with diffusion
+    drafts only (and the share of distinct 4-grams of those greedy continuations); with ``sampling``, also with
+    context (n-gram) drafts added and, diffusion drafts only, at temperature 1."""
     import tidar
 
     was_training = model.training
@@ -141,22 +142,32 @@ def evaluate(model, tokenizer, heldout_stream, prompts, args, device, draft_lens
     out = {"ar_loss": ar / n, "ar_perplexity": math.exp(ar / n), "diffusion_loss": diff / n}
     draft_lens = draft_lens or [args.draft_len]
     max_new = max_new_tokens or args.eval_new_tokens
+    def mean(xs):
+        return sum(xs) / len(xs)
+
     for K in draft_lens:
-        tpf, texts, tpf_t1 = [], [], []
+        tpf, texts, tpf_ctx, tpf_t1 = [], [], [], []
         for i, p in enumerate(prompts):
             ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-            res = tidar.generate(model, ids, max_new_tokens=max_new, draft_len=K)
+            # the drafter alone (diffusion drafts, the paper's step); then generate's default, which may also
+            # copy drafts from n-gram matches in the text (context drafts)
+            res = tidar.generate(model, ids, max_new_tokens=max_new, draft_len=K, context_drafts=False)
             tpf.append(res.tokens_per_forward)
             texts.append(res.sequences[0, ids.shape[1] :].tolist())
             if sampling:
+                res = tidar.generate(model, ids, max_new_tokens=max_new, draft_len=K, context_drafts=True)
+                tpf_ctx.append(res.tokens_per_forward)
                 g = torch.Generator(device).manual_seed(args.seed * 1000 + i)
-                res = tidar.generate(model, ids, max_new_tokens=max_new, draft_len=K, temperature=1.0, generator=g)
+                res = tidar.generate(model, ids, max_new_tokens=max_new, draft_len=K, temperature=1.0, generator=g,
+                                     context_drafts=False)
                 tpf_t1.append(res.tokens_per_forward)
         if tpf:
-            out[f"tokens_per_forward_k{K}"] = sum(tpf) / len(tpf)
+            out[f"tokens_per_forward_k{K}"] = mean(tpf)
             out["distinct_4gram_share"] = distinct_ngram_share(texts)
+        if tpf_ctx:
+            out[f"tokens_per_forward_context_k{K}"] = mean(tpf_ctx)
         if tpf_t1:
-            out[f"tokens_per_forward_t1_k{K}"] = sum(tpf_t1) / len(tpf_t1)
+            out[f"tokens_per_forward_t1_k{K}"] = mean(tpf_t1)
     model.train(was_training)
     return out
 
@@ -235,7 +246,8 @@ def add_arguments(p):
                    help="only evaluate MODEL_DIR on the held-out split (uses --eval-*, --seq-len, --block-size) and print JSON")
     g.add_argument("--eval-draft-lens", type=int, nargs="+", default=None, help="draft lengths for --evaluate (default 4 8 16)")
     g.add_argument("--eval-sampling", action="store_true",
-                   help="--evaluate also measures tokens per forward at temperature 1 (sampled, seed --seed)")
+                   help="--evaluate also measures tokens per forward with context (n-gram) drafts and at temperature 1 "
+                        "(sampled, seed --seed)")
     g.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of the final model's weights (bf16 halves the folder; loading upcasts to fp32)")
 
