@@ -118,8 +118,8 @@ def _shrink(cfg, seen) -> None:
         _shrink(getattr(cfg, key, None), seen)
 
 
-def build(model_type: str, cls_name: str, seed: int = 0):
-    """``(model, None)`` or ``(None, reason)``."""
+def build(model_type: str, cls_name: str, seed: int = 0, **overrides):
+    """``(model, None)`` or ``(None, reason)``. ``overrides`` are set on the text config after the sizes."""
     import transformers
     from transformers import CONFIG_MAPPING
 
@@ -131,6 +131,8 @@ def build(model_type: str, cls_name: str, seed: int = 0):
             warnings.simplefilter("ignore")
             cfg = CONFIG_MAPPING[model_type]()
             _shrink(cfg, set())
+            for k, v in overrides.items():
+                setattr(cfg.get_text_config(), k, v)
             cfg.mask_token_id = MASK_ID
             torch.manual_seed(seed)
             model = cls(cfg).eval()
@@ -146,9 +148,79 @@ def build(model_type: str, cls_name: str, seed: int = 0):
         if isinstance(e, KeyboardInterrupt):
             raise
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    gc = getattr(model, "generation_config", None)
-    if gc is not None:  # deterministic HF references: no EOS, plain greedy
-        gc.eos_token_id = None
-        gc.bos_token_id = None
-        gc.pad_token_id = 0
+    if getattr(model, "generation_config", None) is not None:  # plain greedy HF references, no EOS, no
+        from transformers import GenerationConfig  # suppressed or forced tokens (Whisper's defaults)
+
+        model.generation_config = GenerationConfig(pad_token_id=0)
     return model, None
+
+
+def classify() -> dict:
+    """``model_type -> ("supported", "") | ("refused", reason) | ("not built", reason)`` (build + patch only)."""
+    import tidar
+    from tidar.patch_probe import UnsupportedModel
+
+    out = {}
+    for model_type, cls_name in families():
+        model, why = build(model_type, cls_name)
+        if model is None:
+            out[model_type] = ("not built", why)
+            continue
+        try:
+            tidar.patch(model, draft_len=4)
+            out[model_type] = ("supported", "")
+        except UnsupportedModel as e:
+            out[model_type] = ("refused", str(e).split("is not supported: ", 1)[1].rsplit(". The model", 1)[0])
+    return out
+
+
+def readme_section(result: dict) -> str:
+    """The README's list (between the families markers), from ``classify()``."""
+    import transformers
+
+    sup = sorted(k for k, (s, _) in result.items() if s == "supported")
+    ref = sorted((k, r) for k, (s, r) in result.items() if s == "refused")
+    nb = sorted(k for k, (s, _) in result.items() if s == "not built")
+    lines = [
+        "<!-- families:begin -->",
+        f"Checked by `tests/test_families.py` against transformers {transformers.__version__} (tiny random-weight "
+        "models built from each config class; regenerate with `python tests/family_models.py --write`).",
+        "",
+        f"**Supported ({len(sup)})**, greedy-exact with forced long acceptances, a ragged batch and the drop-in "
+        "`model.generate`: " + ", ".join(f"`{k}`" for k in sup) + ".",
+        "",
+        f"**Refused at `tidar.patch` ({len(ref)})**, with the reason it gives:",
+        "",
+    ]
+    lines += [f"- `{k}`: {r}" for k, r in ref]
+    lines += [
+        "",
+        f"**Not checked ({len(nb)})**: no tiny model could be built generically from the config: "
+        + ", ".join(f"`{k}`" for k in nb)
+        + ".",
+        "<!-- families:end -->",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    warnings.simplefilter("ignore")
+    import transformers.utils.logging
+
+    transformers.utils.logging.set_verbosity_error()
+    section = readme_section(classify())
+    readme = Path(__file__).parents[1] / "README.md"
+    text = readme.read_text()
+    if "--write" in sys.argv:
+        import re
+
+        if "<!-- families:begin -->" in text:
+            text = re.sub(r"<!-- families:begin -->.*?<!-- families:end -->", lambda _: section, text, flags=re.S)
+        else:
+            head = "### The ops (`tidar_kernels`)"
+            text = text.replace(head, "### Supported model families\n\n" + section + "\n\n" + head, 1)
+        readme.write_text(text)
+    print(section)

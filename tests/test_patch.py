@@ -95,3 +95,99 @@ def test_add_mask_token_resizes_and_round_trips(tmp_path):
         ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8
     )
     assert torch.equal(again.generate(ids, do_sample=False, max_new_tokens=8), want)
+
+
+# ---------------------------------------------------------------- the probe: in control, or refused
+from family_models import build  # noqa: E402
+
+from tidar.patch_probe import UnsupportedModel  # noqa: E402
+
+REFUSED = [  # (model_type, class, config overrides, what the reason must say)
+    ("gpt_oss", "GptOssForCausalLM", {}, "attention sinks"),
+    ("stablelm", "StableLmForCausalLM", {}, "do not pass the forward's keyword arguments down"),
+    ("nemotron", "NemotronForCausalLM", {}, "do not pass the forward's keyword arguments down"),
+    ("falcon", "FalconForCausalLM", {}, "AttentionInterface"),
+    ("gpt_neo", "GPTNeoForCausalLM", {}, "AttentionInterface"),
+    ("bloom", "BloomForCausalLM", {}, "AttentionInterface"),
+    ("mpt", "MptForCausalLM", {}, "AttentionInterface"),
+    ("qwen3_next", "Qwen3NextForCausalLM", {}, "layers without softmax attention"),
+    ("lfm2", "Lfm2ForCausalLM", {"layer_types": ["conv", "full_attention"]}, "layers without softmax attention"),
+    ("llama4_text", "Llama4ForCausalLM", {}, "chunked attention"),
+    ("bart", "BartForCausalLM", {}, "logits differ from the model's own forward"),
+    ("diffllama", "DiffLlamaForCausalLM", {}, "more than once"),
+]
+
+
+@pytest.mark.parametrize("model_type,cls_name,overrides,reason", REFUSED, ids=[r[0] for r in REFUSED])
+def test_patch_refuses_with_family_and_reason_and_leaves_model_exactly(model_type, cls_name, overrides, reason):
+    model, why = build(model_type, cls_name, **overrides)
+    assert model is not None, why
+    model.train()  # the probe runs in eval mode and must restore the flags
+    flags = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    impl = model.config._attn_implementation
+    cfg = model.config.to_dict()
+    rng = torch.get_rng_state()
+    with pytest.raises(UnsupportedModel, match=reason) as e:
+        tidar.patch(model, draft_len=4)
+    assert str(e.value).startswith(f"tidar.patch: {model_type} ({type(model).__name__}) is not supported: ")
+    assert isinstance(e.value, ValueError)
+    assert [m.training for m in model.modules()] == flags
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.config._attn_implementation == impl and model.config.to_dict() == cfg
+    assert not tidar.is_patched(model) and "generate" not in model.__dict__
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe draws no random numbers
+
+
+def test_patch_keeps_training_flags_grad_mode_and_rng():
+    model = tiny_model("llama")
+    model.train()
+    model.model.layers[1].eval()
+    flags = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    tidar.patch(model, draft_len=4)
+    assert [m.training for m in model.modules()] == flags and torch.is_grad_enabled()
+    assert torch.equal(torch.get_rng_state(), rng)
+    tidar.unpatch(model)
+
+
+def test_softcapped_attention_is_served_exactly():
+    """Gemma2's attn_logit_softcapping reaches the op (a small cap, so ignoring it would change the tokens)."""
+    model, why = build("gemma2", "Gemma2ForCausalLM", attn_logit_softcapping=0.5, final_logit_softcapping=None)
+    assert model is not None, why
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    want_padded = model(ids, attention_mask=mask).logits
+    tidar.patch(model, draft_len=4)
+    assert torch.equal(tidar.generate(model, ids, max_new_tokens=10).sequences, want)
+    got_padded = model(ids, attention_mask=mask).logits  # a padded plain forward: explicit soft-capped softmax
+    torch.testing.assert_close(got_padded[:, 2:], want_padded[:, 2:], atol=1e-5, rtol=1e-5)
+    calls = []
+    orig = tidar.attention.tidar_kernels.tidar_attention
+    try:
+        tidar.attention.tidar_kernels.tidar_attention = lambda *a, **k: calls.append(a[7]) or orig(*a, **k)
+        model(ids)
+    finally:
+        tidar.attention.tidar_kernels.tidar_attention = orig
+    assert calls == [0.5] * model.config.num_hidden_layers
+
+
+def test_sliding_window_found_at_patch_and_refused_before_any_forward():
+    model = tiny_model("mistral")
+    model.config.sliding_window = 300
+    tidar.patch(model, draft_len=2)
+    assert model._tidar.window == 300 and "sliding window 300" in model._tidar.max_len_reason
+    ids = torch.tensor([[5, 6, 7, 8]])
+    forwards = []
+    handle = model.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        with pytest.raises(ValueError, match="sliding window 300"):
+            tidar.generate(model, ids, max_new_tokens=40)
+    finally:
+        handle.remove()
+    assert forwards == []
+    tidar.unpatch(model)
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12)
+    tidar.patch(model, draft_len=2)
+    assert torch.equal(tidar.generate(model, ids, max_new_tokens=12, draft_len=2).sequences, want)

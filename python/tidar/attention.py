@@ -107,7 +107,9 @@ def _plain_forward(module, query, key, value, attention_mask, scaling, sliding_w
         from tidar_kernels.reference.tidar_attention import softcapped_attention
 
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        return softcapped_attention(query, key, value, attention_mask.bool(), scale, softcap).transpose(1, 2).contiguous(), None
+        visible = attention_mask.bool()
+        visible = visible | ~visible.any(-1, keepdim=True)  # padding rows that see nothing: no NaN (as HF eager)
+        return softcapped_attention(query, key, value, visible, scale, softcap).transpose(1, 2).contiguous(), None
     if attention_mask is not None:  # padding (or a mask HF built): not a TiDAR layout, use SDPA with it
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]

@@ -125,6 +125,24 @@ def _pad_id(pad_token_id):
     return int(pad_token_id)
 
 
+def _check_window(model, longest: int, max_new_tokens: int) -> None:
+    """A sliding window W (found by ``tidar.patch``): the attention refuses a forward whose keys (the committed
+    tokens plus the step's segment of K + K*K tokens) pass W, so the whole generation must fit with room for the
+    largest step (K = max(16, the patch's K), since ``generate`` may be given another K)."""
+    s = getattr(model, "_tidar", None)
+    window = getattr(s, "window", None)
+    if window is None:
+        return
+    K = max(MAX_DRAFT_LEN, s.draft_len if _is_int(s.draft_len) else 0)
+    need = longest + max_new_tokens - 1 + K + K * K
+    if need > window:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens does not fit the model's sliding "
+            f"window {window}: TiDAR needs every step's keys (up to {need}: the tokens so far plus a step of "
+            f"{K + K * K} at K={K}) inside the window; at most {max(0, window - longest + 1 - K - K * K)} new tokens fit"
+        )
+
+
 def check_max_new_tokens(max_new_tokens) -> int:
     if not _is_int(max_new_tokens):
         raise TypeError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r} ({type(max_new_tokens).__name__})")
@@ -247,6 +265,7 @@ def check_generate_args(
         raise ValueError("give either generator or seed, not both")
     max_len, reason = _limit(model)
     longest = max(map(len, prompts))
+    _check_window(model, longest, max_new_tokens)
     if max_len is not None and longest + max_new_tokens > max_len:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens needs "

@@ -42,6 +42,7 @@ class TidarSettings:
     max_len: int | None = None  # the most positions a row may reach: max_position_embeddings and the sliding window
     max_len_reason: str = ""  # which limit max_len is ("max_position_embeddings 1024", "sliding window 64")
     attn_implementations: list | None = None  # (config, implementation) of every config before the patch
+    window: int | None = None  # the smallest sliding window the attention layers apply (None: none)
     proposal_levels: tuple | None = None  # None = all of 1..K
     context_drafts: bool = True
     stats: dict | None = None  # running acceptance statistics of draft_len="auto" (kept across generate calls)
@@ -162,6 +163,7 @@ def patch(
             old.max_len,
             old.max_len_reason,
             old.attn_implementations,
+            old.window,
         )
         return model
     static_checks(model)
@@ -186,6 +188,7 @@ def patch(
         max_len,
         reason,
         before,
+        report.window,
     )
     return model
 
