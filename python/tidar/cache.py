@@ -25,7 +25,10 @@ class TidarCache:
 
     def seq_lengths(self, device=None) -> torch.Tensor:
         """Committed lengths as int32 ``[B]`` (the ``seg_start`` of the next forward)."""
-        return torch.tensor(self.lengths, dtype=torch.int32, device=device)
+        t = torch.tensor(self.lengths, dtype=torch.int32, device=device)
+        # the values are known here: seed the ops' range memo so their bounds checks need no device sync
+        t._tidar_range = (t._version, (min(self.lengths), max(self.lengths)))
+        return t
 
     def check_room(self, seg_len: int, rows=None) -> None:
         """Raise before any forward if a segment of ``seg_len`` tokens would not fit in some row."""

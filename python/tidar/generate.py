@@ -77,6 +77,7 @@ class _Decoder:
         self.level_log: list[tuple] = []
         self.forwards = 0
         self.row_forwards = [0] * self.B
+        self._tables: dict = {}  # per plan / K: small index tensors kept on the device
 
     # ------------------------------------------------------------------ planning
     def _k_limit(self, lengths) -> int:
@@ -165,21 +166,42 @@ class _Decoder:
 
     # ------------------------------------------------------------------ one step
     def step(self, cache, plan: Plan, drafts: torch.Tensor, probs):
-        """Run one decode step. Returns host lists: accepted a, correction/bonus token, and per row the
-        diffusion drafts for the next step (with their q rows when sampling)."""
+        """Run one decode step. Returns per row: accepted a, the correction/bonus token, the diffusion drafts
+        for the next step (and their q rows when sampling)."""
+        cache.check_room(plan.seg_len)
+        seg_start = cache.seq_lengths(self.device)
+        if self.greedy:
+            packed = self.device_step(cache, plan, drafts, seg_start)
+            return self._greedy_rows(packed.tolist(), plan)  # the step's one host synchronisation
+        h = self._body(cache, plan, drafts, seg_start)
+        return self._sampled_verify(h, plan, drafts, probs)
+
+    def _body(self, cache, plan: Plan, drafts, seg_start):
         B, K, lv = self.B, plan.draft_len, plan.levels
         layout = layouts.decode_step(K, lv).to(self.device)
-        S = layout.seg_len
-        seg_start = cache.seq_lengths(self.device)
         ids = drafts if not lv else torch.cat(
             [drafts, torch.full((B, K * len(lv)), self.mask_id, dtype=drafts.dtype, device=self.device)], 1)
         pos = seg_start.long()[:, None] + layout.position_ids[None]
-        cache.check_room(S)
-        h = self._forward(ids, pos, layout, seg_start, cache)
         self.forwards += 1
-        if self.greedy:
-            return self._greedy_verify(h, plan, drafts)
-        return self._sampled_verify(h, plan, drafts, probs)
+        return self._forward(ids, pos, layout, seg_start, cache)
+
+    def device_step(self, cache, plan: Plan, drafts, seg_start) -> torch.Tensor:
+        """The greedy step on the device, with no host synchronisation (CUDA-graph capturable given static
+        ``drafts``/``seg_start`` buffers): ``[B, 2 + K]`` = accepted a, the correction/bonus token, then the
+        K slots of the proposal block the next drafts come from (absent without levels)."""
+        B, K, lv = self.B, plan.draft_len, plan.levels
+        h = self._body(cache, plan, drafts, seg_start)
+        tgt = self._rows(h, slice(0, K)).argmax(-1)  # [B, K]: AR argmax after d_0..d_i
+        if K > 1:
+            a = 1 + (drafts[:, 1:] == tgt[:, :-1]).int().cumprod(1).sum(1)
+        else:
+            a = torch.ones(B, dtype=torch.long, device=self.device)
+        parts = [a[:, None], tgt.gather(1, (a - 1)[:, None])]
+        if lv:
+            bi = self._jstar_table(plan)[a].clamp_min(0)  # [B]: index of block j* among the levels
+            rows = K + bi[:, None] * K + self._arange(K)[None]
+            parts.append(self._rows(h, rows).argmax(-1))  # block j*'s slots [B, K]
+        return torch.cat(parts, 1)
 
     def _jstar(self, plan: Plan):
         """Per acceptance count a (index 0..K): the index in ``levels`` of the block the next drafts come
@@ -190,28 +212,25 @@ class _Decoder:
             idx.append(js[-1] if js else -1)
         return idx
 
-    def _greedy_verify(self, h, plan, drafts):
-        B, K, lv = self.B, plan.draft_len, plan.levels
-        tgt = self._rows(h, slice(0, K)).argmax(-1)  # [B, K]: AR argmax after d_0..d_i
-        if K > 1:
-            a = 1 + (drafts[:, 1:] == tgt[:, :-1]).int().cumprod(1).sum(1)
-        else:
-            a = torch.ones(B, dtype=torch.long, device=self.device)
-        corr = tgt.gather(1, (a - 1)[:, None])
-        parts = [a[:, None], corr]
-        if lv:
-            table = torch.tensor(self._jstar(plan), device=self.device)
-            bi = table[a].clamp_min(0)  # [B]
-            rows = K + bi[:, None] * K + torch.arange(K, device=self.device)[None]
-            parts.append(self._rows(h, rows).argmax(-1))  # block j*'s slots [B, K]
-        host = torch.cat(parts, 1).tolist()  # the step's one host sync
-        jstar = self._jstar(plan)
+    def _jstar_table(self, plan: Plan) -> torch.Tensor:
+        t = self._tables.get(plan)
+        if t is None:
+            t = self._tables[plan] = torch.tensor(self._jstar(plan), device=self.device)
+        return t
+
+    def _arange(self, K: int) -> torch.Tensor:
+        t = self._tables.get(K)
+        if t is None:
+            t = self._tables[K] = torch.arange(K, device=self.device)
+        return t
+
+    def _greedy_rows(self, host, plan):
+        lv, jstar = plan.levels, self._jstar(plan)
         res = []
         for row in host:
             a_, c = row[0], row[1]
             j = jstar[a_]
-            diff = row[2 + (a_ - lv[j]) + 1 :] if j >= 0 else []
-            res.append((a_, c, diff, None))
+            res.append((a_, c, row[2 + (a_ - lv[j]) + 1 :] if j >= 0 else [], None))
         return res
 
     def _sampled_verify(self, h, plan, drafts, probs):
