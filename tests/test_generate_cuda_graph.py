@@ -15,8 +15,9 @@ from tidar.generate_args import check_generate_args
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_greedy_device_step_captures_in_a_cuda_graph(backend):
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_greedy_device_step_captures_in_a_cuda_graph(impl):
+    backend = impl
     dev = torch.device("cuda")
     model = tidar.patch(tiny_model("qwen2").to(dev), draft_len=4, backend=backend)
     ids = torch.tensor([[5, 9, 13, 2, 7, 11]], device=dev)
