@@ -82,6 +82,15 @@ def _rewind(cache, length: int):
 
 
 def run(bench: Bench):
+    from . import bench_decode  # the bundled model's decoding (bench_decode.py): on CPU, the whole e2e suite
+
+    if not bench.cuda and not bench.smoke:
+        return bench_decode.run(bench)
+    _run_shapes(bench)
+    bench_decode.run(bench)
+
+
+def _run_shapes(bench: Bench):
     dev = bench.device
     if bench.smoke:
         models, dtype, ctx, B = ["tiny-qwen2"], torch.float32, 32, 1
@@ -302,6 +311,11 @@ def _projections(bench: Bench):
 
 
 def goals(bench: Bench):
+    from . import bench_decode
+
+    bench_decode.goals(bench)
+    if not bench.cuda and not bench.smoke:  # no random-shape rows on CPU
+        return
     rows = [r for r in bench.rows if r["suite"] == "e2e_step" and r["status"] == "ok"
             and r["params"].get("model") == "qwen2.5-1.5b"]
     ar = [r for r in rows if r["params"]["kind"] == "ar_step"]
@@ -320,7 +334,9 @@ def goals(bench: Bench):
 
 
 def plots(bench: Bench, plot):
-    out = []
+    from . import bench_decode
+
+    out = bench_decode.plots(bench, plot)
     for model in sorted({r["params"].get("model") for r in bench.rows if r["suite"] == "e2e_forward"} - {None}):
         out.append(plot(f"e2e_forward_{model}.png", title=f"{model}: one forward vs tokens in it (ctx {CTX if not bench.smoke else 32})",
                         x="n", y="ms", logx=True, ylabel="ms (median)", xlabel="tokens in the forward",

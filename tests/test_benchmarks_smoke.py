@@ -76,6 +76,26 @@ def test_checks_passed(smoke):
     assert all(r["check"] == "bit-exact (whole cache)" for r in kv)
 
 
+def test_decode_suite_on_the_bundled_model(smoke):
+    """The decode rows (bench_decode.py, part of e2e): curve, step vs HF forward, end to end with identical texts,
+    and decode.md/decode.json with the command, machine and versions."""
+    import json
+
+    out, rows, _ = smoke
+    for suite in ("decode_curve", "decode_step", "decode_e2e"):
+        assert any(r["suite"] == suite and r["status"] in ("ok", "derived") for r in rows), suite
+    steps = [r for r in rows if r["suite"] == "decode_step" and r["status"] == "ok"]
+    assert {r["impl"] for r in steps} == {"tidar step", "hf forward (DynamicCache)"}
+    e2e = [json.loads(r["extra"]) for r in rows if r["suite"] == "decode_e2e"]
+    assert e2e and all(x["identical"] == "yes" for x in e2e)
+    rec = json.loads((out / "decode.json").read_text())
+    assert rec["command"].startswith("python -m benchmarks") and rec["git_sha"] and rec["versions"]["transformers"]
+    assert rec["machine"]["cores"] >= 1 and rec["machine"]["torch_threads"] >= 1
+    names = set(rec["e2e"]["configs"]["all"])
+    assert {"hf-ar", "hf-prompt-lookup", "tidar auto"} <= names
+    assert (out / "decode.md").read_text().startswith("# TiDAR decoding on the bundled model")
+
+
 @pytest.mark.parametrize("which", ["training", "decode", "prefill", "causal"])
 def test_block_tables_match_dense_twin(which):
     from benchmarks.bench_attention import block_tables, dense_block_tables

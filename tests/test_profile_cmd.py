@@ -1,6 +1,7 @@
 """``tidar profile``: the token-slot curve, the acceptance statistics per draft source and depth, and the plan
 ``draft_len="auto"`` would choose; on a tiny random model with synthetic curves (fast, deterministic choices)
 and once on the bundled model through the command line (few tokens, a short grid)."""
+
 from __future__ import annotations
 
 import json
@@ -99,8 +100,20 @@ def test_profile_fixed_k_and_bad_arguments():
 
 
 def test_cli_on_the_bundled_model(capsys):
-    rc = main(["profile", "--device", "cpu", "--json", "--grid", "1,2,4", "--max-new-tokens", "6",
-               "--prompt", "def add(a, b):\n"])
+    rc = main(
+        [
+            "profile",
+            "--device",
+            "cpu",
+            "--json",
+            "--grid",
+            "1,2,4",
+            "--max-new-tokens",
+            "6",
+            "--prompt",
+            "def add(a, b):\n",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert out["curve"]["tokens"] == [1, 2, 4] and all(ms > 0 for ms in out["curve"]["body_ms"])
@@ -110,14 +123,17 @@ def test_cli_on_the_bundled_model(capsys):
     assert out["model_dir"].endswith("tidar-stdlib-tiny")
 
 
-@pytest.mark.parametrize("argv, what", [
-    (["--draft-len", "0"], "--draft-len"),
-    (["--draft-len", "big"], "--draft-len"),
-    (["--grid", "1,x"], "--grid"),
-    (["--grid", "0,4"], "--grid"),
-    (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--model", "/nonexistent/tidar-model"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["--draft-len", "0"], "--draft-len"),
+        (["--draft-len", "big"], "--draft-len"),
+        (["--grid", "1,x"], "--grid"),
+        (["--grid", "0,4"], "--grid"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--model", "/nonexistent/tidar-model"], "does not exist"),
+    ],
+)
 def test_cli_bad_inputs(argv, what, capsys):
     assert main(["profile", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err

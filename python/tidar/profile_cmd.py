@@ -11,6 +11,7 @@ per draft source (diffusion, context) and depth i: alpha_i = P(draft i accepted 
 (4) the plans ``draft_len="auto"`` scores from (1) and (3): per K the best proposal levels, expected tokens
 per step, step ms and expected tokens/s, against plain AR steps through the same cache.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,15 +55,26 @@ def _grid(text: str | None):
 def add_arguments(p):
     p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="a prompt (repeat for several); default: the model folder's demo prompts")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS,
-                   help=f"new tokens per prompt of the generation that gathers acceptance statistics "
-                        f"(default {DEFAULT_NEW_TOKENS})")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="a prompt (repeat for several); default: the model folder's demo prompts",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_NEW_TOKENS,
+        help=f"new tokens per prompt of the generation that gathers acceptance statistics "
+        f"(default {DEFAULT_NEW_TOKENS})",
+    )
     p.add_argument("--draft-len", default="auto", help="K of that generation, or auto (default)")
     p.add_argument("--no-context-drafts", action="store_true", help="diffusion drafts only")
-    p.add_argument("--grid", default=None,
-                   help=f"token counts of the slot curve, comma-separated (default: {','.join(map(str, GRID))})")
+    p.add_argument(
+        "--grid",
+        default=None,
+        help=f"token counts of the slot curve, comma-separated (default: {','.join(map(str, GRID))})",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -80,8 +92,15 @@ def acceptance_table(stats: dict) -> dict:
         rows = []
         for i in range(1, last + 1):
             t, a = st.trials[i], st.accepts[i]
-            rows.append({"depth": i, "trials": round(t, 2), "accepts": round(a, 2),
-                         "rate": round(a / t, 4) if t > 0 else None, "alpha": round(st.alpha(i), 4)})
+            rows.append(
+                {
+                    "depth": i,
+                    "trials": round(t, 2),
+                    "accepts": round(a, 2),
+                    "rate": round(a / t, 4) if t > 0 else None,
+                    "alpha": round(st.alpha(i), 4),
+                }
+            )
         out[src] = {"prior": st.prior, "depths": rows, "expected_accepted_of_15": round(st.expected(MAX_K - 1), 4)}
     return out
 
@@ -97,23 +116,49 @@ def plan_table(curve: SlotCurve, stats: dict, proposal_levels=None, max_k: int =
     plans = []
     for K, (lv, tok, ms) in sorted(planner.best.items()):
         tps = 1000.0 * tok / ms
-        plans.append({"draft_len": K, "levels": list(lv), "seg_len": Plan(K, lv).seg_len,
-                      "tokens_per_step": round(tok, 4), "step_ms": round(ms, 4), "tokens_per_s": round(tps, 2),
-                      "x_ar": round(tps / ar_tps, 4)})
+        plans.append(
+            {
+                "draft_len": K,
+                "levels": list(lv),
+                "seg_len": Plan(K, lv).seg_len,
+                "tokens_per_step": round(tok, 4),
+                "step_ms": round(ms, 4),
+                "tokens_per_s": round(tps, 2),
+                "x_ar": round(tps / ar_tps, 4),
+            }
+        )
     best = max(plans, key=lambda p: p["tokens_per_s"])
     ctx = Planner(curve, stats, max_k=max_k, levels=proposal_levels).choose([(0, MAX_K - 1)], max_k)
     ctx_tok = 1.0 + stats["context"].expected(ctx.draft_len - 1)
     ctx_ms = curve.step(ctx.seg_len, 2 * ctx.draft_len)
-    with_ctx = {"draft_len": ctx.draft_len, "levels": list(ctx.levels), "tokens_per_step": round(ctx_tok, 4),
-                "step_ms": round(ctx_ms, 4), "tokens_per_s": round(1000.0 * ctx_tok / ctx_ms, 2),
-                "x_ar": round(ctx_tok / ctx_ms * ar_ms, 4)}
-    return {"plans": plans, "choice": best, "with_context_match": with_ctx,
-            "ar": {"step_ms": round(ar_ms, 4), "tokens_per_s": round(ar_tps, 2)}}
+    with_ctx = {
+        "draft_len": ctx.draft_len,
+        "levels": list(ctx.levels),
+        "tokens_per_step": round(ctx_tok, 4),
+        "step_ms": round(ctx_ms, 4),
+        "tokens_per_s": round(1000.0 * ctx_tok / ctx_ms, 2),
+        "x_ar": round(ctx_tok / ctx_ms * ar_ms, 4),
+    }
+    return {
+        "plans": plans,
+        "choice": best,
+        "with_context_match": with_ctx,
+        "ar": {"step_ms": round(ar_ms, 4), "tokens_per_s": round(ar_tps, 2)},
+    }
 
 
 @torch.no_grad()
-def profile(model, prompts, *, max_new_tokens: int = DEFAULT_NEW_TOKENS, eos_token_id=None, grid=None,
-            draft_len="auto", context_drafts: bool = True, curve: SlotCurve | None = None) -> dict:
+def profile(
+    model,
+    prompts,
+    *,
+    max_new_tokens: int = DEFAULT_NEW_TOKENS,
+    eos_token_id=None,
+    grid=None,
+    draft_len="auto",
+    context_drafts: bool = True,
+    curve: SlotCurve | None = None,
+) -> dict:
     """Profile a patched (or patchable: it is patched with the given settings) TiDAR ``model`` on ``prompts``
     (lists of token ids). ``curve``: use this slot curve instead of measuring one (e.g. a synthetic curve);
     ``grid``: token counts to measure (default: ``slot_curve``'s full grid, cached per process).
@@ -147,10 +192,18 @@ def profile(model, prompts, *, max_new_tokens: int = DEFAULT_NEW_TOKENS, eos_tok
         draft_lens.update(out.draft_lens)
         levels.update(",".join(map(str, lv)) or "-" for lv in out.levels)
         sources.update(out.draft_sources)
-        runs.append({"prompt_tokens": len(ids), "new_tokens": n, "forwards": out.forwards,
-                     "tokens_per_forward": round(out.tokens_per_forward, 4), "tokens_per_s": round(n / dt, 2),
-                     "accepted_histogram": {str(k): v for k, v in out.accepted_histogram.items()},
-                     "draft_sources": dict(out.draft_sources), "draft_lens": list(out.draft_lens)})
+        runs.append(
+            {
+                "prompt_tokens": len(ids),
+                "new_tokens": n,
+                "forwards": out.forwards,
+                "tokens_per_forward": round(out.tokens_per_forward, 4),
+                "tokens_per_s": round(n / dt, 2),
+                "accepted_histogram": {str(k): v for k, v in out.accepted_histogram.items()},
+                "draft_sources": dict(out.draft_sources),
+                "draft_lens": list(out.draft_lens),
+            }
+        )
     tokens = sum(r["new_tokens"] for r in runs)
     forwards = sum(r["forwards"] for r in runs)
     gen_s = sum(r["new_tokens"] / r["tokens_per_s"] for r in runs if r["tokens_per_s"] > 0)
@@ -159,14 +212,27 @@ def profile(model, prompts, *, max_new_tokens: int = DEFAULT_NEW_TOKENS, eos_tok
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
-        "curve": {"tokens": list(curve.tokens), "body_ms": list(curve.body_ms),
-                  "head_ms_per_row": curve.head_ms_per_row, "measured_s": curve.measured_s, "key": curve.key},
-        "generation": {"draft_len": draft_len, "context_drafts": context_drafts, "max_new_tokens": max_new_tokens,
-                       "prompts": len(runs), "new_tokens": tokens, "forwards": forwards,
-                       "tokens_per_forward": round(tokens / forwards, 4) if forwards else None,
-                       "tokens_per_s": round(tokens / gen_s, 2) if gen_s else None,
-                       "draft_lens": {str(k): v for k, v in sorted(draft_lens.items())},
-                       "levels": dict(levels.most_common()), "draft_sources": dict(sources), "runs": runs},
+        "curve": {
+            "tokens": list(curve.tokens),
+            "body_ms": list(curve.body_ms),
+            "head_ms_per_row": curve.head_ms_per_row,
+            "measured_s": curve.measured_s,
+            "key": curve.key,
+        },
+        "generation": {
+            "draft_len": draft_len,
+            "context_drafts": context_drafts,
+            "max_new_tokens": max_new_tokens,
+            "prompts": len(runs),
+            "new_tokens": tokens,
+            "forwards": forwards,
+            "tokens_per_forward": round(tokens / forwards, 4) if forwards else None,
+            "tokens_per_s": round(tokens / gen_s, 2) if gen_s else None,
+            "draft_lens": {str(k): v for k, v in sorted(draft_lens.items())},
+            "levels": dict(levels.most_common()),
+            "draft_sources": dict(sources),
+            "runs": runs,
+        },
         "acceptance": acceptance_table(s.stats),
         "auto": plan_table(curve, s.stats, s.proposal_levels),
     }
@@ -177,22 +243,31 @@ def profile(model, prompts, *, max_new_tokens: int = DEFAULT_NEW_TOKENS, eos_tok
 
 def format_report(r: dict) -> str:
     c = r["curve"]
-    lines = [f"{r['model']} on {r['device']} ({r['dtype']}, {r['torch_threads']} torch threads)", "",
-             f"token-slot curve (measured in {c['measured_s']:.1f} s; ms of one forward after a cached prefix):",
-             f"{'tokens':>7} {'ms':>9} {'ms/token':>9} {'x 1 token':>10}"]
+    lines = [
+        f"{r['model']} on {r['device']} ({r['dtype']}, {r['torch_threads']} torch threads)",
+        "",
+        f"token-slot curve (measured in {c['measured_s']:.1f} s; ms of one forward after a cached prefix):",
+        f"{'tokens':>7} {'ms':>9} {'ms/token':>9} {'x 1 token':>10}",
+    ]
     one = c["body_ms"][0] or 1e-9
     lines += [f"{n:>7} {ms:>9.3f} {ms / n:>9.3f} {ms / one:>10.2f}" for n, ms in zip(c["tokens"], c["body_ms"])]
     lines.append(f"LM head: {c['head_ms_per_row']:.4f} ms per row")
     g = r["generation"]
-    lines += ["", f"generation: {g['prompts']} prompt(s) x {g['max_new_tokens']} new tokens, draft_len={g['draft_len']}, "
-                  f"context drafts {'on' if g['context_drafts'] else 'off'}",
-              f"  {g['new_tokens']} tokens in {g['forwards']} forwards = {g['tokens_per_forward']} tokens/forward; "
-              f"{g['tokens_per_s']} tokens/s (wall, first-call overheads included)",
-              f"  K per step (K: steps): {g['draft_lens']}",
-              f"  proposal levels (levels: steps): {g['levels']}",
-              f"  draft sources (source: row-steps): {g['draft_sources']}"]
-    lines += ["", "acceptance: alpha_i = P(draft i accepted | drafts 1..i-1 accepted); smoothed toward the prior "
-                  "(the planner's value), raw rate in brackets"]
+    lines += [
+        "",
+        f"generation: {g['prompts']} prompt(s) x {g['max_new_tokens']} new tokens, "
+        f"draft_len={g['draft_len']}, context drafts {'on' if g['context_drafts'] else 'off'}",
+        f"  {g['new_tokens']} tokens in {g['forwards']} forwards = {g['tokens_per_forward']} tokens/forward; "
+        f"{g['tokens_per_s']} tokens/s (wall, first-call overheads included)",
+        f"  K per step (K: steps): {g['draft_lens']}",
+        f"  proposal levels (levels: steps): {g['levels']}",
+        f"  draft sources (source: row-steps): {g['draft_sources']}",
+    ]
+    lines += [
+        "",
+        "acceptance: alpha_i = P(draft i accepted | drafts 1..i-1 accepted); smoothed toward the prior "
+        "(the planner's value), raw rate in brackets",
+    ]
     for src, a in r["acceptance"].items():
         if not a["depths"]:
             lines.append(f"  {src:<9}: no drafts of this source yet (prior {a['prior']})")
@@ -201,20 +276,27 @@ def format_report(r: dict) -> str:
         lines.append(f"  {src:<9}: " + "  ".join(cells))
         lines.append(f"  {'':<9}  expected accepted drafts of 15: {a['expected_accepted_of_15']:.2f}")
     au = r["auto"]
-    lines += ["", "draft_len='auto' plans (steady state with diffusion drafts; step ms from the curve):",
-              f"{'K':>3} {'levels':<24} {'tokens':>7} {'tok/step':>9} {'step ms':>9} {'tok/s':>9} {'x AR':>6}"]
+    lines += [
+        "",
+        "draft_len='auto' plans (steady state with diffusion drafts; step ms from the curve):",
+        f"{'K':>3} {'levels':<24} {'tokens':>7} {'tok/step':>9} {'step ms':>9} {'tok/s':>9} {'x AR':>6}",
+    ]
     for p in au["plans"]:
         lv = ",".join(map(str, p["levels"])) or "- (plain AR step)"
         mark = "  <- chosen" if p is au["choice"] or p == au["choice"] else ""
-        lines.append(f"{p['draft_len']:>3} {lv:<24} {p['seg_len']:>7} {p['tokens_per_step']:>9.3f} "
-                     f"{p['step_ms']:>9.3f} {p['tokens_per_s']:>9.1f} {p['x_ar']:>6.2f}{mark}")
+        lines.append(
+            f"{p['draft_len']:>3} {lv:<24} {p['seg_len']:>7} {p['tokens_per_step']:>9.3f} "
+            f"{p['step_ms']:>9.3f} {p['tokens_per_s']:>9.1f} {p['x_ar']:>6.2f}{mark}"
+        )
     ch, ctx, ar = au["choice"], au["with_context_match"], au["ar"]
-    lines += [f"auto would choose K={ch['draft_len']} levels {ch['levels']}: {ch['tokens_per_step']:.2f} tokens/step, "
-              f"{ch['step_ms']:.2f} ms/step, {ch['tokens_per_s']:.1f} tokens/s = {ch['x_ar']:.2f}x AR "
-              f"({ar['tokens_per_s']:.1f} tokens/s at {ar['step_ms']:.2f} ms/step)",
-              f"with a 15-token context match: K={ctx['draft_len']} levels {ctx['levels']}: "
-              f"{ctx['tokens_per_step']:.2f} tokens/step, {ctx['step_ms']:.2f} ms, {ctx['tokens_per_s']:.1f} tokens/s "
-              f"= {ctx['x_ar']:.2f}x AR"]
+    lines += [
+        f"auto would choose K={ch['draft_len']} levels {ch['levels']}: {ch['tokens_per_step']:.2f} tokens/step, "
+        f"{ch['step_ms']:.2f} ms/step, {ch['tokens_per_s']:.1f} tokens/s = {ch['x_ar']:.2f}x AR "
+        f"({ar['tokens_per_s']:.1f} tokens/s at {ar['step_ms']:.2f} ms/step)",
+        f"with a 15-token context match: K={ctx['draft_len']} levels {ctx['levels']}: "
+        f"{ctx['tokens_per_step']:.2f} tokens/step, {ctx['step_ms']:.2f} ms, {ctx['tokens_per_s']:.1f} tokens/s "
+        f"= {ctx['x_ar']:.2f}x AR",
+    ]
     return "\n".join(lines)
 
 
@@ -239,8 +321,15 @@ def run(args) -> int:
         if not texts or any(not t for t in texts):
             raise ValueError("--prompt must be a non-empty string")
         prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        report = profile(model, prompts, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
-                         grid=grid, draft_len=draft_len, context_drafts=not args.no_context_drafts)
+        report = profile(
+            model,
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            grid=grid,
+            draft_len=draft_len,
+            context_drafts=not args.no_context_drafts,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"tidar profile: error: {e}", file=sys.stderr)
         return 2
