@@ -3,6 +3,7 @@
 Runs the chosen suites, then writes ``DIR/results.csv`` (every row, with provenance), ``DIR/results.md``
 (goals first, then one table per suite), ``DIR/env.json`` and PNG plots (when matplotlib is installed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,18 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU is fine): proves the benchmarks run")
     p.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--budget-scale", type=float, default=1.0,
-                   help="multiply every suite's time budget (rows past a budget are skipped, saying so)")
-    p.add_argument("--tpf", type=float, default=None,
-                   help="measured TiDAR tokens per forward to project tokens/s with (default: ask `tidar demo`)")
+    p.add_argument(
+        "--budget-scale",
+        type=float,
+        default=1.0,
+        help="multiply every suite's time budget (rows past a budget are skipped, saying so)",
+    )
+    p.add_argument(
+        "--tpf",
+        type=float,
+        default=None,
+        help="measured TiDAR tokens per forward to project tokens/s with (default: ask `tidar demo`)",
+    )
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
 
@@ -70,10 +79,14 @@ def main(argv=None) -> int:
                 bench._error("(suite)", "(setup)", e)
             print(f"# suite {name}: {time.monotonic() - t:.1f} s", flush=True)
     except KeyboardInterrupt as e:
-        bench.notes.append(f"RUN INTERRUPTED ({e}) after {time.monotonic() - t0:.0f} s: the tables hold the rows measured so far")
+        bench.notes.append(
+            f"RUN INTERRUPTED ({e}) after {time.monotonic() - t0:.0f} s: the tables hold the rows measured so far"
+        )
     if bench.smoke or (not bench.cuda and set(only) != {"e2e"}):
-        bench.notes.append("SMOKE RUN: tiny shapes, CPU. The goal verdicts above exercise the code only; "
-                           "the goals are judged on full GPU runs")
+        bench.notes.append(
+            "SMOKE RUN: tiny shapes, CPU. The goal verdicts above exercise the code only; "
+            "the goals are judged on full GPU runs"
+        )
     for mod in modules.values():
         try:
             mod.goals(bench)

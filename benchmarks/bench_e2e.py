@@ -174,7 +174,7 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
         if n == 1:  # the AR decode step, in the step table too
             bench.measure(f"{name} AR step, ctx {ctx}, B={B}", "hf-sdpa", hf_fwd, graph=True, rep_ms=150,
                           params={**base, "kind": "ar_step"}, suite="e2e_step", notes="unpatched model, StaticCache")
-    del hf_cache
+    hf_cache = None
     if bench.cuda:
         torch.cuda.empty_cache()
 
@@ -256,9 +256,9 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
             note = "SDPA + dense mask" if backend == "reference" else ""
             bench.measure(case, name_b, step, graph=True, params=params, rep_ms=150,
                           notes="; ".join(x for x in (note, f"rejection backend {rb}") if x))
-        del ref_logits
+        ref_logits = None
     tidar.unpatch(model)
-    del cache
+    cache = None
 
 
 def _measured_tpf(bench: Bench) -> tuple[float | None, str]:

@@ -127,7 +127,7 @@ def run(bench: Bench):
                 return fn, _exact(kc, vc, ek, ev)
 
             bench.measure(case, name + "+api", ours_api, notes="public kv_append (validation included)", **common)
-        del kn, vn, poison_k, poison_v, ek, ev
+        kn = vn = poison_k = poison_v = ek = ev = None
         if bench.cuda:
             torch.cuda.empty_cache()
 

@@ -76,7 +76,7 @@ def _inputs(B, K, V, device, seed=0):
     d0 = torch.randint(0, V, (B, 1), device=device, generator=g)
     drafts = torch.cat([d0, d_rest], 1)
     blocks = (2.0 * torch.randn(B, K, K, V, device=device, generator=g)).to(dt)
-    del base, draft_logits
+    base = draft_logits = None
     return ar, blocks, drafts, q
 
 
@@ -168,7 +168,7 @@ def run(bench: Bench):
                     return fn, None
 
                 bench.measure(case, name + "+api", ours_api, notes="public rejection_sample (validation included)", **common)
-        del ar, blocks, drafts, q
+        ar = blocks = drafts = q = None
         if bench.cuda:
             torch.cuda.empty_cache()
 

@@ -12,6 +12,7 @@ read without the run that made it. A row is ``ok`` (timed), ``skipped`` (with th
 live, peer not importable, time budget spent) or ``error`` (the exception, shortened): a peer that fails
 never stops the run and never gets a number it did not earn.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,18 +24,42 @@ import platform
 import subprocess
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
 COLUMNS = [
-    "suite", "case", "impl", "status", "reason", "ms", "p20_ms", "p80_ms", "n_runs", "timer", "cold_l2",
-    "cuda_graph", "tflops", "pct_matmul_peak", "gbps", "pct_copy_bw", "check", "notes", "params", "extra",
-    "device", "gpu", "torch", "triton", "cuda", "git_sha", "date",
+    "suite",
+    "case",
+    "impl",
+    "status",
+    "reason",
+    "ms",
+    "p20_ms",
+    "p80_ms",
+    "n_runs",
+    "timer",
+    "cold_l2",
+    "cuda_graph",
+    "tflops",
+    "pct_matmul_peak",
+    "gbps",
+    "pct_copy_bw",
+    "check",
+    "notes",
+    "params",
+    "extra",
+    "device",
+    "gpu",
+    "torch",
+    "triton",
+    "cuda",
+    "git_sha",
+    "date",
 ]
 
 
@@ -48,8 +73,13 @@ def git_sha() -> str:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return sha.stdout.strip()[:12] + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -64,7 +94,9 @@ def env_info(device: torch.device) -> dict:
         triton_version = "not installed"
     info = {
         "device": device.type,
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "gpu": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
@@ -225,8 +257,9 @@ class Budget(Exception):
 class Bench:
     """One benchmark run: device, mode (smoke or full), measured ceilings, rows, outputs."""
 
-    def __init__(self, device, out: Path, smoke: bool, budget_scale: float = 1.0, tpf: float | None = None,
-                 verbose: bool = True):
+    def __init__(
+        self, device, out: Path, smoke: bool, budget_scale: float = 1.0, tpf: float | None = None, verbose: bool = True
+    ):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.out = Path(out)
@@ -246,15 +279,31 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
 
     # --- timing -------------------------------------------------------------------------------
-    def time(self, fn: Callable, *, cold_l2: bool = False, graph: bool = False, warmup_ms: float = 25,
-             rep_ms: float = 100, grad_to_none=None) -> Timing:
+    def time(
+        self,
+        fn: Callable,
+        *,
+        cold_l2: bool = False,
+        graph: bool = False,
+        warmup_ms: float = 25,
+        rep_ms: float = 100,
+        grad_to_none=None,
+    ) -> Timing:
         """Median and p20/p80 of ``fn()`` in ms (see the module doc for the method on each device)."""
         if not self.cuda:
             if self.smoke:
                 warmup_ms, rep_ms = min(warmup_ms, 5), min(rep_ms, 20)
             times = _cpu_loop(fn, warmup_ms, rep_ms)
-            return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), len(times),
-                          "perf_counter", False, False, ["cold L2 not applied on CPU"] if cold_l2 else [])
+            return Timing(
+                _quantile(times, 0.5),
+                _quantile(times, 0.2),
+                _quantile(times, 0.8),
+                len(times),
+                "perf_counter",
+                False,
+                False,
+                ["cold L2 not applied on CPU"] if cold_l2 else [],
+            )
         notes = []
         run = fn
         used_graph = False
@@ -267,12 +316,21 @@ class Bench:
         if cold_l2 and not used_graph:
             import triton.testing
 
-            med, p20, p80 = triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8],
-                                                    grad_to_none=grad_to_none)
+            med, p20, p80 = triton.testing.do_bench(
+                run, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none
+            )
             return Timing(med, p20, p80, None, "do_bench", True, False, notes)
         times = _event_loop(run, warmup_ms, rep_ms, cold_l2, grad_to_none)
-        return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), len(times),
-                      "cuda-events", cold_l2, used_graph, notes)
+        return Timing(
+            _quantile(times, 0.5),
+            _quantile(times, 0.2),
+            _quantile(times, 0.8),
+            len(times),
+            "cuda-events",
+            cold_l2,
+            used_graph,
+            notes,
+        )
 
     def sync(self):
         if self.cuda:
@@ -293,8 +351,14 @@ class Bench:
             t = self.time(lambda: a @ b, rep_ms=200)
             flops = 2 * n**3
             self._ceil["matmul_tflops"] = flops / t.ms / 1e9
-            self._row("matmul peak", f"{dt} {n}x{n}x{n} matmul", t, tflops=flops / t.ms / 1e9,
-                      params={"n": n}, notes="the peak the attention rows are compared to")
+            self._row(
+                "matmul peak",
+                f"{dt} {n}x{n}x{n} matmul",
+                t,
+                tflops=flops / t.ms / 1e9,
+                params={"n": n},
+                notes="the peak the attention rows are compared to",
+            )
         except Exception as e:
             self._error("matmul peak", f"{n}^3", e)
         numel = (1 << 29) if self.cuda else (1 << 22)  # 1 GiB of bf16 / 8 MiB of fp16 on CPU
@@ -304,9 +368,15 @@ class Bench:
             t = self.time(lambda: dst.copy_(src), cold_l2=True, rep_ms=200)
             byt = 2 * src.numel() * src.element_size()
             self._ceil["copy_gbps"] = byt / t.ms / 1e6
-            self._row("copy bandwidth", f"{byt / 2 / 2**20:.0f} MiB device copy", t, gbps=byt / t.ms / 1e6,
-                      params={"bytes": byt}, notes="GB/s counts bytes read + bytes written")
-            del src, dst
+            self._row(
+                "copy bandwidth",
+                f"{byt / 2 / 2**20:.0f} MiB device copy",
+                t,
+                gbps=byt / t.ms / 1e6,
+                params={"bytes": byt},
+                notes="GB/s counts bytes read + bytes written",
+            )
+            src = dst = None  # free the buffers (the timed closure keeps its cells)
         except Exception as e:
             self._error("copy bandwidth", "device copy", e)
         self.suite_name = prev
@@ -322,13 +392,27 @@ class Bench:
         return time.monotonic() > self._deadline
 
     def budget_reason(self) -> str:
-        return (f"time budget of the suite ({self._budget_s:.0f} s) spent; rerun with "
-                f"--only {self.cli_suite or self.suite_name} or a larger --budget-scale")
+        return (
+            f"time budget of the suite ({self._budget_s:.0f} s) spent; rerun with "
+            f"--only {self.cli_suite or self.suite_name} or a larger --budget-scale"
+        )
 
-    def measure(self, case: str, impl: str, setup: Callable, *, flops: float | None = None,
-                bytes_moved: float | None = None, cold_l2: bool = False, graph: bool = False,
-                params: dict | None = None, notes: str = "", suite: str | None = None, rep_ms: float = 100,
-                grad_to_none: Callable | None = None) -> dict | None:
+    def measure(
+        self,
+        case: str,
+        impl: str,
+        setup: Callable,
+        *,
+        flops: float | None = None,
+        bytes_moved: float | None = None,
+        cold_l2: bool = False,
+        graph: bool = False,
+        params: dict | None = None,
+        notes: str = "",
+        suite: str | None = None,
+        rep_ms: float = 100,
+        grad_to_none: Callable | None = None,
+    ) -> dict | None:
         """Time one implementation on one case. ``setup()`` builds the inputs and returns ``(fn, check)``:
         ``fn`` is timed, ``check`` (a string or None) says how its output compared with the reference.
         Never raises: a failure becomes an ``error`` row."""
@@ -336,8 +420,9 @@ class Bench:
             return self.skip(case, impl, self.budget_reason(), params=params, suite=suite)
         try:
             fn, check = setup()
-            timing = self.time(fn, cold_l2=cold_l2, graph=graph, rep_ms=rep_ms,
-                               grad_to_none=grad_to_none() if grad_to_none else None)
+            timing = self.time(
+                fn, cold_l2=cold_l2, graph=graph, rep_ms=rep_ms, grad_to_none=grad_to_none() if grad_to_none else None
+            )
         except Exception as e:
             if self.cuda:
                 torch.cuda.synchronize()
@@ -347,28 +432,82 @@ class Bench:
         tflops = flops / timing.ms / 1e9 if flops else None
         gbps = bytes_moved / timing.ms / 1e6 if bytes_moved else None
         all_notes = "; ".join([n for n in [notes] + timing.notes if n])
-        return self._row(impl, case, timing, tflops=tflops, gbps=gbps, check=check, params=params, notes=all_notes,
-                         suite=suite, peak=ceil.get("matmul_tflops"), copy=ceil.get("copy_gbps"))
+        return self._row(
+            impl,
+            case,
+            timing,
+            tflops=tflops,
+            gbps=gbps,
+            check=check,
+            params=params,
+            notes=all_notes,
+            suite=suite,
+            peak=ceil.get("matmul_tflops"),
+            copy=ceil.get("copy_gbps"),
+        )
 
     def skip(self, case: str, impl: str, reason: str, *, params=None, suite=None) -> dict:
-        return self._add({"suite": suite or self.suite_name, "case": case, "impl": impl, "status": "skipped",
-                          "reason": reason, "params": params or {}})
+        return self._add(
+            {
+                "suite": suite or self.suite_name,
+                "case": case,
+                "impl": impl,
+                "status": "skipped",
+                "reason": reason,
+                "params": params or {},
+            }
+        )
 
     def derived(self, case: str, impl: str, ms: float | None, extra: dict, *, suite=None, params=None, notes=""):
         """A row computed from measured rows (no timing of its own), e.g. projected tokens/s."""
-        return self._add({"suite": suite or self.suite_name, "case": case, "impl": impl, "status": "derived",
-                          "ms": ms, "extra": extra, "params": params or {}, "notes": notes})
+        return self._add(
+            {
+                "suite": suite or self.suite_name,
+                "case": case,
+                "impl": impl,
+                "status": "derived",
+                "ms": ms,
+                "extra": extra,
+                "params": params or {},
+                "notes": notes,
+            }
+        )
 
     def goal(self, goal: str, target: str, measured: str, verdict: str):
         self.goals.append({"goal": goal, "target": target, "measured": measured, "verdict": verdict})
 
-    def _row(self, impl, case, t: Timing, *, tflops=None, gbps=None, check=None, params=None, notes="",
-             suite=None, peak=None, copy=None):
+    def _row(
+        self,
+        impl,
+        case,
+        t: Timing,
+        *,
+        tflops=None,
+        gbps=None,
+        check=None,
+        params=None,
+        notes="",
+        suite=None,
+        peak=None,
+        copy=None,
+    ):
         row = {
-            "suite": suite or self.suite_name, "case": case, "impl": impl, "status": "ok", "ms": t.ms,
-            "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "n_runs": t.n_runs, "timer": t.timer, "cold_l2": t.cold_l2,
-            "cuda_graph": t.cuda_graph, "tflops": tflops, "gbps": gbps, "check": check or "",
-            "notes": notes, "params": params or {},
+            "suite": suite or self.suite_name,
+            "case": case,
+            "impl": impl,
+            "status": "ok",
+            "ms": t.ms,
+            "p20_ms": t.p20_ms,
+            "p80_ms": t.p80_ms,
+            "n_runs": t.n_runs,
+            "timer": t.timer,
+            "cold_l2": t.cold_l2,
+            "cuda_graph": t.cuda_graph,
+            "tflops": tflops,
+            "gbps": gbps,
+            "check": check or "",
+            "notes": notes,
+            "params": params or {},
         }
         if tflops is not None and peak:
             row["pct_matmul_peak"] = 100 * tflops / peak
@@ -379,8 +518,16 @@ class Bench:
     def _error(self, impl, case, e, *, params=None, suite=None):
         if os.environ.get("TIDAR_BENCH_DEBUG"):
             traceback.print_exc()
-        return self._add({"suite": suite or self.suite_name, "case": case, "impl": impl, "status": "error",
-                          "reason": short(e), "params": params or {}})
+        return self._add(
+            {
+                "suite": suite or self.suite_name,
+                "case": case,
+                "impl": impl,
+                "status": "error",
+                "reason": short(e),
+                "params": params or {},
+            }
+        )
 
     def _add(self, row: dict) -> dict:
         full = {c: "" for c in COLUMNS}
@@ -441,10 +588,13 @@ def _one_line(r: dict) -> str:
 
 def markdown(rows, env, ceil, goals, notes, command) -> str:
     lines = ["# tidar-kernels benchmarks", "", f"Command: `{command}`", ""]
-    lines += ["| device | gpu | torch | triton | CUDA | git sha | date | matmul peak (TFLOP/s) | copy (GB/s) |",
-              "|---|---|---|---|---|---|---|---|---|",
-              f"| {env['device']} | {env['gpu']} | {env['torch']} | {env['triton']} | {env['cuda']} | {env['git_sha']} "
-              f"| {env['date']} | {_fmt(ceil.get('matmul_tflops'), '{:.1f}')} | {_fmt(ceil.get('copy_gbps'), '{:.0f}')} |", ""]
+    lines += [
+        "| device | gpu | torch | triton | CUDA | git sha | date | matmul peak (TFLOP/s) | copy (GB/s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {env['device']} | {env['gpu']} | {env['torch']} | {env['triton']} | {env['cuda']} | {env['git_sha']} "
+        f"| {env['date']} | {_fmt(ceil.get('matmul_tflops'), '{:.1f}')} | {_fmt(ceil.get('copy_gbps'), '{:.0f}')} |",
+        "",
+    ]
     if goals:
         lines += ["## Goals", "", "| goal | target | measured | verdict |", "|---|---|---|---|"]
         lines += [f"| {g['goal']} | {g['target']} | {g['measured']} | {g['verdict']} |" for g in goals]
@@ -464,16 +614,23 @@ def markdown(rows, env, ceil, goals, notes, command) -> str:
             keys = []
             for r in rs:
                 keys += [k for k in (r.get("extra") or {}) if k not in keys]
-            lines += ["| case | impl | step ms | " + " | ".join(keys) + " | notes |",
-                      "|---|---|---|" + "---|" * len(keys) + "---|"]
+            lines += [
+                "| case | impl | step ms | " + " | ".join(keys) + " | notes |",
+                "|---|---|---|" + "---|" * len(keys) + "---|",
+            ]
             for r in rs:
                 ex = r.get("extra") or {}
-                lines.append(f"| {r['case']} | {r['impl']} | {_fmt(r['ms'], '{:.4g}')} | "
-                             + " | ".join(_fmt(ex.get(k), '{:.4g}') for k in keys) + f" | {r['notes']} |")
+                lines.append(
+                    f"| {r['case']} | {r['impl']} | {_fmt(r['ms'], '{:.4g}')} | "
+                    + " | ".join(_fmt(ex.get(k), "{:.4g}") for k in keys)
+                    + f" | {r['notes']} |"
+                )
             lines.append("")
             continue
-        lines += ["| case | impl | status | ms (p20-p80) | TFLOP/s | % matmul peak | GB/s | % copy BW | check | notes |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| case | impl | status | ms (p20-p80) | TFLOP/s | % matmul peak | GB/s | % copy BW | check | notes |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rs:
             if r["status"] == "ok":
                 ms = f"{r['ms']:.4g} ({r['p20_ms']:.4g}-{r['p80_ms']:.4g})"
@@ -484,7 +641,8 @@ def markdown(rows, env, ceil, goals, notes, command) -> str:
             lines.append(
                 f"| {r['case']} | {r['impl']} | {r['status']} | {ms} | {_fmt(r.get('tflops'))} | "
                 f"{_fmt(r.get('pct_matmul_peak'), '{:.1f}')} | {_fmt(r.get('gbps'), '{:.4g}')} | "
-                f"{_fmt(r.get('pct_copy_bw'), '{:.1f}')} | {r.get('check', '')} | {note} |")
+                f"{_fmt(r.get('pct_copy_bw'), '{:.1f}')} | {r.get('check', '')} | {note} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -493,9 +651,21 @@ def markdown(rows, env, ceil, goals, notes, command) -> str:
 # plots
 
 
-def plot_lines(rows, path: Path, *, title: str, x: str, y: str, where: Callable = lambda r: True,
-               series: str = "impl", logx: bool = False, logy: bool = False, xlabel=None, ylabel=None,
-               hlines: dict | None = None) -> str | None:
+def plot_lines(
+    rows,
+    path: Path,
+    *,
+    title: str,
+    x: str,
+    y: str,
+    where: Callable = lambda r: True,
+    series: str = "impl",
+    logx: bool = False,
+    logy: bool = False,
+    xlabel=None,
+    ylabel=None,
+    hlines: dict | None = None,
+) -> str | None:
     """One PNG: ``y`` (a row column, or a key of params/extra) against params[x], one line per ``series``.
     Returns the file name, or None when there is nothing to plot."""
     import matplotlib
@@ -523,8 +693,7 @@ def plot_lines(rows, path: Path, *, title: str, x: str, y: str, where: Callable 
     for label, val in (hlines or {}).items():
         if val:
             ax.axhline(val, linestyle="--", color="grey", linewidth=1)
-            ax.annotate(label, (0.01, val), xycoords=("axes fraction", "data"), fontsize=8, color="grey",
-                        va="bottom")
+            ax.annotate(label, (0.01, val), xycoords=("axes fraction", "data"), fontsize=8, color="grey", va="bottom")
     if logx:
         ax.set_xscale("log", base=2)
     if logy:

@@ -1,4 +1,5 @@
-"""The CUDA sampling and kv_append kernels (csrc/rejection_sample.cu, csrc/kv_append.cu) run on the CPU under a fiber emulator of CUDA threads
+"""The CUDA sampling and kv_append kernels (csrc/rejection_sample.cu, csrc/kv_append.cu) run on the CPU under a
+fiber emulator of CUDA threads
 (csrc/tests/emu/cuda_runtime.h + csrc/tests/emu_sampling.h: every thread a fiber, warp shuffles as true warp
 collectives, __syncthreads for the whole block, divergence and deadlocks reported; the sampling kernels' shared
 memory is race-checked, and every test asserts no race).

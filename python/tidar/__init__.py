@@ -12,7 +12,7 @@ from .generate import TidarGenerateOutput, generate
 from .hybrid_loss import HybridLoss, hybrid_loss
 from .patch import add_mask_token, is_patched, patch, unpatch
 
-from tidar_kernels._version import __version__  # one version for both packages
+from tidar_kernels._version import __version__ as __version__  # one version for both packages
 __all__ = [
     "HybridLoss",
     "TidarCache",
