@@ -169,29 +169,41 @@ class Planner:
 
     def choose(self, rows: list[tuple[int, int]], k_limit: int) -> Plan:
         """``rows``: per active row (diffusion drafts, context drafts) available. ``k_limit``: the largest K the
-        remaining tokens and positions allow. Maximises (tokens now + steady tokens) / (cost now + steady cost)."""
+        remaining tokens and positions allow. Maximises expected tokens per ms over this step and the next:
+        (tokens now + tokens next) / (cost now + cost next), for each K with its best proposal levels (next
+        step: the steady state of diffusion drafts, or the context copy if it is the better source) or with
+        no proposal blocks at all (next step: the context copy again, else a plain AR step)."""
         self.since_replan += 1
         if self.since_replan >= self.REPLAN_EVERY:
             self._replan()
         diff, ctx = self.stats["diffusion"], self.stats["context"]
-        best_val, best_k = -1.0, 1
+        n = max(1, len(rows))
+        best_val, best = -1.0, Plan(1, ())
         for K, (lv, tok, ms) in self.best.items():
             if K > max(1, k_limit):
                 continue
-            now = sum(1.0 + max(diff.expected(min(nd, K - 1)), ctx.expected(min(nc, K - 1))) for nd, nc in rows)
-            now /= max(1, len(rows))
-            val = (now + tok) / (self.curve.step(K * (1 + len(lv)), 2 * K) + ms)
-            if val > best_val:
-                best_val, best_k = val, K
-        if self.fixed_k is None and best_k == 1 and not any(nc for _, nc in rows):
+            now = ctx_next = 0.0
+            for nd, nc in rows:
+                c = ctx.expected(min(nc, K - 1))
+                now += 1.0 + max(diff.expected(min(nd, K - 1)), c)
+                ctx_next += 1.0 + c
+            now, ctx_next = now / n, ctx_next / n
+            options = [(lv, max(tok, ctx_next), ms)]
+            if lv and self.fixed_levels is None and self.fixed_k is None:
+                options.append(((), ctx_next, self.curve.step(K, K)))
+            for levels, nxt, nxt_ms in options:
+                cost = self.curve.step(K * (1 + len(levels)), 2 * K if levels else K)
+                val = (now + nxt) / (cost + nxt_ms)
+                if val > best_val:
+                    best_val, best = val, Plan(K, levels)
+        if self.fixed_k is None and best.draft_len == 1 and not any(nc for _, nc in rows):
             self.ar_run += 1
             if self.ar_run >= self.EXPLORE_AFTER and k_limit >= 2 and 2 in self.best:
                 self.ar_run = 0
                 return Plan(2, (1, 2))
         else:
             self.ar_run = 0
-        lv = self.best[best_k][0] if best_k in self.best else self._levels_for(best_k)
-        return Plan(best_k, lv)
+        return best
 
 
 def new_stats() -> dict:
