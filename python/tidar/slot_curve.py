@@ -90,9 +90,11 @@ def _timer(device):
 
 
 @torch.no_grad()
-def measure_slot_curve(model, grid=GRID, repeats: int | None = None, prefix: int = PREFIX) -> SlotCurve:
+def measure_slot_curve(model, grid=GRID, repeats: int | None = None, prefix: int = PREFIX,
+                       budget_s: float = 10.0) -> SlotCurve:
     """Time the patched ``model``'s forward (decoder body) for every token count in ``grid`` after ``prefix``
-    cached tokens, and its LM head per row. The fastest of ``repeats`` runs after a warm-up."""
+    cached tokens, and its LM head per row. The fastest of ``repeats`` runs after a warm-up. Stops after
+    ``budget_s`` seconds (a large model on a CPU): the curve is extended linearly past the last count measured."""
     from .attention import TidarStep, tidar_hidden
     from .cache import TidarCache
     from .lm_head import output_head
@@ -127,8 +129,11 @@ def measure_slot_curve(model, grid=GRID, repeats: int | None = None, prefix: int
 
         hidden = forward(0, prefix)  # the cached prefix (and the warm-up)
         cache.commit([prefix])
-        medians = []
+        medians, measured = [], []
         for n in grid:
+            if len(medians) >= 2 and time.perf_counter() - t0 > budget_s:
+                break
+            measured.append(n)
             forward(prefix, n)  # warm-up of this shape
             # the fastest of the repeats: interference from other work only ever adds time
             medians.append(min(timer(lambda: forward(prefix, n)) for _ in range(repeats)))
@@ -141,7 +146,7 @@ def measure_slot_curve(model, grid=GRID, repeats: int | None = None, prefix: int
     envelope = medians[:]
     for i in range(len(envelope) - 2, -1, -1):  # non-decreasing: min over all larger counts
         envelope[i] = min(envelope[i], envelope[i + 1])
-    return SlotCurve(grid, [round(m, 4) for m in envelope], round(per_row, 5), str(device), str(p.dtype).removeprefix("torch."),
+    return SlotCurve(measured, [round(m, 4) for m in envelope], round(per_row, 5), str(device), str(p.dtype).removeprefix("torch."),
                      _key(model), round(time.perf_counter() - t0, 3))
 
 
