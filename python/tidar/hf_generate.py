@@ -4,6 +4,7 @@ decoded by ``tidar.generate``. Options TiDAR cannot honour raise instead of runn
 from __future__ import annotations
 
 from .generate import generate
+from .generate_args import token_ids
 
 _UNSUPPORTED = {  # generation options TiDAR cannot honour, with the value that means "off"
     "num_beams": 1,
@@ -73,6 +74,9 @@ def _hf_length_and_tokens(model, input_ids, attention_mask, generation_config, k
         and (generation_config is None or generation_config.min_length is None)
         and model.generation_config.min_length is None
     )
+    for k in ("eos_token_id", "bos_token_id", "pad_token_id"):  # before HF's config checks, which fail obscurely
+        if kwargs.get(k) is not None:
+            token_ids(k, kwargs[k])
     gen, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
     if attention_mask is not None:
         model_kwargs["attention_mask"] = attention_mask
@@ -88,6 +92,10 @@ def _hf_length_and_tokens(model, input_ids, attention_mask, generation_config, k
     if getattr(mode, "value", str(mode)) not in ("greedy_search", "sample"):
         raise ValueError(f"TiDAR generate runs greedy or sampling decoding only, not {getattr(mode, 'value', mode)}")
     B, P = input_ids.shape
+    token_ids("eos_token_id", gen.eos_token_id)  # HF would fail deep inside torch.tensor on a str or float
+    token_ids("bos_token_id", gen.bos_token_id)
+    if gen.pad_token_id is not None:
+        token_ids("pad_token_id", gen.pad_token_id)
     model._prepare_special_tokens(gen, attention_mask is not None, device=input_ids.device, batch_size=B)
     gen = model._prepare_generated_length(
         generation_config=gen,

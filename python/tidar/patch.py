@@ -215,6 +215,7 @@ def _probe(model, mask_id, backend):
 
 def unpatch(model):
     """Undo ``patch`` exactly. A no-op on an unpatched model. Returns the model."""
+    _check_model(model)
     s = getattr(model, "_tidar", None)
     if s is None:
         return model
