@@ -1,7 +1,7 @@
 """Every bad input to the public ops of ``tidar_kernels`` is a clear error before any work (issue 9, item 3).
 
 One table over ``tidar_attention``, ``kv_append``, ``rejection_sample``, ``draft_sample``, ``draw_uniforms``,
-``dense_mask`` and the layout functions: ints that are bools, int64 values outside the int32 range (which would
+``philox_uniforms``, ``dense_mask`` and the layout functions: ints that are bools, int64 values outside the int32 range (which would
 wrap when cast), NaN/inf/bool/non-numeric floats, empty dimensions, mismatched lengths, wrong types for
 ``generator``, ``uniforms``, ``seg_start``. For each case: the exception type, a message that names the argument,
 no backend implementation called (every registered impl is replaced by a spy), and every input tensor bit for bit
@@ -200,6 +200,12 @@ PLAIN_CASES = [
     ("draw_uniforms_generator_int", lambda: tk.draw_uniforms(2, 3, generator=5), T, "generator"),
     ("draw_uniforms_batch_bool", lambda: tk.draw_uniforms(True, 3), E, "batch"),
     ("draw_uniforms_draft_len_zero", lambda: tk.draw_uniforms(2, 0), E, "draft_len"),
+    ("philox_uniforms_seed_bool", lambda: tk.philox_uniforms(True, 0, 2, 3), T, "seed"),
+    ("philox_uniforms_offset_float", lambda: tk.philox_uniforms(1, 0.5, 2, 3), T, "offset"),
+    ("philox_uniforms_seed_int32_tensor", lambda: tk.philox_uniforms(torch.tensor([1], **I32), 0, 2, 3), T, "seed"),
+    ("philox_uniforms_seed_too_large", lambda: tk.philox_uniforms(2**64, 0, 2, 3), E, "seed"),
+    ("philox_uniforms_batch_bool", lambda: tk.philox_uniforms(1, 0, True, 3), E, "batch"),
+    ("philox_uniforms_draft_len_zero", lambda: tk.philox_uniforms(1, 0, 2, 0), E, "draft_len"),
     ("dense_mask_lengths_differ", lambda: tk.dense_mask(torch.ones(6, **I32), torch.ones(5, **I32), 0, 9), E,
      "block_id"),
     ("dense_mask_seg_start_bool", lambda: tk.dense_mask(torch.ones(3, **I32), torch.ones(3, **I32), True, 9), T,

@@ -17,6 +17,7 @@ Returned draft distributions are the float64 probabilities rounded to float32.
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -73,6 +74,7 @@ def philox4x32(counter, key, rounds: int = 10):
 def philox_uniforms(seed, offset, batch: int, draft_len: int, device=None) -> torch.Tensor:
     """The float32 ``[batch, 2 * draft_len]`` uniforms of one step for ``seed``/``offset`` (ints or one-element
     int64 tensors; tensors are never read on the host, so this can run inside a CUDA graph)."""
+    _check_philox_args(seed, offset, batch, draft_len)
     if device is None:
         device = seed.device if torch.is_tensor(seed) else offset.device if torch.is_tensor(offset) else "cpu"
     s = _int64(seed, device).reshape(())
@@ -80,6 +82,22 @@ def philox_uniforms(seed, offset, batch: int, draft_len: int, device=None) -> to
     n = o + torch.arange(batch * 2 * draft_len, dtype=torch.int64, device=device)  # wraps mod 2^64 like uint64
     c0, _, _, _ = philox4x32((n & _M32, (n >> 32) & _M32, 0, 0), (s & _M32, (s >> 32) & _M32))
     return ((c0 >> 8).to(torch.float32) * 2.0**-24).view(batch, 2 * draft_len)
+
+
+def _check_philox_args(seed, offset, batch, draft_len) -> None:
+    """Types and ranges only (tensor values are never read): TypeError/ValueError naming the argument."""
+    for name, x in (("seed", seed), ("offset", offset)):
+        if torch.is_tensor(x):
+            if x.dtype != torch.int64 or x.numel() != 1:
+                raise TypeError(f"{name} must be an int or a one-element int64 tensor, got {x.dtype} of shape "
+                                f"{tuple(x.shape)}")
+        elif isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{name} must be an int or a one-element int64 tensor, got {type(x).__name__}")
+        elif not -(2**63) <= x < 2**64:
+            raise ValueError(f"{name} must be in [-2^63, 2^64) (its 64 bits are the Philox word), got {x}")
+    for name, x, lo in (("batch", batch, 0), ("draft_len", draft_len, 1)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {x!r}")
 
 
 def _int64(x, device) -> torch.Tensor:
