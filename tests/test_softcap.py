@@ -117,7 +117,7 @@ def test_triton_forward(case, dtype):
 
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_triton_split_kv(num_splits):
-    from tidar_kernels.triton import attention as tri
+    from tidar_kernels.triton import tidar_attention as tri
 
     lay = layouts.decode_step(2)
     ll, bid = _lay(lay)

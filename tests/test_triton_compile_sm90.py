@@ -41,7 +41,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 assert os.environ.get("TRITON_INTERPRET", "0") != "1"
-import tidar_kernels.triton.attention as A
+import tidar_kernels.triton.tidar_attention as A
 import tidar_kernels.triton.kv_append as KV
 
 TARGET = GPUTarget("cuda", 90, 32)

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from tidar_kernels import dense_mask, layouts  # noqa: E402
-from tidar_kernels.triton import attention as tri  # noqa: E402
+from tidar_kernels.triton import tidar_attention as tri  # noqa: E402
 
 
 def _random_layout(S, seed):

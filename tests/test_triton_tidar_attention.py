@@ -24,7 +24,7 @@ from tidar_kernels import (  # noqa: E402
     tidar_attention,
 )
 from tidar_kernels.backends import resolve  # noqa: E402
-from tidar_kernels.triton import attention as tri  # noqa: E402
+from tidar_kernels.triton import tidar_attention as tri  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float16: 2e-4, torch.bfloat16: 2e-3, torch.float32: 1e-5}

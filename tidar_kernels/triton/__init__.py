@@ -7,4 +7,4 @@ Importing this package imports triton; an ImportError here only marks the backen
 
 import triton  # noqa: F401  (an ImportError marks the backend missing)
 
-from . import attention, kv_append, rejection_sample  # noqa: F401  (register the triton backend)
+from . import kv_append, rejection_sample, tidar_attention  # noqa: F401  (register the triton backend)

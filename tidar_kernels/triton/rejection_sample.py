@@ -26,7 +26,7 @@ import triton.language as tl
 from ..backends import register
 from ..reference import rejection_sample as ref
 from ..reference.rejection_sample import Philox
-from .rejection_vocab_parallel import _vp_accept, _vp_chunk_mass, _vp_sample, _vp_target_stats
+from .rejection_sample_vocab_parallel import _vp_accept, _vp_chunk_mass, _vp_sample, _vp_target_stats
 from .sampling import (
     MIX_AR,
     MIX_BOTH,
