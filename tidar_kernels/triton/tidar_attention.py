@@ -137,6 +137,8 @@ def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale, so
     Hkv, Skv = k.shape[1], k.shape[2]
     G = Hq // Hkv
     cfg = _config(D, q.dtype, q.device, backward=True)
+    if softcap > 0 and cfg["BLOCK_D"] == 64 and cfg.get("num_warps") == 4 and "dkdv_stages" not in cfg:
+        cfg["dkdv_warps"] = 8  # the GPU config's D = 64 dK/dV spills 48 B with 4 warps and the tanh tile (sm_90 check)
     BM, BN, BD = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     span_lo, span_hi = _block_spans(block_id)
     ll = local_limit.to(torch.int32).contiguous()
