@@ -70,6 +70,7 @@ def test_training_reduces_both_losses_and_saves_tidar_settings(tiny_corpus, tmp_
     assert {"ar_perplexity", "diffusion_loss"} <= set(ev)
     config = json.loads((out / "config.json").read_text())
     assert config["tidar_draft_len"] == 8 and config["mask_token_id"] is not None
+    assert config["use_cache"] is True  # generate keeps its KV cache by default
     model, tok, _ = train_mod.load_checkpoint(out)
     assert model.config.mask_token_id == tok.mask_token_id
     assert model.config._attn_implementation == "sdpa"

@@ -444,6 +444,7 @@ def train(args, log=print) -> dict:
     evaluate_fn = lambda: evaluate(model, tokenizer, held_stream, prompts, args, device)  # noqa: E731
     callback = RunCallback(run_loss=run_loss, state=state, args=args, evaluate_fn=evaluate_fn, log=log,
                            lr_at=lambda s: lr_at(s, args), main_process=main, pool=pool, elapsed0=elapsed0)
+    use_cache = getattr(model.config, "use_cache", True)  # the Trainer turns the KV cache default off for training
     trainer = TidarTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tokenizer,
                            callbacks=[callback], block_size=args.block_size,
                            alpha=None if args.no_diffusion else args.alpha, diffusion_target=args.diffusion_target,
@@ -461,6 +462,7 @@ def train(args, log=print) -> dict:
         trainer.train(resume_from_checkpoint=str(ck) if ck is not None else None)
     finally:
         callback.close_bar()
+        model.config.use_cache = use_cache
     step = trainer.state.global_step
     final = callback.snapshot(step)
     if main:
