@@ -62,8 +62,11 @@ def _visible(kj, ll, bq, seg, S, BID):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale, cap,
-              sks, svs, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr):
+def _kv_tile_scores(q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale, cap, sks, svs,
+                    MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One K/V tile at key ``start`` for a query tile (forward and dQ): (k, v, scores s in log2 units, tanh t of the
+    soft-capped scores); on a MASKED (partial) tile, keys past Skv are not loaded and s is -inf where the layout rule
+    hides a key (full tiles skip both)."""
     kj = start + offs_n
     if MASKED:
         kmask = (kj < Skv)[:, None] & d_ok[None, :]
@@ -74,9 +77,17 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, cap, SOFTCAP)
+    s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, cap, SOFTCAP)
     if MASKED:
         s = tl.where(_visible(kj, ll, bq, seg, S, BID), s, float("-inf"))
+    return k, v, s, t
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale, cap,
+              sks, svs, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr):
+    k, v, s, _ = _kv_tile_scores(q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale, cap,
+                                 sks, svs, MASKED, UPCAST, PREC, SOFTCAP)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
@@ -231,19 +242,8 @@ def _bwd_dq_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale, cap,
              sks, svs, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr):
-    kj = start + offs_n
-    if MASKED:
-        kmask = (kj < Skv)[:, None] & d_ok[None, :]
-    else:
-        kmask = (kj >= 0)[:, None] & d_ok[None, :]
-    k = tl.load(k_ptrs + kj[:, None].to(tl.int64) * sks, mask=kmask, other=0.0)
-    v = tl.load(v_ptrs + kj[:, None].to(tl.int64) * svs, mask=kmask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, cap, SOFTCAP)
-    if MASKED:
-        s = tl.where(_visible(kj, ll, bq, seg, S, BID), s, float("-inf"))
+    k, v, s, t = _kv_tile_scores(q, k_ptrs, v_ptrs, start, offs_n, d_ok, ll, bq, seg, S, Skv, BID, qk_scale, cap,
+                                 sks, svs, MASKED, UPCAST, PREC, SOFTCAP)
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
