@@ -109,7 +109,7 @@ def measure_slot_curve(model, grid=GRID, repeats: int | None = None, prefix: int
     grid = [n for n in grid if prefix + n <= max_pos] or [1]
     p = next(model.parameters())
     device = p.device
-    repeats = repeats or (10 if device.type == "cuda" else 3)
+    repeats = repeats or (10 if device.type == "cuda" else 5)
     head = output_head(model)
     timer = _timer(device)
     was_training = model.training
@@ -129,14 +129,23 @@ def measure_slot_curve(model, grid=GRID, repeats: int | None = None, prefix: int
 
         hidden = forward(0, prefix)  # the cached prefix (and the warm-up)
         cache.commit([prefix])
-        medians, measured = [], []
+        # Warm-up round (one forward of every shape) that also fixes the grid: a large model on a slow device
+        # stops where the projected cost would pass the budget. Then rounds over the whole grid, keeping each
+        # count's fastest run: interference from other work only adds time, and it hits different counts in
+        # different rounds instead of one stretch of the curve.
+        measured = []
         for n in grid:
-            if len(medians) >= 2 and time.perf_counter() - t0 > budget_s:
-                break
+            t = timer(lambda: forward(prefix, n))
             measured.append(n)
-            forward(prefix, n)  # warm-up of this shape
-            # the fastest of the repeats: interference from other work only ever adds time
-            medians.append(min(timer(lambda: forward(prefix, n)) for _ in range(repeats)))
+            if len(measured) >= 2 and (time.perf_counter() - t0) + t / 1e3 * (repeats + 1) * 2 > budget_s:
+                break
+        best = {n: float("inf") for n in measured}
+        for r in range(repeats):
+            for n in measured:
+                best[n] = min(best[n], timer(lambda: forward(prefix, n)))
+            if r >= 1 and time.perf_counter() - t0 > budget_s:
+                break
+        medians = [best[n] for n in measured]
         rows = hidden[:, :32] if hidden.shape[1] >= 32 else hidden
         one = min(timer(lambda: head(rows[:, :1])) for _ in range(repeats))
         many = min(timer(lambda: head(rows)) for _ in range(repeats))
