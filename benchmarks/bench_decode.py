@@ -2,7 +2,7 @@
 tokens per second than AR on the machine at hand?
 
 - ``decode_curve``: the token-slot curve of the bundled model (``tidar.slot_curve.measure_slot_curve``: one
-  forward after a 64-token cached prefix, by its token count; the non-decreasing envelope ``auto`` plans with).
+  forward after a 64-token cached prefix, by its token count, as ``draft_len="auto"`` plans with it).
 - ``decode_step``: one TiDAR decode step (the decode loop's own step: forward over S = K (1 + |levels|) tokens,
   LM head on the needed rows, greedy verification, the step's host sync) against a plain HF forward of the
   same S tokens with a ``DynamicCache`` of the same prefix (unpatched model, full logits, cache cropped back),
@@ -121,7 +121,7 @@ def _curve(bench: Bench, td, rec: dict):
 
     bench.start_suite("decode_curve", 60 if bench.smoke else 240)
     grid = [1, 4] if bench.smoke else list(GRID)
-    curve = measure_slot_curve(td, grid=grid, repeats=2 if bench.smoke else 7)
+    curve = measure_slot_curve(td, grid=grid, repeats=2 if bench.smoke else 7, budget_s=30 if bench.smoke else 200)
     set_slot_curve(td, curve)  # draft_len="auto" below plans with this measurement
     for n, ms in zip(curve.tokens, curve.body_ms):
         bench.derived(
@@ -130,7 +130,7 @@ def _curve(bench: Bench, td, rec: dict):
             ms,
             params={"n": n, "kind": "curve"},
             extra={"ms/token": ms / n, "x 1 token": ms / curve.body_ms[0]},
-            notes="median of the runs, non-decreasing envelope (what draft_len='auto' plans with)",
+            notes="tidar.slot_curve.measure_slot_curve: what draft_len='auto' plans with",
         )
     rec["curve"] = {
         "tokens": curve.tokens,
