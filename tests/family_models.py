@@ -17,6 +17,12 @@ import torch
 VOCAB = 97
 MASK_ID = VOCAB - 1
 MAX_POS = 256
+# Families accepted by the patch whose generation currently fails for a reason owned elsewhere: the family test
+# marks them xfail(strict=False) and the README names them.
+KNOWN_FAILURES = {
+    "electra": "generate's lean LM head (lm_head.py) applies Electra's generator head to the wrong width and "
+    "crashes instead of falling back to full logits",
+}
 BUILD_SECONDS = 8  # a family whose tiny model takes longer to build is reported as not built
 # Sizes set on every (sub-)config that has the attribute.
 SIZES = dict(
@@ -49,6 +55,10 @@ SIZES = dict(
     decoder_attention_heads=4,
     decoder_ffn_dim=64,
     n_ctx=MAX_POS,
+    dff=64,
+    d_inner=64,
+    n_inner=64,
+    ffn_hidden_size=64,
     qk_rope_head_dim=8,
     qk_nope_head_dim=8,
     v_head_dim=8,
@@ -178,7 +188,8 @@ def readme_section(result: dict) -> str:
     """The README's list (between the families markers), from ``classify()``."""
     import transformers
 
-    sup = sorted(k for k, (s, _) in result.items() if s == "supported")
+    sup = sorted(k for k, (s, _) in result.items() if s == "supported" and k not in KNOWN_FAILURES)
+    known = sorted(k for k, (s, _) in result.items() if s == "supported" and k in KNOWN_FAILURES)
     ref = sorted((k, r) for k, (s, r) in result.items() if s == "refused")
     nb = sorted(k for k, (s, _) in result.items() if s == "not built")
     lines = [
@@ -189,6 +200,15 @@ def readme_section(result: dict) -> str:
         f"**Supported ({len(sup)})**, greedy-exact with forced long acceptances, a ragged batch and the drop-in "
         "`model.generate`: " + ", ".join(f"`{k}`" for k in sup) + ".",
         "",
+    ]
+    if known:
+        lines += [
+            f"**Accepted by `tidar.patch`, generation failing (being fixed) ({len(known)})**: "
+            + "; ".join(f"`{k}`: {KNOWN_FAILURES[k]}" for k in known)
+            + ".",
+            "",
+        ]
+    lines += [
         f"**Refused at `tidar.patch` ({len(ref)})**, with the reason it gives:",
         "",
     ]
@@ -208,6 +228,7 @@ if __name__ == "__main__":
     from pathlib import Path
 
     warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
     import transformers.utils.logging
 
     transformers.utils.logging.set_verbosity_error()

@@ -1,4 +1,5 @@
 """Bad calls of the HF layer raise clear errors and leave the model (and cache) exactly as they were."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,6 +8,16 @@ from conftest import tiny_model
 
 import tidar
 from tidar.cache import TidarCache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (several threads spin for nothing on a loaded 2-core CI box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 IDS = torch.tensor([[5, 6, 7, 8]])
 

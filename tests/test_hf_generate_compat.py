@@ -15,6 +15,16 @@ from transformers import GenerationConfig
 
 import tidar
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (several threads spin for nothing on a loaded 2-core CI box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 MAX_POS = 64
 P4 = torch.tensor([[5, 6, 7, 8]])
 P25 = torch.arange(3, 28)[None]

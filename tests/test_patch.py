@@ -1,4 +1,5 @@
 """tidar.patch / unpatch / add_mask_token on real HF models."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,15 @@ import torch
 from conftest import tiny_model
 
 import tidar
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (several threads spin for nothing on a loaded 2-core CI box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _state(model):
@@ -175,14 +185,14 @@ def test_softcapped_attention_is_served_exactly():
 
 def test_sliding_window_found_at_patch_and_refused_before_any_forward():
     model = tiny_model("mistral")
-    model.config.sliding_window = 300
+    model.config.sliding_window = 30
     tidar.patch(model, draft_len=2)
-    assert model._tidar.window == 300 and "sliding window 300" in model._tidar.max_len_reason
+    assert model._tidar.window == 30 and "sliding window 30" in model._tidar.max_len_reason
     ids = torch.tensor([[5, 6, 7, 8]])
     forwards = []
     handle = model.register_forward_hook(lambda *a: forwards.append(1))
     try:
-        with pytest.raises(ValueError, match="sliding window 300"):
+        with pytest.raises(ValueError, match="sliding window 30"):
             tidar.generate(model, ids, max_new_tokens=40)
     finally:
         handle.remove()

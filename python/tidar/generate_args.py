@@ -128,18 +128,20 @@ def _pad_id(pad_token_id):
 def _check_window(model, longest: int, max_new_tokens: int) -> None:
     """A sliding window W (found by ``tidar.patch``): the attention refuses a forward whose keys (the committed
     tokens plus the step's segment of K + K*K tokens) pass W, so the whole generation must fit with room for the
-    largest step (K = max(16, the patch's K), since ``generate`` may be given another K)."""
+    step at the patch's K (16 for "auto"). ``generate`` given a larger ``draft_len`` must shrink its steps to fit
+    (else the attention raises partway, naming the window)."""
     s = getattr(model, "_tidar", None)
     window = getattr(s, "window", None)
     if window is None:
         return
-    K = max(MAX_DRAFT_LEN, s.draft_len if _is_int(s.draft_len) else 0)
+    K = s.draft_len if _is_int(s.draft_len) else MAX_DRAFT_LEN
     need = longest + max_new_tokens - 1 + K + K * K
     if need > window:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens does not fit the model's sliding "
             f"window {window}: TiDAR needs every step's keys (up to {need}: the tokens so far plus a step of "
-            f"{K + K * K} at K={K}) inside the window; at most {max(0, window - longest + 1 - K - K * K)} new tokens fit"
+            f"{K + K * K} at K={K}) inside the window; "
+            f"at most {max(0, window - longest + 1 - K - K * K)} new tokens fit"
         )
 
 
