@@ -119,3 +119,13 @@ def test_fake_records_order_reasons_and_philox():
         backends._IMPLS.pop(op, None)
         for name in backends.BACKENDS:
             backends._RECORDS.pop((op, name), None)
+
+
+def test_env_reports_the_records():
+    from tidar_kernels import env
+
+    d = env.report()
+    assert d["limits"]["tidar_attention"]["triton"]["dtypes"] == ["float16", "bfloat16", "float32"]
+    assert d["limits"]["tidar_attention"]["triton"]["max_head_dim"] == 256
+    assert d["limits"]["rejection_sample"]["reference"] == {"draws_philox": True}
+    assert "tidar_attention   triton     devices cuda; dtypes float16/bfloat16/float32" in env.format_report(d)

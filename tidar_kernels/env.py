@@ -68,7 +68,37 @@ def report() -> dict:
         },
         "backends": backends.live_backends(),
         "backends_device": "cuda" if cuda_ok else "cpu",
+        "limits": _limits(backends),
     }
+
+
+def _limits(backends) -> dict:
+    """op -> backend -> what its record states beyond "no limit" (limits, and whether it draws Philox itself)."""
+    out = {}
+    for (op, name), rec in sorted(backends._RECORDS.items()):
+        lim = {}
+        if rec.device_types is not None:
+            lim["devices"] = list(rec.device_types)
+        if rec.dtypes is not None:
+            lim["dtypes"] = [str(d).removeprefix("torch.") for d in rec.dtypes]
+        if rec.head_dims is not None:
+            lim["head_dims"] = list(rec.head_dims)
+        if rec.max_head_dim is not None:
+            lim["max_head_dim"] = rec.max_head_dim
+        if not rec.grad:
+            lim["backward"] = False
+        if rec.philox:
+            lim["draws_philox"] = True
+        if rec.check is not None:
+            lim["check"] = getattr(rec.check, "__name__", "custom")
+        out.setdefault(op, {})[name] = lim
+    return out
+
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return "/".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def format_report(d: dict) -> str:
@@ -104,6 +134,12 @@ def format_report(d: dict) -> str:
     lines.append(f"live backends on {d.get('backends_device', '?')} tensors:")
     for op, names in sorted(d["backends"].items()):
         lines.append(f"  {op:<17} {', '.join(names)}")
+    limited = [(op, b, lim) for op, per in sorted((d.get("limits") or {}).items()) for b, lim in per.items() if lim]
+    if limited:
+        lines.append("backend records (outside its limits, backend='auto' hands a call to the next backend):")
+        for op, b, lim in limited:
+            text = "; ".join(f"{k} {_show(v)}" for k, v in lim.items())
+            lines.append(f"  {op:<17} {b:<10} {text}")
     return "\n".join(lines)
 
 
