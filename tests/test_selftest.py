@@ -69,3 +69,18 @@ def test_a_kernel_error_is_a_failure_not_a_crash(small, monkeypatch):
     rows = st.check_kv_append(CPU, ["triton"])
     assert rows and not any(r.ok for r in rows)
     assert rows[0].detail == "RuntimeError: no kernel image is available for execution on the device"
+
+
+def test_inputs_a_backend_declines_are_not_failures(small, monkeypatch):
+    """The CUDA attention takes no float32: such a case is "n/a" for it, not a failure (shown with a fake record)."""
+    real = backends.record("tidar_attention", "triton")
+    monkeypatch.setitem(
+        backends._RECORDS,
+        ("tidar_attention", "triton"),
+        backends.Impl("tidar_attention", "triton", ("cuda",), dtypes=(torch.float16,)),
+    )
+    rows = st.check_attention(CPU, ["triton"], True)
+    assert [(r.ok, r.detail) for r in rows] == [
+        (None, "not taken: the triton tidar_attention runs float16 inputs, got float32")
+    ]
+    assert real.supports(*[torch.zeros(1, 1, 1, 16)]) is None
