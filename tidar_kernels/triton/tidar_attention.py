@@ -26,6 +26,7 @@ same per-tile statistics as ``tile_classes``: the non-empty query tiles minus th
 as one loop with no data-dependent branch around its Q/dO loads, so Triton pipelines them (cp.async); partial
 tiles are masked by a select.
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,12 @@ def _config(D: int, dtype: torch.dtype, device: torch.device, backward: bool = F
             cfg["dkdv_warps"] = 8
     else:
         big = BLOCK_D <= 128 and dtype != torch.float32
-        cfg = dict(BLOCK_M=128 if big else 64, BLOCK_N=64 if BLOCK_D <= 128 else 32, num_warps=8 if big else 4,
-                   num_stages=3 if BLOCK_D <= 128 else 2)
+        cfg = dict(
+            BLOCK_M=128 if big else 64,
+            BLOCK_N=64 if BLOCK_D <= 128 else 32,
+            num_warps=8 if big else 4,
+            num_stages=3 if BLOCK_D <= 128 else 2,
+        )
     cfg["BLOCK_D"] = BLOCK_D
     cfg["UPCAST"] = dtype == torch.bfloat16 and triton_interpreted()  # interpreter: bf16 tl.dot is wrong
     cfg["PREC"] = "ieee" if dtype == torch.float32 else "tf32"
@@ -107,28 +112,42 @@ def _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits=0, sof
     out = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     qk_scale, cap, soft = _score_consts(scale, softcap)
-    common = dict(D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, UPCAST=cfg["UPCAST"], PREC=cfg["PREC"], SOFTCAP=soft,
-                  **_launch_opts(cfg))
+    common = dict(
+        D=D,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_D=BD,
+        UPCAST=cfg["UPCAST"],
+        PREC=cfg["PREC"],
+        SOFTCAP=soft,
+        **_launch_opts(cfg),
+    )
     grid = (n_m, B * Hkv, num_splits)
     if num_splits == 1:
+        # fmt: off
         _fwd_kernel[grid](
             q, k, v, out, lse, ll, bid, span_lo, span_hi, seg,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), 0,
             S, Skv, G, Hkv, qk_scale, cap, 1, SPLIT=False, **common,
         )
+        # fmt: on
         return out, lse
     rows = B * Hq * S
     o_part = torch.empty((num_splits, B, Hq, S, BD), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((num_splits, B, Hq, S), dtype=torch.float32, device=q.device)
+    # fmt: off
     _fwd_kernel[grid](
         q, k, v, o_part, lse_part, ll, bid, span_lo, span_hi, seg,
         *q.stride(), *k.stride(), *v.stride(), Hq * S * BD, S * BD, BD, 1, Hq * S, S, 1, rows,
         S, Skv, G, Hkv, qk_scale, cap, num_splits, SPLIT=True, **common,
     )
+    # fmt: on
+    # fmt: off
     _merge_kernel[(rows,)](
         o_part, lse_part, out, lse, rows, num_splits, rows, Hq, S, *out.stride(),
         D=D, BLOCK_D=BD, BLOCK_SPLIT=max(2, triton.next_power_of_2(num_splits)),
     )
+    # fmt: on
     return out, lse
 
 
@@ -150,13 +169,23 @@ def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale, so
     dk = torch.empty((B, Hkv, Skv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, Skv, D), dtype=v.dtype, device=v.device)
     qk_scale, cap, soft = _score_consts(scale, softcap)
-    common = dict(D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, UPCAST=cfg["UPCAST"], PREC=cfg["PREC"], SOFTCAP=soft,
-                  **_launch_opts(cfg))
+    common = dict(
+        D=D,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_D=BD,
+        UPCAST=cfg["UPCAST"],
+        PREC=cfg["PREC"],
+        SOFTCAP=soft,
+        **_launch_opts(cfg),
+    )
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    # fmt: off
     _bwd_dq_kernel[(triton.cdiv(S * G, BM), B * Hkv)](
         q, k, v, do, dq, lse, delta, ll, bid, span_lo, span_hi, seg, *strides,
         S, Skv, G, Hkv, qk_scale, cap, scale, **common,
     )
+    # fmt: on
     n_n = triton.cdiv(Skv, BN)
     ranges = dkdv_ranges(ll, bid, seg, Skv, G, BM, BN)  # [B, n_n, 4]
     dkdv_opts = dict(common)
@@ -164,10 +193,12 @@ def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale, so
         dkdv_opts["num_warps"] = cfg["dkdv_warps"]
     if "dkdv_stages" in cfg:
         dkdv_opts["num_stages"] = cfg["dkdv_stages"]
+    # fmt: off
     _bwd_dkdv_kernel[(n_n, B * Hkv)](
         q, k, v, do, dk, dv, lse, delta, ll, bid, span_lo, span_hi, seg, ranges, *strides, *dk.stride(),
         *dv.stride(), S, Skv, G, Hkv, qk_scale, cap, scale, n_n, **dkdv_opts,
     )
+    # fmt: on
     return dq, dk, dv
 
 
@@ -177,9 +208,17 @@ def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale, so
 
 
 @torch.library.custom_op("tidar_kernels::triton_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local_limit: torch.Tensor, block_id: torch.Tensor,
-            seg_start: torch.Tensor, scale: float, num_splits: int,
-            softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    local_limit: torch.Tensor,
+    block_id: torch.Tensor,
+    seg_start: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits, softcap)
 
 
@@ -190,17 +229,29 @@ def _(q, k, v, local_limit, block_id, seg_start, scale, num_splits, softcap=0.0)
 
 
 @torch.library.custom_op("tidar_kernels::triton_attention_bwd", mutates_args=())
-def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, local_limit: torch.Tensor, block_id: torch.Tensor, seg_start: torch.Tensor,
-            scale: float, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    local_limit: torch.Tensor,
+    block_id: torch.Tensor,
+    seg_start: torch.Tensor,
+    scale: float,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale, softcap)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale, softcap=0.0):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -225,16 +276,26 @@ def attention_with_lse(q, k, v, local_limit, block_id, seg_start, scale, num_spl
     """``(out, lse)``: lse natural-log, fp32 ``[B, Hq, S]``, -inf for a query that sees no key (docs/design.md §7;
     the backward's saved copy holds +inf there, so its exp(s - lse) is 0); ``num_splits`` 0 = automatic, n > 0
     forces n split-KV chunks (tests, benchmarks); ``softcap`` None or > 0 (logit soft-capping)."""
-    out, lse = _fwd_op(q, k, v, local_limit, block_id, seg_start, float(scale), int(num_splits),
-                       0.0 if softcap is None else float(softcap))
+    out, lse = _fwd_op(
+        q,
+        k,
+        v,
+        local_limit,
+        block_id,
+        seg_start,
+        float(scale),
+        int(num_splits),
+        0.0 if softcap is None else float(softcap),
+    )
     return out, lse.masked_fill(torch.isposinf(lse), float("-inf"))
 
 
 # limits stated in the record (tidar_kernels.backends): auto falls back to the reference outside them
 @register("tidar_attention", "triton", dtypes=_TL_DTYPES, max_head_dim=256)
 def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale, softcap=None):
-    return _fwd_op(q, k, v, local_limit, block_id, seg_start, float(scale), 0,
-                   0.0 if softcap is None else float(softcap))[0]
+    return _fwd_op(
+        q, k, v, local_limit, block_id, seg_start, float(scale), 0, 0.0 if softcap is None else float(softcap)
+    )[0]
 
 
 __all__ = ["attention_with_lse", "dkdv_ranges", "tidar_attention", "tile_classes", "EMPTY", "FULL", "PARTIAL"]

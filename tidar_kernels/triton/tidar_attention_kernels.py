@@ -1,9 +1,14 @@
 """Triton kernels of ``tidar_attention`` (forward, split-KV merge, dQ, dK/dV) and their device functions; the
 work decomposition and tile classes are described in ``tidar_attention.py``, which launches them."""
+
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# Hand-formatted (kernel parameters grouped by role, one role per line; long device-function calls kept dense):
+# the formatter would put every parameter and argument on a line of its own.
+# fmt: off
 
 # ---------------------------------------------------------------------------------------------
 # Kernels

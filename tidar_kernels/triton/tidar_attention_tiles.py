@@ -1,6 +1,7 @@
 """Tile classification of the Triton attention from the layout vectors alone (host, O(S) torch ops, no device
 sync): the rule the kernels apply (``tidar_attention.py`` explains the tile classes), as tensors for the launchers and
 the tests (``tile_classes`` is checked against the dense twin)."""
+
 from __future__ import annotations
 
 import torch
