@@ -282,6 +282,11 @@ def run(args) -> int:
             print(format_table(rows))
         for why, ops in missing.items():
             print(f"not tested: {', '.join(ops)} on {why}")
+        if not rows and not args.triton_interpret:
+            print(
+                "no kernel backend is live here; on a CPU, `tidar selftest --triton-interpret` checks the Triton "
+                "kernels under the interpreter"
+            )
         na = (
             f", {len(rows) - len(passed) - len(failed)} not taken by the backend"
             if len(passed) + len(failed) < len(rows)
