@@ -8,32 +8,39 @@ from ..backends import register
 from ..layouts import dense_mask
 
 
-_MEMO: list = [None, None]  # (key, (mask, empty)) of the last call: every layer of a forward shares it
+_MEMO: list = [None, None]  # (key, (attn_mask, empty, tensors)) of the last call: every layer of a forward shares it
 
 
 def _mask(local_limit, block_id, seg_start, kv_len):
-    """The dense twin and its empty rows, built once per forward: the layers of one model forward pass the
-    same layout and ``seg_start`` tensors (same objects, same versions), so the later layers reuse it."""
+    """SDPA's boolean mask ``[B, 1, S, Skv]`` (rows that see nothing opened up, zeroed after) and the empty rows
+    ``[B, 1, S, 1]``, built once per forward: the layers of one model forward pass the same layout and
+    ``seg_start`` tensors (same objects, same versions), so the later layers reuse it. On a CPU, a mask that
+    hides nothing is None (SDPA's unmasked path) and no empty rows is None."""
     key = (id(local_limit), local_limit._version, id(block_id), block_id._version, id(seg_start),
            seg_start._version, kv_len, local_limit.device)
     if _MEMO[0] == key and _MEMO[1][2] is local_limit and _MEMO[1][3] is block_id and _MEMO[1][4] is seg_start:
         return _MEMO[1][0], _MEMO[1][1]
     mask = dense_mask(local_limit, block_id, seg_start, kv_len)  # [B, S, Skv]
     empty = ~mask.any(-1, keepdim=True)  # queries that see nothing: compute on all keys, then zero (no NaN)
-    _MEMO[0], _MEMO[1] = key, (mask, empty, local_limit, block_id, seg_start)  # held: their ids stay unique
-    return mask, empty
+    attn_mask, empty = (mask | empty)[:, None], empty[:, None]
+    if mask.device.type == "cpu":  # data-dependent shortcuts only where reading the mask costs no device sync
+        if bool(attn_mask.all()):
+            attn_mask = None
+        if not bool(empty.any()):
+            empty = None
+    _MEMO[0], _MEMO[1] = key, (attn_mask, empty, local_limit, block_id, seg_start)  # held: their ids stay unique
+    return attn_mask, empty
 
 
 @register("tidar_attention", "reference")
 def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale, softcap=None):
-    mask, empty = _mask(local_limit, block_id, seg_start, k.shape[2])
+    attn_mask, empty = _mask(local_limit, block_id, seg_start, k.shape[2])
     if softcap is None:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=(mask | empty)[:, None], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     else:
-        out = softcapped_attention(q, k, v, (mask | empty)[:, None], scale, softcap)
-    return out.masked_fill(empty[:, None], 0.0)
+        full = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device) if attn_mask is None else attn_mask
+        out = softcapped_attention(q, k, v, full, scale, softcap)
+    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 def softcapped_attention(q, k, v, mask, scale: float, softcap: float):
