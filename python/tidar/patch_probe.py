@@ -45,6 +45,14 @@ _PLUMBING = {
 }
 # Attention layer types (config.layer_types) that are softmax attention over the sequence.
 ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "attention", "global", "local"}
+_MISMATCH_HINTS = {  # what a mismatch at each stage of the probe points to
+    "prefill prompt-row": "the model's own causal forward is not what TiDAR computes (it derives positions or "
+    "masks itself, or applies attention options TiDAR does not take)",
+    "prefill mask-row": "the mask block (positions after the prompt, seeing the prompt and each other) differs "
+    "from the model's own forward under the same 4-D mask",
+    "decode-step draft-row": "a step on cached keys at positions past the prompt differs from the plain forward "
+    "(the model ignores position_ids or derives positions from the cache length or the input)",
+}
 PROMPT_LENGTHS = (7, 5)  # the probe's two prompts (ragged on purpose)
 PROBE_K = 3  # block length of the probe's prefill and decode step
 
@@ -277,6 +285,7 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
         if not math.isfinite(d) or d > _tolerance(model.get_input_embeddings().weight.dtype, scale):
             ignored = sorted(kwargs_seen - {"sliding_window", "softcap"})
             hint = f"; the attention receives options TiDAR does not apply: {ignored}" if ignored else ""
+            hint += "; " + _MISMATCH_HINTS[what]
             refuse(
                 model,
                 f"the TiDAR {what} logits differ from the model's own forward by {d:.3g} (logits up to "
