@@ -141,6 +141,9 @@ def build(model_type: str, cls_name: str, seed: int = 0, **overrides):
             warnings.simplefilter("ignore")
             cfg = CONFIG_MAPPING[model_type]()
             _shrink(cfg, set())
+            text = cfg.get_text_config()
+            if hasattr(text, "kv_lora_rank"):  # multi-head latent attention: as many K/V heads as query heads
+                text.num_key_value_heads = text.num_attention_heads
             for k, v in overrides.items():
                 setattr(cfg.get_text_config(), k, v)
             cfg.mask_token_id = MASK_ID

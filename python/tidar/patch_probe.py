@@ -81,9 +81,18 @@ class _Call:
     extra: dict  # semantic keyword arguments with a value (name -> value or a short description)
 
 
+class _Refusal(Exception):
+    """Raised inside the probe's attention function: a named reason the model cannot run under TiDAR."""
+
+
 def probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The "tidar" attention function, logging each call (layer, whether the TiDAR step arrived, options)."""
     log = _LOG.get()
+    if log is not None and value.shape[-1] != key.shape[-1]:
+        raise _Refusal(
+            f"its attention values have head dim {value.shape[-1]} and its keys {key.shape[-1]} (as multi-head "
+            "latent attention): the TiDAR cache and attention op take keys and values of one head dim"
+        )
     if log is not None:
         extra = {}
         for k, v in kwargs.items():
@@ -266,6 +275,8 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
         token = _LOG.set(calls)
         try:
             out = _logits(tidar_forward(model, ids, pos, step))
+        except _Refusal as e:
+            refuse(model, str(e))
         except Exception as e:
             refuse(model, f"the TiDAR {what} forward failed ({type(e).__name__}: {e})")
         finally:
