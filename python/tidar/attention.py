@@ -39,9 +39,23 @@ def tidar_forward(model, input_ids, position_ids, step: TidarStep, **kwargs):
     model output. ``position_ids`` ``[B, S]`` are absolute positions."""
     token = _IN_TIDAR_FORWARD.set(True)
     try:
+        kwargs.setdefault("attention_mask", _no_mask(input_ids.device))
         return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, tidar_step=step, **kwargs)
     finally:
         _IN_TIDAR_FORWARD.reset(token)
+
+
+_NO_MASK: dict = {}
+
+
+def _no_mask(device) -> torch.Tensor:
+    """A 4-D placeholder mask: transformers returns a 4-D mask as it is, so a TiDAR forward skips the mask
+    preparation (packed-sequence detection from the position ids, which reads the device) that it never uses:
+    the layout is the mask, and the tidar attention function ignores ``attention_mask`` when it has a step."""
+    t = _NO_MASK.get(device)
+    if t is None:
+        t = _NO_MASK[device] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+    return t
 
 
 def tidar_hidden(model, input_ids, position_ids, step: TidarStep):
@@ -49,7 +63,8 @@ def tidar_hidden(model, input_ids, position_ids, step: TidarStep):
     hidden states ``[B, S, H]`` (after the final norm), without the LM head (see ``lm_head.OutputHead``)."""
     token = _IN_TIDAR_FORWARD.set(True)
     try:
-        out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, tidar_step=step)
+        out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, tidar_step=step,
+                               attention_mask=_no_mask(input_ids.device))
     finally:
         _IN_TIDAR_FORWARD.reset(token)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
