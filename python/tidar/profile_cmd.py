@@ -130,7 +130,7 @@ def plan_table(curve: SlotCurve, stats: dict, proposal_levels=None, max_k: int =
     best = max(plans, key=lambda p: p["tokens_per_s"])
     ctx = Planner(curve, stats, max_k=max_k, levels=proposal_levels).choose([(0, MAX_K - 1)], max_k)
     ctx_tok = 1.0 + stats["context"].expected(ctx.draft_len - 1)
-    ctx_ms = curve.step(ctx.seg_len, 2 * ctx.draft_len)
+    ctx_ms = curve.step(ctx.seg_len, 2 * ctx.draft_len if ctx.levels else ctx.draft_len)
     with_ctx = {
         "draft_len": ctx.draft_len,
         "levels": list(ctx.levels),
