@@ -19,10 +19,7 @@ MASK_ID = VOCAB - 1
 MAX_POS = 256
 # Families accepted by the patch whose generation currently fails for a reason owned elsewhere: the family test
 # marks them xfail(strict=False) and the README names them.
-KNOWN_FAILURES = {
-    "electra": "generate's lean LM head (lm_head.py) applies Electra's generator head to the wrong width and "
-    "crashes instead of falling back to full logits",
-}
+KNOWN_FAILURES: dict = {}
 BUILD_SECONDS = 8  # a family whose tiny model takes longer to build is reported as not built
 # Sizes set on every (sub-)config that has the attribute.
 SIZES = dict(

@@ -131,10 +131,12 @@ def _run_supported(model, truth, Ks):
     for K in Ks:
         tidar.patch(model, draft_len=K)  # re-patch updates the settings only
         window = model._tidar.window
-        if window is not None and max(map(len, PROMPTS)) + NEW - 1 + K + K * K > window:
+        if window is not None and max(map(len, PROMPTS)) + NEW > window:
             with pytest.raises(ValueError, match=f"sliding window {window}"):  # before any forward
                 tidar.generate(model, ids, attention_mask=mask, max_new_tokens=NEW)
             continue
+        # a window shorter than the steps at K: the loop shrinks K (down to AR steps) to keep the keys inside it
+        shrunk = window is not None and max(map(len, PROMPTS)) + NEW - 1 + K + K * K > window
         handle = _oracle(model, oracle_truth, K) if K > 1 else None
         try:
             out = tidar.generate(
@@ -144,7 +146,7 @@ def _run_supported(model, truth, Ks):
             if handle is not None:
                 handle.remove()
         _check_rows(out.sequences, truth, f"forced acceptances at K={K}")
-        if K > 1:
+        if K > 1 and not shrunk:
             assert max(out.accepted_histogram) >= 3, f"no long acceptance at K={K}: {out.accepted_histogram}"
     tidar.patch(model, draft_len=K_CI)
     if SWEEP:

@@ -58,7 +58,8 @@ class _Decoder:
         self.full_logits = full_logits
         self.context = context
         self.B = len(g.prompts)
-        self.max_pos = getattr(model.config, "max_position_embeddings", None)
+        self.max_pos = g.max_len  # positions a row may reach (max_position_embeddings, the sliding window)
+        self.window = getattr(s, "window", None)  # keys a forward may attend to (the attention refuses more)
         stats = s.stats if s.stats is not None else new_stats()
         if s.stats is None:
             s.stats = stats
@@ -90,7 +91,10 @@ class _Decoder:
         return k
 
     def _fits(self, plan: Plan, lengths) -> bool:
-        return self.max_pos is None or max(lengths) + plan.max_offset() <= max(self.max_pos - 1, max(lengths))
+        m = max(lengths)
+        if self.window is not None and m + plan.seg_len > self.window:
+            return False
+        return self.max_pos is None or m + plan.max_offset() <= max(self.max_pos - 1, m)
 
     def _fixed_plan(self, k_limit: int) -> Plan:
         K, levels = self.fixed
@@ -332,6 +336,8 @@ def generate(
     if not isinstance(full_logits, bool):
         raise ValueError(f"full_logits must be True or False, got {full_logits!r}")
     backend = s.backend if backend is None else backend
+    if backend not in ("auto", "reference", "triton", "cuda"):
+        raise ValueError(f"backend must be one of auto, reference, triton, cuda; got {backend!r}")
     g = check_generate_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, beta,
                             eos_token_id, pad_token_id, generator, seed, streamer)
     sample_kw = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, beta=g.beta, generator=generator,

@@ -127,21 +127,19 @@ def _pad_id(pad_token_id):
 
 def _check_window(model, longest: int, max_new_tokens: int) -> None:
     """A sliding window W (found by ``tidar.patch``): the attention refuses a forward whose keys (the committed
-    tokens plus the step's segment of K + K*K tokens) pass W, so the whole generation must fit with room for the
-    step at the patch's K (16 for "auto"). ``generate`` given a larger ``draft_len`` must shrink its steps to fit
-    (else the attention raises partway, naming the window)."""
+    tokens plus the step's segment) pass W. The decode loop shrinks its steps (K, then the proposal levels,
+    down to a plain AR step) to keep the keys inside W, so the generation fits when its last AR step does:
+    prompt + new tokens <= W."""
     s = getattr(model, "_tidar", None)
     window = getattr(s, "window", None)
     if window is None:
         return
-    K = s.draft_len if _is_int(s.draft_len) else MAX_DRAFT_LEN
-    need = longest + max_new_tokens - 1 + K + K * K
+    need = longest + max_new_tokens
     if need > window:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens does not fit the model's sliding "
-            f"window {window}: TiDAR needs every step's keys (up to {need}: the tokens so far plus a step of "
-            f"{K + K * K} at K={K}) inside the window; "
-            f"at most {max(0, window - longest + 1 - K - K * K)} new tokens fit"
+            f"window {window} (tidar attention does not slide: every key must stay inside it); "
+            f"at most {max(0, window - longest)} new tokens fit"
         )
 
 
