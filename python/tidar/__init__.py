@@ -10,7 +10,8 @@ from .attention import TidarStep, tidar_forward
 from .cache import TidarCache
 from .generate import TidarGenerateOutput, generate
 from .hybrid_loss import HybridLoss, hybrid_loss
-from .patch import add_mask_token, is_patched, patch, unpatch
+from .patch import UnsupportedModel, add_mask_token, is_patched, patch, unpatch
+from .slot_curve import slot_curve
 
 from tidar_kernels._version import __version__ as __version__  # one version for both packages
 __all__ = [
@@ -18,11 +19,13 @@ __all__ = [
     "TidarCache",
     "TidarGenerateOutput",
     "TidarStep",
+    "UnsupportedModel",
     "add_mask_token",
     "generate",
     "hybrid_loss",
     "is_patched",
     "patch",
+    "slot_curve",
     "tidar_forward",
     "unpatch",
 ]
