@@ -1,4 +1,4 @@
-"""The TiDAR hybrid training objective (design.md 1.2).
+"""The TiDAR hybrid training objective (docs/design.md §3.1).
 
 One forward over the doubled sequence ``[x_0 .. x_{L-1} | [MASK] x L]`` under the training layout
 (``tidar_kernels.layouts.training``): the clean half is causal and carries the autoregressive loss
@@ -110,7 +110,7 @@ def hybrid_loss(model, input_ids: torch.Tensor, block_size: int, alpha: float = 
         mask_token_id: default: the patch's, else ``model.config.mask_token_id``.
         attention_mask: optional ``[B, L]`` right-padding mask (1 = real token); padded positions carry no loss.
         backend: ``tidar_attention`` backend (default: the patch's).
-        diffusion_target: what the mask half is trained toward (design.md 1.4): ``"data"`` (the token x[i], the
+        diffusion_target: what the mask half is trained toward (docs/design.md §3.1): ``"data"`` (the token x[i], the
             paper's objective), ``"ar-hard"`` (the AR head's argmax at the same position, i.e. the clean-half
             logits at i-1 of this same forward, detached; conditioned on the data's tokens before i: the
             teacher-forced approximation of what the verifier accepts) or ``"ar-soft"`` (that AR distribution,
