@@ -1,4 +1,4 @@
-"""Self-distilled diffusion targets (design.md 1.4): train the mask half toward what the verifier accepts.
+"""Self-distilled diffusion targets (docs/design.md §3.1): train the mask half toward what the verifier accepts.
 
 The verifier accepts a draft when it equals the model's own AR greedy choice, so the exact target of a
 diffusion block is the model's own greedy continuation of the block's prefix. It is cheapest as whole
