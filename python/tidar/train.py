@@ -198,7 +198,7 @@ def add_arguments(p):
     g.add_argument("--alpha", type=float, default=1.0, help="AR weight: (alpha*AR + diffusion) / (1 + alpha)")
     g.add_argument("--no-diffusion", action="store_true", help="AR-only baseline: train the AR term alone")
     g.add_argument("--diffusion-target", default="data", choices=None,
-                   help="what the mask half learns (design.md 1.4): data (the paper), ar-hard / ar-soft (teacher-forced: "
+                   help="what the mask half learns (docs/design.md §3.1): data (the paper), ar-hard / ar-soft (teacher-forced: "
                         "the AR head's argmax / distribution at the same position, detached), greedy (the model's own "
                         "continuations of real prompts, regenerated every --distill-refresh steps)")
     g.add_argument("--distill-rows", type=int, default=None,
