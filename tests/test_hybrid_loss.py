@@ -1,4 +1,4 @@
-"""The hybrid objective (design.md 1.2): hand-computed twin, gradients, no leaks, bad inputs."""
+"""The hybrid objective (docs/design.md §3.1): hand-computed twin, gradients, no leaks, bad inputs."""
 from __future__ import annotations
 
 import pytest
@@ -20,7 +20,7 @@ def _patched(arch="qwen2", **kw):
 
 
 def _dense_training_mask(L, K):
-    """The training mask written out from the table in design.md 1.2 (True = visible), [2L, 2L]."""
+    """The training mask written out from the table in docs/design.md §3.1 (True = visible), [2L, 2L]."""
     m = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
     for i in range(L):
         m[i, : i + 1] = True  # clean i: causal over the clean half, never a mask
