@@ -1,4 +1,4 @@
-"""`tidar train` on TidarTrainer (issue 10): one process == torchrun x 2 (gloo) == gradient accumulation, gradient
+"""`tidar train` on TidarTrainer: one process == torchrun x 2 (gloo) == gradient accumulation, gradient
 checkpointing keeps the gradients, --init-from converts a saved AR model exactly, .txt/.jsonl corpora, the module
 split, bad inputs fail before any step."""
 from __future__ import annotations
