@@ -1,4 +1,4 @@
-"""Self-distilled diffusion targets (design.md 1.4, issue 12): hand-computed targets, no gradient into the
+"""Self-distilled diffusion targets (docs/design.md §3.1): hand-computed targets, no gradient into the
 targets, the AR term untouched, a few steps lower the loss, bad option values fail clearly."""
 from __future__ import annotations
 
