@@ -1,4 +1,4 @@
-"""Every bad input to the public ops of ``tidar_kernels`` is a clear error before any work (issue 9, item 3).
+"""Every bad input to the public ops of ``tidar_kernels`` is a clear error before any work.
 
 One table over ``tidar_attention``, ``kv_append``, ``rejection_sample``, ``draft_sample``, ``draw_uniforms``,
 ``philox_uniforms``, ``dense_mask`` and the layout functions: ints that are bools, int64 values outside the int32 range (which would
