@@ -1,4 +1,4 @@
-"""``tidar_attention``: attention under a TiDAR layout (design.md 1.1 and 2)."""
+"""``tidar_attention``: attention under a TiDAR layout (docs/design.md §2 and §7)."""
 from __future__ import annotations
 
 import torch
