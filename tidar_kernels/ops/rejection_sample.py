@@ -1,4 +1,4 @@
-"""``rejection_sample``: one TiDAR verification step, from raw logits to the step's outcome (design.md 1.3).
+"""``rejection_sample``: one TiDAR verification step, from raw logits to the step's outcome (docs/design.md §4.1).
 
 Also ``draft_sample``: the prefill's first drafts. Both take randomness from exactly one of: an explicit
 ``torch.Generator``, pre-drawn ``uniforms`` (layout in ``tidar_kernels.reference.rejection_sample``), or a
