@@ -1,4 +1,4 @@
-"""Reference TiDAR verification step (design.md 1.3) and the prefill draft step.
+"""Reference TiDAR verification step (docs/design.md §4.1) and the prefill draft step.
 
 Uniforms ``u`` are ``[B, 2K]`` float32 in [0, 1):
     u[:, 0]          the correction (first rejection) or bonus sample, or d_0 at prefill
