@@ -1,4 +1,4 @@
-// tidar_attention.h: torch-free launcher of the inference-step TiDAR attention forward (design.md 1.1, 2).
+// tidar_attention.h: torch-free launcher of the inference-step TiDAR attention forward (docs/design.md §2, §7).
 //
 // Keys are the cached prefix followed by the segment. For batch row b with s0 = seg_start[b], query i
 // (0 <= i < S) sees key j iff
