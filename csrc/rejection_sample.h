@@ -1,5 +1,5 @@
 // rejection_sample.h: torch-free launchers of the fused TiDAR verification step and the prefill drafts
-// (design.md 1.3; semantics of tidar_kernels/reference/rejection_sample.py, decisions in float64).
+// (docs/design.md §4.1; semantics of tidar_kernels/reference/rejection_sample.py, decisions in float64).
 //
 // Logit dtype codes: 0 = fp16, 1 = bf16, 2 = fp32, 3 = fp64. All strides are element strides (any layout).
 // Randomness: `uniforms` [B, 2K] float32 in [0, 1) when non-null, else Philox4x32-10 with
