@@ -79,7 +79,9 @@ def test_greedy_triton_equals_hf(model, triton_calls, K):
             assert got.accepted_histogram == ref.accepted_histogram and got.forwards == ref.forwards
     finally:
         tidar.unpatch(model)
-    assert all(triton_calls[op] > 0 for op in OPS), dict(triton_calls)
+    # greedy acceptance is an argmax compare on the K draft rows (the LM head runs on the needed rows only), so the
+    # fused rejection kernel serves sampling; every other op ran through Triton
+    assert all(triton_calls[op] > 0 for op in OPS if op != "rejection_sample"), dict(triton_calls)
     if K > 1:
         assert ref.tokens_per_forward >= 1.0
 

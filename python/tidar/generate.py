@@ -60,10 +60,14 @@ class _Decoder:
         self.B = len(g.prompts)
         self.max_pos = g.max_len  # positions a row may reach (max_position_embeddings, the sliding window)
         self.window = getattr(s, "window", None)  # keys a forward may attend to (the attention refuses more)
-        stats = s.stats if s.stats is not None else new_stats()
-        if s.stats is None:
-            s.stats = stats
-        self.stats = stats
+        if g.temperature > 0:
+            # sampling starts from the prior statistics on every call: the statistics pick the draft sources (and
+            # with "auto" the K), so the same generator or seed gives the same tokens whatever ran before
+            self.stats = new_stats()
+        else:  # greedy output is the same whatever the drafts: learn across calls
+            if s.stats is None:
+                s.stats = new_stats()
+            self.stats = s.stats
         auto = K == "auto"
         self.auto = auto
         self.planner = Planner(slot_curve(model), stats, levels=levels) if auto else None
@@ -324,7 +328,9 @@ def generate(
         eos_token_id: an int or a list; a row stops after emitting one. pad_token_id fills finished rows.
         generator: torch.Generator for sampling (reproducible); streamer: an HF streamer (batch 1).
         seed: instead of ``generator``, Philox4x32-10 counter-based sampling (the same tokens on every backend
-            and device): the prefill uses offset 0 and each step advances the offset by B * 2K.
+            and device): the prefill uses offset 0 and each step advances the offset by B * 2K. Sampling calls
+            start from the prior acceptance statistics, so a generator/seed reproduces its tokens; with
+            ``draft_len="auto"`` the K sequence also follows the measured slot curve (fixed within a process).
         full_logits: apply the LM head to every row of each step (slower; for forward hooks that edit logits).
     """
     s = settings(model)
