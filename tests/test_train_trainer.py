@@ -57,7 +57,7 @@ def test_gradient_checkpointing_same_gradients(tiny_corpus, tmp_path):  # noqa: 
     grads = []
     for gc in (False, True):
         if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.zero_grad()
         tidar.hybrid_loss(model, x, 4).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
