@@ -111,7 +111,7 @@ def plan_table(curve: SlotCurve, stats: dict, proposal_levels=None, max_k: int =
     choice when a long context (n-gram) match is available."""
     planner = Planner(curve, stats, max_k=max_k, levels=proposal_levels)
     planner._replan()
-    ar_ms = curve.step(1, 1)
+    ar_ms = planner.best[1][2] if 1 in planner.best else curve.step(1, 1)  # the planner's own AR step
     ar_tps = 1000.0 / ar_ms
     plans = []
     for K, (lv, tok, ms) in sorted(planner.best.items()):
