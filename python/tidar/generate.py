@@ -70,7 +70,7 @@ class _Decoder:
             self.stats = s.stats
         auto = K == "auto"
         self.auto = auto
-        self.planner = Planner(slot_curve(model), stats, levels=levels) if auto else None
+        self.planner = Planner(slot_curve(model), self.stats, levels=levels) if auto else None
         self.fixed = None if auto else (K, levels)
         self.max_k = MAX_K if auto else K
         self.out: list[list[int]] = [[] for _ in range(self.B)]
