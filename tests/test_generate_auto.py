@@ -1,5 +1,6 @@
 """draft_len="auto", the token-slot curve, sparse proposal levels, context drafts and the LM head on needed rows:
 every option keeps greedy TiDAR equal to HF greedy, and auto's choices follow the measured costs."""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """On a GPU the greedy decode step (``_Decoder.device_step``: body forward, LM head on the needed rows, acceptance,
 next block's argmax) has no host synchronisation, so it can be captured in a CUDA graph and replayed with new
 drafts / offsets written into static buffers. Skipped without CUDA."""
+
 from __future__ import annotations
 
 import pytest

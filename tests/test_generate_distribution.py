@@ -1,4 +1,5 @@
 """Distribution exactness: TiDAR sampling draws continuations from the AR model's exact distribution."""
+
 from __future__ import annotations
 
 import itertools

@@ -6,6 +6,7 @@ Random weights accept few drafts, so an "oracle" forward hook rewrites the logit
 slot c and wrong after it: the next step then accepts exactly 1 + c drafts. The output must still be
 the model's AR greedy output, which also proves that long accepted runs commit the right K/V.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -94,7 +95,9 @@ def test_beta_mix_changes_targets_but_beta_one_is_exact():
     assert not torch.equal(mixed.sequences, want)
 
 
-@pytest.mark.parametrize("arch,K,levels,B", [("qwen2", 6, (1, 3), 2), ("llama", 8, (2, 5, 8), 1), ("qwen3", 5, (1,), 2)])
+@pytest.mark.parametrize(
+    "arch,K,levels,B", [("qwen2", 6, (1, 3), 2), ("llama", 8, (2, 5, 8), 1), ("qwen3", 5, (1,), 2)]
+)
 def test_sparse_levels_exact_with_long_acceptances(arch, K, levels, B):
     """Only the blocks of ``levels`` are computed; after an acceptance that is not a level the next drafts
     come from the largest level below it (fewer drafts). Output stays HF greedy, the cache stays exact."""

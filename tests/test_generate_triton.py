@@ -6,6 +6,7 @@ backend. Each test counts the Triton calls of every op, so a silent fallback to 
 
 backend="auto" never runs the interpreter on CPU tensors, so every call names backend="triton".
 """
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """Sparse proposal levels as data: ``layouts.decode_step(K, levels)`` keeps exactly the rows and keys of the
 chosen blocks of the full layout, its dense twin follows the mask rule, and attention under it equals the
 full layout's attention restricted to those rows (every backend takes it: it is only data)."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,7 +52,10 @@ def test_attention_under_levels_equals_full_layout_rows(dtype):
     seg = torch.tensor(pre, dtype=torch.int32)
     out_full = tk.tidar_attention(q.float(), k.float(), v.float(), full.local_limit, full.block_id, seg)
     # the sparse segment: its keys are the kept segment keys, written contiguously after the prefix
-    k2, v2 = torch.zeros(B, Hkv, max(pre) + sub.seg_len, D, dtype=dtype), torch.zeros(B, Hkv, max(pre) + sub.seg_len, D, dtype=dtype)
+    k2, v2 = (
+        torch.zeros(B, Hkv, max(pre) + sub.seg_len, D, dtype=dtype),
+        torch.zeros(B, Hkv, max(pre) + sub.seg_len, D, dtype=dtype),
+    )
     for b in range(B):
         k2[b, :, : pre[b]], v2[b, :, : pre[b]] = k[b, :, : pre[b]], v[b, :, : pre[b]]
         k2[b, :, pre[b] : pre[b] + sub.seg_len] = k[b, :, pre[b] + keep]

@@ -8,6 +8,7 @@ A segment of S tokens is appended after ``seg_start`` cached keys. Query ``i`` s
 Keys at ``j >= seg_start + S`` (scratch of a longer row in a ragged batch) are never seen. Every layout
 below is computed once per shape and cached; ``dense_mask`` builds the boolean twin from the same rule.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,7 @@ class Layout:
     def seg_len(self) -> int:
         return self.local_limit.shape[0]
 
-    def to(self, device) -> "Layout":
+    def to(self, device) -> Layout:
         device = torch.device(device)
         if self.local_limit.device == device:
             return self
@@ -216,7 +217,8 @@ def _check_dense_args(local_limit, block_id, seg_start, kv_len):
         _checks.tensor("seg_start", seg_start, dtypes=_checks.INT_TYPES, device=device)
         if seg_start.dim() > 1:
             raise ValueError(
-                f"seg_start must be an int or a 0-D/1-D int tensor [B], got shape {tuple(seg_start.shape)}")
+                f"seg_start must be an int or a 0-D/1-D int tensor [B], got shape {tuple(seg_start.shape)}"
+            )
     else:
         raise TypeError(f"seg_start must be an int or an int tensor [B], got {type(seg_start).__name__}")
     return S, device, seg_start, int(kv_len)

@@ -1,11 +1,14 @@
 """tidar: TiDAR for Hugging Face causal LMs (the thin layer over ``tidar_kernels``).
 
-    tidar.add_mask_token(model, tokenizer)   # once, if the model has no [MASK]
-    tidar.patch(model, draft_len=16)         # "tidar" attention + drop-in model.generate
-    out = tidar.generate(model, input_ids, max_new_tokens=64)
-    loss = tidar.hybrid_loss(model, input_ids, block_size=16).loss   # training objective
-    tidar.unpatch(model)                     # back to the exact original
+tidar.add_mask_token(model, tokenizer)   # once, if the model has no [MASK]
+tidar.patch(model, draft_len=16)         # "tidar" attention + drop-in model.generate
+out = tidar.generate(model, input_ids, max_new_tokens=64)
+loss = tidar.hybrid_loss(model, input_ids, block_size=16).loss   # training objective
+tidar.unpatch(model)                     # back to the exact original
 """
+
+from tidar_kernels._version import __version__ as __version__  # one version for both packages
+
 from .attention import TidarStep, tidar_forward
 from .cache import TidarCache
 from .generate import TidarGenerateOutput, generate
@@ -13,7 +16,6 @@ from .hybrid_loss import HybridLoss, hybrid_loss
 from .patch import UnsupportedModel, add_mask_token, is_patched, patch, unpatch
 from .slot_curve import slot_curve
 
-from tidar_kernels._version import __version__ as __version__  # one version for both packages
 __all__ = [
     "HybridLoss",
     "TidarCache",

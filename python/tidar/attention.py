@@ -6,10 +6,10 @@ them to the attention function). The attention function then appends the layer's
 forward of a patched model) it runs the causal layout; a padded batch (a dense mask from HF) cannot be
 expressed as a TiDAR layout and runs PyTorch SDPA with that mask.
 """
+
 from __future__ import annotations
 
 import contextvars
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +29,7 @@ class TidarStep:
 
     layout: tidar_kernels.Layout  # on the model's device
     seg_start: torch.Tensor  # int32 [B]: where the segment's K/V go in each row (committed length)
-    cache: "object | None" = None  # a TidarCache, or None for cache-free forwards (training)
+    cache: object | None = None  # a TidarCache, or None for cache-free forwards (training)
     backend: str = "auto"
     validated: dict = field(default_factory=dict, repr=False)  # op -> (signature, impl, args) checked this forward
 
@@ -63,8 +63,13 @@ def tidar_hidden(model, input_ids, position_ids, step: TidarStep):
     hidden states ``[B, S, H]`` (after the final norm), without the LM head (see ``lm_head.OutputHead``)."""
     token = _IN_TIDAR_FORWARD.set(True)
     try:
-        out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, tidar_step=step,
-                               attention_mask=_no_mask(input_ids.device))
+        out = model.base_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            tidar_step=step,
+            attention_mask=_no_mask(input_ids.device),
+        )
     finally:
         _IN_TIDAR_FORWARD.reset(token)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -86,8 +91,9 @@ def tidar_attention_forward(module, query, key, value, attention_mask, scaling=N
         raise ValueError(f"tidar attention does not implement attention dropout (got dropout={dropout}); set it to 0")
     step: TidarStep | None = kwargs.get("tidar_step")
     if step is None:
-        return _plain_forward(module, query, key, value, attention_mask, scaling, kwargs.get("sliding_window"),
-                              kwargs.get("softcap"))
+        return _plain_forward(
+            module, query, key, value, attention_mask, scaling, kwargs.get("sliding_window"), kwargs.get("softcap")
+        )
     seg_start = step.seg_start
     if step.cache is not None:
         key, value = step.cache.append(module.layer_idx, key, value, seg_start)
@@ -100,19 +106,34 @@ def _step_attention(step: TidarStep, query, key, value, scaling, softcap):
     """``tidar_attention`` under the step's layout, validated once per forward: every layer of a forward
     passes inputs of the same shapes, dtypes and devices with the same layout and ``seg_start`` tensors, so
     the checks of the first layer hold for the others, which call the resolved implementation directly."""
-    sig = (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
-           value.device, scaling, softcap)
+    sig = (
+        query.shape,
+        key.shape,
+        value.shape,
+        query.dtype,
+        key.dtype,
+        value.dtype,
+        query.device,
+        key.device,
+        value.device,
+        scaling,
+        softcap,
+    )
     memo = step.validated.get("tidar_attention")
     if memo is not None and memo[0] == sig:
         return memo[1](query, key, value, *memo[2])
     lay = step.layout
-    out = tidar_kernels.tidar_attention(query, key, value, lay.local_limit, lay.block_id, step.seg_start, scaling,
-                                        softcap, backend=step.backend)
+    out = tidar_kernels.tidar_attention(
+        query, key, value, lay.local_limit, lay.block_id, step.seg_start, scaling, softcap, backend=step.backend
+    )
     if query.shape[0] > 0 and all(t.dtype == torch.int32 for t in (lay.local_limit, lay.block_id, step.seg_start)):
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         impl = backends.resolve("tidar_attention", step.backend, query.device)
-        step.validated["tidar_attention"] = (sig, impl, (lay.local_limit, lay.block_id, step.seg_start, scale,
-                                                         None if softcap is None else float(softcap)))
+        step.validated["tidar_attention"] = (
+            sig,
+            impl,
+            (lay.local_limit, lay.block_id, step.seg_start, scale, None if softcap is None else float(softcap)),
+        )
     return out
 
 
@@ -132,7 +153,9 @@ def _plain_forward(module, query, key, value, attention_mask, scaling, sliding_w
         return out.transpose(1, 2).contiguous(), None
     _check_window(sliding_window, Skv)
     layout = layouts.causal(S).to(query.device)
-    out = tidar_kernels.tidar_attention(query, key, value, layout.local_limit, layout.block_id, Skv - S, scaling, softcap)
+    out = tidar_kernels.tidar_attention(
+        query, key, value, layout.local_limit, layout.block_id, Skv - S, scaling, softcap
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -4,6 +4,7 @@ Each forward writes its whole segment at the row's committed length; commit move
 over the accepted drafts (their K/V are exactly what AR decoding caches) and never copies K/V. Everything
 past a row's length is scratch that the next forward overwrites.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,9 @@ class TidarCache:
         rows = range(self.batch_size) if rows is None else rows
         need = max(self.lengths[r] for r in rows) + seg_len
         if need > self.max_len:
-            raise ValueError(f"kv cache overflow: a segment of {seg_len} tokens needs {need} slots, cache has {self.max_len}")
+            raise ValueError(
+                f"kv cache overflow: a segment of {seg_len} tokens needs {need} slots, cache has {self.max_len}"
+            )
 
     def _layer(self, layer_idx: int, k_new: torch.Tensor):
         """The layer's buffers, allocated on its first append from the K/V shapes the model produces."""
@@ -54,8 +57,19 @@ class TidarCache:
         if k_new.shape[0] != self.batch_size:
             raise ValueError(f"TidarCache was built for batch {self.batch_size}, got k/v of batch {k_new.shape[0]}")
         k, v = self._layer(layer_idx, k_new)
-        sig = (k.shape, k.dtype, k.device, k_new.shape, v_new.shape, k_new.dtype, v_new.dtype, k_new.device,
-               v_new.device, id(seg_start), seg_start._version)
+        sig = (
+            k.shape,
+            k.dtype,
+            k.device,
+            k_new.shape,
+            v_new.shape,
+            k_new.dtype,
+            v_new.dtype,
+            k_new.device,
+            v_new.device,
+            id(seg_start),
+            seg_start._version,
+        )
         memo = self._validated
         if memo is not None and memo[0] == sig and memo[2] is seg_start:
             memo[1](k, v, k_new, v_new, seg_start)  # checked for the first layer of this forward
@@ -79,7 +93,7 @@ class TidarCache:
         n = self.lengths[row]
         return self.keys[layer_idx][row, :, :n], self.values[layer_idx][row, :, :n]
 
-    def row(self, b: int) -> "_RowView":
+    def row(self, b: int) -> _RowView:
         """A batch-1 view of row ``b`` (prefill of one row of a padded batch writes through it)."""
         return _RowView(self, b)
 

@@ -4,6 +4,7 @@ Verification is exact whatever the drafts are, so a step's draft slots may hold 
 and the generated text (as prompt-lookup decoding does) when that is the likelier source. For sampling a
 copied draft is a proposal with probability one on that token.
 """
+
 from __future__ import annotations
 
 

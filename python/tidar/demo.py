@@ -6,6 +6,7 @@ tokens per forward and tokens/s. Exits 1 if a greedy TiDAR text differs from the
     tidar demo                       # bundled model, its held-out prompts, 64 new tokens, K from the config
     tidar demo --prompt "def fib(n):" --draft-len 8 --json
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ BUNDLED_NAME = "tidar-stdlib-tiny"
 PROMPTS_FILE = "demo_prompts.json"
 # Used when the model folder has no demo_prompts.json: short openings of held-out-style code.
 FALLBACK_PROMPTS = [
-    "def read_config(path):\n    \"\"\"Read a key = value file into a dict.\"\"\"\n    result = {}\n",
+    'def read_config(path):\n    """Read a key = value file into a dict."""\n    result = {}\n',
     "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
 ]
 
@@ -40,18 +41,27 @@ def bundled_model_dir() -> Path:
         if (c / "config.json").is_file():
             return c
     raise FileNotFoundError(
-        "the bundled TiDAR model was not found; looked in: " + ", ".join(str(c) for c in candidates)
+        "the bundled TiDAR model was not found; looked in: "
+        + ", ".join(str(c) for c in candidates)
         + ". Run from a source checkout (pip install -e .), set TIDAR_MODEL=<folder>, or pass --model <folder>"
     )
 
 
 def add_arguments(p):
     p.add_argument("--model", default=None, help=f"model folder (default: the bundled {BUNDLED_NAME})")
-    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several); default: held-out code prompts")
+    p.add_argument(
+        "--prompt", action="append", default=None, help="a prompt (repeat for several); default: held-out code prompts"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--draft-len", type=_draft_len, default="auto",
-                   help="K, or 'auto' (default): chosen per step from the measured token-slot curve and the acceptance")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default; the only mode with identical texts)")
+    p.add_argument(
+        "--draft-len",
+        type=_draft_len,
+        default="auto",
+        help="K, or 'auto' (default): chosen per step from the measured token-slot curve and the acceptance",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (the default; the only mode with identical texts)"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -121,8 +131,15 @@ def run_demo(args, out=print) -> dict:
 
     def ar_generate(ids, n, streamer=None):
         kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0)
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, eos_token_id=eos,
-                              pad_token_id=tok.pad_token_id, streamer=streamer, **kw)
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+            streamer=streamer,
+            **kw,
+        )
 
     stats = {}  # the running acceptance statistics of draft_len="auto", kept across prompts (and unpatch)
 
@@ -137,8 +154,15 @@ def run_demo(args, out=print) -> dict:
             tidar.unpatch(model)
 
     def tidar_generate(ids, n, streamer=None):
-        return tidar.generate(model, ids, max_new_tokens=n, temperature=args.temperature, eos_token_id=eos,
-                              generator=None if greedy else gen, streamer=streamer)
+        return tidar.generate(
+            model,
+            ids,
+            max_new_tokens=n,
+            temperature=args.temperature,
+            eos_token_id=eos,
+            generator=None if greedy else gen,
+            streamer=streamer,
+        )
 
     warm = tok(prompts[0], return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
     use_ar()
@@ -150,8 +174,11 @@ def run_demo(args, out=print) -> dict:
     tidar_generate(warm, 2)
 
     if stream:
-        out(f"model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {device}; "
-            f"draft_len {K}; {'greedy' if greedy else f'temperature {args.temperature}'}; {args.max_new_tokens} new tokens")
+        out(
+            f"model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {device}; "
+            f"draft_len {K}; {'greedy' if greedy else f'temperature {args.temperature}'}; "
+            f"{args.max_new_tokens} new tokens"
+        )
     results, hist_all = [], Counter()
     for i, prompt in enumerate(prompts):
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
@@ -165,7 +192,7 @@ def run_demo(args, out=print) -> dict:
         ar_seq = ar_generate(ids, args.max_new_tokens, _streamer(tok, stream))
         _sync(device)
         t_ar = time.perf_counter() - t0
-        ar_new = ar_seq[0, ids.shape[1]:].tolist()
+        ar_new = ar_seq[0, ids.shape[1] :].tolist()
         if ar_new and eos in ar_new:
             ar_new = ar_new[: ar_new.index(eos) + 1]
         if stream:
@@ -200,10 +227,13 @@ def run_demo(args, out=print) -> dict:
         results.append(r)
         if stream:
             verdict = {True: "identical to AR", False: "DIFFERS from AR", None: "(sampling: not compared)"}[same]
-            out(f"--- {verdict}: {r['new_tokens']} tokens in {r['forwards']} forwards = {r['tokens_per_forward']:.2f} tokens/forward; "
+            out(
+                f"--- {verdict}: {r['new_tokens']} tokens in {r['forwards']} forwards = "
+                f"{r['tokens_per_forward']:.2f} tokens/forward; "
                 f"accepted lengths {dict(sorted(res.accepted_histogram.items()))}; K used {r['draft_lens']}; "
                 f"draft sources {res.draft_sources}; "
-                f"tokens/s AR {r['ar_tokens_per_s']:.1f} vs TiDAR {r['tidar_tokens_per_s']:.1f}")
+                f"tokens/s AR {r['ar_tokens_per_s']:.1f} vs TiDAR {r['tidar_tokens_per_s']:.1f}"
+            )
     tokens = sum(r["new_tokens"] for r in results)
     forwards = sum(r["forwards"] for r in results)
     ar_time = sum(r["ar_new_tokens"] / r["ar_tokens_per_s"] for r in results)
@@ -230,11 +260,15 @@ def run_demo(args, out=print) -> dict:
             out("TiDAR text identical to AR text on every prompt: " + ("yes" if summary["identical"] else "NO"))
         out(f"TiDAR tokens per forward: {summary['tokens_per_forward']:.2f} (AR: 1.00)")
         out(f"accepted-length histogram (a: steps): {dict(sorted(hist_all.items()))}")
-        out(f"tokens/s on {device}: AR {summary['ar_tokens_per_s']:.1f}, TiDAR {summary['tidar_tokens_per_s']:.1f} "
-            f"({summary['speedup']:.2f}x)")
+        out(
+            f"tokens/s on {device}: AR {summary['ar_tokens_per_s']:.1f}, TiDAR {summary['tidar_tokens_per_s']:.1f} "
+            f"({summary['speedup']:.2f}x)"
+        )
         if K == "auto":
-            out(f"draft_len auto: K and the proposal levels chosen per step from this machine's token-slot curve "
-                f"(measured in {curve_s:.1f}s; `tidar profile` prints it) and the running acceptance")
+            out(
+                f"draft_len auto: K and the proposal levels chosen per step from this machine's token-slot curve "
+                f"(measured in {curve_s:.1f}s; `tidar profile` prints it) and the running acceptance"
+            )
     return summary
 
 

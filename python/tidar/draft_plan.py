@@ -7,6 +7,7 @@ source (diffusion, context) and per depth i, the rate ``alpha_i`` at which draft
 next step gets); each step then picks K for the drafts it actually has. Plain AR steps (K = 1, no levels)
 are a plan like any other, so TiDAR is never slower than AR by choice.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -127,8 +128,9 @@ class Planner:
     REPLAN_EVERY = 32  # steps between re-scoring the steady-state diffusion plans
     EXPLORE_AFTER = 16  # AR steps in a row before one diffusion step refreshes the statistics
 
-    def __init__(self, curve: SlotCurve, stats: dict, max_k: int = MAX_K, levels: tuple | None = None,
-                 fixed_k: int | None = None):
+    def __init__(
+        self, curve: SlotCurve, stats: dict, max_k: int = MAX_K, levels: tuple | None = None, fixed_k: int | None = None
+    ):
         self.curve, self.stats = curve, stats
         self.max_k = min(max_k, MAX_K) if fixed_k is None else fixed_k
         self.fixed_k, self.fixed_levels = fixed_k, levels

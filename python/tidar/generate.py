@@ -11,9 +11,9 @@ AR distribution (speculative sampling; any drafts are valid proposals). The loop
   expected to be accepted more; ``draft_len="auto"`` re-chooses K and the levels as generation goes on
   (``draft_plan``), from the measured token-slot curve (``slot_curve``).
 """
+
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -128,8 +128,11 @@ class _Decoder:
 
     def _rows(self, h, index):
         """Logits of the rows ``index`` (``[B, R]`` or a slice) of a forward's output ``h``."""
-        sel = h[:, index] if not isinstance(index, torch.Tensor) else h.gather(
-            1, index[:, :, None].expand(-1, -1, h.shape[-1]))
+        sel = (
+            h[:, index]
+            if not isinstance(index, torch.Tensor)
+            else h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1]))
+        )
         return sel if self.full_logits else self.head(sel)
 
     def _check_head(self, prompt):
@@ -153,8 +156,9 @@ class _Decoder:
         """Prompt (causal) + one block of K masks; returns the first drafts [B, K] (device) and their q."""
         prompts = self.g.prompts
         lengths = list(map(len, prompts))
-        groups = [(list(range(self.B)), cache)] if len(set(lengths)) == 1 else \
-            [([b], cache.row(b)) for b in range(self.B)]
+        groups = (
+            [(list(range(self.B)), cache)] if len(set(lengths)) == 1 else [([b], cache.row(b)) for b in range(self.B)]
+        )
         ar, blocks = [], []
         for rows, target in groups:
             n = lengths[rows[0]]
@@ -187,8 +191,13 @@ class _Decoder:
     def _body(self, cache, plan: Plan, drafts, seg_start):
         B, K, lv = self.B, plan.draft_len, plan.levels
         layout = layouts.decode_step(K, lv).to(self.device)
-        ids = drafts if not lv else torch.cat(
-            [drafts, torch.full((B, K * len(lv)), self.mask_id, dtype=drafts.dtype, device=self.device)], 1)
+        ids = (
+            drafts
+            if not lv
+            else torch.cat(
+                [drafts, torch.full((B, K * len(lv)), self.mask_id, dtype=drafts.dtype, device=self.device)], 1
+            )
+        )
         pos = seg_start.long()[:, None] + layout.position_ids[None]
         self.forwards += 1
         return self._forward(ids, pos, layout, seg_start, cache)
@@ -344,10 +353,24 @@ def generate(
     backend = s.backend if backend is None else backend
     if backend not in ("auto", "reference", "triton", "cuda"):
         raise ValueError(f"backend must be one of auto, reference, triton, cuda; got {backend!r}")
-    g = check_generate_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, beta,
-                            eos_token_id, pad_token_id, generator, seed, streamer)
-    sample_kw = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, beta=g.beta, generator=generator,
-                     backend=backend)
+    g = check_generate_args(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        beta,
+        eos_token_id,
+        pad_token_id,
+        generator,
+        seed,
+        streamer,
+    )
+    sample_kw = dict(
+        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, beta=g.beta, generator=generator, backend=backend
+    )
     if seed is not None:
         del sample_kw["generator"]
         sample_kw.update(seed=seed, offset=0)
@@ -358,8 +381,11 @@ def generate(
     max_prompt = max(map(len, g.prompts))
     max_k = dec.max_k
     cache = TidarCache(B, max_prompt + g.max_new_tokens + max_k * (max_k + 1), backend=backend)
-    first = dec._plan([(MAX_K, 0)] * B, list(map(len, g.prompts))) if dec.planner is None else \
-        dec.planner.first(dec._k_limit(list(map(len, g.prompts))))
+    first = (
+        dec._plan([(MAX_K, 0)] * B, list(map(len, g.prompts)))
+        if dec.planner is None
+        else dec.planner.first(dec._k_limit(list(map(len, g.prompts))))
+    )
     K0 = first.draft_len if dec.planner is None else (max(2, first.draft_len) if g.max_new_tokens > 1 else 1)
     drafts, probs = dec.prefill(cache, K0)
     out, done, eos = dec.out, dec.done, g.eos
@@ -423,8 +449,15 @@ def generate(
         new[b, : len(o)] = torch.tensor(o, dtype=input_ids.dtype)
     tpf = sum(len(o) / f for o, f in zip(out, dec.row_forwards)) / B
     return TidarGenerateOutput(
-        torch.cat([input_ids, new], 1), dec.forwards, tpf, dict(sorted(dec.hist.items())), out, cache,
-        [K0] + dec.draft_lens, [tuple(range(1, K0 + 1))] + dec.level_log, dict(dec.sources),
+        torch.cat([input_ids, new], 1),
+        dec.forwards,
+        tpf,
+        dict(sorted(dec.hist.items())),
+        out,
+        cache,
+        [K0] + dec.draft_lens,
+        [tuple(range(1, K0 + 1))] + dec.level_log,
+        dict(dec.sources),
     )
 
 

@@ -6,6 +6,7 @@ stack + final norm) for every token and the output embeddings (+ the family's lo
 on those rows. ``OutputHead`` does the second part and proves, on a probe, that body + head equals the
 model's own forward; where it does not (an unknown post-processing), the step computes the full logits.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -28,8 +29,11 @@ class OutputHead:
             )
         cfg = model.config
         self.softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
-        self.scale = getattr(model, "logit_scale", None) if isinstance(getattr(model, "logit_scale", None), float) \
-            else getattr(cfg, "logit_scale", None)  # Cohere
+        self.scale = (
+            getattr(model, "logit_scale", None)
+            if isinstance(getattr(model, "logit_scale", None), float)
+            else getattr(cfg, "logit_scale", None)
+        )  # Cohere
         self.divide = getattr(cfg, "logits_scaling", None)  # Granite
         self.verified: bool | None = None  # set by verify(): body + head == the model's forward
         self.reason = ""
@@ -57,13 +61,15 @@ class OutputHead:
             scale = ref.abs().max().item() + 1e-6
             self.verified = err <= tol * max(1.0, scale)
             if not self.verified:
-                self.reason = (f"{type(self.model).__name__}: its LM head post-processing is not known to tidar "
-                               f"(max difference {err:.3g}); every step computes the full logits instead")
+                self.reason = (
+                    f"{type(self.model).__name__}: its LM head post-processing is not known to tidar "
+                    f"(max difference {err:.3g}); every step computes the full logits instead"
+                )
                 warnings.warn(f"tidar: LM head on needed rows disabled for {self.reason}", stacklevel=3)
         return self.verified
 
 
-_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> OutputHead (nothing stored on it)
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OutputHead (nothing stored on it)
 
 
 def output_head(model) -> OutputHead:

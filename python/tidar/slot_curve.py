@@ -6,6 +6,7 @@ assumed: ``slot_curve(model)`` times forwards with the TiDAR cache behind a pref
 on the model's own device (CUDA events on a GPU), and keeps the result per (model config, dtype, device) for
 the process (and in a JSON file when asked). ``draft_len="auto"`` chooses K and the proposal levels from it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ from tidar_kernels import layouts
 
 GRID = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 208, 272)
 PREFIX = 64  # cached tokens before the measured segment (a typical prompt)
-_CURVES: dict[str, "SlotCurve"] = {}
+_CURVES: dict[str, SlotCurve] = {}
 
 
 @dataclass
@@ -74,6 +75,7 @@ def _key(model) -> str:
 
 def _timer(device):
     if device.type == "cuda":
+
         def run(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -82,16 +84,19 @@ def _timer(device):
             end.synchronize()
             return start.elapsed_time(end)
     else:
+
         def run(fn):
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3
+
     return run
 
 
 @torch.no_grad()
-def measure_slot_curve(model, grid=GRID, repeats: int | None = None, prefix: int = PREFIX,
-                       budget_s: float = 10.0) -> SlotCurve:
+def measure_slot_curve(
+    model, grid=GRID, repeats: int | None = None, prefix: int = PREFIX, budget_s: float = 10.0
+) -> SlotCurve:
     """Time the patched ``model``'s forward (decoder body) for every token count in ``grid`` after ``prefix``
     cached tokens, and its LM head per row. The fastest of ``repeats`` runs after a warm-up. Stops after
     ``budget_s`` seconds (a large model on a CPU): the curve is extended linearly past the last count measured."""
@@ -135,14 +140,14 @@ def measure_slot_curve(model, grid=GRID, repeats: int | None = None, prefix: int
         # different rounds instead of one stretch of the curve.
         measured = []
         for n in grid:
-            t = timer(lambda: forward(prefix, n))
+            t = timer(lambda n=n: forward(prefix, n))
             measured.append(n)
             if len(measured) >= 2 and (time.perf_counter() - t0) + t / 1e3 * (repeats + 1) * 2 > budget_s:
                 break
         best = {n: float("inf") for n in measured}
         for r in range(repeats):
             for n in measured:
-                best[n] = min(best[n], timer(lambda: forward(prefix, n)))
+                best[n] = min(best[n], timer(lambda n=n: forward(prefix, n)))
             if r >= 1 and time.perf_counter() - t0 > budget_s:
                 break
         medians = [best[n] for n in measured]
@@ -155,8 +160,15 @@ def measure_slot_curve(model, grid=GRID, repeats: int | None = None, prefix: int
     envelope = medians[:]
     for i in range(len(envelope) - 2, -1, -1):  # non-decreasing: min over all larger counts
         envelope[i] = min(envelope[i], envelope[i + 1])
-    return SlotCurve(measured, [round(m, 4) for m in envelope], round(per_row, 5), str(device), str(p.dtype).removeprefix("torch."),
-                     _key(model), round(time.perf_counter() - t0, 3))
+    return SlotCurve(
+        measured,
+        [round(m, 4) for m in envelope],
+        round(per_row, 5),
+        str(device),
+        str(p.dtype).removeprefix("torch."),
+        _key(model),
+        round(time.perf_counter() - t0, 3),
+    )
 
 
 def slot_curve(model, *, refresh: bool = False, cache_file: str | os.PathLike | None = None) -> SlotCurve:

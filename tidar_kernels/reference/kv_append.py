@@ -1,4 +1,5 @@
 """Reference ``kv_append``: one scatter per cache with index_put_ (exact copy)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Reference ``tidar_attention``: SDPA with the dense twin of the layout (explicit softmax when soft-capping)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,6 @@ import torch.nn.functional as F
 
 from ..backends import register
 from ..layouts import dense_mask
-
 
 _MEMO: list = [None, None]  # (key, (attn_mask, empty, tensors)) of the last call: every layer of a forward shares it
 
@@ -16,8 +16,16 @@ def _mask(local_limit, block_id, seg_start, kv_len):
     ``[B, 1, S, 1]``, built once per forward: the layers of one model forward pass the same layout and
     ``seg_start`` tensors (same objects, same versions), so the later layers reuse it. On a CPU, a mask that
     hides nothing is None (SDPA's unmasked path) and no empty rows is None."""
-    key = (id(local_limit), local_limit._version, id(block_id), block_id._version, id(seg_start),
-           seg_start._version, kv_len, local_limit.device)
+    key = (
+        id(local_limit),
+        local_limit._version,
+        id(block_id),
+        block_id._version,
+        id(seg_start),
+        seg_start._version,
+        kv_len,
+        local_limit.device,
+    )
     if _MEMO[0] == key and _MEMO[1][2] is local_limit and _MEMO[1][3] is block_id and _MEMO[1][4] is seg_start:
         return _MEMO[1][0], _MEMO[1][1]
     mask = dense_mask(local_limit, block_id, seg_start, kv_len)  # [B, S, Skv]
@@ -36,7 +44,9 @@ def _mask(local_limit, block_id, seg_start, kv_len):
 def tidar_attention(q, k, v, local_limit, block_id, seg_start, scale, softcap=None):
     attn_mask, empty = _mask(local_limit, block_id, seg_start, k.shape[2])
     if softcap is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
     else:
         full = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device) if attn_mask is None else attn_mask
         out = softcapped_attention(q, k, v, full, scale, softcap)
