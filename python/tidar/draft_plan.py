@@ -26,6 +26,7 @@ class AcceptanceStats:
         self.trials = [0.0] * MAX_K
         self.accepts = [0.0] * MAX_K
         self._table: list[float] | None = None
+        self._pooled: float | None = None
 
     def update(self, n_drafts: int, accepted: int) -> None:
         """A row had ``n_drafts`` drafts of this source and ``accepted`` of them were accepted."""
@@ -40,11 +41,20 @@ class AcceptanceStats:
             self.trials[i] += 1.0
             if i <= accepted:
                 self.accepts[i] += 1.0
-        self._table = None
+        self._table = self._pooled = None
+
+    def pooled(self) -> float:
+        """The acceptance rate over all depths (smoothed toward the prior)."""
+        if self._pooled is None:
+            w = self.weight
+            self._pooled = (sum(self.accepts) + w * self.prior) / (sum(self.trials) + w)
+        return self._pooled
 
     def alpha(self, i: int) -> float:
+        """Depth i's rate, smoothed toward the pooled rate: depths a step has rarely reached (drafts past the
+        K in use) borrow from the depths it has, instead of staying at the prior and keeping K small."""
         w = self.weight
-        return (self.accepts[i] + w * self.prior) / (self.trials[i] + w)
+        return (self.accepts[i] + w * self.pooled()) / (self.trials[i] + w)
 
     def expected(self, n: int) -> float:
         """Expected accepted drafts among ``n`` of this source: sum over i <= n of prod_{t <= i} alpha_t."""
@@ -156,6 +166,8 @@ class Planner:
         self.since_replan = 0
 
     def _levels_for(self, K: int) -> tuple:
+        if K == 1:
+            return ()  # a plain AR step
         if self.fixed_levels is None:
             return tuple(range(1, K + 1))
         lv = tuple(j for j in self.fixed_levels if j <= K)

@@ -43,9 +43,6 @@ class TidarSettings:
     max_len_reason: str = ""  # which limit max_len is ("max_position_embeddings 1024", "sliding window 64")
     attn_implementations: list | None = None  # (config, implementation) of every config before the patch
     window: int | None = None  # the smallest sliding window the attention layers apply (None: none)
-    proposal_levels: tuple | None = None  # None = all of 1..K
-    context_drafts: bool = True
-    stats: dict | None = None  # running acceptance statistics of draft_len="auto" (kept across generate calls)
 
 
 def _register() -> None:
