@@ -79,11 +79,13 @@ def test_steady_tokens_and_levels():
 
 def test_ngram_index():
     ix = NgramIndex([1, 2, 3, 4, 1, 2])
-    assert ix.lookup(5) == [3, 4, 1, 2]  # after the earlier "1 2"
+    assert ix.lookup(5) == [3, 4, 1, 2, 3]  # after the earlier "1 2", continued with the period 4
     ix.extend([9])
     assert ix.lookup(3) == []  # "9" never occurred before
     ix.extend([1, 2, 3])
     assert ix.lookup(2) == [4, 1]  # longest match "1 2 3" -> its continuation
+    loop = NgramIndex([5, 6, 7, 8, 6, 7, 6, 7])
+    assert loop.lookup(6) == [6, 7, 6, 7, 6, 7]  # a 2-token loop predicts itself
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

@@ -11,8 +11,9 @@ from __future__ import annotations
 class NgramIndex:
     """Per row: the latest earlier occurrence of every n-gram (``min_n <= n <= max_n``) of the sequence.
 
-    ``lookup(k)`` returns up to ``k`` tokens that followed the most recent earlier occurrence of the longest
-    suffix n-gram of the sequence (empty when no suffix n-gram occurred before). Updates are O(max_n) per token.
+    ``lookup(k)`` returns ``k`` tokens that followed the most recent earlier occurrence of the longest suffix
+    n-gram of the sequence, continued periodically past the end when that occurrence is fewer than ``k`` tokens
+    back (empty when no suffix n-gram occurred before). Updates are O(max_n) per token.
     """
 
     def __init__(self, tokens, max_n: int = 3, min_n: int = 1):
@@ -38,5 +39,8 @@ class NgramIndex:
         for n in range(min(self.max_n, len(seq)), self.min_n - 1, -1):
             p = self.index.get(tuple(seq[-n:]))
             if p is not None:
-                return seq[p : p + k]
+                # the text since that occurrence repeats with period d = len - p: continue it past the end (a loop
+                # of d tokens predicts itself), so a short period still gives k drafts
+                d = len(seq) - p
+                return [seq[p + (i % d)] for i in range(k)]
         return []
