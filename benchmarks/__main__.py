@@ -47,8 +47,10 @@ def main(argv=None) -> int:
         p.error(f"unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not args.smoke and set(only) != {"e2e"}:  # e2e on CPU: the bundled model's decoding
-        print("the full benchmarks need a CUDA device; on CPU run with --smoke (tiny shapes) or --only e2e",
-              file=sys.stderr)
+        print(
+            "the full benchmarks need a CUDA device; on CPU run with --smoke (tiny shapes) or --only e2e",
+            file=sys.stderr,
+        )
         return 2
     warnings.filterwarnings("ignore", message="tidar_kernels: backend='auto' falls back")
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")

@@ -16,6 +16,7 @@ Peers, in the same run:
 TFLOP/s counts only visible (query, key) pairs: 4*D flops per pair forward, 2.5x that backward.
 Inference-step GB/s counts the K/V bytes read once (q and out are small), against the measured copy bandwidth.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,14 @@ TILE = 128  # FlexAttention's default Q and KV block size
 # block tables straight from the layout vectors
 
 
-def block_tables(local_limit: torch.Tensor, block_id: torch.Tensor, seg_start: int, kv_len: int,
-                 q_tile: int = TILE, kv_tile: int = TILE) -> dict:
+def block_tables(
+    local_limit: torch.Tensor,
+    block_id: torch.Tensor,
+    seg_start: int,
+    kv_len: int,
+    q_tile: int = TILE,
+    kv_tile: int = TILE,
+) -> dict:
     """Per (query tile, key tile): full (every pair visible) or partial (some) — from the vectors, never
     from a dense mask. Work is O(S * kv_len / kv_tile): for each query, the number of visible keys in each
     key tile is the overlap of the tile with two intervals, the prefix ``[0, seg_start + local_limit[i])``
@@ -117,8 +124,9 @@ def flex_block_mask(local_limit, block_id, seg_start: int, kv_len: int, tables: 
 
     kv_num, kv_idx = _kv_table(tables["partial"])
     full_num, full_idx = _kv_table(tables["full"])
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=TILE, mask_mod=mask_mod,
-                                    seq_lengths=(S, kv_len))
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(S, kv_len)
+    )
 
 
 _FLEX = {}
@@ -132,8 +140,12 @@ def flex_fn(compiled: bool):
     if "fn" not in _FLEX:
         import torch._dynamo
 
-        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                     "accumulated_recompile_limit"):
+        for name in (
+            "cache_size_limit",
+            "recompile_limit",
+            "accumulated_cache_size_limit",
+            "accumulated_recompile_limit",
+        ):
             if hasattr(torch._dynamo.config, name):  # one compile per shape; never fall back to eager silently
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
@@ -144,8 +156,24 @@ def flex_fn(compiled: bool):
 # one case, every implementation
 
 
-def _case(bench: Bench, *, case: str, params: dict, layout, seg_start: int, B: int, Hq: int, Hkv: int, D: int,
-          backward: bool, bound: str, api: bool, cold_l2: bool, graph: bool, report_bw: bool):
+def _case(
+    bench: Bench,
+    *,
+    case: str,
+    params: dict,
+    layout,
+    seg_start: int,
+    B: int,
+    Hq: int,
+    Hkv: int,
+    D: int,
+    backward: bool,
+    bound: str,
+    api: bool,
+    cold_l2: bool,
+    graph: bool,
+    report_bw: bool,
+):
     dev = bench.device
     dt = torch.bfloat16 if bench.cuda else torch.float32
     S = layout.seg_len
@@ -173,10 +201,16 @@ def _case(bench: Bench, *, case: str, params: dict, layout, seg_start: int, B: i
     mask = layouts.dense_mask(ll, bid, seg_t, Skv)[:, None]  # [B, 1, S, Skv]
     tol = 2e-2 if dt == torch.bfloat16 else 1e-4
     rd = torch.float32 if bench.cuda else torch.float64  # the reference: upcast SDPA with the dense mask
-    ref = F.scaled_dot_product_attention(q.to(rd), k.repeat_interleave(g, 1).to(rd), v.repeat_interleave(g, 1).to(rd),
-                                         attn_mask=mask, scale=scale).float()
-    common = dict(flops=flops, bytes_moved=kv_bytes if report_bw else None, cold_l2=cold_l2, graph=graph and not backward,
-                  params=params)
+    ref = F.scaled_dot_product_attention(
+        q.to(rd), k.repeat_interleave(g, 1).to(rd), v.repeat_interleave(g, 1).to(rd), attn_mask=mask, scale=scale
+    ).float()
+    common = dict(
+        flops=flops,
+        bytes_moved=kv_bytes if report_bw else None,
+        cold_l2=cold_l2,
+        graph=graph and not backward,
+        params=params,
+    )
 
     def leaves(*ts):
         return [t.detach().clone().requires_grad_(backward) for t in ts]
@@ -184,14 +218,17 @@ def _case(bench: Bench, *, case: str, params: dict, layout, seg_start: int, B: i
     def runner(attn, inputs):
         """fn for timing: forward, or forward + backward of ``attn(*inputs)``."""
         if backward:
+
             def fn():
                 for t in inputs:  # no gradient accumulation between runs (host-side, no device work)
                     t.grad = None
                 attn(*inputs).backward(dout)
         else:
+
             def fn():
                 with torch.no_grad():
                     return attn(*inputs)
+
         return fn
 
     def check(attn, inputs):
@@ -221,6 +258,7 @@ def _case(bench: Bench, *, case: str, params: dict, layout, seg_start: int, B: i
     if flex_reason:
         bench.skip(case, "flex-blockmask", flex_reason, params=params)
     else:
+
         def flex():
             ins = leaves(q, k, v)
             fa = flex_fn(compiled)
@@ -237,11 +275,14 @@ def _case(bench: Bench, *, case: str, params: dict, layout, seg_start: int, B: i
     def bound_fn():
         ins = leaves(q, k, v)
         if bound == "causal":
+
             def attn(q_, k_, v_):
                 return F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale, enable_gqa=g > 1)
         else:
+
             def attn(q_, k_, v_):
                 return F.scaled_dot_product_attention(q_, k_, v_, scale=scale, enable_gqa=g > 1)
+
         return runner(attn, ins), None
 
     if bound == "causal":
@@ -260,8 +301,13 @@ def _case(bench: Bench, *, case: str, params: dict, layout, seg_start: int, B: i
             bench.skip(case, name, why, params=params)
             continue
         if backend == "reference" and bench.cuda:
-            bench.skip(case, name, "the reference is SDPA with the dense mask (the sdpa-dense-mask row) plus "
-                                   "building that mask per call; not timed on GPU", params=params)
+            bench.skip(
+                case,
+                name,
+                "the reference is SDPA with the dense mask (the sdpa-dense-mask row) plus "
+                "building that mask per call; not timed on GPU",
+                params=params,
+            )
             continue
 
         def ours(backend=backend):
@@ -275,6 +321,7 @@ def _case(bench: Bench, *, case: str, params: dict, layout, seg_start: int, B: i
 
         bench.measure(case, name, ours, notes="kernel (no host-side validation)", **common)
         if api:
+
             def ours_api(backend=backend):
                 ins = leaves(q, k, v)
 
@@ -305,73 +352,146 @@ def run(bench: Bench):
         for L, K in train:
             pas = "fwd+bwd" if backward else "fwd"
             case = f"{pas} L={L} S={2 * L} K={K} B={B_train} H={Hq}/{Hkv} D={D}"
-            _case(bench, case=case, params={"L": L, "K": K, "S": 2 * L, "B": B_train, "pass": pas},
-                  layout=layouts.training(L, K), seg_start=0, B=B_train, Hq=Hq, Hkv=Hkv, D=D, backward=backward,
-                  bound="causal", api=False, cold_l2=False, graph=False, report_bw=False)
+            _case(
+                bench,
+                case=case,
+                params={"L": L, "K": K, "S": 2 * L, "B": B_train, "pass": pas},
+                layout=layouts.training(L, K),
+                seg_start=0,
+                B=B_train,
+                Hq=Hq,
+                Hkv=Hkv,
+                D=D,
+                backward=backward,
+                bound="causal",
+                api=False,
+                cold_l2=False,
+                graph=False,
+                report_bw=False,
+            )
 
     bench.start_suite("attention_step", 60 if bench.smoke else 80)
     for B, P, K in steps:
         layout = layouts.decode_step(K)
         case = f"B={B} prefix={P} K={K} S={layout.seg_len} H={Hq}/{Hkv} D={D}"
-        _case(bench, case=case, params={"B": B, "prefix": P, "K": K, "S": layout.seg_len},
-              layout=layout, seg_start=P, B=B, Hq=Hq, Hkv=Hkv, D=D, backward=False, bound="nomask", api=True,
-              cold_l2=True, graph=True, report_bw=True)
+        _case(
+            bench,
+            case=case,
+            params={"B": B, "prefix": P, "K": K, "S": layout.seg_len},
+            layout=layout,
+            seg_start=P,
+            B=B,
+            Hq=Hq,
+            Hkv=Hkv,
+            D=D,
+            backward=False,
+            bound="nomask",
+            api=True,
+            cold_l2=True,
+            graph=True,
+            report_bw=True,
+        )
 
 
 def _best(rows, suite, case, prefix):
-    ok = [r for r in rows if r["suite"] == suite and r["case"] == case and r["status"] == "ok"
-          and r["impl"].startswith(prefix) and not r["impl"].endswith("+api")]
+    ok = [
+        r
+        for r in rows
+        if r["suite"] == suite
+        and r["case"] == case
+        and r["status"] == "ok"
+        and r["impl"].startswith(prefix)
+        and not r["impl"].endswith("+api")
+    ]
     return min(ok, key=lambda r: r["ms"]) if ok else None
 
 
 def goals(bench: Bench):
     rows = bench.rows
-    train = sorted({r["case"] for r in rows if r["suite"] == "attention_train" and r["case"].startswith("fwd+bwd")},
-                   key=lambda c: int(c.split("L=")[1].split()[0]))
+    train = sorted(
+        {r["case"] for r in rows if r["suite"] == "attention_train" and r["case"].startswith("fwd+bwd")},
+        key=lambda c: int(c.split("L=")[1].split()[0]),
+    )
     if train:
         c = train[-1]
-        ours, flex, sdpa = (_best(rows, "attention_train", c, p) for p in ("ours:", "flex-blockmask", "sdpa-dense-mask"))
+        ours, flex, sdpa = (
+            _best(rows, "attention_train", c, p) for p in ("ours:", "flex-blockmask", "sdpa-dense-mask")
+        )
         for peer, name, target in ((flex, "FlexAttention", 1.5), (sdpa, "SDPA with mask", 5.0)):
             if ours and peer:
                 x = peer["ms"] / ours["ms"]
-                bench.goal(f"training attention fwd+bwd vs {name} ({c})", f">= {target}x",
-                           f"{x:.2f}x ({ours['impl']} {ours['ms']:.3g} ms vs {peer['ms']:.3g} ms)",
-                           "met" if x >= target else f"missed by {target / x:.2f}x")
+                bench.goal(
+                    f"training attention fwd+bwd vs {name} ({c})",
+                    f">= {target}x",
+                    f"{x:.2f}x ({ours['impl']} {ours['ms']:.3g} ms vs {peer['ms']:.3g} ms)",
+                    "met" if x >= target else f"missed by {target / x:.2f}x",
+                )
             else:
-                bench.goal(f"training attention fwd+bwd vs {name} ({c})", f">= {target}x", "not measured",
-                           "no " + ("ours" if not ours else name) + " row")
-    step = [r for r in rows if r["suite"] == "attention_step" and r["params"].get("prefix", 0) >= 8192
-            and r["params"].get("K") == 16]
+                bench.goal(
+                    f"training attention fwd+bwd vs {name} ({c})",
+                    f">= {target}x",
+                    "not measured",
+                    "no " + ("ours" if not ours else name) + " row",
+                )
+    step = [
+        r
+        for r in rows
+        if r["suite"] == "attention_step" and r["params"].get("prefix", 0) >= 8192 and r["params"].get("K") == 16
+    ]
     for case in sorted({r["case"] for r in step}):
         ours = _best(rows, "attention_step", case, "ours:")
         flex = _best(rows, "attention_step", case, "flex-blockmask")
         if ours is None:
-            bench.goal(f"inference-step attention ({case})", ">= 70% of copy BW, >= 2x Flex", "not measured",
-                       "no ours row")
+            bench.goal(
+                f"inference-step attention ({case})", ">= 70% of copy BW, >= 2x Flex", "not measured", "no ours row"
+            )
             continue
         pct = ours.get("pct_copy_bw")
         x = flex["ms"] / ours["ms"] if flex else None
         met = (pct != "" and pct is not None and pct >= 70) and (x is not None and x >= 2)
-        measured = (f"{pct:.0f}% of copy BW" if isinstance(pct, float) else "no copy BW") + ", " + (
-            f"{x:.2f}x Flex" if x else "no Flex row") + f" ({ours['impl']}, {ours['ms']:.3g} ms)"
-        bench.goal(f"inference-step attention ({case})", ">= 70% of copy BW, >= 2x Flex", measured,
-                   "met" if met else "missed")
+        measured = (
+            (f"{pct:.0f}% of copy BW" if isinstance(pct, float) else "no copy BW")
+            + ", "
+            + (f"{x:.2f}x Flex" if x else "no Flex row")
+            + f" ({ours['impl']}, {ours['ms']:.3g} ms)"
+        )
+        bench.goal(
+            f"inference-step attention ({case})", ">= 70% of copy BW, >= 2x Flex", measured, "met" if met else "missed"
+        )
 
 
 def plots(bench: Bench, plot):
     out = []
     peak = (bench._ceil or {}).get("matmul_tflops")
     for pas in ("fwd", "fwd+bwd"):
-        out.append(plot(f"attention_train_{pas.replace('+', '_')}.png", title=f"TiDAR training attention {pas} (S = 2L, K = 16)",
-                        x="L", y="tflops", logx=True, ylabel="TFLOP/s (visible pairs only)",
-                        where=lambda r, p=pas: r["suite"] == "attention_train" and r["params"].get("pass") == p,
-                        hlines={"measured matmul peak": peak}))
+        out.append(
+            plot(
+                f"attention_train_{pas.replace('+', '_')}.png",
+                title=f"TiDAR training attention {pas} (S = 2L, K = 16)",
+                x="L",
+                y="tflops",
+                logx=True,
+                ylabel="TFLOP/s (visible pairs only)",
+                where=lambda r, p=pas: r["suite"] == "attention_train" and r["params"].get("pass") == p,
+                hlines={"measured matmul peak": peak},
+            )
+        )
     copy = (bench._ceil or {}).get("copy_gbps")
     step = [r for r in bench.rows if r["suite"] == "attention_step" and r["params"]]
     K = max((r["params"].get("K", 0) for r in step), default=16)
     for B in sorted({r["params"].get("B") for r in step} - {None}):
-        out.append(plot(f"attention_step_B{B}.png", title=f"TiDAR inference-step attention, K = {K}, batch {B}",
-                        x="prefix", y="gbps", logx=True, ylabel="GB/s of K/V read",
-                        where=lambda r, b=B: r["suite"] == "attention_step" and r["params"].get("B") == b
-                        and r["params"].get("K") == K, hlines={"measured copy BW": copy}))
+        out.append(
+            plot(
+                f"attention_step_B{B}.png",
+                title=f"TiDAR inference-step attention, K = {K}, batch {B}",
+                x="prefix",
+                y="gbps",
+                logx=True,
+                ylabel="GB/s of K/V read",
+                where=lambda r, b=B: (
+                    r["suite"] == "attention_step" and r["params"].get("B") == b and r["params"].get("K") == K
+                ),
+                hlines={"measured copy BW": copy},
+            )
+        )
     return out

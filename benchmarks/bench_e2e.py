@@ -10,6 +10,7 @@
   bundled model (``--tpf`` or ``tidar demo --json``, when available) and with the paper's 7.45, against AR
   (1 token per AR step, the fastest AR row).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,12 +30,42 @@ PAPER_TPF = 7.45
 CTX = 4096
 
 SHAPES = {  # name: (family, config kwargs) -- the public configs' shapes, random weights
-    "qwen2.5-1.5b": ("qwen2", dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                   num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)),
-    "llama3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
-    "tiny-qwen2": ("qwen2", dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2.5-1.5b": (
+        "qwen2",
+        dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "llama3-8b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "tiny-qwen2": (
+        "qwen2",
+        dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 
@@ -42,9 +73,18 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, max_pos: in
     import transformers as tf
 
     family, kw = SHAPES[name]
-    cfg_cls, model_cls = {"qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM)}[family]
-    cfg = cfg_cls(**kw, max_position_embeddings=max_pos, pad_token_id=0, bos_token_id=None, eos_token_id=None,
-                  mask_token_id=kw["vocab_size"] - 1)
+    cfg_cls, model_cls = {
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+    }[family]
+    cfg = cfg_cls(
+        **kw,
+        max_position_embeddings=max_pos,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+        mask_token_id=kw["vocab_size"] - 1,
+    )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
@@ -105,8 +145,12 @@ def _run_shapes(bench: Bench):
                 free, _ = torch.cuda.mem_get_info()
                 need = 3 * n_params(name) * 2
                 if free < need:
-                    bench.skip(f"{name}", "(all)", f"not enough GPU memory ({free / 2**30:.0f} GiB free, "
-                                                   f"~{need / 2**30:.0f} GiB needed)", suite="e2e_step")
+                    bench.skip(
+                        f"{name}",
+                        "(all)",
+                        f"not enough GPU memory ({free / 2**30:.0f} GiB free, ~{need / 2**30:.0f} GiB needed)",
+                        suite="e2e_step",
+                    )
                     continue
             if bench.over_budget():
                 bench.skip(name, "(all)", bench.budget_reason())
@@ -141,8 +185,13 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
         from transformers import StaticCache
 
         hf_cache = StaticCache(config=model.config, max_cache_len=ctx + max_n)
-        model(input_ids=prompt, **{cache_kw: hf_cache}, cache_position=torch.arange(ctx, device=dev),
-              use_cache=True, logits_to_keep=1)
+        model(
+            input_ids=prompt,
+            **{cache_kw: hf_cache},
+            cache_position=torch.arange(ctx, device=dev),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         _rewind(hf_cache, ctx)
     except Exception as e:
         bench._error("hf-sdpa", f"{name} prefill", e)
@@ -153,27 +202,53 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
         case = f"{name} forward of {n} tokens, ctx {ctx}, B={B}"
         params = {**base, "n": n, "kind": "forward"}
         if hf_cache is None:
-            bench.skip(case, "hf-sdpa", "the StaticCache prefill failed (see the error row)", params=params,
-                       suite="e2e_forward")
+            bench.skip(
+                case,
+                "hf-sdpa",
+                "the StaticCache prefill failed (see the error row)",
+                params=params,
+                suite="e2e_forward",
+            )
             continue
         ids = fwd_ids[n]
         cp = torch.arange(ctx, ctx + n, device=dev)
 
         def hf_fwd(ids=ids, cp=cp, n=n):
             def logits():
-                out = model(input_ids=ids, **{cache_kw: hf_cache}, cache_position=cp,
-                            position_ids=cp[None].expand(B, -1), use_cache=True).logits
+                out = model(
+                    input_ids=ids,
+                    **{cache_kw: hf_cache},
+                    cache_position=cp,
+                    position_ids=cp[None].expand(B, -1),
+                    use_cache=True,
+                ).logits
                 _rewind(hf_cache, ctx)
                 return out
 
             hf_logits[n] = logits().float()
             return (lambda: logits()[:, -1].argmax(-1)), None
 
-        bench.measure(case, "hf-sdpa", hf_fwd, graph=True, params=params, suite="e2e_forward", rep_ms=150,
-                      notes="unpatched model, StaticCache")
+        bench.measure(
+            case,
+            "hf-sdpa",
+            hf_fwd,
+            graph=True,
+            params=params,
+            suite="e2e_forward",
+            rep_ms=150,
+            notes="unpatched model, StaticCache",
+        )
         if n == 1:  # the AR decode step, in the step table too
-            bench.measure(f"{name} AR step, ctx {ctx}, B={B}", "hf-sdpa", hf_fwd, graph=True, rep_ms=150,
-                          params={**base, "kind": "ar_step"}, suite="e2e_step", notes="unpatched model, StaticCache")
+            bench.measure(
+                f"{name} AR step, ctx {ctx}, B={B}",
+                "hf-sdpa",
+                hf_fwd,
+                graph=True,
+                rep_ms=150,
+                params={**base, "kind": "ar_step"},
+                suite="e2e_step",
+                notes="unpatched model, StaticCache",
+            )
     hf_cache = None
     if bench.cuda:
         torch.cuda.empty_cache()
@@ -187,8 +262,12 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
     try:
         cache = tidar.TidarCache(B, ctx + max_n + 8, backend=live[-1] if live[-1] in kv_live else "auto")
         pre = layouts.causal(ctx).to(dev)
-        tidar.tidar_forward(model, prompt, pre.position_ids[None].expand(B, -1),
-                            tidar.TidarStep(pre, torch.zeros(B, dtype=torch.int32, device=dev), cache, live[-1]))
+        tidar.tidar_forward(
+            model,
+            prompt,
+            pre.position_ids[None].expand(B, -1),
+            tidar.TidarStep(pre, torch.zeros(B, dtype=torch.int32, device=dev), cache, live[-1]),
+        )
     except Exception as e:
         bench._error("ours", f"{name} prefill", e)
         tidar.unpatch(model)
@@ -213,14 +292,32 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
             def ours_fwd(layout=layout, ids=fwd_ids[n], backend=backend, n=n):
                 check = None
                 if n in hf_logits:
-                    check = f"logits rel_err vs hf-sdpa={rel_err(forward(layout, ids, backend).float(), hf_logits[n]):.1e}"
+                    check = (
+                        f"logits rel_err vs hf-sdpa={rel_err(forward(layout, ids, backend).float(), hf_logits[n]):.1e}"
+                    )
                 return (lambda: forward(layout, ids, backend)[:, -1].argmax(-1)), check
 
-            bench.measure(case, name_b, ours_fwd, graph=True, params=params, suite="e2e_forward", rep_ms=150,
-                          notes="patched model, TidarCache")
+            bench.measure(
+                case,
+                name_b,
+                ours_fwd,
+                graph=True,
+                params=params,
+                suite="e2e_forward",
+                rep_ms=150,
+                notes="patched model, TidarCache",
+            )
             if n == 1:
-                bench.measure(f"{name} AR step, ctx {ctx}, B={B}", name_b, ours_fwd, graph=True, rep_ms=150,
-                              params={**base, "kind": "ar_step"}, suite="e2e_step", notes="patched model, causal layout")
+                bench.measure(
+                    f"{name} AR step, ctx {ctx}, B={B}",
+                    name_b,
+                    ours_fwd,
+                    graph=True,
+                    rep_ms=150,
+                    params={**base, "kind": "ar_step"},
+                    suite="e2e_step",
+                    notes="patched model, causal layout",
+                )
 
     for K in Ks:
         layout = layouts.decode_step(K).to(dev)
@@ -245,17 +342,28 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
             def step(backend=backend, rb=rb):
                 def fn():
                     logits = forward(layout, ids, backend)
-                    r = tidar_kernels.rejection_sample(logits[:, :K], logits[:, K:].reshape(B, K, K, V), drafts, backend=rb)
+                    r = tidar_kernels.rejection_sample(
+                        logits[:, :K], logits[:, K:].reshape(B, K, K, V), drafts, backend=rb
+                    )
                     return r.next_drafts
 
                 check = None
                 if ref_logits is not None and backend != "reference":
-                    check = f"logits rel_err vs reference={rel_err(forward(layout, ids, backend).float(), ref_logits):.1e}"
+                    check = (
+                        f"logits rel_err vs reference={rel_err(forward(layout, ids, backend).float(), ref_logits):.1e}"
+                    )
                 return fn, check
 
             note = "SDPA + dense mask" if backend == "reference" else ""
-            bench.measure(case, name_b, step, graph=True, params=params, rep_ms=150,
-                          notes="; ".join(x for x in (note, f"rejection backend {rb}") if x))
+            bench.measure(
+                case,
+                name_b,
+                step,
+                graph=True,
+                params=params,
+                rep_ms=150,
+                notes="; ".join(x for x in (note, f"rejection backend {rb}") if x),
+            )
         ref_logits = None
     tidar.unpatch(model)
     cache = None
@@ -274,8 +382,12 @@ def _measured_tpf(bench: Bench) -> tuple[float | None, str]:
         left = bench._deadline - time.monotonic()
         if left < 20:
             return None, "no time left in the e2e budget to run tidar demo --json (pass --tpf)"
-        out = subprocess.run([sys.executable, "-m", "tidar.cli", "demo", "--json", "--device", bench.device.type],
-                             capture_output=True, text=True, timeout=min(90, left))
+        out = subprocess.run(
+            [sys.executable, "-m", "tidar.cli", "demo", "--json", "--device", bench.device.type],
+            capture_output=True,
+            text=True,
+            timeout=min(90, left),
+        )
         data = json.loads(out.stdout.strip().splitlines()[-1])
         return float(data["tokens_per_forward"]), "tidar demo --json (bundled model, its default draft length)"
     except Exception as e:
@@ -303,11 +415,21 @@ def _projections(bench: Bench):
                     continue
                 tok_s = B * t * 1000 / r["ms"]
                 ar_tok_s = B * 1000 / best_ar["ms"]
-                bench.derived(f"{model} K={p['K']} tpf={t:.2f} ({label})", r["impl"], r["ms"], suite="e2e_tokens",
-                              params={**p, "tpf": t},
-                              extra={"AR ms": best_ar["ms"], "step/AR": r["ms"] / best_ar["ms"], "AR tok/s": ar_tok_s,
-                                     "TiDAR tok/s": tok_s, "x AR": tok_s / ar_tok_s},
-                              notes=f"AR = {best_ar['impl']}")
+                bench.derived(
+                    f"{model} K={p['K']} tpf={t:.2f} ({label})",
+                    r["impl"],
+                    r["ms"],
+                    suite="e2e_tokens",
+                    params={**p, "tpf": t},
+                    extra={
+                        "AR ms": best_ar["ms"],
+                        "step/AR": r["ms"] / best_ar["ms"],
+                        "AR tok/s": ar_tok_s,
+                        "TiDAR tok/s": tok_s,
+                        "x AR": tok_s / ar_tok_s,
+                    },
+                    notes=f"AR = {best_ar['impl']}",
+                )
 
 
 def goals(bench: Bench):
@@ -316,21 +438,34 @@ def goals(bench: Bench):
     bench_decode.goals(bench)
     if not bench.cuda and not bench.smoke:  # no random-shape rows on CPU
         return
-    rows = [r for r in bench.rows if r["suite"] == "e2e_step" and r["status"] == "ok"
-            and r["params"].get("model") == "qwen2.5-1.5b"]
+    rows = [
+        r
+        for r in bench.rows
+        if r["suite"] == "e2e_step" and r["status"] == "ok" and r["params"].get("model") == "qwen2.5-1.5b"
+    ]
     ar = [r for r in rows if r["params"]["kind"] == "ar_step"]
-    st = [r for r in rows if r["params"]["kind"] == "tidar_step" and r["params"]["K"] == 16
-          and r["impl"] != "ours:reference"]
+    st = [
+        r
+        for r in rows
+        if r["params"]["kind"] == "tidar_step" and r["params"]["K"] == 16 and r["impl"] != "ours:reference"
+    ]
     if not ar or not st:
-        bench.goal("TiDAR step K=16 vs AR step (1.5B, ctx 4k)", "<= 1.25x", "not measured",
-                   "no AR row" if not ar else "no TiDAR step row with a triton/cuda backend")
+        bench.goal(
+            "TiDAR step K=16 vs AR step (1.5B, ctx 4k)",
+            "<= 1.25x",
+            "not measured",
+            "no AR row" if not ar else "no TiDAR step row with a triton/cuda backend",
+        )
         return
     a = min(ar, key=lambda r: r["ms"])
     s = min(st, key=lambda r: r["ms"])
     x = s["ms"] / a["ms"]
-    bench.goal("TiDAR step K=16 vs AR step (1.5B, ctx 4k)", "<= 1.25x",
-               f"{x:.2f}x ({s['impl']} {s['ms']:.3g} ms vs {a['impl']} {a['ms']:.3g} ms)",
-               "met" if x <= 1.25 else f"missed by {x / 1.25:.2f}x")
+    bench.goal(
+        "TiDAR step K=16 vs AR step (1.5B, ctx 4k)",
+        "<= 1.25x",
+        f"{x:.2f}x ({s['impl']} {s['ms']:.3g} ms vs {a['impl']} {a['ms']:.3g} ms)",
+        "met" if x <= 1.25 else f"missed by {x / 1.25:.2f}x",
+    )
 
 
 def plots(bench: Bench, plot):
@@ -338,7 +473,16 @@ def plots(bench: Bench, plot):
 
     out = bench_decode.plots(bench, plot)
     for model in sorted({r["params"].get("model") for r in bench.rows if r["suite"] == "e2e_forward"} - {None}):
-        out.append(plot(f"e2e_forward_{model}.png", title=f"{model}: one forward vs tokens in it (ctx {CTX if not bench.smoke else 32})",
-                        x="n", y="ms", logx=True, ylabel="ms (median)", xlabel="tokens in the forward",
-                        where=lambda r, m=model: r["suite"] == "e2e_forward" and r["params"].get("model") == m))
+        out.append(
+            plot(
+                f"e2e_forward_{model}.png",
+                title=f"{model}: one forward vs tokens in it (ctx {CTX if not bench.smoke else 32})",
+                x="n",
+                y="ms",
+                logx=True,
+                ylabel="ms (median)",
+                xlabel="tokens in the forward",
+                where=lambda r, m=model: r["suite"] == "e2e_forward" and r["params"].get("model") == m,
+            )
+        )
     return out

@@ -10,6 +10,7 @@
 Each output is checked bit for bit on the whole cache (no stray writes). GB/s counts bytes read + bytes
 written (the new K and V, once each way), like the copy bandwidth it is compared with.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,16 @@ def run(bench: Bench):
     else:
         D = 128
         # (B, Hkv, S, prefix): AR step, TiDAR K=16 step (S=272) at 1.5B (Hkv=2) and 8B (Hkv=8) shapes, a prefill
-        cases = [(1, 2, 1, 4096), (1, 2, 272, 4096), (8, 2, 272, 4096), (64, 2, 272, 4096), (64, 8, 1, 4096),
-                 (64, 8, 272, 4096), (1, 8, 4096, 0), (8, 8, 4096, 0)]
+        cases = [
+            (1, 2, 1, 4096),
+            (1, 2, 272, 4096),
+            (8, 2, 272, 4096),
+            (64, 2, 272, 4096),
+            (64, 8, 1, 4096),
+            (64, 8, 272, 4096),
+            (1, 8, 4096, 0),
+            (8, 8, 4096, 0),
+        ]
     fi, fi_why = optional_import("flashinfer")
     if fi is not None and not bench.cuda:
         fi, fi_why = None, "FlashInfer runs on CUDA only"
@@ -96,8 +105,13 @@ def run(bench: Bench):
         if fi is None:
             bench.skip(case, "flashinfer-paged", fi_why, params=params)
         else:
-            bench.measure(case, "flashinfer-paged", lambda: _flashinfer(fi, kn, vn, seg_list, S, dev),
-                          notes=f"paged HND cache, page size {PAGE}; metadata prepared outside timing", **common)
+            bench.measure(
+                case,
+                "flashinfer-paged",
+                lambda: _flashinfer(fi, kn, vn, seg_list, S, dev),
+                notes=f"paged HND cache, page size {PAGE}; metadata prepared outside timing",
+                **common,
+            )
 
         for backend, why in our_backends(OP, dev):
             name = f"ours:{backend}"
@@ -150,8 +164,9 @@ def _flashinfer(fi, kn, vn, seg_list, S, dev):
     v_rag = vn.permute(0, 2, 1, 3).reshape(B * S, H, D).contiguous()
 
     def fn():
-        fi.page.append_paged_kv_cache(k_rag, v_rag, batch_idx, pos, (kc, vc), kv_indices, kv_indptr, last,
-                                      kv_layout="HND")
+        fi.page.append_paged_kv_cache(
+            k_rag, v_rag, batch_idx, pos, (kc, vc), kv_indices, kv_indptr, last, kv_layout="HND"
+        )
 
     fn()
     ok = True
@@ -163,25 +178,47 @@ def _flashinfer(fi, kn, vn, seg_list, S, dev):
 
 
 def goals(bench: Bench):
-    rows = [r for r in bench.rows if r["suite"] == "kv_append" and r["status"] == "ok"
-            and r["impl"].startswith("ours:") and not r["impl"].endswith("+api")]
+    rows = [
+        r
+        for r in bench.rows
+        if r["suite"] == "kv_append"
+        and r["status"] == "ok"
+        and r["impl"].startswith("ours:")
+        and not r["impl"].endswith("+api")
+    ]
     if not rows:
         bench.goal("KV append", ">= 80% of copy BW", "not measured", "no ours rows")
         return
     big = max(r["params"]["B"] * r["params"]["H"] * r["params"]["S"] for r in rows)
-    best = max((r for r in rows if r["params"]["B"] * r["params"]["H"] * r["params"]["S"] == big),
-               key=lambda r: r.get("pct_copy_bw") or 0)
+    best = max(
+        (r for r in rows if r["params"]["B"] * r["params"]["H"] * r["params"]["S"] == big),
+        key=lambda r: r.get("pct_copy_bw") or 0,
+    )
     pct = best.get("pct_copy_bw")
     if not isinstance(pct, float):
         bench.goal("KV append", ">= 80% of copy BW", "no copy bandwidth measured", "unknown")
         return
-    bench.goal(f"KV append (largest case: {best['case']})", ">= 80% of copy BW",
-               f"{pct:.0f}% ({best['gbps']:.0f} GB/s, {best['impl']})",
-               "met" if pct >= 80 else f"missed by {80 / pct:.2f}x")
+    bench.goal(
+        f"KV append (largest case: {best['case']})",
+        ">= 80% of copy BW",
+        f"{pct:.0f}% ({best['gbps']:.0f} GB/s, {best['impl']})",
+        "met" if pct >= 80 else f"missed by {80 / pct:.2f}x",
+    )
 
 
 def plots(bench: Bench, plot):
     copy = (bench._ceil or {}).get("copy_gbps")
-    return [plot("kv_append.png", title="KV append: GB/s (read + write) against bytes moved", x="MiB", y="gbps",
-                 logx=True, logy=True, ylabel="GB/s", xlabel="MiB moved (read + write)",
-                 where=lambda r: r["suite"] == "kv_append", hlines={"measured copy BW": copy})]
+    return [
+        plot(
+            "kv_append.png",
+            title="KV append: GB/s (read + write) against bytes moved",
+            x="MiB",
+            y="gbps",
+            logx=True,
+            logy=True,
+            ylabel="GB/s",
+            xlabel="MiB moved (read + write)",
+            where=lambda r: r["suite"] == "kv_append",
+            hlines={"measured copy BW": copy},
+        )
+    ]

@@ -14,6 +14,7 @@ Greedy mode: argmax instead of sampling (FlashInfer has no greedy chain: skipped
 GB/s counts the fewest bytes the step must touch: the AR logits, the draft distributions, the K-1 logit rows
 of the chosen block, and the next distributions written (sampling); the AR logits and K-1 block rows (greedy).
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,8 +56,9 @@ def flashinfer_step(fi, ar, blocks, drafts, q, accepted_buf, emitted_buf):
     B, K, V = ar.shape
     rows = torch.arange(B, device=ar.device)
     p = torch.softmax(ar.float(), -1)
-    res = fi.sampling.chain_speculative_sampling(q, drafts[:, 1:].to(torch.int32).contiguous(), p,
-                                                 accepted_buf, emitted_buf)
+    res = fi.sampling.chain_speculative_sampling(
+        q, drafts[:, 1:].to(torch.int32).contiguous(), p, accepted_buf, emitted_buf
+    )
     tokens = res[0] if isinstance(res, tuple) else res  # [B, K]: emitted drafts, the correction/bonus, -1
     emitted = res[2] if isinstance(res, tuple) and len(res) == 3 else emitted_buf
     last = emitted.long()  # drafts accepted after d_0 = a - 1
@@ -95,8 +97,12 @@ def run(bench: Bench):
     for B, V, K in cases:
         if bench.over_budget():
             for mode in ("sample", "greedy"):
-                bench.skip(f"{mode} B={B} V={V} K={K}", "(all)", bench.budget_reason(),
-                           params={"B": B, "V": V, "K": K, "mode": mode})
+                bench.skip(
+                    f"{mode} B={B} V={V} K={K}",
+                    "(all)",
+                    bench.budget_reason(),
+                    params={"B": B, "V": V, "K": K, "mode": mode},
+                )
             continue
         try:
             ar, blocks, drafts, q = _inputs(B, K, V, dev)
@@ -123,17 +129,27 @@ def run(bench: Bench):
             bench.measure(case, "torch", torch_setup, **common)
 
             if greedy:
-                bench.skip(case, "flashinfer-chain", "FlashInfer's chain speculative sampling has no greedy mode",
-                           params=params)
+                bench.skip(
+                    case,
+                    "flashinfer-chain",
+                    "FlashInfer's chain speculative sampling has no greedy mode",
+                    params=params,
+                )
             elif fi is None:
                 bench.skip(case, "flashinfer-chain", fi_why, params=params)
             else:
+
                 def fi_setup():
                     bufs = [torch.zeros(B, dtype=torch.int32, device=dev) for _ in range(2)]
                     return (lambda: flashinfer_step(fi, ar, blocks, drafts, q, *bufs)), None
 
-                bench.measure(case, "flashinfer-chain", fi_setup,
-                              notes="+ separate softmax and next-draft sampling (counted)", **common)
+                bench.measure(
+                    case,
+                    "flashinfer-chain",
+                    fi_setup,
+                    notes="+ separate softmax and next-draft sampling (counted)",
+                    **common,
+                )
 
             u_ref = tidar_kernels.draw_uniforms(B, K, generator=torch.Generator(device=dev).manual_seed(1), device=dev)
             dp = None if greedy else q
@@ -156,18 +172,23 @@ def run(bench: Bench):
 
                     return fn, check
 
-                bench.measure(case, name, ours, notes="kernel (no host-side validation), uniforms drawn inside", **common)
+                bench.measure(
+                    case, name, ours, notes="kernel (no host-side validation), uniforms drawn inside", **common
+                )
 
                 def ours_api(backend=backend):
                     gen = torch.Generator(device=dev).manual_seed(2)
 
                     def fn():
-                        return tidar_kernels.rejection_sample(ar, blocks, drafts, dp, temperature=temp, generator=gen,
-                                                              backend=backend)
+                        return tidar_kernels.rejection_sample(
+                            ar, blocks, drafts, dp, temperature=temp, generator=gen, backend=backend
+                        )
 
                     return fn, None
 
-                bench.measure(case, name + "+api", ours_api, notes="public rejection_sample (validation included)", **common)
+                bench.measure(
+                    case, name + "+api", ours_api, notes="public rejection_sample (validation included)", **common
+                )
         ar = blocks = drafts = q = None
         if bench.cuda:
             torch.cuda.empty_cache()
@@ -190,7 +211,9 @@ def goals(bench: Bench):
     worst = None
     n = 0
     for case in sorted({r["case"] for r in rows if r["case"].startswith("sample")}):
-        ours = [r for r in rows if r["case"] == case and r["impl"].startswith("ours:") and not r["impl"].endswith("+api")]
+        ours = [
+            r for r in rows if r["case"] == case and r["impl"].startswith("ours:") and not r["impl"].endswith("+api")
+        ]
         fi = [r for r in rows if r["case"] == case and r["impl"] == "flashinfer-chain"]
         if not ours or not fi:
             continue
@@ -203,16 +226,33 @@ def goals(bench: Bench):
         bench.goal("rejection step vs FlashInfer", ">= 3x", "not measured", "no FlashInfer or no ours rows")
     else:
         x, case, impl = worst
-        bench.goal("rejection step vs FlashInfer (worst of the sampling cases)", ">= 3x",
-                   f"{x:.2f}x at {case} ({impl}; {n} cases)", "met" if x >= 3 else f"missed by {3 / x:.2f}x")
+        bench.goal(
+            "rejection step vs FlashInfer (worst of the sampling cases)",
+            ">= 3x",
+            f"{x:.2f}x at {case} ({impl}; {n} cases)",
+            "met" if x >= 3 else f"missed by {3 / x:.2f}x",
+        )
 
 
 def plots(bench: Bench, plot):
     out = []
     for V in sorted({r["params"].get("V") for r in bench.rows if r["suite"] == "rejection"} - {None}):
         K = max(r["params"].get("K", 0) for r in bench.rows if r["suite"] == "rejection")
-        out.append(plot(f"rejection_V{V}_K{K}.png", title=f"Rejection step (sampling), V = {V}, K = {K}",
-                        x="B", y="ms", logx=True, logy=True, ylabel="ms (median)",
-                        where=lambda r, v=V, k=K: r["suite"] == "rejection" and r["params"].get("V") == v
-                        and r["params"].get("K") == k and r["params"].get("mode") == "sample"))
+        out.append(
+            plot(
+                f"rejection_V{V}_K{K}.png",
+                title=f"Rejection step (sampling), V = {V}, K = {K}",
+                x="B",
+                y="ms",
+                logx=True,
+                logy=True,
+                ylabel="ms (median)",
+                where=lambda r, v=V, k=K: (
+                    r["suite"] == "rejection"
+                    and r["params"].get("V") == v
+                    and r["params"].get("K") == k
+                    and r["params"].get("mode") == "sample"
+                ),
+            )
+        )
     return out

@@ -1,4 +1,5 @@
 """Memoised range checks: one host sync per tensor version, never a stale answer after an in-place write."""
+
 import pytest
 import torch
 

@@ -7,6 +7,7 @@
   reference, over GQA, ragged seg_start, splits, strides, empty rows and wild layout values.
 Each compiles with g++ (no nvcc, no GPU) and must print its pass line and exit 0.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -21,7 +22,16 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 def _build_and_run(tmp_path, source: str, flags: list[str], includes: list[Path]) -> str:
     exe = tmp_path / Path(source).stem
-    cmd = ["g++", "-std=c++17", "-O2", *flags, *(f"-I{p}" for p in includes), str(CSRC / "tests" / source), "-o", str(exe)]
+    cmd = [
+        "g++",
+        "-std=c++17",
+        "-O2",
+        *flags,
+        *(f"-I{p}" for p in includes),
+        str(CSRC / "tests" / source),
+        "-o",
+        str(exe),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
@@ -35,5 +45,7 @@ def test_attention_host_checks(tmp_path):
 
 def test_attention_kernel_under_the_emulator(tmp_path):
     # the emulator's cuda_runtime.h must shadow the toolkit's: csrc/tests/emu first on the include path
-    out = _build_and_run(tmp_path, "test_tidar_attention_emu.cpp", ["-DTIDAR_ATTN_EMULATE"], [CSRC / "tests" / "emu", CSRC])
+    out = _build_and_run(
+        tmp_path, "test_tidar_attention_emu.cpp", ["-DTIDAR_ATTN_EMULATE"], [CSRC / "tests" / "emu", CSRC]
+    )
     assert "all checks passed" in out and " 0 races" in out

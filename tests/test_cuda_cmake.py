@@ -3,6 +3,7 @@
 Compiles one architecture (sm_90a) to stay fast (~20-75 s on 2 cores); set TIDAR_SKIP_CMAKE_TEST=1 to skip it
 (CI budgets). Without a GPU the bench only reports that there is none; on a GPU it runs its checks.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cmake_builds_library_and_bench(tmp_path):
     build = tmp_path / "build"
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("MAX_JOBS", "2")}
-    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=90a-real"],
-                   check=True, capture_output=True, text=True, env=env, timeout=300)
-    r = subprocess.run(["cmake", "--build", str(build), "--target", "tidar_bench"], capture_output=True, text=True,
-                       env=env, timeout=600)
+    subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=90a-real"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    r = subprocess.run(
+        ["cmake", "--build", str(build), "--target", "tidar_bench"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert (build / "libtidar_kernels_cuda.a").exists()
     run = subprocess.run([str(build / "tidar_bench")], capture_output=True, text=True, timeout=300)

@@ -13,6 +13,7 @@ seed/offset scalars. kv_append: bit-exact over the whole cache on both paths (16
 fp16/fp32/fp64. This is the kernel source nvcc compiles, so the logic (reductions, scans, indexing,
 acceptance walk) is checked here even without a GPU; timing and hardware behaviour need the GPU tests.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -36,9 +37,21 @@ def lib(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("needs g++")
     out = tmp_path_factory.mktemp("emu") / "libtidar_sampling_emu.so"
-    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-DTIDAR_EMULATE", f"-I{CSRC / 'tests' / 'emu'}",
-           f"-I{CSRC / 'tests'}", f"-I{CSRC}", str(CSRC / "tests" / "sampling_emu_lib.cpp"),
-           str(CSRC / "tests" / "kv_append_emu.cpp"), "-o", str(out)]
+    cmd = [
+        "g++",
+        "-std=c++17",
+        "-O1",
+        "-shared",
+        "-fPIC",
+        "-DTIDAR_EMULATE",
+        f"-I{CSRC / 'tests' / 'emu'}",
+        f"-I{CSRC / 'tests'}",
+        f"-I{CSRC}",
+        str(CSRC / "tests" / "sampling_emu_lib.cpp"),
+        str(CSRC / "tests" / "kv_append_emu.cpp"),
+        "-o",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     so = ctypes.CDLL(str(out))
     so.emu_rejection_sample.restype = ctypes.c_int
@@ -79,8 +92,9 @@ def _strides(t):
     return torch.tensor(t.stride(), dtype=torch.int64)
 
 
-def run_rejection(lib, ar, blk, drafts, q, u, temperature, beta, seed=None, offset=None, thr=(None, None),
-                  device_rng=False):
+def run_rejection(
+    lib, ar, blk, drafts, q, u, temperature, beta, seed=None, offset=None, thr=(None, None), device_rng=False
+):
     B, K, V = ar.shape
     accepted = torch.empty(B, dtype=torch.int64)
     emitted = torch.empty(B, K, dtype=torch.int64)
@@ -88,16 +102,46 @@ def run_rejection(lib, ar, blk, drafts, q, u, temperature, beta, seed=None, offs
     probs = torch.full((B, max(K - 1, 0), V), -1.0) if temperature > 0 else None
     ws_bytes = lib.emu_rejection_workspace_bytes(B, K, V)
     ws = torch.full((max(ws_bytes // 8, 1),), float("nan"), dtype=torch.float64)
-    keep = [_strides(ar), _strides(blk), _strides(drafts), None if q is None else _strides(q),
-            None if u is None else _strides(u)]
+    keep = [
+        _strides(ar),
+        _strides(blk),
+        _strides(drafts),
+        None if q is None else _strides(q),
+        None if u is None else _strides(u),
+    ]
     seed_t = torch.tensor([seed or 0], dtype=torch.int64) if device_rng else None
     off_t = torch.tensor([offset or 0], dtype=torch.int64) if device_rng else None
     rc = lib.emu_rejection_sample(
-        _ptr(ar), CODES[ar.dtype], _ptr(keep[0]), _ptr(blk), CODES[blk.dtype], _ptr(keep[1]), _ptr(drafts),
-        _ptr(keep[2]), _ptr(q), _ptr(keep[3]), _ptr(u), _ptr(keep[4]), _ptr(seed_t), _ptr(off_t),
-        ctypes.c_int64(0 if device_rng else (seed or 0)), ctypes.c_int64(0 if device_rng else (offset or 0)),
-        _ptr(accepted), _ptr(emitted), _ptr(nxt), _ptr(probs), _ptr(ws), ctypes.c_int64(ws_bytes), _ptr(thr[0]), _ptr(thr[1]),
-        ctypes.c_int(B), ctypes.c_int(K), ctypes.c_int64(V), ctypes.c_double(temperature), ctypes.c_double(beta))
+        _ptr(ar),
+        CODES[ar.dtype],
+        _ptr(keep[0]),
+        _ptr(blk),
+        CODES[blk.dtype],
+        _ptr(keep[1]),
+        _ptr(drafts),
+        _ptr(keep[2]),
+        _ptr(q),
+        _ptr(keep[3]),
+        _ptr(u),
+        _ptr(keep[4]),
+        _ptr(seed_t),
+        _ptr(off_t),
+        ctypes.c_int64(0 if device_rng else (seed or 0)),
+        ctypes.c_int64(0 if device_rng else (offset or 0)),
+        _ptr(accepted),
+        _ptr(emitted),
+        _ptr(nxt),
+        _ptr(probs),
+        _ptr(ws),
+        ctypes.c_int64(ws_bytes),
+        _ptr(thr[0]),
+        _ptr(thr[1]),
+        ctypes.c_int(B),
+        ctypes.c_int(K),
+        ctypes.c_int64(V),
+        ctypes.c_double(temperature),
+        ctypes.c_double(beta),
+    )
     assert rc == 0
     return accepted, emitted, nxt, probs
 
@@ -109,9 +153,26 @@ def run_draft(lib, ar, blk, u, temperature, beta, seed=0, offset=0, thr=(None, N
     probs = torch.full((B, K - 1, V), -1.0) if temperature > 0 else None
     keep = [_strides(ar), _strides(blk), None if u is None else _strides(u)]
     rc = lib.emu_draft_sample(
-        _ptr(ar), CODES[ar.dtype], _ptr(keep[0]), _ptr(blk), CODES[blk.dtype], _ptr(keep[1]), _ptr(u), _ptr(keep[2]),
-        ctypes.c_int64(seed), ctypes.c_int64(offset), _ptr(nxt), _ptr(probs), _ptr(thr[0]), _ptr(thr[1]),
-        ctypes.c_int(B), ctypes.c_int(K), ctypes.c_int64(V), ctypes.c_double(temperature), ctypes.c_double(beta))
+        _ptr(ar),
+        CODES[ar.dtype],
+        _ptr(keep[0]),
+        _ptr(blk),
+        CODES[blk.dtype],
+        _ptr(keep[1]),
+        _ptr(u),
+        _ptr(keep[2]),
+        ctypes.c_int64(seed),
+        ctypes.c_int64(offset),
+        _ptr(nxt),
+        _ptr(probs),
+        _ptr(thr[0]),
+        _ptr(thr[1]),
+        ctypes.c_int(B),
+        ctypes.c_int(K),
+        ctypes.c_int64(V),
+        ctypes.c_double(temperature),
+        ctypes.c_double(beta),
+    )
     assert rc == 0
     return nxt, probs
 
@@ -119,8 +180,11 @@ def run_draft(lib, ar, blk, u, temperature, beta, seed=0, offset=0, thr=(None, N
 def _step(B, K, V, T, seed, dtype=torch.float32, blk_dtype=None):
     g = torch.Generator().manual_seed(seed)
     q = (torch.randn(B, K - 1, V, generator=g) * 1.5).softmax(-1)
-    d_rest = torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K - 1) if K > 1 else \
-        torch.zeros(B, 0, dtype=torch.long)
+    d_rest = (
+        torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K - 1)
+        if K > 1
+        else torch.zeros(B, 0, dtype=torch.long)
+    )
     drafts = torch.cat([torch.randint(0, V, (B, 1), generator=g), d_rest], 1)
     ar = torch.randn(B, K, V, generator=g) * 2
     if K > 1:
@@ -218,12 +282,16 @@ def test_emulated_top_k_top_p_thresholds(lib, top_k, top_p):
     ar = ar.round()  # ties at the boundary
     u = torch.rand(B, 2 * K, generator=torch.Generator().manual_seed(4))
     want = ref.rejection_sample(ar, blk, drafts, q, u, T, top_k, top_p, beta)
-    thr = (ref.filter_threshold(ref.mix(ar, blk[:, :, 0], beta) / T, top_k, top_p).contiguous(),
-           ref.filter_threshold(blk.double() / T, top_k, top_p).contiguous())
+    thr = (
+        ref.filter_threshold(ref.mix(ar, blk[:, :, 0], beta) / T, top_k, top_p).contiguous(),
+        ref.filter_threshold(blk.double() / T, top_k, top_p).contiguous(),
+    )
     _same(run_rejection(lib, ar, blk, drafts, q, u, T, beta, thr=thr), want)
     d_want = ref.draft_sample(ar[:, 0], blk[:, 0], u, T, top_k, top_p, beta)
-    dthr = (ref.filter_threshold(ref.mix(ar[:, 0], blk[:, 0, 0], beta) / T, top_k, top_p).contiguous(),
-            ref.filter_threshold(blk[:, 0].double() / T, top_k, top_p).contiguous())
+    dthr = (
+        ref.filter_threshold(ref.mix(ar[:, 0], blk[:, 0, 0], beta) / T, top_k, top_p).contiguous(),
+        ref.filter_threshold(blk[:, 0].double() / T, top_k, top_p).contiguous(),
+    )
     d_got = run_draft(lib, ar[:, 0].contiguous(), blk[:, 0].contiguous(), u, T, beta, thr=dthr)
     assert torch.equal(d_got[0], d_want[0])
     torch.testing.assert_close(d_got[1], d_want[1], rtol=1e-6, atol=1e-7)
@@ -235,12 +303,14 @@ def test_emulated_top_k_top_p_thresholds(lib, top_k, top_p):
 @pytest.fixture
 def vocab_parallel(lib, monkeypatch):
     """Forces the vocabulary-parallel path with `chunk` tokens per chunk (the launcher reads the environment)."""
+
     def force(chunk, B, K, V):
         monkeypatch.setenv("TIDAR_CUDA_VOCAB_PARALLEL", "1")
         monkeypatch.setenv("TIDAR_CUDA_VOCAB_CHUNK", str(chunk))
         assert lib.emu_rejection_uses_vocab_parallel(B, K, V) == 1
         C = -(-V // chunk)
         assert lib.emu_rejection_workspace_bytes(B, K, V) == 8 * (B * K * 4 + B * K * C * 2)
+
     return force
 
 
@@ -324,8 +394,10 @@ def test_emulated_vocab_parallel_top_k_top_p(lib, vocab_parallel, top_k, top_p):
     ar = ar.round()  # ties at the boundary
     u = torch.rand(B, 2 * K, generator=torch.Generator().manual_seed(4))
     want = ref.rejection_sample(ar, blk, drafts, q, u, T, top_k, top_p, beta)
-    thr = (ref.filter_threshold(ref.mix(ar, blk[:, :, 0], beta) / T, top_k, top_p).contiguous(),
-           ref.filter_threshold(blk.double() / T, top_k, top_p).contiguous())
+    thr = (
+        ref.filter_threshold(ref.mix(ar, blk[:, :, 0], beta) / T, top_k, top_p).contiguous(),
+        ref.filter_threshold(blk.double() / T, top_k, top_p).contiguous(),
+    )
     _same(run_rejection(lib, ar, blk, drafts, q, u, T, beta, thr=thr), want)
 
 
@@ -366,13 +438,23 @@ def run_kv_append(lib, kc, vc, kn, vn, segs):
     S = kn.shape[2]
     seg = torch.tensor(segs, dtype=torch.int32)
     st = [_strides(t) for t in (kc, vc, kn, vn)]
-    rc = lib.emu_kv_append(_ptr(kc), _ptr(vc), _ptr(kn), _ptr(vn), _ptr(seg), *(_ptr(x) for x in st),
-                           *(ctypes.c_int64(x) for x in (B, H, S, D, Smax)), ctypes.c_int(kc.element_size()))
+    rc = lib.emu_kv_append(
+        _ptr(kc),
+        _ptr(vc),
+        _ptr(kn),
+        _ptr(vn),
+        _ptr(seg),
+        *(_ptr(x) for x in st),
+        *(ctypes.c_int64(x) for x in (B, H, S, D, Smax)),
+        ctypes.c_int(kc.element_size()),
+    )
     assert rc == 0
 
 
-@pytest.mark.parametrize("dtype,D,strided", [(torch.float16, 16, False), (torch.float16, 16, True),
-                                             (torch.float32, 7, False), (torch.float64, 4, True)])
+@pytest.mark.parametrize(
+    "dtype,D,strided",
+    [(torch.float16, 16, False), (torch.float16, 16, True), (torch.float32, 7, False), (torch.float64, 4, True)],
+)
 def test_emulated_kv_append_whole_cache_bit_exact(lib, dtype, D, strided):
     """16-byte path (D * size % 16 == 0, contiguous) and the element path (odd D, strided new K/V)."""
     B, H, Smax, S = 2, 3, 11, 4

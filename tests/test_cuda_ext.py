@@ -9,6 +9,7 @@
 - ``supports`` predicates: ``auto`` falls through, an explicit backend raises naming why; capability flags.
 - Fake impls: the ops trace under FakeTensorMode with the right output shapes (torch.compile's view of them).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -146,8 +147,9 @@ def test_philox_matches_reference(seed, offset):
     B, K = 3, 4
     want = philox_uniforms(seed, offset - 2**64 if offset >= 2**63 else offset, B, K)
     off = offset - 2**64 if offset >= 2**63 else offset  # int64 bits, as the op's schema takes them
-    got = torch.tensor([[cuda.philox_uniform(seed, off, b, j, K) for j in range(2 * K)] for b in range(B)],
-                       dtype=torch.float32)
+    got = torch.tensor(
+        [[cuda.philox_uniform(seed, off, b, j, K) for j in range(2 * K)] for b in range(B)], dtype=torch.float32
+    )
     assert torch.equal(got, want)
     assert float(got.min()) >= 0.0 and float(got.max()) < 1.0
 
@@ -172,7 +174,9 @@ def test_supports_predicate_dispatch():
     fast.only_fast = True  # an attribute of a function is no capability: only the records are
     try:
         backends.register(op, "reference", philox=True)(ref)
-        backends.register(op, "cuda", supports=lambda x: None if x > 0 else f"x must be > 0, got {x}", philox=True)(fast)
+        backends.register(op, "cuda", supports=lambda x: None if x > 0 else f"x must be > 0, got {x}", philox=True)(
+            fast
+        )
         dev = torch.device("cuda")  # dispatch looks at the device type only; nothing runs on it
         auto = backends.resolve(op, "auto", dev)
         assert auto(1) == "cuda" and auto(-1) == "reference"
@@ -232,8 +236,21 @@ def test_fake_impls_shapes():
         blk = torch.empty(B, K, K, V, device="cuda", dtype=torch.bfloat16)
         drafts = torch.empty(B, K, device="cuda", dtype=torch.long)
         q = torch.empty(B, K - 1, V, device="cuda")
-        acc, emit, nxt, probs = ops.rejection_sample(ar, blk, drafts, q, None, None, None, 0, 0, 0.7, 1.0,
-                                                     torch.empty(B, K, device="cuda", dtype=torch.float64), None)
+        acc, emit, nxt, probs = ops.rejection_sample(
+            ar,
+            blk,
+            drafts,
+            q,
+            None,
+            None,
+            None,
+            0,
+            0,
+            0.7,
+            1.0,
+            torch.empty(B, K, device="cuda", dtype=torch.float64),
+            None,
+        )
         assert acc.shape == (B,) and emit.shape == (B, K) and nxt.shape == (B, K) and probs.shape == (B, K - 1, V)
         assert acc.dtype == torch.int64 and probs.dtype == torch.float32
         nxt, probs = ops.draft_sample(ar[:, 0], blk[:, 0], None, None, None, 0, 0, 0.0, 1.0)
@@ -241,8 +258,9 @@ def test_fake_impls_shapes():
         qq = torch.empty(B, 8, 5, 128, device="cuda", dtype=torch.float16)
         kk = torch.empty(B, 2, 40, 128, device="cuda", dtype=torch.float16)
         i32 = dict(device="cuda", dtype=torch.int32)
-        out, lse = ops.tidar_attention(qq, kk, kk, torch.empty(5, **i32), torch.empty(5, **i32),
-                                       torch.empty(B, **i32), 0.1)
+        out, lse = ops.tidar_attention(
+            qq, kk, kk, torch.empty(5, **i32), torch.empty(5, **i32), torch.empty(B, **i32), 0.1
+        )
         assert out.shape == qq.shape and out.dtype == torch.float16 and lse.shape == (B, 8, 5)
         kc = torch.empty(B, 2, 50, 128, device="cuda", dtype=torch.float16)
         assert ops.kv_append(kc, kc, kk, kk, torch.empty(B, **i32)) is None

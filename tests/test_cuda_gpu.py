@@ -13,6 +13,7 @@
   lse vs logsumexp; queries that see nothing give zeros; dispatch (grad / fp32 / D=96 fall through under auto).
 - generation: greedy TiDAR with backend="cuda" on a tiny fp16 model equals the model's own HF greedy decode.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -170,8 +171,11 @@ def _step(B, K, V, T, seed, dtype=torch.float32, blk_dtype=None):
     """Random step on the GPU whose drafts are often accepted (AR logits near the draft distributions)."""
     g = _gen(seed)
     q = (torch.randn(B, max(K - 1, 0), V, device=DEV, generator=g) * 1.5).softmax(-1)
-    d_rest = (torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K - 1) if K > 1
-              else torch.zeros(B, 0, dtype=torch.long, device=DEV))
+    d_rest = (
+        torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K - 1)
+        if K > 1
+        else torch.zeros(B, 0, dtype=torch.long, device=DEV)
+    )
     drafts = torch.cat([torch.randint(0, V, (B, 1), device=DEV, generator=g), d_rest], 1)
     ar = torch.randn(B, K, V, device=DEV, generator=g) * 2
     if K > 1:
@@ -195,8 +199,13 @@ def _plant_greedy(ar, blk, drafts, beta, seed):
     B, K, _ = ar.shape
     if K == 1:
         return drafts
-    t = (ar.double() if beta == 1 else blk[:, :, 0].double() if beta == 0
-         else beta * ar.double() + (1 - beta) * blk[:, :, 0].double())
+    t = (
+        ar.double()
+        if beta == 1
+        else blk[:, :, 0].double()
+        if beta == 0
+        else beta * ar.double() + (1 - beta) * blk[:, :, 0].double()
+    )
     plant = torch.rand(B, K - 1, device=DEV, generator=_gen(seed)) < 0.7
     drafts = drafts.clone()
     drafts[:, 1:] = torch.where(plant, t[:, :-1].argmax(-1), drafts[:, 1:])
@@ -228,8 +237,10 @@ def test_rejection_exact_vs_reference_given_uniforms(B, K, V, T, beta, dtype, bl
     u = draw_uniforms(B, K, generator=_gen(V))
     qq = q if (T > 0 and K > 1) else None
     kw = dict(temperature=T, beta=beta, uniforms=u)
-    _assert_same(rejection_sample(ar, blk, drafts, qq, backend="cuda", **kw),
-                 rejection_sample(ar, blk, drafts, qq, backend="reference", **kw))
+    _assert_same(
+        rejection_sample(ar, blk, drafts, qq, backend="cuda", **kw),
+        rejection_sample(ar, blk, drafts, qq, backend="reference", **kw),
+    )
     d_got = draft_sample(ar[:, 0], blk[:, 0], backend="cuda", **kw)
     d_want = draft_sample(ar[:, 0], blk[:, 0], backend="reference", **kw)
     assert torch.equal(d_got.next_drafts, d_want.next_drafts)
@@ -262,8 +273,10 @@ def test_rejection_vocab_parallel_exact_vs_reference(monkeypatch, path, B, K, V,
     qq = q if T > 0 else None
     for kw in (dict(uniforms=draw_uniforms(B, K, generator=_gen(V))), dict(seed=7, offset=123)):
         kw.update(temperature=T, beta=beta, top_k=top_k, top_p=top_p)
-        _assert_same(rejection_sample(ar, blk, drafts, qq, backend="cuda", **kw),
-                     rejection_sample(ar, blk, drafts, qq, backend="reference", **kw))
+        _assert_same(
+            rejection_sample(ar, blk, drafts, qq, backend="cuda", **kw),
+            rejection_sample(ar, blk, drafts, qq, backend="reference", **kw),
+        )
 
 
 def test_rejection_vocab_parallel_acceptance_lengths_b1(monkeypatch):
@@ -317,8 +330,10 @@ def test_rejection_expanded_and_strided_inputs():
     drafts = drafts.expand(B, K)
     u = draw_uniforms(B, K, generator=_gen(8))[:, :].t().contiguous().t()  # strided uniforms
     kw = dict(temperature=0.9, uniforms=u)
-    _assert_same(rejection_sample(ar, blk, drafts, q, backend="cuda", **kw),
-                 rejection_sample(ar, blk, drafts, q, backend="reference", **kw))
+    _assert_same(
+        rejection_sample(ar, blk, drafts, q, backend="cuda", **kw),
+        rejection_sample(ar, blk, drafts, q, backend="reference", **kw),
+    )
 
 
 @pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.7), (20, 0.9), (1, None)])
@@ -329,8 +344,10 @@ def test_top_k_top_p_exact_vs_reference(top_k, top_p, beta):
     ar, blk, drafts, q = _step(B, K, V, T, seed=3)
     ar = ar.round()  # integer logits: ties at the top-k boundary
     kw = dict(temperature=T, top_k=top_k, top_p=top_p, beta=beta, seed=5)
-    _assert_same(rejection_sample(ar, blk, drafts, q, backend="cuda", **kw),
-                 rejection_sample(ar, blk, drafts, q, backend="reference", **kw))
+    _assert_same(
+        rejection_sample(ar, blk, drafts, q, backend="cuda", **kw),
+        rejection_sample(ar, blk, drafts, q, backend="reference", **kw),
+    )
     dg = draft_sample(ar[:, 0], blk[:, 0], backend="cuda", **kw)
     dw = draft_sample(ar[:, 0], blk[:, 0], backend="reference", **kw)
     assert torch.equal(dg.next_drafts, dw.next_drafts)
@@ -348,8 +365,15 @@ def test_emitted_tokens_distributed_as_p():
     q0 = (torch.randn(K - 1, V, device=DEV, generator=g) * 1.2).softmax(-1)
     d1 = torch.multinomial(q0[0], N, replacement=True, generator=g)
     drafts = torch.stack([torch.zeros(N, dtype=torch.long, device=DEV), d1], 1)
-    res = rejection_sample(ar0.expand(N, K, V), blk0.expand(N, K, K, V), drafts, q0.expand(N, K - 1, V),
-                           temperature=T, seed=77, backend="cuda")
+    res = rejection_sample(
+        ar0.expand(N, K, V),
+        blk0.expand(N, K, K, V),
+        drafts,
+        q0.expand(N, K - 1, V),
+        temperature=T,
+        seed=77,
+        backend="cuda",
+    )
     p = (ar0.double() / T).softmax(-1).cpu()
     x1 = torch.where(res.accepted >= 2, res.emitted[:, 1], res.next_drafts[:, 0]).cpu()
 
@@ -542,16 +566,23 @@ def test_attention_cuda_graph_compile_opcheck():
 def test_generate_greedy_exact_with_cuda_backend(arch, K):
     """TiDAR greedy (every op on backend="cuda": attention, kv_append, rejection) == the model's HF greedy
     decode, token for token, except at proven near-ties of the fp16 logits."""
-    import tidar
     from conftest import tiny_model
+
+    import tidar
 
     model = tiny_model(arch, vocab=97, hidden=256, heads=4, kv_heads=2, init=0.2).half().to(DEV)  # head dim 64
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 96, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (8,), generator=g)]
     NEW = 16
-    want = [model.generate(torch.tensor([p], device=DEV), attention_mask=torch.ones(1, len(p), dtype=torch.long,
-                                                                                      device=DEV),
-                           do_sample=False, max_new_tokens=NEW) for p in prompts]
+    want = [
+        model.generate(
+            torch.tensor([p], device=DEV),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long, device=DEV),
+            do_sample=False,
+            max_new_tokens=NEW,
+        )
+        for p in prompts
+    ]
     tidar.patch(model, draft_len=K, backend="cuda")
     try:
         for p, w in zip(prompts, want):

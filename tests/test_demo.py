@@ -1,10 +1,9 @@
 """``tidar demo`` on the bundled model: greedy TiDAR text identical to AR text, stats reported."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import pytest
 
 import tidar
 from tidar import demo
@@ -44,7 +43,20 @@ def test_demo_streams_text_with_a_custom_prompt(capsys):
 
 
 def test_demo_sampling_runs(capsys):
-    rc = main(["demo", "--json", "--prompt", "import os\n", "--max-new-tokens", "8", "--temperature", "0.8", "--device", "cpu"])
+    rc = main(
+        [
+            "demo",
+            "--json",
+            "--prompt",
+            "import os\n",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0.8",
+            "--device",
+            "cpu",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["identical"] is None and out["prompts"][0]["new_tokens"] >= 1
 

@@ -1,4 +1,5 @@
 """``tidar env`` / ``tidar_kernels.env``: the report's keys, JSON output, and a built flag that tells the truth."""
+
 from __future__ import annotations
 
 import importlib
@@ -9,8 +10,20 @@ import pytest
 from tidar import cli
 from tidar_kernels import env
 
-KEYS = {"tidar_kernels", "python", "torch", "torch_cuda", "triton", "transformers", "cuda_available", "devices",
-        "cuda_extension_built", "cuda_extension_error", "build", "backends"}
+KEYS = {
+    "tidar_kernels",
+    "python",
+    "torch",
+    "torch_cuda",
+    "triton",
+    "transformers",
+    "cuda_available",
+    "devices",
+    "cuda_extension_built",
+    "cuda_extension_error",
+    "build",
+    "backends",
+}
 OPS = {"kv_append", "rejection_sample", "draft_sample", "tidar_attention"}
 
 

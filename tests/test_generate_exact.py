@@ -1,4 +1,5 @@
 """Greedy exactness: TiDAR output == the model's own HF greedy output, on real HF architectures."""
+
 from __future__ import annotations
 
 import pytest
@@ -80,7 +81,9 @@ def test_eos_stops_each_row_and_pads():
     ids, mask = _left_pad(prompts)
     free = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW)
     eos = free[0, ids.shape[1] + 3].item()  # a token row 0 emits early
-    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    want = model.generate(
+        ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0
+    )
     tidar.patch(model, draft_len=4)
     got = tidar.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
     assert_same_or_near_tie(model, ids, mask, got.sequences, want)

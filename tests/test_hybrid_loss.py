@@ -1,15 +1,15 @@
 """The hybrid objective (docs/design.md §3.1): hand-computed twin, gradients, no leaks, bad inputs."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 import tidar
 from tidar.hybrid_loss import hybrid_forward
 from tidar.trainer import HybridLossMixin
-
-from conftest import tiny_model
 
 V = 97
 MASK = V - 1

@@ -1,6 +1,7 @@
 """Layouts (docs/design.md §2-§3): the dense twin equals the rule evaluated element by element, the
 per-layout tables hold, the limiting block sizes reduce to causal / bidirectional, layouts are cached,
 bad arguments raise."""
+
 from __future__ import annotations
 
 import random

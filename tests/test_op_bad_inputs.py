@@ -1,16 +1,17 @@
 """Every bad input to the public ops of ``tidar_kernels`` is a clear error before any work.
 
 One table over ``tidar_attention``, ``kv_append``, ``rejection_sample``, ``draft_sample``, ``draw_uniforms``,
-``philox_uniforms``, ``dense_mask`` and the layout functions: ints that are bools, int64 values outside the int32 range (which would
-wrap when cast), NaN/inf/bool/non-numeric floats, empty dimensions, mismatched lengths, wrong types for
-``generator``, ``uniforms``, ``seg_start``. For each case: the exception type, a message that names the argument,
-no backend implementation called (every registered impl is replaced by a spy), and every input tensor bit for bit
-unchanged (kv_append caches included). The op cases run once per backend live here (validation sits in front of
-the dispatch, so a bad input is refused whatever the backend).
+``philox_uniforms``, ``dense_mask`` and the layout functions: ints that are bools, int64 values outside the int32
+range (which would wrap when cast), NaN/inf/bool/non-numeric floats, empty dimensions, mismatched lengths, wrong
+types for ``generator``, ``uniforms``, ``seg_start``. For each case: the exception type, a message that names the
+argument, no backend implementation called (every registered impl is replaced by a spy), and every input tensor bit
+for bit unchanged (kv_append caches included). The op cases run once per backend live here (validation sits in front
+of the dispatch, so a bad input is refused whatever the backend).
 
-Edge inputs that are valid get their documented result: batch 0 (an empty output of the right shape for
-attention and sampling, a no-op for kv_append), numpy ints/floats, int64 layout vectors with in-range values.
+Edge inputs that are valid get their documented result: batch 0 (an empty output of the right shape for attention
+and sampling, a no-op for kv_append), numpy ints/floats, int64 layout vectors with in-range values.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,35 +34,50 @@ BIG = 2**32 + 1  # an int64 value that wraps to 1 when cast to int32
 def attn(**kw):
     lay = layouts.decode_step(2)  # S = 6
     g = torch.Generator().manual_seed(0)
-    args = dict(q=torch.randn(2, 4, 6, 8, generator=g), k=torch.randn(2, 2, 10, 8, generator=g),
-                v=torch.randn(2, 2, 10, 8, generator=g), local_limit=lay.local_limit.clone(),
-                block_id=lay.block_id.clone(), seg_start=torch.tensor([4, 2], **I32))
+    args = dict(
+        q=torch.randn(2, 4, 6, 8, generator=g),
+        k=torch.randn(2, 2, 10, 8, generator=g),
+        v=torch.randn(2, 2, 10, 8, generator=g),
+        local_limit=lay.local_limit.clone(),
+        block_id=lay.block_id.clone(),
+        seg_start=torch.tensor([4, 2], **I32),
+    )
     args.update(kw)
     return args
 
 
 def kv(**kw):
     g = torch.Generator().manual_seed(1)
-    args = dict(k_cache=torch.randn(2, 2, 10, 4, generator=g), v_cache=torch.randn(2, 2, 10, 4, generator=g),
-                k_new=torch.randn(2, 2, 3, 4, generator=g), v_new=torch.randn(2, 2, 3, 4, generator=g),
-                seg_start=torch.tensor([0, 7], **I32))
+    args = dict(
+        k_cache=torch.randn(2, 2, 10, 4, generator=g),
+        v_cache=torch.randn(2, 2, 10, 4, generator=g),
+        k_new=torch.randn(2, 2, 3, 4, generator=g),
+        v_new=torch.randn(2, 2, 3, 4, generator=g),
+        seg_start=torch.tensor([0, 7], **I32),
+    )
     args.update(kw)
     return args
 
 
 def rs(**kw):
     g = torch.Generator().manual_seed(2)
-    args = dict(ar_logits=torch.randn(2, 3, 6, generator=g), block_logits=torch.randn(2, 3, 3, 6, generator=g),
-                drafts=torch.tensor([[0, 1, 2], [3, 4, 5]]), draft_probs=torch.full((2, 2, 6), 1 / 6),
-                temperature=1.0, uniforms=torch.rand(2, 6, generator=g))
+    args = dict(
+        ar_logits=torch.randn(2, 3, 6, generator=g),
+        block_logits=torch.randn(2, 3, 3, 6, generator=g),
+        drafts=torch.tensor([[0, 1, 2], [3, 4, 5]]),
+        draft_probs=torch.full((2, 2, 6), 1 / 6),
+        temperature=1.0,
+        uniforms=torch.rand(2, 6, generator=g),
+    )
     args.update(kw)
     return args
 
 
 def ds(**kw):
     g = torch.Generator().manual_seed(3)
-    args = dict(ar_logits=torch.randn(2, 6, generator=g), block_logits=torch.randn(2, 3, 6, generator=g),
-                temperature=1.0)
+    args = dict(
+        ar_logits=torch.randn(2, 6, generator=g), block_logits=torch.randn(2, 3, 6, generator=g), temperature=1.0
+    )
     args.update(kw)
     return args
 
@@ -85,26 +101,65 @@ OP_CASES = [
     ("attn_seg_start_list", "tidar_attention", lambda: attn(seg_start=[4, 2]), T, "seg_start"),
     ("attn_seg_start_int_huge", "tidar_attention", lambda: attn(seg_start=2**40), E, "seg_start"),
     ("attn_seg_start_int_negative", "tidar_attention", lambda: attn(seg_start=-1), E, "seg_start"),
-    ("attn_seg_start_int64_wraps", "tidar_attention", lambda: attn(seg_start=torch.tensor([2**32 + 4, 2], **I64)), E,
-     "seg_start"),
-    ("attn_seg_start_int64_negative_wraps", "tidar_attention",
-     lambda: attn(seg_start=torch.tensor([-(2**32) + 2, 2], **I64)), E, "seg_start"),
-    ("attn_seg_start_bool_tensor", "tidar_attention", lambda: attn(seg_start=torch.tensor([True, False])), T,
-     "seg_start"),
+    (
+        "attn_seg_start_int64_wraps",
+        "tidar_attention",
+        lambda: attn(seg_start=torch.tensor([2**32 + 4, 2], **I64)),
+        E,
+        "seg_start",
+    ),
+    (
+        "attn_seg_start_int64_negative_wraps",
+        "tidar_attention",
+        lambda: attn(seg_start=torch.tensor([-(2**32) + 2, 2], **I64)),
+        E,
+        "seg_start",
+    ),
+    (
+        "attn_seg_start_bool_tensor",
+        "tidar_attention",
+        lambda: attn(seg_start=torch.tensor([True, False])),
+        T,
+        "seg_start",
+    ),
     ("attn_seg_start_0d", "tidar_attention", lambda: attn(seg_start=torch.tensor(2, **I32)), E, "seg_start"),
-    ("attn_seg_start_wrong_batch", "tidar_attention", lambda: attn(seg_start=torch.tensor([4, 2, 0], **I32)), E,
-     "seg_start"),
+    (
+        "attn_seg_start_wrong_batch",
+        "tidar_attention",
+        lambda: attn(seg_start=torch.tensor([4, 2, 0], **I32)),
+        E,
+        "seg_start",
+    ),
     # --- layout vectors: int64 values that would wrap, wrong types/lengths ---
-    ("attn_local_limit_int64_wraps", "tidar_attention",
-     lambda: attn(local_limit=torch.tensor([1, 2, BIG, 1, 2, 2], **I64)), E, "local_limit"),
-    ("attn_block_id_int64_wraps_merges_blocks", "tidar_attention",
-     lambda: attn(block_id=torch.tensor([-1, -1, 1, 1, BIG, BIG], **I64)), E, "block_id"),
-    ("attn_block_id_int64_below_int32", "tidar_attention",
-     lambda: attn(block_id=torch.tensor([-1, -1, 1, 1, -(2**32) + 2, 2], **I64)), E, "block_id"),
-    ("attn_local_limit_int16", "tidar_attention", lambda: attn(local_limit=torch.ones(6, dtype=torch.int16)), T,
-     "local_limit"),
-    ("attn_block_id_bool", "tidar_attention", lambda: attn(block_id=torch.zeros(6, dtype=torch.bool)), T,
-     "block_id"),
+    (
+        "attn_local_limit_int64_wraps",
+        "tidar_attention",
+        lambda: attn(local_limit=torch.tensor([1, 2, BIG, 1, 2, 2], **I64)),
+        E,
+        "local_limit",
+    ),
+    (
+        "attn_block_id_int64_wraps_merges_blocks",
+        "tidar_attention",
+        lambda: attn(block_id=torch.tensor([-1, -1, 1, 1, BIG, BIG], **I64)),
+        E,
+        "block_id",
+    ),
+    (
+        "attn_block_id_int64_below_int32",
+        "tidar_attention",
+        lambda: attn(block_id=torch.tensor([-1, -1, 1, 1, -(2**32) + 2, 2], **I64)),
+        E,
+        "block_id",
+    ),
+    (
+        "attn_local_limit_int16",
+        "tidar_attention",
+        lambda: attn(local_limit=torch.ones(6, dtype=torch.int16)),
+        T,
+        "local_limit",
+    ),
+    ("attn_block_id_bool", "tidar_attention", lambda: attn(block_id=torch.zeros(6, dtype=torch.bool)), T, "block_id"),
     ("attn_local_limit_list", "tidar_attention", lambda: attn(local_limit=[1, 2, 1, 2, 2, 3]), T, "local_limit"),
     ("attn_block_id_short", "tidar_attention", lambda: attn(block_id=torch.full((5,), -1, **I32)), E, "block_id"),
     # --- scale ---
@@ -126,15 +181,29 @@ OP_CASES = [
     ("attn_softcap_str", "tidar_attention", lambda: attn(softcap="50"), T, "softcap"),
     ("attn_softcap_numpy_nan", "tidar_attention", lambda: attn(softcap=np.float32("nan")), E, "softcap"),
     # --- empty dimensions (B = 0 is valid: see test_attention_batch_zero) ---
-    ("attn_head_dim_zero", "tidar_attention", lambda: attn(q=torch.randn(2, 4, 6, 0), k=torch.randn(2, 2, 10, 0),
-                                                           v=torch.randn(2, 2, 10, 0)), E, "head dim"),
+    (
+        "attn_head_dim_zero",
+        "tidar_attention",
+        lambda: attn(q=torch.randn(2, 4, 6, 0), k=torch.randn(2, 2, 10, 0), v=torch.randn(2, 2, 10, 0)),
+        E,
+        "head dim",
+    ),
     ("attn_no_q_heads", "tidar_attention", lambda: attn(q=torch.randn(2, 0, 6, 8)), E, "head"),
-    ("attn_no_kv_heads", "tidar_attention", lambda: attn(k=torch.randn(2, 0, 10, 8), v=torch.randn(2, 0, 10, 8)), E,
-     "k/v heads"),
-    ("attn_no_queries", "tidar_attention", lambda: attn(q=torch.randn(2, 4, 0, 8), local_limit=torch.zeros(0, **I32),
-                                                        block_id=torch.zeros(0, **I32)), E, "quer"),
-    ("attn_no_keys", "tidar_attention", lambda: attn(k=torch.randn(2, 2, 0, 8), v=torch.randn(2, 2, 0, 8)), E,
-     "key"),
+    (
+        "attn_no_kv_heads",
+        "tidar_attention",
+        lambda: attn(k=torch.randn(2, 0, 10, 8), v=torch.randn(2, 0, 10, 8)),
+        E,
+        "k/v heads",
+    ),
+    (
+        "attn_no_queries",
+        "tidar_attention",
+        lambda: attn(q=torch.randn(2, 4, 0, 8), local_limit=torch.zeros(0, **I32), block_id=torch.zeros(0, **I32)),
+        E,
+        "quer",
+    ),
+    ("attn_no_keys", "tidar_attention", lambda: attn(k=torch.randn(2, 2, 0, 8), v=torch.randn(2, 2, 0, 8)), E, "key"),
     ("attn_v_dtype", "tidar_attention", lambda: attn(v=torch.randn(2, 2, 10, 8, dtype=torch.float64)), T, "v"),
     ("attn_q_not_tensor", "tidar_attention", lambda: attn(q=np.zeros((2, 4, 6, 8), np.float32)), T, "q"),
     # --- kv_append ---
@@ -142,19 +211,52 @@ OP_CASES = [
     ("kv_seg_start_float", "kv_append", lambda: kv(seg_start=1.0), T, "seg_start"),
     ("kv_seg_start_list", "kv_append", lambda: kv(seg_start=[0, 7]), T, "seg_start"),
     ("kv_seg_start_int_huge", "kv_append", lambda: kv(seg_start=2**40), E, "seg_start"),
-    ("kv_seg_start_int64_wraps_to_zero", "kv_append", lambda: kv(seg_start=torch.tensor([2**32, 0], **I64)), E,
-     "seg_start"),
-    ("kv_seg_start_int64_negative_wraps", "kv_append", lambda: kv(seg_start=torch.tensor([-(2**32) + 1, 0], **I64)),
-     E, "seg_start"),
+    (
+        "kv_seg_start_int64_wraps_to_zero",
+        "kv_append",
+        lambda: kv(seg_start=torch.tensor([2**32, 0], **I64)),
+        E,
+        "seg_start",
+    ),
+    (
+        "kv_seg_start_int64_negative_wraps",
+        "kv_append",
+        lambda: kv(seg_start=torch.tensor([-(2**32) + 1, 0], **I64)),
+        E,
+        "seg_start",
+    ),
     ("kv_seg_start_bool_tensor", "kv_append", lambda: kv(seg_start=torch.tensor([False, True])), T, "seg_start"),
-    ("kv_cache_no_heads", "kv_append", lambda: kv(k_cache=torch.randn(2, 0, 10, 4), v_cache=torch.randn(2, 0, 10, 4),
-                                                  k_new=torch.randn(2, 0, 3, 4), v_new=torch.randn(2, 0, 3, 4)), E,
-     "k_cache"),
-    ("kv_cache_head_dim_zero", "kv_append", lambda: kv(k_cache=torch.randn(2, 2, 10, 0),
-                                                       v_cache=torch.randn(2, 2, 10, 0), k_new=torch.randn(2, 2, 3, 0),
-                                                       v_new=torch.randn(2, 2, 3, 0)), E, "k_cache"),
-    ("kv_new_longer_than_cache", "kv_append", lambda: kv(k_new=torch.randn(2, 2, 11, 4), v_new=torch.randn(2, 2, 11, 4),
-                                                         seg_start=0), E, "seg_start"),
+    (
+        "kv_cache_no_heads",
+        "kv_append",
+        lambda: kv(
+            k_cache=torch.randn(2, 0, 10, 4),
+            v_cache=torch.randn(2, 0, 10, 4),
+            k_new=torch.randn(2, 0, 3, 4),
+            v_new=torch.randn(2, 0, 3, 4),
+        ),
+        E,
+        "k_cache",
+    ),
+    (
+        "kv_cache_head_dim_zero",
+        "kv_append",
+        lambda: kv(
+            k_cache=torch.randn(2, 2, 10, 0),
+            v_cache=torch.randn(2, 2, 10, 0),
+            k_new=torch.randn(2, 2, 3, 0),
+            v_new=torch.randn(2, 2, 3, 0),
+        ),
+        E,
+        "k_cache",
+    ),
+    (
+        "kv_new_longer_than_cache",
+        "kv_append",
+        lambda: kv(k_new=torch.randn(2, 2, 11, 4), v_new=torch.randn(2, 2, 11, 4), seg_start=0),
+        E,
+        "seg_start",
+    ),
     ("kv_k_new_float64", "kv_append", lambda: kv(k_new=torch.randn(2, 2, 3, 4, dtype=torch.float64)), T, "k_new"),
     ("kv_v_cache_not_tensor", "kv_append", lambda: kv(v_cache=None), T, "v_cache"),
     # --- rejection_sample ---
@@ -170,19 +272,42 @@ OP_CASES = [
     ("rs_beta_nan", "rejection_sample", lambda: rs(beta=float("nan")), E, "beta"),
     ("rs_generator_int", "rejection_sample", lambda: no_uniforms(rs, generator=5), T, "generator"),
     ("rs_generator_str", "rejection_sample", lambda: no_uniforms(rs, generator="cpu"), T, "generator"),
-    ("rs_generator_int_greedy", "rejection_sample", lambda: no_uniforms(rs, generator=5, temperature=0.0), T,
-     "generator"),
+    (
+        "rs_generator_int_greedy",
+        "rejection_sample",
+        lambda: no_uniforms(rs, generator=5, temperature=0.0),
+        T,
+        "generator",
+    ),
     ("rs_uniforms_list", "rejection_sample", lambda: rs(uniforms=[[0.5] * 6] * 2), T, "uniforms"),
     ("rs_seed_bool", "rejection_sample", lambda: no_uniforms(rs, seed=True), T, "seed"),
     ("rs_offset_float", "rejection_sample", lambda: no_uniforms(rs, seed=1, offset=2.0), T, "offset"),
-    ("rs_empty_vocab", "rejection_sample", lambda: rs(ar_logits=torch.randn(2, 3, 0),
-                                                      block_logits=torch.randn(2, 3, 3, 0)), E, "ar_logits"),
-    ("rs_no_drafts", "rejection_sample", lambda: rs(ar_logits=torch.randn(2, 0, 6),
-                                                    block_logits=torch.randn(2, 0, 0, 6),
-                                                    drafts=torch.zeros(2, 0, dtype=torch.long)), E, "ar_logits"),
+    (
+        "rs_empty_vocab",
+        "rejection_sample",
+        lambda: rs(ar_logits=torch.randn(2, 3, 0), block_logits=torch.randn(2, 3, 3, 0)),
+        E,
+        "ar_logits",
+    ),
+    (
+        "rs_no_drafts",
+        "rejection_sample",
+        lambda: rs(
+            ar_logits=torch.randn(2, 0, 6),
+            block_logits=torch.randn(2, 0, 0, 6),
+            drafts=torch.zeros(2, 0, dtype=torch.long),
+        ),
+        E,
+        "ar_logits",
+    ),
     ("rs_drafts_bool", "rejection_sample", lambda: rs(drafts=torch.zeros(2, 3, dtype=torch.bool)), T, "drafts"),
-    ("rs_drafts_int64_huge", "rejection_sample", lambda: rs(drafts=torch.tensor([[0, 1, 2], [3, BIG, 5]])), E,
-     "drafts"),
+    (
+        "rs_drafts_int64_huge",
+        "rejection_sample",
+        lambda: rs(drafts=torch.tensor([[0, 1, 2], [3, BIG, 5]])),
+        E,
+        "drafts",
+    ),
     # --- draft_sample ---
     ("ds_temperature_bool", "draft_sample", lambda: ds(temperature=True), E, "temperature"),
     ("ds_temperature_neg_inf", "draft_sample", lambda: ds(temperature=float("-inf")), E, "temperature"),
@@ -190,8 +315,13 @@ OP_CASES = [
     ("ds_generator_device_str", "draft_sample", lambda: ds(generator=torch.device("cpu")), T, "generator"),
     ("ds_top_k_float", "draft_sample", lambda: ds(top_k=1.5), E, "top_k"),
     ("ds_beta_inf", "draft_sample", lambda: ds(beta=float("inf")), E, "beta"),
-    ("ds_empty_vocab", "draft_sample", lambda: ds(ar_logits=torch.randn(2, 0), block_logits=torch.randn(2, 3, 0)), E,
-     "ar_logits"),
+    (
+        "ds_empty_vocab",
+        "draft_sample",
+        lambda: ds(ar_logits=torch.randn(2, 0), block_logits=torch.randn(2, 3, 0)),
+        E,
+        "ar_logits",
+    ),
     ("ds_block_logits_not_tensor", "draft_sample", lambda: ds(block_logits=[[0.0]]), T, "block_logits"),
 ]
 
@@ -206,22 +336,49 @@ PLAIN_CASES = [
     ("philox_uniforms_seed_too_large", lambda: tk.philox_uniforms(2**64, 0, 2, 3), E, "seed"),
     ("philox_uniforms_batch_bool", lambda: tk.philox_uniforms(1, 0, True, 3), E, "batch"),
     ("philox_uniforms_draft_len_zero", lambda: tk.philox_uniforms(1, 0, 2, 0), E, "draft_len"),
-    ("dense_mask_lengths_differ", lambda: tk.dense_mask(torch.ones(6, **I32), torch.ones(5, **I32), 0, 9), E,
-     "block_id"),
-    ("dense_mask_seg_start_bool", lambda: tk.dense_mask(torch.ones(3, **I32), torch.ones(3, **I32), True, 9), T,
-     "seg_start"),
-    ("dense_mask_kv_len_float", lambda: tk.dense_mask(torch.ones(3, **I32), torch.ones(3, **I32), 0, 9.0), T,
-     "kv_len"),
-    ("dense_mask_kv_len_negative", lambda: tk.dense_mask(torch.ones(3, **I32), torch.ones(3, **I32), 0, -1), T,
-     "kv_len"),
-    ("dense_mask_local_limit_float", lambda: tk.dense_mask(torch.ones(3), torch.ones(3, **I32), 0, 9), T,
-     "local_limit"),
-    ("dense_mask_block_id_2d", lambda: tk.dense_mask(torch.ones(3, **I32), torch.ones(1, 3, **I32), 0, 9), E,
-     "block_id"),
-    ("dense_mask_seg_start_2d", lambda: tk.dense_mask(torch.ones(3, **I32), torch.ones(3, **I32),
-                                                      torch.zeros(2, 2, **I32), 9), E, "seg_start"),
-    ("dense_mask_empty_layout", lambda: tk.dense_mask(torch.ones(0, **I32), torch.ones(0, **I32), 0, 9), E,
-     "local_limit"),
+    (
+        "dense_mask_lengths_differ",
+        lambda: tk.dense_mask(torch.ones(6, **I32), torch.ones(5, **I32), 0, 9),
+        E,
+        "block_id",
+    ),
+    (
+        "dense_mask_seg_start_bool",
+        lambda: tk.dense_mask(torch.ones(3, **I32), torch.ones(3, **I32), True, 9),
+        T,
+        "seg_start",
+    ),
+    ("dense_mask_kv_len_float", lambda: tk.dense_mask(torch.ones(3, **I32), torch.ones(3, **I32), 0, 9.0), T, "kv_len"),
+    (
+        "dense_mask_kv_len_negative",
+        lambda: tk.dense_mask(torch.ones(3, **I32), torch.ones(3, **I32), 0, -1),
+        T,
+        "kv_len",
+    ),
+    (
+        "dense_mask_local_limit_float",
+        lambda: tk.dense_mask(torch.ones(3), torch.ones(3, **I32), 0, 9),
+        T,
+        "local_limit",
+    ),
+    (
+        "dense_mask_block_id_2d",
+        lambda: tk.dense_mask(torch.ones(3, **I32), torch.ones(1, 3, **I32), 0, 9),
+        E,
+        "block_id",
+    ),
+    (
+        "dense_mask_seg_start_2d",
+        lambda: tk.dense_mask(torch.ones(3, **I32), torch.ones(3, **I32), torch.zeros(2, 2, **I32), 9),
+        E,
+        "seg_start",
+    ),
+    (
+        "dense_mask_empty_layout",
+        lambda: tk.dense_mask(torch.ones(0, **I32), torch.ones(0, **I32), 0, 9),
+        E,
+        "local_limit",
+    ),
     ("decode_step_bool", lambda: layouts.decode_step(True), E, "draft_len"),
     ("decode_step_float", lambda: layouts.decode_step(2.0), E, "draft_len"),
     ("decode_step_zero", lambda: layouts.decode_step(0), E, "draft_len"),
@@ -233,8 +390,12 @@ PLAIN_CASES = [
     ("causal_past_int32", lambda: layouts.causal(2**31), E, "causal"),
 ]
 
-OPS = {"tidar_attention": tk.tidar_attention, "kv_append": tk.kv_append, "rejection_sample": tk.rejection_sample,
-       "draft_sample": tk.draft_sample}
+OPS = {
+    "tidar_attention": tk.tidar_attention,
+    "kv_append": tk.kv_append,
+    "rejection_sample": tk.rejection_sample,
+    "draft_sample": tk.draft_sample,
+}
 
 
 def _op_params():
@@ -262,6 +423,7 @@ def impl_calls(monkeypatch):
     calls = []
     for op, impls in backends._IMPLS.items():
         for name, fn in list(impls.items()):
+
             def spy(*args, _fn=fn, _key=(op, name)):
                 calls.append(_key)
                 return _fn(*args)
@@ -295,8 +457,9 @@ def test_bad_plain_input_is_refused(name, call, exc, arg):
     assert arg in str(info.value), f"the message does not name {arg!r}: {info.value}"
 
 
-@pytest.mark.parametrize("op,make", [("tidar_attention", attn), ("kv_append", kv), ("rejection_sample", rs),
-                                     ("draft_sample", ds)])
+@pytest.mark.parametrize(
+    "op,make", [("tidar_attention", attn), ("kv_append", kv), ("rejection_sample", rs), ("draft_sample", ds)]
+)
 def test_base_calls_of_the_table_are_valid(op, make, impl_calls):
     """Each bad case perturbs one argument of a call that is itself valid, so it fails for its own reason (and
     the spies see a valid call reach its backend)."""
@@ -310,8 +473,12 @@ def test_base_calls_of_the_table_are_valid(op, make, impl_calls):
 
 
 def test_attention_batch_zero_is_an_empty_result_with_gradients():
-    a = attn(q=torch.randn(0, 4, 6, 8, requires_grad=True), k=torch.randn(0, 2, 10, 8, requires_grad=True),
-             v=torch.randn(0, 2, 10, 8), seg_start=torch.zeros(0, **I32))
+    a = attn(
+        q=torch.randn(0, 4, 6, 8, requires_grad=True),
+        k=torch.randn(0, 2, 10, 8, requires_grad=True),
+        v=torch.randn(0, 2, 10, 8),
+        seg_start=torch.zeros(0, **I32),
+    )
     out = tk.tidar_attention(**a, backend="reference")
     assert out.shape == (0, 4, 6, 8)
     out.sum().backward()
@@ -323,9 +490,16 @@ def test_attention_batch_zero_is_an_empty_result_with_gradients():
 
 
 def test_kv_append_batch_zero_and_no_tokens_are_no_ops():
-    for a in (kv(k_cache=torch.randn(0, 2, 10, 4), v_cache=torch.randn(0, 2, 10, 4), k_new=torch.randn(0, 2, 3, 4),
-                 v_new=torch.randn(0, 2, 3, 4), seg_start=torch.zeros(0, **I32)),
-              kv(k_new=torch.randn(2, 2, 0, 4), v_new=torch.randn(2, 2, 0, 4), seg_start=torch.tensor([10, 3], **I32))):
+    for a in (
+        kv(
+            k_cache=torch.randn(0, 2, 10, 4),
+            v_cache=torch.randn(0, 2, 10, 4),
+            k_new=torch.randn(0, 2, 3, 4),
+            v_new=torch.randn(0, 2, 3, 4),
+            seg_start=torch.zeros(0, **I32),
+        ),
+        kv(k_new=torch.randn(2, 2, 0, 4), v_new=torch.randn(2, 2, 0, 4), seg_start=torch.tensor([10, 3], **I32)),
+    ):
         before = _bits(a["k_cache"]), _bits(a["v_cache"])
         k_cache, v_cache = tk.kv_append(**a, backend="reference")
         assert k_cache is a["k_cache"] and torch.equal(_bits(k_cache), before[0])
@@ -333,28 +507,41 @@ def test_kv_append_batch_zero_and_no_tokens_are_no_ops():
 
 
 def test_sampling_batch_zero_is_an_empty_result():
-    r = tk.rejection_sample(**rs(ar_logits=torch.randn(0, 3, 6), block_logits=torch.randn(0, 3, 3, 6),
-                                 drafts=torch.zeros(0, 3, dtype=torch.long), draft_probs=torch.full((0, 2, 6), 1 / 6),
-                                 uniforms=torch.rand(0, 6)), backend="reference")
+    r = tk.rejection_sample(
+        **rs(
+            ar_logits=torch.randn(0, 3, 6),
+            block_logits=torch.randn(0, 3, 3, 6),
+            drafts=torch.zeros(0, 3, dtype=torch.long),
+            draft_probs=torch.full((0, 2, 6), 1 / 6),
+            uniforms=torch.rand(0, 6),
+        ),
+        backend="reference",
+    )
     assert r.accepted.shape == (0,) and r.next_drafts.shape == (0, 3) and r.next_draft_probs.shape == (0, 2, 6)
-    d = tk.draft_sample(**ds(ar_logits=torch.randn(0, 6), block_logits=torch.randn(0, 3, 6), temperature=0.0),
-                        backend="reference")
+    d = tk.draft_sample(
+        **ds(ar_logits=torch.randn(0, 6), block_logits=torch.randn(0, 3, 6), temperature=0.0), backend="reference"
+    )
     assert d.next_drafts.shape == (0, 3) and d.next_draft_probs is None
 
 
 def test_numpy_scalars_and_in_range_int64_layouts_are_accepted():
     a = attn()
     want = tk.tidar_attention(**a, scale=0.3, softcap=5.0, backend="reference")
-    got = tk.tidar_attention(**attn(local_limit=a["local_limit"].long(), block_id=a["block_id"].long(),
-                                    seg_start=a["seg_start"].long()),
-                             scale=np.float32(0.3), softcap=np.int64(5), backend="reference")
+    got = tk.tidar_attention(
+        **attn(local_limit=a["local_limit"].long(), block_id=a["block_id"].long(), seg_start=a["seg_start"].long()),
+        scale=np.float32(0.3),
+        softcap=np.int64(5),
+        backend="reference",
+    )
     torch.testing.assert_close(got, want)
     one = tk.tidar_attention(**attn(seg_start=np.int64(3)), backend="reference")
-    torch.testing.assert_close(one, tk.tidar_attention(**attn(seg_start=torch.tensor([3, 3], **I32)),
-                                                       backend="reference"))
+    torch.testing.assert_close(
+        one, tk.tidar_attention(**attn(seg_start=torch.tensor([3, 3], **I32)), backend="reference")
+    )
     k = kv(seg_start=np.int32(2))
     tk.kv_append(**k, backend="reference")
     assert torch.equal(k["k_cache"][:, :, 2:5], k["k_new"])
-    r = tk.draft_sample(**ds(top_k=np.int64(2), temperature=np.float64(0.5)),
-                        generator=torch.Generator().manual_seed(0))
+    r = tk.draft_sample(
+        **ds(top_k=np.int64(2), temperature=np.float64(0.5)), generator=torch.Generator().manual_seed(0)
+    )
     assert r.next_drafts.shape == (2, 3)

@@ -3,6 +3,7 @@ the Random123 known-answer vectors and an independent pure-Python (int) twin, th
 the uniform grid and distribution (with negative controls), and the ops' seed/offset path against the
 same uniforms passed explicitly. The Triton kernel's in-kernel Philox is checked in
 tests/test_triton_rejection_sample.py."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,8 +42,11 @@ def uniform_twin(seed, offset, b, j, K):
 KAT = [  # Random123 kat_vectors, philox4x32 10 rounds: counter, key -> output
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((M32, M32, M32, M32), (M32, M32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -60,8 +64,10 @@ def test_philox4x32_vs_twin_random_words():
     """Vectorised: 2000 random counters and keys (all four counter words in use), word for word."""
     rng = np.random.default_rng(0)
     words = rng.integers(0, 2**32, size=(2000, 6), dtype=np.uint64).astype(np.int64)
-    out = philox4x32(tuple(torch.from_numpy(words[:, i]) for i in range(4)),
-                     (torch.from_numpy(words[:, 4]), torch.from_numpy(words[:, 5])))
+    out = philox4x32(
+        tuple(torch.from_numpy(words[:, i]) for i in range(4)),
+        (torch.from_numpy(words[:, 4]), torch.from_numpy(words[:, 5])),
+    )
     got = torch.stack(out, 1).tolist()
     for r in range(0, 2000, 7):  # the pure-Python twin is slow: every 7th row
         w = [int(x) for x in words[r]]
@@ -83,8 +89,9 @@ def test_philox_uniforms_vs_twin(seed, offset):
     B, K = 3, 4
     got = philox_uniforms(seed, offset, B, K)
     assert got.dtype == torch.float32 and got.shape == (B, 2 * K)
-    want = torch.tensor([[uniform_twin(seed, offset, b, j, K) for j in range(2 * K)] for b in range(B)],
-                        dtype=torch.float64)
+    want = torch.tensor(
+        [[uniform_twin(seed, offset, b, j, K) for j in range(2 * K)] for b in range(B)], dtype=torch.float64
+    )
     assert torch.equal(got.double(), want)
     # the same from one-element int64 tensors (what a CUDA graph captures)
     s_t = torch.tensor([seed - 2**64 if seed >= 2**63 else seed])
@@ -125,8 +132,10 @@ def _step(B, K, V, seed=0):
     g = torch.Generator().manual_seed(seed)
     ar, blk = torch.randn(B, K, V, generator=g) * 2, torch.randn(B, K, K, V, generator=g) * 2
     q = torch.randn(B, K - 1, V, generator=g).softmax(-1)
-    d = torch.cat([torch.randint(0, V, (B, 1), generator=g),
-                   torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K - 1)], 1)
+    d = torch.cat(
+        [torch.randint(0, V, (B, 1), generator=g), torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K - 1)],
+        1,
+    )
     return ar, blk, d, q
 
 

@@ -1,4 +1,5 @@
 """The README's Python snippets run as written."""
+
 import re
 from pathlib import Path
 

@@ -1,18 +1,18 @@
 """Self-distilled diffusion targets (docs/design.md §3.1): hand-computed targets, no gradient into the
 targets, the AR term untouched, a few steps lower the loss, bad option values fail clearly."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
+from test_hybrid_loss import MASK, V, _hand_loss
+from test_train import _train, tiny_corpus  # noqa: F401  (module fixture)
 
 import tidar
 from tidar import self_distill
 from tidar.hybrid_loss import ar_loss, hybrid_forward, hybrid_loss
-
-from conftest import tiny_model
-from test_hybrid_loss import MASK, V, _hand_loss
-from test_train import _train, tiny_corpus  # noqa: F401  (module fixture)
 
 
 def _x(B=2, L=8, seed=2):
@@ -78,7 +78,9 @@ def test_greedy_target_loss_equals_hand_computation_and_keeps_the_ar_term():
         for rows, first in ((real[:n_data], 0), (gen, P)):
             if len(rows):
                 *_, logits = _hand_loss(model, rows, K, 1.0)
-                ce = F.cross_entropy(logits[:, L:].reshape(-1, V), rows.reshape(-1), reduction="none").view(len(rows), L)
+                ce = F.cross_entropy(logits[:, L:].reshape(-1, V), rows.reshape(-1), reduction="none").view(
+                    len(rows), L
+                )
                 ces.append(ce[:, first:].sum())
                 counts.append(len(rows) * (L - first))
         tidar.patch(model, draft_len=K)
@@ -131,8 +133,14 @@ def test_generation_builds_no_graph():
     assert gen.grad_fn is None and all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("extra", [("--diffusion-target", "ar-hard"), ("--diffusion-target", "ar-soft"),
-                                   ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-refresh", "10")])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--diffusion-target", "ar-hard"),
+        ("--diffusion-target", "ar-soft"),
+        ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-refresh", "10"),
+    ],
+)
 def test_a_few_steps_reduce_the_loss(tiny_corpus, tmp_path, extra):  # noqa: F811
     state, out = _train(tmp_path, tiny_corpus, "--max-steps", "30", *extra)
     hist = state["log_history"]
@@ -143,22 +151,35 @@ def test_a_few_steps_reduce_the_loss(tiny_corpus, tmp_path, extra):  # noqa: F81
 
 
 def test_greedy_resume_reproduces_the_loss_curve(tiny_corpus, tmp_path):  # noqa: F811
-    opts = ("--max-steps", "8", "--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-refresh", "3",
-            "--distill-ratio", "0.5")
+    opts = (
+        "--max-steps",
+        "8",
+        "--diffusion-target",
+        "greedy",
+        "--distill-prompt-len",
+        "8",
+        "--distill-refresh",
+        "3",
+        "--distill-ratio",
+        "0.5",
+    )
     full, out = _train(tmp_path, tiny_corpus, *opts, "--save-every", "4", "--keep-checkpoints", "5", name="a")
     assert (out / "checkpoint-4" / "distill_pool.pt").is_file()
     resumed, _ = _train(tmp_path, tiny_corpus, *opts, "--resume", str(out / "checkpoint-4"), name="b")
     assert resumed["log_history"] == full["log_history"]
 
 
-@pytest.mark.parametrize("extra,match", [
-    (("--diffusion-target", "teacher"), "--diffusion-target must be one of data, ar-hard, ar-soft, greedy"),
-    (("--diffusion-target", "greedy", "--distill-ratio", "1.5"), r"--distill-ratio must be a number in \[0, 1\]"),
-    (("--diffusion-target", "greedy", "--distill-ratio", "-0.1"), r"--distill-ratio must be a number in \[0, 1\]"),
-    (("--diffusion-target", "greedy", "--distill-refresh", "0"), "--distill-refresh must be an int >= 1"),
-    (("--diffusion-target", "greedy", "--distill-prompt-len", "32"), "--distill-prompt-len must be in"),
-    (("--no-diffusion", "--diffusion-target", "ar-hard"), "contradicts"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (("--diffusion-target", "teacher"), "--diffusion-target must be one of data, ar-hard, ar-soft, greedy"),
+        (("--diffusion-target", "greedy", "--distill-ratio", "1.5"), r"--distill-ratio must be a number in \[0, 1\]"),
+        (("--diffusion-target", "greedy", "--distill-ratio", "-0.1"), r"--distill-ratio must be a number in \[0, 1\]"),
+        (("--diffusion-target", "greedy", "--distill-refresh", "0"), "--distill-refresh must be an int >= 1"),
+        (("--diffusion-target", "greedy", "--distill-prompt-len", "32"), "--distill-prompt-len must be in"),
+        (("--no-diffusion", "--diffusion-target", "ar-hard"), "contradicts"),
+    ],
+)
 def test_bad_option_values(tiny_corpus, tmp_path, extra, match):  # noqa: F811
     with pytest.raises(ValueError, match=match):
         _train(tmp_path, tiny_corpus, "--max-steps", "2", *extra)

@@ -9,6 +9,7 @@
 The CUDA kernel's soft-capping runs under the CPU emulator (tests/test_cuda_attention_emu.py).
 Fresh random inputs per case.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,7 @@ def _inputs(B, Hq, Hkv, S, Skv, D, dtype, gen, spread=3.0):
 
 
 def _ref(q, k, v, ll, bid, seg_start, scale, softcap):
-    return tidar_attention(q.double(), k.double(), v.double(), ll, bid, seg_start, scale, softcap,
-                           backend="reference")
+    return tidar_attention(q.double(), k.double(), v.double(), ll, bid, seg_start, scale, softcap, backend="reference")
 
 
 def _lay(lay):
@@ -56,8 +56,11 @@ def _lay(lay):
 @pytest.mark.parametrize("lay_name", ["decode_K3", "prefill_n9_K4", "training_L6_K2"])
 def test_reference_equals_transformers_gemma2_eager(lay_name, softcap):
     gemma2 = pytest.importorskip("transformers.models.gemma2.modeling_gemma2")
-    lay = {"decode_K3": layouts.decode_step(3), "prefill_n9_K4": layouts.prefill(9, 4),
-           "training_L6_K2": layouts.training(6, 2)}[lay_name]
+    lay = {
+        "decode_K3": layouts.decode_step(3),
+        "prefill_n9_K4": layouts.prefill(9, 4),
+        "training_L6_K2": layouts.training(6, 2),
+    }[lay_name]
     S = lay.seg_len
     seg_start = torch.tensor([5, 0], dtype=torch.int32)
     Skv = 5 + S + 2
@@ -67,8 +70,9 @@ def test_reference_equals_transformers_gemma2_eager(lay_name, softcap):
     keep = mask.any(-1)  # HF cannot express a query that sees nothing; the training layout's first masks do
     additive = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))[:, None]
     module = types.SimpleNamespace(num_key_value_groups=2, training=False)
-    want, _ = gemma2.eager_attention_forward(module, q, k, v, additive.masked_fill(~keep[:, None, :, None], 0.0),
-                                             dropout=0.0, scaling=0.4, softcap=softcap)
+    want, _ = gemma2.eager_attention_forward(
+        module, q, k, v, additive.masked_fill(~keep[:, None, :, None], 0.0), dropout=0.0, scaling=0.4, softcap=softcap
+    )
     got = tidar_attention(q, k, v, lay.local_limit, lay.block_id, seg_start, 0.4, softcap, backend="reference")
     # HF takes the softmax in float32 whatever the input dtype: agreement to float32 rounding
     torch.testing.assert_close(got.transpose(1, 2)[keep], want[keep], rtol=1e-6, atol=1e-6)
@@ -151,8 +155,11 @@ def test_triton_backward_matches_autograd_of_the_reference(case):
     q, k, v = _inputs(B, Hq, Hkv, S, max(segs) + S + extra, D, torch.float32, g)
     do = torch.randn(B, Hq, S, D, generator=g).to(DEV)
     grads = {}
-    for name, dtype, backend in (("triton", torch.float32, "triton"), ("ref", torch.float64, "reference"),
-                                 ("ref_nocap", torch.float64, "reference")):
+    for name, dtype, backend in (
+        ("triton", torch.float32, "triton"),
+        ("ref", torch.float64, "reference"),
+        ("ref_nocap", torch.float64, "reference"),
+    ):
         qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
         cap = None if name == "ref_nocap" else softcap
         out = tidar_attention(qq, kk, vv, ll, bid, seg_start, 0.35, cap, backend=backend)

@@ -1,5 +1,6 @@
 """``tidar train`` on a tiny corpus: losses go down, resume replays the same curve, checkpoints carry the
 TiDAR settings, bad inputs fail clearly."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,10 +14,42 @@ import tidar
 from tidar import corpus as corpus_mod
 from tidar import train as train_mod
 
-TINY = ["--hidden-size", "32", "--layers", "1", "--heads", "2", "--vocab-size", "300", "--seq-len", "32",
-        "--block-size", "8", "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "2", "--eval-every", "0",
-        "--save-every", "0", "--eval-batches", "1", "--eval-prompts", "1", "--eval-new-tokens", "8",
-        "--log-every", "1000", "--device", "cpu", "--backend", "reference"]
+TINY = [
+    "--hidden-size",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--vocab-size",
+    "300",
+    "--seq-len",
+    "32",
+    "--block-size",
+    "8",
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-2",
+    "--warmup-steps",
+    "2",
+    "--eval-every",
+    "0",
+    "--save-every",
+    "0",
+    "--eval-batches",
+    "1",
+    "--eval-prompts",
+    "1",
+    "--eval-new-tokens",
+    "8",
+    "--log-every",
+    "1000",
+    "--device",
+    "cpu",
+    "--backend",
+    "reference",
+]
 
 
 def _args(*argv):
@@ -89,11 +122,15 @@ def test_no_diffusion_baseline(tiny_corpus, tmp_path):
 
 
 def test_resume_reproduces_the_loss_curve(tiny_corpus, tmp_path):
-    full, out = _train(tmp_path, tiny_corpus, "--max-steps", "8", "--save-every", "4", "--keep-checkpoints", "5", name="a")
+    full, out = _train(
+        tmp_path, tiny_corpus, "--max-steps", "8", "--save-every", "4", "--keep-checkpoints", "5", name="a"
+    )
     assert (out / "checkpoint-4" / "optimizer.pt").is_file()
     resumed, _ = _train(tmp_path, tiny_corpus, "--max-steps", "8", "--resume", str(out / "checkpoint-4"), name="b")
     assert resumed["log_history"] == full["log_history"]  # steps 1-4 carried over, 5-8 recomputed identically
-    again, _ = _train(tmp_path, tiny_corpus, "--max-steps", "8", "--resume", "latest", name="a")  # newest = 8: nothing left
+    again, _ = _train(
+        tmp_path, tiny_corpus, "--max-steps", "8", "--resume", "latest", name="a"
+    )  # newest = 8: nothing left
     assert again["log_history"] == full["log_history"]
 
 

@@ -1,6 +1,7 @@
 """`tidar train` on TidarTrainer: one process == torchrun x 2 (gloo) == gradient accumulation, gradient
 checkpointing keeps the gradients, --init-from converts a saved AR model exactly, .txt/.jsonl corpora, the module
 split, bad inputs fail before any step."""
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,12 @@ import sys
 
 import pytest
 import torch
+from test_train import TINY, _args, _train, tiny_corpus  # noqa: F401  (module fixture)
 
 import tidar
 from tidar import checkpoint as ck_mod
 from tidar import corpus as corpus_mod
 from tidar import train as train_mod
-
-from test_train import TINY, _args, _train, tiny_corpus  # noqa: F401  (module fixture)
 
 pytest.importorskip("accelerate", reason="the train extra (accelerate) is required by tidar train")
 
@@ -68,16 +68,43 @@ def test_gradient_checkpointing_same_gradients(tiny_corpus, tmp_path):  # noqa: 
     _close(_losses(ckpt), _losses(plain), 1e-5)
 
 
-GREEDY_MIX = ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-refresh", "2", "--distill-rows", "2",
-              "--distill-ratio", "0.5")  # rows with AR only, AR + data diffusion, and generated rows, spread over ranks
+GREEDY_MIX = (
+    "--diffusion-target",
+    "greedy",
+    "--distill-prompt-len",
+    "8",
+    "--distill-refresh",
+    "2",
+    "--distill-rows",
+    "2",
+    "--distill-ratio",
+    "0.5",
+)  # rows with AR only, AR + data diffusion, and generated rows, spread over ranks
 
 
 def test_torchrun_two_processes_equal_one(tiny_corpus, tmp_path):  # noqa: F811
     one, _ = _train(tmp_path, tiny_corpus, "--max-steps", "3", *GREEDY_MIX, name="one")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "tidar", "train", "--corpus", str(tiny_corpus), "--output", str(tmp_path / "ddp"), *TINY,
-           "--max-steps", "3", *GREEDY_MIX]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "tidar",
+        "train",
+        "--corpus",
+        str(tiny_corpus),
+        "--output",
+        str(tmp_path / "ddp"),
+        *TINY,
+        "--max-steps",
+        "3",
+        *GREEDY_MIX,
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     state = json.loads((tmp_path / "ddp" / ck_mod.STATE_FILE).read_text())
@@ -91,10 +118,19 @@ def _save_ar_model(folder, tokenizer, vocab_rows=None, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab_rows or len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                      pad_token_id=tokenizer.pad_token_id)
+    cfg = Qwen2Config(
+        vocab_size=vocab_rows or len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = Qwen2ForCausalLM(cfg)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -108,8 +144,12 @@ def _tokenizer_without_mask(tiny_corpus):  # noqa: F811
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tr = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tr = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     c = corpus_mod.find_corpus(tiny_corpus)
     tok.train_from_iterator(c.train_texts(), trainer=tr)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
@@ -156,8 +196,10 @@ def test_init_from_trains_and_saves_a_working_tidar_model(tiny_corpus, tmp_path)
 
 
 def test_txt_and_jsonl_corpora(tmp_path):
-    docs = [corpus_mod.read_text(corpus_mod.stdlib_dir() / n).replace("\n", " ")[:3000]
-            for n in ("textwrap.py", "shlex.py", "colorsys.py", "bisect.py", "fnmatch.py", "glob.py", "keyword.py")]
+    docs = [
+        corpus_mod.read_text(corpus_mod.stdlib_dir() / n).replace("\n", " ")[:3000]
+        for n in ("textwrap.py", "shlex.py", "colorsys.py", "bisect.py", "fnmatch.py", "glob.py", "keyword.py")
+    ]
     (tmp_path / "d.txt").write_text("\n".join(docs) + "\n")
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     a = corpus_mod.find_corpus(tmp_path / "d.txt", heldout_percent=20)
@@ -169,9 +211,11 @@ def test_txt_and_jsonl_corpora(tmp_path):
 
 
 def test_demo_loads_without_the_training_modules():
-    code = ("import sys, tidar.demo as d; m, t = d._load(d.bundled_model_dir(), 'cpu'); "
-            "bad = [k for k in ('tidar.trainer', 'tidar.self_distill', 'transformers.trainer') if k in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, tidar.demo as d; m, t = d._load(d.bundled_model_dir(), 'cpu'); "
+        "bad = [k for k in ('tidar.trainer', 'tidar.self_distill', 'transformers.trainer') if k in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
 
@@ -186,22 +230,27 @@ def _bad_folder(tmp_path, name, config=None, tokenizer=True):
     return d
 
 
-@pytest.mark.parametrize("kind,match", [
-    ("missing", "does not exist"),
-    ("no_config", "no config.json"),
-    ("family", "model type 'gpt2' is not supported; supported families: llama, mistral, qwen2, qwen3"),
-    ("not_causal", "is not a causal LM"),
-    ("no_tokenizer", "has no tokenizer"),
-])
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("missing", "does not exist"),
+        ("no_config", "no config.json"),
+        ("family", "model type 'gpt2' is not supported; supported families: llama, mistral, qwen2, qwen3"),
+        ("not_causal", "is not a causal LM"),
+        ("no_tokenizer", "has no tokenizer"),
+    ],
+)
 def test_init_from_bad_inputs(tiny_corpus, tmp_path, kind, match):  # noqa: F811
     folder = {
         "missing": lambda: tmp_path / "nope",
         "no_config": lambda: _bad_folder(tmp_path, "nc"),
         "family": lambda: _bad_folder(tmp_path, "fam", {"model_type": "gpt2"}),
-        "not_causal": lambda: _bad_folder(tmp_path, "seq", {"model_type": "qwen2",
-                                                            "architectures": ["Qwen2ForSequenceClassification"]}),
-        "no_tokenizer": lambda: _bad_folder(tmp_path, "notok", {"model_type": "qwen2",
-                                                                "architectures": ["Qwen2ForCausalLM"]}, False),
+        "not_causal": lambda: _bad_folder(
+            tmp_path, "seq", {"model_type": "qwen2", "architectures": ["Qwen2ForSequenceClassification"]}
+        ),
+        "no_tokenizer": lambda: _bad_folder(
+            tmp_path, "notok", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, False
+        ),
     }[kind]()
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         _train(tmp_path, tiny_corpus, "--max-steps", "1", "--init-from", str(folder))
@@ -219,7 +268,16 @@ def test_bad_inputs_before_any_step(tiny_corpus, tmp_path):  # noqa: F811
         _train(tmp_path, tiny_corpus, "--max-steps", "1", "--grad-accum", "3")
     _, out = _train(tmp_path, tiny_corpus, "--max-steps", "2", "--save-every", "1", name="small")
     with pytest.raises(ValueError, match="checkpoint of another model: --hidden-size 32 there, 64 here"):
-        _train(tmp_path, tiny_corpus, "--max-steps", "3", "--resume", str(out / "checkpoint-2"), "--hidden-size", "64",
-               name="small")
+        _train(
+            tmp_path,
+            tiny_corpus,
+            "--max-steps",
+            "3",
+            "--resume",
+            str(out / "checkpoint-2"),
+            "--hidden-size",
+            "64",
+            name="small",
+        )
     with pytest.raises(ValueError, match="not a resumable"):
         _train(tmp_path, tiny_corpus, "--max-steps", "3", "--resume", str(out), name="small")

@@ -1,4 +1,5 @@
 """Input validation shared by every backend: clear errors naming the argument, raised before any launch."""
+
 from __future__ import annotations
 
 import math

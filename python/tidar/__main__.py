@@ -1,4 +1,5 @@
 """``python -m tidar ...`` (and ``torchrun -m tidar train ...``, ``accelerate launch -m tidar train ...``): the CLI."""
+
 import sys
 
 from .cli import main

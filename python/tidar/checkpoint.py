@@ -7,6 +7,7 @@
   ``tidar_state.json`` (the run's options and histories) and, for greedy self-distillation, ``distill_pool.pt``;
 - :func:`load_init_model` prepares any supported local causal-LM folder for TiDAR training (``--init-from``).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,15 @@ STATE_FILE = "trainer_state.json"  # the final model folder's run log (options, 
 TIDAR_STATE_FILE = "tidar_state.json"  # the same inside checkpoint-N (HF writes its own trainer_state.json there)
 POOL_FILE = "distill_pool.pt"
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # the model types tidar.patch is tested on
-MODEL_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                    "intermediate_size", "model_type")
+MODEL_SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "model_type",
+)
 
 
 def load_tokenizer(path):
@@ -130,18 +138,25 @@ def load_init_model(path, device="cpu", mask_token: str = "[MASK]"):
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"--init-from {path}: config.json is unreadable ({type(e).__name__}: {e})") from e
     if config.model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(f"--init-from {path}: model type {config.model_type!r} is not supported; supported "
-                         f"families: {', '.join(SUPPORTED_FAMILIES)}")
+        raise ValueError(
+            f"--init-from {path}: model type {config.model_type!r} is not supported; supported "
+            f"families: {', '.join(SUPPORTED_FAMILIES)}"
+        )
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise ValueError(f"--init-from {path} is not a causal LM (architectures {archs}); TiDAR needs *ForCausalLM")
-    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
-        raise ValueError(f"--init-from {path} has no tokenizer (tokenizer.json / tokenizer_config.json); save it "
-                         f"with tokenizer.save_pretrained into the same folder")
+    if not any(
+        (path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    ):
+        raise ValueError(
+            f"--init-from {path} has no tokenizer (tokenizer.json / tokenizer_config.json); save it "
+            f"with tokenizer.save_pretrained into the same folder"
+        )
     try:
         tokenizer = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32,
-                                                     local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation="sdpa", dtype=torch.float32, local_files_only=True
+        )
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"--init-from {path} could not be loaded as a causal LM ({type(e).__name__}: {e})") from e
     rows = model.get_input_embeddings().weight.shape[0]
@@ -165,5 +180,15 @@ def load_init_model(path, device="cpu", mask_token: str = "[MASK]"):
     return model.to(device), tokenizer, how
 
 
-__all__ = ["POOL_FILE", "STATE_FILE", "SUPPORTED_FAMILIES", "TIDAR_STATE_FILE", "load_checkpoint", "load_init_model",
-           "load_tokenizer", "model_shape", "save_model_folder", "settings_into_config"]
+__all__ = [
+    "POOL_FILE",
+    "STATE_FILE",
+    "SUPPORTED_FAMILIES",
+    "TIDAR_STATE_FILE",
+    "load_checkpoint",
+    "load_init_model",
+    "load_tokenizer",
+    "model_shape",
+    "save_model_folder",
+    "settings_into_config",
+]

@@ -7,6 +7,7 @@ by a hash of its name, so it is the same on every machine and never splits one p
 A ``.txt`` file holds one document per line, a ``.jsonl`` file one ``{"text": ...}`` object per line; documents
 are split by a hash of their text. Documents are packed into one token stream with EOS between them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -140,7 +141,9 @@ def train_tokenizer(files, vocab_size: int = 4096, texts=None):
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} (bytes + special tokens), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} (bytes + special tokens), got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -207,5 +210,14 @@ def heldout_prompts(tokenizer, corpus: Corpus, n: int, prompt_tokens: int = 64, 
     return prompts
 
 
-__all__ = ["Corpus", "encode_files", "encode_texts", "find_corpus", "heldout_prompts", "load_tokenizer", "read_documents",
-           "stdlib_dir", "train_tokenizer"]
+__all__ = [
+    "Corpus",
+    "encode_files",
+    "encode_texts",
+    "find_corpus",
+    "heldout_prompts",
+    "load_tokenizer",
+    "read_documents",
+    "stdlib_dir",
+    "train_tokenizer",
+]

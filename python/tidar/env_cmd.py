@@ -1,4 +1,5 @@
 """``tidar env``: what was built, which versions run, which backends are live."""
+
 from __future__ import annotations
 
 import json

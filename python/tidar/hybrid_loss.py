@@ -11,6 +11,7 @@ Both halves use positions 0..L-1. The attention runs through ``tidar_kernels.tid
 
 each term a mean cross-entropy over its valid positions.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -42,7 +43,9 @@ def _resolve_mask_id(model, mask_token_id):
         )
     vocab = model.get_input_embeddings().weight.shape[0]
     if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab:
-        raise ValueError(f"mask_token_id must be a token id in [0, {vocab}) (the embedding size), got {mask_token_id!r}")
+        raise ValueError(
+            f"mask_token_id must be a token id in [0, {vocab}) (the embedding size), got {mask_token_id!r}"
+        )
     return mask_token_id
 
 
@@ -53,14 +56,21 @@ def _unwrap(model):
 
 
 def _check_ids(input_ids, attention_mask):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.dtype not in (torch.int32, torch.int64)
+    ):
         raise ValueError(f"input_ids must be an integer tensor [B, L], got {getattr(input_ids, 'shape', input_ids)!r}")
     B, L = input_ids.shape
     if B == 0 or L < 2:
         raise ValueError(f"input_ids must have at least one row and two tokens, got shape {tuple(input_ids.shape)}")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
-            raise ValueError(f"attention_mask must have the shape of input_ids {(B, L)}, got {getattr(attention_mask, 'shape', None)}")
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {(B, L)}, "
+                f"got {getattr(attention_mask, 'shape', None)}"
+            )
         m = attention_mask.bool()
         # right padding only: real tokens first (a pad in the prefix would be seen by later queries)
         if bool((m[:, 1:] & ~m[:, :-1]).any()):
@@ -69,8 +79,9 @@ def _check_ids(input_ids, attention_mask):
     return None
 
 
-def hybrid_forward(model, input_ids: torch.Tensor, block_size: int, mask_token_id: int | None = None,
-                   *, backend: str | None = None) -> torch.Tensor:
+def hybrid_forward(
+    model, input_ids: torch.Tensor, block_size: int, mask_token_id: int | None = None, *, backend: str | None = None
+) -> torch.Tensor:
     """Logits ``[B, 2L, V]`` of one forward over ``[input_ids | [MASK] x L]`` under the training layout:
     rows ``:L`` are the AR (clean) half, rows ``L:`` the diffusion (mask) half. ``model`` must be patched."""
     base = _unwrap(model)  # DDP/FSDP wrappers: settings live on the inner model, the forward goes through the wrapper
@@ -90,18 +101,31 @@ def hybrid_forward(model, input_ids: torch.Tensor, block_size: int, mask_token_i
     layout = layouts.training(L, block_size).to(emb.device)
     ids = torch.cat([input_ids, torch.full_like(input_ids, mask_id)], 1)
     pos = layout.position_ids[None].expand(B, -1)
-    step = TidarStep(layout, torch.zeros(B, dtype=torch.int32, device=emb.device), None,
-                     settings(base).backend if backend is None else backend)
+    step = TidarStep(
+        layout,
+        torch.zeros(B, dtype=torch.int32, device=emb.device),
+        None,
+        settings(base).backend if backend is None else backend,
+    )
     return tidar_forward(model, ids, pos, step).logits
 
 
 DIFFUSION_TARGETS = ("data", "ar-hard", "ar-soft")
 
 
-def hybrid_loss(model, input_ids: torch.Tensor, block_size: int, alpha: float = 1.0, mask_token_id: int | None = None,
-                *, attention_mask: torch.Tensor | None = None, backend: str | None = None,
-                diffusion_target: str = "data", ar_valid: torch.Tensor | None = None,
-                diffusion_valid: torch.Tensor | None = None) -> HybridLoss:
+def hybrid_loss(
+    model,
+    input_ids: torch.Tensor,
+    block_size: int,
+    alpha: float = 1.0,
+    mask_token_id: int | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+    diffusion_target: str = "data",
+    ar_valid: torch.Tensor | None = None,
+    diffusion_valid: torch.Tensor | None = None,
+) -> HybridLoss:
     """TiDAR hybrid loss of a patched HF causal LM (``tidar.patch``) on ``input_ids`` ``[B, L]``.
 
     Args:
@@ -123,8 +147,16 @@ def hybrid_loss(model, input_ids: torch.Tensor, block_size: int, alpha: float = 
     """
     _check_alpha(alpha)
     ar_sum, ar_n, diff_sum, diff_n = hybrid_loss_sums(
-        model, input_ids, block_size, mask_token_id, attention_mask=attention_mask, backend=backend,
-        diffusion_target=diffusion_target, ar_valid=ar_valid, diffusion_valid=diffusion_valid)
+        model,
+        input_ids,
+        block_size,
+        mask_token_id,
+        attention_mask=attention_mask,
+        backend=backend,
+        diffusion_target=diffusion_target,
+        ar_valid=ar_valid,
+        diffusion_valid=diffusion_valid,
+    )
     ar = ar_sum / ar_n.clamp_min(1.0)
     diff = diff_sum / diff_n.clamp_min(1.0)
     return HybridLoss((alpha * ar + diff) / (1.0 + alpha), ar, diff)
@@ -139,12 +171,24 @@ def _check_valid(name, v, shape):
     if v is None:
         return None
     if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(shape):
-        raise ValueError(f"{name} must be a boolean tensor of the shape of input_ids {tuple(shape)}, got {getattr(v, 'shape', v)!r}")
+        raise ValueError(
+            f"{name} must be a boolean tensor of the shape of input_ids {tuple(shape)}, got {getattr(v, 'shape', v)!r}"
+        )
     return v.bool()
 
 
-def hybrid_loss_sums(model, input_ids, block_size, mask_token_id=None, *, attention_mask=None, backend=None,
-                     diffusion_target="data", ar_valid=None, diffusion_valid=None):
+def hybrid_loss_sums(
+    model,
+    input_ids,
+    block_size,
+    mask_token_id=None,
+    *,
+    attention_mask=None,
+    backend=None,
+    diffusion_target="data",
+    ar_valid=None,
+    diffusion_valid=None,
+):
     """The two terms of :func:`hybrid_loss` as (sum of cross-entropies, count) pairs:
     ``(ar_sum, ar_count, diffusion_sum, diffusion_count)`` (float tensors), so that several forwards
     (real and generated rows) can be pooled into one mean per term."""
@@ -198,4 +242,12 @@ def ar_loss_sums(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor
     return (ce * m).sum(), m.sum()
 
 
-__all__ = ["DIFFUSION_TARGETS", "HybridLoss", "ar_loss", "ar_loss_sums", "hybrid_forward", "hybrid_loss", "hybrid_loss_sums"]
+__all__ = [
+    "DIFFUSION_TARGETS",
+    "HybridLoss",
+    "ar_loss",
+    "ar_loss_sums",
+    "hybrid_forward",
+    "hybrid_loss",
+    "hybrid_loss_sums",
+]

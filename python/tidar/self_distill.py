@@ -17,6 +17,7 @@ diffusion term on their data tokens and ``n_gen`` generated rows carrying only t
 
 ``temperature > 0`` makes the continuations samples (the analogue for sampled decoding).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ from .hybrid_loss import HybridLoss, ar_loss_sums, hybrid_loss_sums
 TARGETS = ("data", "ar-hard", "ar-soft", "greedy")
 
 
-def check_options(target: str, ratio: float, refresh: int, prompt_len: int, seq_len: int, rows: int,
-                  temperature: float = 0.0) -> None:
+def check_options(
+    target: str, ratio: float, refresh: int, prompt_len: int, seq_len: int, rows: int, temperature: float = 0.0
+) -> None:
     """Clear errors for bad self-distillation settings (names as on the command line)."""
     if target not in TARGETS:
         raise ValueError(f"--diffusion-target must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -50,8 +52,15 @@ def split_rows(rows: int, ratio: float) -> tuple:
 
 
 @torch.no_grad()
-def continue_greedy(model, prompts: torch.Tensor, new_tokens: int, *, batch_size: int = 64,
-                    temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def continue_greedy(
+    model,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    *,
+    batch_size: int = 64,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """``[N, P + new_tokens]``: each prompt row continued by the model itself, ``new_tokens`` tokens, greedy
     (``temperature == 0``) or sampled, with a KV cache, ``batch_size`` rows at a time, never stopping at EOS
     (the verifier does not either). A TiDAR-patched model is unpatched for the duration (plain causal
@@ -61,7 +70,9 @@ def continue_greedy(model, prompts: torch.Tensor, new_tokens: int, *, batch_size
     from .patch import is_patched, patch, settings, unpatch
 
     if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2 or prompts.shape[1] < 1:
-        raise ValueError(f"prompts must be an integer tensor [N, P] with P >= 1, got {getattr(prompts, 'shape', prompts)!r}")
+        raise ValueError(
+            f"prompts must be an integer tensor [N, P] with P >= 1, got {getattr(prompts, 'shape', prompts)!r}"
+        )
     if not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
     base = model
@@ -112,8 +123,18 @@ class ContinuationPool:
     row is used once per refresh when ``size = rows_per_step * refresh``. ``state_dict``/``load_state_dict``
     keep a resumed run on exactly the rows of an uninterrupted one."""
 
-    def __init__(self, stream, *, size: int, prompt_len: int, seq_len: int, refresh: int, seed: int,
-                 temperature: float = 0.0, gen_batch_size: int = 64):
+    def __init__(
+        self,
+        stream,
+        *,
+        size: int,
+        prompt_len: int,
+        seq_len: int,
+        refresh: int,
+        seed: int,
+        temperature: float = 0.0,
+        gen_batch_size: int = 64,
+    ):
         if size < 1:
             raise ValueError(f"the continuation pool needs at least one row, got size={size}")
         self.stream, self.size, self.prompt_len, self.seq_len = stream, size, prompt_len, seq_len
@@ -129,8 +150,14 @@ class ContinuationPool:
         index = period_start // self.refresh
         prompts = random_prompts(self.stream, self.size, self.prompt_len, self.seed * 7_919 + index)
         g = torch.Generator().manual_seed(self.seed * 104_729 + index)
-        self.rows = continue_greedy(model, prompts, self.seq_len - self.prompt_len, batch_size=self.gen_batch_size,
-                                    temperature=self.temperature, generator=g)
+        self.rows = continue_greedy(
+            model,
+            prompts,
+            self.seq_len - self.prompt_len,
+            batch_size=self.gen_batch_size,
+            temperature=self.temperature,
+            generator=g,
+        )
         self.generated_at = period_start
         return True
 
@@ -142,8 +169,14 @@ class ContinuationPool:
         return self.rows[idx]
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "generated_at": self.generated_at, "prompt_len": self.prompt_len,
-                "seq_len": self.seq_len, "refresh": self.refresh, "size": self.size}
+        return {
+            "rows": self.rows,
+            "generated_at": self.generated_at,
+            "prompt_len": self.prompt_len,
+            "seq_len": self.seq_len,
+            "refresh": self.refresh,
+            "size": self.size,
+        }
 
     def load_state_dict(self, d: dict) -> None:
         for k in ("prompt_len", "seq_len", "refresh", "size"):
@@ -152,8 +185,15 @@ class ContinuationPool:
         self.rows, self.generated_at = d["rows"], d["generated_at"]
 
 
-def self_distill_loss(model, real: torch.Tensor, generated: torch.Tensor | None, prompt_len: int, block_size: int,
-                      alpha: float = 1.0, n_data: int = 0) -> HybridLoss:
+def self_distill_loss(
+    model,
+    real: torch.Tensor,
+    generated: torch.Tensor | None,
+    prompt_len: int,
+    block_size: int,
+    alpha: float = 1.0,
+    n_data: int = 0,
+) -> HybridLoss:
     """The step loss described in the module docstring. ``real`` ``[B, L]`` (the AR term, all rows; the first
     ``n_data`` rows also carry the data-target diffusion term), ``generated`` ``[G, L]`` or None (the diffusion
     term on positions ``>= prompt_len``, detached by construction: they are token ids)."""
@@ -183,5 +223,12 @@ def self_distill_loss(model, real: torch.Tensor, generated: torch.Tensor | None,
     return HybridLoss((alpha * ar + diff) / (1.0 + alpha), ar, diff)
 
 
-__all__ = ["TARGETS", "ContinuationPool", "check_options", "continue_greedy", "random_prompts", "self_distill_loss",
-           "split_rows"]
+__all__ = [
+    "TARGETS",
+    "ContinuationPool",
+    "check_options",
+    "continue_greedy",
+    "random_prompts",
+    "self_distill_loss",
+    "split_rows",
+]

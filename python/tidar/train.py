@@ -12,6 +12,7 @@ This module is the CLI and the run's orchestration; the Trainer subclass and the
 ``tidar.trainer``, model folders and checkpoints in ``tidar.checkpoint``, the self-distilled targets in
 ``tidar.self_distill``. Importing it does not import ``transformers.Trainer``.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,14 @@ import torch
 
 from . import corpus as corpus_mod
 from . import self_distill
-from .checkpoint import (POOL_FILE, TIDAR_STATE_FILE, load_checkpoint, load_init_model, save_model_folder, settings_into_config)
+from .checkpoint import (
+    POOL_FILE,
+    TIDAR_STATE_FILE,
+    load_checkpoint,
+    load_init_model,
+    save_model_folder,
+    settings_into_config,
+)
 from .hybrid_loss import hybrid_loss
 from .patch import patch
 
@@ -85,8 +93,9 @@ def lr_at(step, args):
     """Linear warmup then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
     from .trainer import lr_factor
 
-    return args.lr * lr_factor(step, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
-                               min_lr_ratio=args.min_lr_ratio)
+    return args.lr * lr_factor(
+        step, max_steps=args.max_steps, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio
+    )
 
 
 def batch_at(stream: torch.Tensor, step: int, args) -> torch.Tensor:
@@ -94,7 +103,9 @@ def batch_at(stream: torch.Tensor, step: int, args) -> torch.Tensor:
     from .trainer import batch_starts
 
     L = args.seq_len
-    return torch.stack([stream[s : s + L] for s in batch_starts(len(stream), L, args.batch_size, args.seed, step)]).long()
+    return torch.stack(
+        [stream[s : s + L] for s in batch_starts(len(stream), L, args.batch_size, args.seed, step)]
+    ).long()
 
 
 def eval_batches(stream: torch.Tensor, args):
@@ -123,8 +134,9 @@ def distinct_ngram_share(token_lists, n: int = 4) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, heldout_stream, prompts, args, device, draft_lens=None, max_new_tokens=None,
-             sampling=False):
+def evaluate(
+    model, tokenizer, heldout_stream, prompts, args, device, draft_lens=None, max_new_tokens=None, sampling=False
+):
     """Held-out AR loss/perplexity, diffusion loss, TiDAR greedy tokens per forward on ``prompts`` with diffusion
     drafts only (and the share of distinct 4-grams of those greedy continuations); with ``sampling``, also with
     context (n-gram) drafts added and, diffusion drafts only, at temperature 1."""
@@ -142,6 +154,7 @@ def evaluate(model, tokenizer, heldout_stream, prompts, args, device, draft_lens
     out = {"ar_loss": ar / n, "ar_perplexity": math.exp(ar / n), "diffusion_loss": diff / n}
     draft_lens = draft_lens or [args.draft_len]
     max_new = max_new_tokens or args.eval_new_tokens
+
     def mean(xs):
         return sum(xs) / len(xs)
 
@@ -158,8 +171,9 @@ def evaluate(model, tokenizer, heldout_stream, prompts, args, device, draft_lens
                 res = tidar.generate(model, ids, max_new_tokens=max_new, draft_len=K, context_drafts=True)
                 tpf_ctx.append(res.tokens_per_forward)
                 g = torch.Generator(device).manual_seed(args.seed * 1000 + i)
-                res = tidar.generate(model, ids, max_new_tokens=max_new, draft_len=K, temperature=1.0, generator=g,
-                                     context_drafts=False)
+                res = tidar.generate(
+                    model, ids, max_new_tokens=max_new, draft_len=K, temperature=1.0, generator=g, context_drafts=False
+                )
                 tpf_t1.append(res.tokens_per_forward)
         if tpf:
             out[f"tokens_per_forward_k{K}"] = mean(tpf)
@@ -178,9 +192,12 @@ def evaluate(model, tokenizer, heldout_stream, prompts, args, device, draft_lens
 
 def add_arguments(p):
     g = p.add_argument_group("data")
-    g.add_argument("--corpus", default=None,
-                   help="folder of text/code files, or a .txt (one document per line) / .jsonl ({\"text\": ...} per line) "
-                        "file (default: this Python's standard library)")
+    g.add_argument(
+        "--corpus",
+        default=None,
+        help='folder of text/code files, or a .txt (one document per line) / .jsonl ({"text": ...} per line) '
+        "file (default: this Python's standard library)",
+    )
     g.add_argument("--ext", nargs="+", default=[".py"], help="file extensions to read (default: .py)")
     g.add_argument("--heldout-percent", type=float, default=8.0, help="share of modules held out for evaluation")
     g.add_argument("--vocab-size", type=int, default=4096)
@@ -194,27 +211,55 @@ def add_arguments(p):
     g = p.add_argument_group("objective and optimisation")
     g.add_argument("--seq-len", type=int, default=256, help="L, clean tokens per row (a multiple of --block-size)")
     g.add_argument("--block-size", type=int, default=16, help="K, the diffusion block length")
-    g.add_argument("--draft-len", type=int, default=None, help="draft length saved in the config (default: --block-size)")
+    g.add_argument(
+        "--draft-len", type=int, default=None, help="draft length saved in the config (default: --block-size)"
+    )
     g.add_argument("--alpha", type=float, default=1.0, help="AR weight: (alpha*AR + diffusion) / (1 + alpha)")
     g.add_argument("--no-diffusion", action="store_true", help="AR-only baseline: train the AR term alone")
-    g.add_argument("--diffusion-target", default="data", choices=None,
-                   help="what the mask half learns (docs/design.md §3.1): data (the paper), ar-hard / ar-soft (teacher-forced: "
-                        "the AR head's argmax / distribution at the same position, detached), greedy (the model's own "
-                        "continuations of real prompts, regenerated every --distill-refresh steps)")
-    g.add_argument("--distill-rows", type=int, default=None,
-                   help="greedy target: rows carrying the diffusion term per step (default: --batch-size // 2); "
-                        "the AR term always uses the --batch-size real rows")
-    g.add_argument("--distill-ratio", type=float, default=1.0,
-                   help="greedy target: share of the --distill-rows that are generated continuations (the rest: real "
-                        "rows with data targets)")
-    g.add_argument("--distill-refresh", type=int, default=100, help="greedy target: regenerate the continuations every N steps")
-    g.add_argument("--distill-prompt-len", type=int, default=64,
-                   help="greedy target: real tokens before the continuation (no diffusion loss on them)")
-    g.add_argument("--distill-temperature", type=float, default=0.0,
-                   help="greedy target: 0 = greedy continuations; > 0 = sampled at this temperature")
+    g.add_argument(
+        "--diffusion-target",
+        default="data",
+        choices=None,
+        help="what the mask half learns (docs/design.md §3.1): data (the paper), ar-hard / ar-soft (teacher-forced: "
+        "the AR head's argmax / distribution at the same position, detached), greedy (the model's own "
+        "continuations of real prompts, regenerated every --distill-refresh steps)",
+    )
+    g.add_argument(
+        "--distill-rows",
+        type=int,
+        default=None,
+        help="greedy target: rows carrying the diffusion term per step (default: --batch-size // 2); "
+        "the AR term always uses the --batch-size real rows",
+    )
+    g.add_argument(
+        "--distill-ratio",
+        type=float,
+        default=1.0,
+        help="greedy target: share of the --distill-rows that are generated continuations (the rest: real "
+        "rows with data targets)",
+    )
+    g.add_argument(
+        "--distill-refresh", type=int, default=100, help="greedy target: regenerate the continuations every N steps"
+    )
+    g.add_argument(
+        "--distill-prompt-len",
+        type=int,
+        default=64,
+        help="greedy target: real tokens before the continuation (no diffusion loss on them)",
+    )
+    g.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=0.0,
+        help="greedy target: 0 = greedy continuations; > 0 = sampled at this temperature",
+    )
     g.add_argument("--distill-gen-batch", type=int, default=64, help="greedy target: rows generated at once")
-    g.add_argument("--batch-size", type=int, default=8,
-                   help="rows per optimizer step (the global batch, split over processes and --grad-accum)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="rows per optimizer step (the global batch, split over processes and --grad-accum)",
+    )
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps per optimizer step")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     g.add_argument("--lr", type=float, default=2e-3)
@@ -224,13 +269,21 @@ def add_arguments(p):
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--max-steps", type=int, default=1000)
     g.add_argument("--max-minutes", type=float, default=None, help="stop (evaluate and save) after this wall time")
-    g.add_argument("--stop-after", type=int, default=None,
-                   help="stop (evaluate and save) after this step; the schedule still spans --max-steps")
+    g.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop (evaluate and save) after this step; the schedule still spans --max-steps",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--output", default="tidar-run", help="output folder (final model + checkpoint-N folders)")
-    g.add_argument("--init-from", default=None, metavar="MODEL_DIR",
-                   help="start from this saved causal LM (weights + tokenizer; e.g. an AR-only run: the conversion recipe) "
-                        "instead of a fresh model; the model-shape options are then ignored")
+    g.add_argument(
+        "--init-from",
+        default=None,
+        metavar="MODEL_DIR",
+        help="start from this saved causal LM (weights + tokenizer; e.g. an AR-only run: the conversion recipe) "
+        "instead of a fresh model; the model-shape options are then ignored",
+    )
     g.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'latest' (newest in --output)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -242,14 +295,27 @@ def add_arguments(p):
     g.add_argument("--eval-new-tokens", type=int, default=64)
     g.add_argument("--save-every", type=int, default=200)
     g.add_argument("--keep-checkpoints", type=int, default=2)
-    g.add_argument("--evaluate", default=None, metavar="MODEL_DIR",
-                   help="only evaluate MODEL_DIR on the held-out split (uses --eval-*, --seq-len, --block-size) and print JSON")
-    g.add_argument("--eval-draft-lens", type=int, nargs="+", default=None, help="draft lengths for --evaluate (default 4 8 16)")
-    g.add_argument("--eval-sampling", action="store_true",
-                   help="--evaluate also measures tokens per forward with context (n-gram) drafts and at temperature 1 "
-                        "(sampled, seed --seed)")
-    g.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of the final model's weights (bf16 halves the folder; loading upcasts to fp32)")
+    g.add_argument(
+        "--evaluate",
+        default=None,
+        metavar="MODEL_DIR",
+        help="only evaluate MODEL_DIR on the held-out split (uses --eval-*, --seq-len, --block-size) and print JSON",
+    )
+    g.add_argument(
+        "--eval-draft-lens", type=int, nargs="+", default=None, help="draft lengths for --evaluate (default 4 8 16)"
+    )
+    g.add_argument(
+        "--eval-sampling",
+        action="store_true",
+        help="--evaluate also measures tokens per forward with context (n-gram) drafts and at temperature 1 "
+        "(sampled, seed --seed)",
+    )
+    g.add_argument(
+        "--save-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of the final model's weights (bf16 halves the folder; loading upcasts to fp32)",
+    )
 
 
 def check_args(args):
@@ -266,12 +332,21 @@ def check_args(args):
         raise ValueError("--max-minutes must be > 0")
     if args.distill_rows is None:
         args.distill_rows = max(1, args.batch_size // 2)
-    self_distill.check_options(args.diffusion_target, args.distill_ratio, args.distill_refresh, args.distill_prompt_len,
-                               args.seq_len, args.distill_rows, args.distill_temperature)
+    self_distill.check_options(
+        args.diffusion_target,
+        args.distill_ratio,
+        args.distill_refresh,
+        args.distill_prompt_len,
+        args.seq_len,
+        args.distill_rows,
+        args.distill_temperature,
+    )
     if args.distill_gen_batch < 1:
         raise ValueError(f"--distill-gen-batch must be >= 1, got {args.distill_gen_batch}")
     if args.no_diffusion and args.diffusion_target != "data":
-        raise ValueError(f"--no-diffusion trains no diffusion term; --diffusion-target {args.diffusion_target} contradicts it")
+        raise ValueError(
+            f"--no-diffusion trains no diffusion term; --diffusion-target {args.diffusion_target} contradicts it"
+        )
     if args.init_from and args.resume:
         raise ValueError("--init-from starts a new run and --resume continues one; give only one")
     if args.grad_accum < 1:
@@ -287,8 +362,10 @@ def check_args(args):
 
 
 def _latest_checkpoint(output: Path):
-    cks = sorted((p for p in output.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
-                 key=lambda p: int(p.name.split("-")[1]))
+    cks = sorted(
+        (p for p in output.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     if not cks:
         raise FileNotFoundError(f"--resume latest: no checkpoint-N folder in {output}")
     return cks[-1]
@@ -309,8 +386,10 @@ def objective_name(args) -> str:
     if args.no_diffusion:
         return "ar"
     if args.diffusion_target == "greedy":
-        return (f"hybrid(alpha={args.alpha}, diffusion_target=greedy, ratio={args.distill_ratio}, "
-                f"refresh={args.distill_refresh}, temperature={args.distill_temperature})")
+        return (
+            f"hybrid(alpha={args.alpha}, diffusion_target=greedy, ratio={args.distill_ratio}, "
+            f"refresh={args.distill_refresh}, temperature={args.distill_temperature})"
+        )
     if args.diffusion_target != "data":
         return f"hybrid(alpha={args.alpha}, diffusion_target={args.diffusion_target})"
     return f"hybrid(alpha={args.alpha})"
@@ -322,15 +401,19 @@ MODEL_ARGS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size",
 def _check_resume(ck: Path, st: dict, model, args):
     """A checkpoint of another model is refused (before any step): the model options must match."""
     if not st or "args" not in st:
-        raise ValueError(f"--resume {ck}: no {TIDAR_STATE_FILE} with the run's options: it is a model folder, "
-                         f"not a resumable tidar train checkpoint")
+        raise ValueError(
+            f"--resume {ck}: no {TIDAR_STATE_FILE} with the run's options: it is a model folder, "
+            f"not a resumable tidar train checkpoint"
+        )
     if not (ck / "optimizer.pt").is_file() or not (ck / "scheduler.pt").is_file():
         raise ValueError(f"--resume {ck} has no optimizer.pt/scheduler.pt of the Trainer: not a resumable checkpoint")
     saved = st["args"]
     diff = [k for k in MODEL_ARGS if k in saved and saved[k] != getattr(args, k)]
     if diff:
-        raise ValueError(f"--resume {ck} is a checkpoint of another model: "
-                         + ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} there, {getattr(args, k)!r} here" for k in diff))
+        raise ValueError(
+            f"--resume {ck} is a checkpoint of another model: "
+            + ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} there, {getattr(args, k)!r} here" for k in diff)
+        )
     if not args.init_from and saved.get("init_from") is None:
         want = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "num_attention_heads": args.heads}
         got = {k: getattr(model.config, k, None) for k in want}
@@ -348,9 +431,11 @@ def _load_data(args, corpus, tokenizer, log):
     if len(held_stream) < args.seq_len:
         raise ValueError(f"the held-out split has {len(held_stream)} tokens, fewer than --seq-len {args.seq_len}")
     n_train = len(corpus.train_docs) if corpus.train_docs is not None else len(corpus.train_files)
-    log(f"corpus {corpus.root}: {n_train} train documents ({len(train_stream):,} tokens), held out: "
+    log(
+        f"corpus {corpus.root}: {n_train} train documents ({len(train_stream):,} tokens), held out: "
         f"{', '.join(corpus.heldout_modules[:3])}{' ...' if len(corpus.heldout_modules) > 3 else ''} "
-        f"({len(held_stream):,} tokens); encoded in {time.time() - t0:.1f}s")
+        f"({len(held_stream):,} tokens); encoded in {time.time() - t0:.1f}s"
+    )
     return train_stream, held_stream
 
 
@@ -400,63 +485,129 @@ def train(args, log=print) -> dict:
     train_stream, held_stream = _load_data(args, corpus, tokenizer, log)
     prompts = corpus_mod.heldout_prompts(tokenizer, corpus, args.eval_prompts)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {type(model).__name__} {n_params / 1e6:.2f}M params; device {device}; objective {objective_name(args)}; "
+    log(
+        f"model: {type(model).__name__} {n_params / 1e6:.2f}M params; device {device}; "
+        f"objective {objective_name(args)}; "
         f"K={args.block_size}, L={args.seq_len}, batch {args.batch_size} = {_world_size()} process(es) x "
-        f"{args.grad_accum} accumulation x {args.batch_size // (_world_size() * args.grad_accum)} rows")
+        f"{args.grad_accum} accumulation x {args.batch_size // (_world_size() * args.grad_accum)} rows"
+    )
 
     pool, n_data, n_gen = None, 0, 0
     if not args.no_diffusion and args.diffusion_target == "greedy":
         n_data, n_gen = self_distill.split_rows(args.distill_rows, args.distill_ratio)
         if n_gen:
             pool = self_distill.ContinuationPool(
-                train_stream, size=n_gen * args.distill_refresh, prompt_len=args.distill_prompt_len,
-                seq_len=args.seq_len, refresh=args.distill_refresh, seed=args.seed,
-                temperature=args.distill_temperature, gen_batch_size=args.distill_gen_batch)
+                train_stream,
+                size=n_gen * args.distill_refresh,
+                prompt_len=args.distill_prompt_len,
+                seq_len=args.seq_len,
+                refresh=args.distill_refresh,
+                seed=args.seed,
+                temperature=args.distill_temperature,
+                gen_batch_size=args.distill_gen_batch,
+            )
             if ck is not None and (ck / POOL_FILE).is_file():
                 pool.load_state_dict(torch.load(ck / POOL_FILE, weights_only=True))
-        log(f"self-distillation: per step {args.batch_size} real rows (AR term), diffusion term on {n_data} real rows "
+        log(
+            f"self-distillation: per step {args.batch_size} real rows (AR term), diffusion term on {n_data} real rows "
             f"(data targets) + {n_gen} generated rows ({args.distill_prompt_len} real + "
             f"{args.seq_len - args.distill_prompt_len} {'greedy' if args.distill_temperature == 0 else 'sampled'} "
-            f"tokens, regenerated every {args.distill_refresh} steps)")
+            f"tokens, regenerated every {args.distill_refresh} steps)"
+        )
 
     shards = _world_size() * args.grad_accum
-    run_loss = RunLoss(seq_len=args.seq_len, batch=args.batch_size, block_size=args.block_size, alpha=args.alpha,
-                       no_diffusion=args.no_diffusion, target=args.diffusion_target, n_data=n_data, n_gen=n_gen,
-                       prompt_len=args.distill_prompt_len, pool=pool, shards=_world_size())
+    run_loss = RunLoss(
+        seq_len=args.seq_len,
+        batch=args.batch_size,
+        block_size=args.block_size,
+        alpha=args.alpha,
+        no_diffusion=args.no_diffusion,
+        target=args.diffusion_target,
+        n_data=n_data,
+        n_gen=n_gen,
+        prompt_len=args.distill_prompt_len,
+        pool=pool,
+        shards=_world_size(),
+    )
     dataset = WindowDataset(train_stream, args.seq_len, args.batch_size, args.seed, args.max_steps)
     targs = TrainingArguments(
-        output_dir=str(output), per_device_train_batch_size=args.batch_size // shards,
-        gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, learning_rate=args.lr,
-        weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=args.clip,
-        logging_strategy="steps", logging_steps=1, save_strategy="steps" if args.save_every else "no",
-        save_steps=args.save_every or args.max_steps, save_total_limit=args.keep_checkpoints, seed=args.seed,
-        data_seed=args.seed, bf16=device.type == "cuda", use_cpu=device.type == "cpu", report_to=[],
-        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+        output_dir=str(output),
+        per_device_train_batch_size=args.batch_size // shards,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        max_grad_norm=args.clip,
+        logging_strategy="steps",
+        logging_steps=1,
+        save_strategy="steps" if args.save_every else "no",
+        save_steps=args.save_every or args.max_steps,
+        save_total_limit=args.keep_checkpoints,
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=device.type == "cuda",
+        use_cpu=device.type == "cpu",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
         activation_checkpointing=args.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         ddp_find_unused_parameters=False,
     )
-    factor = lambda s: lr_factor(s, max_steps=args.max_steps, warmup_steps=args.warmup_steps,  # noqa: E731
-                                 min_lr_ratio=args.min_lr_ratio)
-    meta = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)},
-            "params": n_params, "device": str(device), "torch": torch.__version__, "processes": _world_size()}
+    factor = lambda s: lr_factor(
+        s,
+        max_steps=args.max_steps,
+        warmup_steps=args.warmup_steps,  # noqa: E731
+        min_lr_ratio=args.min_lr_ratio,
+    )
+    meta = {
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)},
+        "params": n_params,
+        "device": str(device),
+        "torch": torch.__version__,
+        "processes": _world_size(),
+    }
     state.update(meta)
     evaluate_fn = lambda: evaluate(model, tokenizer, held_stream, prompts, args, device)  # noqa: E731
-    callback = RunCallback(run_loss=run_loss, state=state, args=args, evaluate_fn=evaluate_fn, log=log,
-                           lr_at=lambda s: lr_at(s, args), main_process=main, pool=pool, elapsed0=elapsed0)
+    callback = RunCallback(
+        run_loss=run_loss,
+        state=state,
+        args=args,
+        evaluate_fn=evaluate_fn,
+        log=log,
+        lr_at=lambda s: lr_at(s, args),
+        main_process=main,
+        pool=pool,
+        elapsed0=elapsed0,
+    )
     use_cache = getattr(model.config, "use_cache", True)  # the Trainer turns the KV cache default off for training
-    trainer = TidarTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tokenizer,
-                           callbacks=[callback], block_size=args.block_size,
-                           alpha=None if args.no_diffusion else args.alpha, diffusion_target=args.diffusion_target,
-                           run_loss=run_loss, lr_lambda=factor, sequential=True)
+    trainer = TidarTrainer(
+        model=model,
+        args=targs,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[callback],
+        block_size=args.block_size,
+        alpha=None if args.no_diffusion else args.alpha,
+        diffusion_target=args.diffusion_target,
+        run_loss=run_loss,
+        lr_lambda=factor,
+        sequential=True,
+    )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our progress bar (on a terminal) and log lines replace HF's dicts
     if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and _zero3(trainer)):
         if args.eval_prompts:
-            raise ValueError("held-out TiDAR decoding (--eval-prompts > 0) is not supported under FSDP / DeepSpeed "
-                             "ZeRO-3 (the weights are sharded); pass --eval-prompts 0 and evaluate the saved model "
-                             "with tidar train --evaluate")
+            raise ValueError(
+                "held-out TiDAR decoding (--eval-prompts > 0) is not supported under FSDP / DeepSpeed "
+                "ZeRO-3 (the weights are sharded); pass --eval-prompts 0 and evaluate the saved model "
+                "with tidar train --evaluate"
+            )
     log(f"setup {time.time() - t_setup:.1f}s; training to step {args.max_steps}")
     try:
         trainer.train(resume_from_checkpoint=str(ck) if ck is not None else None)
@@ -478,8 +629,9 @@ def train(args, log=print) -> dict:
         import tidar
 
         tidar.unpatch(model)
-        save_model_folder(output, model, tokenizer, final,
-                          dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else None)
+        save_model_folder(
+            output, model, tokenizer, final, dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else None
+        )
         patch(model, draft_len=args.draft_len, backend=args.backend)
         write_demo_prompts(output, tokenizer, corpus)
         log(f"saved {output} (step {step}, {final['elapsed_s'] / 60:.1f} min of training)")
@@ -501,11 +653,26 @@ def evaluate_folder(args) -> dict:
     held = corpus_mod.encode_texts(tokenizer, corpus.heldout_texts())
     prompts = corpus_mod.heldout_prompts(tokenizer, corpus, args.eval_prompts)
     t0 = time.time()
-    res = evaluate(model, tokenizer, held, prompts, args, device, args.eval_draft_lens or [4, 8, 16],
-                   args.eval_new_tokens, sampling=args.eval_sampling)
-    res.update(model=str(args.evaluate), prompts=len(prompts), new_tokens=args.eval_new_tokens,
-               heldout_tokens_scored=min(len(held) // args.seq_len, args.eval_batches * args.batch_size) * args.seq_len,
-               heldout_modules=corpus.heldout_modules, device=str(device), eval_s=round(time.time() - t0, 1))
+    res = evaluate(
+        model,
+        tokenizer,
+        held,
+        prompts,
+        args,
+        device,
+        args.eval_draft_lens or [4, 8, 16],
+        args.eval_new_tokens,
+        sampling=args.eval_sampling,
+    )
+    res.update(
+        model=str(args.evaluate),
+        prompts=len(prompts),
+        new_tokens=args.eval_new_tokens,
+        heldout_tokens_scored=min(len(held) // args.seq_len, args.eval_batches * args.batch_size) * args.seq_len,
+        heldout_modules=corpus.heldout_modules,
+        device=str(device),
+        eval_s=round(time.time() - t0, 1),
+    )
     return res
 
 

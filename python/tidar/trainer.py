@@ -9,6 +9,7 @@ block_size=16, alpha=1.0)``; ``alpha=None`` trains the AR-only baseline.
 :class:`WindowDataset` (row t of step s is a window drawn from a generator seeded by (seed, s)) and
 :class:`RunCallback` (logs, held-out evaluation, ``--max-minutes``/``--stop-after``, checkpoint extras).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,14 @@ class HybridLossMixin:
         if self.tidar_alpha is None:
             loss = ar_loss(model, inputs["input_ids"], attention_mask=mask)
             return (loss, {"ar_loss": loss.detach()}) if return_outputs else loss
-        r = hybrid_loss(model, inputs["input_ids"], self.tidar_block_size, self.tidar_alpha, attention_mask=mask,
-                        diffusion_target=self.tidar_diffusion_target)
+        r = hybrid_loss(
+            model,
+            inputs["input_ids"],
+            self.tidar_block_size,
+            self.tidar_alpha,
+            attention_mask=mask,
+            diffusion_target=self.tidar_diffusion_target,
+        )
         extra = {"ar_loss": r.ar_loss.detach(), "diffusion_loss": r.diffusion_loss.detach()}
         return (r.loss, extra) if return_outputs else r.loss
 
@@ -52,8 +59,17 @@ class TidarTrainer(HybridLossMixin, Trainer):
     global-count loss, its schedule (a function of the step, multiplying ``args.learning_rate``), AdamW weight decay
     on matrices only, and batches in dataset order (the dataset is already shuffled by seed)."""
 
-    def __init__(self, *args, block_size: int = 16, alpha: float | None = 1.0, diffusion_target: str = "data",
-                 run_loss=None, lr_lambda=None, sequential: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        block_size: int = 16,
+        alpha: float | None = 1.0,
+        diffusion_target: str = "data",
+        run_loss=None,
+        lr_lambda=None,
+        sequential: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.tidar_block_size = block_size
         self.tidar_alpha = alpha
@@ -83,9 +99,14 @@ class TidarTrainer(HybridLossMixin, Trainer):
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         a = self.args
         self.optimizer = torch.optim.AdamW(
-            [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": a.weight_decay},
-             {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}],
-            lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
+            [
+                {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": a.weight_decay},
+                {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=a.learning_rate,
+            betas=(a.adam_beta1, a.adam_beta2),
+            eps=a.adam_epsilon,
+        )
         return self.optimizer
 
     def create_scheduler(self, num_training_steps, optimizer=None):
@@ -149,12 +170,31 @@ class RunLoss:
     divided by the global counts (known in advance: full windows), times the number of processes ``shards`` (DDP
     averages gradients over processes; accumulated micro-batches add up). Keeps the step's sums for logging."""
 
-    def __init__(self, *, seq_len, batch, block_size, alpha, no_diffusion, target, n_data=0, n_gen=0, prompt_len=0,
-                 pool=None, shards=1):
+    def __init__(
+        self,
+        *,
+        seq_len,
+        batch,
+        block_size,
+        alpha,
+        no_diffusion,
+        target,
+        n_data=0,
+        n_gen=0,
+        prompt_len=0,
+        pool=None,
+        shards=1,
+    ):
         L = seq_len
         self.L, self.batch, self.K, self.alpha = L, batch, block_size, alpha
         self.no_diffusion, self.target, self.n_data, self.n_gen, self.P, self.pool = (
-            no_diffusion, target, n_data, n_gen, prompt_len, pool)
+            no_diffusion,
+            target,
+            n_data,
+            n_gen,
+            prompt_len,
+            pool,
+        )
         self.shards = shards
         self.ar_count = batch * (L - 1)
         per_row = L if target in ("data", "greedy") else L - 1
@@ -272,8 +312,12 @@ class RunCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.update(1)
             rate = self.bar.format_dict.get("rate")
-            self.bar.set_postfix(loss=f"{loss:.3f}", ar=f"{ar:.3f}", diff=f"{diff if diff is not None else float('nan'):.3f}",
-                                 tok_s=f"{a.batch_size * a.seq_len * rate if rate else 0:,.0f}")
+            self.bar.set_postfix(
+                loss=f"{loss:.3f}",
+                ar=f"{ar:.3f}",
+                diff=f"{diff if diff is not None else float('nan'):.3f}",
+                tok_s=f"{a.batch_size * a.seq_len * rate if rate else 0:,.0f}",
+            )
         if a.stop_after is not None and step >= a.stop_after:
             self.stopped_early = control.should_training_stop = True
             self.log(f"--stop-after {a.stop_after} reached")
@@ -288,8 +332,11 @@ class RunCallback(TrainerCallback):
             ev = self.evaluate_fn()
             ev["step"] = step
             self.state["eval_history"].append(ev)
-            self.log(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if k != "step")
-                     + f" ({time.time() - t:.1f}s)")
+            self.log(
+                f"eval step {step}: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if k != "step")
+                + f" ({time.time() - t:.1f}s)"
+            )
         return control
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -297,14 +344,21 @@ class RunCallback(TrainerCallback):
             self.state["log_history"][-1]["grad_norm"] = float(logs["grad_norm"])
         rec = self.state["log_history"][-1] if self.state["log_history"] else None
         step = state.global_step
-        if (self.main and rec and rec["step"] == step and step != getattr(self, "_printed", None)
-                and (step % self.a.log_every == 0 or step == self.a.max_steps)):
+        if (
+            self.main
+            and rec
+            and rec["step"] == step
+            and step != getattr(self, "_printed", None)
+            and (step % self.a.log_every == 0 or step == self.a.max_steps)
+        ):
             self._printed = step
             dt = time.time() - self.t_since
-            self.log(f"step {step}/{self.a.max_steps} loss {rec['loss']:.4f} ar {rec['ar_loss']:.4f}"
-                     + (f" diff {rec['diffusion_loss']:.4f}" if "diffusion_loss" in rec else "")
-                     + f" lr {rec['lr']:.2e} gnorm {rec.get('grad_norm', float('nan')):.2f} "
-                     f"{self.tokens_since / max(dt, 1e-9):,.0f} tok/s elapsed {self.elapsed():.0f}s")
+            self.log(
+                f"step {step}/{self.a.max_steps} loss {rec['loss']:.4f} ar {rec['ar_loss']:.4f}"
+                + (f" diff {rec['diffusion_loss']:.4f}" if "diffusion_loss" in rec else "")
+                + f" lr {rec['lr']:.2e} gnorm {rec.get('grad_norm', float('nan')):.2f} "
+                f"{self.tokens_since / max(dt, 1e-9):,.0f} tok/s elapsed {self.elapsed():.0f}s"
+            )
             self.tokens_since, self.t_since = 0, time.time()
 
     def on_save(self, args, state, control, **kw):
@@ -322,5 +376,13 @@ class RunCallback(TrainerCallback):
         return {**self.state, "step": step, "elapsed_s": self.elapsed(), "stopped_early": self.stopped_early}
 
 
-__all__ = ["HybridLossMixin", "RunCallback", "RunLoss", "TidarTrainer", "WindowDataset", "batch_starts", "lr_factor",
-           "spread"]
+__all__ = [
+    "HybridLossMixin",
+    "RunCallback",
+    "RunLoss",
+    "TidarTrainer",
+    "WindowDataset",
+    "batch_starts",
+    "lr_factor",
+    "spread",
+]

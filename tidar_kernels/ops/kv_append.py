@@ -1,4 +1,5 @@
 """``kv_append``: in-place write of a segment's K/V into a preallocated cache at per-row offsets."""
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,9 @@ def kv_append(k_cache, v_cache, k_new, v_new, seg_start, *, backend: str = "auto
     _checks.shape("v_new", v_new, (B, H, S, D))
     if _checks.is_int(seg_start):
         if not 0 <= seg_start <= Smax - S:
-            raise ValueError(f"seg_start must lie in [0, Smax - S = {Smax - S}] (kv cache overflow otherwise), "
-                             f"got {seg_start}")
+            raise ValueError(
+                f"seg_start must lie in [0, Smax - S = {Smax - S}] (kv cache overflow otherwise), got {seg_start}"
+            )
         seg_start = torch.full((B,), int(seg_start), dtype=torch.int32, device=dev)
     elif not isinstance(seg_start, torch.Tensor):
         raise TypeError(f"seg_start must be an int or an int tensor [B], got {type(seg_start).__name__}")

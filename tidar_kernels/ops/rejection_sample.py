@@ -6,6 +6,7 @@ Philox4x32-10 ``seed``/``offset`` (ints or one-element int64 device tensors, so 
 step and replay it with a new offset); ``philox_uniforms(seed, offset, B, K)`` gives the uniforms that a
 seed/offset stands for. Any backend given the same uniforms returns the same tokens as the reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,7 @@ def draw_uniforms(batch: int, draft_len: int, *, generator=None, device=None) ->
 
 def _number(x) -> bool:
     """A finite real number that is not a bool (``True`` would silently mean 1)."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x).__name__ != "bool_" and \
-        math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x).__name__ != "bool_" and math.isfinite(x)
 
 
 def check_sampling_args(temperature, top_k, top_p, beta, V):
@@ -75,8 +75,9 @@ def _int64_scalar(name, x, dev, lo, hi):
     """``x`` as a one-element int64 tensor on ``dev``: an int in [lo, hi) (bits kept) or such a tensor."""
     if isinstance(x, torch.Tensor):
         if x.dtype != torch.int64 or x.numel() != 1:
-            raise TypeError(f"{name} must be an int or a one-element int64 tensor, got {x.dtype} of shape "
-                            f"{tuple(x.shape)}")
+            raise TypeError(
+                f"{name} must be an int or a one-element int64 tensor, got {x.dtype} of shape {tuple(x.shape)}"
+            )
         if x.device != dev:
             raise ValueError(f"{name} must be on {dev} like the logits, got {x.device}")
         return x.reshape(1)
@@ -104,8 +105,10 @@ def _randomness(uniforms, generator, seed, offset, B, K, dev, greedy):
     if len(given) > 1:
         raise ValueError(f"give exactly one source of randomness (generator, uniforms or seed/offset), got {given}")
     if seed is not None:
-        return Philox(_int64_scalar("seed", seed, dev, -(2**63), 2**64),
-                      _int64_scalar("offset", 0 if offset is None else offset, dev, 0, 2**64))
+        return Philox(
+            _int64_scalar("seed", seed, dev, -(2**63), 2**64),
+            _int64_scalar("offset", 0 if offset is None else offset, dev, 0, 2**64),
+        )
     if uniforms is None:
         if generator is not None and generator.device != dev:
             raise ValueError(f"generator must be on {dev} like the logits, got {generator.device}")
@@ -138,8 +141,10 @@ def _check_logits(ar_logits, block_logits, slot0, beta):
     _no_empty_rows("block_logits", block_logits)
     if 0.0 < beta < 1.0 and ar_logits.numel():
         if bool((torch.isneginf(ar_logits) | torch.isneginf(slot0)).all(-1).any()):
-            raise ValueError("ar_logits and block_logits (slot 0) have no token that is finite in both: the beta "
-                             "mix has a row that is -inf everywhere")
+            raise ValueError(
+                "ar_logits and block_logits (slot 0) have no token that is finite in both: the beta "
+                "mix has a row that is -inf everywhere"
+            )
 
 
 def _check_draft_probs(draft_probs):
@@ -225,7 +230,9 @@ def rejection_sample(
     u = _randomness(uniforms, generator, seed, offset, B, K, dev, greedy)
     impl = resolve("rejection_sample", backend, dev)
     u = _for_backend(impl, u, B, K, dev)
-    return RejectionResult(*impl(ar_logits, block_logits, drafts.long(), draft_probs, u, temperature, top_k, top_p, beta))
+    return RejectionResult(
+        *impl(ar_logits, block_logits, drafts.long(), draft_probs, u, temperature, top_k, top_p, beta)
+    )
 
 
 def draft_sample(

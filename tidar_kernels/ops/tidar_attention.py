@@ -1,4 +1,5 @@
 """``tidar_attention``: attention under a TiDAR layout (docs/design.md §2 and §7)."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,7 @@ from ..backends import resolve
 OP = "tidar_attention"
 
 
-def tidar_attention(q, k, v, local_limit, block_id, seg_start=None, scale=None, softcap=None, *,
-                    backend: str = "auto"):
+def tidar_attention(q, k, v, local_limit, block_id, seg_start=None, scale=None, softcap=None, *, backend: str = "auto"):
     """Attention of a segment of S queries over ``Skv`` keys (cached prefix + the segment) under the
     mask ``local_limit``/``block_id`` (see ``tidar_kernels.layouts``).
 
@@ -29,7 +29,8 @@ def tidar_attention(q, k, v, local_limit, block_id, seg_start=None, scale=None, 
     Every bad argument raises (TypeError or ValueError naming it) before any work.
     """
     q, k, v, local_limit, block_id, seg_start, scale, softcap = _validate(
-        q, k, v, local_limit, block_id, seg_start, scale, softcap)
+        q, k, v, local_limit, block_id, seg_start, scale, softcap
+    )
     impl = resolve(OP, backend, q.device)
     if q.shape[0] == 0:
         return _empty_batch(q, k, v)

@@ -15,6 +15,7 @@ The only remaining differences between implementations are summation order and l
 differences (~1e-16 relative), far below anything a float32 uniform can resolve in practice.
 Returned draft distributions are the float64 probabilities rounded to float32.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -89,8 +90,9 @@ def _check_philox_args(seed, offset, batch, draft_len) -> None:
     for name, x in (("seed", seed), ("offset", offset)):
         if torch.is_tensor(x):
             if x.dtype != torch.int64 or x.numel() != 1:
-                raise TypeError(f"{name} must be an int or a one-element int64 tensor, got {x.dtype} of shape "
-                                f"{tuple(x.shape)}")
+                raise TypeError(
+                    f"{name} must be an int or a one-element int64 tensor, got {x.dtype} of shape {tuple(x.shape)}"
+                )
         elif isinstance(x, bool) or not isinstance(x, numbers.Integral):
             raise TypeError(f"{name} must be an int or a one-element int64 tensor, got {type(x).__name__}")
         elif not -(2**63) <= x < 2**64:
@@ -222,7 +224,5 @@ def rejection_sample(ar_logits, block_logits, drafts, draft_probs, u, temperatur
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)
         correction = sample(residual, u[:, 0])
     emitted = torch.where(torch.arange(K, device=drafts.device) < accepted[:, None], drafts, -1)
-    next_drafts, next_q = _next_drafts(
-        correction, block_logits[rows, last, 1:], u, greedy, temperature, top_k, top_p
-    )
+    next_drafts, next_q = _next_drafts(correction, block_logits[rows, last, 1:], u, greedy, temperature, top_k, top_p)
     return accepted, emitted, next_drafts, next_q
