@@ -67,7 +67,8 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
-def _draft_len(text: str):
+def parse_draft_len(text: str):
+    """``--draft-len``: an int >= 1 or ``auto`` (ValueError naming the option otherwise)."""
     if text == "auto":
         return "auto"
     try:
@@ -75,8 +76,15 @@ def _draft_len(text: str):
     except ValueError:
         k = 0
     if k < 1:
-        raise __import__("argparse").ArgumentTypeError(f"--draft-len must be an int >= 1 or 'auto', got {text!r}")
+        raise ValueError(f"--draft-len must be an int >= 1 or 'auto', got {text!r}")
     return k
+
+
+def _draft_len(text: str):
+    try:
+        return parse_draft_len(text)
+    except ValueError as e:  # argparse prints an ArgumentTypeError's own message
+        raise __import__("argparse").ArgumentTypeError(str(e)) from None
 
 
 def _load(model_dir, device):

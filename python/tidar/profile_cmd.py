@@ -28,18 +28,6 @@ from .slot_curve import GRID, SlotCurve, measure_slot_curve, set_slot_curve, slo
 DEFAULT_NEW_TOKENS = 48
 
 
-def _draft_len(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        k = int(text)
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise ValueError(f"--draft-len must be an int >= 1 or 'auto', got {text!r}")
-    return k
-
-
 def _grid(text: str | None):
     if text is None:
         return None
@@ -304,14 +292,14 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from .checkpoint import load_checkpoint
-    from .demo import _prompts, bundled_model_dir
+    from .demo import _prompts, bundled_model_dir, parse_draft_len
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        draft_len = _draft_len(args.draft_len)
+        draft_len = parse_draft_len(args.draft_len)
         grid = _grid(args.grid)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model_dir = Path(args.model) if args.model else bundled_model_dir()
