@@ -188,9 +188,9 @@ def test_model_without_mask_token():
     # patched with an explicit id, then the config loses it: hybrid_loss still uses the patch's id
     tidar.patch(model, mask_token_id=MASK)
     tidar.hybrid_loss(model, torch.randint(0, V - 1, (1, 8)), 4)
-    from tidar.hybrid_loss import _resolve_mask_id
+    from tidar.patch import mask_token_id_of  # the one mask-token check (patch and hybrid_loss)
 
     bare = tiny_model(vocab=V)
     bare.config.mask_token_id = None
     with pytest.raises(ValueError, match="no mask token"):
-        _resolve_mask_id(bare, None)
+        mask_token_id_of(bare, None)

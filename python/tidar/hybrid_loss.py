@@ -22,31 +22,13 @@ import torch.nn.functional as F
 from tidar_kernels import layouts
 
 from .attention import TidarStep, tidar_forward
-from .patch import is_patched, settings
+from .patch import is_patched, mask_token_id_of, settings
 
 
 class HybridLoss(NamedTuple):
     loss: torch.Tensor  # (alpha * ar_loss + diffusion_loss) / (1 + alpha), the one to backpropagate
     ar_loss: torch.Tensor  # mean next-token cross-entropy on the clean half
     diffusion_loss: torch.Tensor  # mean aligned cross-entropy on the mask half
-
-
-def _resolve_mask_id(model, mask_token_id):
-    if mask_token_id is None and is_patched(model):
-        mask_token_id = settings(model).mask_token_id
-    if mask_token_id is None:
-        mask_token_id = getattr(model.config, "mask_token_id", None)
-    if mask_token_id is None:
-        raise ValueError(
-            "the model has no mask token: config.mask_token_id is not set. Call "
-            "tidar.add_mask_token(model, tokenizer) first (or pass mask_token_id=)"
-        )
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab:
-        raise ValueError(
-            f"mask_token_id must be a token id in [0, {vocab}) (the embedding size), got {mask_token_id!r}"
-        )
-    return mask_token_id
 
 
 def _unwrap(model):
@@ -93,7 +75,7 @@ def hybrid_forward(
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if L % block_size:
         raise ValueError(f"sequence length {L} is not a multiple of the block size {block_size}")
-    mask_id = _resolve_mask_id(base, mask_token_id)
+    mask_id = mask_token_id_of(base, mask_token_id)
     emb = base.get_input_embeddings().weight
     input_ids = input_ids.to(emb.device).long()
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= emb.shape[0]:

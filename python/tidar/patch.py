@@ -103,6 +103,26 @@ def _limits(model, window):
     return min(limits) if limits else (None, "")
 
 
+def mask_token_id_of(model, mask_token_id=None, *, use_patch: bool = True) -> int:
+    """The [MASK] id TiDAR uses for ``model``: ``mask_token_id`` if given, else the patch's (``use_patch``), else
+    ``config.mask_token_id``; checked to be a token id of the embedding table."""
+    if mask_token_id is None and use_patch and is_patched(model):
+        mask_token_id = settings(model).mask_token_id
+    if mask_token_id is None:
+        mask_token_id = getattr(model.config, "mask_token_id", None)
+    if mask_token_id is None:
+        raise ValueError(
+            "the model has no mask token: config.mask_token_id is not set. Call "
+            "tidar.add_mask_token(model, tokenizer) first (or pass mask_token_id=)"
+        )
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab:
+        raise ValueError(
+            f"mask_token_id must be a token id in [0, {vocab}) (the embedding size), got {mask_token_id!r}"
+        )
+    return mask_token_id
+
+
 def patch(
     model,
     draft_len: int | str = "auto",
@@ -131,19 +151,7 @@ def patch(
         raise ValueError(f"context_drafts must be True or False, got {context_drafts!r}")
     if not isinstance(backend, str) or backend not in ("auto", "reference", "triton", "cuda"):
         raise ValueError(f"backend must be one of auto, reference, triton, cuda; got {backend!r}")
-    config = model.config
-    if mask_token_id is None:
-        mask_token_id = getattr(config, "mask_token_id", None)
-        if mask_token_id is None:
-            raise ValueError(
-                "the model has no mask token: config.mask_token_id is not set. Call "
-                "tidar.add_mask_token(model, tokenizer) first (or pass mask_token_id=)"
-            )
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab:
-        raise ValueError(
-            f"mask_token_id must be a token id in [0, {vocab}) (the embedding size), got {mask_token_id!r}"
-        )
+    mask_token_id = mask_token_id_of(model, mask_token_id, use_patch=False)
     _register()
     old = getattr(model, "_tidar", None)
     if old is not None:  # already proven: update the settings only
