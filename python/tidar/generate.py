@@ -26,6 +26,7 @@ from .attention import TidarStep, tidar_forward, tidar_hidden
 from .cache import TidarCache
 from .context_drafts import NgramIndex
 from .draft_plan import MAX_K, Plan, Planner, new_stats
+from .drafts import compose_drafts, virtual_blocks
 from .generate_args import check_draft_len, check_generate_args, check_levels
 from .lm_head import output_head
 from .patch import settings
@@ -254,7 +255,7 @@ class _Decoder:
         B, K, lv = self.B, plan.draft_len, plan.levels
         logits = self._rows(h, slice(0, h.shape[1]))
         V = logits.shape[-1]
-        blocks = _virtual_blocks(logits[:, K:], K, lv, self._jstar(plan), V)
+        blocks = virtual_blocks(logits[:, K:], K, lv, self._jstar(plan), V)
         if self.seed is not None:  # Philox: every step draws fresh counters
             self.sample_kw["offset"] += B * 2 * K
         r = tidar_kernels.rejection_sample(logits[:, :K], blocks, drafts, probs if K > 1 else None, **self.sample_kw)
@@ -268,33 +269,6 @@ class _Decoder:
             q = r.next_draft_probs[b, :n] if n > 0 and r.next_draft_probs is not None else None
             res.append((a_, row[1], row[2 : 2 + n], q))
         return res
-
-
-def _virtual_blocks(block_logits, K, levels, jstar, V):
-    """``[B, K, K, V]`` proposal blocks for every acceptance count a = 1..K from the computed levels: block a
-    is block j* = max level <= a shifted by a - j* slots; slots past the computed ones (and blocks with no
-    level <= a) hold one-token logits (a deterministic filler draft, q = 1: still an exact proposal)."""
-    B = block_logits.shape[0]
-    filler = torch.full((V,), float("-inf"), dtype=block_logits.dtype, device=block_logits.device)
-    filler[0] = 0.0
-    if levels == tuple(range(1, K + 1)):
-        return block_logits.reshape(B, K, K, V)
-    comp = block_logits.reshape(B, len(levels), K, V)
-    out = filler.expand(B, K, K, V).clone()
-    for a in range(1, K + 1):
-        j = jstar[a]
-        if j < 0:
-            continue
-        shift = a - levels[j]
-        out[:, a - 1, : K - shift] = comp[:, j, shift:]
-    return out
-
-
-def _one_hot_rows(tokens, V, device):
-    q = torch.zeros(len(tokens), V, dtype=torch.float32, device=device)
-    if tokens:
-        q[torch.arange(len(tokens), device=device), torch.tensor(tokens, device=device)] = 1.0
-    return q
 
 
 @torch.no_grad()
@@ -417,7 +391,7 @@ def generate(
         ctx = [dec.ngrams[b].lookup(MAX_K - 1) if dec.ngrams is not None and not done[b] else [] for b in range(B)]
         rows = [(len(diff[b][0]), len(ctx[b])) for b in range(B) if not done[b]]
         plan = dec._plan(rows, lengths)
-        cur = _compose(dec, plan, out, diff, ctx, device, V)
+        cur = compose_drafts(dec, plan, out, diff, ctx, device, V)
         if streamer is not None:
             before = len(out[0])
         res = dec.step(cache, plan, cur[0], cur[1])
@@ -459,49 +433,6 @@ def generate(
         [tuple(range(1, K0 + 1))] + dec.level_log,
         dict(dec.sources),
     )
-
-
-def _compose(dec, plan: Plan, out, diff, ctx, device, V):
-    """The step's drafts ``[B, K]``: d_0 (the last emitted token) then, per row, the diffusion drafts or the
-    context copy, whichever is expected to be accepted more, padded with filler drafts (never counted)."""
-    K, B = plan.draft_len, dec.B
-    ds, cs = dec.stats["diffusion"], dec.stats["context"]
-    tokens, meta, q_rows = [], [], []
-    for b in range(B):
-        d0 = out[b][-1] if out[b] else 0
-        if dec.done[b]:
-            tokens.append([d0] * K)
-            meta.append(("none", 0))
-            q_rows.append(None)
-            continue
-        dtok, dq = diff[b]
-        nd, nc = min(len(dtok), K - 1), min(len(ctx[b]), K - 1)
-        use_ctx = nc > 0 and cs.expected(nc) > ds.expected(nd)
-        if use_ctx:
-            body, src, n = ctx[b][:nc], "context", nc
-        elif nd > 0:
-            body, src, n = dtok[:nd], "diffusion", nd
-        else:
-            body, src, n = [], "none", 0
-        row = [d0] + body + [body[-1] if body else d0] * (K - 1 - len(body))
-        tokens.append(row)
-        meta.append((src, n))
-        q_rows.append((src, n, dq))
-    drafts = torch.tensor(tokens, dtype=torch.long, device=device)
-    probs = None
-    if dec.g.temperature > 0 and K > 1:
-        probs = torch.zeros(B, K - 1, V, dtype=torch.float32, device=device)
-        for b in range(B):
-            row = tokens[b]
-            info = q_rows[b]
-            start = 0
-            if info is not None and info[0] == "diffusion" and info[2] is not None:
-                n = min(info[1], info[2].shape[0])
-                probs[b, :n] = info[2][:n]
-                start = n
-            if start < K - 1:
-                probs[b, start:] = _one_hot_rows(row[1 + start :], V, device)
-    return drafts, probs, meta, tokens
 
 
 __all__ = ["generate", "TidarGenerateOutput"]

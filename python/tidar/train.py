@@ -16,7 +16,6 @@ This module is the CLI and the run's orchestration; the Trainer subclass and the
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import random
@@ -36,8 +35,9 @@ from .checkpoint import (
     save_model_folder,
     settings_into_config,
 )
-from .hybrid_loss import hybrid_loss
 from .patch import patch
+from .train_args import _world_size, add_arguments, check_args
+from .train_eval import evaluate
 
 
 def __getattr__(name):  # tidar.train.TidarTrainer / HybridLossMixin: the one class in tidar.trainer, imported on use
@@ -46,10 +46,6 @@ def __getattr__(name):  # tidar.train.TidarTrainer / HybridLossMixin: the one cl
 
         return getattr(trainer, name)
     raise AttributeError(name)
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _is_main() -> bool:
@@ -108,257 +104,8 @@ def batch_at(stream: torch.Tensor, step: int, args) -> torch.Tensor:
     ).long()
 
 
-def eval_batches(stream: torch.Tensor, args):
-    """Fixed, evenly spaced held-out windows (the same every evaluation)."""
-    L, n = args.seq_len, args.eval_batches * args.batch_size
-    count = max(1, (len(stream) - 1) // L)
-    idx = sorted({int(i * count / n) for i in range(n)}) if count > n else list(range(count))
-    rows = torch.stack([stream[i * L : (i + 1) * L] for i in idx]).long()
-    return rows.split(args.batch_size)
-
-
-def _autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def distinct_ngram_share(token_lists, n: int = 4) -> float:
-    """Distinct n-grams / all n-grams over the given token lists (1.0 = no repeated n-gram; a looping text -> 0)."""
-    seen, total = set(), 0
-    for i, toks in enumerate(token_lists):
-        grams = [tuple(toks[j : j + n]) for j in range(len(toks) - n + 1)]
-        seen.update((i, g) for g in grams)
-        total += len(grams)
-    return len(seen) / total if total else float("nan")
-
-
-@torch.no_grad()
-def evaluate(
-    model, tokenizer, heldout_stream, prompts, args, device, draft_lens=None, max_new_tokens=None, sampling=False
-):
-    """Held-out AR loss/perplexity, diffusion loss, TiDAR greedy tokens per forward on ``prompts`` with diffusion
-    drafts only (and the share of distinct 4-grams of those greedy continuations); with ``sampling``, also with
-    context (n-gram) drafts added and, diffusion drafts only, at temperature 1."""
-    import tidar
-
-    was_training = model.training
-    model.eval()
-    ar, diff, n = 0.0, 0.0, 0
-    with _autocast(device):
-        for x in eval_batches(heldout_stream, args):
-            r = hybrid_loss(model, x.to(device), args.block_size)
-            ar += float(r.ar_loss) * len(x)
-            diff += float(r.diffusion_loss) * len(x)
-            n += len(x)
-    out = {"ar_loss": ar / n, "ar_perplexity": math.exp(ar / n), "diffusion_loss": diff / n}
-    draft_lens = draft_lens or [args.draft_len]
-    max_new = max_new_tokens or args.eval_new_tokens
-
-    def mean(xs):
-        return sum(xs) / len(xs)
-
-    for K in draft_lens:
-        tpf, texts, tpf_ctx, tpf_t1 = [], [], [], []
-        for i, p in enumerate(prompts):
-            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-            # the drafter alone (diffusion drafts, the paper's step); then generate's default, which may also
-            # copy drafts from n-gram matches in the text (context drafts)
-            res = tidar.generate(model, ids, max_new_tokens=max_new, draft_len=K, context_drafts=False)
-            tpf.append(res.tokens_per_forward)
-            texts.append(res.sequences[0, ids.shape[1] :].tolist())
-            if sampling:
-                res = tidar.generate(model, ids, max_new_tokens=max_new, draft_len=K, context_drafts=True)
-                tpf_ctx.append(res.tokens_per_forward)
-                g = torch.Generator(device).manual_seed(args.seed * 1000 + i)
-                res = tidar.generate(
-                    model, ids, max_new_tokens=max_new, draft_len=K, temperature=1.0, generator=g, context_drafts=False
-                )
-                tpf_t1.append(res.tokens_per_forward)
-        if tpf:
-            out[f"tokens_per_forward_k{K}"] = mean(tpf)
-            out["distinct_4gram_share"] = distinct_ngram_share(texts)
-        if tpf_ctx:
-            out[f"tokens_per_forward_context_k{K}"] = mean(tpf_ctx)
-        if tpf_t1:
-            out[f"tokens_per_forward_t1_k{K}"] = mean(tpf_t1)
-    model.train(was_training)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # CLI
-
-
-def add_arguments(p):
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--corpus",
-        default=None,
-        help='folder of text/code files, or a .txt (one document per line) / .jsonl ({"text": ...} per line) '
-        "file (default: this Python's standard library)",
-    )
-    g.add_argument("--ext", nargs="+", default=[".py"], help="file extensions to read (default: .py)")
-    g.add_argument("--heldout-percent", type=float, default=8.0, help="share of modules held out for evaluation")
-    g.add_argument("--vocab-size", type=int, default=4096)
-    g.add_argument("--tokenizer", default=None, help="use this tokenizer folder instead of training one")
-    g = p.add_argument_group("model (Qwen2)")
-    g.add_argument("--hidden-size", type=int, default=256)
-    g.add_argument("--layers", type=int, default=4)
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
-    g.add_argument("--intermediate-size", type=int, default=None, help="default: 3 x hidden")
-    g = p.add_argument_group("objective and optimisation")
-    g.add_argument("--seq-len", type=int, default=256, help="L, clean tokens per row (a multiple of --block-size)")
-    g.add_argument("--block-size", type=int, default=16, help="K, the diffusion block length")
-    g.add_argument(
-        "--draft-len", type=int, default=None, help="draft length saved in the config (default: --block-size)"
-    )
-    g.add_argument("--alpha", type=float, default=1.0, help="AR weight: (alpha*AR + diffusion) / (1 + alpha)")
-    g.add_argument("--no-diffusion", action="store_true", help="AR-only baseline: train the AR term alone")
-    g.add_argument(
-        "--diffusion-target",
-        default="data",
-        choices=None,
-        help="what the mask half learns (docs/design.md §3.1): data (the paper), ar-hard / ar-soft (teacher-forced: "
-        "the AR head's argmax / distribution at the same position, detached), greedy (the model's own "
-        "continuations of real prompts, regenerated every --distill-refresh steps)",
-    )
-    g.add_argument(
-        "--distill-rows",
-        type=int,
-        default=None,
-        help="greedy target: rows carrying the diffusion term per step (default: --batch-size // 2); "
-        "the AR term always uses the --batch-size real rows",
-    )
-    g.add_argument(
-        "--distill-ratio",
-        type=float,
-        default=1.0,
-        help="greedy target: share of the --distill-rows that are generated continuations (the rest: real "
-        "rows with data targets)",
-    )
-    g.add_argument(
-        "--distill-refresh", type=int, default=100, help="greedy target: regenerate the continuations every N steps"
-    )
-    g.add_argument(
-        "--distill-prompt-len",
-        type=int,
-        default=64,
-        help="greedy target: real tokens before the continuation (no diffusion loss on them)",
-    )
-    g.add_argument(
-        "--distill-temperature",
-        type=float,
-        default=0.0,
-        help="greedy target: 0 = greedy continuations; > 0 = sampled at this temperature",
-    )
-    g.add_argument("--distill-gen-batch", type=int, default=64, help="greedy target: rows generated at once")
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="rows per optimizer step (the global batch, split over processes and --grad-accum)",
-    )
-    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--min-lr-ratio", type=float, default=0.1)
-    g.add_argument("--warmup-steps", type=int, default=50)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    g.add_argument("--max-steps", type=int, default=1000)
-    g.add_argument("--max-minutes", type=float, default=None, help="stop (evaluate and save) after this wall time")
-    g.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        help="stop (evaluate and save) after this step; the schedule still spans --max-steps",
-    )
-    g = p.add_argument_group("run")
-    g.add_argument("--output", default="tidar-run", help="output folder (final model + checkpoint-N folders)")
-    g.add_argument(
-        "--init-from",
-        default=None,
-        metavar="MODEL_DIR",
-        help="start from this saved causal LM (weights + tokenizer; e.g. an AR-only run: the conversion recipe) "
-        "instead of a fresh model; the model-shape options are then ignored",
-    )
-    g.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'latest' (newest in --output)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--backend", default="auto", help="tidar_attention backend")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--eval-every", type=int, default=200)
-    g.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
-    g.add_argument("--eval-prompts", type=int, default=2, help="held-out prompts for tokens/forward")
-    g.add_argument("--eval-new-tokens", type=int, default=64)
-    g.add_argument("--save-every", type=int, default=200)
-    g.add_argument("--keep-checkpoints", type=int, default=2)
-    g.add_argument(
-        "--evaluate",
-        default=None,
-        metavar="MODEL_DIR",
-        help="only evaluate MODEL_DIR on the held-out split (uses --eval-*, --seq-len, --block-size) and print JSON",
-    )
-    g.add_argument(
-        "--eval-draft-lens", type=int, nargs="+", default=None, help="draft lengths for --evaluate (default 4 8 16)"
-    )
-    g.add_argument(
-        "--eval-sampling",
-        action="store_true",
-        help="--evaluate also measures tokens per forward with context (n-gram) drafts and at temperature 1 "
-        "(sampled, seed --seed)",
-    )
-    g.add_argument(
-        "--save-dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="dtype of the final model's weights (bf16 halves the folder; loading upcasts to fp32)",
-    )
-
-
-def check_args(args):
-    for name in ("seq_len", "block_size", "batch_size", "max_steps", "vocab_size", "hidden_size", "layers", "heads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.seq_len % args.block_size:
-        raise ValueError(f"--seq-len {args.seq_len} is not a multiple of --block-size {args.block_size}")
-    if args.hidden_size % args.heads:
-        raise ValueError(f"--hidden-size {args.hidden_size} is not a multiple of --heads {args.heads}")
-    if args.draft_len is None:
-        args.draft_len = args.block_size
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise ValueError("--max-minutes must be > 0")
-    if args.distill_rows is None:
-        args.distill_rows = max(1, args.batch_size // 2)
-    self_distill.check_options(
-        args.diffusion_target,
-        args.distill_ratio,
-        args.distill_refresh,
-        args.distill_prompt_len,
-        args.seq_len,
-        args.distill_rows,
-        args.distill_temperature,
-    )
-    if args.distill_gen_batch < 1:
-        raise ValueError(f"--distill-gen-batch must be >= 1, got {args.distill_gen_batch}")
-    if args.no_diffusion and args.diffusion_target != "data":
-        raise ValueError(
-            f"--no-diffusion trains no diffusion term; --diffusion-target {args.diffusion_target} contradicts it"
-        )
-    if args.init_from and args.resume:
-        raise ValueError("--init-from starts a new run and --resume continues one; give only one")
-    if args.grad_accum < 1:
-        raise ValueError(f"--grad-accum must be >= 1, got {args.grad_accum}")
-    shards = _world_size() * args.grad_accum
-    if args.batch_size % shards:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of processes x --grad-accum = {shards}")
-    if args.diffusion_target == "greedy" and args.distill_rows > args.batch_size:
-        raise ValueError(f"--distill-rows {args.distill_rows} must be <= --batch-size {args.batch_size}")
-    for name in ("log_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
 def _latest_checkpoint(output: Path):
