@@ -10,6 +10,7 @@ are a plan like any other, so TiDAR is never slower than AR by choice.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .slot_curve import SlotCurve
@@ -82,10 +83,31 @@ class Plan:
         K = self.draft_len
         return K - 1 + (self.levels[-1] if self.levels else 0)
 
+    @property
+    def block_index(self) -> tuple:
+        """Per acceptance count a = 0..K: the index in ``levels`` of the block the next drafts come from (the
+        largest level <= a, docs/design.md §3.4), or -1 when no level is <= a."""
+        return _block_index(self.draft_len, self.levels)
+
     def next_diffusion_drafts(self, a: int) -> int:
-        """Diffusion drafts the next step gets after ``a`` accepted (docs/design.md §4)."""
-        j = max((j for j in self.levels if j <= a), default=None)
-        return 0 if j is None else self.draft_len - 1 - (a - j)
+        """Diffusion drafts the next step gets after ``a`` accepted: the slots of block j* past position m + a."""
+        i = self.block_index[a]
+        return 0 if i < 0 else self.draft_len - 1 - (a - self.levels[i])
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_index(K: int, levels: tuple) -> tuple:
+    return tuple(max((i for i, j in enumerate(levels) if j <= a), default=-1) for a in range(K + 1))
+
+
+def levels_upto(K: int, levels: tuple | None) -> tuple:
+    """The proposal levels of a step at K given the levels asked for (None: all of 1..K): () at K = 1 (a plain AR
+    step), else the levels <= K, or level 1 when none is."""
+    if K == 1:
+        return ()
+    if levels is None:
+        return tuple(range(1, K + 1))
+    return tuple(j for j in levels if j <= K) or (1,)
 
 
 def _accept_probs(stats: AcceptanceStats, n: int) -> list[float]:
@@ -166,12 +188,7 @@ class Planner:
         self.since_replan = 0
 
     def _levels_for(self, K: int) -> tuple:
-        if K == 1:
-            return ()  # a plain AR step
-        if self.fixed_levels is None:
-            return tuple(range(1, K + 1))
-        lv = tuple(j for j in self.fixed_levels if j <= K)
-        return lv or (1,)
+        return levels_upto(K, self.fixed_levels)
 
     def first(self, k_limit: int) -> Plan:
         """The plan of the prefill's proposal block (before any statistics of this call)."""

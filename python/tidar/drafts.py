@@ -8,19 +8,20 @@ import torch
 from .draft_plan import Plan
 
 
-def virtual_blocks(block_logits, K, levels, jstar, V):
+def virtual_blocks(block_logits, plan: Plan, V):
     """``[B, K, K, V]`` proposal blocks for every acceptance count a = 1..K from the computed levels: block a
     is block j* = max level <= a shifted by a - j* slots; slots past the computed ones (and blocks with no
     level <= a) hold one-token logits (a deterministic filler draft, q = 1: still an exact proposal)."""
+    K, levels = plan.draft_len, plan.levels
     B = block_logits.shape[0]
-    filler = torch.full((V,), float("-inf"), dtype=block_logits.dtype, device=block_logits.device)
-    filler[0] = 0.0
     if levels == tuple(range(1, K + 1)):
         return block_logits.reshape(B, K, K, V)
     comp = block_logits.reshape(B, len(levels), K, V)
+    filler = torch.full((V,), float("-inf"), dtype=block_logits.dtype, device=block_logits.device)
+    filler[0] = 0.0
     out = filler.expand(B, K, K, V).clone()
     for a in range(1, K + 1):
-        j = jstar[a]
+        j = plan.block_index[a]
         if j < 0:
             continue
         shift = a - levels[j]

@@ -25,7 +25,7 @@ from tidar_kernels import layouts
 from .attention import TidarStep, tidar_forward, tidar_hidden
 from .cache import TidarCache
 from .context_drafts import NgramIndex
-from .draft_plan import MAX_K, Plan, Planner, new_stats
+from .draft_plan import MAX_K, Plan, Planner, levels_upto, new_stats
 from .drafts import compose_drafts, virtual_blocks
 from .generate_args import check_draft_len, check_generate_args, check_levels
 from .lm_head import output_head
@@ -57,7 +57,6 @@ class _Decoder:
         self.greedy = g.temperature == 0.0 and g.beta == 1.0  # the lean path: argmax rows only
         self.head = output_head(model)
         self.full_logits = full_logits
-        self.context = context
         self.B = len(g.prompts)
         self.max_pos = g.max_len  # positions a row may reach (max_position_embeddings, the sliding window)
         self.window = getattr(s, "window", None)  # keys a forward may attend to (the attention refuses more)
@@ -70,7 +69,6 @@ class _Decoder:
                 s.stats = new_stats()
             self.stats = s.stats
         auto = K == "auto"
-        self.auto = auto
         self.planner = Planner(slot_curve(model), self.stats, levels=levels) if auto else None
         self.fixed = None if auto else (K, levels)
         self.max_k = MAX_K if auto else K
@@ -104,10 +102,7 @@ class _Decoder:
     def _fixed_plan(self, k_limit: int) -> Plan:
         K, levels = self.fixed
         K = min(K, k_limit)
-        lv = tuple(range(1, K + 1)) if levels is None else tuple(j for j in levels if j <= K)
-        if K > 1 and not lv:
-            lv = (1,)
-        return Plan(K, lv if K > 1 else ())
+        return Plan(K, levels_upto(K, levels))
 
     def _plan(self, rows, lengths) -> Plan:
         k_limit = self._k_limit(lengths)
@@ -221,19 +216,10 @@ class _Decoder:
             parts.append(self._rows(h, rows).argmax(-1))  # block j*'s slots [B, K]
         return torch.cat(parts, 1)
 
-    def _jstar(self, plan: Plan):
-        """Per acceptance count a (index 0..K): the index in ``levels`` of the block the next drafts come
-        from (the largest level <= a), or -1."""
-        idx = []
-        for a in range(plan.draft_len + 1):
-            js = [i for i, j in enumerate(plan.levels) if j <= a]
-            idx.append(js[-1] if js else -1)
-        return idx
-
     def _jstar_table(self, plan: Plan) -> torch.Tensor:
         t = self._tables.get(plan)
         if t is None:
-            t = self._tables[plan] = torch.tensor(self._jstar(plan), device=self.device)
+            t = self._tables[plan] = torch.tensor(plan.block_index, device=self.device)
         return t
 
     def _arange(self, K: int) -> torch.Tensor:
@@ -243,29 +229,25 @@ class _Decoder:
         return t
 
     def _greedy_rows(self, host, plan):
-        lv, jstar = plan.levels, self._jstar(plan)
         res = []
-        for row in host:
-            a_, c = row[0], row[1]
-            j = jstar[a_]
-            res.append((a_, c, row[2 + (a_ - lv[j]) + 1 :] if j >= 0 else [], None))
+        for row in host:  # [a, correction, block j*'s K slots]: the next drafts are its last n slots
+            n = plan.next_diffusion_drafts(row[0])
+            res.append((row[0], row[1], row[len(row) - n :] if n else [], None))
         return res
 
     def _sampled_verify(self, h, plan, drafts, probs):
-        B, K, lv = self.B, plan.draft_len, plan.levels
+        B, K = self.B, plan.draft_len
         logits = self._rows(h, slice(0, h.shape[1]))
         V = logits.shape[-1]
-        blocks = virtual_blocks(logits[:, K:], K, lv, self._jstar(plan), V)
+        blocks = virtual_blocks(logits[:, K:], plan, V)
         if self.seed is not None:  # Philox: every step draws fresh counters
             self.sample_kw["offset"] += B * 2 * K
         r = tidar_kernels.rejection_sample(logits[:, :K], blocks, drafts, probs if K > 1 else None, **self.sample_kw)
         host = torch.cat([r.accepted[:, None], r.next_drafts], 1).tolist()
-        jstar = self._jstar(plan)
         res = []
         for b, row in enumerate(host):
             a_ = row[0]
-            j = jstar[a_]
-            n = K - 1 - (a_ - lv[j]) if j >= 0 else 0
+            n = plan.next_diffusion_drafts(a_)
             q = r.next_draft_probs[b, :n] if n > 0 and r.next_draft_probs is not None else None
             res.append((a_, row[1], row[2 : 2 + n], q))
         return res
