@@ -65,6 +65,12 @@ def capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
+def version(t: torch.Tensor):
+    """``t._version`` for memo keys; for an inference tensor (no version counter: it may change in place
+    unseen) a fresh object, so a memo keyed on it never hits."""
+    return object() if t.is_inference() else t._version
+
+
 def int_range(t: torch.Tensor) -> tuple[int, int] | None:
     """``(min, max)`` of a non-empty int tensor with one host sync, remembered on the tensor for its current
     version: a layout or ``seg_start`` shared by every layer of a forward syncs once, not once per layer.
@@ -72,11 +78,11 @@ def int_range(t: torch.Tensor) -> tuple[int, int] | None:
     if capturing():
         return None
     memo = getattr(t, "_tidar_range", None)
-    if memo is not None and memo[0] == t._version:
+    if memo is not None and memo[0] == version(t):
         return memo[1]
     lo, hi = torch.aminmax(t)
     rng = tuple(torch.stack((lo, hi)).tolist())
-    t._tidar_range = (t._version, rng)
+    t._tidar_range = (version(t), rng)
     return rng
 
 

@@ -38,11 +38,15 @@ class Layout:
         return _on_device(self, device)
 
 
+# Layouts are process-wide singletons: they are built as normal tensors even when first asked for under
+# torch.inference_mode (inference tensors carry no version counter, which the ops' per-forward memos key on).
 @functools.lru_cache(maxsize=256)
+@torch.inference_mode(False)
 def _on_device(layout: Layout, device: torch.device) -> Layout:
     return Layout(*(t.to(device) for t in (layout.local_limit, layout.block_id, layout.position_ids)))
 
 
+@torch.inference_mode(False)
 def _layout(local_limit, block_id, position_ids) -> Layout:
     return Layout(
         torch.tensor(local_limit, dtype=torch.int32),

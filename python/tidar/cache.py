@@ -11,7 +11,7 @@ import torch
 
 import tidar_kernels
 from tidar_kernels import backends
-from tidar_kernels._checks import int_range
+from tidar_kernels._checks import int_range, version
 
 
 class TidarCache:
@@ -26,7 +26,8 @@ class TidarCache:
 
     def seq_lengths(self, device=None) -> torch.Tensor:
         """Committed lengths as int32 ``[B]`` (the ``seg_start`` of the next forward)."""
-        t = torch.tensor(self.lengths, dtype=torch.int32, device=device)
+        with torch.inference_mode(False):  # a normal tensor: the ops' memos key on its version counter
+            t = torch.tensor(self.lengths, dtype=torch.int32, device=device)
         # the values are known here: seed the ops' range memo so their bounds checks need no device sync
         t._tidar_range = (t._version, (min(self.lengths), max(self.lengths)))
         return t
@@ -45,8 +46,9 @@ class TidarCache:
         if layer_idx == len(self.keys):
             _, H, _, D = k_new.shape
             shape = (self.batch_size, H, self.max_len, D)
-            self.keys.append(torch.zeros(shape, dtype=k_new.dtype, device=k_new.device))
-            self.values.append(torch.zeros(shape, dtype=k_new.dtype, device=k_new.device))
+            with torch.inference_mode(False):  # usable (written, cropped) inside and outside inference mode
+                self.keys.append(torch.zeros(shape, dtype=k_new.dtype, device=k_new.device))
+                self.values.append(torch.zeros(shape, dtype=k_new.dtype, device=k_new.device))
         elif layer_idx > len(self.keys):
             raise RuntimeError(f"TidarCache: layer {layer_idx} appended before layer {len(self.keys)}")
         return self.keys[layer_idx], self.values[layer_idx]
@@ -68,7 +70,7 @@ class TidarCache:
             k_new.device,
             v_new.device,
             id(seg_start),
-            seg_start._version,
+            version(seg_start),
         )
         memo = self._validated
         if memo is not None and memo[0] == sig and memo[2] is seg_start:

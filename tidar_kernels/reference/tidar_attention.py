@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import version
 from ..backends import register
 from ..layouts import dense_mask
 
@@ -18,11 +19,11 @@ def _mask(local_limit, block_id, seg_start, kv_len):
     hides nothing is None (SDPA's unmasked path) and no empty rows is None."""
     key = (
         id(local_limit),
-        local_limit._version,
+        version(local_limit),
         id(block_id),
-        block_id._version,
+        version(block_id),
         id(seg_start),
-        seg_start._version,
+        version(seg_start),
         kv_len,
         local_limit.device,
     )
