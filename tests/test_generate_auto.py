@@ -131,6 +131,48 @@ def test_lm_head_on_needed_rows_equals_full_logits(K, levels):
     tidar.unpatch(model)
 
 
+def test_lm_head_in_one_call_or_two_gives_the_same_steps(monkeypatch):
+    """A small greedy step takes the LM head on all its rows in one call; a large one on the K verification
+    rows, then on the K rows of the block used: both give the same tokens, drafts and acceptances."""
+    import importlib
+
+    gen = importlib.import_module("tidar.generate")  # the module (``tidar.generate`` is also the function)
+    model = tiny_model("qwen2")
+    torch.manual_seed(4)
+    ids = torch.randint(1, 96, (2, 5))
+    want = _hf(model, ids, torch.ones_like(ids), 20)
+    tidar.patch(model, draft_len=3)
+    for K, levels in ((3, None), (4, (1, 3)), (2, (2,))):
+        runs = []
+        for rows in (0, 10**6):  # never / always one call
+            monkeypatch.setattr(gen, "ONE_HEAD_CALL_ROWS", {"cpu": rows})
+            kw = dict(draft_len=K, proposal_levels=levels, context_drafts=False)
+            runs.append(tidar.generate(model, ids, max_new_tokens=20, **kw))
+        assert all(torch.equal(r.sequences, want) for r in runs), (K, levels)
+        assert runs[0].accepted_histogram == runs[1].accepted_histogram, (K, levels)
+        assert runs[0].accepted_histogram != {1: sum(runs[0].accepted_histogram.values())}  # drafts were accepted
+    tidar.unpatch(model)
+
+
+def test_output_head_transposed_copy_follows_weight_updates():
+    """On a CPU the head multiplies by a contiguous copy of W^T: equal to the Linear, and rebuilt when the
+    weight changes in place (an optimizer step) or is replaced."""
+    from tidar.lm_head import OutputHead
+
+    model = tiny_model("qwen2")
+    head = OutputHead(model)
+    h = torch.randn(1, 5, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(head(h), model.lm_head(h), rtol=1e-5, atol=1e-5)
+        model.lm_head.weight.mul_(1.5)  # in place, as an optimizer step
+        torch.testing.assert_close(head(h), model.lm_head(h), rtol=1e-5, atol=1e-5)
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))  # replaced
+        torch.testing.assert_close(head(h), model.lm_head(h), rtol=1e-5, atol=1e-5)
+    out = head(h)  # with grad enabled: the module itself (gradients reach the weight)
+    out.sum().backward()
+    assert model.lm_head.weight.grad is not None
+
+
 def test_near_max_position_embeddings_k_shrinks():
     model = tiny_model("qwen2", max_pos=40)
     ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10]])

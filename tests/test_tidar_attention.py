@@ -366,3 +366,42 @@ def test_unknown_backend_raises():
 @pytest.mark.skip(reason="mismatched devices need a second device (CUDA); not testable on a CPU-only machine")
 def test_mismatched_device_raises():  # pragma: no cover
     pass
+
+
+def _as_dense(attn_mask, empty, B, S, Skv):
+    m = torch.ones(B, 1, S, Skv, dtype=torch.bool) if attn_mask is None else attn_mask.expand(B, 1, S, Skv)
+    e = torch.zeros(B, 1, S, 1, dtype=torch.bool) if empty is None else empty.expand(B, 1, S, 1)
+    return m, e
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reference_cpu_mask_shortcuts_equal_the_dense_rule(seed):
+    """The reference backend's CPU mask (a cached S x S block after a visible prefix for a uniform seg_start,
+    None when nothing is hidden) equals the dense rule on every kind of call: decode steps, prefill, causal,
+    negative local_limit, empty rows, ragged seg_start, keys beyond the segment."""
+    from tidar_kernels.reference.tidar_attention import _mask
+
+    g = torch.Generator().manual_seed(seed)
+    cases = [
+        (layouts.decode_step(3), [7, 7]),
+        (layouts.decode_step(4, (1, 3)), [0]),
+        (layouts.prefill(5, 2), [0, 0]),
+        (layouts.causal(1), [9]),
+        (layouts.causal(4), [0, 0, 0]),
+        (layouts.decode_step(2), [3, 8]),  # ragged
+    ]
+    S = int(torch.randint(1, 9, (1,), generator=g))
+    ll = torch.randint(-3, S + 2, (S,), generator=g, dtype=torch.int32)
+    bid = torch.randint(-1, 3, (S,), generator=g, dtype=torch.int32)
+    cases.append((layouts.Layout(ll, bid, torch.arange(S)), [4, 4]))  # random, maybe negative, maybe empty rows
+    cases.append((layouts.Layout(ll.clamp_min(0), bid, torch.arange(S)), [0]))
+    for lay, seg in cases:
+        S = lay.seg_len
+        seg_start = torch.tensor(seg, dtype=torch.int32)
+        for extra in (0, 2):  # the segment ends the keys / keys beyond it
+            Skv = max(seg) + S + extra
+            m, e = _as_dense(*_mask(lay.local_limit, lay.block_id, seg_start, Skv), len(seg), S, Skv)
+            want = dense_mask(lay.local_limit, lay.block_id, seg_start, Skv)[:, None]
+            want_empty = ~want.any(-1, keepdim=True)
+            assert torch.equal(e, want_empty), (lay, seg, extra)
+            assert torch.equal(m, want | want_empty), (lay, seg, extra)

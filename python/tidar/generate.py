@@ -46,6 +46,20 @@ class TidarGenerateOutput:
     draft_sources: dict = field(default_factory=dict)  # "diffusion" / "context" / "none" -> (row, step) pairs
 
 
+# A greedy step needs the LM head on 2K of its K(1 + |levels|) rows, in two calls (the second depends on the
+# first's acceptance). A call's fixed cost (reading the head's weight) dominates for few rows, so a step of at most
+# this many tokens takes the head on all its rows in one call instead (2-core CPU, bundled model: 6 rows in one
+# call 0.17 ms vs 2 x 0.16 ms; 20 rows 0.32 ms vs 2 x 0.18 ms). On a GPU a call of a few hundred rows costs what
+# a call of one does.
+ONE_HEAD_CALL_ROWS = {"cpu": 24, "cuda": 128}
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``argmax(-1)`` (the first maximal index, NaN counted as maximal, as both document) via ``max``: half
+    the time of ``argmax`` on a CPU (0.06 vs 0.14 ms over 20 x 4096 logits)."""
+    return logits.max(-1).indices
+
+
 class _Decoder:
     """The decoding state of one ``generate`` call, kept on the device; the host keeps token lists."""
 
@@ -204,7 +218,9 @@ class _Decoder:
         K slots of the proposal block the next drafts come from (absent without levels)."""
         B, K, lv = self.B, plan.draft_len, plan.levels
         h = self._body(cache, plan, drafts, seg_start)
-        tgt = self._rows(h, slice(0, K)).argmax(-1)  # [B, K]: AR argmax after d_0..d_i
+        one_call = lv and plan.seg_len <= ONE_HEAD_CALL_ROWS.get(h.device.type, 0)
+        top = _argmax(self._rows(h, slice(0, plan.seg_len))) if one_call else None  # [B, S]
+        tgt = top[:, :K] if one_call else _argmax(self._rows(h, slice(0, K)))  # [B, K]: AR argmax after d_0..d_i
         if K > 1:
             a = 1 + (drafts[:, 1:] == tgt[:, :-1]).int().cumprod(1).sum(1)
         else:
@@ -213,7 +229,7 @@ class _Decoder:
         if lv:
             bi = self._jstar_table(plan)[a].clamp_min(0)  # [B]: index of block j* among the levels
             rows = K + bi[:, None] * K + self._arange(K)[None]
-            parts.append(self._rows(h, rows).argmax(-1))  # block j*'s slots [B, K]
+            parts.append(top.gather(1, rows) if one_call else _argmax(self._rows(h, rows)))  # block j*'s slots
         return torch.cat(parts, 1)
 
     def _jstar_table(self, plan: Plan) -> torch.Tensor:

@@ -37,9 +37,10 @@ class OutputHead:
         self.divide = getattr(cfg, "logits_scaling", None)  # Granite
         self.verified: bool | None = None  # set by verify(): body + head == the model's forward
         self.reason = ""
+        self._wt = None  # (weight, its version, contiguous transposed copy): see _project
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.proj(hidden)
+        logits = self._project(hidden)
         if self.scale is not None:
             logits = logits * self.scale
         if self.divide is not None:
@@ -47,6 +48,28 @@ class OutputHead:
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output embeddings. On a CPU, a plain ``nn.Linear`` runs as ``hidden @ W^T`` with ``W^T`` kept
+        contiguous: MKL's GEMM with a transposed weight is slow for the few rows of a decode step (measured
+        on the 2-core machine, 4096 x 256 fp32 head: 0.30 ms at 4 rows and 0.45 ms at 8 with ``F.linear``,
+        0.18 ms with the copy). The copy is rebuilt when the weight changes (training steps bump its version)
+        and skipped for heads over ``_MAX_COPY_BYTES``."""
+        proj = self.proj
+        w = getattr(proj, "weight", None)
+        if (
+            type(proj) is not torch.nn.Linear
+            or w.device.type != "cpu"
+            or w.is_inference()
+            or w.numel() * w.element_size() > _MAX_COPY_BYTES
+            or torch.is_grad_enabled()
+        ):
+            return proj(hidden)
+        memo = self._wt
+        if memo is None or memo[0] is not w or memo[1] != w._version:
+            memo = self._wt = (w, w._version, w.detach().t().contiguous())
+        out = hidden @ memo[2]
+        return out if proj.bias is None else out + proj.bias
 
     def verify(self, forward_hidden, forward_logits) -> bool:
         """Compare ``self(forward_hidden)`` with the model's logits of the same forward (once per model)."""
@@ -69,6 +92,7 @@ class OutputHead:
         return self.verified
 
 
+_MAX_COPY_BYTES = 64 << 20  # a transposed copy of a larger head costs more memory than its speed-up is worth
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OutputHead (nothing stored on it)
 
 

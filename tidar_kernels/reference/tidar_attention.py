@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import version
+from .._checks import int_range, version
 from ..backends import register
 from ..layouts import dense_mask
 
@@ -29,16 +29,63 @@ def _mask(local_limit, block_id, seg_start, kv_len):
     )
     if _MEMO[0] == key and _MEMO[1][2] is local_limit and _MEMO[1][3] is block_id and _MEMO[1][4] is seg_start:
         return _MEMO[1][0], _MEMO[1][1]
-    mask = dense_mask(local_limit, block_id, seg_start, kv_len)  # [B, S, Skv]
-    empty = ~mask.any(-1, keepdim=True)  # queries that see nothing: compute on all keys, then zero (no NaN)
-    attn_mask, empty = (mask | empty)[:, None], empty[:, None]
-    if mask.device.type == "cpu":  # data-dependent shortcuts only where reading the mask costs no device sync
-        if bool(attn_mask.all()):
-            attn_mask = None
-        if not bool(empty.any()):
-            empty = None
+    if local_limit.device.type == "cpu":
+        attn_mask, empty = _cpu_mask(local_limit, block_id, seg_start, kv_len)
+    else:
+        mask = dense_mask(local_limit, block_id, seg_start, kv_len)  # [B, S, Skv]
+        empty = ~mask.any(-1, keepdim=True)  # queries that see nothing: compute on all keys, then zero (no NaN)
+        attn_mask, empty = (mask | empty)[:, None], empty[:, None]
     _MEMO[0], _MEMO[1] = key, (attn_mask, empty, local_limit, block_id, seg_start)  # held: their ids stay unique
     return attn_mask, empty
+
+
+def _cpu_mask(local_limit, block_id, seg_start, kv_len):
+    """The CPU mask, with data-dependent shortcuts (reading a CPU tensor costs no device sync). A decode step
+    (every row's segment at the same ``seg_start`` s0, ``local_limit >= 0``, the segment ending the keys) sees
+    the whole prefix, so its mask is ``[ones(S, s0) | the layout's own S x S mask]``: a concatenation with the
+    S x S part cached per layout, instead of the dense rule over ``[B, S, Skv]`` in every step."""
+    S = local_limit.shape[0]
+    rng = int_range(seg_start) if seg_start.numel() else None  # memoized: the cache seeds it
+    if rng is not None and rng[0] == rng[1] and rng[0] >= 0 and rng[0] + S == kv_len:
+        s0 = rng[0]
+        local, local_all, local_empty, limit_ok = _local_mask(local_limit, block_id)
+        if limit_ok:
+            if s0 == 0:
+                empty = local_empty
+                attn_mask = None if local_all else (local if empty is None else local | empty)[None, None]
+                return attn_mask, None if empty is None else empty[None, None]
+            if local_all:
+                return None, None
+            return torch.cat((local.new_ones(S, s0), local), 1)[None, None], None
+    mask = dense_mask(local_limit, block_id, seg_start, kv_len)  # [B, S, Skv]
+    empty = ~mask.any(-1, keepdim=True)
+    attn_mask, empty = (mask | empty)[:, None], empty[:, None]
+    return (None if bool(attn_mask.all()) else attn_mask), (empty if bool(empty.any()) else None)
+
+
+_LOCAL: dict = {}  # (ids, versions) -> (local_limit, block_id, [S, S] mask, all visible, empty rows, limit >= 0)
+
+
+def _local_mask(local_limit, block_id):
+    key = (id(local_limit), version(local_limit), id(block_id), version(block_id))
+    hit = _LOCAL.get(key)
+    if hit is not None and hit[0] is local_limit and hit[1] is block_id:
+        return hit[2:]
+    S = local_limit.shape[0]
+    local = dense_mask(local_limit, block_id, 0, S)[0]  # [S, S]
+    empty = ~local.any(-1, keepdim=True)
+    entry = (
+        local_limit,
+        block_id,
+        local,
+        bool(local.all()),
+        empty if bool(empty.any()) else None,
+        bool((local_limit >= 0).all()),
+    )
+    if len(_LOCAL) > 256:  # layouts are cached singletons, so this stays small; bound it anyway
+        _LOCAL.clear()
+    _LOCAL[key] = entry  # holds the tensors: their ids stay unique while the entry lives
+    return entry[2:]
 
 
 @register("tidar_attention", "reference")
