@@ -114,6 +114,72 @@ def test_torchrun_two_processes_equal_one(tiny_corpus, tmp_path):  # noqa: F811
         _close([h[key] for h in state["log_history"]], [h[key] for h in one["log_history"]], 1e-4)
 
 
+def test_accelerate_launch_two_processes_equal_one(tiny_corpus, tmp_path):  # noqa: F811
+    """`accelerate launch` (the user's accelerate config; here 2 CPU processes) runs the same CLI with the same
+    losses as one process with the same global batch."""
+    one, _ = _train(tmp_path, tiny_corpus, "--max-steps", "2", *GREEDY_MIX, name="one")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("ACCELERATE_CONFIG_FILE", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",  # accelerate's multi-process launcher (torch.distributed.run); without CUDA it runs gloo on CPUs
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29534",
+        "-m",
+        "tidar",
+        "train",
+        "--corpus",
+        str(tiny_corpus),
+        "--output",
+        str(tmp_path / "acc"),
+        *TINY,
+        "--max-steps",
+        "2",
+        *GREEDY_MIX,
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((tmp_path / "acc" / ck_mod.STATE_FILE).read_text())
+    assert state["processes"] == 2
+    _close(_losses(state), _losses(one), 1e-4)
+    for key in ("ar_loss", "diffusion_loss"):
+        _close([h[key] for h in state["log_history"]], [h[key] for h in one["log_history"]], 1e-4)
+
+
+@pytest.mark.parametrize("sharding", ["fsdp", "zero3"])
+def test_sharded_training_refuses_decoding_evaluation_before_any_step(tiny_corpus, tmp_path, monkeypatch, sharding):  # noqa: F811
+    """Under FSDP / DeepSpeed ZeRO-3 the weights are sharded, so the held-out TiDAR decoding cannot run: a clear
+    error before any step, naming the option that avoids it."""
+    from tidar.trainer import TidarTrainer
+
+    init = TidarTrainer.__init__
+
+    def sharded_init(self, *a, **k):  # what accelerate's FSDP / DeepSpeed plugins set up on the Trainer
+        init(self, *a, **k)
+        if sharding == "fsdp":
+            self.is_fsdp_enabled = True
+        else:
+            self.is_deepspeed_enabled = True
+
+    monkeypatch.setattr(TidarTrainer, "__init__", sharded_init)
+    monkeypatch.setattr(train_mod, "_zero3", lambda trainer: sharding == "zero3")
+    steps = []
+    monkeypatch.setattr(TidarTrainer, "training_step", lambda self, *a, **k: steps.append(1) or 0.0)
+    with pytest.raises(ValueError, match=r"--eval-prompts 0"):
+        _train(tmp_path, tiny_corpus, "--max-steps", "1", "--eval-prompts", "2", name="refused")
+    assert steps == [] and not (tmp_path / "refused" / "model.safetensors").exists()
+
+
 def _save_ar_model(folder, tokenizer, vocab_rows=None, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
