@@ -133,7 +133,8 @@ def test_lm_head_on_needed_rows_equals_full_logits(K, levels):
 
 def test_lm_head_in_one_call_or_two_gives_the_same_steps(monkeypatch):
     """A small greedy step takes the LM head on all its rows in one call; a large one on the K verification
-    rows, then on the K rows of the block used: both give the same tokens, drafts and acceptances."""
+    rows, then on the K rows of the block used; a CPU decides the acceptance on the host, a GPU on the device:
+    all four give the same tokens, drafts and acceptances."""
     import importlib
 
     gen = importlib.import_module("tidar.generate")  # the module (``tidar.generate`` is also the function)
@@ -145,11 +146,14 @@ def test_lm_head_in_one_call_or_two_gives_the_same_steps(monkeypatch):
     for K, levels in ((3, None), (4, (1, 3)), (2, (2,))):
         runs = []
         for rows in (0, 10**6):  # never / always one call
-            monkeypatch.setattr(gen, "ONE_HEAD_CALL_ROWS", {"cpu": rows})
-            kw = dict(draft_len=K, proposal_levels=levels, context_drafts=False)
-            runs.append(tidar.generate(model, ids, max_new_tokens=20, **kw))
+            for host in ({"cpu"}, set()):  # acceptance on the host (CPU) / on the device (device_step, GPU path)
+                monkeypatch.setattr(gen, "ONE_HEAD_CALL_ROWS", {"cpu": rows})
+                monkeypatch.setattr(gen, "HOST_VERIFY", host)
+                kw = dict(draft_len=K, proposal_levels=levels, context_drafts=False)
+                runs.append(tidar.generate(model, ids, max_new_tokens=20, **kw))
         assert all(torch.equal(r.sequences, want) for r in runs), (K, levels)
-        assert runs[0].accepted_histogram == runs[1].accepted_histogram, (K, levels)
+        assert all(r.accepted_histogram == runs[0].accepted_histogram for r in runs), (K, levels)
+        assert all(r.draft_lens == runs[0].draft_lens for r in runs), (K, levels)
         assert runs[0].accepted_histogram != {1: sum(runs[0].accepted_histogram.values())}  # drafts were accepted
     tidar.unpatch(model)
 

@@ -48,8 +48,18 @@ def _oracle(model, truth: torch.Tensor, K: int):
     return model.register_forward_hook(hook, with_kwargs=True)
 
 
+@pytest.fixture(params=["host", "device"])
+def verify_on(request, monkeypatch):
+    """Greedy acceptance decided on the host (the CPU path) or by ``device_step`` (the GPU path, run on CPU)."""
+    import importlib
+
+    gen = importlib.import_module("tidar.generate")
+    monkeypatch.setattr(gen, "HOST_VERIFY", {"cpu"} if request.param == "host" else set())
+    return request.param
+
+
 @pytest.mark.parametrize("arch,K,B", [("qwen2", 4, 1), ("llama", 16, 2), ("qwen3", 8, 3), ("mistral", 16, 1)])
-def test_every_acceptance_length_and_exact_output(arch, K, B):
+def test_every_acceptance_length_and_exact_output(arch, K, B, verify_on):
     model = tiny_model(arch)
     V = model.config.vocab_size
     new = K * (K + 1) // 2 + 3 * K  # enough for a full cycle of acceptance lengths
@@ -98,7 +108,7 @@ def test_beta_mix_changes_targets_but_beta_one_is_exact():
 @pytest.mark.parametrize(
     "arch,K,levels,B", [("qwen2", 6, (1, 3), 2), ("llama", 8, (2, 5, 8), 1), ("qwen3", 5, (1,), 2)]
 )
-def test_sparse_levels_exact_with_long_acceptances(arch, K, levels, B):
+def test_sparse_levels_exact_with_long_acceptances(arch, K, levels, B, verify_on):
     """Only the blocks of ``levels`` are computed; after an acceptance that is not a level the next drafts
     come from the largest level below it (fewer drafts). Output stays HF greedy, the cache stays exact."""
     model = tiny_model(arch)

@@ -52,6 +52,9 @@ class TidarGenerateOutput:
 # call 0.17 ms vs 2 x 0.16 ms; 20 rows 0.32 ms vs 2 x 0.18 ms). On a GPU a call of a few hundred rows costs what
 # a call of one does.
 ONE_HEAD_CALL_ROWS = {"cpu": 24, "cuda": 128}
+# Devices whose greedy acceptance is decided on the host (reading them costs no synchronisation); elsewhere the
+# step stays on the device (``device_step``: one host sync per step, CUDA-graph capturable).
+HOST_VERIFY = {"cpu"}
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -192,6 +195,8 @@ class _Decoder:
         for the next step (and their q rows when sampling)."""
         cache.check_room(plan.seg_len)
         seg_start = cache.seq_lengths(self.device)
+        if self.greedy and self.device.type in HOST_VERIFY:
+            return self._greedy_host(cache, plan, drafts, seg_start)
         if self.greedy:
             packed = self.device_step(cache, plan, drafts, seg_start)
             return self._greedy_rows(packed.tolist(), plan)  # the step's one host synchronisation
@@ -231,6 +236,33 @@ class _Decoder:
             rows = K + bi[:, None] * K + self._arange(K)[None]
             parts.append(top.gather(1, rows) if one_call else _argmax(self._rows(h, rows)))  # block j*'s slots
         return torch.cat(parts, 1)
+
+    def _greedy_host(self, cache, plan: Plan, drafts, seg_start):
+        """The greedy step where the device is the host (a CPU): the same result as ``device_step`` +
+        ``_greedy_rows``, with the acceptance decided on Python ints, since reading a CPU tensor costs no
+        synchronisation and a dozen small tensor ops cost more than the loop (about 0.1 ms a step)."""
+        K, lv = plan.draft_len, plan.levels
+        h = self._body(cache, plan, drafts, seg_start)
+        one_call = lv and plan.seg_len <= ONE_HEAD_CALL_ROWS.get(h.device.type, 0)
+        top = _argmax(self._rows(h, slice(0, plan.seg_len if one_call else K))).tolist()  # [B][S or K]
+        host = drafts.tolist()
+        acc = []
+        for d, t in zip(host, top):
+            a = 1  # d_0 is always kept; d_i is accepted while it equals the AR argmax after d_0..d_{i-1}
+            while a < K and d[a] == t[a - 1]:
+                a += 1
+            acc.append(a)
+        block = plan.block_index
+        if lv and not one_call:  # second call: the K rows of the block each row's next drafts come from
+            rows = [[K + max(block[a], 0) * K + j for j in range(K)] for a in acc]
+            slots = _argmax(self._rows(h, torch.tensor(rows, device=h.device))).tolist()
+        else:
+            slots = [t[K + max(block[a], 0) * K : 2 * K + max(block[a], 0) * K] for a, t in zip(acc, top)]
+        res = []
+        for a, t, sl in zip(acc, top, slots):
+            n = plan.next_diffusion_drafts(a)
+            res.append((a, t[a - 1], sl[K - n :] if n else [], None))
+        return res
 
     def _jstar_table(self, plan: Plan) -> torch.Tensor:
         t = self._tables.get(plan)
