@@ -180,11 +180,17 @@ def test_sharded_training_refuses_decoding_evaluation_before_any_step(tiny_corpu
     assert steps == [] and not (tmp_path / "refused" / "model.safetensors").exists()
 
 
-def _save_ar_model(folder, tokenizer, vocab_rows=None, seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _save_ar_model(folder, tokenizer, vocab_rows=None, seed=0, arch="qwen2"):
+    import transformers as tf
 
+    config_cls, model_cls = {
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+    }[arch]
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
+    cfg = config_cls(
         vocab_size=vocab_rows or len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -197,7 +203,7 @@ def _save_ar_model(folder, tokenizer, vocab_rows=None, seed=0):
         bos_token_id=None,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = Qwen2ForCausalLM(cfg)
+    model = model_cls(cfg)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model.eval()
@@ -243,15 +249,18 @@ def test_init_from_keeps_the_ar_logits(tiny_corpus, tmp_path, case):  # noqa: F8
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_init_from_trains_and_saves_a_working_tidar_model(tiny_corpus, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "mistral"])
+def test_init_from_trains_and_saves_a_working_tidar_model(tiny_corpus, tmp_path, arch):  # noqa: F811
+    """The conversion recipe on other families than the bundled model's: trains, saves, loads, decodes exactly."""
     from transformers import AutoModelForCausalLM
 
     c = corpus_mod.find_corpus(tiny_corpus)
-    _save_ar_model(tmp_path / "src", corpus_mod.train_tokenizer(c.train_files, 300))
+    _save_ar_model(tmp_path / "src", corpus_mod.train_tokenizer(c.train_files, 300), arch=arch)
     state, out = _train(tmp_path, tiny_corpus, "--max-steps", "25", "--init-from", str(tmp_path / "src"), name="conv")
     hist = state["log_history"]
     assert sum(h["loss"] for h in hist[-4:]) / 4 < sum(h["loss"] for h in hist[:4]) / 4 - 0.3
     model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == arch
     tok = ck_mod.load_tokenizer(out)
     assert model.config.mask_token_id == tok.mask_token_id and model.config.tidar_block_size == 8
     tidar.patch(model, draft_len=model.config.tidar_draft_len)
