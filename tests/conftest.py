@@ -78,6 +78,28 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", [b for b, _ in pairs])
 
 
+def arch_classes(arch: str):
+    """(config class, causal-LM class) of one of ``ARCHS``."""
+    import transformers as tf
+
+    return {
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+    }[arch]
+
+
+@pytest.fixture(scope="module")
+def module_one_thread():
+    """Tiny models: one intra-op thread for a whole module (several threads spin for nothing on a loaded 2-core
+    CI box). Used with ``pytestmark = pytest.mark.usefixtures("module_one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_model(
     arch: str = "qwen2",
     vocab: int = 97,
@@ -94,14 +116,7 @@ def tiny_model(
 
     ``init`` is larger than HF's 0.02 so the logits are peaked and fp32 near-ties are rare.
     """
-    import transformers as tf
-
-    cls = {
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
-        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-    }[arch]
+    cls = arch_classes(arch)
     kw = dict(
         vocab_size=vocab,
         hidden_size=hidden,

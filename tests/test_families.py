@@ -28,14 +28,7 @@ from family_models import KNOWN_FAILURES, MASK_ID, VOCAB, build, families
 import tidar
 from tidar.patch_probe import UnsupportedModel
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (several threads spin for nothing on a loaded 2-core CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("module_one_thread")  # tiny models: see conftest
 
 
 PROMPTS = ([11, 12, 13, 14, 15, 16], [21, 22, 23])  # ragged on purpose

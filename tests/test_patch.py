@@ -8,14 +8,7 @@ from conftest import tiny_model
 
 import tidar
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (several threads spin for nothing on a loaded 2-core CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("module_one_thread")  # tiny models: see conftest
 
 
 def _state(model):

@@ -82,78 +82,39 @@ GREEDY_MIX = (
 )  # rows with AR only, AR + data diffusion, and generated rows, spread over ranks
 
 
-def test_torchrun_two_processes_equal_one(tiny_corpus, tmp_path):  # noqa: F811
-    one, _ = _train(tmp_path, tiny_corpus, "--max-steps", "3", *GREEDY_MIX, name="one")
+def _launched_equals_one(launcher: list, tiny_corpus, tmp_path, steps: int, cwd=None):  # noqa: F811
+    """Run ``launcher -m tidar train ...`` (2 processes) and compare its losses with one process, same global batch."""
+    one, _ = _train(tmp_path, tiny_corpus, "--max-steps", str(steps), *GREEDY_MIX, name="one")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29533",
-        "-m",
-        "tidar",
-        "train",
-        "--corpus",
-        str(tiny_corpus),
-        "--output",
-        str(tmp_path / "ddp"),
-        *TINY,
-        "--max-steps",
-        "3",
-        *GREEDY_MIX,
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    env.pop("ACCELERATE_CONFIG_FILE", None)
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", *launcher, "-m", "tidar", "train", "--corpus", str(tiny_corpus), "--output", str(out)]
+    cmd += [*TINY, "--max-steps", str(steps), *GREEDY_MIX]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
-    state = json.loads((tmp_path / "ddp" / ck_mod.STATE_FILE).read_text())
+    state = json.loads((out / ck_mod.STATE_FILE).read_text())
     assert state["processes"] == 2
     _close(_losses(state), _losses(one), 1e-4)
     for key in ("ar_loss", "diffusion_loss"):
         _close([h[key] for h in state["log_history"]], [h[key] for h in one["log_history"]], 1e-4)
+
+
+def test_torchrun_two_processes_equal_one(tiny_corpus, tmp_path):  # noqa: F811
+    _launched_equals_one(
+        ["torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"], tiny_corpus, tmp_path, 3
+    )
 
 
 def test_accelerate_launch_two_processes_equal_one(tiny_corpus, tmp_path):  # noqa: F811
     """`accelerate launch` (the user's accelerate config; here 2 CPU processes) runs the same CLI with the same
     losses as one process with the same global batch."""
-    one, _ = _train(tmp_path, tiny_corpus, "--max-steps", "2", *GREEDY_MIX, name="one")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("ACCELERATE_CONFIG_FILE", None)
-    cmd = [
-        sys.executable,
-        "-m",
+    launcher = [
         "accelerate.commands.launch",
         "--multi_gpu",  # accelerate's multi-process launcher (torch.distributed.run); without CUDA it runs gloo on CPUs
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29534",
-        "-m",
-        "tidar",
-        "train",
-        "--corpus",
-        str(tiny_corpus),
-        "--output",
-        str(tmp_path / "acc"),
-        *TINY,
-        "--max-steps",
-        "2",
-        *GREEDY_MIX,
+        *("--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", "29534"),
     ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    state = json.loads((tmp_path / "acc" / ck_mod.STATE_FILE).read_text())
-    assert state["processes"] == 2
-    _close(_losses(state), _losses(one), 1e-4)
-    for key in ("ar_loss", "diffusion_loss"):
-        _close([h[key] for h in state["log_history"]], [h[key] for h in one["log_history"]], 1e-4)
+    _launched_equals_one(launcher, tiny_corpus, tmp_path, 2, cwd=tmp_path)
 
 
 @pytest.mark.parametrize("sharding", ["fsdp", "zero3"])
@@ -181,14 +142,9 @@ def test_sharded_training_refuses_decoding_evaluation_before_any_step(tiny_corpu
 
 
 def _save_ar_model(folder, tokenizer, vocab_rows=None, seed=0, arch="qwen2"):
-    import transformers as tf
+    from conftest import arch_classes
 
-    config_cls, model_cls = {
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
-        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-    }[arch]
+    config_cls, model_cls = arch_classes(arch)
     torch.manual_seed(seed)
     cfg = config_cls(
         vocab_size=vocab_rows or len(tokenizer),

@@ -223,7 +223,7 @@ class _Decoder:
         K slots of the proposal block the next drafts come from (absent without levels)."""
         B, K, lv = self.B, plan.draft_len, plan.levels
         h = self._body(cache, plan, drafts, seg_start)
-        one_call = lv and plan.seg_len <= ONE_HEAD_CALL_ROWS.get(h.device.type, 0)
+        one_call = self._one_head_call(plan)
         top = _argmax(self._rows(h, slice(0, plan.seg_len))) if one_call else None  # [B, S]
         tgt = top[:, :K] if one_call else _argmax(self._rows(h, slice(0, K)))  # [B, K]: AR argmax after d_0..d_i
         if K > 1:
@@ -243,7 +243,7 @@ class _Decoder:
         synchronisation and a dozen small tensor ops cost more than the loop (about 0.1 ms a step)."""
         K, lv = plan.draft_len, plan.levels
         h = self._body(cache, plan, drafts, seg_start)
-        one_call = lv and plan.seg_len <= ONE_HEAD_CALL_ROWS.get(h.device.type, 0)
+        one_call = self._one_head_call(plan)
         top = _argmax(self._rows(h, slice(0, plan.seg_len if one_call else K))).tolist()  # [B][S or K]
         host = drafts.tolist()
         acc = []
@@ -252,17 +252,21 @@ class _Decoder:
             while a < K and d[a] == t[a - 1]:
                 a += 1
             acc.append(a)
-        block = plan.block_index
+        starts = [K + max(plan.block_index[a], 0) * K for a in acc]  # the row of block j*'s first slot
         if lv and not one_call:  # second call: the K rows of the block each row's next drafts come from
-            rows = [[K + max(block[a], 0) * K + j for j in range(K)] for a in acc]
+            rows = [list(range(r, r + K)) for r in starts]
             slots = _argmax(self._rows(h, torch.tensor(rows, device=h.device))).tolist()
         else:
-            slots = [t[K + max(block[a], 0) * K : 2 * K + max(block[a], 0) * K] for a, t in zip(acc, top)]
+            slots = [t[r : r + K] for r, t in zip(starts, top)]
         res = []
         for a, t, sl in zip(acc, top, slots):
             n = plan.next_diffusion_drafts(a)
             res.append((a, t[a - 1], sl[K - n :] if n else [], None))
         return res
+
+    def _one_head_call(self, plan: Plan) -> bool:
+        """Whether a greedy step takes the LM head on all its rows in one call (see ONE_HEAD_CALL_ROWS)."""
+        return bool(plan.levels) and plan.seg_len <= ONE_HEAD_CALL_ROWS.get(self.device.type, 0)
 
     def _jstar_table(self, plan: Plan) -> torch.Tensor:
         t = self._tables.get(plan)

@@ -79,6 +79,12 @@ def _launch_opts(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
 
 
+def _tile_consts(cfg: dict, D: int, BM: int, BN: int, BD: int, soft: bool) -> dict:
+    """The compile-time constants and launch options every attention kernel (forward, dQ, dK/dV) takes."""
+    consts = dict(D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, UPCAST=cfg["UPCAST"], PREC=cfg["PREC"], SOFTCAP=soft)
+    return {**consts, **_launch_opts(cfg)}
+
+
 def _auto_splits(B, Hkv, n_m_tiles, S, Skv, device) -> int:
     if device.type != "cuda":
         return 1
@@ -112,16 +118,7 @@ def _forward(q, k, v, local_limit, block_id, seg_start, scale, num_splits=0, sof
     out = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     qk_scale, cap, soft = _score_consts(scale, softcap)
-    common = dict(
-        D=D,
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_D=BD,
-        UPCAST=cfg["UPCAST"],
-        PREC=cfg["PREC"],
-        SOFTCAP=soft,
-        **_launch_opts(cfg),
-    )
+    common = _tile_consts(cfg, D, BM, BN, BD, soft)
     grid = (n_m, B * Hkv, num_splits)
     if num_splits == 1:
         # fmt: off
@@ -169,16 +166,7 @@ def _backward(do, q, k, v, out, lse, local_limit, block_id, seg_start, scale, so
     dk = torch.empty((B, Hkv, Skv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, Skv, D), dtype=v.dtype, device=v.device)
     qk_scale, cap, soft = _score_consts(scale, softcap)
-    common = dict(
-        D=D,
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_D=BD,
-        UPCAST=cfg["UPCAST"],
-        PREC=cfg["PREC"],
-        SOFTCAP=soft,
-        **_launch_opts(cfg),
-    )
+    common = _tile_consts(cfg, D, BM, BN, BD, soft)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     # fmt: off
     _bwd_dq_kernel[(triton.cdiv(S * G, BM), B * Hkv)](
