@@ -12,7 +12,7 @@ from test_train import _train, tiny_corpus  # noqa: F401  (module fixture)
 
 import tidar
 from tidar import self_distill
-from tidar.hybrid_loss import ar_loss, hybrid_forward, hybrid_loss
+from tidar.hybrid_loss import acceptance_weights, ar_loss, hybrid_forward, hybrid_loss
 
 
 def _x(B=2, L=8, seed=2):
@@ -139,6 +139,16 @@ def test_generation_builds_no_graph():
         ("--diffusion-target", "ar-hard"),
         ("--diffusion-target", "ar-soft"),
         ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-refresh", "10"),
+        (
+            "--diffusion-target",
+            "greedy",
+            "--distill-prompt-len",
+            "8",
+            "--distill-refresh",
+            "10",
+            "--diffusion-weighting",
+            "acceptance",
+        ),
     ],
 )
 def test_a_few_steps_reduce_the_loss(tiny_corpus, tmp_path, extra):  # noqa: F811
@@ -178,12 +188,77 @@ def test_greedy_resume_reproduces_the_loss_curve(tiny_corpus, tmp_path):  # noqa
         (("--diffusion-target", "greedy", "--distill-refresh", "0"), "--distill-refresh must be an int >= 1"),
         (("--diffusion-target", "greedy", "--distill-prompt-len", "32"), "--distill-prompt-len must be in"),
         (("--no-diffusion", "--diffusion-target", "ar-hard"), "contradicts"),
+        (("--diffusion-weighting", "linear"), "--diffusion-weighting must be one of uniform, acceptance"),
+        (("--no-diffusion", "--diffusion-weighting", "acceptance"), "contradicts"),
     ],
 )
 def test_bad_option_values(tiny_corpus, tmp_path, extra, match):  # noqa: F811
     with pytest.raises(ValueError, match=match):
         _train(tmp_path, tiny_corpus, "--max-steps", "2", *extra)
     assert not (tmp_path / "run").exists()  # rejected before anything ran or was written
+
+
+def test_acceptance_weights_equal_hand_computation():
+    """Slot j of a block: the product of exp(-ce) over the block's earlier valid slots; first slot 1."""
+    K = 4
+    torch.manual_seed(13)
+    ce = torch.rand(2, 8) * 3
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, :3] = False  # a generated row's prompt: no loss, counts as sure
+    want = torch.ones(2, 8)
+    for b in range(2):
+        for blk in range(2):
+            for j in range(K):
+                for i in range(j):
+                    pos = blk * K + i
+                    if valid[b, pos]:
+                        want[b, blk * K + j] *= float(torch.exp(-ce[b, pos]))
+    got = acceptance_weights(ce.requires_grad_(), valid, K)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert got.grad_fn is None  # detached: the weights are constants of the step
+
+
+def test_acceptance_weighted_loss_equals_hand_computation_and_keeps_the_ar_term():
+    L, K, P = 8, 4, 3
+    model = tidar.patch(tiny_model("qwen2", vocab=V, seed=14), draft_len=K)
+    real = _x(B=3, L=L, seed=15)
+    gen = self_distill.continue_greedy(model, _x(B=2, L=P, seed=16), L - P)
+    uni = self_distill.self_distill_loss(model, real, gen, P, K, alpha=2.0, n_data=1)
+    got = self_distill.self_distill_loss(model, real, gen, P, K, alpha=2.0, n_data=1, diffusion_weighting="acceptance")
+    torch.testing.assert_close(got.ar_loss, uni.ar_loss, atol=0, rtol=0)
+    tidar.unpatch(model)
+    x = torch.cat([real[:1], gen])
+    *_, logits = _hand_loss(model, x, K, 1.0)
+    tidar.patch(model, draft_len=K)
+    ce = F.cross_entropy(logits[:, L:].reshape(-1, V), x.reshape(-1), reduction="none").view(3, L)
+    valid = torch.ones(3, L, dtype=torch.bool)
+    valid[1:, :P] = False
+    w = torch.ones(3, L)
+    for r in range(3):
+        for pos in range(L):
+            for i in range(pos - pos % K, pos):
+                if valid[r, i]:
+                    w[r, pos] *= float(torch.exp(-ce[r, i].detach()))
+    want = (ce * w)[valid].sum() / valid.sum()
+    torch.testing.assert_close(got.diffusion_loss, want, atol=1e-5, rtol=1e-5)
+    assert float(got.diffusion_loss) < float(uni.diffusion_loss)  # weights <= 1, some < 1
+    # the gradient of the weighted term treats the weights as constants
+    model.zero_grad()
+    got.diffusion_loss.backward()
+    g_got = [p.grad.clone() for p in model.parameters()]
+    tidar.unpatch(model)
+    model.zero_grad()
+    *_, logits = _hand_loss(model, x, K, 1.0)
+    ce = F.cross_entropy(logits[:, L:].reshape(-1, V), x.reshape(-1), reduction="none").view(3, L)
+    ((ce * w)[valid].sum() / valid.sum()).backward()
+    for a, p in zip(g_got, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_hybrid_loss_weighting():
+    model = tidar.patch(tiny_model("qwen2", vocab=V), draft_len=4)
+    with pytest.raises(ValueError, match="diffusion_weighting must be one of uniform, acceptance"):
+        hybrid_loss(model, _x(), 4, diffusion_weighting="position")
 
 
 def test_bad_hybrid_loss_target():

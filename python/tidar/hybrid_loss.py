@@ -93,6 +93,19 @@ def hybrid_forward(
 
 
 DIFFUSION_TARGETS = ("data", "ar-hard", "ar-soft")
+DIFFUSION_WEIGHTINGS = ("uniform", "acceptance")
+
+
+def acceptance_weights(ce: torch.Tensor, valid: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[B, L]`` weights of the mask slots for ``diffusion_weighting="acceptance"``: slot j of a block gets
+    ``prod_{i<j} exp(-ce_i)`` over the block's earlier valid slots (detached), the model's own probability that
+    the drafts before it are all right. A draft only counts when every draft before it was accepted, so this puts
+    the diffusion term where drafts get accepted: the whole block on a text the drafter already follows (a loop),
+    the first slots only on a hard one. The first slot of every block has weight 1; invalid slots count as sure."""
+    B, L = ce.shape
+    q = torch.where(valid, torch.exp(-ce.detach()), torch.ones_like(ce)).view(B, L // block_size, block_size)
+    w = torch.cat([torch.ones_like(q[..., :1]), torch.cumprod(q, -1)[..., :-1]], -1)
+    return w.view(B, L)
 
 
 def hybrid_loss(
@@ -107,6 +120,7 @@ def hybrid_loss(
     diffusion_target: str = "data",
     ar_valid: torch.Tensor | None = None,
     diffusion_valid: torch.Tensor | None = None,
+    diffusion_weighting: str = "uniform",
 ) -> HybridLoss:
     """TiDAR hybrid loss of a patched HF causal LM (``tidar.patch``) on ``input_ids`` ``[B, L]``.
 
@@ -125,6 +139,9 @@ def hybrid_loss(
         ar_valid / diffusion_valid: optional ``[B, L]`` boolean masks of the positions whose AR label
             (``ar_valid[:, i]``: the label x[i] predicted at i-1) / diffusion label counts, combined with
             ``attention_mask``; a term with no valid position is 0.
+        diffusion_weighting: ``"uniform"`` (every mask slot counts once, the paper) or ``"acceptance"`` (slot j
+            of a block weighted by the model's detached probability of the block's targets before j,
+            :func:`acceptance_weights`; the mean is still over the valid slots, so the term is smaller).
     Returns ``HybridLoss(loss, ar_loss, diffusion_loss)``.
     """
     _check_alpha(alpha)
@@ -138,6 +155,7 @@ def hybrid_loss(
         diffusion_target=diffusion_target,
         ar_valid=ar_valid,
         diffusion_valid=diffusion_valid,
+        diffusion_weighting=diffusion_weighting,
     )
     ar = ar_sum / ar_n.clamp_min(1.0)
     diff = diff_sum / diff_n.clamp_min(1.0)
@@ -170,12 +188,17 @@ def hybrid_loss_sums(
     diffusion_target="data",
     ar_valid=None,
     diffusion_valid=None,
+    diffusion_weighting="uniform",
 ):
     """The two terms of :func:`hybrid_loss` as (sum of cross-entropies, count) pairs:
     ``(ar_sum, ar_count, diffusion_sum, diffusion_count)`` (float tensors), so that several forwards
     (real and generated rows) can be pooled into one mean per term."""
     if diffusion_target not in DIFFUSION_TARGETS:
         raise ValueError(f"diffusion_target must be one of {', '.join(DIFFUSION_TARGETS)}, got {diffusion_target!r}")
+    if diffusion_weighting not in DIFFUSION_WEIGHTINGS:
+        raise ValueError(
+            f"diffusion_weighting must be one of {', '.join(DIFFUSION_WEIGHTINGS)}, got {diffusion_weighting!r}"
+        )
     valid = _check_ids(input_ids, attention_mask)
     shape = input_ids.shape
     ar_valid = _check_valid("ar_valid", ar_valid, shape)
@@ -204,6 +227,8 @@ def hybrid_loss_sums(
         dv = dv.clone()
         dv[:, 0] = False
     diff_m = dv.flatten().float()
+    if diffusion_weighting == "acceptance":
+        diff_ce = diff_ce * acceptance_weights(diff_ce.view(shape[0], L), dv, block_size).flatten()
     return (ar_ce * ar_m).sum(), ar_m.sum(), (diff_ce * diff_m).sum(), diff_m.sum()
 
 
@@ -226,6 +251,8 @@ def ar_loss_sums(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor
 
 __all__ = [
     "DIFFUSION_TARGETS",
+    "DIFFUSION_WEIGHTINGS",
+    "acceptance_weights",
     "HybridLoss",
     "ar_loss",
     "ar_loss_sums",

@@ -193,10 +193,12 @@ def self_distill_loss(
     block_size: int,
     alpha: float = 1.0,
     n_data: int = 0,
+    diffusion_weighting: str = "uniform",
 ) -> HybridLoss:
     """The step loss described in the module docstring. ``real`` ``[B, L]`` (the AR term, all rows; the first
     ``n_data`` rows also carry the data-target diffusion term), ``generated`` ``[G, L]`` or None (the diffusion
-    term on positions ``>= prompt_len``, detached by construction: they are token ids)."""
+    term on positions ``>= prompt_len``, detached by construction: they are token ids); ``diffusion_weighting`` as in
+    :func:`tidar.hybrid_loss`."""
     B, L = real.shape
     if not 0 <= n_data <= B:
         raise ValueError(f"n_data must be in [0, {B}] (the real rows), got {n_data}")
@@ -213,7 +215,9 @@ def self_distill_loss(
         rows_real = torch.arange(len(x), device=device) < n_data
         ar_valid = rows_real[:, None].expand(-1, L)
         diff_valid = rows_real[:, None] | (torch.arange(L, device=device) >= prompt_len)[None]
-        a, an, d, dn = hybrid_loss_sums(model, x, block_size, ar_valid=ar_valid, diffusion_valid=diff_valid)
+        a, an, d, dn = hybrid_loss_sums(
+            model, x, block_size, ar_valid=ar_valid, diffusion_valid=diff_valid, diffusion_weighting=diffusion_weighting
+        )
         ar_s, ar_n, d_s, d_n = ar_s + a, ar_n + an, d_s + d, d_n + dn
     if n_data < B:
         a, an = ar_loss_sums(model, real[n_data:])

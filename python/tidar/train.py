@@ -132,14 +132,15 @@ def write_demo_prompts(folder, tokenizer, corpus, n: int = 3):
 def objective_name(args) -> str:
     if args.no_diffusion:
         return "ar"
+    w = "" if args.diffusion_weighting == "uniform" else f", weighting={args.diffusion_weighting}"
     if args.diffusion_target == "greedy":
         return (
             f"hybrid(alpha={args.alpha}, diffusion_target=greedy, ratio={args.distill_ratio}, "
-            f"refresh={args.distill_refresh}, temperature={args.distill_temperature})"
+            f"refresh={args.distill_refresh}, temperature={args.distill_temperature}{w})"
         )
     if args.diffusion_target != "data":
-        return f"hybrid(alpha={args.alpha}, diffusion_target={args.diffusion_target})"
-    return f"hybrid(alpha={args.alpha})"
+        return f"hybrid(alpha={args.alpha}, diffusion_target={args.diffusion_target}{w})"
+    return f"hybrid(alpha={args.alpha}{w})"
 
 
 MODEL_ARGS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "init_from")
@@ -275,6 +276,7 @@ def train(args, log=print) -> dict:
         prompt_len=args.distill_prompt_len,
         pool=pool,
         shards=_world_size(),
+        weighting=args.diffusion_weighting,
     )
     dataset = WindowDataset(train_stream, args.seq_len, args.batch_size, args.seed, args.max_steps)
     targs = TrainingArguments(
@@ -341,6 +343,7 @@ def train(args, log=print) -> dict:
         block_size=args.block_size,
         alpha=None if args.no_diffusion else args.alpha,
         diffusion_target=args.diffusion_target,
+        diffusion_weighting=args.diffusion_weighting,
         run_loss=run_loss,
         lr_lambda=factor,
         sequential=True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from . import self_distill
+from .hybrid_loss import DIFFUSION_WEIGHTINGS
 
 
 def _world_size() -> int:
@@ -45,6 +46,12 @@ def add_arguments(p):
         help="what the mask half learns (docs/design.md §3.1): data (the paper), ar-hard / ar-soft (teacher-forced: "
         "the AR head's argmax / distribution at the same position, detached), greedy (the model's own "
         "continuations of real prompts, regenerated every --distill-refresh steps)",
+    )
+    g.add_argument(
+        "--diffusion-weighting",
+        default="uniform",
+        help="uniform (every mask slot counts once, the paper) or acceptance (slot j of a block weighted by the "
+        "model's detached probability of the block's targets before j: the term goes where drafts get accepted)",
     )
     g.add_argument(
         "--distill-rows",
@@ -165,6 +172,14 @@ def check_args(args):
     )
     if args.distill_gen_batch < 1:
         raise ValueError(f"--distill-gen-batch must be >= 1, got {args.distill_gen_batch}")
+    if args.diffusion_weighting not in DIFFUSION_WEIGHTINGS:
+        raise ValueError(
+            f"--diffusion-weighting must be one of {', '.join(DIFFUSION_WEIGHTINGS)}, got {args.diffusion_weighting!r}"
+        )
+    if args.no_diffusion and args.diffusion_weighting != "uniform":
+        raise ValueError(
+            f"--no-diffusion trains no diffusion term; --diffusion-weighting {args.diffusion_weighting} contradicts it"
+        )
     if args.no_diffusion and args.diffusion_target != "data":
         raise ValueError(
             f"--no-diffusion trains no diffusion term; --diffusion-target {args.diffusion_target} contradicts it"

@@ -29,11 +29,12 @@ from .hybrid_loss import ar_loss, ar_loss_sums, hybrid_loss, hybrid_loss_sums
 class HybridLossMixin:
     """``compute_loss`` for ``transformers.Trainer``: the TiDAR hybrid loss on ``inputs["input_ids"]``
     (``[B, L]``, L a multiple of ``tidar_block_size``); ``tidar_alpha=None`` trains the AR-only baseline;
-    ``tidar_diffusion_target`` as in :func:`tidar.hybrid_loss`."""
+    ``tidar_diffusion_target`` / ``tidar_diffusion_weighting`` as in :func:`tidar.hybrid_loss`."""
 
     tidar_block_size: int = 16
     tidar_alpha: float | None = 1.0
     tidar_diffusion_target: str = "data"
+    tidar_diffusion_weighting: str = "uniform"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
@@ -47,6 +48,7 @@ class HybridLossMixin:
             self.tidar_alpha,
             attention_mask=mask,
             diffusion_target=self.tidar_diffusion_target,
+            diffusion_weighting=self.tidar_diffusion_weighting,
         )
         extra = {"ar_loss": r.ar_loss.detach(), "diffusion_loss": r.diffusion_loss.detach()}
         return (r.loss, extra) if return_outputs else r.loss
@@ -65,6 +67,7 @@ class TidarTrainer(HybridLossMixin, Trainer):
         block_size: int = 16,
         alpha: float | None = 1.0,
         diffusion_target: str = "data",
+        diffusion_weighting: str = "uniform",
         run_loss=None,
         lr_lambda=None,
         sequential: bool = False,
@@ -74,6 +77,7 @@ class TidarTrainer(HybridLossMixin, Trainer):
         self.tidar_block_size = block_size
         self.tidar_alpha = alpha
         self.tidar_diffusion_target = diffusion_target
+        self.tidar_diffusion_weighting = diffusion_weighting
         self.tidar_run_loss = run_loss
         self.tidar_lr_lambda = lr_lambda
         self.tidar_sequential = sequential
@@ -184,6 +188,7 @@ class RunLoss:
         prompt_len=0,
         pool=None,
         shards=1,
+        weighting="uniform",
     ):
         L = seq_len
         self.L, self.batch, self.K, self.alpha = L, batch, block_size, alpha
@@ -195,7 +200,7 @@ class RunLoss:
             prompt_len,
             pool,
         )
-        self.shards = shards
+        self.shards, self.weighting = shards, weighting
         self.ar_count = batch * (L - 1)
         per_row = L if target in ("data", "greedy") else L - 1
         if no_diffusion:
@@ -218,7 +223,9 @@ class RunLoss:
         elif self.target == "greedy":
             ar_s, d_s = self._greedy(model, x, rows.to(dev), step)
         else:
-            ar_s, _, d_s, _ = hybrid_loss_sums(model, x, self.K, diffusion_target=self.target)
+            ar_s, _, d_s, _ = hybrid_loss_sums(
+                model, x, self.K, diffusion_target=self.target, diffusion_weighting=self.weighting
+            )
         self.ar_sum += float(ar_s.detach())
         self.diff_sum += float(d_s.detach())
         term_d = d_s / self.diff_count if self.diff_count else d_s * 0
@@ -250,7 +257,9 @@ class RunLoss:
             real_diff[:nr] = data_rows if single else True
             ar_valid = is_real[:, None].expand(-1, L)
             diff_valid = real_diff[:, None] | (~is_real[:, None] & (torch.arange(L, device=x.device) >= self.P)[None])
-            a, _, d, _ = hybrid_loss_sums(model, hyb, self.K, ar_valid=ar_valid, diffusion_valid=diff_valid)
+            a, _, d, _ = hybrid_loss_sums(
+                model, hyb, self.K, ar_valid=ar_valid, diffusion_valid=diff_valid, diffusion_weighting=self.weighting
+            )
             ar_s, d_s = ar_s + a, d_s + d
         if not single and bool((~data_rows).any()):
             a, _ = ar_loss_sums(model, x[~data_rows])
