@@ -152,6 +152,11 @@ def test_trainer_compute_loss_is_the_hybrid_loss():
     want = tidar.hybrid_loss(model, x, 4, alpha=0.5)
     torch.testing.assert_close(loss, want.loss)
     torch.testing.assert_close(extra["diffusion_loss"], want.diffusion_loss)
+    mixin.tidar_diffusion_weighting = "acceptance"
+    loss, extra = mixin.compute_loss(model, {"input_ids": x}, return_outputs=True)
+    weighted = tidar.hybrid_loss(model, x, 4, alpha=0.5, diffusion_weighting="acceptance")
+    torch.testing.assert_close(loss, weighted.loss)
+    assert float(extra["diffusion_loss"]) < float(want.diffusion_loss)  # weights <= 1, and not all 1
     mixin.tidar_alpha = None  # AR-only baseline
     from tidar.hybrid_loss import ar_loss
 
