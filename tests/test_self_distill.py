@@ -216,6 +216,10 @@ def test_acceptance_weights_equal_hand_computation():
     got = acceptance_weights(ce.requires_grad_(), valid, K)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     assert got.grad_fn is None  # detached: the weights are constants of the step
+    with pytest.raises(ValueError, match="multiple of block_size=3"):
+        acceptance_weights(ce, valid, 3)
+    with pytest.raises(ValueError, match="one shape"):
+        acceptance_weights(ce, valid[:, :4], K)
 
 
 def test_acceptance_weighted_loss_equals_hand_computation_and_keeps_the_ar_term():

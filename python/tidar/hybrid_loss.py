@@ -103,6 +103,11 @@ def acceptance_weights(ce: torch.Tensor, valid: torch.Tensor, block_size: int) -
     the diffusion term where drafts get accepted: the whole block on a text the drafter already follows (a loop),
     the first slots only on a hard one. The first slot of every block has weight 1; invalid slots count as sure."""
     B, L = ce.shape
+    if L % block_size or tuple(valid.shape) != (B, L):
+        raise ValueError(
+            f"acceptance_weights needs ce and valid of one shape [B, L] with L a multiple of block_size={block_size}, "
+            f"got {tuple(ce.shape)} and {tuple(valid.shape)}"
+        )
     q = torch.where(valid, torch.exp(-ce.detach()), torch.ones_like(ce)).view(B, L // block_size, block_size)
     w = torch.cat([torch.ones_like(q[..., :1]), torch.cumprod(q, -1)[..., :-1]], -1)
     return w.view(B, L)
