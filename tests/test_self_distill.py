@@ -149,6 +149,26 @@ def test_generation_builds_no_graph():
             "--diffusion-weighting",
             "acceptance",
         ),
+        (
+            "--diffusion-target",
+            "greedy",
+            "--distill-prompt-len",
+            "8",
+            "--distill-refresh",
+            "10",
+            "--distill-ratio",
+            "0.5",
+        ),
+        (
+            "--diffusion-target",
+            "greedy",
+            "--distill-prompt-len",
+            "8",
+            "--distill-refresh",
+            "10",
+            "--distill-temperature",
+            "1.0",
+        ),
     ],
 )
 def test_a_few_steps_reduce_the_loss(tiny_corpus, tmp_path, extra):  # noqa: F811
@@ -188,6 +208,18 @@ def test_greedy_resume_reproduces_the_loss_curve(tiny_corpus, tmp_path):  # noqa
         (("--diffusion-target", "greedy", "--distill-refresh", "0"), "--distill-refresh must be an int >= 1"),
         (("--diffusion-target", "greedy", "--distill-prompt-len", "32"), "--distill-prompt-len must be in"),
         (("--no-diffusion", "--diffusion-target", "ar-hard"), "contradicts"),
+        (
+            ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-temperature", "-1"),
+            "--distill-temperature must be a finite",
+        ),
+        (
+            ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-rows", "100"),
+            "--distill-rows 100 must be <= --batch-size",
+        ),
+        (
+            ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-rows", "0"),
+            "--distill-rows must be an int >= 1",
+        ),
         (("--diffusion-weighting", "linear"), "--diffusion-weighting must be one of uniform, acceptance"),
         (("--no-diffusion", "--diffusion-weighting", "acceptance"), "contradicts"),
     ],
@@ -257,6 +289,51 @@ def test_acceptance_weighted_loss_equals_hand_computation_and_keeps_the_ar_term(
     ((ce * w)[valid].sum() / valid.sum()).backward()
     for a, p in zip(g_got, model.parameters()):
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
+
+
+class _FixedPool:
+    """A continuation pool that always hands out the same generated rows."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def maybe_refresh(self, model, step):
+        return False
+
+    def rows_at(self, step, n):
+        return self.rows[:n]
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "acceptance"])
+def test_tidar_train_step_loss_equals_self_distill_loss(weighting):
+    """`tidar train`'s step loss (RunLoss, rows spread over the batch) is the library's self_distill_loss."""
+    from tidar.trainer import RunLoss, spread
+
+    L, K, P, B, n_data, n_gen = 8, 4, 3, 4, 1, 2
+    model = tidar.patch(tiny_model("qwen2", vocab=V, seed=17), draft_len=K)
+    real = _x(B=B, L=L, seed=18)
+    gen = self_distill.continue_greedy(model, _x(B=n_gen, L=P, seed=19), L - P)
+    run = RunLoss(
+        seq_len=L,
+        batch=B,
+        block_size=K,
+        alpha=1.5,
+        no_diffusion=False,
+        target="greedy",
+        n_data=n_data,
+        n_gen=n_gen,
+        prompt_len=P,
+        pool=_FixedPool(gen),
+        weighting=weighting,
+    )
+    rows = torch.arange(B)
+    got = run(model, {"input_ids": real, "row": rows}, 0)
+    data_rows = spread(rows, n_data, B) >= 0  # the real rows that also carry the data-target diffusion term
+    order = torch.cat([rows[data_rows], rows[~data_rows]])
+    want = self_distill.self_distill_loss(
+        model, real[order], gen, P, K, alpha=1.5, n_data=n_data, diffusion_weighting=weighting
+    )
+    torch.testing.assert_close(got, want.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_hybrid_loss_weighting():

@@ -39,8 +39,9 @@ def check_options(
         raise ValueError(f"--distill-refresh must be an int >= 1 (steps between regenerations), got {refresh!r}")
     if target == "greedy" and (not isinstance(prompt_len, int) or not 1 <= prompt_len < seq_len):
         raise ValueError(f"--distill-prompt-len must be in [1, --seq-len {seq_len}), got {prompt_len!r}")
-    if not isinstance(rows, int) or rows < 0:
-        raise ValueError(f"--distill-rows must be an int >= 0, got {rows!r}")
+    least = 1 if target == "greedy" else 0  # greedy with no diffusion row would train AR alone under a hybrid name
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < least:
+        raise ValueError(f"--distill-rows must be an int >= {least} with --diffusion-target {target}, got {rows!r}")
     if not isinstance(temperature, (int, float)) or not 0.0 <= temperature < float("inf"):
         raise ValueError(f"--distill-temperature must be a finite number >= 0, got {temperature!r}")
 
