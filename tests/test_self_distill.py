@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 from test_hybrid_loss import MASK, V, _hand_loss
-from test_train import _train, tiny_corpus  # noqa: F401  (module fixture)
+from test_train import _args, _train, tiny_corpus  # noqa: F401  (module fixture)
 
 import tidar
 from tidar import self_distill
@@ -220,6 +220,8 @@ def test_greedy_resume_reproduces_the_loss_curve(tiny_corpus, tmp_path):  # noqa
             ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-rows", "0"),
             "--distill-rows must be an int >= 1",
         ),
+        (("--diffusion-target", "ar-soft", "--distill-temperature", "1"), "--distill-temperature only apply to"),
+        (("--distill-ratio", "0.5", "--distill-rows", "2"), "--distill-rows, --distill-ratio only apply to"),
         (("--diffusion-weighting", "linear"), "--diffusion-weighting must be one of uniform, acceptance"),
         (("--no-diffusion", "--diffusion-weighting", "acceptance"), "contradicts"),
     ],
@@ -340,6 +342,17 @@ def test_bad_hybrid_loss_weighting():
     model = tidar.patch(tiny_model("qwen2", vocab=V), draft_len=4)
     with pytest.raises(ValueError, match="diffusion_weighting must be one of uniform, acceptance"):
         hybrid_loss(model, _x(), 4, diffusion_weighting="position")
+
+
+@pytest.mark.parametrize("target", ["data", "ar-soft", "greedy"])
+def test_option_checks_can_run_twice(target):
+    """check_args fills in defaults; a second check of the same options (a library caller) still passes."""
+    from tidar.train_args import check_args
+
+    args = _args("--diffusion-target", target)
+    check_args(args)
+    check_args(args)
+    assert (args.distill_rows is None) == (target != "greedy")
 
 
 def test_bad_hybrid_loss_target():

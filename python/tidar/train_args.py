@@ -147,6 +147,24 @@ def add_arguments(p):
     )
 
 
+DISTILL_OPTIONS = ("distill_rows", "distill_ratio", "distill_refresh", "distill_prompt_len", "distill_temperature")
+
+
+def _check_distill_options_apply(args):
+    """The --distill-* options only shape --diffusion-target greedy: given with another target they would be
+    ignored without a word, so they are an error (names as on the command line)."""
+    if args.diffusion_target == "greedy":
+        return
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    given = [n for n in DISTILL_OPTIONS if getattr(args, n, None) != p.get_default(n)]
+    if given:
+        opts = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ValueError(f"{opts} only apply to --diffusion-target greedy, not {args.diffusion_target}")
+
+
 def check_args(args):
     for name in ("seq_len", "block_size", "batch_size", "max_steps", "vocab_size", "hidden_size", "layers", "heads"):
         if getattr(args, name) < 1:
@@ -159,7 +177,8 @@ def check_args(args):
         args.draft_len = args.block_size
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise ValueError("--max-minutes must be > 0")
-    if args.distill_rows is None:
+    _check_distill_options_apply(args)
+    if args.distill_rows is None and args.diffusion_target == "greedy":
         args.distill_rows = max(1, args.batch_size // 2)
     self_distill.check_options(
         args.diffusion_target,
@@ -167,7 +186,7 @@ def check_args(args):
         args.distill_refresh,
         args.distill_prompt_len,
         args.seq_len,
-        args.distill_rows,
+        0 if args.distill_rows is None else args.distill_rows,
         args.distill_temperature,
     )
     if args.distill_gen_batch < 1:
