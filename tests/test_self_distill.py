@@ -133,42 +133,19 @@ def test_generation_builds_no_graph():
     assert gen.grad_fn is None and all(p.grad is None for p in model.parameters())
 
 
+# greedy targets on the tiny corpus (seq-len 32): short prompts, a refresh within the 30 steps
+GREEDY = ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-refresh", "10")
+
+
 @pytest.mark.parametrize(
     "extra",
     [
         ("--diffusion-target", "ar-hard"),
         ("--diffusion-target", "ar-soft"),
-        ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-refresh", "10"),
-        (
-            "--diffusion-target",
-            "greedy",
-            "--distill-prompt-len",
-            "8",
-            "--distill-refresh",
-            "10",
-            "--diffusion-weighting",
-            "acceptance",
-        ),
-        (
-            "--diffusion-target",
-            "greedy",
-            "--distill-prompt-len",
-            "8",
-            "--distill-refresh",
-            "10",
-            "--distill-ratio",
-            "0.5",
-        ),
-        (
-            "--diffusion-target",
-            "greedy",
-            "--distill-prompt-len",
-            "8",
-            "--distill-refresh",
-            "10",
-            "--distill-temperature",
-            "1.0",
-        ),
+        GREEDY,
+        (*GREEDY, "--diffusion-weighting", "acceptance"),
+        (*GREEDY, "--distill-ratio", "0.5"),
+        (*GREEDY, "--distill-temperature", "1.0"),
     ],
 )
 def test_a_few_steps_reduce_the_loss(tiny_corpus, tmp_path, extra):  # noqa: F811
@@ -209,15 +186,15 @@ def test_greedy_resume_reproduces_the_loss_curve(tiny_corpus, tmp_path):  # noqa
         (("--diffusion-target", "greedy", "--distill-prompt-len", "32"), "--distill-prompt-len must be in"),
         (("--no-diffusion", "--diffusion-target", "ar-hard"), "contradicts"),
         (
-            ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-temperature", "-1"),
+            (*GREEDY, "--distill-temperature", "-1"),
             "--distill-temperature must be a finite",
         ),
         (
-            ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-rows", "100"),
+            (*GREEDY, "--distill-rows", "100"),
             "--distill-rows 100 must be <= --batch-size",
         ),
         (
-            ("--diffusion-target", "greedy", "--distill-prompt-len", "8", "--distill-rows", "0"),
+            (*GREEDY, "--distill-rows", "0"),
             "--distill-rows must be an int >= 1",
         ),
         (("--diffusion-target", "ar-soft", "--distill-temperature", "1"), "--distill-temperature only apply to"),
