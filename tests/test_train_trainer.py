@@ -266,7 +266,6 @@ def _bad_folder(tmp_path, name, config=None, tokenizer=True):
     [
         ("missing", "does not exist"),
         ("no_config", "no config.json"),
-        ("family", "model type 'gpt2' is not supported; supported families: llama, mistral, qwen2, qwen3"),
         ("not_causal", "is not a causal LM"),
         ("no_tokenizer", "has no tokenizer"),
     ],
@@ -275,7 +274,6 @@ def test_init_from_bad_inputs(tiny_corpus, tmp_path, kind, match):  # noqa: F811
     folder = {
         "missing": lambda: tmp_path / "nope",
         "no_config": lambda: _bad_folder(tmp_path, "nc"),
-        "family": lambda: _bad_folder(tmp_path, "fam", {"model_type": "gpt2"}),
         "not_causal": lambda: _bad_folder(
             tmp_path, "seq", {"model_type": "qwen2", "architectures": ["Qwen2ForSequenceClassification"]}
         ),

@@ -5,7 +5,8 @@
   bf16 are upcast to fp32 on load;
 - a checkpoint folder ``checkpoint-N`` is a model folder plus the HF Trainer state (optimizer, scheduler, RNG),
   ``tidar_state.json`` (the run's options and histories) and, for greedy self-distillation, ``distill_pool.pt``;
-- :func:`load_init_model` prepares any supported local causal-LM folder for TiDAR training (``--init-from``).
+- :func:`load_init_model` prepares a local causal-LM folder for TiDAR training (``--init-from``): any family that
+  ``tidar.patch`` accepts (its probe is the gate).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from . import corpus as corpus_mod
 STATE_FILE = "trainer_state.json"  # the final model folder's run log (options, loss and evaluation histories)
 TIDAR_STATE_FILE = "tidar_state.json"  # the same inside checkpoint-N (HF writes its own trainer_state.json there)
 POOL_FILE = "distill_pool.pt"
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # the model types tidar.patch is tested on
+# Config attributes of attention dropout: the TiDAR attention op has none (it refuses dropout > 0 in training).
+ATTENTION_DROPOUTS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 MODEL_SHAPE_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -74,7 +76,8 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     try:
         tokenizer = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+        # no attn_implementation: SDPA where the family supports it, else eager (Gemma 2)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - re-raised with the path and a hint
         raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e})") from e
     if getattr(model.config, "mask_token_id", None) is None:
@@ -125,7 +128,10 @@ def load_init_model(path, device="cpu", mask_token: str = "[MASK]"):
     (``<|reserved_special_token_N|>``-style) made the mask token; else ``mask_token`` is added and takes a spare
     embedding row if the embedding matrix is larger than the tokenizer (no resize: works under ZeRO-3/FSDP); else
     the embeddings grow by one row (initialised to the mean embedding). ``config.mask_token_id`` is set. ``how``
-    says which. The weights of every other token are unchanged, so the AR logits equal the source model's."""
+    says which. The weights of every other token are unchanged, so the AR logits equal the source model's.
+
+    Any family ``tidar.patch`` accepts: its probe runs on the loaded model and a refusal is a ValueError with the
+    probe's reason. Attention dropout and MoE router logits are switched off for training (``how`` says so)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -137,14 +143,12 @@ def load_init_model(path, device="cpu", mask_token: str = "[MASK]"):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"--init-from {path}: config.json is unreadable ({type(e).__name__}: {e})") from e
-    if config.model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"--init-from {path}: model type {config.model_type!r} is not supported; supported "
-            f"families: {', '.join(SUPPORTED_FAMILIES)}"
-        )
     archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
-        raise ValueError(f"--init-from {path} is not a causal LM (architectures {archs}); TiDAR needs *ForCausalLM")
+    if archs and not any(a.endswith("ForCausalLM") or a in _causal_lm_classes() for a in archs):
+        raise ValueError(
+            f"--init-from {path} is not a causal LM (architectures {archs}); TiDAR needs a causal LM "
+            "(*ForCausalLM, GPT2LMHeadModel, ...)"
+        )
     if not any(
         (path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     ):
@@ -152,11 +156,10 @@ def load_init_model(path, device="cpu", mask_token: str = "[MASK]"):
             f"--init-from {path} has no tokenizer (tokenizer.json / tokenizer_config.json); save it "
             f"with tokenizer.save_pretrained into the same folder"
         )
+    switched_off = _training_config(config)
     try:
         tokenizer = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, attn_implementation="sdpa", dtype=torch.float32, local_files_only=True
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"--init-from {path} could not be loaded as a causal LM ({type(e).__name__}: {e})") from e
     rows = model.get_input_embeddings().weight.shape[0]
@@ -177,13 +180,53 @@ def load_init_model(path, device="cpu", mask_token: str = "[MASK]"):
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--init-from {path}: the tokenizer has no EOS token (needed between packed documents)")
     model.config.mask_token_id = tokenizer.mask_token_id
+    _probe(model, path)
+    if switched_off:
+        how += "; for training: " + ", ".join(switched_off)
     return model.to(device), tokenizer, how
+
+
+def _causal_lm_classes() -> set:
+    """Class names of every causal LM transformers maps (``*ForCausalLM``, ``GPT2LMHeadModel``, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _training_config(config) -> list[str]:
+    """Switch off, before the model is built, what a TiDAR training forward cannot run; returns what changed.
+    Attention dropout: the TiDAR attention op has none and refuses it in training (GPT-2 style configs set 0.1).
+    MoE router logits: their auxiliary loss reads a 2-D attention mask that a TiDAR forward does not pass (the
+    forward fails), and it is no part of the hybrid objective (docs/design.md §3.1)."""
+    changed = []
+    for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
+        for name in ATTENTION_DROPOUTS:
+            p = getattr(cfg, name, None)
+            if isinstance(p, (int, float)) and p > 0:
+                setattr(cfg, name, 0.0)
+                changed.append(f"{name} {p} -> 0")
+        if getattr(cfg, "output_router_logits", False):
+            cfg.output_router_logits = False
+            changed.append("output_router_logits -> False (no router auxiliary loss)")
+    return changed
+
+
+def _probe(model, path) -> None:
+    """``tidar.patch``'s probe is the gate: a model TiDAR would not run exactly is refused with the probe's reason.
+    The model is returned unpatched (``tidar train`` patches it with its own options)."""
+    from .patch import UnsupportedModel, patch, unpatch
+
+    try:
+        patch(model)
+    except UnsupportedModel as e:
+        reason = str(e).removeprefix("tidar.patch: ").removesuffix(" The model is unchanged.")
+        raise ValueError(f"--init-from {path} cannot be trained with TiDAR: {reason}") from e
+    unpatch(model)
 
 
 __all__ = [
     "POOL_FILE",
     "STATE_FILE",
-    "SUPPORTED_FAMILIES",
     "TIDAR_STATE_FILE",
     "load_checkpoint",
     "load_init_model",
