@@ -325,7 +325,14 @@ OP_CASES = [
     ("ds_block_logits_not_tensor", "draft_sample", lambda: ds(block_logits=[[0.0]]), T, "block_logits"),
 ]
 
+
 # Functions without a backend: (name, callable, exception, argument named)
+def _ll_bid(S: int):
+    """The layout vectors of a segment of S tokens (causal)."""
+    lay = layouts.causal(S)
+    return lay.local_limit, lay.block_id
+
+
 PLAIN_CASES = [
     ("draw_uniforms_generator_int", lambda: tk.draw_uniforms(2, 3, generator=5), T, "generator"),
     ("draw_uniforms_batch_bool", lambda: tk.draw_uniforms(True, 3), E, "batch"),
@@ -379,6 +386,14 @@ PLAIN_CASES = [
         E,
         "local_limit",
     ),
+    # the segment must lie inside the keys, as for the ops: 0 <= seg_start <= kv_len - S
+    ("dense_mask_segment_past_kv_len", lambda: tk.dense_mask(*_ll_bid(20), 25, 30), E, "kv_len - S = 10"),
+    ("dense_mask_segment_past_kv_len_names_seg_start", lambda: tk.dense_mask(*_ll_bid(20), 25, 30), E, "seg_start"),
+    ("dense_mask_row_past_kv_len", lambda: tk.dense_mask(*_ll_bid(20), torch.tensor([0, 11], **I32), 30), E, "[0, 11]"),
+    ("dense_mask_seg_start_negative", lambda: tk.dense_mask(*_ll_bid(20), -1, 30), E, "seg_start"),
+    ("dense_mask_seg_start_tensor_negative", lambda: tk.dense_mask(*_ll_bid(3), torch.tensor([-2], **I64), 9), E, "-2"),
+    ("dense_mask_seg_start_int_huge", lambda: tk.dense_mask(*_ll_bid(3), 2**70, 9), E, "seg_start"),
+    ("dense_mask_kv_len_below_s", lambda: tk.dense_mask(*_ll_bid(20), 0, 19), E, "kv_len must be >= S = 20"),
     ("decode_step_bool", lambda: layouts.decode_step(True), E, "draft_len"),
     ("decode_step_float", lambda: layouts.decode_step(2.0), E, "draft_len"),
     ("decode_step_zero", lambda: layouts.decode_step(0), E, "draft_len"),
@@ -545,3 +560,11 @@ def test_numpy_scalars_and_in_range_int64_layouts_are_accepted():
         **ds(top_k=np.int64(2), temperature=np.float64(0.5)), generator=torch.Generator().manual_seed(0)
     )
     assert r.next_drafts.shape == (2, 3)
+
+
+def test_dense_mask_takes_every_segment_that_ends_by_kv_len():
+    ll, bid = _ll_bid(20)
+    assert tk.dense_mask(ll, bid, 10, 30).shape == (1, 20, 30)  # the segment ends the keys
+    assert tk.dense_mask(ll, bid, torch.tensor([0, 10, 3], **I32), 30).shape == (3, 20, 30)
+    assert tk.dense_mask(ll, bid, torch.tensor(4, **I64), 30).shape == (1, 20, 30)  # 0-d
+    assert tk.dense_mask(ll, bid, torch.zeros(0, **I32), 20).shape == (0, 20, 20)  # batch 0

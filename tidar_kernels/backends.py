@@ -6,8 +6,10 @@ whether it has a backward, whether it draws Philox uniforms itself, and an optio
 explanation come from these records:
 
 - ``backend="auto"`` on CUDA tensors tries ``cuda`` > ``triton`` > ``reference``: an implementation whose
-  ``supports`` declines a call hands it to the next one. On other tensors it runs the reference and says once
-  per device type why (the kernels need CUDA tensors).
+  ``supports`` declines a call hands it to the next one. On other tensors the reference is the backend (the
+  kernels need CUDA tensors) and nothing is said. A warning comes once per backend only where a faster backend
+  was expected and is missing: on CUDA tensors, a kernel backend that did not load (the CUDA extension not built,
+  Triton not importable), or a Triton kernel that fails to compile (its inputs then go to the next backend).
 - an explicit ``backend=...`` runs exactly that implementation or raises naming the reason.
 
 ``live_backends()`` reports what is live (``tidar env``).
@@ -25,7 +27,8 @@ import torch
 BACKENDS = ("reference", "triton", "cuda")
 _IMPLS: dict[str, dict[str, Callable]] = {}  # op -> backend -> the function dispatch calls
 _RECORDS: dict[tuple[str, str], Impl] = {}  # (op, backend) -> what that implementation supports
-_WARNED: set = set()
+_WARNED: set = set()  # what ``auto`` has warned about: a kernel backend that did not load, a failed compile
+_BROKEN: set = set()  # (op, backend, dtype, last dim, device) whose Triton kernel failed to compile: auto skips it
 
 
 class BackendCannotRun(RuntimeError):
@@ -154,8 +157,20 @@ def _chain(op: str, names: list[str], strict: bool) -> Callable:
             if last and not strict:
                 return _IMPLS[op][rec.backend](*args)
             refusal = rec._refusal(args)
-            if refusal is None:
+            if refusal is None and (strict or rec.backend != "triton"):
                 return _IMPLS[op][rec.backend](*args)
+            if refusal is None:  # auto, Triton: a kernel that fails to compile hands its inputs on
+                if _BROKEN and _compile_key(rec, args) in _BROKEN:
+                    continue
+                try:
+                    return _IMPLS[op][rec.backend](*args)
+                except Exception as e:
+                    if not isinstance(e, _triton_compile_errors()):
+                        raise
+                    key = _compile_key(rec, args)
+                    _BROKEN.add(key)
+                    _warn_compile_failed(rec, records[i + 1].backend, key, e)
+                continue
             if strict:
                 exc, why = refusal
                 raise exc(f"backend={rec.backend!r} cannot run {op} for these inputs: {why}")
@@ -164,6 +179,50 @@ def _chain(op: str, names: list[str], strict: bool) -> Callable:
     call.philox = all(r.philox for r in records)  # seed/offset are passed on only if every candidate draws them
     call.records = tuple(records)
     return call
+
+
+def _compile_key(rec: Impl, args) -> tuple:
+    """What a Triton kernel is compiled for, as far as dispatch sees it: op, backend, the first argument's dtype,
+    last dim and device."""
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    return (rec.op, rec.backend) + ((x.dtype, x.shape[-1] if x.dim() else None, x.device) if x is not None else ())
+
+
+def _triton_compile_errors() -> tuple:
+    """The exceptions of a Triton kernel that does not compile (or does not fit the GPU) for its inputs."""
+    errors = []
+    try:
+        from triton.compiler.errors import CompilationError
+
+        errors.append(CompilationError)
+    except ImportError:
+        pass
+    try:
+        from triton.runtime import errors as runtime_errors
+    except ImportError:
+        return tuple(errors)
+    for name in ("OutOfResources", "PTXASError"):
+        if isinstance(getattr(runtime_errors, name, None), type):
+            errors.append(getattr(runtime_errors, name))
+    return tuple(errors)
+
+
+def _warn_compile_failed(rec: Impl, instead: str, key: tuple, error: Exception) -> None:
+    if ("compile", rec.op, rec.backend) in _WARNED:  # once per op
+        return
+    _WARNED.add(("compile", rec.op, rec.backend))
+    what = f"{_dtype_name(key[2])} inputs of last dim {key[3]}" if len(key) > 2 else "these inputs"
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    warnings.warn(
+        f"tidar_kernels: the {rec.backend} {rec.op} kernel failed to compile for {what} "
+        f"({type(error).__name__}: {first}); backend='auto' runs {_backend_name(instead)} for them from now on; "
+        "`tidar env` lists the live backends",
+        stacklevel=4,
+    )
+
+
+def _backend_name(backend: str) -> str:
+    return "the PyTorch reference" if backend == "reference" else f"the {backend} kernels"
 
 
 def triton_interpreted() -> bool:
@@ -197,28 +256,35 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     _loaders.load_all()
     if backend == "auto":
         # Kernels only on CUDA tensors: the Triton interpreter runs CPU tensors, but is never the fastest choice.
-        live = [n for n in ("cuda", "triton") if device.type == "cuda" and _why_not(op, n, device) is None]
-        if live:
-            return _chain(op, live + ["reference"], strict=False)
-        if device.type not in _WARNED:  # once per device type, not once per op or per call
-            _WARNED.add(device.type)
-            reason = (
-                _why_not(op, "triton", device)
-                if device.type == "cuda"
-                else f"the triton and cuda kernels need CUDA tensors, got {device.type} tensors"
-            )
-            warnings.warn(
-                f"tidar_kernels: backend='auto' falls back to the PyTorch reference on {device.type} tensors "
-                f"(first for {op}: {reason}); `tidar env` lists the live backends",
-                stacklevel=3,
-            )
-        return _chain(op, ["reference"], strict=False)
+        # On other tensors the reference is the backend: nothing is missing, nothing to say.
+        if device.type != "cuda":
+            return _chain(op, ["reference"], strict=False)
+        live = [n for n in ("cuda", "triton") if _why_not(op, n, device) is None]
+        _warn_not_loaded(op, live)
+        return _chain(op, live + ["reference"], strict=False)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     reason = _why_not(op, backend, device)
     if reason is not None:
         raise BackendCannotRun(f"backend={backend!r} cannot run {op}: {reason}")
     return _chain(op, [backend], strict=True)
+
+
+def _warn_not_loaded(op: str, live: list) -> None:
+    """On CUDA tensors: once per kernel backend that did not load, say why and what runs instead."""
+    from . import _loaders
+
+    for name in ("cuda", "triton"):
+        error = _loaders.load_error(name)
+        if error is None or ("not loaded", name) in _WARNED:
+            continue
+        _WARNED.add(("not loaded", name))
+        instead = live[0] if live else "reference"
+        warnings.warn(
+            f"tidar_kernels: the {name} backend is missing ({error}); backend='auto' runs {_backend_name(instead)} "
+            f"on CUDA tensors instead (first for {op}); `tidar env` lists the live backends",
+            stacklevel=4,
+        )
 
 
 def live_backends(device: str | torch.device | None = None) -> dict[str, list[str]]:

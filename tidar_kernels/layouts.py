@@ -189,8 +189,10 @@ def _decode_step(K: int, levels: tuple) -> Layout:
 def dense_mask(local_limit: torch.Tensor, block_id: torch.Tensor, seg_start, kv_len: int) -> torch.Tensor:
     """Boolean mask ``[B, S, kv_len]`` (True = visible) from the layout rule; ``seg_start`` is an int or ``[B]``.
 
-    Any values are allowed (it is the twin of the rule, not of the ops' ranges; no host sync); malformed
-    arguments (types, shapes, lengths, devices) raise naming the argument."""
+    ``local_limit`` and ``block_id`` may hold any values (it is the twin of the rule, not of the ops' ranges). The
+    segment must lie inside the keys, as for the ops: ``0 <= seg_start <= kv_len - S`` (a tensor ``seg_start`` is
+    read once, remembered for its version, and not checked while a CUDA graph is captured); malformed arguments
+    (types, shapes, lengths, devices, ranges) raise naming the argument."""
     S, device, seg_start, kv_len = _check_dense_args(local_limit, block_id, seg_start, kv_len)
     seg = seg_start.reshape(-1, 1, 1).long()  # [B,1,1]
     j = torch.arange(kv_len, device=device).view(1, 1, -1)  # [1,1,Skv]
@@ -216,16 +218,32 @@ def _check_dense_args(local_limit, block_id, seg_start, kv_len):
     if not _checks.is_int(kv_len) or kv_len < 0:
         raise TypeError(f"kv_len must be an int >= 0, got {type(kv_len).__name__} {kv_len!r}")
     if _checks.is_int(seg_start):
-        seg_start = torch.tensor([int(seg_start)], dtype=torch.int64, device=device)
+        rng = (int(seg_start), int(seg_start))
     elif isinstance(seg_start, torch.Tensor):
         _checks.tensor("seg_start", seg_start, dtypes=_checks.INT_TYPES, device=device)
         if seg_start.dim() > 1:
             raise ValueError(
                 f"seg_start must be an int or a 0-D/1-D int tensor [B], got shape {tuple(seg_start.shape)}"
             )
+        rng = _checks.int_range(seg_start) if seg_start.numel() else None  # None: empty, or capturing
     else:
         raise TypeError(f"seg_start must be an int or an int tensor [B], got {type(seg_start).__name__}")
+    _check_segment_fits(S, rng, int(kv_len))
+    if not isinstance(seg_start, torch.Tensor):
+        seg_start = torch.tensor([rng[0]], dtype=torch.int64, device=device)
     return S, device, seg_start, int(kv_len)
+
+
+def _check_segment_fits(S: int, rng: tuple[int, int] | None, kv_len: int) -> None:
+    """Every row's segment ``seg_start .. seg_start + S - 1`` must lie inside the ``kv_len`` keys (``rng``: the
+    least and largest ``seg_start``, None when unknown)."""
+    if kv_len < S:
+        raise ValueError(f"kv_len must be >= S = {S} (the segment's own keys), got kv_len = {kv_len}")
+    if rng is not None and not (0 <= rng[0] and rng[1] <= kv_len - S):
+        raise ValueError(
+            f"seg_start must lie in [0, kv_len - S = {kv_len - S}] (a segment of S = {S} tokens must end by "
+            f"kv_len = {kv_len}), got {rng[0] if rng[0] == rng[1] else f'values in [{rng[0]}, {rng[1]}]'}"
+        )
 
 
 @_cached

@@ -14,6 +14,12 @@ from tidar_kernels import backends
 from tidar_kernels._checks import int_range, version
 
 
+def cache_bytes(batch_size: int, max_len: int, layers: int, kv_heads: int, head_dim: int, element_size: int) -> int:
+    """Bytes a ``TidarCache(batch_size, max_len)`` allocates for a model of these shapes: K and V buffers
+    ``[batch_size, kv_heads, max_len, head_dim]`` per layer (Python ints: no overflow for any size)."""
+    return 2 * layers * batch_size * kv_heads * max_len * head_dim * element_size
+
+
 class TidarCache:
     def __init__(self, batch_size: int, max_len: int, *, backend: str = "auto"):
         if batch_size < 1 or max_len < 1:

@@ -10,7 +10,12 @@ import torch
 
 import tidar_kernels
 
-MAX_DRAFT_LEN = 16  # the largest K "auto" considers; an explicit draft_len may be larger
+from .cache import cache_bytes
+from .draft_plan import MAX_K as MAX_AUTO_DRAFT_LEN  # the largest K draft_len="auto" considers
+
+# The largest draft_len taken (tidar.patch, tidar.generate): a decode step runs up to K(K + 1) tokens a row (K drafts
+# and a block of K masks per proposal level) and the cache keeps K(K + 1) positions of room a row; 64 gives 4160.
+MAX_DRAFT_LEN = 64
 
 
 @dataclass
@@ -157,35 +162,111 @@ def _limit(model):
     return (getattr(s, "max_len", None), getattr(s, "max_len_reason", "")) if s is not None else (None, "")
 
 
-def _check_cache_size(model, B: int, length: int) -> None:
-    """Without a position limit: refuse a KV cache larger than the device's memory before allocating it."""
+def _config_int(cfg, name: str, default: int) -> int:
+    value = getattr(cfg, name, None)
+    return value if _is_int(value) and value > 0 else default
+
+
+def _draft_room(draft_len) -> tuple[int, int]:
+    """(K, positions of room a row needs past its tokens: a decode step's segment, K(K + 1))."""
+    K = MAX_AUTO_DRAFT_LEN if draft_len == "auto" else draft_len
+    return K, K * (K + 1)
+
+
+def estimate_bytes(model, batch: int, prompt_len: int, max_new_tokens: int, draft_len) -> tuple[int, int, int]:
+    """``(length, cache, step)``: the positions a row of the TiDAR cache holds, the cache's bytes
+    (``cache.cache_bytes`` of the model's K/V shapes), and the bytes of the largest forward: a few hidden-sized and
+    intermediate-sized activations per token of its segment (the prefill's prompt + K masks, or a decode step's
+    K(K + 1) tokens, per row) in the model's dtype, and float32 logits of the rows the LM head takes (the K + 1 rows
+    of the prefill, 2K rows of a step, or all rows of a step of up to 128 tokens: ``generate.ONE_HEAD_CALL_ROWS``).
+    A lower bound on what ``generate`` allocates (attention scratch, ``full_logits=True`` and the host's token lists
+    come on top)."""
     from .patch_probe import text_config
 
     cfg = text_config(model)
-    layers = getattr(cfg, "num_hidden_layers", None) or 1
-    hidden = model.get_input_embeddings().weight.shape[1]
-    elem = model.get_input_embeddings().weight.element_size()
-    need = 2 * layers * B * hidden * length * elem  # K and V (an upper bound for GQA/MQA models)
-    dev = model.get_input_embeddings().weight.device
-    if dev.type == "cuda":
-        have = torch.cuda.mem_get_info(dev)[0]
-    else:
-        import os
+    weight = model.get_input_embeddings().weight
+    vocab, hidden = weight.shape[0], weight.shape[1]
+    elem = weight.element_size()
+    heads = _config_int(cfg, "num_attention_heads", 1)
+    kv_heads = _config_int(cfg, "num_key_value_heads", heads)
+    head_dim = _config_int(cfg, "head_dim", max(1, hidden // heads))
+    layers = _config_int(cfg, "num_hidden_layers", 1)
+    intermediate = _config_int(cfg, "intermediate_size", 4 * hidden)
+    K, room = _draft_room(draft_len)
+    length = prompt_len + max_new_tokens + room
+    cache = cache_bytes(batch, length, layers, kv_heads, head_dim, elem)
+    segment = max(prompt_len + K, room)
+    head_rows = max(K + 1, 2 * K, min(room, 128))
+    step = batch * (segment * elem * (4 * hidden + 3 * intermediate) + head_rows * 4 * vocab)
+    return length, cache, step
 
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > have:
-        raise ValueError(
-            f"max_new_tokens is too large: a KV cache for {length} positions x {B} rows needs about "
-            f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of {dev}"
-        )
+
+def _meminfo_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_bytes(device: torch.device) -> tuple[int, str] | None:
+    """``(bytes, what they are)`` that an allocation on ``device`` can take; None for other device types."""
+    import os
+
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + cached, f"free on {device} (torch.cuda.mem_get_info, plus PyTorch's cached blocks)"
+    if device.type != "cpu":
+        return None
+    have = _meminfo_available()
+    if have is not None:
+        return have, "of available RAM (MemAvailable)"
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of free RAM"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB ({n} bytes)"
+
+
+def check_memory(model, batch: int, prompt_len: int, max_new_tokens: int, draft_len, max_len=None) -> None:
+    """Refuse, before anything is allocated, a request whose TiDAR cache and step (``estimate_bytes``) need more
+    memory than the model's device has. ``prompt_len``: the padded prompt length (the longest prompt of a
+    left-padded batch); a length past ``max_len`` is counted up to ``max_len`` (the position limit refuses the rest)."""
+    counted = max_new_tokens if max_len is None else max(0, min(max_new_tokens, max_len - prompt_len))
+    length, cache, step = estimate_bytes(model, batch, prompt_len, counted, draft_len)
+    device = model.get_input_embeddings().weight.device
+    have = available_bytes(device)
+    if have is None or cache + step <= have[0]:
+        return
+    room = _draft_room(draft_len)[1]
+    raise ValueError(
+        f"the request is too large for {device}: batch {batch} x length {length} (input_ids has {batch} rows of "
+        f"{prompt_len} tokens, max_new_tokens={max_new_tokens}, draft_len={draft_len} keeps {room} positions of room) "
+        f"needs about {_gib(cache + step)}: {_gib(cache)} for the KV cache and {_gib(step)} for a step's "
+        f"activations and logits, more than the {_gib(have[0])} {have[1]}; use fewer rows of input_ids, a smaller "
+        "max_new_tokens or a smaller draft_len"
+    )
 
 
 def check_draft_len(draft_len, max_positions=None):
-    """``draft_len``: an int >= 1 or ``"auto"``."""
+    """``draft_len``: an int in 1..MAX_DRAFT_LEN or ``"auto"``."""
     if draft_len == "auto" and isinstance(draft_len, str):
         return "auto"
     if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
         raise ValueError(f"draft_len must be an int >= 1 or 'auto', got {draft_len!r}")
+    if draft_len > MAX_DRAFT_LEN:
+        raise ValueError(
+            f"draft_len must be at most {MAX_DRAFT_LEN} (MAX_DRAFT_LEN: a step runs K(K + 1) tokens a row), got "
+            f"{draft_len}"
+        )
     return draft_len
 
 
@@ -205,8 +286,8 @@ def check_levels(levels, draft_len):
         raise ValueError(f"proposal_levels must be strictly increasing, got {levels!r}")
     if isinstance(draft_len, int) and (levels[0] < 1 or levels[-1] > draft_len):
         raise ValueError(f"proposal_levels must lie in 1..draft_len={draft_len}, got {levels!r}")
-    if not isinstance(draft_len, int) and (levels[0] < 1 or levels[-1] > MAX_DRAFT_LEN):
-        raise ValueError(f"proposal_levels must lie in 1..{MAX_DRAFT_LEN}, got {levels!r}")
+    if not isinstance(draft_len, int) and (levels[0] < 1 or levels[-1] > MAX_AUTO_DRAFT_LEN):
+        raise ValueError(f"proposal_levels must lie in 1..{MAX_AUTO_DRAFT_LEN}, got {levels!r}")
     return tuple(levels)
 
 
@@ -224,17 +305,24 @@ def check_generate_args(
     generator,
     seed,
     streamer,
+    *,
+    draft_len=None,
 ) -> GenerateArgs:
     """Every argument of ``tidar.generate`` (but ``draft_len``/``proposal_levels``, see ``check_draft_len`` and
     ``check_levels``), checked before any work: types are TypeErrors, values ValueErrors, each naming the argument
     and what is expected. ``eos_token_id`` is taken as HF takes it (int, NumPy int, list of ints, 0-d/1-d integer
     tensor). A generation longer than the model can hold (``max_position_embeddings``, or the sliding window of
-    its attention, found by ``tidar.patch``) is refused here, before any allocation."""
+    its attention, found by ``tidar.patch``), or whose TiDAR cache and step need more memory than the model's device
+    has (``check_memory``, for ``draft_len``: default the patch's), is refused here, before any allocation."""
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     eos_list = token_ids("eos_token_id", eos_token_id)
     if pad_token_id is None:  # as HF: pad finished rows with the (first) EOS token
         pad_token_id = eos_list[0] if eos_list else 0
     pad_token_id = _pad_id(pad_token_id)
+    check_input_ids(input_ids)
+    if draft_len is None:
+        draft_len = getattr(getattr(model, "_tidar", None), "draft_len", 1)
+    check_memory(model, input_ids.shape[0], input_ids.shape[1], max_new_tokens, draft_len, _limit(model)[0])
     prompts = prompt_rows(input_ids, attention_mask)
     if streamer is not None:
         if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
@@ -272,8 +360,6 @@ def check_generate_args(
             f"{longest + max_new_tokens} positions, more than the model can hold ({reason}); "
             f"at most {max(0, max_len - longest)} new tokens fit"
         )
-    if max_len is None:
-        _check_cache_size(model, len(prompts), longest + max_new_tokens)
     return GenerateArgs(
         prompts,
         max_new_tokens,

@@ -182,17 +182,31 @@ def _logits(out):
 
 
 def _reference(model, prompts, drafts, mask_id, device):
-    """The model's own forwards: causal logits of prompt + drafts, and the prefill's mask rows (4-D mask)."""
+    """The model's own forwards: causal logits of every prompt + drafts (``[len(row) + K, V]`` per row; an error
+    here is the caller's refusal), and the prefill's mask rows under the equivalent 4-D mask (``[K, V]`` per row),
+    or None when the model's own path does not take that mask (then the mask rows are not compared)."""
+    causal = [_causal_logits(model, row + dr, device) for row, dr in zip(prompts, drafts)]
+    return causal, _mask_rows(model, prompts, mask_id, device)
+
+
+def _causal_logits(model, tokens: list, device) -> torch.Tensor:
+    logits = _logits(model(input_ids=torch.tensor([tokens], device=device), use_cache=False))
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != (1, len(tokens)):
+        raise ValueError(f"its causal forward of {len(tokens)} tokens returned logits of shape {tuple(logits.shape)}")
+    return logits[0]
+
+
+def _mask_rows(model, prompts, mask_id, device) -> list | None:
+    """Every row's K mask-row logits under the prefill's dense 4-D mask, or None if any row's forward fails (the
+    model refuses a 4-D mask) or returns logits of another shape: all rows are compared, or none."""
     K = PROBE_K
-    causal, mask_rows = [], []
-    for row, dr in zip(prompts, drafts):
-        ids = torch.tensor([row + dr], device=device)
-        causal.append(_logits(model(input_ids=ids, use_cache=False))[0])
+    dtype = model.get_input_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    rows = []
+    for row in prompts:
         n = len(row)
         layout = layouts.prefill(n, K)
         visible = layouts.dense_mask(layout.local_limit, layout.block_id, 0, n + K)  # [1, S, S]
-        dtype = model.get_input_embeddings().weight.dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
         add = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
         ids = torch.tensor([row + [mask_id] * K], device=device)
         try:
@@ -202,11 +216,13 @@ def _reference(model, prompts, drafts, mask_id, device):
                 position_ids=layout.position_ids[None].to(device),
                 use_cache=False,
             )
-            mask_rows.append(_logits(out)[0, n:])
+            logits = _logits(out)
         except Exception:  # the model's own path takes no 4-D mask: the mask rows are not compared
-            mask_rows = None
-            break
-    return causal, mask_rows
+            return None
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != (1, n + K):
+            return None
+        rows.append(logits[0, n:])
+    return rows
 
 
 def _check_calls(model, calls: list, layers: int, what: str) -> None:
@@ -291,6 +307,11 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
         return out
 
     def compare(got, want, what):
+        if got.shape != want.shape:
+            refuse(
+                model,
+                f"the TiDAR {what} logits have shape {tuple(got.shape)}, the model's own forward {tuple(want.shape)}",
+            )
         scale = want.abs().max().item() if want.numel() else 0.0
         d = (got - want).abs().max().item() if want.numel() else 0.0
         if not math.isfinite(d) or d > _tolerance(model.get_input_embeddings().weight.dtype, scale):
