@@ -52,7 +52,6 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    warnings.filterwarnings("ignore", message="tidar_kernels: backend='auto' falls back")
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
     from .harness import Bench

@@ -14,7 +14,6 @@ Without a GPU the suite runs under ``TRITON_INTERPRET=1``, set here, before anyt
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
@@ -30,13 +29,25 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 ARCHS = ("qwen2", "llama", "qwen3", "mistral")
 
 
+def pytest_report_header(config):
+    """The versions this run tested (a fresh install takes the newest releases the declared ranges allow)."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = "not installed"
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, triton {triton_v}"
+    return f"tidar versions tested: {versions}"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line(
         "markers", "triton_interpreter: also run on backend='triton' under the Triton interpreter (CPU tensors)"
     )
-    # The auto backend's one-time fallback notice is expected on CPU; keep test output readable.
-    warnings.filterwarnings("ignore", message="tidar_kernels: backend='auto' falls back")
 
 
 def pytest_collection_modifyitems(config, items):

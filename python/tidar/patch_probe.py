@@ -57,8 +57,26 @@ PROMPT_LENGTHS = (7, 5)  # the probe's two prompts (ragged on purpose)
 PROBE_K = 3  # block length of the probe's prefill and decode step
 
 
+# Why a model is refused, as a stable category (the sentence names details that change between transformers
+# releases; code and tests may branch on the category).
+REFUSAL_CATEGORIES = {
+    "attention_not_reached": "the TiDAR step does not reach every attention call (AttentionInterface not used, "
+    "or keyword arguments not passed down)",
+    "attention_variant": "an attention variant the TiDAR op does not compute (sinks, chunked, latent attention)",
+    "stateful_layers": "layers whose state cannot be rolled back to the accepted drafts (recurrent, convolution)",
+    "layer_structure": "decoder layers that do not run attention exactly once each with a layer index",
+    "forward_failed": "the model's own or the TiDAR probe forward raised an error",
+    "logits_differ": "the TiDAR forward's logits differ from the model's own forward",
+}
+
+
 class UnsupportedModel(ValueError):
-    """``tidar.patch`` refused the model: it would not run exactly under TiDAR."""
+    """``tidar.patch`` refused the model: it would not run exactly under TiDAR. ``category`` is one of
+    :data:`REFUSAL_CATEGORIES` (stable across transformers releases); the message gives the details."""
+
+    def __init__(self, message: str, category: str = "forward_failed"):
+        super().__init__(message)
+        self.category = category
 
 
 @dataclass
@@ -83,6 +101,8 @@ class _Call:
 
 class _Refusal(Exception):
     """Raised inside the probe's attention function: a named reason the model cannot run under TiDAR."""
+
+    category = "attention_variant"
 
 
 def probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -123,8 +143,11 @@ def text_config(model):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def refuse(model, reason: str):
-    raise UnsupportedModel(f"tidar.patch: {family(model)} is not supported: {reason}. The model is unchanged.")
+def refuse(model, reason: str, category: str):
+    assert category in REFUSAL_CATEGORIES, category
+    raise UnsupportedModel(
+        f"tidar.patch: {family(model)} is not supported: {reason}. The model is unchanged.", category
+    )
 
 
 def static_checks(model) -> None:
@@ -137,6 +160,7 @@ def static_checks(model) -> None:
                 model,
                 f"its attention has attention sinks ({name}.sinks, as GPT-OSS): a learned per-head logit "
                 "in every softmax that the TiDAR attention op does not take",
+                "attention_variant",
             )
     types = getattr(cfg, "layer_types", None)
     if isinstance(types, (list, tuple)):
@@ -148,12 +172,14 @@ def static_checks(model) -> None:
                 model,
                 f"chunked attention (layer_types {chunked} at layers {idx[:8]}): attention restricted to "
                 "fixed chunks of the sequence, which the TiDAR layout does not express",
+                "attention_variant",
             )
         if other:
             refuse(
                 model,
                 f"layers without softmax attention (layer_types {other} at layers {idx[:8]}): their "
                 "recurrent/convolution state cannot be rolled back to the accepted drafts",
+                "stateful_layers",
             )
     can = getattr(model, "_can_set_attn_implementation", None)
     if callable(can) and not can():
@@ -161,6 +187,7 @@ def static_checks(model) -> None:
             model,
             "its attention does not go through transformers' AttentionInterface (the attention "
             "implementation cannot be set), so the TiDAR layout would never reach attention",
+            "attention_not_reached",
         )
 
 
@@ -231,6 +258,7 @@ def _check_calls(model, calls: list, layers: int, what: str) -> None:
             model,
             f"no attention layer called the TiDAR attention function in the {what} (its attention does "
             "not go through transformers' AttentionInterface)",
+            "attention_not_reached",
         )
     no_step = sorted({c.layer_idx for c in calls if not c.has_step}, key=str)
     if no_step:
@@ -238,10 +266,15 @@ def _check_calls(model, calls: list, layers: int, what: str) -> None:
             model,
             f"the TiDAR step did not reach attention in layers {no_step[:8]} ({calls[0].module}): the "
             "decoder layers do not pass the forward's keyword arguments down to attention",
+            "attention_not_reached",
         )
     seen = [c.layer_idx for c in calls]
     if None in seen:
-        refuse(model, f"its attention modules ({calls[0].module}) have no layer_idx, which the TiDAR cache needs")
+        refuse(
+            model,
+            f"its attention modules ({calls[0].module}) have no layer_idx, which the TiDAR cache needs",
+            "layer_structure",
+        )
     if sorted(seen) != list(range(layers)):
         missing = sorted(set(range(layers)) - set(seen))
         twice = sorted({i for i in seen if seen.count(i) > 1})
@@ -251,7 +284,9 @@ def _check_calls(model, calls: list, layers: int, what: str) -> None:
         )
         if not detail:
             detail = f"attention layer indices {sorted(set(seen))[:8]}... do not match the {layers} decoder layers"
-        refuse(model, f"in the {what}, {detail}: every decoder layer must run attention exactly once")
+        refuse(
+            model, f"in the {what}, {detail}: every decoder layer must run attention exactly once", "layer_structure"
+        )
 
 
 def _tolerance(dtype, scale: float) -> float:
@@ -268,7 +303,11 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
     vocab = model.get_input_embeddings().weight.shape[0]
     layers = getattr(text_config(model), "num_hidden_layers", None)
     if not isinstance(layers, int) or layers < 1:
-        refuse(model, "its config has no num_hidden_layers, so the probe cannot check that every layer runs TiDAR")
+        refuse(
+            model,
+            "its config has no num_hidden_layers, so the probe cannot check that every layer runs TiDAR",
+            "layer_structure",
+        )
     K = PROBE_K
     prompts = _prompts(vocab, mask_id)
     drafts = [[(row[-1] + 3 + 5 * t) % vocab for t in range(K)] for row in prompts]
@@ -276,11 +315,15 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
     try:
         ref_causal, ref_mask = _reference(model, prompts, drafts, mask_id, device)
     except Exception as e:
-        refuse(model, f"its own forward failed on the probe prompts ({type(e).__name__}: {e})")
+        refuse(model, f"its own forward failed on the probe prompts ({type(e).__name__}: {e})", "forward_failed")
 
     model.set_attn_implementation(PROBE_NAME)
     if getattr(model.config, "_attn_implementation", None) != PROBE_NAME:
-        refuse(model, "its attention implementation cannot be set (it does not use transformers' AttentionInterface)")
+        refuse(
+            model,
+            "its attention implementation cannot be set (it does not use transformers' AttentionInterface)",
+            "attention_not_reached",
+        )
     B = len(prompts)
     max_len = max(PROMPT_LENGTHS) + K + K * K
     cache = TidarCache(B, max_len, backend=backend)
@@ -292,9 +335,9 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
         try:
             out = _logits(tidar_forward(model, ids, pos, step))
         except _Refusal as e:
-            refuse(model, str(e))
+            refuse(model, str(e), e.category)
         except Exception as e:
-            refuse(model, f"the TiDAR {what} forward failed ({type(e).__name__}: {e})")
+            refuse(model, f"the TiDAR {what} forward failed ({type(e).__name__}: {e})", "forward_failed")
         finally:
             _LOG.reset(token)
         _check_calls(model, calls, layers, what)
@@ -311,6 +354,7 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
             refuse(
                 model,
                 f"the TiDAR {what} logits have shape {tuple(got.shape)}, the model's own forward {tuple(want.shape)}",
+                "logits_differ",
             )
         scale = want.abs().max().item() if want.numel() else 0.0
         d = (got - want).abs().max().item() if want.numel() else 0.0
@@ -322,6 +366,7 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
                 model,
                 f"the TiDAR {what} logits differ from the model's own forward by {d:.3g} (logits up to "
                 f"{scale:.3g}){hint}",
+                "logits_differ",
             )
         diffs.append(d)
 
