@@ -90,6 +90,8 @@ def tidar_attention_forward(module, query, key, value, attention_mask, scaling=N
     if dropout and module.training:
         raise ValueError(f"tidar attention does not implement attention dropout (got dropout={dropout}); set it to 0")
     step: TidarStep | None = kwargs.get("tidar_step")
+    if step is None and _attentions_requested():
+        return _plain_with_weights(module, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
     if step is None:
         return _plain_forward(
             module, query, key, value, attention_mask, scaling, kwargs.get("sliding_window"), kwargs.get("softcap")
@@ -135,6 +137,39 @@ def _step_attention(step: TidarStep, query, key, value, scaling, softcap):
             (lay.local_limit, lay.block_id, step.seg_start, scale, None if softcap is None else float(softcap)),
         )
     return out
+
+
+def _attentions_requested() -> bool:
+    """Whether the running forward collects attention weights (``output_attentions=True``: transformers records
+    the attention function's second output through its output collector)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - older transformers pass output_attentions differently
+        return False
+    collected = _active_collector.get()
+    return isinstance(collected, dict) and "attentions" in collected
+
+
+def _plain_with_weights(module, query, key, value, attention_mask, scaling, softcap=None):
+    """A plain forward that returns its attention weights (``output_attentions=True``), computed as HF's eager
+    attention: softmax in float32 of the scaled (soft-capped) scores under the causal or the given mask."""
+    S, Skv = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, 1)
+    v = value.repeat_interleave(groups, 1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, k.transpose(2, 3)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is None:
+        rows = torch.arange(S, device=query.device)[:, None] + (Skv - S)
+        attention_mask = rows >= torch.arange(Skv, device=query.device)[None]
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)  # (as eager: no NaN)
+    else:
+        scores = scores + attention_mask[..., :Skv]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
 
 
 def _plain_forward(module, query, key, value, attention_mask, scaling, sliding_window, softcap=None):

@@ -43,6 +43,7 @@ class TidarSettings:
     max_len_reason: str = ""  # which limit max_len is ("max_position_embeddings 1024", "sliding window 64")
     attn_implementations: list | None = None  # (config, implementation) of every config before the patch
     window: int | None = None  # the smallest sliding window the attention layers apply (None: none)
+    config_swaps: list | None = None  # (module, attribute, caller's config) re-pointed to the model's own copy
 
 
 def _register() -> None:
@@ -169,11 +170,17 @@ def patch(
             old.max_len_reason,
             old.attn_implementations,
             old.window,
+            old.config_swaps,
         )
         return model
     static_checks(model)
+    swaps = own_config(model)  # the caller's config object (and every model sharing it) is never written to
     before = impl_snapshot(model)
-    report, previous = _probe(model, mask_token_id, backend)
+    try:
+        report, previous = _probe(model, mask_token_id, backend)
+    except BaseException:
+        restore_config(swaps)
+        raise
     max_len, reason = _limits(model, report.window)
     own = model.__dict__.get("generate")
     model.set_attn_implementation(NAME)
@@ -194,6 +201,7 @@ def patch(
         reason,
         before,
         report.window,
+        swaps,
     )
     return model
 
@@ -218,6 +226,34 @@ def _probe(model, mask_id, backend):
     return report, previous
 
 
+def own_config(model) -> list:
+    """Give ``model`` its own copy of its config (sub-configs included) before the attention implementation is
+    set: every module attribute holding the caller's config object (or one of its sub-configs) is re-pointed to
+    the copy's counterpart. Returns the ``(module, attribute, original)`` list ``restore_config`` undoes."""
+    import copy
+
+    old = model.config
+    new = copy.deepcopy(old)
+    pairs = {id(old): new}
+    for key in getattr(old, "sub_configs", {}) or {}:
+        sub = getattr(old, key, None)
+        if sub is not None:
+            pairs[id(sub)] = getattr(new, key)
+    swaps = []
+    for m in model.modules():
+        for attr, value in list(vars(m).items()):
+            if id(value) in pairs and value is not pairs[id(value)]:
+                swaps.append((m, attr, value))
+                setattr(m, attr, pairs[id(value)])
+    return swaps
+
+
+def restore_config(swaps: list) -> None:
+    """Undo ``own_config``: every re-pointed attribute holds the caller's config object again."""
+    for m, attr, value in swaps:
+        setattr(m, attr, value)
+
+
 def unpatch(model):
     """Undo ``patch`` exactly. A no-op on an unpatched model. Returns the model."""
     _check_model(model)
@@ -227,6 +263,7 @@ def unpatch(model):
     model.set_attn_implementation(s.previous_attn_implementation)
     if s.attn_implementations is not None:  # sub-configs exactly as they were
         impl_restore(s.attn_implementations)
+    restore_config(s.config_swaps or [])
     if s.had_own_generate:
         model.generate = s.own_generate
     else:
