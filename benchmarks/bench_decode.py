@@ -281,8 +281,6 @@ def _steps(bench: Bench, hf, td, rec: dict):
 
 def _e2e(bench: Bench, hf, td, tok, demo, rec: dict):
     import tidar
-    from tidar.draft_plan import new_stats
-    from tidar.patch import settings
 
     bench.start_suite("decode_e2e", 120 if bench.smoke or bench.cuda else 900)
     n_new = 8 if bench.smoke else NEW_TOKENS
@@ -292,7 +290,6 @@ def _e2e(bench: Bench, hf, td, tok, demo, rec: dict):
     ids = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(bench.device) for _, p in prompts]
     eos = tok.eos_token_id
     cfgs = _configs(bench.smoke)
-    stats = {name: new_stats() for name, kind, _ in cfgs if kind == "tidar"}  # auto learns per configuration
 
     def run(name, kind, kw, x, n):
         if kind == "hf":
@@ -309,7 +306,6 @@ def _e2e(bench: Bench, hf, td, tok, demo, rec: dict):
             if eos in new:
                 new = new[: new.index(eos) + 1]
             return new, None
-        settings(td).stats = stats[name]
         out = tidar.generate(td, x, max_new_tokens=n, eos_token_id=eos, **kw)
         return out.new_tokens[0], out
 

@@ -33,14 +33,23 @@ class NgramIndex:
             seq.append(int(t))
 
     def lookup(self, k: int) -> list[int]:
+        return self.match(k)[0]
+
+    def match(self, k: int, max_len: int = 64) -> tuple[list[int], int]:
+        """``(drafts, match length)``: the ``k`` drafts of ``lookup`` and how many tokens (up to ``max_len``) the
+        text before that earlier occurrence agrees with the text's end. A long match means the text repeats
+        itself (a loop, a copied block): its continuation is likely; a 1-token match says little."""
         seq = self.seq
         if k < 1:
-            return []
+            return [], 0
         for n in range(min(self.max_n, len(seq)), self.min_n - 1, -1):
             p = self.index.get(tuple(seq[-n:]))
             if p is not None:
                 # the text since that occurrence repeats with period d = len - p: continue it past the end (a loop
                 # of d tokens predicts itself), so a short period still gives k drafts
                 d = len(seq) - p
-                return [seq[p + (i % d)] for i in range(k)]
-        return []
+                L = n
+                while L < max_len and p - 1 - L >= 0 and seq[p - 1 - L] == seq[-1 - L]:
+                    L += 1
+                return [seq[p + (i % d)] for i in range(k)], L
+        return [], 0

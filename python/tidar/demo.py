@@ -118,7 +118,6 @@ def _streamer(tokenizer, enabled):
 
 def run_demo(args, out=print) -> dict:
     import tidar
-    from tidar.patch import settings
     from tidar.slot_curve import slot_curve
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -149,16 +148,11 @@ def run_demo(args, out=print) -> dict:
             **kw,
         )
 
-    stats = {}  # the running acceptance statistics of draft_len="auto", kept across prompts (and unpatch)
-
     def use_tidar():  # not timed: patching runs a probe forward
         tidar.patch(model, draft_len=K)
-        if stats:
-            settings(model).stats = stats["s"]
 
     def use_ar():
         if tidar.is_patched(model):
-            stats["s"] = settings(model).stats
             tidar.unpatch(model)
 
     def tidar_generate(ids, n, streamer=None):

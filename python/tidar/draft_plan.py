@@ -1,11 +1,17 @@
 """Choosing K and the proposal levels of each step (``draft_len="auto"``, docs/design.md §4).
 
 Expected tokens per second of a plan = expected tokens per step / the step's cost, with the cost from the
-measured token-slot curve (``slot_curve``) and the expectation from running acceptance statistics: per draft
-source (diffusion, context) and per depth i, the rate ``alpha_i`` at which draft i is accepted once drafts
-1..i-1 were. The diffusion plans are scored at their steady state (a plan's levels decide how many drafts the
-next step gets); each step then picks K for the drafts it actually has. Plain AR steps (K = 1, no levels)
-are a plan like any other, so TiDAR is never slower than AR by choice.
+measured token-slot curve (``slot_curve``: the forward by token count, the LM head's cost per call and per row,
+the host work of a step) and the expectation from acceptance statistics: per draft source (diffusion, context)
+and per depth i, the rate ``alpha_i`` at which draft i is accepted once drafts 1..i-1 were.
+
+Statistics belong to one request: every ``generate`` call starts from the priors (``new_stats``), so a request's
+speed never depends on what the model decoded before, and each row keeps its own evidence (``new_row_stats``),
+which adapts within a few steps (a long accepted run of context drafts means the text loops: draft long; a miss
+means shorten). The diffusion plans are scored at their steady state on the request's statistics (a plan's levels
+decide how many drafts the next step gets); each step then picks K for the drafts every row actually has, the
+step's cost being the slot curve at all rows' tokens. Plain AR steps (K = 1, no levels) are a plan like any
+other, so TiDAR is never slower than AR by choice.
 """
 
 from __future__ import annotations
@@ -17,6 +23,24 @@ from .slot_curve import SlotCurve
 
 MAX_K = 16
 SOURCES = ("diffusion", "context")
+PRIORS = {"diffusion": 0.5, "context": 0.6}  # a coin flip for diffusion drafts; copies of a match a bit better
+REQUEST_DECAY = 0.9  # the request's pooled evidence (steady-state plans) remembers about ten updates
+ROW_DECAY = 0.6  # a row's own evidence: a few steps, so a loop found (or lost) moves K at once
+MATCH_HALF = 4  # a context match of L tokens predicts each next copied token with probability L / (L + 4)
+
+
+def match_expected(match_len: int, n: int) -> float:
+    """Expected accepted drafts among ``n`` copied after a context match of ``match_len`` tokens: the text's own
+    evidence, before any step has tried the copy (a loop that has run for 16 tokens continues with p = 0.8)."""
+    if match_len <= 0 or n <= 0:
+        return 0.0
+    a = match_len / (match_len + MATCH_HALF)
+    return a * (1 - a**n) / (1 - a)
+
+
+def context_expected(row_stats: dict, match_len: int, n: int) -> float:
+    """A row's expected accepted context drafts among ``n``: the better of its tried evidence and the match's."""
+    return max(row_stats["context"].expected(n), match_expected(match_len, n))
 
 
 class AcceptanceStats:
@@ -154,21 +178,42 @@ def level_sets(K: int, stats: AcceptanceStats) -> list[tuple]:
 
 
 class Planner:
-    """Chooses each step's plan from the slot curve and the acceptance statistics."""
+    """Chooses each step's plan from the slot curve and the acceptance statistics.
+
+    ``stats``: the request's pooled statistics (per source), used for the steady state of diffusion plans.
+    ``batch``: rows in each forward (a step's cost is the curve at ``batch`` times its segment). ``choose`` takes
+    per row the drafts available and, optionally, the row's own statistics."""
 
     CANDIDATE_K = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
-    REPLAN_EVERY = 32  # steps between re-scoring the steady-state diffusion plans
+    REPLAN_EVERY = 8  # steps between re-scoring the steady-state diffusion plans (the evidence moves fast)
     EXPLORE_AFTER = 16  # AR steps in a row before one diffusion step refreshes the statistics
+    EXPLORE_MAX_COST = 1.25  # ... only where that step costs at most this many AR steps
 
     def __init__(
-        self, curve: SlotCurve, stats: dict, max_k: int = MAX_K, levels: tuple | None = None, fixed_k: int | None = None
+        self,
+        curve: SlotCurve,
+        stats: dict,
+        max_k: int = MAX_K,
+        levels: tuple | None = None,
+        fixed_k: int | None = None,
+        batch: int = 1,
+        sampling: bool = False,
     ):
         self.curve, self.stats = curve, stats
         self.max_k = min(max_k, MAX_K) if fixed_k is None else fixed_k
         self.fixed_k, self.fixed_levels = fixed_k, levels
-        self.best: dict[int, tuple[tuple, float, float]] = {}  # K -> (levels, steady tokens, step ms)
+        self.batch = max(1, int(batch))
+        self.sampling = sampling  # a sampled step's cost: the head on every row, rejection sampling
+        self.best: dict[int, tuple[tuple, float, float]] = {}  # K -> (levels, steady tokens per row, step ms)
         self.since_replan = self.REPLAN_EVERY
         self.ar_run = 0
+
+    def cost(self, K: int, levels: tuple) -> float:
+        """Milliseconds of a step of this plan for the whole batch: the forward at every row's tokens, the LM head
+        (rows and calls) and the host work (see ``SlotCurve.batch_step``); sampled: ``SlotCurve.sampled_step``."""
+        if self.sampling:
+            return self.curve.sampled_step(self.batch, K, len(levels))
+        return self.curve.batch_step(self.batch, K * (1 + len(levels)), 2 * K if levels else K, 2 if levels else 1)
 
     def _replan(self):
         diff = self.stats["diffusion"]
@@ -180,7 +225,7 @@ class Planner:
             for lv in cands:
                 plan = Plan(K, lv)
                 tok = steady_tokens(plan, diff)
-                ms = self.curve.step(plan.seg_len, 2 * K)
+                ms = self.cost(K, lv)
                 scored.append((tok / ms, lv, tok, ms))
             _, lv, tok, ms = max(scored)
             best[K] = (lv, tok, ms)
@@ -198,38 +243,47 @@ class Planner:
         K = max(ks, key=lambda k: self.best[k][1] / self.best[k][2])
         return Plan(K, self.best[K][0])
 
-    def choose(self, rows: list[tuple[int, int]], k_limit: int) -> Plan:
-        """``rows``: per active row (diffusion drafts, context drafts) available. ``k_limit``: the largest K the
-        remaining tokens and positions allow. Maximises expected tokens per ms over this step and the next:
-        (tokens now + tokens next) / (cost now + cost next), for each K with its best proposal levels (next
-        step: the steady state of diffusion drafts, or the context copy if it is the better source) or with
-        no proposal blocks at all (next step: the context copy again, else a plain AR step)."""
+    def choose(self, rows: list[tuple], k_limit: int) -> Plan:
+        """``rows``: per active row ``(diffusion drafts, context drafts)`` available, optionally followed by the
+        row's own statistics (default: the request's), its context match length and its remaining tokens.
+        ``k_limit``: the largest K the remaining tokens and positions allow.
+
+        Scores each K with its best proposal levels (next step: the steady state of diffusion drafts, or the
+        context copy where that is the row's better source) or with no proposal blocks (next step: the copy again,
+        else AR) by the expected tokens of this step and the next over their cost. A batch finishes with its
+        slowest row and a finished row still costs its share of the forward, so rows are weighed by their
+        remaining tokens: the score is the smallest ``tokens_b / remaining_b`` over the rows (at batch 1 plain
+        tokens per ms), never the batch's total, which fast rows would inflate while the slowest one waits."""
         self.since_replan += 1
         if self.since_replan >= self.REPLAN_EVERY:
             self._replan()
-        diff, ctx = self.stats["diffusion"], self.stats["context"]
-        n = max(1, len(rows))
+        rows = [_row(r, self.stats) for r in rows]
         best_val, best = -1.0, Plan(1, ())
         for K, (lv, tok, ms) in self.best.items():
             if K > max(1, k_limit):
                 continue
-            now = ctx_next = 0.0
-            for nd, nc in rows:
-                c = ctx.expected(min(nc, K - 1))
-                now += 1.0 + max(diff.expected(min(nd, K - 1)), c)
-                ctx_next += 1.0 + c
-            now, ctx_next = now / n, ctx_next / n
-            options = [(lv, max(tok, ctx_next), ms)]
+            now, ctx_next, steady = [], [], []
+            for nd, nc, st, match, _ in rows:
+                c = context_expected(st, 0 if self.sampling else match, min(nc, K - 1))
+                now.append(1.0 + max(st["diffusion"].expected(min(nd, K - 1)), c))
+                ctx_next.append(1.0 + c)
+                steady.append(max(tok, 1.0 + c))
+            options = [(lv, steady, ms)]
             if lv and self.fixed_levels is None and self.fixed_k is None:
-                options.append(((), ctx_next, self.curve.step(K, K)))
+                options.append(((), ctx_next, self.cost(K, ())))
             for levels, nxt, nxt_ms in options:
-                cost = self.curve.step(K * (1 + len(levels)), 2 * K if levels else K)
-                val = (now + nxt) / (cost + nxt_ms)
+                pace = min((a + b) / r[4] for a, b, r in zip(now, nxt, rows)) if rows else 1.0
+                val = pace / (self.cost(K, levels) + nxt_ms)
                 if val > best_val:
                     best_val, best = val, Plan(K, levels)
-        if self.fixed_k is None and best.draft_len == 1 and not any(nc for _, nc in rows):
+        if self.fixed_k is None and best.draft_len == 1 and not any(row[1] for row in rows):
             self.ar_run += 1
-            if self.ar_run >= self.EXPLORE_AFTER and k_limit >= 2 and 2 in self.best:
+            if (
+                self.ar_run >= self.EXPLORE_AFTER
+                and k_limit >= 2
+                and 2 in self.best
+                and self.cost(2, (1, 2)) <= self.EXPLORE_MAX_COST * self.cost(1, ())
+            ):
                 self.ar_run = 0
                 return Plan(2, (1, 2))
         else:
@@ -237,6 +291,20 @@ class Planner:
         return best
 
 
-def new_stats() -> dict:
-    """Fresh statistics with their priors (diffusion drafts: a coin flip; context copies: a bit better)."""
-    return {"diffusion": AcceptanceStats(prior=0.5), "context": AcceptanceStats(prior=0.6)}
+def _row(r: tuple, default_stats: dict) -> tuple:
+    """A ``choose`` row as (diffusion drafts, context drafts, statistics, match length, remaining tokens)."""
+    nd, nc = r[0], r[1]
+    st = r[2] if len(r) > 2 and r[2] is not None else default_stats
+    match = r[3] if len(r) > 3 else 0
+    remaining = max(1, r[4]) if len(r) > 4 else 1
+    return nd, nc, st, match, remaining
+
+
+def new_stats(decay: float = REQUEST_DECAY) -> dict:
+    """Fresh statistics at their priors (one request's; nothing carries over from earlier requests)."""
+    return {src: AcceptanceStats(prior=PRIORS[src], decay=decay) for src in SOURCES}
+
+
+def new_row_stats(rows: int) -> list[dict]:
+    """Fresh per-row statistics at the priors, with a short memory (``ROW_DECAY``)."""
+    return [new_stats(ROW_DECAY) for _ in range(rows)]

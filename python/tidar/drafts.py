@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .draft_plan import Plan
+from .draft_plan import Plan, context_expected
 
 
 def virtual_blocks(block_logits, plan: Plan, V):
@@ -40,7 +40,6 @@ def compose_drafts(dec, plan: Plan, out, diff, ctx, device, V):
     """The step's drafts ``[B, K]``: d_0 (the last emitted token) then, per row, the diffusion drafts or the
     context copy, whichever is expected to be accepted more, padded with filler drafts (never counted)."""
     K, B = plan.draft_len, dec.B
-    ds, cs = dec.stats["diffusion"], dec.stats["context"]
     tokens, meta, q_rows = [], [], []
     for b in range(B):
         d0 = out[b][-1] if out[b] else 0
@@ -51,7 +50,9 @@ def compose_drafts(dec, plan: Plan, out, diff, ctx, device, V):
             continue
         dtok, dq = diff[b]
         nd, nc = min(len(dtok), K - 1), min(len(ctx[b]), K - 1)
-        use_ctx = nc > 0 and cs.expected(nc) > ds.expected(nd)
+        st = dec.row_stats[b]  # the row's own evidence (and its match) picks its source
+        match = dec.match_lens[b] if dec.greedy else 0  # a loop predicts the argmax, not a sample
+        use_ctx = nc > 0 and context_expected(st, match, nc) > st["diffusion"].expected(nd)
         if use_ctx:
             body, src, n = ctx[b][:nc], "context", nc
         elif nd > 0:

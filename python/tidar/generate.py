@@ -14,6 +14,7 @@ AR distribution (speculative sampling; any drafts are valid proposals). The loop
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from tidar_kernels import layouts
 from .attention import TidarStep, tidar_forward, tidar_hidden
 from .cache import TidarCache
 from .context_drafts import NgramIndex
-from .draft_plan import MAX_K, Plan, Planner, levels_upto, new_stats
+from .draft_plan import MAX_K, Plan, Planner, levels_upto, new_row_stats, new_stats
 from .drafts import compose_drafts, virtual_blocks
 from .generate_args import check_draft_len, check_generate_args, check_levels
 from .lm_head import output_head
@@ -44,6 +45,7 @@ class TidarGenerateOutput:
     draft_lens: list = field(default_factory=list)  # K of every decode step (the prefill's block first)
     levels: list = field(default_factory=list)  # the proposal levels of every decode step
     draft_sources: dict = field(default_factory=dict)  # "diffusion" / "context" / "none" -> (row, step) pairs
+    draft_events: list = field(default_factory=list)  # (source, drafts verified, drafts accepted) per (row, step)
 
 
 # A greedy step needs the LM head on 2K of its K(1 + |levels|) rows, in two calls (the second depends on the
@@ -63,6 +65,47 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(-1).indices
 
 
+def _ms_per_forward(model, ids, **kw) -> float:
+    """Fastest of 3 runs of ``generate``, in ms per forward."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = generate(model, ids, context_drafts=False, eos_token_id=[], **kw)
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize(ids.device)
+        best = min(best, (time.perf_counter() - t0) * 1e3 / max(1, out.forwards))
+    return best
+
+
+def _host_calibrated(model):
+    """The model's slot curve with what the forward leaves out measured (once per curve), by timing this loop:
+    the host work of a greedy step (plain AR steps at batch 1 and 4, less the curve's forward and LM head) and
+    the extra cost of a sampled step's verification (K = 1, and K = 4 with all proposal blocks, at batch 1)."""
+    curve = slot_curve(model)
+    if curve.host_measured:
+        return curve
+    curve.host_measured = True  # before the runs below, which plan with a fixed K and do not come back here
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    ids = torch.randint(3, vocab, (4, 16), generator=gen).to(device)
+    new = 17
+    host = {}
+    for B in (1, 4):
+        ms = _ms_per_forward(model, ids[:B], max_new_tokens=new, draft_len=1)
+        host[B] = max(0.0, ms - curve.batch_step(B, 1, 1, 1))
+    curve.host_ms_row = (host[4] - host[1]) / 3 if host[4] > host[1] else 0.0
+    curve.host_ms_step = max(0.0, host[1] - curve.host_ms_row)
+    extra = {}
+    for K in (1, 4):
+        ms = _ms_per_forward(model, ids[:1], max_new_tokens=new, draft_len=K, temperature=1.0, seed=0)
+        S = K * (1 + (K if K > 1 else 0))
+        extra[K] = max(0.0, ms - curve.batch_step(1, S, S, 1))
+    curve.sample_ms_row = (extra[4] - extra[1]) / 19 if extra[4] > extra[1] else 0.0  # 20 rows at K = 4, 1 at K = 1
+    curve.sample_ms_step = max(0.0, extra[1] - curve.sample_ms_row)
+    return curve
+
+
 class _Decoder:
     """The decoding state of one ``generate`` call, kept on the device; the host keeps token lists."""
 
@@ -77,16 +120,18 @@ class _Decoder:
         self.B = len(g.prompts)
         self.max_pos = g.max_len  # positions a row may reach (max_position_embeddings, the sliding window)
         self.window = getattr(s, "window", None)  # keys a forward may attend to (the attention refuses more)
-        if g.temperature > 0:
-            # sampling starts from the prior statistics on every call: the statistics pick the draft sources (and
-            # with "auto" the K), so the same generator or seed gives the same tokens whatever ran before
-            self.stats = new_stats()
-        else:  # greedy output is the same whatever the drafts: learn across calls
-            if s.stats is None:
-                s.stats = new_stats()
-            self.stats = s.stats
+        # Every call starts from the priors: the statistics pick the draft sources and K, so a request's speed (and,
+        # sampling, its tokens for a given seed) never depends on what ran before. The request's pooled evidence
+        # scores the steady-state plans; each row's own evidence picks its source and its share of K.
+        self.stats = new_stats()
+        self.row_stats = new_row_stats(self.B)
+        self.match_lens = [0] * self.B  # per row: the length of the current context match
         auto = K == "auto"
-        self.planner = Planner(slot_curve(model), self.stats, levels=levels) if auto else None
+        self.planner = (
+            Planner(_host_calibrated(model), self.stats, levels=levels, batch=self.B, sampling=not self.greedy)
+            if auto
+            else None
+        )
         self.fixed = None if auto else (K, levels)
         self.max_k = MAX_K if auto else K
         self.out: list[list[int]] = [[] for _ in range(self.B)]
@@ -94,6 +139,7 @@ class _Decoder:
         self.ngrams = [NgramIndex(p) for p in g.prompts] if context else None
         self.hist: Counter = Counter()
         self.sources: Counter = Counter()
+        self.events: list = []
         self.draft_lens: list[int] = []
         self.level_log: list[tuple] = []
         self.forwards = 0
@@ -375,6 +421,7 @@ def generate(
         generator,
         seed,
         streamer,
+        draft_len=K,
     )
     sample_kw = dict(
         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, beta=g.beta, generator=generator, backend=backend
@@ -422,8 +469,16 @@ def generate(
 
     while not all(done):
         lengths = cache.lengths
-        ctx = [dec.ngrams[b].lookup(MAX_K - 1) if dec.ngrams is not None and not done[b] else [] for b in range(B)]
-        rows = [(len(diff[b][0]), len(ctx[b])) for b in range(B) if not done[b]]
+        matches = [
+            dec.ngrams[b].match(MAX_K - 1) if dec.ngrams is not None and not done[b] else ([], 0) for b in range(B)
+        ]
+        ctx = [m[0] for m in matches]
+        dec.match_lens = [m[1] for m in matches]
+        rows = [
+            (len(diff[b][0]), len(ctx[b]), dec.row_stats[b], dec.match_lens[b], g.max_new_tokens - len(out[b]))
+            for b in range(B)
+            if not done[b]
+        ]
         plan = dec._plan(rows, lengths)
         cur = compose_drafts(dec, plan, out, diff, ctx, device, V)
         if streamer is not None:
@@ -439,6 +494,8 @@ def generate(
             dec.sources[src] += 1
             if src != "none":
                 dec.stats[src].update(n_real, a - 1)
+                dec.row_stats[b][src].update(n_real, a - 1)
+                dec.events.append((src, n_real, a - 1))
             dec.row_forwards[b] += 1
             dec.hist[a] += 1
             row_drafts = cur[3][b]
@@ -466,6 +523,7 @@ def generate(
         [K0] + dec.draft_lens,
         [tuple(range(1, K0 + 1))] + dec.level_log,
         dict(dec.sources),
+        dec.events,
     )
 
 

@@ -38,7 +38,6 @@ class TidarSettings:
     own_generate: object
     proposal_levels: tuple | None = None  # None = all of 1..K
     context_drafts: bool = True
-    stats: dict | None = None  # running acceptance statistics of draft_len="auto" (kept across generate calls)
     max_len: int | None = None  # the most positions a row may reach: max_position_embeddings and the sliding window
     max_len_reason: str = ""  # which limit max_len is ("max_position_embeddings 1024", "sliding window 64")
     attn_implementations: list | None = None  # (config, implementation) of every config before the patch
@@ -165,7 +164,6 @@ def patch(
             old.own_generate,
             proposal_levels,
             context_drafts,
-            old.stats,
             old.max_len,
             old.max_len_reason,
             old.attn_implementations,
@@ -196,7 +194,6 @@ def patch(
         own,
         proposal_levels,
         context_drafts,
-        None,
         max_len,
         reason,
         before,

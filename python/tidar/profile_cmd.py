@@ -164,7 +164,7 @@ def profile(
         curve = slot_curve(model) if grid is None else measure_slot_curve(model, grid=grid)
     set_slot_curve(model, curve)  # the generation below plans with the curve printed
     s = settings(model)
-    s.stats = new_stats()
+    stats = new_stats(decay=1.0)  # the acceptance of every step of the runs below (each run plans on its own)
     device = next(model.parameters()).device
     runs, draft_lens, levels, sources = [], Counter(), Counter(), Counter()
     for ids in prompts:
@@ -180,6 +180,8 @@ def profile(
         draft_lens.update(out.draft_lens)
         levels.update(",".join(map(str, lv)) or "-" for lv in out.levels)
         sources.update(out.draft_sources)
+        for src, n_drafts, n_accepted in out.draft_events:
+            stats[src].update(n_drafts, n_accepted)
         runs.append(
             {
                 "prompt_tokens": len(ids),
@@ -204,6 +206,9 @@ def profile(
             "tokens": list(curve.tokens),
             "body_ms": list(curve.body_ms),
             "head_ms_per_row": curve.head_ms_per_row,
+            "head_ms_call": curve.head_ms_call,
+            "host_ms_step": curve.host_ms_step,
+            "host_ms_row": curve.host_ms_row,
             "measured_s": curve.measured_s,
             "key": curve.key,
         },
@@ -221,8 +226,8 @@ def profile(
             "draft_sources": dict(sources),
             "runs": runs,
         },
-        "acceptance": acceptance_table(s.stats),
-        "auto": plan_table(curve, s.stats, s.proposal_levels),
+        "acceptance": acceptance_table(stats),
+        "auto": plan_table(curve, stats, s.proposal_levels),
     }
 
 

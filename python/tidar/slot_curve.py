@@ -27,7 +27,8 @@ _CURVES: dict[str, SlotCurve] = {}
 
 @dataclass
 class SlotCurve:
-    """Milliseconds of one forward (decoder body) by token count (fastest of a few runs), plus the LM head per row."""
+    """Milliseconds of one forward (decoder body) by token count (fastest of a few runs), the LM head per call and
+    per row, and the host work of a decode step (fixed and per row)."""
 
     tokens: list  # the measured token counts, increasing
     body_ms: list  # non-decreasing envelope of the timings (a noisy spike never makes more tokens cheaper)
@@ -36,6 +37,12 @@ class SlotCurve:
     dtype: str
     key: str = ""
     measured_s: float = 0.0  # how long the measurement took
+    head_ms_call: float = 0.0  # the LM head's fixed cost per call (reading its weight), beyond the per-row cost
+    host_ms_step: float = 0.0  # host work of a decode step beyond its forward and head (measured by generate)
+    host_ms_row: float = 0.0  # ... and per row of the batch
+    sample_ms_step: float = 0.0  # a sampled step's verification (rejection sampling) beyond a greedy one
+    sample_ms_row: float = 0.0  # ... per verified or proposal row
+    host_measured: bool = False  # whether the host and sampling terms were measured (``generate`` does, once)
 
     def body(self, n: int) -> float:
         """Interpolated body cost of an ``n``-token forward (linear between grid points, linear beyond)."""
@@ -52,6 +59,25 @@ class SlotCurve:
     def step(self, seg_len: int, head_rows: int) -> float:
         """Cost of a decode step: a ``seg_len``-token forward with the LM head on ``head_rows`` rows."""
         return self.body(seg_len) + self.head_ms_per_row * head_rows
+
+    def batch_step(self, batch: int, seg_len: int, head_rows: int, head_calls: int = 1) -> float:
+        """Cost of a decode step of ``batch`` rows: the forward at all rows' tokens (the curve is measured on one
+        row; a batch's matrix products cost what one row of as many tokens costs), the LM head on ``head_rows``
+        rows per row in ``head_calls`` calls, and the step's host work."""
+        return (
+            self.body(batch * seg_len)
+            + self.head_ms_per_row * batch * head_rows
+            + self.head_ms_call * head_calls
+            + self.host_ms_step
+            + self.host_ms_row * batch
+        )
+
+    def sampled_step(self, batch: int, K: int, levels: int) -> float:
+        """Cost of a sampled decode step: the LM head on every row, and rejection sampling over the K verified rows
+        and the K x K virtual proposal rows (``drafts.virtual_blocks``) when there are proposal blocks."""
+        S = K * (1 + levels)
+        rows = K + (K * K if levels else 0)
+        return self.batch_step(batch, S, S, 1) + self.sample_ms_step + self.sample_ms_row * batch * rows
 
     def table(self) -> str:
         rows = [f"{'tokens':>7} {'ms':>8} {'ms/token':>9}"]
@@ -155,6 +181,7 @@ def measure_slot_curve(
         one = min(timer(lambda: head(rows[:, :1])) for _ in range(repeats))
         many = min(timer(lambda: head(rows)) for _ in range(repeats))
         per_row = max(0.0, (many - one) / max(1, rows.shape[1] - 1))
+        head_call = max(0.0, one - per_row)
     finally:
         model.train(was_training)
     envelope = medians[:]
@@ -168,6 +195,7 @@ def measure_slot_curve(
         str(p.dtype).removeprefix("torch."),
         _key(model),
         round(time.perf_counter() - t0, 3),
+        round(head_call, 5),
     )
 
 
