@@ -52,15 +52,15 @@ def test_bad_generate_calls(model, kwargs, match):
     _unchanged(model, state, settings)
 
 
-BAD_HF_GENERATE = [
+BAD_HF_GENERATE = [  # what the drop-in generate refuses (processors and outputs: tests/test_hf_generation_options.py)
     (dict(num_beams=2), "num_beams"),
-    (dict(repetition_penalty=1.3), "repetition_penalty"),
-    (dict(num_return_sequences=2, do_sample=True), "num_return_sequences"),
-    (dict(output_scores=True, return_dict_in_generate=True), "output_scores|return_dict"),
+    (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha"),
+    (dict(guidance_scale=1.5), "guidance_scale"),
+    (dict(max_time=1.0), "max_time"),
+    (dict(cache_implementation="quantized"), "cache_implementation"),
     (dict(do_sample=True, temperature=0.0), "temperature"),
-    (dict(logits_processor=[lambda i, s: s]), "logits_processor"),
-    (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size"),
-    (dict(min_new_tokens=3), "min_new_tokens"),
+    (dict(stopping_criteria=[lambda i, s: False]), "stopping_criteria"),
+    (dict(prefix_allowed_tokens_fn=lambda b, i: [1]), "prefix_allowed_tokens_fn"),
     (dict(max_length=3), "max_length"),
     (dict(frobnicate=1), "frobnicate"),
 ]

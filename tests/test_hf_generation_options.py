@@ -62,3 +62,222 @@ def test_output_attentions_on_a_plain_forward(arch):
         for a, b in zip(got.attentions, want.attentions):
             torch.testing.assert_close(a, b)
         torch.testing.assert_close(got.logits[:, -1], want.logits[:, -1])
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _oracle(model, truth: torch.Tensor):
+    """Forward hook: every [MASK] row at position p of row b predicts ``truth[b, p]`` (positions count from the
+    row's first real token), so the drafts are what the output will be and long acceptances are exercised."""
+
+    def hook(module, args, kwargs, output):
+        step = kwargs.get("tidar_step")
+        if step is None:
+            return output
+        is_mask = step.layout.block_id >= 0
+        if not bool(is_mask.any()):
+            return output
+        cols = is_mask.nonzero().flatten()
+        p = kwargs["position_ids"][:, cols].clamp_max(truth.shape[1] - 1)
+        target = truth.gather(1, p)
+        output.logits[:, cols] = -30.0
+        output.logits[:, cols].scatter_(-1, target[..., None], 30.0)
+        output.logits[torch.arange(len(target))[:, None], cols[None], target] = 30.0
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def _unpadded(seqs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows shifted left past their padding (the oracle's positions), padded on the right with token 1."""
+    if mask is None:
+        return seqs
+    out = torch.ones_like(seqs)
+    for b in range(seqs.shape[0]):
+        n = int((mask[b] == 0).sum())
+        out[b, : seqs.shape[1] - n] = seqs[b, n:]
+    return out
+
+
+def _greedy_pair(model, twin, prompt, mask, kwargs, new=14):
+    """HF's greedy output on the twin, and TiDAR's with drafts forced right (every step accepts up to K)."""
+    want = twin.generate(prompt, attention_mask=mask, max_new_tokens=new, do_sample=False, **kwargs)
+    handle = _oracle(model, _unpadded(want, mask))
+    try:
+        got = model.generate(
+            prompt,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            full_logits=True,
+            context_drafts=False,
+            tidar_stats=True,
+            **kwargs,
+        )
+    finally:
+        handle.remove()
+    return want, got
+
+
+# ---------------------------------------------------------------------------------------- options
+
+
+def test_static_cache_is_honoured_and_compile_config_refused():
+    from transformers import CompileConfig, StaticCache
+
+    model, twin = _pair("llama")
+    kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert torch.equal(model.generate(PROMPT, **kw), twin.generate(PROMPT, **kw))
+    out = model.generate(PROMPT, return_dict_in_generate=True, **kw)
+    assert isinstance(getattr(out, "cache", None), StaticCache)
+    with pytest.raises(ValueError, match="compile_config"):
+        model.generate(PROMPT, max_new_tokens=4, compile_config=CompileConfig())
+    with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
+        model.generate(PROMPT, max_new_tokens=4, cache_implementation="offloaded")
+
+
+GREEDY_OPTIONS = {
+    "none": {},
+    "repetition_penalty": dict(repetition_penalty=1.6),
+    "no_repeat_ngram_size": dict(no_repeat_ngram_size=2),
+    "bad_words_ids": dict(bad_words_ids="BAD"),
+    "min_new_tokens": dict(min_new_tokens=10, eos_token_id="EOS"),
+    "min_length": dict(min_length=16, eos_token_id="EOS"),
+    "suppress_tokens": dict(suppress_tokens="TOP"),
+    "begin_suppress_tokens": dict(begin_suppress_tokens="TOP"),
+    "sequence_bias": dict(sequence_bias="BIAS"),
+    "forced_eos_token_id": dict(forced_eos_token_id=4, max_length=14),
+    "exponential_decay_length_penalty": dict(exponential_decay_length_penalty=(3, 3.0), eos_token_id=5),
+    "eos_token_id=-1": dict(eos_token_id=-1),
+    "remove_invalid_values + renormalize": dict(remove_invalid_values=True, renormalize_logits=True),
+    "all at once": dict(repetition_penalty=1.3, no_repeat_ngram_size=3, bad_words_ids="BAD", min_new_tokens=4),
+}
+
+
+def _resolve(option: dict, plain: torch.Tensor, P: int) -> dict:
+    """Fill an option with tokens the plain greedy output emits, so that every option changes the output."""
+    top = plain[:, P:].flatten().mode().values.item()
+    first = plain[0, P].item()
+    kw = dict(option)
+    if kw.get("eos_token_id") == "EOS":
+        kw["eos_token_id"] = plain[0, P + 2].item()
+    if kw.get("suppress_tokens") == "TOP":
+        kw["suppress_tokens"] = [top]
+    if kw.get("begin_suppress_tokens") == "TOP":
+        kw["begin_suppress_tokens"] = [first]
+    if kw.get("bad_words_ids") == "BAD":
+        kw["bad_words_ids"] = [[top], [first, plain[0, P + 1].item()]]
+    if kw.get("sequence_bias") == "BIAS":
+        kw["sequence_bias"] = {(top,): -20.0, (first, plain[0, P + 1].item()): -20.0}
+    if "max_length" in kw:
+        kw["max_length"] = P + kw["max_length"]
+    return kw
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("name", list(GREEDY_OPTIONS))
+def test_greedy_with_hf_processors_equals_hf(arch, name):
+    model, twin = _pair(arch, draft_len=4)
+    plain = twin.generate(BATCH, attention_mask=BATCH_MASK, max_new_tokens=14, do_sample=False)
+    kw = _resolve(GREEDY_OPTIONS[name], plain, BATCH.shape[1])
+    if "max_length" in kw:
+        want = twin.generate(BATCH, attention_mask=BATCH_MASK, do_sample=False, **kw)
+        got = model.generate(BATCH, attention_mask=BATCH_MASK, do_sample=False, **kw)
+        assert torch.equal(got, want)
+        return
+    want, got = _greedy_pair(model, twin, BATCH, BATCH_MASK, kw)
+    assert torch.equal(got.sequences, want), (got.sequences, want)
+    if name not in ("none", "eos_token_id=-1", "remove_invalid_values + renormalize"):
+        assert not torch.equal(want, plain), f"{name} changes nothing here: the test would prove nothing"
+    assert max(got.accepted_histogram) >= 3, got.accepted_histogram
+    # the same without forced drafts (the model's own diffusion and context drafts)
+    free = model.generate(BATCH, attention_mask=BATCH_MASK, max_new_tokens=14, do_sample=False, **kw)
+    assert torch.equal(free, want)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_generate_from_bos_with_forced_bos(arch):
+    """No input_ids: HF starts from a BOS row (batch size from the mask's); forced_bos_token_id then applies."""
+    model, twin = _pair(arch)
+    for m in (model, twin):
+        m.generation_config.bos_token_id = 2
+    for kw in (dict(), dict(forced_bos_token_id=9)):
+        want = twin.generate(max_new_tokens=8, do_sample=False, **kw)
+        got = model.generate(max_new_tokens=8, do_sample=False, **kw)
+        assert torch.equal(got, want)
+    assert want[0, 1].item() == 9
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+V, T, N = 6, 3, 3000  # vocab (the last id is [MASK]), continuation length, draws
+SAMPLE_PROMPT = [1, 3, 2]
+SAMPLED_OPTIONS = {
+    "repetition_penalty + top_k + temperature": dict(repetition_penalty=2.0, top_k=3, temperature=0.8),
+    "no_repeat_ngram_size + min_p": dict(no_repeat_ngram_size=2, min_p=0.1),
+    "typical_p + suppress_tokens": dict(typical_p=0.8, suppress_tokens=[0]),
+    "epsilon_cutoff + top_p": dict(epsilon_cutoff=0.05, top_p=0.9),
+    "eta_cutoff + sequence_bias": dict(eta_cutoff=0.05, sequence_bias={(3,): 2.0}),
+}
+
+
+def _hf_processed_distribution(twin, kwargs):
+    """P(x_1..x_T | prompt) under HF's processed scores (processors then warpers, HF's own list), by
+    enumeration of every continuation with the unpatched model."""
+    import itertools
+
+    gen, _ = twin._prepare_generation_config(None, do_sample=True, max_length=len(SAMPLE_PROMPT) + T, **kwargs)
+    twin._prepare_special_tokens(gen, False, device=torch.device("cpu"), batch_size=1)
+    procs = twin._get_logits_processor(gen, input_ids_seq_length=len(SAMPLE_PROMPT), device="cpu")
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=T)))
+    ids = torch.cat([torch.tensor(SAMPLE_PROMPT).expand(len(seqs), -1), seqs], 1)
+    with torch.no_grad():
+        logits = twin(ids).logits.float()
+    P = len(SAMPLE_PROMPT)
+    lp = torch.zeros(len(seqs), dtype=torch.float64)
+    for t in range(T):
+        scores = procs(ids[:, : P + t], logits[:, P - 1 + t].clone())
+        lp += scores.double().log_softmax(-1).gather(1, seqs[:, t : t + 1]).squeeze(1)
+    return {tuple(s): p for s, p in zip(seqs.tolist(), lp.exp().tolist())}
+
+
+def _chi2_pvalue(samples, exact):
+    """Pearson chi-square of the samples against ``exact``, pooling cells with expected count < 5."""
+    from scipy import stats
+
+    counts = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    n = len(samples)
+    obs, exp, pool_o, pool_e = [], [], 0, 0.0
+    for s, p in exact.items():
+        if p * n >= 5:
+            obs.append(counts.get(s, 0))
+            exp.append(p * n)
+        else:
+            pool_o += counts.get(s, 0)
+            pool_e += p * n
+    if pool_e > 0:
+        obs.append(pool_o)
+        exp.append(pool_e)
+    return stats.chisquare(obs, exp).pvalue
+
+
+@pytest.mark.parametrize("name", list(SAMPLED_OPTIONS))
+def test_sampling_with_hf_processors_has_hfs_distribution(name):
+    kw = SAMPLED_OPTIONS[name]
+    twin = tiny_model("qwen2", vocab=V, hidden=16, init=0.5, seed=3)
+    model = copy.deepcopy(twin)
+    tidar.patch(model, draft_len=4)
+    exact = _hf_processed_distribution(twin, kw)
+    plain = _hf_processed_distribution(twin, {})
+    ids = torch.tensor([SAMPLE_PROMPT]).expand(N, -1).contiguous()
+    torch.manual_seed(0)
+    out = model.generate(ids, do_sample=True, max_new_tokens=T, tidar_stats=True, **kw)
+    samples = [tuple(r) for r in out.sequences[:, len(SAMPLE_PROMPT) :].tolist()]
+    assert max(out.accepted_histogram) > 1, "no draft was ever accepted: the test would prove nothing"
+    assert _chi2_pvalue(samples, exact) > 1e-3
+    tv = 0.5 * sum(abs(exact[s] - samples.count(s) / N) for s in exact)
+    assert tv < 0.07
+    assert _chi2_pvalue(samples, plain) < 1e-6  # power: the processors change the distribution

@@ -109,6 +109,8 @@ def _host_calibrated(model):
 class _Decoder:
     """The decoding state of one ``generate`` call, kept on the device; the host keeps token lists."""
 
+    verifier = None  # an hf_processors.HfVerifier: HF's logits processors inside the acceptance
+
     def __init__(self, model, g, K, levels, backend, sample_kw, seed, context, full_logits):
         self.model, self.g, self.backend, self.sample_kw, self.seed = model, g, backend, sample_kw, seed
         s = settings(model)
@@ -230,7 +232,11 @@ class _Decoder:
             logits = self._rows(h, slice(n - 1, n + K))
             ar.append(logits[:, 0])
             blocks.append(logits[:, 1:])
-        r = tidar_kernels.draft_sample(torch.cat(ar), torch.cat(blocks), **self.sample_kw)
+        ar, blocks = torch.cat(ar), torch.cat(blocks)
+        if self.verifier is not None:  # HF's logits processors (hf_processors.HfVerifier)
+            r = self.verifier.prefill(self, ar, blocks)
+        else:
+            r = tidar_kernels.draft_sample(ar, blocks, **self.sample_kw)
         cache.commit(lengths)
         self.row_forwards = [1] * self.B
         return r.next_drafts, r.next_draft_probs
@@ -241,6 +247,8 @@ class _Decoder:
         for the next step (and their q rows when sampling)."""
         cache.check_room(plan.seg_len)
         seg_start = cache.seq_lengths(self.device)
+        if self.verifier is not None:  # HF's logits processors decide the acceptance (hf_processors.HfVerifier)
+            return self.verifier.verify(self, self._body(cache, plan, drafts, seg_start), plan, drafts, probs)
         if self.greedy and self.device.type in HOST_VERIFY:
             return self._greedy_host(cache, plan, drafts, seg_start)
         if self.greedy:
@@ -371,6 +379,7 @@ def generate(
     proposal_levels=None,
     context_drafts: bool | None = None,
     full_logits: bool = False,
+    verifier=None,
 ) -> TidarGenerateOutput:
     """Decode with TiDAR. ``model`` must be patched (``tidar.patch``).
 
@@ -395,6 +404,8 @@ def generate(
             start from the prior acceptance statistics, so a generator/seed reproduces its tokens; with
             ``draft_len="auto"`` the K sequence also follows the measured slot curve (fixed within a process).
         full_logits: apply the LM head to every row of each step (slower; for forward hooks that edit logits).
+        verifier: an ``hf_processors.HfVerifier`` deciding the acceptance with HF's logits processors (the drop-in
+            ``model.generate`` passes one when processors or score outputs are requested).
     """
     s = settings(model)
     K = check_draft_len(s.draft_len if draft_len is None else draft_len)
@@ -430,6 +441,7 @@ def generate(
         del sample_kw["generator"]
         sample_kw.update(seed=seed, offset=0)
     dec = _Decoder(model, g, K, levels, backend, sample_kw, seed, context, full_logits)
+    dec.verifier = verifier
     B, device, V = dec.B, g.device, g.vocab
     dec._check_head(g.prompts[0])
 

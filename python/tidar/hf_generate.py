@@ -1,69 +1,160 @@
-"""The drop-in ``model.generate`` of a patched model: Hugging Face's API (options, precedence, length rules),
-decoded by ``tidar.generate``. Options TiDAR cannot honour raise instead of running something else."""
+"""The drop-in ``model.generate`` of a patched model: Hugging Face's API (options, precedence, length rules,
+logits processors, outputs), decoded by ``tidar.generate``.
+
+HF's own preparation runs step for step as in ``GenerationMixin.generate`` (the merged generation config, the model
+kwargs check, the inputs, the special tokens, the length rules, the processor list). HF's logits processors run
+inside TiDAR's verification (``hf_processors``), so greedy output equals HF's and sampled output has HF's
+distribution; HF's outputs come from ``hf_outputs``. What TiDAR cannot honour (beam search and its relatives,
+assisted decoding with a second model, ...) raises a clear error instead of running something else.
+"""
 
 from __future__ import annotations
 
+import torch
+
 from .generate import generate
-from .generate_args import token_ids
+from .generate_args import check_input_ids, token_ids
 
-_UNSUPPORTED = {  # generation options TiDAR cannot honour, with the value that means "off"
-    "num_beams": 1,
-    "num_beam_groups": 1,
-    "num_return_sequences": 1,
-    "penalty_alpha": None,
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "bad_words_ids": None,
-    "force_words_ids": None,
-    "constraints": None,
-    "min_length": 0,
-    "min_new_tokens": None,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "min_p": None,
-    "top_h": None,
-    "sequence_bias": None,
-    "guidance_scale": None,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "forced_bos_token_id": None,
-    "forced_eos_token_id": None,
-    "exponential_decay_length_penalty": None,
-    "renormalize_logits": False,
-    "watermarking_config": None,
-    "stop_strings": None,
-    "max_time": None,
-    "output_scores": False,
-    "output_logits": False,
-    "output_attentions": False,
-    "output_hidden_states": False,
-    "return_dict_in_generate": False,
-    "prompt_lookup_num_tokens": None,
-    "dola_layers": None,
-    "use_mtp": None,
+# Generation options TiDAR refuses: option -> (the value that means "off", what it is).
+_REFUSED = {
+    "num_beams": (1, "beam search"),
+    "num_beam_groups": (1, "group beam search"),
+    "penalty_alpha": (None, "contrastive search"),
+    "force_words_ids": (None, "constrained beam search"),
+    "constraints": (None, "constrained beam search"),
+    "guidance_scale": (None, "classifier-free guidance"),
+    "watermarking_config": (None, "watermarking"),
+    "stop_strings": (None, "stop strings"),
+    "max_time": (None, "a time limit"),
+    "dola_layers": (None, "DoLa decoding"),
+    "use_mtp": (None, "multi-token prediction"),
+    "compile_config": (None, "a torch.compile'd forward (TiDAR's compiled GPU step is a CUDA-graph capture)"),
 }
-_UNSUPPORTED_KWARGS = (
-    "logits_processor",
-    "stopping_criteria",
-    "assistant_model",
-    "prefix_allowed_tokens_fn",
-    "synced_gpus",
-    "negative_prompt_ids",
-    "inputs_embeds",
-    "past_key_values",
-    "cache",
-)
+# generate() arguments TiDAR refuses, with what they are.
+_REFUSED_KWARGS = {
+    "stopping_criteria": "custom stopping criteria",
+    "assistant_model": "assisted decoding with a second model",
+    "assistant_tokenizer": "assisted decoding with a second model",
+    "prefix_allowed_tokens_fn": "prefix-constrained decoding",
+    "negative_prompt_ids": "classifier-free guidance",
+    "negative_prompt_attention_mask": "classifier-free guidance",
+    "custom_generate": "a custom decoding loop",
+}
+# Cache implementations TiDAR honours: its own cache is preallocated for the whole request (static by construction),
+# so "static" and the model defaults that only describe the layer layout are what it runs anyway.
+_CACHES = (None, "dynamic", "static", "hybrid", "sliding_window")
+# Model kwargs the drop-in generate takes (beyond them, HF's own check names what the model does not take).
+_MODEL_KWARGS = ("attention_mask", "use_cache", "input_ids", "inputs_embeds", "position_ids", "logits_to_keep")
+_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")  # model kwargs in transformers 5.x, config fields before
 TIDAR_KWARGS = ("draft_len", "beta", "generator", "backend", "seed", "proposal_levels", "context_drafts", "full_logits")
+# HF's sampling warpers that TiDAR's sampler applies itself (temperature, top-k, top-p): without any other
+# processor, the lean sampling path runs them.
+_KERNEL_WARPERS = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper")
 
 
-def _hf_length_and_tokens(model, input_ids, attention_mask, generation_config, kwargs):
-    """HF 5.24's own preparation, step for step as in ``GenerationMixin.generate``: the merged generation config
-    (library defaults < ``model.generation_config`` < ``generation_config`` < kwargs), the model kwargs check,
-    the special tokens (``eos_token_id`` as int, list or tensor; ``pad_token_id`` defaulting to EOS) and the
-    length rules (``max_new_tokens`` over ``max_length``; the default of 20 new tokens, capped at
-    ``max_position_embeddings``), with HF's own warnings and errors. Returns ``(generation_config, max_new)``."""
+def _refuse(kwargs, synced_gpus) -> None:
+    for k, what in _REFUSED_KWARGS.items():
+        if kwargs.get(k) is not None:
+            raise ValueError(
+                f"TiDAR generate does not support {k}= ({what}); call tidar.unpatch(model) for plain HF generate"
+            )
+    if synced_gpus:
+        raise ValueError("TiDAR generate does not support synced_gpus=True (one process decodes its own batch)")
+
+
+def _check_options(gen) -> None:
+    """Refuse what TiDAR cannot honour, naming the option and what it is."""
+    for k, (off, what) in _REFUSED.items():
+        v = getattr(gen, k, off)
+        if v is None or v == off or (k == "guidance_scale" and v == 1):
+            continue
+        raise ValueError(
+            f"TiDAR generate cannot honour {k}={v!r} ({what}); it runs greedy and sampling decoding only "
+            "(call tidar.unpatch(model) for plain HF generate)"
+        )
+    if gen.cache_implementation not in _CACHES:
+        raise ValueError(
+            f"TiDAR generate cannot honour cache_implementation={gen.cache_implementation!r}: it decodes with its own "
+            f"preallocated cache on the model's device (accepted: {', '.join(repr(c) for c in _CACHES)})"
+        )
+    mode = getattr(gen.get_generation_mode(None), "value", None)
+    lookup = gen.prompt_lookup_num_tokens is not None  # prompt lookup: TiDAR's context drafts do that job
+    if mode not in ("greedy_search", "sample") and not (mode == "assisted_generation" and lookup):
+        raise ValueError(f"TiDAR generate runs greedy or sampling decoding only, not {mode}")
+
+
+def _eos_without_negatives(value):
+    """HF's "never stop" idiom: negative EOS ids (``eos_token_id=-1``) match no token; they are dropped."""
+    if isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and value.dtype != torch.bool:
+        return value[value >= 0] if value.dim() == 1 else (value if value >= 0 else None)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    if isinstance(value, (list, tuple)):
+        return [x for x in value if not (isinstance(x, int) and not isinstance(x, bool) and x < 0)]
+    return value
+
+
+def _prompt(model, inputs, gen, model_kwargs):
+    """``(input_ids, attention_mask)`` as HF prepares them: ``inputs`` / ``input_ids`` / a BOS row when none are
+    given; ``inputs_embeds`` only as the embeddings of the ``input_ids`` given with them."""
+    ids, name, model_kwargs = model._prepare_model_inputs(inputs, gen.bos_token_id, model_kwargs)
+    if name == "inputs_embeds":
+        embeds = ids
+        ids = model_kwargs.pop("input_ids", None)
+        if ids is None or ids.shape[:2] != embeds.shape[:2]:
+            raise ValueError(
+                "TiDAR generate decodes from token ids: inputs_embeds must come with the input_ids they embed "
+                "(a prompt given as embeddings alone cannot be drafted from)"
+            )
+        if not torch.equal(model.get_input_embeddings()(ids), embeds):
+            raise ValueError("inputs_embeds must be the model's embeddings of input_ids (TiDAR decodes from token ids)")
+    check_input_ids(ids)
+    return ids, model_kwargs
+
+
+def _attention_mask(model, ids, gen, given):
+    """The caller's mask, else HF's (inferred from pad tokens); None when nothing is padded."""
+    mask = given
+    if mask is None:
+        mask = model._prepare_attention_mask_for_generation(ids, gen, {"input_ids": ids})
+    if mask is not None and bool((mask == 1).all()):
+        return None
+    return mask
+
+
+def _check_positions(position_ids, ids, mask) -> None:
+    """``position_ids`` are taken when they are the positions HF derives from the mask (TiDAR computes them)."""
+    if position_ids is None:
+        return
+    from .hf_outputs import hf_positions
+
+    m = torch.ones_like(ids) if mask is None else mask
+    want = hf_positions(m).to(position_ids.device)
+    if position_ids.shape[-1] != ids.shape[1] or not torch.equal(position_ids.expand_as(want), want):
+        raise ValueError(
+            "position_ids must be the prompt's positions as HF derives them from attention_mask (0, 1, ... from "
+            "each row's first token): TiDAR computes the positions of every token it decodes"
+        )
+
+
+def _check_cache(cache, ids) -> None:
+    """A cache from an earlier ``generate`` holds the keys and values of a prefix of ``input_ids``: TiDAR's
+    prefill recomputes them (the same values), so the cache is accepted and not read."""
+    if cache is None:
+        return
+    n = cache.get_seq_length() if hasattr(cache, "get_seq_length") else None
+    if n is None:
+        raise TypeError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
+    if n >= ids.shape[1]:
+        raise ValueError(
+            f"past_key_values holds {n} positions but input_ids only {ids.shape[1]}: give the whole sequence "
+            "(the cached prefix and the new tokens), as HF's generate expects"
+        )
+
+
+def _lengths(model, ids, generation_config, kwargs, gen):
+    """HF's length rules (``max_new_tokens`` over ``max_length``; the default of 20 new tokens, capped at
+    ``max_position_embeddings``) with HF's warnings and errors. Returns the generation config."""
     has_default_max_length = (
         kwargs.get("max_length") is None
         and (generation_config is None or generation_config.max_length is None)
@@ -74,64 +165,70 @@ def _hf_length_and_tokens(model, input_ids, attention_mask, generation_config, k
         and (generation_config is None or generation_config.min_length is None)
         and model.generation_config.min_length is None
     )
-    for k in ("eos_token_id", "bos_token_id", "pad_token_id"):  # before HF's config checks, which fail obscurely
-        if kwargs.get(k) is not None:
-            token_ids(k, kwargs[k])
-    gen, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
-    if attention_mask is not None:
-        model_kwargs["attention_mask"] = attention_mask
-    model._validate_model_kwargs(model_kwargs.copy())  # HF's error for arguments the model does not take
-    extra = sorted(set(model_kwargs) - {"attention_mask", "use_cache"})
-    if extra:
-        raise ValueError(f"TiDAR generate does not support {extra}; call tidar.unpatch(model) for plain HF generate")
-    for k, off in _UNSUPPORTED.items():
-        v = getattr(gen, k, off)
-        if v is not None and v != off and not (k == "min_length" and v == 0):
-            raise ValueError(f"TiDAR generate cannot honour {k}={v!r} (only greedy and sampling decoding)")
-    mode = gen.get_generation_mode(None)
-    if getattr(mode, "value", str(mode)) not in ("greedy_search", "sample"):
-        raise ValueError(f"TiDAR generate runs greedy or sampling decoding only, not {getattr(mode, 'value', mode)}")
-    B, P = input_ids.shape
-    token_ids("eos_token_id", gen.eos_token_id)  # HF would fail deep inside torch.tensor on a str or float
-    token_ids("bos_token_id", gen.bos_token_id)
-    if gen.pad_token_id is not None:
-        token_ids("pad_token_id", gen.pad_token_id)
-    model._prepare_special_tokens(gen, attention_mask is not None, device=input_ids.device, batch_size=B)
+    P = ids.shape[1]
     gen = model._prepare_generated_length(
         generation_config=gen,
         has_default_max_length=has_default_max_length,
         has_default_min_length=has_default_min_length,
         model_input_name="input_ids",
-        inputs_tensor=input_ids,
+        inputs_tensor=ids,
         input_ids_length=P,
     )
     model._validate_generated_length(gen, P, has_default_max_length)
-    return gen, gen.max_length - P
+    return gen
 
 
 def _token_list(t):
     if t is None:
         return None
-    return [int(x) for x in t.reshape(-1).tolist()]
+    return [int(x) for x in t.reshape(-1).tolist() if int(x) >= 0]
+
+
+def _sampling_args(model, gen):
+    """(temperature, top_k, top_p) for TiDAR's own sampler, as HF's warpers take them."""
+    if not gen.do_sample:
+        return 0.0, None, None
+    temperature = gen.temperature
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0.0:
+        raise ValueError("do_sample=True needs temperature > 0")
+    top_k = gen.top_k
+    if top_k is not None and not isinstance(top_k, bool) and isinstance(top_k, int):
+        top_k = min(top_k, model.get_input_embeddings().weight.shape[0])  # as HF's TopKLogitsWarper
+        top_k = None if top_k == 0 else top_k
+    top_p = gen.top_p
+    if top_p is not None and not isinstance(top_p, bool) and isinstance(top_p, (int, float)) and top_p == 1.0:
+        top_p = None
+    return temperature, top_k, top_p
+
+
+def _verifier(model, gen, ids, mask, user_processors):
+    """An ``HfVerifier`` when HF's processor list holds more than TiDAR's sampler applies itself, or scores /
+    logits are to be returned; else None (the lean path)."""
+    from .hf_processors import HfVerifier, row_processors
+
+    full = model._get_logits_processor(
+        generation_config=gen,
+        input_ids_seq_length=ids.shape[1],
+        encoder_input_ids=ids,
+        logits_processor=user_processors,
+        device=ids.device,
+        model_kwargs={"attention_mask": mask},
+    )
+    record = bool(gen.return_dict_in_generate and (gen.output_scores or gen.output_logits))
+    if not record and all(type(p).__name__ in _KERNEL_WARPERS for p in full):
+        return None
+    rows = row_processors(model, gen, ids, mask, user_processors)
+    temperature = gen.temperature if gen.do_sample and isinstance(gen.temperature, (int, float)) else 1.0
+    return HfVerifier(rows, ids.tolist(), sample=bool(gen.do_sample), draft_temperature=temperature, record=record)
 
 
 def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     """``model.generate`` after ``tidar.patch``: greedy or sampling decoding through TiDAR, with HF's own
-    argument handling (see ``_hf_length_and_tokens``). Options TiDAR cannot honour (beam search, penalties,
-    extra outputs, ...) raise instead of running something else. Extra TiDAR options: ``draft_len``, ``beta``,
+    argument handling, logits processors and outputs. Beam search and its relatives, assisted decoding with a
+    second model, custom stopping criteria raise a clear error. Extra TiDAR options: ``draft_len``, ``beta``,
     ``generator``, ``seed``, ``proposal_levels``, ``context_drafts``, ``full_logits``, ``tidar_stats`` (True
     returns the full ``TidarGenerateOutput``)."""
-    from .generate_args import check_input_ids
-
-    for k in _UNSUPPORTED_KWARGS:
-        if kwargs.get(k) is not None:
-            raise ValueError(f"TiDAR generate does not support {k}=; call tidar.unpatch(model) for plain HF generate")
-    if inputs is not None and kwargs.get("input_ids") is not None:
-        raise ValueError("give the prompt once: inputs or input_ids, not both")
-    input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
-    if input_ids is None:
-        raise ValueError("generate needs input_ids (or inputs): an integer tensor [B, P]")
-    check_input_ids(input_ids)
+    _refuse(kwargs, kwargs.pop("synced_gpus", None))
     if generation_config is not None:
         from transformers import GenerationConfig
 
@@ -139,40 +236,77 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
             raise TypeError(
                 f"generation_config must be a transformers GenerationConfig, got {type(generation_config).__name__}"
             )
-    attention_mask = kwargs.pop("attention_mask", None)
     streamer = kwargs.pop("streamer", None)
+    user_processors = kwargs.pop("logits_processor", None)
+    cache = kwargs.pop("cache", None)
+    cache = kwargs.pop("past_key_values", None) if cache is None else cache
     tidar_kw = {k: kwargs.pop(k) for k in TIDAR_KWARGS if k in kwargs}
     want_stats = kwargs.pop("tidar_stats", False)
     if not isinstance(want_stats, bool):
         raise TypeError(f"tidar_stats must be True or False, got {want_stats!r}")
-    gen, max_new = _hf_length_and_tokens(self, input_ids, attention_mask, generation_config, kwargs)
-    sample = bool(gen.do_sample)
-    temperature = gen.temperature if sample else 0.0
-    if sample and isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0.0:
-        raise ValueError("do_sample=True needs temperature > 0")
-    top_k = gen.top_k if sample else None
-    if top_k is not None and not isinstance(top_k, bool) and isinstance(top_k, int):
-        top_k = min(top_k, self.get_input_embeddings().weight.shape[0])  # as HF's TopKLogitsWarper
-        top_k = None if top_k == 0 else top_k
-    top_p = gen.top_p if sample else None
-    if top_p is not None and not isinstance(top_p, bool) and isinstance(top_p, (int, float)) and top_p == 1.0:
-        top_p = None
+    if "eos_token_id" in kwargs:
+        kwargs["eos_token_id"] = _eos_without_negatives(kwargs["eos_token_id"])
+    for k in ("eos_token_id", "bos_token_id", "pad_token_id"):  # before HF's config checks, which fail obscurely
+        if kwargs.get(k) is not None:
+            token_ids(k, kwargs[k])
+
+    gen, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+    self._validate_model_kwargs(model_kwargs.copy())  # HF's error for arguments the model does not take
+    extra = sorted(set(model_kwargs) - set(_MODEL_KWARGS) - set(_OUTPUT_FLAGS))
+    if extra:
+        raise ValueError(f"TiDAR generate does not support {extra}; call tidar.unpatch(model) for plain HF generate")
+    _check_options(gen)
+    flags = {k: bool(model_kwargs.pop(k, None) or getattr(gen, k, False)) for k in _OUTPUT_FLAGS}
+    position_ids = model_kwargs.pop("position_ids", None)
+    given_mask = model_kwargs.pop("attention_mask", None)
+    if given_mask is not None:
+        model_kwargs["attention_mask"] = given_mask  # HF takes the batch size from it when no prompt is given
+    ids, model_kwargs = _prompt(self, inputs, gen, model_kwargs)
+    gen.eos_token_id = _eos_without_negatives(gen.eos_token_id)
+    token_ids("eos_token_id", gen.eos_token_id)  # HF would fail deep inside torch.tensor on a str or float
+    token_ids("bos_token_id", gen.bos_token_id)
+    if gen.pad_token_id is not None:
+        token_ids("pad_token_id", gen.pad_token_id)
+    self._prepare_special_tokens(gen, given_mask is not None, device=ids.device, batch_size=ids.shape[0])
+    mask = _attention_mask(self, ids, gen, given_mask)
+    _check_positions(position_ids, ids, mask)
+    _check_cache(cache, ids)
+    n = gen.num_return_sequences or 1
+    if n > 1:  # as HF: each prompt repeated, rows of one prompt next to each other
+        ids = ids.repeat_interleave(n, 0)
+        mask = None if mask is None else mask.repeat_interleave(n, 0)
+    gen = _lengths(self, ids, generation_config, kwargs, gen)
+    if gen.prompt_lookup_num_tokens is not None:
+        tidar_kw.setdefault("context_drafts", True)  # prompt lookup = TiDAR's context drafts
+    verifier = _verifier(self, gen, ids, mask, user_processors)
+    temperature, top_k, top_p = _sampling_args(self, gen)
+    if verifier is not None and verifier.sample:  # HF's warpers are in the processed scores
+        temperature, top_k, top_p = 1.0, None, None
     eos = _token_list(gen._eos_token_tensor)
     pad = _token_list(gen._pad_token_tensor)
     res = generate(
         self,
-        input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=gen.max_length - ids.shape[1],
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         eos_token_id=eos,
         pad_token_id=pad[0] if pad else None,
         streamer=streamer,
+        verifier=verifier,
         **tidar_kw,
     )
-    return res if want_stats else res.sequences
+    if want_stats:
+        return res
+    if not gen.return_dict_in_generate:
+        return res.sequences
+    from .hf_outputs import hf_output
+
+    return hf_output(
+        self, gen, res.sequences, mask, ids.shape[1], verifier, want_cache=gen.use_cache is not False, **flags
+    )
 
 
 __all__ = ["patched_generate", "TIDAR_KWARGS"]

@@ -1,0 +1,135 @@
+"""Hugging Face's ``generate`` outputs from a TiDAR decode: ``GenerateDecoderOnlyOutput`` with ``sequences``,
+``scores`` / ``logits`` (the verification rows that chose each emitted token), and ``attentions``,
+``hidden_states`` and the ``cache`` (``past_key_values``) in HF's format.
+
+The last three come from one plain forward of the finished sequences (the "replay"), with HF's mask and
+positions: every emitted token's AR context is exactly the prefix before it (the verification row saw the same
+keys), so the replay's attention rows, hidden states and keys/values are those HF's own loop produces (up to
+floating-point summation order), including the pad tokens HF feeds rows that already stopped. The cache holds the
+positions ``[0, L - 1)`` of the ``L``-token sequences, as HF's: a later ``generate`` continues from it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def step_tensors(per_row: list, steps: int, vocab: int, device) -> tuple | None:
+    """``steps`` tensors ``[B, V]`` (HF's per-step ``scores`` / ``logits``) from per-row lists of ``[V]``
+    rows. A row that stopped before a step (HF keeps feeding it pad tokens) has zeros there."""
+    if steps == 0:
+        return ()
+    out = []
+    for t in range(steps):
+        rows = [r[t] if t < len(r) else torch.zeros(vocab, device=device) for r in per_row]
+        out.append(torch.stack(rows))
+    return tuple(out)
+
+
+def hf_positions(mask: torch.Tensor) -> torch.Tensor:
+    """HF's position ids for a left-padded mask: the count of real tokens before each one (0 on padding)."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 0)
+
+
+@torch.no_grad()
+def replay(model, sequences, prompt_mask, *, attentions: bool, hidden_states: bool, cache, prompt_len: int):
+    """Plain forwards of ``sequences[:, :-1]`` with HF's mask (the prompt's, then ones) and positions, shaped as
+    HF's loop runs them: the prompt, then the generated tokens but the last (one forward on the cache: a token's
+    attention and hidden state depend only on the prefix before it). Returns ``(attentions, hidden_states,
+    cache)`` per generated step as HF returns them: step 0 covers the prompt (queries ``[0, P)``), step t >= 1
+    the one query at ``P + t - 1``."""
+    B, L = sequences.shape
+    P = prompt_len
+    mask = torch.ones(B, L - 1, dtype=torch.long, device=sequences.device)
+    if prompt_mask is not None:
+        mask[:, :P] = prompt_mask
+    pos = hf_positions(mask)
+    flags = dict(output_attentions=attentions, output_hidden_states=hidden_states, use_cache=True)
+    if cache is None:
+        cache = new_cache(model, None, B, L)
+    arg = _cache_arg(model)
+    first = model(
+        input_ids=sequences[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], **{arg: cache}, **flags
+    )
+    rest = None
+    if L - 1 > P:
+        rest = model(
+            input_ids=sequences[:, P : L - 1], attention_mask=mask, position_ids=pos[:, P:], **{arg: cache}, **flags
+        )
+    steps = L - P
+    att = _per_step(first.attentions, rest and rest.attentions, steps, P, keys=True) if attentions else None
+    hid = _per_step(first.hidden_states, rest and rest.hidden_states, steps, P, keys=False) if hidden_states else None
+    return att, hid, cache
+
+
+def _per_step(first, rest, steps: int, P: int, *, keys: bool) -> tuple:
+    """HF's per-step tuples: step 0 the prompt forward's per-layer tensors, step t >= 1 row t - 1 of the rest's
+    (attention weights ``[B, H, 1, P + t]``: the keys the step's query saw; hidden states ``[B, 1, hidden]``)."""
+    res = [tuple(first)]
+    for t in range(1, steps):
+        if keys:
+            res.append(tuple(x[:, :, t - 1 : t, : P + t] for x in rest))
+        else:
+            res.append(tuple(x[:, t - 1 : t] for x in rest))
+    return tuple(res)
+
+
+def _cache_arg(model) -> str:
+    """The forward's cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def new_cache(model, gen, batch: int, max_len: int):
+    """The cache HF's ``generate`` would return: a ``StaticCache`` for ``cache_implementation="static"``, else a
+    ``DynamicCache``."""
+    from transformers import DynamicCache, StaticCache
+
+    cfg = model.config.get_text_config(decoder=True)
+    if gen is not None and gen.cache_implementation == "static":
+        return StaticCache(config=cfg, max_cache_len=max_len)
+    return DynamicCache(config=cfg)
+
+
+def hf_output(
+    model,
+    gen,
+    sequences,
+    prompt_mask,
+    prompt_len: int,
+    verifier,
+    *,
+    want_cache: bool,
+    output_attentions: bool = False,
+    output_hidden_states: bool = False,
+):
+    """HF's ``GenerateDecoderOnlyOutput`` for the TiDAR result ``sequences`` ``[B, P + T]``."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    B, L = sequences.shape
+    steps = L - prompt_len
+    vocab = model.get_input_embeddings().weight.shape[0]
+    dev = sequences.device
+    scores = step_tensors(verifier.scores, steps, vocab, dev) if gen.output_scores else None
+    logits = step_tensors(verifier.logits, steps, vocab, dev) if gen.output_logits else None
+    att = hid = cache = None
+    if output_attentions or output_hidden_states or want_cache:
+        cache = new_cache(model, gen, B, gen.max_length) if want_cache else None
+        att, hid, cache = replay(
+            model,
+            sequences,
+            prompt_mask,
+            attentions=output_attentions,
+            hidden_states=output_hidden_states,
+            cache=cache,
+            prompt_len=prompt_len,
+        )
+    key = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+    return GenerateDecoderOnlyOutput(
+        sequences=sequences, scores=scores, logits=logits, attentions=att, hidden_states=hid, **{key: cache}
+    )
+
+
+__all__ = ["hf_output", "hf_positions", "replay", "step_tensors"]

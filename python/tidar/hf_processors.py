@@ -1,0 +1,170 @@
+"""Hugging Face's logits processors inside TiDAR's verification (docs/design.md §1.5).
+
+Verification row i of a step predicts the token after ``committed + drafts[:i]``; HF's processors take
+``(input_ids, scores)``, so each row is processed with exactly the ``input_ids`` HF's own loop would hold when it
+picks that token: the row's prompt as the caller gave it (left padding kept), the tokens emitted so far and the
+drafts before row i. Greedy takes the argmax of the processed scores; sampling takes them as the target
+distribution of the rejection sampler. So greedy output equals HF's token for token and sampled output has HF's
+distribution. Drafts are proposals: they need not follow the processors (verification pays for that).
+
+Every row has its own processor list (built by HF from the generation config, with that row's attention mask), so
+processors that keep per-row state (the repetition penalty's prompt padding) see the row they were built for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import tidar_kernels
+
+from .drafts import virtual_blocks
+
+
+class HfVerifier:
+    """Replaces TiDAR's acceptance (``_Decoder.prefill`` / ``_Decoder.step``) when HF processors or HF's
+    ``scores`` / ``logits`` outputs are requested.
+
+    ``processors``: one ``LogitsProcessorList`` per batch row. ``rows``: per batch row, HF's ``input_ids`` row
+    (left padding kept). ``sample``: rejection sampling against the processed scores (else greedy).
+    ``draft_temperature``: the temperature the diffusion drafts are sampled at (a proposal: any value is exact).
+    ``record``: keep every emitted token's raw logits and processed scores (HF's ``output_logits`` /
+    ``output_scores``)."""
+
+    def __init__(self, processors, rows, *, sample: bool, draft_temperature: float = 1.0, record: bool = False):
+        self.processors = processors
+        self.rows = rows
+        self.sample = sample
+        self.draft_temperature = draft_temperature
+        self.record = record
+        self.scores = [[] for _ in rows]  # per row: processed scores [V] of each token emitted (and maybe more)
+        self.logits = [[] for _ in rows]  # per row: raw logits [V] of the same tokens
+
+    # ------------------------------------------------------------------ processing
+    def process(self, b: int, prefix: list, logits: torch.Tensor) -> torch.Tensor:
+        """HF's processed scores ``[V]`` (float32) for batch row ``b`` after ``prefix`` (the emitted tokens and
+        drafts after the prompt) from the raw logits ``[V]``."""
+        raw = logits.to(dtype=torch.float32).clone()  # as HF: a float32 copy of the last position's logits
+        ids = torch.tensor([self.rows[b] + prefix], dtype=torch.long, device=logits.device)
+        return self.processors[b](ids, raw[None].clone())[0]
+
+    def _keep(self, b: int, raw: torch.Tensor, scores: torch.Tensor) -> None:
+        if self.record:
+            self.logits[b].append(raw.to(dtype=torch.float32))
+            self.scores[b].append(scores)
+
+    def _kw(self, dec) -> dict:
+        """The sampler arguments: greedy, or temperature 1 on the processed scores (HF's warpers are in them)."""
+        kw = dict(dec.sample_kw)
+        kw.update(temperature=1.0 if self.sample else 0.0, top_k=None, top_p=None, beta=1.0)
+        return kw
+
+    def _draft_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.draft_temperature if self.sample and self.draft_temperature != 1.0 else logits
+
+    # ------------------------------------------------------------------ the hooks
+    def prefill(self, dec, ar: torch.Tensor, blocks: torch.Tensor):
+        """The first token from the processed AR row of each prompt; the first drafts from the mask block."""
+        rows = []
+        for b in range(dec.B):
+            s = self.process(b, [], ar[b])
+            self._keep(b, ar[b], s)
+            rows.append(s)
+        return tidar_kernels.draft_sample(torch.stack(rows), self._draft_logits(blocks.float()), **self._kw(dec))
+
+    def verify(self, dec, h, plan, drafts: torch.Tensor, probs):
+        """One step's acceptance against the processed scores. Returns ``_Decoder.step``'s per-row tuples
+        ``(a, correction or bonus, next diffusion drafts, their q or None)``."""
+        if self.sample:
+            return self._sampled(dec, h, plan, drafts, probs)
+        return self._greedy(dec, h, plan, drafts)
+
+    def _greedy(self, dec, h, plan, drafts):
+        K = plan.draft_len
+        logits = dec._rows(h, slice(0, K))
+        host = drafts.tolist()
+        acc, fixes = [], []
+        for b in range(dec.B):
+            if dec.done[b]:
+                acc.append(1)
+                fixes.append(host[b][0])
+                continue
+            prefix = list(dec.out[b])  # ends with d_0
+            for i in range(K):  # row i: after d_0..d_i; the first that disagrees with d_{i+1} is the correction
+                s = self.process(b, prefix, logits[b, i])
+                self._keep(b, logits[b, i], s)
+                t = int(s.argmax())
+                if i + 1 < K and host[b][i + 1] == t:
+                    prefix.append(t)
+                    continue
+                acc.append(i + 1)
+                fixes.append(t)
+                break
+        slots = _block_slots(dec, h, plan, acc)
+        res = []
+        for a, c, sl in zip(acc, fixes, slots):
+            n = plan.next_diffusion_drafts(a)
+            res.append((a, c, sl[len(sl) - n :] if n else [], None))
+        return res
+
+    def _sampled(self, dec, h, plan, drafts, probs):
+        B, K = dec.B, plan.draft_len
+        logits = dec._rows(h, slice(0, h.shape[1]))
+        V = logits.shape[-1]
+        host = drafts.tolist()
+        target = logits[:, :K].float().clone()
+        for b in range(B):
+            if dec.done[b]:
+                continue
+            prefix = list(dec.out[b])
+            for i in range(K):
+                target[b, i] = self.process(b, prefix, logits[b, i])
+                prefix.append(host[b][i + 1] if i + 1 < K else 0)
+        blocks = virtual_blocks(self._draft_logits(logits[:, K:].float()), plan, V)
+        if dec.seed is not None:  # Philox: every step draws fresh counters
+            dec.sample_kw["offset"] += B * 2 * K
+        r = tidar_kernels.rejection_sample(target, blocks, drafts, probs if K > 1 else None, **self._kw(dec))
+        out = torch.cat([r.accepted[:, None], r.next_drafts], 1).tolist()
+        res = []
+        for b, row in enumerate(out):
+            a = row[0]
+            if not dec.done[b]:
+                for i in range(a):
+                    self._keep(b, logits[b, i], target[b, i])
+            n = plan.next_diffusion_drafts(a)
+            q = r.next_draft_probs[b, :n] if n > 0 and r.next_draft_probs is not None else None
+            res.append((a, row[1], row[2 : 2 + n], q))
+        return res
+
+
+def _block_slots(dec, h, plan, acc) -> list:
+    """Per row, the argmax of the K slots of the proposal block its next drafts come from (block j*, the largest
+    level <= a); empty lists when the step had no proposal blocks."""
+    K = plan.draft_len
+    if not plan.levels:
+        return [[] for _ in acc]
+    starts = [K + max(plan.block_index[a], 0) * K for a in acc]
+    index = torch.tensor([list(range(r, r + K)) for r in starts], device=h.device)
+    return dec._rows(h, index).argmax(-1).tolist()
+
+
+def row_processors(model, gen, input_ids, attention_mask, user_processors=None) -> list:
+    """One HF ``LogitsProcessorList`` per batch row, built by HF from the generation config exactly as its
+    ``generate`` builds the batch's (``_get_logits_processor``), with that row's ``input_ids`` and mask."""
+    lists = []
+    for b in range(input_ids.shape[0]):
+        mask = None if attention_mask is None else attention_mask[b : b + 1]
+        lists.append(
+            model._get_logits_processor(
+                generation_config=gen,
+                input_ids_seq_length=input_ids.shape[1],
+                encoder_input_ids=input_ids[b : b + 1],
+                prefix_allowed_tokens_fn=None,
+                logits_processor=user_processors,
+                device=input_ids.device,
+                model_kwargs={"attention_mask": mask},
+            )
+        )
+    return lists
+
+
+__all__ = ["HfVerifier", "row_processors"]
