@@ -9,6 +9,7 @@ from ._version import __version__
 from .backends import BACKENDS, live_backends
 from .layouts import Layout, dense_mask
 from .ops.kv_append import kv_append
+from .ops.kv_append_paged import kv_append_paged
 from .ops.rejection_sample import (
     DraftResult,
     RejectionResult,
@@ -18,6 +19,7 @@ from .ops.rejection_sample import (
     rejection_sample,
 )
 from .ops.tidar_attention import tidar_attention
+from .ops.tidar_attention_paged import tidar_attention_paged
 from .reference.rejection_sample import philox_uniforms
 
 __all__ = [
@@ -31,9 +33,11 @@ __all__ = [
     "draft_sample",
     "draw_uniforms",
     "kv_append",
+    "kv_append_paged",
     "layouts",
     "live_backends",
     "philox_uniforms",
     "rejection_sample",
     "tidar_attention",
+    "tidar_attention_paged",
 ]

@@ -1,3 +1,9 @@
 """Pure-PyTorch reference implementations: the truth every kernel is tested against."""
 
-from . import kv_append, rejection_sample, tidar_attention  # noqa: F401  (registers the reference backend)
+from . import (  # noqa: F401  (registers the reference backend)
+    kv_append,
+    kv_append_paged,
+    rejection_sample,
+    tidar_attention,
+    tidar_attention_paged,
+)

@@ -7,4 +7,10 @@ Importing this package imports triton; an ImportError here only marks the backen
 
 import triton  # noqa: F401  (an ImportError marks the backend missing)
 
-from . import kv_append, rejection_sample, tidar_attention  # noqa: F401  (register the triton backend)
+from . import (  # noqa: F401  (register the triton backend)
+    kv_append,
+    kv_append_paged,
+    rejection_sample,
+    tidar_attention,
+    tidar_attention_paged,
+)
