@@ -40,7 +40,15 @@ def _args(**kw):
 def test_triton_passes_every_op(small):
     rows, missing = st.selftest("cpu", interpreted=True)
     assert {(r.op, r.backend) for r in rows} == {
-        (op, "triton") for op in ("tidar_attention", "kv_append", "rejection_sample", "draft_sample")
+        (op, "triton")
+        for op in (
+            "tidar_attention",
+            "kv_append",
+            "rejection_sample",
+            "draft_sample",
+            "tidar_attention_paged",
+            "kv_append_paged",
+        )
     }
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
     assert any(k.startswith("cuda: ") for k in missing)  # CPU tensors: the CUDA backend is named as not tested
@@ -53,6 +61,7 @@ def test_a_wrong_backend_fails_with_exit_status_1(small, monkeypatch, capsys):
 
     monkeypatch.setitem(backends._IMPLS["rejection_sample"], "triton", off_by_one_token)
     monkeypatch.setattr(st, "check_attention", lambda *a: [])  # keep the test short
+    monkeypatch.setattr(st, "check_paged", lambda *a: [])
     assert st.run(_args(triton_interpret=True)) == 1
     out = capsys.readouterr().out
     fails = [line for line in out.splitlines() if " FAIL " in line]

@@ -1,7 +1,8 @@
 """``tidar selftest``: every live kernel backend against the PyTorch reference on small cases of each op.
 
 For a new machine or GPU: attention forward (error bounded by what PyTorch itself gets wrong in the same
-precision), ``kv_append`` (bit for bit over the whole cache), ``rejection_sample`` / ``draft_sample`` given the same
+precision), ``kv_append`` (bit for bit over the whole cache), the paged ops (``tidar_attention_paged``,
+``kv_append_paged``) likewise, ``rejection_sample`` / ``draft_sample`` given the same
 uniforms or Philox seed/offset (tokens and acceptance lengths bit for bit, draft distributions within 1e-6).
 Prints a pass/fail table; exits 1 when any backend disagrees with the reference or fails to run.
 
@@ -128,6 +129,53 @@ def check_kv_append(dev, backends):
     return rows
 
 
+def check_paged(dev, attention_backends, append_backends, interpreted):
+    """tidar_attention_paged against the reference on the same pool (error bound as ``check_attention``) and
+    kv_append_paged bit for bit over the whole pool; a shuffled pool of blocks of 16, ragged rows, -1 slots."""
+    import torch
+
+    from tidar_kernels import kv_append_paged, layouts, tidar_attention_paged
+
+    rows = []
+    dtypes = [torch.float32, torch.float16] if dev.type == "cpu" else [torch.float16, torch.bfloat16]
+    D, bs, lay = (32 if interpreted else 128), 16, layouts.decode_step(4)
+    lens = [lay.seg_len + 37, lay.seg_len, lay.seg_len + 100]
+    g = _seeded(21)
+    table = torch.randperm(24, generator=g)[:24].view(3, 8).to(torch.int32).to(dev)
+    seq = torch.tensor(lens, dtype=torch.int32, device=dev)
+    ll, bid = lay.local_limit.to(dev), lay.block_id.to(dev)
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        kc, vc = (torch.randn(24, bs, 2, D, generator=g).to(dtype).to(dev) for _ in range(2))
+        q = torch.randn(3, 4, lay.seg_len, D, generator=g).to(dtype).to(dev)
+        with torch.no_grad():
+            truth = tidar_attention_paged(q.float(), kc.float(), vc.float(), table, seq, ll, bid, backend="reference")
+            base = tidar_attention_paged(q, kc, vc, table, seq, ll, bid, backend="reference")
+        bound = 2 * (base.float() - truth).abs().max().item() + (1e-5 if dtype == torch.float32 else 2e-3)
+        case = f"decode K=4, block size 16, ragged, D={D}, {name}"
+        for b in attention_backends:
+            call = partial(_no_grad, tidar_attention_paged, q, kc, vc, table, seq, ll, bid, backend=b)
+            rows.append(_run("tidar_attention_paged", case, b, call, partial(_attention_row, truth, dtype, bound)))
+        new = torch.randn(50, 2, D, generator=g).to(dtype).to(dev)
+        slots = torch.randperm(24 * bs, generator=g)[:50]
+        slots[::7] = -1
+        slots = slots.to(dev)
+        want_k, want_v = kc.clone(), vc.clone()
+        kv_append_paged(want_k, want_v, new, new.flip(0), slots, backend="reference")
+        for b in append_backends:
+            call = partial(kv_append_paged, kc.clone(), vc.clone(), new, new.flip(0), slots, backend=b)
+            case = f"T=50 (every 7th -1), block size 16, D={D}, {name}"
+            rows.append(_run("kv_append_paged", case, b, call, partial(_same_cache, want_k, want_v)))
+    return rows
+
+
+def _no_grad(fn, *args, **kw):
+    import torch
+
+    with torch.no_grad():
+        return fn(*args, **kw)
+
+
 def _same_cache(want_k, want_v, out):
     same = _bits_equal(out[0], want_k) and _bits_equal(out[1], want_v)
     return same, "bit-exact" if same else "the cache differs from the reference's"
@@ -232,7 +280,15 @@ def selftest(device=None, *, interpreted=False) -> tuple[list[Row], dict]:
     live = live_backends(dev)
     kernels = {op: [b for b in names if b != "reference"] for op, names in live.items()}
     missing = {}  # "backend: why" -> ops it leaves untested
-    for op in ("tidar_attention", "kv_append", "rejection_sample", "draft_sample"):
+    ops = (
+        "tidar_attention",
+        "kv_append",
+        "rejection_sample",
+        "draft_sample",
+        "tidar_attention_paged",
+        "kv_append_paged",
+    )
+    for op in ops:
         for b in ("triton", "cuda"):
             if b not in kernels.get(op, []):
                 missing.setdefault(f"{b}: {backends._why_not(op, b, dev)}", []).append(op)
@@ -241,6 +297,10 @@ def selftest(device=None, *, interpreted=False) -> tuple[list[Row], dict]:
         rows += check_attention(dev, kernels["tidar_attention"], interpreted)
     if kernels.get("kv_append"):
         rows += check_kv_append(dev, kernels["kv_append"])
+    if kernels.get("tidar_attention_paged") or kernels.get("kv_append_paged"):
+        rows += check_paged(
+            dev, kernels.get("tidar_attention_paged", []), kernels.get("kv_append_paged", []), interpreted
+        )
     sampling = sorted(set(kernels.get("rejection_sample", [])) & set(kernels.get("draft_sample", [])))
     if sampling:
         rows += check_sampling(dev, sampling, interpreted)
