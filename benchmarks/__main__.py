@@ -1,4 +1,4 @@
-"""``python -m benchmarks --out DIR [--smoke] [--only attention,rejection,kv_append,e2e]``
+"""``python -m benchmarks --out DIR [--smoke] [--only attention,rejection,kv_append,e2e,prompts]``
 
 Runs the chosen suites, then writes ``DIR/results.csv`` (every row, with provenance), ``DIR/results.md``
 (goals first, then one table per suite), ``DIR/env.json`` and PNG plots (when matplotlib is installed).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("attention", "rejection", "kv_append", "e2e")
+SUITES = ("attention", "rejection", "kv_append", "e2e", "prompts")
 
 
 def main(argv=None) -> int:
@@ -46,9 +46,10 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and not args.smoke and set(only) != {"e2e"}:  # e2e on CPU: the bundled model's decoding
+    # e2e and prompts on CPU: the bundled model's decoding
+    if device.type != "cuda" and not args.smoke and not set(only) <= {"e2e", "prompts"}:
         print(
-            "the full benchmarks need a CUDA device; on CPU run with --smoke (tiny shapes) or --only e2e",
+            "the full benchmarks need a CUDA device; on CPU run with --smoke (tiny shapes) or --only e2e,prompts",
             file=sys.stderr,
         )
         return 2
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         bench.notes.append(
             f"RUN INTERRUPTED ({e}) after {time.monotonic() - t0:.0f} s: the tables hold the rows measured so far"
         )
-    if bench.smoke or (not bench.cuda and set(only) != {"e2e"}):
+    if bench.smoke or (not bench.cuda and not set(only) <= {"e2e", "prompts"}):
         bench.notes.append(
             "SMOKE RUN: tiny shapes, CPU. The goal verdicts above exercise the code only; "
             "the goals are judged on full GPU runs"

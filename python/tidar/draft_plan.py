@@ -153,10 +153,14 @@ def steady_tokens(plan: Plan, stats: AcceptanceStats, iterations: int = 4) -> fl
     dist = {K - 1: 1.0}  # drafts available -> probability
     tokens = 1.0
     nxt = [plan.next_diffusion_drafts(a) for a in range(K + 1)]
+    probs = {}
     for _ in range(iterations):
         new, tokens = {}, 0.0
         for n, pn in dist.items():
-            for k, pk in enumerate(_accept_probs(stats, min(n, K - 1))):
+            m = min(n, K - 1)
+            if m not in probs:
+                probs[m] = _accept_probs(stats, m)
+            for k, pk in enumerate(probs[m]):
                 a = k + 1
                 tokens += pn * pk * a
                 m = nxt[a]
@@ -185,7 +189,7 @@ class Planner:
     per row the drafts available and, optionally, the row's own statistics."""
 
     CANDIDATE_K = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
-    REPLAN_EVERY = 8  # steps between re-scoring the steady-state diffusion plans (the evidence moves fast)
+    REPLAN_EVERY = 12  # steps between re-scoring the steady-state diffusion plans (the evidence moves fast)
     EXPLORE_AFTER = 16  # AR steps in a row before one diffusion step refreshes the statistics
     EXPLORE_MAX_COST = 1.25  # ... only where that step costs at most this many AR steps
 
@@ -235,6 +239,14 @@ class Planner:
     def _levels_for(self, K: int) -> tuple:
         return levels_upto(K, self.fixed_levels)
 
+    def _row_tables(self, nd: int, nc: int, st: dict, match: int) -> tuple[list, list]:
+        """Expected accepted diffusion and context drafts of a row for n = 0..MAX_K-1 drafts (capped at the drafts
+        it has); a context match counts as evidence only when decoding is greedy."""
+        d = [st["diffusion"].expected(min(nd, n)) for n in range(MAX_K)]
+        m = 0 if self.sampling else match
+        c = [context_expected(st, m, min(nc, n)) for n in range(MAX_K)]
+        return d, c
+
     def first(self, k_limit: int) -> Plan:
         """The plan of the prefill's proposal block (before any statistics of this call)."""
         if self.since_replan >= self.REPLAN_EVERY:
@@ -258,21 +270,20 @@ class Planner:
         if self.since_replan >= self.REPLAN_EVERY:
             self._replan()
         rows = [_row(r, self.stats) for r in rows]
+        # per row, once per step: expected accepted drafts of each source by draft count, and the remaining tokens
+        tables = [self._row_tables(nd, nc, st, match) for nd, nc, st, match, _ in rows]
+        remaining = [r[4] for r in rows]
         best_val, best = -1.0, Plan(1, ())
         for K, (lv, tok, ms) in self.best.items():
             if K > max(1, k_limit):
                 continue
-            now, ctx_next, steady = [], [], []
-            for nd, nc, st, match, _ in rows:
-                c = context_expected(st, 0 if self.sampling else match, min(nc, K - 1))
-                now.append(1.0 + max(st["diffusion"].expected(min(nd, K - 1)), c))
-                ctx_next.append(1.0 + c)
-                steady.append(max(tok, 1.0 + c))
-            options = [(lv, steady, ms)]
+            now = [1.0 + max(d[K - 1], c[K - 1]) for d, c in tables]
+            ctx_next = [1.0 + c[K - 1] for _, c in tables]
+            options = [(lv, [max(tok, x) for x in ctx_next], ms)]
             if lv and self.fixed_levels is None and self.fixed_k is None:
                 options.append(((), ctx_next, self.cost(K, ())))
             for levels, nxt, nxt_ms in options:
-                pace = min((a + b) / r[4] for a, b, r in zip(now, nxt, rows)) if rows else 1.0
+                pace = min((a + b) / r for a, b, r in zip(now, nxt, remaining)) if rows else 1.0
                 val = pace / (self.cost(K, levels) + nxt_ms)
                 if val > best_val:
                     best_val, best = val, Plan(K, levels)

@@ -1,0 +1,327 @@
+"""TiDAR's defaults on prompts nobody tuned for (``--only prompts``; CPU or GPU): the bundled model, patched once with
+``tidar.patch(model)`` and used for every prompt in turn, against HF ``generate`` (AR) and HF prompt lookup
+(``prompt_lookup_num_tokens=10``) on an unpatched copy.
+
+- ``prompts_b1``: greedy, batch 1, ``NEW_TOKENS`` new tokens, on the ordinary code prompts of
+  ``benchmarks/ordinary_prompts.py`` (four classes) and the demo's prompts; the three are interleaved prompt by
+  prompt over several rounds and each prompt's best round is kept (a shared machine only adds time). Reported per
+  prompt class with the spread (min / median / max of TiDAR / prompt lookup and TiDAR / AR per prompt).
+- ``prompts_batch``: greedy, left-padded ragged batches of 4 and 16 different prompts: TiDAR vs HF AR.
+- ``prompts_sampled``: temperature 0.8, batch 1 and 4: TiDAR vs HF sampling (different draws; tokens/s only).
+Every greedy text is checked identical to HF greedy. Writes ``prompts.md`` and ``prompts.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from .harness import Bench
+from .ordinary_prompts import PROMPTS
+
+NEW_TOKENS = 128
+BATCH_NEW_TOKENS = 96
+TEMPERATURE = 0.8
+
+
+def _load(bench: Bench):
+    import tidar
+    from tidar.checkpoint import load_checkpoint
+    from tidar.demo import PROMPTS_FILE, bundled_model_dir
+
+    folder = bundled_model_dir()
+    td, tok, _ = load_checkpoint(folder, device=bench.device)
+    td.eval()
+    hf = copy.deepcopy(td)
+    tidar.patch(td)  # the defaults, once: every prompt below decodes with what a user gets
+    demo = json.loads((folder / PROMPTS_FILE).read_text())["prompts"]
+    return folder, hf, td, tok, demo
+
+
+def _timed(bench: Bench, fn):
+    bench.sync()
+    t = time.perf_counter()
+    out = fn()
+    bench.sync()
+    return out, time.perf_counter() - t
+
+
+def _hf_kwargs(tok, n, **kw):
+    return dict(max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=tok.pad_token_id, **kw)
+
+
+def _spread(xs):
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)} if xs else None
+
+
+def _batch1(bench: Bench, hf, td, tok, prompts, rec):
+    import tidar
+
+    n = 8 if bench.smoke else NEW_TOKENS
+    ids = [torch.tensor([tok.encode(p)], device=bench.device) for _, p in prompts]
+    one = lambda x: torch.ones_like(x)  # noqa: E731
+    runs = {
+        "hf-ar": lambda x: hf.generate(x, attention_mask=one(x), do_sample=False, **_hf_kwargs(tok, n))[
+            0, x.shape[1] :
+        ],
+        "hf-prompt-lookup": lambda x: hf.generate(
+            x, attention_mask=one(x), do_sample=False, prompt_lookup_num_tokens=10, **_hf_kwargs(tok, n)
+        )[0, x.shape[1] :],
+        "tidar": lambda x: tidar.generate(td, x, max_new_tokens=n, eos_token_id=[]),
+    }
+    for f in runs.values():  # warm-up: the slot curve is measured at the first TiDAR call
+        f(ids[0])
+    rounds = 1 if bench.smoke else 3
+    best = {name: [float("inf")] * len(ids) for name in runs}
+    texts, tpf = [None] * len(ids), [None] * len(ids)
+    same = [True] * len(ids)
+    for r in range(rounds):
+        for i, x in enumerate(ids):
+            order = list(runs) if (r + i) % 2 == 0 else list(runs)[::-1]
+            for name in order:
+                out, dt = _timed(bench, lambda name=name, x=x: runs[name](x))
+                best[name][i] = min(best[name][i], dt)
+                toks = out.new_tokens[0] if name == "tidar" else out.tolist()
+                if name == "tidar":
+                    tpf[i] = out.tokens_per_forward
+                if texts[i] is None:
+                    texts[i] = toks
+                same[i] = same[i] and toks == texts[i]
+    rows = []
+    for i, (cls, p) in enumerate(prompts):
+        toks = texts[i]
+        grams = [tuple(toks[j : j + 4]) for j in range(max(0, len(toks) - 3))]
+        rows.append(
+            {
+                "class": cls,
+                "prompt": p,
+                "identical": same[i],
+                "ar_tok_s": n / best["hf-ar"][i],
+                "x_ar_lookup": best["hf-ar"][i] / best["hf-prompt-lookup"][i],
+                "x_ar_tidar": best["hf-ar"][i] / best["tidar"][i],
+                "x_lookup_tidar": best["hf-prompt-lookup"][i] / best["tidar"][i],
+                "tidar_tokens_per_forward": tpf[i],
+                "distinct_4grams": len(set(grams)) / len(grams) if grams else None,
+            }
+        )
+    groups = {}
+    for cls in sorted({r["class"] for r in rows}) + ["ordinary (all)", "all"]:
+        sel = [
+            i
+            for i, r in enumerate(rows)
+            if r["class"] == cls or cls == "all" or (cls == "ordinary (all)" and r["class"] != "demo")
+        ]
+        total = {name: sum(best[name][i] for i in sel) for name in runs}  # the same tokens for all: time ratios
+        groups[cls] = {
+            "prompts": len(sel),
+            "identical": all(rows[i]["identical"] for i in sel),
+            "x_ar_lookup": total["hf-ar"] / total["hf-prompt-lookup"],
+            "x_ar_tidar": total["hf-ar"] / total["tidar"],
+            "x_lookup_tidar": total["hf-prompt-lookup"] / total["tidar"],
+            "x_lookup_tidar_per_prompt": _spread([rows[i]["x_lookup_tidar"] for i in sel]),
+            "x_ar_tidar_per_prompt": _spread([rows[i]["x_ar_tidar"] for i in sel]),
+        }
+        g = groups[cls]
+        bench.derived(
+            f"{cls} prompts ({len(sel)}), batch 1, greedy, {n} new tokens",
+            "tidar defaults",
+            None,
+            params={"group": cls},
+            extra={
+                "x HF AR": g["x_ar_tidar"],
+                "x prompt lookup": g["x_lookup_tidar"],
+                "lookup x AR": g["x_ar_lookup"],
+                "min x lookup (prompt)": g["x_lookup_tidar_per_prompt"]["min"],
+                "min x AR (prompt)": g["x_ar_tidar_per_prompt"]["min"],
+                "identical": "yes" if g["identical"] else "NO",
+            },
+            notes=f"best of {rounds} interleaved rounds per prompt",
+        )
+    rec["batch1"] = {"new_tokens": n, "rounds": rounds, "groups": groups, "prompts": rows}
+
+
+def _left_padded(tok, texts, device):
+    enc = [tok.encode(t) for t in texts]
+    P = max(map(len, enc))
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (P - len(e)) + e for e in enc], device=device)
+    mask = torch.tensor([[0] * (P - len(e)) + [1] * len(e) for e in enc], device=device)
+    return ids, mask
+
+
+def _batches(bench: Bench, hf, td, tok, prompts, rec, temperature: float):
+    import tidar
+
+    n = 8 if bench.smoke else BATCH_NEW_TOKENS
+    texts = [p for _, p in prompts]
+    sizes = (1, 4) if temperature > 0 else (4, 16)
+    rounds = 1 if bench.smoke else 3
+    out_rows = []
+    for B in sizes:
+        if B > len(texts):
+            continue
+        starts = list(range(0, len(texts) - B + 1, max(B, len(texts) // 3)))[:3] or [0]
+        for s in starts:
+            ids, mask = _left_padded(tok, texts[s : s + B], bench.device)
+            hf_kw = _hf_kwargs(tok, n)
+            if temperature > 0:
+                hf_kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            else:
+                hf_kw.update(do_sample=False)
+            t_hf, t_td, same, tpf = float("inf"), float("inf"), True, None
+            for r in range(rounds):
+                a, dt = _timed(bench, lambda: hf.generate(ids, attention_mask=mask, **hf_kw))
+                t_hf = min(t_hf, dt)
+                g = torch.Generator(device=bench.device).manual_seed(r)
+                o, dt = _timed(
+                    bench,
+                    lambda g=g: tidar.generate(
+                        td,
+                        ids,
+                        attention_mask=mask,
+                        max_new_tokens=n,
+                        temperature=temperature,
+                        generator=g,
+                        eos_token_id=[],
+                    ),
+                )
+                t_td = min(t_td, dt)
+                tpf = o.tokens_per_forward
+                if temperature == 0:
+                    same = same and torch.equal(a, o.sequences)
+            row = {"batch": B, "first_prompt": s, "x_ar_tidar": t_hf / t_td, "tidar_tokens_per_forward": tpf}
+            row["hf_tok_s"] = B * n / t_hf
+            if temperature == 0:
+                row["identical"] = same
+            out_rows.append(row)
+            bench.derived(
+                f"batch {B} (prompts {s}..{s + B - 1}), {'greedy' if temperature == 0 else f'T={temperature}'}",
+                "tidar defaults",
+                None,
+                params={"batch": B, "temperature": temperature},
+                extra={"x HF AR": row["x_ar_tidar"], "tok/forward": tpf, "HF tok/s": row["hf_tok_s"]},
+                notes=f"best of {rounds} rounds",
+            )
+    rec["sampled" if temperature > 0 else "batches"] = {"new_tokens": n, "temperature": temperature, "rows": out_rows}
+
+
+def run(bench: Bench):
+    bench.start_suite("prompts", 120 if bench.smoke else 1800)
+    rec = {"date": bench.env["date"], "git_sha": bench.env["git_sha"], "torch_threads": torch.get_num_threads()}
+    with torch.no_grad():
+        folder, hf, td, tok, demo = _load(bench)
+        rec["model"] = str(folder)
+        prompts = [(cls, p) for cls, ps in PROMPTS.items() for p in ps] + [("demo", p) for p in demo]
+        if bench.smoke:
+            prompts = prompts[:2]
+        _batch1(bench, hf, td, tok, prompts, rec)
+        ordinary = [cp for cp in prompts if cp[0] != "demo"]
+        _batches(bench, hf, td, tok, ordinary, rec, 0.0)
+        _batches(bench, hf, td, tok, ordinary, rec, TEMPERATURE)
+    bench.prompts_record = rec
+    (bench.out / "prompts.json").write_text(json.dumps(rec, indent=1))
+    (bench.out / "prompts.md").write_text(markdown(rec))
+
+
+def goals(bench: Bench):
+    rec = getattr(bench, "prompts_record", None)
+    if not rec:
+        return
+    g = rec["batch1"]["groups"]
+    o = g.get("ordinary (all)")
+    if o:
+        bench.goal(
+            "ordinary prompts: TiDAR defaults vs HF prompt lookup (overall; every prompt)",
+            ">= 1.00x; >= 0.85x",
+            f"{o['x_lookup_tidar']:.2f}x; min {o['x_lookup_tidar_per_prompt']['min']:.2f}x",
+            "met" if o["x_lookup_tidar"] >= 1.0 and o["x_lookup_tidar_per_prompt"]["min"] >= 0.85 else "missed",
+        )
+        bench.goal(
+            "ordinary prompts: TiDAR defaults vs HF AR (overall)",
+            ">= 1.50x",
+            f"{o['x_ar_tidar']:.2f}x",
+            "met" if o["x_ar_tidar"] >= 1.5 else "missed",
+        )
+    d = g.get("demo")
+    if d:
+        bench.goal(
+            "demo prompts: TiDAR defaults vs HF AR",
+            ">= 2.50x",
+            f"{d['x_ar_tidar']:.2f}x",
+            "met" if d["x_ar_tidar"] >= 2.5 else "missed",
+        )
+    worst = [r["x_ar_tidar"] for r in rec["batch1"]["prompts"]]
+    worst += [r["x_ar_tidar"] for k in ("batches", "sampled") for r in rec.get(k, {}).get("rows", [])]
+    if worst:
+        bench.goal(
+            "never slower than AR (every prompt, batch 1/4/16, greedy and sampled)",
+            ">= 0.95x",
+            f"min {min(worst):.2f}x",
+            "met" if min(worst) >= 0.95 else "missed",
+        )
+    same = all(r["identical"] for r in rec["batch1"]["prompts"]) and all(
+        r.get("identical", True) for r in rec.get("batches", {}).get("rows", [])
+    )
+    bench.goal("every greedy text identical to HF greedy", "all", "yes" if same else "NO", "met" if same else "MISSED")
+
+
+def plots(bench: Bench, plot):
+    return []
+
+
+def _f(v, spec="{:.2f}"):
+    return "-" if v is None else spec.format(v)
+
+
+def markdown(rec: dict) -> str:
+    b1 = rec["batch1"]
+    lines = [
+        "# TiDAR defaults on ordinary prompts",
+        "",
+        f"Model {rec['model']}, git {rec['git_sha']}, {rec['date']}, {rec['torch_threads']} torch threads. "
+        f"Batch 1: {b1['new_tokens']} new tokens, best of {b1['rounds']} interleaved rounds per prompt.",
+        "",
+        "| prompts | n | TiDAR x AR | TiDAR x lookup | lookup x AR | per prompt x lookup (min / median / max) "
+        "| per prompt x AR (min / median / max) | identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cls, g in b1["groups"].items():
+        sl, sa = g["x_lookup_tidar_per_prompt"], g["x_ar_tidar_per_prompt"]
+        lines.append(
+            f"| {cls} | {g['prompts']} | {_f(g['x_ar_tidar'])} | {_f(g['x_lookup_tidar'])} | {_f(g['x_ar_lookup'])} "
+            f"| {_f(sl['min'])} / {_f(sl['median'])} / {_f(sl['max'])} "
+            f"| {_f(sa['min'])} / {_f(sa['median'])} / {_f(sa['max'])} | {'yes' if g['identical'] else 'NO'} |"
+        )
+    for key, title in (("batches", "Greedy batches (left-padded, different prompts)"), ("sampled", "Sampled")):
+        r = rec.get(key)
+        if not r:
+            continue
+        lines += ["", f"## {title}: {r['new_tokens']} new tokens, T = {r['temperature']}", ""]
+        lines += [
+            "| batch | prompts from | HF tok/s | TiDAR x HF | TiDAR tok/forward | identical |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            same = "-" if "identical" not in row else ("yes" if row["identical"] else "NO")
+            lines.append(
+                f"| {row['batch']} | {row['first_prompt']} | {row['hf_tok_s']:.0f} | {row['x_ar_tidar']:.2f} "
+                f"| {_f(row['tidar_tokens_per_forward'])} | {same} |"
+            )
+    lines += [
+        "",
+        "## Per prompt (batch 1)",
+        "",
+        "| class | TiDAR x AR | TiDAR x lookup | lookup x AR | tok/forward | distinct 4-grams | prompt |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in b1["prompts"]:
+        p = r["prompt"].replace("\n", "\\n").replace("|", "\\|")[:60]
+        lines.append(
+            f"| {r['class']} | {r['x_ar_tidar']:.2f} | {r['x_lookup_tidar']:.2f} | {r['x_ar_lookup']:.2f} "
+            f"| {_f(r['tidar_tokens_per_forward'])} | {_f(r['distinct_4grams'])} | `{p}` |"
+        )
+    return "\n".join(lines) + "\n"
