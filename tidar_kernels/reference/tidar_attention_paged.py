@@ -1,34 +1,65 @@
 """Reference ``tidar_attention_paged``: gather each row's keys through its block table with one index op, then the
-reference ``tidar_attention`` with ``seg_start = seq_lens - S`` (no loop over rows or blocks)."""
+reference ``tidar_attention`` with ``seg_start = seq_lens - S`` (no loop over rows or blocks).
+
+The slot indices of a step and its ``seg_start`` tensor are built once per ``(block_table, seq_lens)`` pair and
+remembered on the table for the tensors' versions: every layer of a model forward passes the same two, so a layer
+costs two index_select calls and the attention (whose mask the reference ``tidar_attention`` builds once per
+forward, keyed on that same ``seg_start`` object)."""
 
 from __future__ import annotations
 
 import torch
 
-from .._checks import int_range
+from .._checks import int_range, version
 from ..backends import register
 from .tidar_attention import tidar_attention
 
 
-def gather_paged_kv(k_cache, v_cache, block_table, seq_lens, kv_len: int | None = None):
-    """``(k, v)`` ``[B, Hkv, kv_len, D]``: key j of row b is ``k_cache[block_table[b, j // block_size], j %
-    block_size]`` for ``j < seq_lens[b]``; slots past a row's length hold the pool's block 0 (never seen: they lie
-    past the row's segment). ``kv_len`` defaults to ``max(seq_lens)`` (the whole table while capturing a graph)."""
-    block_size = k_cache.shape[1]
+def paged_slots(block_table, seq_lens, block_size: int, kv_len: int | None = None):
+    """``(slots [B, kv_len] int64, kv_len)``: slot ``block_table[b, j // block_size] * block_size + j % block_size``
+    of key j of row b, for ``j < seq_lens[b]``; slot 0 past a row's length (never seen: past the row's segment).
+    ``kv_len`` defaults to ``max(seq_lens)`` (the whole table while capturing a CUDA graph)."""
     if kv_len is None:
         rng = int_range(seq_lens) if seq_lens.numel() else (0, 0)
         kv_len = rng[1] if rng is not None else block_table.shape[1] * block_size
-    j = torch.arange(kv_len, device=k_cache.device)
+    j = torch.arange(kv_len, device=block_table.device)
     blocks = block_table.long()[:, j // block_size]  # [B, kv_len]
-    blocks = torch.where(j[None] < seq_lens[:, None].long(), blocks, 0)  # entries past a row's length may be junk
-    offsets = (j % block_size)[None].expand_as(blocks)
-    k = k_cache[blocks, offsets].transpose(1, 2)  # [B, kv_len, Hkv, D] -> [B, Hkv, kv_len, D]
-    v = v_cache[blocks, offsets].transpose(1, 2)
-    return k, v
+    slots = blocks * block_size + (j % block_size)[None]
+    return torch.where(j[None] < seq_lens[:, None].long(), slots, 0), kv_len  # entries past a length may be junk
+
+
+def gather_paged_kv(k_cache, v_cache, block_table, seq_lens, kv_len: int | None = None):
+    """``(k, v)`` ``[B, Hkv, kv_len, D]``: key j of row b is ``k_cache[block_table[b, j // block_size], j %
+    block_size]`` for ``j < seq_lens[b]`` (past it: the pool's slot 0)."""
+    slots, kv_len = paged_slots(block_table, seq_lens, k_cache.shape[1], kv_len)
+    return _gather(k_cache, slots), _gather(v_cache, slots)
+
+
+def _gather(cache, slots):
+    B, n = slots.shape
+    nb, bs, H, D = cache.shape
+    if cache.stride(0) == bs * cache.stride(1):  # (blocks, offsets) flatten to one slot dim without a copy
+        flat = cache.as_strided((nb * bs, H, D), (cache.stride(1), cache.stride(2), cache.stride(3)))
+        out = flat.index_select(0, slots.reshape(-1))
+    else:
+        out = cache[slots // bs, slots % bs]
+    return out.view(B, n, H, D).transpose(1, 2)  # [B, n, H, D] -> [B, H, n, D]
+
+
+def _step(block_table, seq_lens, block_size: int, S: int):
+    """``(slots, seg_start)`` of this (table, lengths) pair, remembered on the table for both tensors' versions."""
+    key = (id(seq_lens), version(seq_lens), version(block_table), block_size, S)
+    memo = getattr(block_table, "_tidar_paged_step", None)
+    if memo is not None and memo[0] == key and memo[1] is seq_lens:
+        return memo[2], memo[3]
+    slots, _ = paged_slots(block_table, seq_lens, block_size)
+    seg_start = seq_lens - S
+    block_table._tidar_paged_step = (key, seq_lens, slots, seg_start)
+    return slots, seg_start
 
 
 @register("tidar_attention_paged", "reference", grad=False)
 def tidar_attention_paged(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap=None):
-    k, v = gather_paged_kv(k_cache, v_cache, block_table, seq_lens)
-    seg_start = seq_lens - q.shape[2]
+    slots, seg_start = _step(block_table, seq_lens, k_cache.shape[1], q.shape[2])
+    k, v = _gather(k_cache, slots), _gather(v_cache, slots)
     return tidar_attention(q, k, v, local_limit, block_id, seg_start, scale, softcap)
