@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("attention", "rejection", "kv_append", "e2e", "prompts")
+SUITES = ("attention", "rejection", "kv_append", "attention_paged", "e2e", "prompts")
 
 
 def main(argv=None) -> int:
