@@ -73,7 +73,9 @@ stage tests_cuda "$(cap 150 150)" "${PYTEST[@]}" tests/test_cuda_gpu.py tests/te
   -k "not compile"
 tail -1 "$OUT/tests_cuda.log" | tee -a "$summary"
 stage tests_gpu "$(cap 120 100)" "${PYTEST[@]}" tests/test_kv_append.py tests/test_triton_kv_append.py \
-  tests/test_triton_rejection_sample.py tests/test_triton_tidar_attention.py tests/test_env.py -k "gpu or cuda"
+  tests/test_triton_rejection_sample.py tests/test_triton_tidar_attention.py tests/test_env.py \
+  tests/test_tidar_attention_paged.py tests/test_kv_append_paged.py tests/test_triton_tidar_attention_paged.py \
+  -k "gpu or cuda"
 tail -1 "$OUT/tests_gpu.log" | tee -a "$summary"
 
 # 3. compute-sanitizer on a short subset ------------------------------------------------------------------------
