@@ -110,6 +110,7 @@ class _Decoder:
     """The decoding state of one ``generate`` call, kept on the device; the host keeps token lists."""
 
     verifier = None  # an hf_processors.HfVerifier: HF's logits processors inside the acceptance
+    pos_offset = None  # [B] long, set by the verifier: added to the positions of every token after the prompt
 
     def __init__(self, model, g, K, levels, backend, sample_kw, seed, context, full_logits):
         self.model, self.g, self.backend, self.sample_kw, self.seed = model, g, backend, sample_kw, seed
@@ -268,6 +269,8 @@ class _Decoder:
             )
         )
         pos = seg_start.long()[:, None] + layout.position_ids[None]
+        if self.pos_offset is not None:  # rows whose new tokens HF places elsewhere (hf_processors: right padding)
+            pos = pos + self.pos_offset[:, None]
         self.forwards += 1
         return self._forward(ids, pos, layout, seg_start, cache)
 

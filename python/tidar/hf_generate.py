@@ -178,6 +178,36 @@ def _lengths(model, ids, generation_config, kwargs, gen):
     return gen
 
 
+def _compact(ids, mask, pad: int):
+    """The prompts TiDAR decodes: each row's unmasked tokens, left-padded. HF masks a token that has 0 in
+    ``attention_mask`` anywhere in the row (not only on the left): no later token sees it and it takes no position
+    (HF's positions count the unmasked tokens), so the logits are those of the row without it."""
+    if mask is None:
+        return ids, None
+    m = mask.bool()
+    if bool((m == m.cummax(1).values).all()) and bool(((mask == 0) | (mask == 1)).all()):
+        return ids, mask  # already left padding only
+    rows = [ids[b][m[b]] for b in range(ids.shape[0])]
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((ids.shape[0], width), pad, dtype=ids.dtype, device=ids.device)
+    cmask = torch.zeros_like(out)
+    for b, r in enumerate(rows):
+        if len(r):
+            out[b, width - len(r) :] = r
+            cmask[b, width - len(r) :] = 1
+    return out, cmask
+
+
+def _sequences(ids, res, pad: int | None):
+    """HF's ``sequences``: the prompt as given, then each row's new tokens, ``pad`` after a row stopped."""
+    width = max(map(len, res.new_tokens))
+    fill = 0 if pad is None else pad
+    new = torch.full((ids.shape[0], width), fill, dtype=ids.dtype, device=ids.device)
+    for b, toks in enumerate(res.new_tokens):
+        new[b, : len(toks)] = torch.tensor(toks, dtype=ids.dtype)
+    return torch.cat([ids, new], 1)
+
+
 def _token_list(t):
     if t is None:
         return None
@@ -202,9 +232,9 @@ def _sampling_args(model, gen):
 
 
 def _verifier(model, gen, ids, mask, user_processors):
-    """An ``HfVerifier`` when HF's processor list holds more than TiDAR's sampler applies itself, or scores /
-    logits are to be returned; else None (the lean path)."""
-    from .hf_processors import HfVerifier, row_processors
+    """An ``HfVerifier`` when HF's processor list holds more than TiDAR's sampler applies itself, scores / logits
+    are to be returned or a row is right-padded; else None (the lean path)."""
+    from .hf_processors import HfVerifier, right_padding, row_processors
 
     full = model._get_logits_processor(
         generation_config=gen,
@@ -215,11 +245,20 @@ def _verifier(model, gen, ids, mask, user_processors):
         model_kwargs={"attention_mask": mask},
     )
     record = bool(gen.return_dict_in_generate and (gen.output_scores or gen.output_logits))
-    if not record and all(type(p).__name__ in _KERNEL_WARPERS for p in full):
+    first, offset = right_padding(model, ids, mask, gen.use_cache is not False)
+    if not record and not first and all(type(p).__name__ in _KERNEL_WARPERS for p in full):
         return None
     rows = row_processors(model, gen, ids, mask, user_processors)
     temperature = gen.temperature if gen.do_sample and isinstance(gen.temperature, (int, float)) else 1.0
-    return HfVerifier(rows, ids.tolist(), sample=bool(gen.do_sample), draft_temperature=temperature, record=record)
+    return HfVerifier(
+        rows,
+        ids.tolist(),
+        sample=bool(gen.do_sample),
+        draft_temperature=temperature,
+        record=record,
+        first_logits=first,
+        pos_offset=offset,
+    )
 
 
 def patched_generate(self, inputs=None, generation_config=None, **kwargs):
@@ -248,7 +287,7 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
         kwargs["eos_token_id"] = _eos_without_negatives(kwargs["eos_token_id"])
     for k in ("eos_token_id", "bos_token_id", "pad_token_id"):  # before HF's config checks, which fail obscurely
         if kwargs.get(k) is not None:
-            token_ids(k, kwargs[k])
+            token_ids(k, _eos_without_negatives(kwargs[k]) if k == "pad_token_id" else kwargs[k])
 
     gen, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
     self._validate_model_kwargs(model_kwargs.copy())  # HF's error for arguments the model does not take
@@ -265,8 +304,8 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     gen.eos_token_id = _eos_without_negatives(gen.eos_token_id)
     token_ids("eos_token_id", gen.eos_token_id)  # HF would fail deep inside torch.tensor on a str or float
     token_ids("bos_token_id", gen.bos_token_id)
-    if gen.pad_token_id is not None:
-        token_ids("pad_token_id", gen.pad_token_id)
+    if gen.pad_token_id is not None:  # a negative pad id (HF fills stopped rows with it) is taken as HF takes it
+        token_ids("pad_token_id", _eos_without_negatives(gen.pad_token_id))
     self._prepare_special_tokens(gen, given_mask is not None, device=ids.device, batch_size=ids.shape[0])
     mask = _attention_mask(self, ids, gen, given_mask)
     _check_positions(position_ids, ids, mask)
@@ -283,30 +322,31 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     if verifier is not None and verifier.sample:  # HF's warpers are in the processed scores
         temperature, top_k, top_p = 1.0, None, None
     eos = _token_list(gen._eos_token_tensor)
-    pad = _token_list(gen._pad_token_tensor)
+    pad = None if gen._pad_token_tensor is None else int(gen._pad_token_tensor.reshape(-1)[0])
+    prompts, prompt_mask = _compact(ids, mask, pad if pad is not None and pad >= 0 else 0)
     res = generate(
         self,
-        ids,
-        attention_mask=mask,
+        prompts,
+        attention_mask=prompt_mask,
         max_new_tokens=gen.max_length - ids.shape[1],
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         eos_token_id=eos,
-        pad_token_id=pad[0] if pad else None,
+        pad_token_id=pad if pad is not None and pad >= 0 else None,
         streamer=streamer,
         verifier=verifier,
         **tidar_kw,
     )
+    sequences = _sequences(ids, res, pad)
     if want_stats:
+        res.sequences = sequences
         return res
     if not gen.return_dict_in_generate:
-        return res.sequences
+        return sequences
     from .hf_outputs import hf_output
 
-    return hf_output(
-        self, gen, res.sequences, mask, ids.shape[1], verifier, want_cache=gen.use_cache is not False, **flags
-    )
+    return hf_output(self, gen, sequences, mask, ids.shape[1], verifier, want_cache=gen.use_cache is not False, **flags)
 
 
 __all__ = ["patched_generate", "TIDAR_KWARGS"]

@@ -33,7 +33,9 @@ def hf_positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def replay(model, sequences, prompt_mask, *, attentions: bool, hidden_states: bool, cache, prompt_len: int):
+def replay(
+    model, sequences, prompt_mask, *, attentions: bool, hidden_states: bool, cache, prompt_len: int, use_cache=True
+):
     """Plain forwards of ``sequences[:, :-1]`` with HF's mask (the prompt's, then ones) and positions, shaped as
     HF's loop runs them: the prompt, then the generated tokens but the last (one forward on the cache: a token's
     attention and hidden state depend only on the prefix before it). Returns ``(attentions, hidden_states,
@@ -45,6 +47,10 @@ def replay(model, sequences, prompt_mask, *, attentions: bool, hidden_states: bo
     if prompt_mask is not None:
         mask[:, :P] = prompt_mask
     pos = hf_positions(mask)
+    if not use_cache:  # HF's loop without a cache runs the whole sequence at every step
+        return _uncached(model, sequences[:, :-1], mask, pos, attentions, hidden_states, P)
+    if use_cache:  # HF's cached loop: each new token one past the previous position (right padding: from 1 on)
+        pos[:, P:] = pos[:, P - 1 : P] + 1 + torch.arange(L - 1 - P, device=pos.device)
     flags = dict(output_attentions=attentions, output_hidden_states=hidden_states, use_cache=True)
     if cache is None:
         cache = new_cache(model, None, B, L)
@@ -61,6 +67,23 @@ def replay(model, sequences, prompt_mask, *, attentions: bool, hidden_states: bo
     att = _per_step(first.attentions, rest and rest.attentions, steps, P, keys=True) if attentions else None
     hid = _per_step(first.hidden_states, rest and rest.hidden_states, steps, P, keys=False) if hidden_states else None
     return att, hid, cache
+
+
+def _uncached(model, ids, mask, pos, attentions, hidden_states, P):
+    """Per-step outputs of HF's loop without a cache: step t covers the whole sequence so far (``P + t`` rows and
+    keys), taken from one forward of the whole sequence (a token depends only on the tokens before it)."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        use_cache=False,
+        output_attentions=attentions,
+        output_hidden_states=hidden_states,
+    )
+    steps = ids.shape[1] + 1 - P
+    att = tuple(tuple(x[:, :, : P + t, : P + t] for x in out.attentions) for t in range(steps)) if attentions else None
+    hid = tuple(tuple(x[:, : P + t] for x in out.hidden_states) for t in range(steps)) if hidden_states else None
+    return att, hid, None
 
 
 def _per_step(first, rest, steps: int, P: int, *, keys: bool) -> tuple:
@@ -116,7 +139,7 @@ def hf_output(
     logits = step_tensors(verifier.logits, steps, vocab, dev) if gen.output_logits else None
     att = hid = cache = None
     if output_attentions or output_hidden_states or want_cache:
-        cache = new_cache(model, gen, B, gen.max_length) if want_cache else None
+        cache = new_cache(model, gen, B, gen.max_length - 1) if want_cache else None
         att, hid, cache = replay(
             model,
             sequences,
@@ -125,6 +148,7 @@ def hf_output(
             hidden_states=output_hidden_states,
             cache=cache,
             prompt_len=prompt_len,
+            use_cache=want_cache,
         )
     key = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
     return GenerateDecoderOnlyOutput(

@@ -28,14 +28,27 @@ class HfVerifier:
     (left padding kept). ``sample``: rejection sampling against the processed scores (else greedy).
     ``draft_temperature``: the temperature the diffusion drafts are sampled at (a proposal: any value is exact).
     ``record``: keep every emitted token's raw logits and processed scores (HF's ``output_logits`` /
-    ``output_scores``)."""
+    ``output_scores``). ``first_logits`` / ``pos_offset``: HF's first-token logits and the position shift of the
+    new tokens for rows HF decodes differently from their unpadded prompt (``right_padding``)."""
 
-    def __init__(self, processors, rows, *, sample: bool, draft_temperature: float = 1.0, record: bool = False):
+    def __init__(
+        self,
+        processors,
+        rows,
+        *,
+        sample: bool,
+        draft_temperature: float = 1.0,
+        record: bool = False,
+        first_logits: dict | None = None,
+        pos_offset: torch.Tensor | None = None,
+    ):
         self.processors = processors
         self.rows = rows
         self.sample = sample
         self.draft_temperature = draft_temperature
         self.record = record
+        self.first_logits = first_logits or {}  # row -> the logits HF takes the first token from (right padding)
+        self.pos_offset = pos_offset  # [B]: where HF places the new tokens, relative to TiDAR's positions
         self.scores = [[] for _ in rows]  # per row: processed scores [V] of each token emitted (and maybe more)
         self.logits = [[] for _ in rows]  # per row: raw logits [V] of the same tokens
 
@@ -64,10 +77,12 @@ class HfVerifier:
     # ------------------------------------------------------------------ the hooks
     def prefill(self, dec, ar: torch.Tensor, blocks: torch.Tensor):
         """The first token from the processed AR row of each prompt; the first drafts from the mask block."""
+        dec.pos_offset = self.pos_offset
         rows = []
         for b in range(dec.B):
-            s = self.process(b, [], ar[b])
-            self._keep(b, ar[b], s)
+            raw = self.first_logits.get(b, ar[b])
+            s = self.process(b, [], raw)
+            self._keep(b, raw, s)
             rows.append(s)
         return tidar_kernels.draft_sample(torch.stack(rows), self._draft_logits(blocks.float()), **self._kw(dec))
 
@@ -147,6 +162,26 @@ def _block_slots(dec, h, plan, acc) -> list:
     return dec._rows(h, index).argmax(-1).tolist()
 
 
+def right_padding(model, ids, mask, use_cache: bool):
+    """HF's decoding of right-padded rows (``attention_mask`` 0 in the last column), which is not that of the row's
+    unmasked tokens: the first new token comes from the logits of the last column (a masked pad token as the query)
+    and, with a cache, the new tokens take positions from 1 on (the last column's position, 0, plus one). Returns
+    ``(first_logits, pos_offset)``: the first-token logits per right-padded row (one plain forward of the prompt, as
+    HF's prefill) and the per-row shift of the new tokens' positions; ``({}, None)`` when no row is right-padded."""
+    if mask is None or bool((mask[:, -1] == 1).all()):
+        return {}, None
+    from .hf_outputs import hf_positions
+
+    rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits[:, -1]
+    n = mask.sum(1)
+    offset = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+    if use_cache:
+        offset[rows] = 1 - n[rows]
+    return {b: logits[b] for b in rows}, offset
+
+
 def row_processors(model, gen, input_ids, attention_mask, user_processors=None) -> list:
     """One HF ``LogitsProcessorList`` per batch row, built by HF from the generation config exactly as its
     ``generate`` builds the batch's (``_get_logits_processor``), with that row's ``input_ids`` and mask."""
@@ -167,4 +202,4 @@ def row_processors(model, gen, input_ids, attention_mask, user_processors=None) 
     return lists
 
 
-__all__ = ["HfVerifier", "row_processors"]
+__all__ = ["HfVerifier", "right_padding", "row_processors"]

@@ -1,0 +1,178 @@
+"""Run Hugging Face's own generation tests (``GenerationTesterMixin``, through the Llama and Qwen2 model tests) with
+every generative model ``tidar.patch``ed right after construction, each TiDAR ``generate`` checked against HF's own
+``generate`` on an unpatched twin (same weights, same arguments, same RNG state). Not collected by pytest (run it).
+
+    python tests/hf_suite/run_hf_generation_tests.py HF_ROOT [--plain] [-k EXPR] [--json OUT]
+
+``HF_ROOT`` holds transformers' ``tests/`` package (tests/generation/test_utils.py, tests/causal_lm_tester.py,
+tests/test_modeling_common.py, tests/models/{llama,qwen2}/...) and ``utils/test_module``; its test dependencies
+(``parameterized``, ...) must be importable. ``--plain`` runs the same tests without the patch (the baseline).
+
+Prints, per test, passed / failed (with the error's first line) / skipped, the totals, and every generate whose
+greedy output differs from the twin's ("outputs that differ": must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+MODEL_TESTS = ("tests/models/llama/test_modeling_llama.py", "tests/models/qwen2/test_modeling_qwen2.py")
+DRAFT_LEN = 4
+
+
+class TidarPlugin:
+    """Selects the GenerationTesterMixin tests; with ``patch`` on, patches every generative model after its
+    construction and compares each of its generate calls with an unpatched twin's."""
+
+    def __init__(self, patch: bool):
+        self.patch = patch
+        self.results: dict = {}
+        self.diffs: list = []
+        self.current = None
+        self.generates = 0
+
+    # ------------------------------------------------------------------ pytest hooks
+    def pytest_collection_modifyitems(self, config, items):
+        keep = [i for i in items if _is_mixin_test(i)]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+
+    def pytest_configure(self, config):
+        if self.patch:
+            self._install()
+
+    def pytest_runtest_setup(self, item):
+        self.current = item.nodeid
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            first = ""
+            if report.outcome == "failed":
+                text = str(report.longrepr)
+                lines = [ln for ln in text.splitlines() if ln.startswith("E ")]
+                first = (lines[0] if lines else text.splitlines()[-1])[:300]
+            elif report.outcome == "skipped":
+                first = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)[:200]
+            self.results[report.nodeid] = (report.outcome, first)
+
+    # ------------------------------------------------------------------ the patch
+    def _install(self):
+        from transformers import PreTrainedModel
+
+        plugin = self
+        original = PreTrainedModel.post_init
+
+        def post_init(model, *args, **kwargs):
+            original(model, *args, **kwargs)
+            if _generative(model) and getattr(model, "_tidar", None) is None:
+                plugin._patch(model)
+
+        PreTrainedModel.post_init = post_init
+
+    def _patch(self, model):
+        import tidar
+
+        vocab = model.get_input_embeddings().weight.shape[0]
+        tidar.patch(model, draft_len=DRAFT_LEN, mask_token_id=vocab - 1)
+        patched = model.generate
+        plugin = self
+
+        def checked(*args, **kwargs):
+            twin = copy.deepcopy(model)
+            tidar.unpatch(twin)
+            twin_args, twin_kwargs = _copy((args, kwargs))
+            rng = torch.get_rng_state()
+            try:
+                want = twin.generate(*twin_args, **twin_kwargs)
+            except Exception as e:  # HF's own error: TiDAR must raise too
+                want = e
+            torch.set_rng_state(rng)
+            try:
+                got = patched(*args, **kwargs)
+            except Exception as e:
+                got = e
+            plugin._compare(want, got, kwargs)
+            if isinstance(got, Exception):
+                raise got
+            return got
+
+        model.generate = checked
+
+    def _compare(self, want, got, kwargs):
+        self.generates += 1
+        sample = bool(kwargs.get("do_sample")) or bool(getattr(kwargs.get("generation_config"), "do_sample", False))
+        if isinstance(want, Exception) or isinstance(got, Exception):
+            if isinstance(want, Exception) and not isinstance(got, Exception):
+                self.diffs.append((self.current, f"HF raised {type(want).__name__}: {want}"[:300], "TiDAR did not"))
+            return
+        w = want if isinstance(want, torch.Tensor) else want.sequences
+        g = got if isinstance(got, torch.Tensor) else got.sequences
+        if w.shape != g.shape or (not sample and not torch.equal(w, g)):
+            self.diffs.append(
+                (self.current, f"HF {tuple(w.shape)} {w.tolist()}", f"TiDAR {tuple(g.shape)} {g.tolist()}")
+            )
+
+
+def _copy(x):
+    """A deep copy for the twin's call; tensors detached (inputs with autograd history cannot be deep-copied)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_copy(v) for v in x)
+    return copy.deepcopy(x)
+
+
+def _generative(model) -> bool:
+    try:
+        return bool(model.can_generate()) and model.get_input_embeddings() is not None
+    except (AttributeError, NotImplementedError):
+        return False
+
+
+def _is_mixin_test(item) -> bool:
+    fn = getattr(item, "function", None)
+    qual = getattr(fn, "__qualname__", "")
+    return qual.startswith("GenerationTesterMixin.")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("hf_root", type=Path, help="the directory holding transformers' tests/ package")
+    p.add_argument("--plain", action="store_true", help="run without tidar.patch (the baseline)")
+    p.add_argument("-k", default=None, help="pytest -k expression")
+    p.add_argument("--json", type=Path, default=None, help="write the per-test results here")
+    args = p.parse_args(argv)
+    root = args.hf_root.resolve()
+    sys.path[:0] = [str(root), str(root / "utils")]
+    os.chdir(root)
+    plugin = TidarPlugin(patch=not args.plain)
+    pytest_args = [*MODEL_TESTS, "-q", "-p", "no:warnings", "-p", "no:cacheprovider", "-o", "addopts="]
+    if args.k:
+        pytest_args += ["-k", args.k]
+    pytest.main(pytest_args, plugins=[plugin])
+    counts: dict = {}
+    for name, (outcome, first) in sorted(plugin.results.items()):
+        counts[outcome] = counts.get(outcome, 0) + 1
+        if outcome != "passed":
+            print(f"{outcome:8s} {name}  {first}")
+    print(f"\n{'plain HF' if args.plain else 'tidar.patch'}: {counts}; generate calls compared: {plugin.generates}")
+    print(f"outputs that differ from the unpatched twin: {len(plugin.diffs)}")
+    for d in plugin.diffs:
+        print("  DIFF", *d)
+    if args.json:
+        args.json.write_text(json.dumps({"results": plugin.results, "diffs": plugin.diffs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
