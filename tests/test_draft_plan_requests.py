@@ -134,3 +134,25 @@ def test_context_drafts_ride_a_loop_in_generated_text_exactly():
     assert torch.equal(out.sequences, want)
     assert out.draft_sources.get("context", 0) >= 3 and max(out.draft_lens) >= 12
     assert out.tokens_per_forward > 5
+
+
+def test_ragged_prefill_is_two_batched_forwards_and_exact():
+    """Prompts of different lengths prefill in two forwards (the right-padded prompts, then every row's block of
+    masks at its own seg_start), not one per row; the tokens equal HF greedy on the left-padded batch."""
+    from tidar_kernels import layouts
+
+    lay = layouts.mask_block(3)
+    assert lay.local_limit.tolist() == [0, 0, 0] and lay.block_id.tolist() == [0, 0, 0]
+    assert lay.position_ids.tolist() == [0, 1, 2]
+    torch.manual_seed(0)
+    model = tiny_model("qwen2")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20]]
+    P = max(map(len, prompts))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    want1 = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=1)
+    want20 = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
+    tidar.patch(model, draft_len=4)
+    out = tidar.generate(model, ids, attention_mask=mask, max_new_tokens=1)
+    assert out.forwards == 2 and torch.equal(out.sequences, want1)
+    assert torch.equal(tidar.generate(model, ids, attention_mask=mask, max_new_tokens=20).sequences, want20)

@@ -251,3 +251,17 @@ def causal(seq_len: int) -> Layout:
     """Plain causal attention of a segment over the cached prefix (what an AR forward uses)."""
     S = _seg_len(f"causal({seq_len})", _positive("seq_len", seq_len))
     return _layout([i + 1 for i in range(S)], [-1] * S, list(range(S)))
+
+
+def mask_block(draft_len: int) -> Layout:
+    """One block of K masks behind the cached prefix (the second half of a ragged prefill, docs/design.md §3.2):
+    every slot sees the whole prefix and the block itself. Positions 0..K-1 (offset by each row's seg_start).
+
+    K=2, prefix x0 x1::
+
+        keys:   x0 x1 m0 m1
+        m0      #  #  #  #
+        m1      #  #  #  #
+    """
+    K = _seg_len(f"mask_block({draft_len})", _positive("draft_len", draft_len))
+    return _layout([0] * K, [0] * K, list(range(K)))

@@ -218,22 +218,10 @@ class _Decoder:
         """Prompt (causal) + one block of K masks; returns the first drafts [B, K] (device) and their q."""
         prompts = self.g.prompts
         lengths = list(map(len, prompts))
-        groups = (
-            [(list(range(self.B)), cache)] if len(set(lengths)) == 1 else [([b], cache.row(b)) for b in range(self.B)]
-        )
-        ar, blocks = [], []
-        for rows, target in groups:
-            n = lengths[rows[0]]
-            layout = layouts.prefill(n, K).to(self.device)
-            ids = torch.tensor([prompts[b] + [self.mask_id] * K for b in rows], dtype=torch.long, device=self.device)
-            pos = layout.position_ids[None].expand(len(rows), -1)
-            seg_start = torch.zeros(len(rows), dtype=torch.int32, device=self.device)
-            h = self._forward(ids, pos, layout, seg_start, target)
-            self.forwards += 1
-            logits = self._rows(h, slice(n - 1, n + K))
-            ar.append(logits[:, 0])
-            blocks.append(logits[:, 1:])
-        ar, blocks = torch.cat(ar), torch.cat(blocks)
+        if len(set(lengths)) == 1:
+            ar, blocks = self._prefill_even(cache, K, lengths[0])
+        else:
+            ar, blocks = self._prefill_ragged(cache, K, lengths)
         if self.verifier is not None:  # HF's logits processors (hf_processors.HfVerifier)
             r = self.verifier.prefill(self, ar, blocks)
         else:
@@ -241,6 +229,36 @@ class _Decoder:
         cache.commit(lengths)
         self.row_forwards = [1] * self.B
         return r.next_drafts, r.next_draft_probs
+
+    def _prefill_even(self, cache, K, n):
+        """Prompts of one length: one forward of prompt + K masks (``layouts.prefill``)."""
+        layout = layouts.prefill(n, K).to(self.device)
+        ids = torch.tensor([p + [self.mask_id] * K for p in self.g.prompts], dtype=torch.long, device=self.device)
+        pos = layout.position_ids[None].expand(self.B, -1)
+        seg_start = torch.zeros(self.B, dtype=torch.int32, device=self.device)
+        h = self._forward(ids, pos, layout, seg_start, cache)
+        self.forwards += 1
+        logits = self._rows(h, slice(n - 1, n + K))
+        return logits[:, 0], logits[:, 1:]
+
+    def _prefill_ragged(self, cache, K, lengths):
+        """Prompts of different lengths: two batched forwards instead of one per row. The prompts right-padded to
+        the longest (causal attention: the padding after a row's prompt changes nothing before it; its keys are
+        scratch past the row's committed length), then each row's block of K masks at its own seg_start
+        (``layouts.mask_block``: it sees the prompt and itself, as the masks of ``layouts.prefill`` do)."""
+        P = max(lengths)
+        layout = layouts.causal(P).to(self.device)
+        ids = torch.tensor([p + [p[-1]] * (P - len(p)) for p in self.g.prompts], dtype=torch.long, device=self.device)
+        zeros = torch.zeros(self.B, dtype=torch.int32, device=self.device)
+        h = self._forward(ids, layout.position_ids[None].expand(self.B, -1), layout, zeros, cache)
+        last = torch.tensor(lengths, device=self.device)[:, None] - 1
+        ar = self._rows(h, last)[:, 0]
+        seg_start = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        block = layouts.mask_block(K).to(self.device)
+        ids = torch.full((self.B, K), self.mask_id, dtype=torch.long, device=self.device)
+        h = self._forward(ids, seg_start.long()[:, None] + block.position_ids[None], block, seg_start, cache)
+        self.forwards += 2
+        return ar, self._rows(h, slice(0, K))
 
     # ------------------------------------------------------------------ one step
     def step(self, cache, plan: Plan, drafts: torch.Tensor, probs):
