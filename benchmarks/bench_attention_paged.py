@@ -12,7 +12,8 @@ Peers, in the same run, all reading the same pool (checked against the fp32/fp64
   over the physical pool, outside the timing). Compiled on GPU; eager on CPU (``--smoke``: not FlexAttention's times).
 - ``flashinfer-paged-prefill``: FlashInfer's ``BatchPrefillWithPagedKVCacheWrapper`` on the same NHD pool with the
   TiDAR mask as its custom mask (plan outside the timing), when FlashInfer is importable (CUDA only).
-- ``ours:<backend>``: ``tidar_attention_paged``'s implementation (no host-side validation); ``+api``: the public op.
+- ``ours:<backend>``: ``tidar_attention_paged``'s implementation (no host-side validation); ``+api``: the public op;
+  ``+seg``: the separate-segment form (the K * K proposal rows' K/V in ``k_seg``/``v_seg``, not in the pool).
 
 ``kv_append_paged`` rows (suite ``kv_append_paged``): a step's tokens to shuffled slots (10% -1) against one
 ``index_put_`` per cache (``torch-index_put``); bit-exact over the whole pool; GB/s counts bytes read + written.
@@ -111,6 +112,9 @@ def _attention_case(bench: Bench, B, prefix, K, bs, Hq, Hkv, D, dt):
     scale = D**-0.5
     k_cont, v_cont = (t.contiguous() for t in gather_paged_kv(kc, vc, table, seq_lens))
     seg_t = seq_lens - S
+    S_sep = S - K  # the proposal rows: off the pool in the separate-segment form (the same keys, contiguous)
+    idx = (seq_lens.long() - S_sep)[:, None] + torch.arange(S_sep, device=dev)[None]
+    k_seg, v_seg = (t.gather(2, idx[:, None, :, None].expand(B, Hkv, S_sep, D)).contiguous() for t in (k_cont, v_cont))
     rd = torch.float32 if bench.cuda else torch.float64
     with torch.no_grad():
         ref = tidar_kernels.tidar_attention_paged(
@@ -150,6 +154,14 @@ def _attention_case(bench: Bench, B, prefix, K, bs, Hq, Hkv, D, dt):
                     q, kc, vc, table, seq_lens, ll, bid, scale=scale, backend=b
                 )
                 bench.measure(case, name + "+api", timed(api), notes="public op (validation included)", **common)
+                seg_args = (q, kc, vc, table, seq_lens - S_sep, ll, bid, scale, None, k_seg, v_seg)
+                bench.measure(
+                    case,
+                    name + "+seg",
+                    timed(lambda impl=impl, a=seg_args: impl(*a)),
+                    notes=f"separate-segment form: the {S_sep} proposal rows' K/V off the pool (k_seg/v_seg)",
+                    **common,
+                )
 
     # SDPA on the keys gathered through the table (the gather timed)
     mask = layouts.dense_mask(ll, bid, seg_t, int(seq_lens.max()))[:, None]
@@ -287,7 +299,7 @@ def run(bench: Bench):
 
 def _best(rows, suite, case, prefix):
     ok = [r for r in rows if r["suite"] == suite and r["case"] == case and r["status"] == "ok"]
-    ok = [r for r in ok if r["impl"].startswith(prefix) and not r["impl"].endswith("+api")]
+    ok = [r for r in ok if r["impl"].startswith(prefix) and "+" not in r["impl"]]  # the kernels, plain form
     return min(ok, key=lambda r: r["ms"]) if ok else None
 
 

@@ -6,6 +6,8 @@ step, against the contiguous cache; bad calls refused before any work; no backwa
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -191,6 +193,55 @@ def test_append_then_attend_step_after_step(backend, device):
         committed = committed + torch.tensor(accepted, dtype=torch.int32)  # commit: move the lengths, copy nothing
 
 
+def seg_twin(q, k_cache, v_cache, table, pool_lens, k_seg, v_seg, lay, **kw):
+    """The separate-segment form's definition, by a loop: row b's pool keys followed by its k_seg keys."""
+    k, v = gather_loop(k_cache, v_cache, table, [max(1, int(n)) for n in pool_lens])
+    B, S_sep, S = q.shape[0], k_seg.shape[2], q.shape[2]
+    n = int(pool_lens.max()) + S_sep
+    kk = torch.full((B, k.shape[1], n, k.shape[3]), HUGE, dtype=k.dtype)
+    vv = torch.full_like(kk, -HUGE)
+    for b, m in enumerate(pool_lens.tolist()):
+        kk[b, :, :m], vv[b, :, :m] = k[b, :, :m], v[b, :, :m]
+        kk[b, :, m : m + S_sep], vv[b, :, m : m + S_sep] = k_seg[b], v_seg[b]
+    seg = pool_lens - (S - S_sep)
+    return tidar_attention(q, kk, vv, lay.local_limit, lay.block_id, seg, backend="reference", **kw)
+
+
+# (name, layout, pool keys per row, keys off the pool): the proposal rows of a step off the pool, or the whole segment
+SEG_CASES = [
+    ("decode_K3_proposals_off_pool", layouts.decode_step(3), [3, 40, 18], 9),
+    ("decode_K4_levels_2_4", layouts.decode_step(4, levels=(2, 4)), [4, 33], 8),
+    ("prefill_whole_segment_off_pool", layouts.prefill(5, 2), [0, 21], 7),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SEG_CASES)), ids=[c[0] for c in SEG_CASES])
+def test_separate_segment_form(backend, device, case):
+    """k_seg/v_seg (the segment's last tokens off the pool) == the same keys appended to the pool after seq_lens,
+    == tidar_attention on the concatenated keys."""
+    name, lay, pool_lens, S_sep = SEG_CASES[case]
+    dt, D, bs, Hkv = _dtype(backend), 16, 16, 2
+    S = lay.seg_len
+    full_lens = [n + S_sep for n in pool_lens]
+    kc, vc, table, full = make_pool(full_lens, Hkv, D, bs, dt, seed=20 + case)
+    g = torch.Generator().manual_seed(case)
+    k_seg = torch.randn(len(pool_lens), Hkv, S_sep, D, generator=g, dtype=torch.float64).to(dt)
+    v_seg = torch.randn(len(pool_lens), Hkv, S_sep, D, generator=g, dtype=torch.float64).to(dt)
+    pool = torch.tensor(pool_lens, dtype=torch.int32)
+    q = q_for(len(pool_lens), 4, S, D, dt, seed=case)
+    with torch.no_grad():
+        args = [t.to(device) for t in (q, kc, vc, table, pool, lay.local_limit, lay.block_id)]
+        out = tidar_attention_paged(*args, k_seg=k_seg.to(device), v_seg=v_seg.to(device), softcap=4.0,
+                                    backend=backend).cpu()  # fmt: skip
+    torch.testing.assert_close(out, seg_twin(q, kc, vc, table, pool, k_seg, v_seg, lay, softcap=4.0), **_tol(backend))
+    # the same keys written into the pool after each row's pool keys: the plain form
+    pos = pool.long()[:, None] + torch.arange(S_sep)[None]
+    slots = (table.long().gather(1, pos // bs) * bs + pos % bs).reshape(-1)
+    kv_append_paged(kc, vc, k_seg.transpose(1, 2).reshape(-1, Hkv, D), v_seg.transpose(1, 2).reshape(-1, Hkv, D), slots)
+    plain = run(backend, device, q, kc, vc, table, full, lay, softcap=4.0)
+    torch.testing.assert_close(out, plain, **_tol(backend))
+
+
 def test_no_backward():
     lay = layouts.decode_step(1)
     kc, vc, table, seq_lens = make_pool([4, 9], 1, 8, 4)
@@ -270,7 +321,14 @@ def _bad_id(x, dtype=torch.int32):
     return t
 
 
+SEG = dict(k_seg=torch.zeros(2, 2, 4, 8), v_seg=torch.zeros(2, 2, 4, 8))
 BAD_KW = [  # keyword arguments
+    ("k_seg_alone", dict(k_seg=SEG["k_seg"]), ValueError, "k_seg and v_seg"),
+    ("k_seg_longer_than_S", dict(k_seg=torch.zeros(2, 2, 7, 8), v_seg=torch.zeros(2, 2, 7, 8)), ValueError, "k_seg"),
+    ("k_seg_heads", dict(k_seg=torch.zeros(2, 4, 4, 8), v_seg=torch.zeros(2, 4, 4, 8)), ValueError, "k_seg"),
+    ("v_seg_shape", dict(k_seg=SEG["k_seg"], v_seg=torch.zeros(2, 2, 3, 8)), ValueError, "v_seg"),
+    ("v_seg_dtype", dict(k_seg=SEG["k_seg"], v_seg=SEG["v_seg"].half()), TypeError, "v_seg"),
+    ("k_seg_grad", dict(k_seg=SEG["k_seg"].clone().requires_grad_(), v_seg=SEG["v_seg"]), ValueError, "k_seg"),
     ("scale_nan", dict(scale=float("nan")), ValueError, "scale"),
     ("scale_zero", dict(scale=0.0), ValueError, "scale"),
     ("scale_bool", dict(scale=True), TypeError, "scale"),
@@ -309,7 +367,7 @@ def test_bad_input_refused_before_any_work(name, make, exc, arg, impl_calls):
 
 @pytest.mark.parametrize("name,kw,exc,arg", BAD_KW, ids=[c[0] for c in BAD_KW])
 def test_bad_keyword_refused_before_any_work(name, kw, exc, arg, impl_calls):
-    with torch.no_grad(), pytest.raises(exc) as info:
+    with contextlib.nullcontext() if name.endswith("grad") else torch.no_grad(), pytest.raises(exc) as info:
         tidar_attention_paged(**good(), **kw)
     assert arg in str(info.value) and impl_calls == []
 

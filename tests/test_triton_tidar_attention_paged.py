@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
 import pytest  # noqa: E402
-from test_tidar_attention_paged import contiguous_twin, make_pool, q_for  # noqa: E402  (the twins)
+from test_tidar_attention_paged import contiguous_twin, make_pool, q_for, seg_twin  # noqa: E402  (the twins)
 
 from tidar_kernels import backends, kv_append_paged, layouts, tidar_attention, tidar_attention_paged  # noqa: E402
 from tidar_kernels.backends import resolve  # noqa: E402
@@ -61,6 +61,24 @@ def test_tiles_and_split_kv_match_the_reference(small_tiles, name, lay, lens, bs
     q = q_for(len(lens), 4, lay.seg_len, 16, torch.float32, seed=num_splits)
     out = _paged(q, kc, vc, table, seq_lens, lay, num_splits, softcap=2.5 if num_splits == 3 else None)
     want = contiguous_twin(q, kc, vc, table, seq_lens, lay, softcap=2.5 if num_splits == 3 else None)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_segment_off_pool_small_tiles_and_split_kv(small_tiles, num_splits):
+    """k_seg/v_seg with tiles of 16 that hold pool keys and keys off the pool at once (pool lengths not multiples
+    of 16), non-contiguous k_seg, forced split-KV."""
+    lay = layouts.decode_step(4)  # S = 20: 4 drafts in the pool, 16 proposal rows off it
+    pool = torch.tensor([4, 29, 51], dtype=torch.int32)
+    kc, vc, table, _ = make_pool([n + 16 for n in pool.tolist()], 2, 16, 8, torch.float32, seed=num_splits)
+    g = torch.Generator().manual_seed(num_splits)
+    k_seg = torch.randn(3, 16, 2, 16, generator=g).transpose(1, 2)  # [B, Hkv, S_sep, D], non-contiguous
+    v_seg = torch.randn(3, 16, 2, 16, generator=g).transpose(1, 2)
+    q = q_for(3, 4, lay.seg_len, 16, torch.float32, seed=7)
+    args = [t.to(DEV) for t in (q, kc, vc, table, pool, lay.local_limit, lay.block_id)]
+    with torch.no_grad():
+        out = trip.attention_paged(*args, 0.25, None, num_splits, k_seg.to(DEV), v_seg.to(DEV)).cpu()
+    want = seg_twin(q, kc, vc, table, pool, k_seg, v_seg, lay, scale=0.25)
     torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
 
 
@@ -129,6 +147,35 @@ def test_gpu_step_equals_contiguous_kernel(bs, B, prefix, K):
     base = (cont.float() - truth).abs().max().item()
     err = (out.float() - truth).abs().max().item()
     assert err <= 2 * base + 2e-3, f"paged {err:.2e} vs contiguous kernel {base:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs", [16, 32])
+def test_gpu_proposal_rows_off_the_pool(bs):
+    """The separate-segment form at a real size (K = 16: 16 drafts in the pool, 256 proposal rows off it, bf16,
+    D = 128, 8 ragged rows): the plain form on the same keys, where they sit in the pool."""
+    lay = layouts.decode_step(16)
+    S, D, Hq, Hkv, B = lay.seg_len, 128, 12, 2, 8
+    S_sep = S - 16
+    lens = [4096 + S - 37 * b for b in range(B)]
+    width = -(-max(lens) // bs)
+    nb = B * width + 4
+    g = torch.Generator(device="cuda").manual_seed(bs)
+    kc = torch.randn(nb, bs, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    vc = torch.randn_like(kc)
+    table = torch.randperm(nb, device="cuda", generator=g)[: B * width].view(B, width).int()
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    k, v = gather_paged_kv(kc, vc, table, seq_lens)  # [B, Hkv, max(lens), D]
+    pool = seq_lens - S_sep
+    idx = (pool.long()[:, None] + torch.arange(S_sep, device="cuda")[None])[:, None, :, None]
+    k_seg = k.gather(2, idx.expand(B, Hkv, S_sep, D))
+    v_seg = v.gather(2, idx.expand(B, Hkv, S_sep, D))
+    q = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    ll, bid = lay.local_limit.cuda(), lay.block_id.cuda()
+    with torch.no_grad():
+        plain = tidar_attention_paged(q, kc, vc, table, seq_lens, ll, bid, backend="triton")
+        off = tidar_attention_paged(q, kc, vc, table, pool, ll, bid, k_seg=k_seg, v_seg=v_seg, backend="triton")
+    torch.testing.assert_close(off.float(), plain.float(), rtol=0, atol=1e-2)
 
 
 @pytest.mark.gpu

@@ -21,6 +21,8 @@ def tidar_attention_paged(
     *,
     scale=None,
     softcap=None,
+    k_seg=None,
+    v_seg=None,
     backend: str = "auto",
 ):
     """Attention of each row's segment of S queries over its keys in a paged pool (vLLM's NHD block layout).
@@ -38,22 +40,26 @@ def tidar_attention_paged(
         local_limit, block_id: int32 (or int64 with values in int32 range) ``[S]``, the TiDAR layout.
         scale: softmax scale, a finite float > 0; default ``D ** -0.5``.
         softcap: attention logit soft-capping as in ``tidar_attention`` (None or a finite float > 0).
+        k_seg, v_seg: None, or ``[B, Hkv, S_sep, D]`` (``1 <= S_sep <= S``): the keys/values of the segment's last
+            S_sep tokens, not in the pool (the ``[MASK]`` proposal rows of a step, docs/design.md §7.1). Then
+            ``seq_lens`` counts pool keys only, row b's keys are its pool keys followed by its ``k_seg`` keys, and its
+            segment is its last ``S - S_sep`` pool keys followed by them (``S - S_sep <= seq_lens[b]``).
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
 
     Returns ``[B, Hq, S, D]``; a query that sees no key returns zeros. An inference op: no backward (an input that
     requires grad with grad enabled is an error). Every bad argument raises (TypeError or ValueError naming it)
     before any work.
     """
-    q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap = _validate(
-        q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap
-    )
+    args = _validate(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap, k_seg, v_seg)
     impl = resolve(OP, backend, q.device)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape)
-    return impl(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap)
+    if args[-1] is None:  # the plain form: the implementations' short signature
+        return impl(*args[:-2])
+    return impl(*args)
 
 
-def _validate(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap):
+def _validate(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap, k_seg, v_seg):
     dev = _checks.tensor("q", q, ndim=4, dtypes=_checks.FLOAT_TYPES).device
     _checks.tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=dev)
     _checks.tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=dev)
@@ -78,9 +84,21 @@ def _validate(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id,
         _checks.shape(name, t, (S,))
     scale = _checks.positive_float("scale", scale, default=D**-0.5)
     softcap = _checks.positive_float("softcap", softcap, default=None)
+    if (k_seg is None) != (v_seg is None):
+        raise ValueError("k_seg and v_seg go together: pass both (the segment's last tokens off the pool) or neither")
+    S_sep = 0
+    if k_seg is not None:
+        _checks.tensor("k_seg", k_seg, ndim=4, dtypes=(q.dtype,), device=dev)
+        _checks.tensor("v_seg", v_seg, ndim=4, dtypes=(q.dtype,), device=dev)
+        S_sep = k_seg.shape[2]
+        if k_seg.shape[:2] != (B, Hkv) or k_seg.shape[3] != D or not 1 <= S_sep <= S:
+            raise ValueError(
+                f"k_seg must have shape [B={B}, Hkv={Hkv}, S_sep in [1, S={S}], D={D}], got {tuple(k_seg.shape)}"
+            )
+        _checks.shape("v_seg", v_seg, k_seg.shape)
     if torch.is_grad_enabled():
-        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-            if t.requires_grad:
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_seg", k_seg), ("v_seg", v_seg)):
+            if t is not None and t.requires_grad:
                 raise ValueError(
                     f"{name} requires grad, but tidar_attention_paged is an inference op (no backward): call it "
                     "under torch.no_grad() / torch.inference_mode(), or use tidar_attention for training"
@@ -93,7 +111,7 @@ def _validate(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id,
     if rng is not None and (rng[0] < -1 or rng[1] > _checks.INT32_MAX):
         raise ValueError(f"block_id must lie in [-1, 2^31 - 1] (-1 = no block), got values in [{rng[0]}, {rng[1]}]")
     if B:
-        check_block_table(block_table, seq_lens, S, NB, BS)
+        check_block_table(block_table, seq_lens, S - S_sep, NB, BS)
     return (
         q,
         k_cache,
@@ -104,13 +122,15 @@ def _validate(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id,
         block_id.to(torch.int32),
         scale,
         softcap,
+        k_seg,
+        v_seg,
     )
 
 
 def check_block_table(block_table, seq_lens, S: int, num_blocks: int, block_size: int) -> None:
-    """``S <= seq_lens <= max_blocks * block_size`` and every table entry a row reads is a block of the pool;
-    one host sync, remembered on ``block_table`` for the versions of both tensors (every layer of a forward
-    passes the same two), none while capturing a CUDA graph."""
+    """``S <= seq_lens <= max_blocks * block_size`` (S: the segment's tokens in the pool) and every table entry a
+    row reads is a block of the pool; one host sync, remembered on ``block_table`` for the versions of both tensors
+    (every layer of a forward passes the same two), none while capturing a CUDA graph."""
     if _checks.capturing():
         return
     key = (id(seq_lens), _checks.version(seq_lens), _checks.version(block_table), S, num_blocks, block_size)

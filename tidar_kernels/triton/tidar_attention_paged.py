@@ -7,9 +7,14 @@ so the tile walk (full / partial / empty tiles from the layout vectors) is that 
 ``seg_start = seq_lens[b] - S`` and the row's own key count as the bound of partial tiles (table entries past a
 row's length are never read). The block size is a compile-time constant (any size >= 1; a power of two makes the
 division a shift). Split-KV partial results merge with the contiguous kernel's ``_merge_kernel``.
+
+The separate-segment form (``k_seg``/``v_seg``, HAS_SEG): a row's keys at or past its pool length come from its
+row of ``k_seg``/``v_seg`` instead; a tile that straddles the two does both masked loads and selects per key.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -25,24 +30,37 @@ from .tidar_attention_tiles import _block_spans
 
 
 @triton.jit
-def _paged_tile(acc, m_i, l_i, q, K, V, BT, start, offs_n, offs_d, d_ok, ll, bq, seg, S, kv_len, BID, hk64,
-                skb, sks, skh, skd, svb, svs, svh, svd, qk_scale, cap,
-                PAGE: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                SOFTCAP: tl.constexpr):
-    """One K/V tile at key ``start`` of the row (keys gathered through its block-table row ``BT``), folded into the
-    online softmax. MASKED (partial) tiles read no key at or past ``kv_len`` and apply the layout rule."""
+def _paged_tile(acc, m_i, l_i, q, K, V, BT, KS, VS, start, offs_n, offs_d, d_ok, ll, bq, seg, S, kv_pool, kv_len,
+                BID, hk64, skb, sks, skh, skd, svb, svs, svh, svd, s_kss, s_ksd, s_vss, s_vsd, qk_scale, cap,
+                PAGE: tl.constexpr, MASKED: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr,
+                PREC: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One K/V tile at key ``start`` of the row, folded into the online softmax: keys below ``kv_pool`` gathered
+    through its block-table row ``BT``, the ones past it (HAS_SEG: the segment's keys off the pool) from its
+    ``KS``/``VS`` rows. MASKED (partial) tiles read no key at or past ``kv_len`` and apply the layout rule."""
     kj = start + offs_n
     if MASKED:
         k_ok = kj < kv_len
     else:
         k_ok = kj >= 0
-    page = tl.load(BT + kj // PAGE, mask=k_ok, other=0).to(tl.int64)
+    if HAS_SEG:
+        in_pool = k_ok & (kj < kv_pool)
+    else:
+        in_pool = k_ok
+    page = tl.load(BT + kj // PAGE, mask=in_pool, other=0).to(tl.int64)
     slot = (kj % PAGE).to(tl.int64)
-    kmask = k_ok[:, None] & d_ok[None, :]
+    kmask = in_pool[:, None] & d_ok[None, :]
     k = tl.load(K + page[:, None] * skb + slot[:, None] * sks + hk64 * skh + offs_d[None, :] * skd, mask=kmask,
                 other=0.0)
     v = tl.load(V + page[:, None] * svb + slot[:, None] * svs + hk64 * svh + offs_d[None, :] * svd, mask=kmask,
                 other=0.0)
+    if HAS_SEG:
+        in_seg = k_ok & (kj >= kv_pool)
+        m = (kj - kv_pool).to(tl.int64)
+        smask = in_seg[:, None] & d_ok[None, :]
+        k = tl.where(in_seg[:, None], tl.load(KS + m[:, None] * s_kss + offs_d[None, :] * s_ksd, mask=smask,
+                                               other=0.0), k)
+        v = tl.where(in_seg[:, None], tl.load(VS + m[:, None] * s_vss + offs_d[None, :] * s_vsd, mask=smask,
+                                               other=0.0), v)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -60,12 +78,13 @@ def _paged_tile(acc, m_i, l_i, q, K, V, BT, start, offs_n, offs_d, d_ok, ll, bq,
 
 @triton.jit
 def _paged_fwd_kernel(
-    Q, K, V, O, LSE, BT, SEQ, LL, BID, SPAN_LO, SPAN_HI,
+    Q, K, V, O, LSE, BT, SEQ, LL, BID, SPAN_LO, SPAN_HI, KS, VS,
     sqb, sqh, sqs, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, soh, sos, sod,
     slb, slh, sls, sl_split, sbt,
-    S, G, Hkv, qk_scale, cap, n_splits,
+    s_ksb, s_ksh, s_kss, s_ksd, s_vsb, s_vsh, s_vss, s_vsd,
+    S, S_sep, G, Hkv, qk_scale, cap, n_splits,
     PAGE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -76,7 +95,8 @@ def _paged_fwd_kernel(
     row_ok = rows < S * G
     qi, ll, bq, lim_min, lim_max, blk_lo, blk_hi = _tile_stats(LL, BID, SPAN_LO, SPAN_HI, rows, row_ok, G, S)
     head = hk * G + rows % G
-    kv_len = tl.load(SEQ + b)
+    kv_pool = tl.load(SEQ + b)  # the row's keys in the pool; the S_sep keys off the pool follow them
+    kv_len = kv_pool + S_sep
     seg = kv_len - S
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -88,6 +108,8 @@ def _paged_fwd_kernel(
         q = q.to(tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     bt = BT + b64 * sbt
+    ks = KS + b64 * s_ksb + hk64 * s_ksh
+    vs = VS + b64 * s_vsb + hk64 * s_vsh
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -101,19 +123,20 @@ def _paged_fwd_kernel(
     hi = tl.minimum((sid + 1) * per, n_tiles_a) * BLOCK_N
     full_end = ((seg + lim_min) // BLOCK_N) * BLOCK_N
     for start in range(lo, tl.minimum(hi, full_end), BLOCK_N):
-        acc, m_i, l_i = _paged_tile(acc, m_i, l_i, q, K, V, bt, start, offs_n, offs_d, d_ok, ll, bq, seg, S, kv_len,
-                                    BID, hk64, skb, sks, skh, skd, svb, svs, svh, svd, qk_scale, cap,
-                                    PAGE, False, UPCAST, PREC, SOFTCAP)
+        acc, m_i, l_i = _paged_tile(acc, m_i, l_i, q, K, V, bt, ks, vs, start, offs_n, offs_d, d_ok, ll, bq, seg, S,
+                                    kv_pool, kv_len, BID, hk64, skb, sks, skh, skd, svb, svs, svh, svd, s_kss, s_ksd,
+                                    s_vss, s_vsd, qk_scale, cap, PAGE, False, HAS_SEG, UPCAST, PREC, SOFTCAP)
     for start in range(tl.maximum(lo, full_end), hi, BLOCK_N):
-        acc, m_i, l_i = _paged_tile(acc, m_i, l_i, q, K, V, bt, start, offs_n, offs_d, d_ok, ll, bq, seg, S, kv_len,
-                                    BID, hk64, skb, sks, skh, skd, svb, svs, svh, svd, qk_scale, cap,
-                                    PAGE, True, UPCAST, PREC, SOFTCAP)
+        acc, m_i, l_i = _paged_tile(acc, m_i, l_i, q, K, V, bt, ks, vs, start, offs_n, offs_d, d_ok, ll, bq, seg, S,
+                                    kv_pool, kv_len, BID, hk64, skb, sks, skh, skd, svb, svs, svh, svd, s_kss, s_ksd,
+                                    s_vss, s_vsd, qk_scale, cap, PAGE, True, HAS_SEG, UPCAST, PREC, SOFTCAP)
     # range B (the own-block part past range A), split 0 only
     if sid == 0:
         for start in range(tl.maximum(seg + blk_lo, n_tiles_a * BLOCK_N), seg + blk_hi, BLOCK_N):
-            acc, m_i, l_i = _paged_tile(acc, m_i, l_i, q, K, V, bt, start, offs_n, offs_d, d_ok, ll, bq, seg, S,
-                                        kv_len, BID, hk64, skb, sks, skh, skd, svb, svs, svh, svd, qk_scale, cap,
-                                        PAGE, True, UPCAST, PREC, SOFTCAP)
+            acc, m_i, l_i = _paged_tile(acc, m_i, l_i, q, K, V, bt, ks, vs, start, offs_n, offs_d, d_ok, ll, bq, seg,
+                                        S, kv_pool, kv_len, BID, hk64, skb, sks, skh, skd, svb, svs, svh, svd, s_kss,
+                                        s_ksd, s_vss, s_vsd, qk_scale, cap, PAGE, True, HAS_SEG, UPCAST, PREC,
+                                        SOFTCAP)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -131,16 +154,18 @@ def _paged_fwd_kernel(
 # fmt: on
 
 
-def _forward(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap=0.0, num_splits=0):
+def _forward(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap=0.0, num_splits=0,
+             k_seg=None, v_seg=None):  # fmt: skip
     B, Hq, S, D = q.shape
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
+    S_sep = 0 if k_seg is None else k_seg.shape[2]
     cfg = _config(D, q.dtype, q.device)
     BM, BN, BD = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     n_m = triton.cdiv(S * G, BM)
     if num_splits <= 0:
         rng = int_range(seq_lens)  # remembered from the op's checks: no second sync (None while capturing)
-        kv_max = rng[1] if rng is not None else block_table.shape[1] * page
+        kv_max = (rng[1] if rng is not None else block_table.shape[1] * page) + S_sep
         num_splits = _auto_splits(B, Hkv, n_m, S, kv_max, q.device)
     span_lo, span_hi = _block_spans(block_id)
     ll = local_limit.to(torch.int32).contiguous()
@@ -152,12 +177,17 @@ def _forward(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, 
     common = _tile_consts(cfg, D, BM, BN, BD, soft)
     grid = (n_m, B * Hkv, num_splits)
     strides = (*q.stride(), *k_cache.stride(), *v_cache.stride())
+    if k_seg is None:
+        ks, vs, seg_strides = q, q, (0,) * 8  # not read (HAS_SEG False)
+    else:
+        ks, vs, seg_strides = k_seg, v_seg, (*k_seg.stride(), *v_seg.stride())
+    tail = dict(PAGE=page, HAS_SEG=k_seg is not None, **common)
     if num_splits == 1:
         # fmt: off
         _paged_fwd_kernel[grid](
-            q, k_cache, v_cache, out, out, bt, seq, ll, bid, span_lo, span_hi,
-            *strides, *out.stride(), 0, 0, 0, 0, bt.stride(0),
-            S, G, Hkv, qk_scale, cap, 1, PAGE=page, SPLIT=False, **common,
+            q, k_cache, v_cache, out, out, bt, seq, ll, bid, span_lo, span_hi, ks, vs,
+            *strides, *out.stride(), 0, 0, 0, 0, bt.stride(0), *seg_strides,
+            S, S_sep, G, Hkv, qk_scale, cap, 1, SPLIT=False, **tail,
         )
         # fmt: on
         return out
@@ -167,9 +197,9 @@ def _forward(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, 
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     # fmt: off
     _paged_fwd_kernel[grid](
-        q, k_cache, v_cache, o_part, lse_part, bt, seq, ll, bid, span_lo, span_hi,
-        *strides, Hq * S * BD, S * BD, BD, 1, Hq * S, S, 1, rows, bt.stride(0),
-        S, G, Hkv, qk_scale, cap, num_splits, PAGE=page, SPLIT=True, **common,
+        q, k_cache, v_cache, o_part, lse_part, bt, seq, ll, bid, span_lo, span_hi, ks, vs,
+        *strides, Hq * S * BD, S * BD, BD, 1, Hq * S, S, 1, rows, bt.stride(0), *seg_strides,
+        S, S_sep, G, Hkv, qk_scale, cap, num_splits, SPLIT=True, **tail,
     )
     _merge_kernel[(rows,)](
         o_part, lse_part, out, lse, rows, num_splits, rows, Hq, S, *out.stride(),
@@ -191,23 +221,31 @@ def _fwd_op(
     scale: float,
     softcap: float,
     num_splits: int,
+    k_seg: Optional[torch.Tensor] = None,  # noqa: UP045  (torch.library parses the annotation)
+    v_seg: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
-    return _forward(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap, num_splits)
+    args = (q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap, num_splits)
+    return _forward(*args, k_seg, v_seg)
 
 
 @_fwd_op.register_fake
-def _(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap, num_splits):
+def _(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap, num_splits, k_seg=None,
+      v_seg=None):  # fmt: skip
     return q.new_empty(q.shape)
 
 
 def attention_paged(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap=None,
-                    num_splits: int = 0):  # fmt: skip
+                    num_splits: int = 0, k_seg=None, v_seg=None):  # fmt: skip
     """The kernel on validated inputs; ``num_splits`` 0 = automatic, n > 0 forces n split-KV chunks (tests)."""
     soft = 0.0 if softcap is None else float(softcap)
-    return _fwd_op(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, float(scale), soft, num_splits)
+    args = (q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, float(scale), soft, num_splits)
+    return _fwd_op(*args, k_seg, v_seg)
 
 
 # limits stated in the record (tidar_kernels.backends): auto falls back to the reference outside them
 @register("tidar_attention_paged", "triton", dtypes=_TL_DTYPES, max_head_dim=256, grad=False)
-def tidar_attention_paged(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap=None):
-    return attention_paged(q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap)
+def tidar_attention_paged(
+    q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap=None, k_seg=None, v_seg=None
+):
+    args = (q, k_cache, v_cache, block_table, seq_lens, local_limit, block_id, scale, softcap)
+    return attention_paged(*args, k_seg=k_seg, v_seg=v_seg)
