@@ -95,27 +95,30 @@ def _eos_without_negatives(value):
 
 
 def _prompt(model, inputs, gen, model_kwargs):
-    """``(input_ids, attention_mask)`` as HF prepares them: ``inputs`` / ``input_ids`` / a BOS row when none are
-    given; ``inputs_embeds`` only as the embeddings of the ``input_ids`` given with them."""
+    """``(input_ids, inputs_embeds, model_kwargs)`` as HF prepares them: ``inputs`` / ``input_ids`` / a BOS row when
+    none are given; with ``inputs_embeds``, HF's ``input_ids`` are the ones given with them or an empty ``[B, 0]``
+    (the output then holds the new tokens only)."""
     ids, name, model_kwargs = model._prepare_model_inputs(inputs, gen.bos_token_id, model_kwargs)
-    if name == "inputs_embeds":
-        embeds = ids
-        ids = model_kwargs.pop("input_ids", None)
-        if ids is None or ids.shape[:2] != embeds.shape[:2]:
-            raise ValueError(
-                "TiDAR generate decodes from token ids: inputs_embeds must come with the input_ids they embed "
-                "(a prompt given as embeddings alone cannot be drafted from)"
-            )
-        if not torch.equal(model.get_input_embeddings()(ids), embeds):
-            raise ValueError("inputs_embeds must be the model's embeddings of input_ids (TiDAR decodes from token ids)")
-    check_input_ids(ids)
-    return ids, model_kwargs
+    if name != "inputs_embeds":
+        check_input_ids(ids)
+        return ids, None, model_kwargs
+    embeds = ids
+    ids = model_kwargs.pop("input_ids")
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[1] == 0:
+        raise ValueError(f"inputs_embeds must be a tensor [B, P >= 1, hidden], got {getattr(embeds, 'shape', embeds)}")
+    if ids.shape[1] not in (0, embeds.shape[1]) or ids.shape[0] != embeds.shape[0]:
+        raise ValueError(
+            f"input_ids {tuple(ids.shape)} given with inputs_embeds {tuple(embeds.shape)} must be their token ids "
+            "(the same batch and length)"
+        )
+    return ids, embeds, model_kwargs
 
 
 def _attention_mask(model, ids, gen, given):
-    """The caller's mask, else HF's (inferred from pad tokens); None when nothing is padded."""
+    """The caller's mask, else HF's (inferred from pad tokens; none for an embeddings prompt, ``ids`` empty); None
+    when nothing is padded."""
     mask = given
-    if mask is None:
+    if mask is None and ids.shape[1] > 0:
         mask = model._prepare_attention_mask_for_generation(ids, gen, {"input_ids": ids})
     if mask is not None and bool((mask == 1).all()):
         return None
@@ -137,7 +140,7 @@ def _check_positions(position_ids, ids, mask) -> None:
         )
 
 
-def _check_cache(cache, ids) -> None:
+def _check_cache(cache, prompt_len: int) -> None:
     """A cache from an earlier ``generate`` holds the keys and values of a prefix of ``input_ids``: TiDAR's
     prefill recomputes them (the same values), so the cache is accepted and not read."""
     if cache is None:
@@ -145,14 +148,14 @@ def _check_cache(cache, ids) -> None:
     n = cache.get_seq_length() if hasattr(cache, "get_seq_length") else None
     if n is None:
         raise TypeError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
-    if n >= ids.shape[1]:
+    if n >= prompt_len:
         raise ValueError(
-            f"past_key_values holds {n} positions but input_ids only {ids.shape[1]}: give the whole sequence "
+            f"past_key_values holds {n} positions but the prompt only {prompt_len}: give the whole sequence "
             "(the cached prefix and the new tokens), as HF's generate expects"
         )
 
 
-def _lengths(model, ids, generation_config, kwargs, gen):
+def _lengths(model, ids, generation_config, kwargs, gen, embeds=None):
     """HF's length rules (``max_new_tokens`` over ``max_length``; the default of 20 new tokens, capped at
     ``max_position_embeddings``) with HF's warnings and errors. Returns the generation config."""
     has_default_max_length = (
@@ -170,32 +173,12 @@ def _lengths(model, ids, generation_config, kwargs, gen):
         generation_config=gen,
         has_default_max_length=has_default_max_length,
         has_default_min_length=has_default_min_length,
-        model_input_name="input_ids",
-        inputs_tensor=ids,
+        model_input_name="input_ids" if embeds is None else "inputs_embeds",
+        inputs_tensor=ids if embeds is None else embeds,
         input_ids_length=P,
     )
     model._validate_generated_length(gen, P, has_default_max_length)
     return gen
-
-
-def _compact(ids, mask, pad: int):
-    """The prompts TiDAR decodes: each row's unmasked tokens, left-padded. HF masks a token that has 0 in
-    ``attention_mask`` anywhere in the row (not only on the left): no later token sees it and it takes no position
-    (HF's positions count the unmasked tokens), so the logits are those of the row without it."""
-    if mask is None:
-        return ids, None
-    m = mask.bool()
-    if bool((m == m.cummax(1).values).all()) and bool(((mask == 0) | (mask == 1)).all()):
-        return ids, mask  # already left padding only
-    rows = [ids[b][m[b]] for b in range(ids.shape[0])]
-    width = max(1, max(len(r) for r in rows))
-    out = torch.full((ids.shape[0], width), pad, dtype=ids.dtype, device=ids.device)
-    cmask = torch.zeros_like(out)
-    for b, r in enumerate(rows):
-        if len(r):
-            out[b, width - len(r) :] = r
-            cmask[b, width - len(r) :] = 1
-    return out, cmask
 
 
 def _sequences(ids, res, pad: int | None):
@@ -231,7 +214,7 @@ def _sampling_args(model, gen):
     return temperature, top_k, top_p
 
 
-def _verifier(model, gen, ids, mask, user_processors):
+def _verifier(model, gen, ids, mask, user_processors, tokens, embeds):
     """An ``HfVerifier`` when HF's processor list holds more than TiDAR's sampler applies itself, scores / logits
     are to be returned or a row is right-padded; else None (the lean path)."""
     from .hf_processors import HfVerifier, right_padding, row_processors
@@ -245,7 +228,7 @@ def _verifier(model, gen, ids, mask, user_processors):
         model_kwargs={"attention_mask": mask},
     )
     record = bool(gen.return_dict_in_generate and (gen.output_scores or gen.output_logits))
-    first, offset = right_padding(model, ids, mask, gen.use_cache is not False)
+    first, offset = right_padding(model, tokens, mask, gen.use_cache is not False, embeds)
     if not record and not first and all(type(p).__name__ in _KERNEL_WARPERS for p in full):
         return None
     rows = row_processors(model, gen, ids, mask, user_processors)
@@ -300,43 +283,31 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     given_mask = model_kwargs.pop("attention_mask", None)
     if given_mask is not None:
         model_kwargs["attention_mask"] = given_mask  # HF takes the batch size from it when no prompt is given
-    ids, model_kwargs = _prompt(self, inputs, gen, model_kwargs)
+    ids, embeds, model_kwargs = _prompt(self, inputs, gen, model_kwargs)
     gen.eos_token_id = _eos_without_negatives(gen.eos_token_id)
     token_ids("eos_token_id", gen.eos_token_id)  # HF would fail deep inside torch.tensor on a str or float
     token_ids("bos_token_id", gen.bos_token_id)
     if gen.pad_token_id is not None:  # a negative pad id (HF fills stopped rows with it) is taken as HF takes it
         token_ids("pad_token_id", _eos_without_negatives(gen.pad_token_id))
     self._prepare_special_tokens(gen, given_mask is not None, device=ids.device, batch_size=ids.shape[0])
+    # the ids TiDAR carries for the prompt: HF's, or placeholders under an embeddings prompt
+    tokens = (
+        ids if embeds is None or ids.shape[1] else torch.zeros(embeds.shape[:2], dtype=torch.long, device=ids.device)
+    )
     mask = _attention_mask(self, ids, gen, given_mask)
-    _check_positions(position_ids, ids, mask)
-    _check_cache(cache, ids)
+    _check_positions(position_ids, tokens, mask)
+    _check_cache(cache, tokens.shape[1])
     n = gen.num_return_sequences or 1
     if n > 1:  # as HF: each prompt repeated, rows of one prompt next to each other
-        ids = ids.repeat_interleave(n, 0)
+        ids, tokens = ids.repeat_interleave(n, 0), tokens.repeat_interleave(n, 0)
         mask = None if mask is None else mask.repeat_interleave(n, 0)
-    gen = _lengths(self, ids, generation_config, kwargs, gen)
+        embeds = None if embeds is None else embeds.repeat_interleave(n, 0)
+    gen = _lengths(self, ids, generation_config, kwargs, gen, embeds)
     if gen.prompt_lookup_num_tokens is not None:
         tidar_kw.setdefault("context_drafts", True)  # prompt lookup = TiDAR's context drafts
-    verifier = _verifier(self, gen, ids, mask, user_processors)
-    temperature, top_k, top_p = _sampling_args(self, gen)
-    if verifier is not None and verifier.sample:  # HF's warpers are in the processed scores
-        temperature, top_k, top_p = 1.0, None, None
-    eos = _token_list(gen._eos_token_tensor)
-    pad = None if gen._pad_token_tensor is None else int(gen._pad_token_tensor.reshape(-1)[0])
-    prompts, prompt_mask = _compact(ids, mask, pad if pad is not None and pad >= 0 else 0)
-    res = generate(
-        self,
-        prompts,
-        attention_mask=prompt_mask,
-        max_new_tokens=gen.max_length - ids.shape[1],
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=eos,
-        pad_token_id=pad if pad is not None and pad >= 0 else None,
-        streamer=streamer,
-        verifier=verifier,
-        **tidar_kw,
+    verifier = _verifier(self, gen, ids, mask, user_processors, tokens, embeds)
+    res, pad = _decode(
+        self, gen, tokens, mask, embeds, verifier, streamer, tidar_kw, max_new=gen.max_length - ids.shape[1]
     )
     sequences = _sequences(ids, res, pad)
     if want_stats:
@@ -346,7 +317,51 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
         return sequences
     from .hf_outputs import hf_output
 
-    return hf_output(self, gen, sequences, mask, ids.shape[1], verifier, want_cache=gen.use_cache is not False, **flags)
+    return hf_output(
+        self,
+        gen,
+        sequences,
+        mask,
+        verifier,
+        prompt=tokens,
+        hf_prompt_len=ids.shape[1],
+        prompt_embeds=embeds,
+        want_cache=gen.use_cache is not False,
+        **flags,
+    )
+
+
+def _decode(model, gen, tokens, mask, embeds, verifier, streamer, tidar_kw, max_new: int):
+    """``tidar.generate`` on the prompts as TiDAR takes them (``hf_inputs.compact``; an embeddings prompt through
+    ``hf_inputs.PromptEmbeds``), with HF's sampling settings and special tokens. Returns ``(result, pad id)``."""
+    from contextlib import nullcontext
+
+    from .hf_inputs import PromptEmbeds, compact
+
+    temperature, top_k, top_p = _sampling_args(model, gen)
+    if verifier is not None and verifier.sample:  # HF's warpers are in the processed scores
+        temperature, top_k, top_p = 1.0, None, None
+    eos = _token_list(gen._eos_token_tensor)
+    pad = None if gen._pad_token_tensor is None else int(gen._pad_token_tensor.reshape(-1)[0])
+    tidar_pad = pad if pad is not None and pad >= 0 else None
+    prompts, prompt_mask, prompt_embeds = compact(tokens, mask, tidar_pad or 0, embeds)
+    swap = PromptEmbeds(model, prompt_embeds, prompt_mask) if embeds is not None else nullcontext()
+    with swap:
+        res = generate(
+            model,
+            prompts,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos,
+            pad_token_id=tidar_pad,
+            streamer=streamer,
+            verifier=verifier,
+            **tidar_kw,
+        )
+    return res, pad
 
 
 __all__ = ["patched_generate", "TIDAR_KWARGS"]

@@ -34,7 +34,16 @@ def hf_positions(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def replay(
-    model, sequences, prompt_mask, *, attentions: bool, hidden_states: bool, cache, prompt_len: int, use_cache=True
+    model,
+    sequences,
+    prompt_mask,
+    *,
+    attentions: bool,
+    hidden_states: bool,
+    cache,
+    prompt_len: int,
+    use_cache=True,
+    prompt_embeds=None,
 ):
     """Plain forwards of ``sequences[:, :-1]`` with HF's mask (the prompt's, then ones) and positions, shaped as
     HF's loop runs them: the prompt, then the generated tokens but the last (one forward on the cache: a token's
@@ -48,16 +57,15 @@ def replay(
         mask[:, :P] = prompt_mask
     pos = hf_positions(mask)
     if not use_cache:  # HF's loop without a cache runs the whole sequence at every step
-        return _uncached(model, sequences[:, :-1], mask, pos, attentions, hidden_states, P)
+        return _uncached(model, sequences[:, :-1], mask, pos, attentions, hidden_states, P, prompt_embeds)
     if use_cache:  # HF's cached loop: each new token one past the previous position (right padding: from 1 on)
         pos[:, P:] = pos[:, P - 1 : P] + 1 + torch.arange(L - 1 - P, device=pos.device)
     flags = dict(output_attentions=attentions, output_hidden_states=hidden_states, use_cache=True)
     if cache is None:
         cache = new_cache(model, None, B, L)
     arg = _cache_arg(model)
-    first = model(
-        input_ids=sequences[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], **{arg: cache}, **flags
-    )
+    inputs = dict(input_ids=sequences[:, :P]) if prompt_embeds is None else dict(inputs_embeds=prompt_embeds)
+    first = model(**inputs, attention_mask=mask[:, :P], position_ids=pos[:, :P], **{arg: cache}, **flags)
     rest = None
     if L - 1 > P:
         rest = model(
@@ -69,11 +77,15 @@ def replay(
     return att, hid, cache
 
 
-def _uncached(model, ids, mask, pos, attentions, hidden_states, P):
+def _uncached(model, ids, mask, pos, attentions, hidden_states, P, prompt_embeds=None):
     """Per-step outputs of HF's loop without a cache: step t covers the whole sequence so far (``P + t`` rows and
     keys), taken from one forward of the whole sequence (a token depends only on the tokens before it)."""
+    inputs = dict(input_ids=ids)
+    if prompt_embeds is not None:
+        emb = model.get_input_embeddings()(ids)
+        inputs = dict(inputs_embeds=torch.cat([prompt_embeds.to(emb.dtype), emb[:, P:]], 1))
     out = model(
-        input_ids=ids,
+        **inputs,
         attention_mask=mask,
         position_ids=pos,
         use_cache=False,
@@ -121,34 +133,40 @@ def hf_output(
     gen,
     sequences,
     prompt_mask,
-    prompt_len: int,
     verifier,
     *,
+    prompt,
+    hf_prompt_len: int,
+    prompt_embeds=None,
     want_cache: bool,
     output_attentions: bool = False,
     output_hidden_states: bool = False,
 ):
-    """HF's ``GenerateDecoderOnlyOutput`` for the TiDAR result ``sequences`` ``[B, P + T]``."""
+    """HF's ``GenerateDecoderOnlyOutput`` for the TiDAR result ``sequences`` (HF's ``hf_prompt_len`` input ids, then
+    the new tokens) of ``prompt`` (the ids TiDAR decoded; placeholders under ``prompt_embeds``)."""
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
     B, L = sequences.shape
-    steps = L - prompt_len
+    steps = L - hf_prompt_len
+    prompt_len = prompt.shape[1]
     vocab = model.get_input_embeddings().weight.shape[0]
     dev = sequences.device
     scores = step_tensors(verifier.scores, steps, vocab, dev) if gen.output_scores else None
     logits = step_tensors(verifier.logits, steps, vocab, dev) if gen.output_logits else None
     att = hid = cache = None
     if output_attentions or output_hidden_states or want_cache:
-        cache = new_cache(model, gen, B, gen.max_length - 1) if want_cache else None
+        room = gen.max_length - 1 + prompt_len - hf_prompt_len  # as HF: an embeddings prompt is not in max_length
+        cache = new_cache(model, gen, B, room) if want_cache else None
         att, hid, cache = replay(
             model,
-            sequences,
+            torch.cat([prompt, sequences[:, hf_prompt_len:]], 1),
             prompt_mask,
             attentions=output_attentions,
             hidden_states=output_hidden_states,
             cache=cache,
             prompt_len=prompt_len,
             use_cache=want_cache,
+            prompt_embeds=prompt_embeds,
         )
     key = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
     return GenerateDecoderOnlyOutput(

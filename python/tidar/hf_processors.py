@@ -162,7 +162,7 @@ def _block_slots(dec, h, plan, acc) -> list:
     return dec._rows(h, index).argmax(-1).tolist()
 
 
-def right_padding(model, ids, mask, use_cache: bool):
+def right_padding(model, ids, mask, use_cache: bool, embeds=None):
     """HF's decoding of right-padded rows (``attention_mask`` 0 in the last column), which is not that of the row's
     unmasked tokens: the first new token comes from the logits of the last column (a masked pad token as the query)
     and, with a cache, the new tokens take positions from 1 on (the last column's position, 0, plus one). Returns
@@ -174,7 +174,8 @@ def right_padding(model, ids, mask, use_cache: bool):
 
     rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits[:, -1]
+        inputs = dict(input_ids=ids) if embeds is None else dict(inputs_embeds=embeds)
+        logits = model(**inputs, attention_mask=mask, position_ids=hf_positions(mask)).logits[:, -1]
     n = mask.sum(1)
     offset = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
     if use_cache:

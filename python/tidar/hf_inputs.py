@@ -1,0 +1,75 @@
+"""Hugging Face's ``generate`` inputs that are not plain left-padded token ids: any ``attention_mask`` (HF masks a
+0 anywhere in the row) and ``inputs_embeds`` prompts.
+
+TiDAR decodes token ids, left-padded. A masked token is seen by no later token and takes no position (HF's
+positions count the unmasked tokens), so a row decodes as its unmasked tokens alone: ``compact`` keeps those.
+A prompt given as embeddings runs TiDAR's prefill on them: ``PromptEmbeds`` swaps the prompt positions' token
+embeddings for the given ones in every prefill forward (the placeholder ids TiDAR carries for the prompt are never
+embedded); the tokens after the prompt are ids, as in HF's loop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def compact(ids, mask, pad: int, embeds=None):
+    """``(ids, mask, embeds)`` of the prompts TiDAR decodes: each row's unmasked tokens (and embeddings),
+    left-padded; the mask None when nothing is padded. Rows already left-padded are kept as they are."""
+    if mask is None:
+        return ids, None, embeds
+    m = mask.bool()
+    if bool((m == m.cummax(1).values).all()):
+        return ids, mask, embeds  # left padding only
+    keep = [m[b].nonzero().flatten() for b in range(ids.shape[0])]
+    width = max(1, max(len(k) for k in keep))
+    out = torch.full((ids.shape[0], width), pad, dtype=ids.dtype, device=ids.device)
+    cmask = torch.zeros_like(out)
+    cembeds = None if embeds is None else embeds.new_zeros(ids.shape[0], width, embeds.shape[-1])
+    for b, k in enumerate(keep):
+        if len(k):
+            out[b, width - len(k) :] = ids[b, k]
+            cmask[b, width - len(k) :] = 1
+            if embeds is not None:
+                cembeds[b, width - len(k) :] = embeds[b, k]
+    return out, cmask, cembeds
+
+
+class PromptEmbeds:
+    """While installed, every prefill forward of the model (a TiDAR step whose rows all start at position 0)
+    embeds the prompt positions with ``embeds`` (``[B, P, H]``, left-padded as ``mask``) instead of the token
+    ids TiDAR passes; other positions (the mask block, padding scratch) keep their token embeddings."""
+
+    def __init__(self, model, embeds: torch.Tensor, mask: torch.Tensor | None):
+        B, P, _ = embeds.shape
+        lengths = [P] * B if mask is None else [int(x) for x in mask.sum(1).tolist()]
+        self.model = model
+        self.lengths = torch.tensor(lengths, device=embeds.device)
+        self.prompt = embeds.new_zeros(embeds.shape)  # row b's prompt at [0, n_b): TiDAR's positions
+        for b, n in enumerate(lengths):
+            self.prompt[b, :n] = embeds[b, P - n :]
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = self.model.base_model.register_forward_pre_hook(self._swap, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def _swap(self, module, args, kwargs):
+        step, ids, pos = kwargs.get("tidar_step"), kwargs.get("input_ids"), kwargs.get("position_ids")
+        if step is None or ids is None or pos is None or bool((step.seg_start != 0).any()):
+            return None
+        rows = ids.shape[0]
+        emb = self.model.get_input_embeddings()(ids)
+        n = self.lengths[:rows, None]
+        index = pos.clamp(0, self.prompt.shape[1] - 1)[..., None].expand(-1, -1, emb.shape[-1])
+        given = self.prompt[:rows].gather(1, index).to(emb.dtype)
+        kwargs = dict(kwargs)
+        kwargs.pop("input_ids")
+        kwargs["inputs_embeds"] = torch.where((pos < n)[..., None], given, emb)
+        return args, kwargs
+
+
+__all__ = ["PromptEmbeds", "compact"]
