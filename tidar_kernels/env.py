@@ -133,13 +133,13 @@ def format_report(d: dict) -> str:
         lines.append(f"triton backend  not available: {d['triton_error']}")
     lines.append(f"live backends on {d.get('backends_device', '?')} tensors:")
     for op, names in sorted(d["backends"].items()):
-        lines.append(f"  {op:<17} {', '.join(names)}")
+        lines.append(f"  {op:<21} {', '.join(names)}")
     limited = [(op, b, lim) for op, per in sorted((d.get("limits") or {}).items()) for b, lim in per.items() if lim]
     if limited:
         lines.append("backend records (outside its limits, backend='auto' hands a call to the next backend):")
         for op, b, lim in limited:
             text = "; ".join(f"{k} {_show(v)}" for k, v in lim.items())
-            lines.append(f"  {op:<17} {b:<10} {text}")
+            lines.append(f"  {op:<21} {b:<10} {text}")
     return "\n".join(lines)
 
 
