@@ -281,3 +281,130 @@ def test_sampling_with_hf_processors_has_hfs_distribution(name):
     tv = 0.5 * sum(abs(exact[s] - samples.count(s) / N) for s in exact)
     assert tv < 0.07
     assert _chi2_pvalue(samples, plain) < 1e-6  # power: the processors change the distribution
+
+
+# ---------------------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_dict_outputs_equal_hfs(arch, use_cache):
+    """sequences, scores, logits, attentions and hidden states (an eager twin: SDPA returns no attentions) and the
+    cache, with processors and a left-padded batch."""
+    from transformers import DynamicCache
+
+    model, twin = _pair(arch)
+    twin.set_attn_implementation("eager")
+    kw = dict(
+        attention_mask=BATCH_MASK,
+        max_new_tokens=6,
+        do_sample=False,
+        repetition_penalty=1.3,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        output_attentions=True,
+        output_hidden_states=True,
+        use_cache=use_cache,
+    )
+    want, got = twin.generate(BATCH, **kw), model.generate(BATCH, **kw)
+    assert type(got) is type(want)
+    assert torch.equal(got.sequences, want.sequences)
+    for name in ("scores", "logits"):
+        assert len(getattr(got, name)) == len(getattr(want, name)) == 6
+        for a, b in zip(getattr(got, name), getattr(want, name)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    real = BATCH_MASK.bool()  # padded query rows are undefined (each implementation fills them its own way)
+    for step, (ga, wa, gh, wh) in enumerate(
+        zip(got.attentions, want.attentions, got.hidden_states, want.hidden_states)
+    ):
+        rows = real if step == 0 or not use_cache else torch.ones(3, 1, dtype=torch.bool)
+        if not use_cache:
+            rows = torch.cat([real, torch.ones(3, step, dtype=torch.bool)], 1)
+        for a, b in zip(ga, wa):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a.transpose(1, 2)[rows], b.transpose(1, 2)[rows], atol=1e-5, rtol=1e-4)
+        for a, b in zip(gh, wh):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a[rows], b[rows], atol=1e-4, rtol=1e-4)
+    if use_cache:
+        assert isinstance(got.past_key_values, DynamicCache)
+        assert got.past_key_values.get_seq_length() == want.past_key_values.get_seq_length()
+    else:
+        assert got.past_key_values is None and want.past_key_values is None
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_continue_from_returned_cache(arch):
+    """A later generate continues from the returned past_key_values (HF's format), as HF's own continues."""
+    model, twin = _pair(arch)
+    kw = dict(attention_mask=BATCH_MASK, do_sample=False, return_dict_in_generate=True)
+    full = twin.generate(BATCH, max_new_tokens=8, **kw).sequences
+    first = model.generate(BATCH, max_new_tokens=4, **kw)
+    mask = torch.cat([BATCH_MASK, torch.ones(3, 4, dtype=BATCH_MASK.dtype)], 1)
+    more = dict(kw, attention_mask=mask)
+    got = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=4, **more)
+    assert torch.equal(got.sequences, full)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_num_return_sequences(arch):
+    model, twin = _pair(arch)
+    kw = dict(attention_mask=BATCH_MASK, max_new_tokens=5, do_sample=True, num_return_sequences=3, top_k=None)
+    got = model.generate(BATCH, **kw)
+    assert got.shape == (9, BATCH.shape[1] + 5)
+    assert torch.equal(got[:, : BATCH.shape[1]], BATCH.repeat_interleave(3, 0))
+    with pytest.raises(ValueError, match="num_return_sequences"):  # HF's own rule for greedy
+        model.generate(BATCH, attention_mask=BATCH_MASK, max_new_tokens=4, num_return_sequences=2)
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_inputs_embeds_prompts(arch):
+    model, twin = _pair(arch)
+    embeds = twin.get_input_embeddings()(BATCH).detach()
+    kw = dict(attention_mask=BATCH_MASK, max_new_tokens=8, do_sample=False, repetition_penalty=1.2)
+    want = twin.generate(inputs_embeds=embeds, **kw)
+    got = model.generate(inputs_embeds=embeds, **kw)
+    assert want.shape == (3, 8) and torch.equal(got, want)  # new tokens only, as HF
+    assert torch.equal(
+        model.generate(BATCH, inputs_embeds=embeds, **kw), twin.generate(BATCH, inputs_embeds=embeds, **kw)
+    )
+    noise = embeds + 0.3 * torch.randn_like(embeds)  # embeddings of no token at all
+    assert torch.equal(model.generate(inputs_embeds=noise, **kw), twin.generate(inputs_embeds=noise, **kw))
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_any_attention_mask(arch):
+    """HF masks a 0 anywhere: zeros in the middle, and right padding (HF's own decoding of it, warned about)."""
+    model, twin = _pair(arch)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16], [17, 18, 19, 20, 21, 22]])
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    for use_cache in (True, False):
+        kw = dict(attention_mask=mask, max_new_tokens=7, do_sample=False, use_cache=use_cache)
+        assert torch.equal(model.generate(ids, **kw), twin.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_position_ids_logits_to_keep_and_prompt_lookup(arch):
+    model, twin = _pair(arch)
+    kw = dict(attention_mask=BATCH_MASK, max_new_tokens=8, do_sample=False)
+    want = twin.generate(BATCH, **kw)
+    pos = (BATCH_MASK.cumsum(-1) - 1).masked_fill(BATCH_MASK == 0, 0)
+    assert torch.equal(model.generate(BATCH, position_ids=pos, **kw), want)
+    assert torch.equal(model.generate(BATCH, logits_to_keep=1, **kw), want)
+    with pytest.raises(ValueError, match="position_ids"):
+        model.generate(BATCH, position_ids=pos + 3, **kw)
+    loop = torch.tensor([[4, 5, 6, 7, 4, 5, 6, 7, 4, 5]])
+    lookup = dict(max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(model.generate(loop, **lookup), twin.generate(loop, **lookup))
+
+
+def test_beam_search_and_assisted_decoding_are_refused():
+    model, twin = _pair("llama")
+    with pytest.raises(ValueError, match="num_beams=2 \\(beam search\\)"):
+        model.generate(PROMPT, max_new_tokens=4, num_beams=2)
+    with pytest.raises(ValueError, match="assistant_model= \\(assisted decoding with a second model\\)"):
+        model.generate(PROMPT, max_new_tokens=4, assistant_model=twin)

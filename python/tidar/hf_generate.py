@@ -228,7 +228,7 @@ def _verifier(model, gen, ids, mask, user_processors, tokens, embeds):
         model_kwargs={"attention_mask": mask},
     )
     record = bool(gen.return_dict_in_generate and (gen.output_scores or gen.output_logits))
-    first, offset = right_padding(model, tokens, mask, gen.use_cache is not False, embeds)
+    first, offset = right_padding(model, tokens, mask, embeds)
     if not record and not first and all(type(p).__name__ in _KERNEL_WARPERS for p in full):
         return None
     rows = row_processors(model, gen, ids, mask, user_processors)

@@ -56,10 +56,9 @@ def replay(
     if prompt_mask is not None:
         mask[:, :P] = prompt_mask
     pos = hf_positions(mask)
+    pos[:, P:] = pos[:, P - 1 : P] + 1 + torch.arange(L - 1 - P, device=pos.device)  # HF: one past the previous
     if not use_cache:  # HF's loop without a cache runs the whole sequence at every step
         return _uncached(model, sequences[:, :-1], mask, pos, attentions, hidden_states, P, prompt_embeds)
-    if use_cache:  # HF's cached loop: each new token one past the previous position (right padding: from 1 on)
-        pos[:, P:] = pos[:, P - 1 : P] + 1 + torch.arange(L - 1 - P, device=pos.device)
     flags = dict(output_attentions=attentions, output_hidden_states=hidden_states, use_cache=True)
     if cache is None:
         cache = new_cache(model, None, B, L)

@@ -162,10 +162,11 @@ def _block_slots(dec, h, plan, acc) -> list:
     return dec._rows(h, index).argmax(-1).tolist()
 
 
-def right_padding(model, ids, mask, use_cache: bool, embeds=None):
+def right_padding(model, ids, mask, embeds=None):
     """HF's decoding of right-padded rows (``attention_mask`` 0 in the last column), which is not that of the row's
     unmasked tokens: the first new token comes from the logits of the last column (a masked pad token as the query)
-    and, with a cache, the new tokens take positions from 1 on (the last column's position, 0, plus one). Returns
+    and the new tokens take positions from 1 on (the last column's position, 0, plus one; with or without a cache,
+    HF extends its position ids that way). Returns
     ``(first_logits, pos_offset)``: the first-token logits per right-padded row (one plain forward of the prompt, as
     HF's prefill) and the per-row shift of the new tokens' positions; ``({}, None)`` when no row is right-padded."""
     if mask is None or bool((mask[:, -1] == 1).all()):
@@ -178,8 +179,7 @@ def right_padding(model, ids, mask, use_cache: bool, embeds=None):
         logits = model(**inputs, attention_mask=mask, position_ids=hf_positions(mask)).logits[:, -1]
     n = mask.sum(1)
     offset = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
-    if use_cache:
-        offset[rows] = 1 - n[rows]
+    offset[rows] = 1 - n[rows]
     return {b: logits[b] for b in rows}, offset
 
 
