@@ -3,10 +3,18 @@ every generative model ``tidar.patch``ed right after construction, each TiDAR ``
 ``generate`` on an unpatched twin (same weights, same arguments, same RNG state). Not collected by pytest (run it).
 
     python tests/hf_suite/run_hf_generation_tests.py HF_ROOT [--plain] [-k EXPR] [--json OUT]
+    python tests/hf_suite/run_hf_generation_tests.py HF_ROOT --assemble CHECKOUT SDIST_TESTS
 
 ``HF_ROOT`` holds transformers' ``tests/`` package (tests/generation/test_utils.py, tests/causal_lm_tester.py,
 tests/test_modeling_common.py, tests/models/{llama,qwen2}/...) and ``utils/test_module``; its test dependencies
-(``parameterized``, ...) must be importable. ``--plain`` runs the same tests without the patch (the baseline).
+(``parameterized``, ``httpx``) must be importable. ``--plain`` runs the same tests without the patch (the baseline).
+
+The transformers sdist ships only the top-level ``tests/*.py`` (test_modeling_common.py, ...), not
+tests/generation/ nor tests/models/. ``--assemble`` builds ``HF_ROOT`` from a transformers git checkout
+(``CHECKOUT``: its tests/generation, tests/causal_lm_tester.py, tests/models/{llama,qwen2}, utils/test_module) and
+the installed version's sdist ``tests/`` (``SDIST_TESTS``: the top-level files, matching the installed library),
+with stubs for the two modules neither ships that generation tests never use (the export and distributed test
+helpers) and ``src/transformers`` pointing at the installed package (test_pipeline_mixin.py reads it).
 
 Prints, per test, passed / failed (with the error's first line) / skipped, the totals, and every generate whose
 greedy output differs from the twin's ("outputs that differ": must be 0).
@@ -145,14 +153,46 @@ def _is_mixin_test(item) -> bool:
     return qual.startswith("GenerationTesterMixin.")
 
 
+def assemble(root: Path, checkout: Path, sdist_tests: Path) -> None:
+    """Build ``root`` (see the module docstring)."""
+    import shutil
+
+    import transformers
+
+    tests = root / "tests"
+    for rel in ("tests/generation", "tests/models/llama", "tests/models/qwen2", "tests/utils", "utils/test_module"):
+        shutil.copytree(checkout / rel, root / rel, dirs_exist_ok=True)
+    for rel in ("tests/__init__.py", "tests/models/__init__.py", "tests/causal_lm_tester.py"):
+        shutil.copy(checkout / rel, root / rel)
+    for f in sdist_tests.glob("*.py"):
+        shutil.copy(f, tests / f.name)
+    (tests / "exporters").mkdir(exist_ok=True)
+    (tests / "exporters" / "__init__.py").write_text("")
+    (tests / "exporters" / "test_export.py").write_text(
+        "class ExportTesterMixin:  # stub: not a generation test\n    pass\n"
+    )
+    (tests / "distributed_testing_utils.py").write_text(
+        "def run_distributed(*args, **kwargs):  # stub: not a generation test\n"
+        "    raise NotImplementedError('distributed tests are not part of this run')\n\n\n"
+        "def __getattr__(name):\n    return run_distributed\n"
+    )
+    (root / "src").mkdir(exist_ok=True)
+    link = root / "src" / "transformers"
+    if not link.exists():
+        link.symlink_to(Path(transformers.__file__).parent)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("hf_root", type=Path, help="the directory holding transformers' tests/ package")
     p.add_argument("--plain", action="store_true", help="run without tidar.patch (the baseline)")
     p.add_argument("-k", default=None, help="pytest -k expression")
     p.add_argument("--json", type=Path, default=None, help="write the per-test results here")
+    p.add_argument("--assemble", nargs=2, type=Path, metavar=("CHECKOUT", "SDIST_TESTS"), help="build HF_ROOT first")
     args = p.parse_args(argv)
     root = args.hf_root.resolve()
+    if args.assemble:
+        assemble(root, *(x.resolve() for x in args.assemble))
     sys.path[:0] = [str(root), str(root / "utils")]
     os.chdir(root)
     plugin = TidarPlugin(patch=not args.plain)
