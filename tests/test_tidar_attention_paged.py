@@ -242,6 +242,24 @@ def test_separate_segment_form(backend, device, case):
     torch.testing.assert_close(out, plain, **_tol(backend))
 
 
+def test_buffers_updated_in_place_between_steps(backend, device):
+    """Engines keep block tables and lengths in persistent buffers updated in place: every call reads the current
+    values (what the op remembers per table/lengths pair is keyed on their versions), also under inference_mode."""
+    lay = layouts.decode_step(2)
+    kc, vc, table, seq_lens = make_pool([20, 40], 2, 16, 8, _dtype(backend), seed=6, spare=6)
+    q = q_for(2, 4, lay.seg_len, 16, _dtype(backend), seed=6)
+    kc_d, vc_d, q_d = kc.to(device), vc.to(device), q.to(device)
+    table_d, lens_d = table.to(device), seq_lens.to(device)
+    ll, bid = lay.local_limit.to(device), lay.block_id.to(device)
+    for step in range(3):
+        with torch.no_grad() if step < 2 else torch.inference_mode():
+            out = tidar_attention_paged(q_d, kc_d, vc_d, table_d, lens_d, ll, bid, backend=backend).cpu()
+        want = contiguous_twin(q, kc, vc, table_d.cpu(), lens_d.cpu(), lay)
+        torch.testing.assert_close(out, want, **_tol(backend))
+        table_d[:, :2] = table_d[:, :2].flip(1).clone()  # blocks swapped in place: different keys, same tensor
+        lens_d -= 3  # and shorter rows (their tails stay in the pool, now unread)
+
+
 def test_no_backward():
     lay = layouts.decode_step(1)
     kc, vc, table, seq_lens = make_pool([4, 9], 1, 8, 4)
