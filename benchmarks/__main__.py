@@ -1,4 +1,4 @@
-"""``python -m benchmarks --out DIR [--smoke] [--only attention,rejection,kv_append,e2e,prompts]``
+"""``python -m benchmarks --out DIR [--smoke] [--only attention,rejection,kv_append,attention_paged,e2e,prompts]``
 
 Runs the chosen suites, then writes ``DIR/results.csv`` (every row, with provenance), ``DIR/results.md``
 (goals first, then one table per suite), ``DIR/env.json`` and PNG plots (when matplotlib is installed).
