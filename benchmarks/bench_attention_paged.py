@@ -173,27 +173,7 @@ def _attention_case(bench: Bench, B, prefix, K, bs, Hq, Hkv, D, dt):
     bench.measure(case, "sdpa-gathered", timed(sdpa_gathered), notes="gather + masked SDPA, mask prebuilt", **common)
 
     # FlexAttention over the pool
-    nb = kc.shape[0]
-    try:
-        block_mask = _flex_paged_mask(table, seq_lens, lay, S, nb, bs, dev)
-        fa = flex_fn(bench.cuda)
-        q_flat = q.permute(1, 0, 2, 3).reshape(1, Hq, B * S, D).contiguous()
-        k_pool = kc.view(1, nb * bs, Hkv, D).transpose(1, 2)
-        v_pool = vc.view(1, nb * bs, Hkv, D).transpose(1, 2)
-
-        def flex():
-            return fa(q_flat, k_pool, v_pool, block_mask=block_mask, scale=scale, enable_gqa=Hq != Hkv)
-
-        note = "compiled" if bench.cuda else "eager on CPU (not FlexAttention's times)"
-        bench.measure(
-            case,
-            "flex-blockmask-paged",
-            timed(flex, lambda o: o[0].view(Hq, B, S, D).transpose(0, 1)),
-            notes=note + "; block mask over the physical pool, built outside timing",
-            **common,
-        )
-    except Exception as e:  # an old torch without create_block_mask's arguments, for instance
-        bench.skip(case, "flex-blockmask-paged", f"FlexAttention setup failed: {type(e).__name__}: {e}", params=params)
+    _flex_row(bench, case, params, common, timed, q, kc, vc, table, seq_lens, lay, scale)
 
     fi, fi_why = optional_import("flashinfer")
     if fi is not None and not bench.cuda:
@@ -209,6 +189,37 @@ def _attention_case(bench: Bench, B, prefix, K, bs, Hq, Hkv, D, dt):
 
         bench.measure(case, "flashinfer-paged-prefill", flashinfer_setup, notes="custom mask; plan outside timing",
                       **common)  # fmt: skip
+
+
+def _flex_row(bench, case, params, common, timed, q, kc, vc, table, seq_lens, lay, scale):
+    B, Hq, S, D = q.shape
+    nb, bs, Hkv = kc.shape[:3]
+    dense = B * S * nb * bs
+    if dense > 2e8:  # create_block_mask evaluates mask_mod on every (query, pool slot) pair, with int64 temporaries
+        reason = f"its block mask needs {dense:.1e} mask_mod evaluations (over 2e8)"
+        bench.skip(case, "flex-blockmask-paged", reason, params=params)
+        return
+    try:
+        block_mask = _flex_paged_mask(table, seq_lens, lay, S, nb, bs, q.device)
+    except Exception as e:  # an old torch without create_block_mask's arguments, for instance
+        bench.skip(case, "flex-blockmask-paged", f"FlexAttention setup failed: {type(e).__name__}: {e}", params=params)
+        return
+    fa = flex_fn(bench.cuda)
+    q_flat = q.permute(1, 0, 2, 3).reshape(1, Hq, B * S, D).contiguous()  # every row's queries: one sequence
+    k_pool = kc.view(1, nb * bs, Hkv, D).transpose(1, 2)  # the whole pool: one key sequence
+    v_pool = vc.view(1, nb * bs, Hkv, D).transpose(1, 2)
+
+    def flex():
+        return fa(q_flat, k_pool, v_pool, block_mask=block_mask, scale=scale, enable_gqa=Hq != Hkv)
+
+    note = "compiled" if bench.cuda else "eager on CPU (not FlexAttention's times)"
+    bench.measure(
+        case,
+        "flex-blockmask-paged",
+        timed(flex, lambda o: o[0].view(Hq, B, S, D).transpose(0, 1)),
+        notes=note + "; block mask over the physical pool, built outside timing",
+        **common,
+    )
 
 
 def _no_grad(fn):
