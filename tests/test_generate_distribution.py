@@ -68,6 +68,17 @@ def test_sampling_matches_exact_ar_distribution(K):
     assert _chi2_pvalue(wrong, exact) < 1e-6
 
 
+@pytest.mark.parametrize("K", [1, "auto"])
+def test_plain_ar_steps_and_auto_keep_the_ar_distribution(K):
+    """K = 1 samples the AR row alone (no proposal blocks); auto mixes such steps with drafted ones."""
+    model = tiny_model("qwen2", vocab=V, hidden=16, init=0.5, seed=7)
+    exact = _exact_ar_distribution(model)
+    tidar.patch(model, draft_len=K)
+    samples, out = _sample(model, K)
+    assert _chi2_pvalue(samples, exact) > 1e-3
+    assert 0.5 * sum(abs(exact[s] - samples.count(s) / N) for s in exact) < 0.06
+
+
 def test_temperature_is_applied_to_target_and_drafts():
     model = tiny_model("llama", vocab=V, hidden=16, init=0.5, seed=11)
     exact = _exact_ar_distribution(model, temperature=0.7)

@@ -364,6 +364,8 @@ class _Decoder:
 
     def _sampled_verify(self, h, plan, drafts, probs):
         B, K = self.B, plan.draft_len
+        if K == 1 and self.g.beta == 1.0:  # a plain AR step: sample the one row (no drafts, no blocks to verify)
+            return self._sampled_ar(h)
         logits = self._rows(h, slice(0, h.shape[1]))
         V = logits.shape[-1]
         blocks = virtual_blocks(logits[:, K:], plan, V)
@@ -378,6 +380,17 @@ class _Decoder:
             q = r.next_draft_probs[b, :n] if n > 0 and r.next_draft_probs is not None else None
             res.append((a_, row[1], row[2 : 2 + n], q))
         return res
+
+
+    def _sampled_ar(self, h):
+        """A sampled K = 1 step: the token from the AR row's processed distribution (``draft_sample`` with the row
+        as its own one-slot block, which beta = 1 never reads), the same distribution ``rejection_sample`` draws
+        at K = 1 without building the filler proposal blocks."""
+        logits = self._rows(h, slice(0, 1))
+        if self.seed is not None:  # Philox: the counters a K = 1 rejection step would use
+            self.sample_kw["offset"] += self.B * 2
+        r = tidar_kernels.draft_sample(logits[:, 0], logits, **self.sample_kw)
+        return [(1, t, [], None) for t in r.next_drafts[:, 0].tolist()]
 
 
 @torch.no_grad()
