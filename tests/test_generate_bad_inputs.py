@@ -149,17 +149,17 @@ def test_bad_generate_argument(model, kwargs, exc, match):
 
 BAD_HF_GENERATE = [
     (dict(num_beams=2), ValueError, "num_beams"),
-    (dict(repetition_penalty=1.3), ValueError, "repetition_penalty"),
-    (dict(num_return_sequences=2, do_sample=True), ValueError, "num_return_sequences"),
-    (dict(output_scores=True, return_dict_in_generate=True), ValueError, "output_scores|return_dict"),
+    (dict(guidance_scale=1.5), ValueError, "guidance_scale"),
+    (dict(num_return_sequences=2), ValueError, "num_return_sequences"),  # HF's rule: greedy returns one
+    (dict(penalty_alpha=0.6, top_k=4), ValueError, "penalty_alpha"),
     (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
     (dict(do_sample=True, temperature=True), ValueError, "temperature"),
     (dict(do_sample=True, top_p=1.5), ValueError, "top_p"),
-    (dict(logits_processor=[lambda i, s: s]), ValueError, "logits_processor"),
+    (dict(prefix_allowed_tokens_fn=lambda b, i: [1]), ValueError, "prefix_allowed_tokens_fn"),
     (dict(stopping_criteria=[lambda i, s: False]), ValueError, "stopping_criteria"),
     (dict(assistant_model="draft"), ValueError, "assistant_model"),
-    (dict(no_repeat_ngram_size=2), ValueError, "no_repeat_ngram_size"),
-    (dict(min_new_tokens=3), ValueError, "min_new_tokens"),
+    (dict(max_time=1.0), ValueError, "max_time"),
+    (dict(cache_implementation="quantized"), ValueError, "cache_implementation"),
     (dict(max_length=3, max_new_tokens=None), ValueError, "max_length"),
     (dict(max_new_tokens=10**12), ValueError, "max_position_embeddings"),
     (dict(frobnicate=1), ValueError, "frobnicate"),
@@ -173,7 +173,7 @@ BAD_HF_GENERATE = [
     (dict(generation_config="greedy"), TypeError, "generation_config"),
     (dict(inputs=[[5, 6]]), TypeError, "input_ids"),
     (dict(inputs=torch.zeros(0, 4, dtype=torch.long)), ValueError, "at least one row"),
-    (dict(inputs=IDS, input_ids=IDS), ValueError, "inputs or input_ids"),
+    (dict(inputs=IDS, input_ids=IDS), ValueError, "alongside input_ids"),
     (dict(inputs=None), ValueError, "input_ids"),
     (dict(draft_len=0), ValueError, "draft_len"),
 ]
