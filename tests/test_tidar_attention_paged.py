@@ -111,7 +111,7 @@ def test_paged_equals_contiguous(backend, device, case):
     torch.testing.assert_close(out, want, **_tol(backend))
 
 
-@pytest.mark.parametrize("block_size", [1, 2, 16, 32, 64])
+@pytest.mark.parametrize("block_size", [1, 2, 12, 16, 32, 64])  # 12: any size, not only powers of two
 def test_every_block_size_and_shared_blocks(backend, device, block_size):
     lay = layouts.decode_step(2)
     lens = [70, 65, 6]
