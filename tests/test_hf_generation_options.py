@@ -408,3 +408,32 @@ def test_beam_search_and_assisted_decoding_are_refused():
         model.generate(PROMPT, max_new_tokens=4, num_beams=2)
     with pytest.raises(ValueError, match="assistant_model= \\(assisted decoding with a second model\\)"):
         model.generate(PROMPT, max_new_tokens=4, assistant_model=twin)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_callers_logits_processor_equals_hf(arch):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class BanRecent(LogitsProcessor):  # bans the row's last 4 tokens: depends on each row's own prefix
+        def __call__(self, input_ids, scores):
+            return scores.scatter(1, input_ids[:, -4:], float("-inf"))
+
+    model, twin = _pair(arch)
+    kw = dict(attention_mask=BATCH_MASK, max_new_tokens=14, do_sample=False)
+    plain = twin.generate(BATCH, **kw)
+    want, got = _greedy_pair(model, twin, BATCH, BATCH_MASK, dict(logits_processor=LogitsProcessorList([BanRecent()])))
+    assert torch.equal(got.sequences, want) and not torch.equal(want, plain)
+
+
+def test_scores_stop_with_the_row_and_beta_is_refused_with_processors():
+    model, twin = _pair("qwen2")
+    plain = twin.generate(BATCH, attention_mask=BATCH_MASK, max_new_tokens=10, do_sample=False)
+    eos = plain[0, BATCH.shape[1] + 2].item()  # row 0 stops after 3 tokens
+    kw = dict(attention_mask=BATCH_MASK, max_new_tokens=10, do_sample=False, eos_token_id=eos)
+    out = model.generate(BATCH, return_dict_in_generate=True, output_scores=True, **kw)
+    assert torch.equal(out.sequences, twin.generate(BATCH, **kw))
+    stopped = (out.sequences[0, BATCH.shape[1] :] == eos).int().argmax().item() + 1
+    assert all(bool((s[0] == 0).all()) for s in out.scores[stopped:])  # nothing decided for row 0 after its EOS
+    assert all(not bool((s[0] == 0).all()) for s in out.scores[:stopped])
+    with pytest.raises(ValueError, match="beta=0.5"):
+        model.generate(BATCH, attention_mask=BATCH_MASK, max_new_tokens=4, repetition_penalty=1.2, beta=0.5)

@@ -306,10 +306,17 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     if gen.prompt_lookup_num_tokens is not None:
         tidar_kw.setdefault("context_drafts", True)  # prompt lookup = TiDAR's context drafts
     verifier = _verifier(self, gen, ids, mask, user_processors, tokens, embeds)
+    if verifier is not None and tidar_kw.get("beta", 1.0) != 1.0:
+        raise ValueError(
+            f"beta={tidar_kw['beta']!r} (the inexact diffusion mix) cannot be combined with HF's logits processors, "
+            "score outputs or a right-padded prompt: they verify against HF's own target (beta=1)"
+        )
     res, pad = _decode(
         self, gen, tokens, mask, embeds, verifier, streamer, tidar_kw, max_new=gen.max_length - ids.shape[1]
     )
     sequences = _sequences(ids, res, pad)
+    if verifier is not None:
+        verifier.keep_emitted([len(t) for t in res.new_tokens])
     if want_stats:
         res.sequences = sequences
         return res

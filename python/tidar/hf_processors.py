@@ -8,7 +8,8 @@ distribution of the rejection sampler. So greedy output equals HF's token for to
 distribution. Drafts are proposals: they need not follow the processors (verification pays for that).
 
 Every row has its own processor list (built by HF from the generation config, with that row's attention mask), so
-processors that keep per-row state (the repetition penalty's prompt padding) see the row they were built for.
+processors that keep per-row state (the repetition penalty's prompt padding) see the row they were built for. A
+caller's ``logits_processor=`` list is called the same way: on one row at a time (``input_ids`` ``[1, L]``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ class HfVerifier:
         self.pos_offset = pos_offset  # [B]: where HF places the new tokens, relative to TiDAR's positions
         self.scores = [[] for _ in rows]  # per row: processed scores [V] of each token emitted (and maybe more)
         self.logits = [[] for _ in rows]  # per row: raw logits [V] of the same tokens
+
+    def keep_emitted(self, counts: list) -> None:
+        """Drop what was recorded past each row's last emitted token (drafts accepted after its EOS or length)."""
+        for b, n in enumerate(counts):
+            del self.scores[b][n:]
+            del self.logits[b][n:]
 
     # ------------------------------------------------------------------ processing
     def process(self, b: int, prefix: list, logits: torch.Tensor) -> torch.Tensor:
