@@ -56,10 +56,10 @@ BAD_HF_GENERATE = [  # what the drop-in generate refuses (processors and outputs
     (dict(num_beams=2), "num_beams"),
     (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha"),
     (dict(guidance_scale=1.5), "guidance_scale"),
-    (dict(max_time=1.0), "max_time"),
+    (dict(dola_layers="low"), "dola_layers"),
     (dict(cache_implementation="quantized"), "cache_implementation"),
     (dict(do_sample=True, temperature=0.0), "temperature"),
-    (dict(stopping_criteria=[lambda i, s: False]), "stopping_criteria"),
+    (dict(stop_strings="end"), "tokenizer"),  # HF's own error: stop strings need the tokenizer
     (dict(prefix_allowed_tokens_fn=lambda b, i: [1]), "prefix_allowed_tokens_fn"),
     (dict(max_length=3), "max_length"),
     (dict(frobnicate=1), "frobnicate"),

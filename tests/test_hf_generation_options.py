@@ -437,3 +437,35 @@ def test_scores_stop_with_the_row_and_beta_is_refused_with_processors():
     assert all(not bool((s[0] == 0).all()) for s in out.scores[:stopped])
     with pytest.raises(ValueError, match="beta=0.5"):
         model.generate(BATCH, attention_mask=BATCH_MASK, max_new_tokens=4, repetition_penalty=1.2, beta=0.5)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("forced", [True, False])
+@pytest.mark.parametrize("with_eos", [True, False])
+def test_stopping_criteria_equal_hf(arch, forced, with_eos):
+    """A caller's StoppingCriteria stops rows where HF stops them (mid-step, inside a run of accepted drafts): with
+    an EOS criterion a stopped row is padded, without one it decodes on until every row has met a criterion."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, twin = _pair(arch)
+    plain = twin.generate(BATCH, attention_mask=BATCH_MASK, max_new_tokens=14, do_sample=False)
+    P = BATCH.shape[1]
+    stop = {plain[0, P + 5].item(), plain[2, P + 3].item(), plain[1, P + 7].item()}
+
+    class StopOn(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.tensor([t in stop for t in input_ids[:, -1].tolist()])
+
+    kw = dict(stopping_criteria=StoppingCriteriaList([StopOn()]))
+    if with_eos:  # an EOS no row emits: HF then pads the rows its criteria stopped
+        kw["eos_token_id"] = min(set(range(1, 90)) - set(plain.flatten().tolist()))
+    if forced:
+        want, got = _greedy_pair(model, twin, BATCH, BATCH_MASK, kw)
+        got = got.sequences
+    else:
+        want = twin.generate(BATCH, attention_mask=BATCH_MASK, max_new_tokens=14, do_sample=False, **kw)
+        got = model.generate(BATCH, attention_mask=BATCH_MASK, max_new_tokens=14, do_sample=False, **kw)
+    assert want.shape[1] < plain.shape[1]
+    assert torch.equal(got, want)
+    out = model.generate(BATCH, attention_mask=BATCH_MASK, max_new_tokens=14, do_sample=False, max_time=60.0)
+    assert torch.equal(out, plain)

@@ -24,15 +24,12 @@ _REFUSED = {
     "constraints": (None, "constrained beam search"),
     "guidance_scale": (None, "classifier-free guidance"),
     "watermarking_config": (None, "watermarking"),
-    "stop_strings": (None, "stop strings"),
-    "max_time": (None, "a time limit"),
     "dola_layers": (None, "DoLa decoding"),
     "use_mtp": (None, "multi-token prediction"),
     "compile_config": (None, "a torch.compile'd forward (TiDAR's compiled GPU step is a CUDA-graph capture)"),
 }
 # generate() arguments TiDAR refuses, with what they are.
 _REFUSED_KWARGS = {
-    "stopping_criteria": "custom stopping criteria",
     "assistant_model": "assisted decoding with a second model",
     "assistant_tokenizer": "assisted decoding with a second model",
     "prefix_allowed_tokens_fn": "prefix-constrained decoding",
@@ -214,9 +211,19 @@ def _sampling_args(model, gen):
     return temperature, top_k, top_p
 
 
-def _verifier(model, gen, ids, mask, user_processors, tokens, embeds):
+def _stopping(model, gen, user_criteria, tokenizer):
+    """HF's stopping criteria when any goes beyond what TiDAR stops on itself (EOS, the length): a caller's
+    ``stopping_criteria``, ``stop_strings`` (with ``tokenizer``) or ``max_time``; else None."""
+    if not user_criteria and gen.stop_strings is None and gen.max_time is None:
+        return None
+    from transformers import StoppingCriteriaList
+
+    return model._get_stopping_criteria(gen, user_criteria or StoppingCriteriaList(), tokenizer)
+
+
+def _verifier(model, gen, ids, mask, user_processors, tokens, embeds, stopping=None):
     """An ``HfVerifier`` when HF's processor list holds more than TiDAR's sampler applies itself, scores / logits
-    are to be returned or a row is right-padded; else None (the lean path)."""
+    are to be returned, a row is right-padded or stopping criteria are given; else None (the lean path)."""
     from .hf_processors import HfVerifier, right_padding, row_processors
 
     full = model._get_logits_processor(
@@ -229,7 +236,7 @@ def _verifier(model, gen, ids, mask, user_processors, tokens, embeds):
     )
     record = bool(gen.return_dict_in_generate and (gen.output_scores or gen.output_logits))
     first, offset = right_padding(model, tokens, mask, embeds)
-    if not record and not first and all(type(p).__name__ in _KERNEL_WARPERS for p in full):
+    if not record and not first and stopping is None and all(type(p).__name__ in _KERNEL_WARPERS for p in full):
         return None
     rows = row_processors(model, gen, ids, mask, user_processors)
     temperature = gen.temperature if gen.do_sample and isinstance(gen.temperature, (int, float)) else 1.0
@@ -241,13 +248,15 @@ def _verifier(model, gen, ids, mask, user_processors, tokens, embeds):
         record=record,
         first_logits=first,
         pos_offset=offset,
+        stopping=stopping,
+        pad_stopped=gen._eos_token_tensor is not None,
     )
 
 
 def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     """``model.generate`` after ``tidar.patch``: greedy or sampling decoding through TiDAR, with HF's own
     argument handling, logits processors and outputs. Beam search and its relatives, assisted decoding with a
-    second model, custom stopping criteria raise a clear error. Extra TiDAR options: ``draft_len``, ``beta``,
+    second model raise a clear error. Extra TiDAR options: ``draft_len``, ``beta``,
     ``generator``, ``seed``, ``proposal_levels``, ``context_drafts``, ``full_logits``, ``tidar_stats`` (True
     returns the full ``TidarGenerateOutput``)."""
     _refuse(kwargs, kwargs.pop("synced_gpus", None))
@@ -260,6 +269,8 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
             )
     streamer = kwargs.pop("streamer", None)
     user_processors = kwargs.pop("logits_processor", None)
+    user_criteria = kwargs.pop("stopping_criteria", None)
+    tokenizer = kwargs.pop("tokenizer", None)
     cache = kwargs.pop("cache", None)
     cache = kwargs.pop("past_key_values", None) if cache is None else cache
     tidar_kw = {k: kwargs.pop(k) for k in TIDAR_KWARGS if k in kwargs}
@@ -305,7 +316,8 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     gen = _lengths(self, ids, generation_config, kwargs, gen, embeds)
     if gen.prompt_lookup_num_tokens is not None:
         tidar_kw.setdefault("context_drafts", True)  # prompt lookup = TiDAR's context drafts
-    verifier = _verifier(self, gen, ids, mask, user_processors, tokens, embeds)
+    stopping = _stopping(self, gen, user_criteria, tokenizer)
+    verifier = _verifier(self, gen, ids, mask, user_processors, tokens, embeds, stopping)
     if verifier is not None and tidar_kw.get("beta", 1.0) != 1.0:
         raise ValueError(
             f"beta={tidar_kw['beta']!r} (the inexact diffusion mix) cannot be combined with HF's logits processors, "
@@ -314,6 +326,8 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     res, pad = _decode(
         self, gen, tokens, mask, embeds, verifier, streamer, tidar_kw, max_new=gen.max_length - ids.shape[1]
     )
+    if verifier is not None and verifier.limit is not None:  # rows ran past the step the last row stopped at
+        res.new_tokens = [t[: verifier.limit] for t in res.new_tokens]
     sequences = _sequences(ids, res, pad)
     if verifier is not None:
         verifier.keep_emitted([len(t) for t in res.new_tokens])

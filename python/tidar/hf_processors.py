@@ -30,7 +30,11 @@ class HfVerifier:
     ``draft_temperature``: the temperature the diffusion drafts are sampled at (a proposal: any value is exact).
     ``record``: keep every emitted token's raw logits and processed scores (HF's ``output_logits`` /
     ``output_scores``). ``first_logits`` / ``pos_offset``: HF's first-token logits and the position shift of the
-    new tokens for rows HF decodes differently from their unpadded prompt (``right_padding``)."""
+    new tokens for rows HF decodes differently from their unpadded prompt (``right_padding``). ``stopping``: HF's
+    stopping criteria, checked after every emitted token: a row's step ends at the token that meets one and the row
+    stops there (it is marked done when the next step starts). As HF, a row that meets a criterion is padded only
+    when an EOS criterion is among them (``pad_stopped``); otherwise rows decode on until every row has met one,
+    and all end at the step the last did (``limit`` new tokens)."""
 
     def __init__(
         self,
@@ -42,6 +46,8 @@ class HfVerifier:
         record: bool = False,
         first_logits: dict | None = None,
         pos_offset: torch.Tensor | None = None,
+        stopping=None,
+        pad_stopped: bool = True,
     ):
         self.processors = processors
         self.rows = rows
@@ -50,6 +56,11 @@ class HfVerifier:
         self.record = record
         self.first_logits = first_logits or {}  # row -> the logits HF takes the first token from (right padding)
         self.pos_offset = pos_offset  # [B]: where HF places the new tokens, relative to TiDAR's positions
+        self.stopping = stopping  # HF's StoppingCriteriaList (custom criteria, stop strings, max_time) or None
+        self.stopped: set = set()  # rows whose last emitted token met a stopping criterion
+        self.pad_stopped = pad_stopped  # HF pads a stopped row only with an EOS criterion; else it decodes on
+        self.first_stop: dict = {}  # row -> its new-token count when a criterion first met it (pad_stopped False)
+        self.limit: int | None = None  # new tokens of every row once all rows met a criterion (pad_stopped False)
         self.scores = [[] for _ in rows]  # per row: processed scores [V] of each token emitted (and maybe more)
         self.logits = [[] for _ in rows]  # per row: raw logits [V] of the same tokens
 
@@ -91,20 +102,74 @@ class HfVerifier:
             s = self.process(b, [], raw)
             self._keep(b, raw, s)
             rows.append(s)
-        return tidar_kernels.draft_sample(torch.stack(rows), self._draft_logits(blocks.float()), **self._kw(dec))
+        r = tidar_kernels.draft_sample(torch.stack(rows), self._draft_logits(blocks.float()), **self._kw(dec))
+        if self.stopping is not None:
+            for b, d0 in enumerate(r.next_drafts[:, 0].tolist()):
+                if self._stops(b, [d0], rows[b]):
+                    self._met(b, 1)
+            self._set_limit(dec, [1] * dec.B)
+        return r
 
     def verify(self, dec, h, plan, drafts: torch.Tensor, probs):
         """One step's acceptance against the processed scores. Returns ``_Decoder.step``'s per-row tuples
         ``(a, correction or bonus, next diffusion drafts, their q or None)``."""
+        for b in self.stopped:  # their last step emitted a token that met a stopping criterion
+            dec.done[b] = True
+        self.stopped = set()
         if self.sample:
-            return self._sampled(dec, h, plan, drafts, probs)
-        return self._greedy(dec, h, plan, drafts)
+            res, scores = self._sampled(dec, h, plan, drafts, probs)
+        else:
+            res, scores = self._greedy(dec, h, plan, drafts)
+        if self.stopping is not None:
+            self._apply_stops(dec, res, drafts.tolist(), scores)
+        return res
+
+    def _met(self, b: int, count: int) -> bool:
+        """Row ``b`` met a criterion after ``count`` new tokens: True when it stops there."""
+        if self.pad_stopped:
+            self.stopped.add(b)
+            return True
+        self.first_stop.setdefault(b, count)
+        return False
+
+    def _set_limit(self, dec, counts: list) -> None:
+        """Once every row met a criterion, all end at the largest count; rows already there stop now."""
+        if self.pad_stopped or self.limit is not None or len(self.first_stop) < dec.B:
+            return
+        self.limit = max(self.first_stop.values())
+        self.stopped.update(b for b in range(dec.B) if counts[b] >= self.limit)
+
+    def _stops(self, b: int, tokens: list, scores: torch.Tensor) -> bool:
+        """Whether HF's stopping criteria stop row ``b`` once ``tokens`` (its new tokens so far) are emitted."""
+        ids = torch.tensor([self.rows[b] + tokens], dtype=torch.long, device=scores.device)
+        return bool(self.stopping(ids, scores[None])[0])
+
+    def _apply_stops(self, dec, res, host, scores) -> None:
+        """End each row's step at the first emitted token that meets a stopping criterion (that token becomes the
+        step's last: it is the token HF emits there, so the output is unchanged up to it)."""
+        counts = [len(o) for o in dec.out]
+        for b, (a, c, _, _) in enumerate(res):
+            if dec.done[b]:
+                continue
+            emitted = host[b][1:a] + [c]
+            for j, tok in enumerate(emitted):
+                n = counts[b] + j + 1
+                end = self.limit is not None and n >= self.limit
+                if end or (
+                    b not in self.first_stop and self._stops(b, list(dec.out[b]) + emitted[: j + 1], scores[b][j])
+                ):
+                    if end or self._met(b, n):
+                        res[b] = (j + 1, tok, [], None)
+                        self.stopped.add(b)
+                        break
+            counts[b] += len(emitted) if b not in self.stopped else 0
+        self._set_limit(dec, counts)
 
     def _greedy(self, dec, h, plan, drafts):
         K = plan.draft_len
         logits = dec._rows(h, slice(0, K))
         host = drafts.tolist()
-        acc, fixes = [], []
+        acc, fixes, scores = [], [], [[] for _ in range(dec.B)]
         for b in range(dec.B):
             if dec.done[b]:
                 acc.append(1)
@@ -114,6 +179,7 @@ class HfVerifier:
             for i in range(K):  # row i: after d_0..d_i; the first that disagrees with d_{i+1} is the correction
                 s = self.process(b, prefix, logits[b, i])
                 self._keep(b, logits[b, i], s)
+                scores[b].append(s)
                 t = int(s.argmax())
                 if i + 1 < K and host[b][i + 1] == t:
                     prefix.append(t)
@@ -126,7 +192,7 @@ class HfVerifier:
         for a, c, sl in zip(acc, fixes, slots):
             n = plan.next_diffusion_drafts(a)
             res.append((a, c, sl[len(sl) - n :] if n else [], None))
-        return res
+        return res, scores
 
     def _sampled(self, dec, h, plan, drafts, probs):
         B, K = dec.B, plan.draft_len
@@ -155,7 +221,7 @@ class HfVerifier:
             n = plan.next_diffusion_drafts(a)
             q = r.next_draft_probs[b, :n] if n > 0 and r.next_draft_probs is not None else None
             res.append((a, row[1], row[2 : 2 + n], q))
-        return res
+        return res, target
 
 
 def _block_slots(dec, h, plan, acc) -> list:
