@@ -10,6 +10,8 @@ assisted decoding with a second model, ...) raises a clear error instead of runn
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .generate import generate
@@ -253,12 +255,94 @@ def _verifier(model, gen, ids, mask, user_processors, tokens, embeds, stopping=N
     )
 
 
+@dataclass
+class _Call:
+    """What one drop-in ``generate`` call decodes: HF's generation config, HF's ``input_ids`` (``ids``; empty under an
+    embeddings-only prompt), the ids TiDAR carries for the prompt (``tokens``: ``ids``, or placeholders under
+    ``embeds``), the mask, and the arguments that are not HF generation options."""
+
+    gen: object = None
+    ids: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    flags: dict = field(default_factory=dict)  # output_attentions / output_hidden_states
+    streamer: object = None
+    processors: object = None  # the caller's logits_processor
+    criteria: object = None  # the caller's stopping_criteria
+    tokenizer: object = None
+    cache: object = None  # past_key_values / cache
+    tidar_kw: dict = field(default_factory=dict)
+    want_stats: bool = False
+
+
+def _pop_arguments(kwargs) -> _Call:
+    """Take the arguments that are not HF generation options out of ``kwargs``."""
+    call = _Call(
+        streamer=kwargs.pop("streamer", None),
+        processors=kwargs.pop("logits_processor", None),
+        criteria=kwargs.pop("stopping_criteria", None),
+        tokenizer=kwargs.pop("tokenizer", None),
+        cache=kwargs.pop("cache", None),
+        tidar_kw={k: kwargs.pop(k) for k in TIDAR_KWARGS if k in kwargs},
+        want_stats=kwargs.pop("tidar_stats", False),
+    )
+    if call.cache is None:
+        call.cache = kwargs.pop("past_key_values", None)
+    if not isinstance(call.want_stats, bool):
+        raise TypeError(f"tidar_stats must be True or False, got {call.want_stats!r}")
+    if "eos_token_id" in kwargs:
+        kwargs["eos_token_id"] = _eos_without_negatives(kwargs["eos_token_id"])
+    for k in ("eos_token_id", "bos_token_id", "pad_token_id"):  # before HF's config checks, which fail obscurely
+        if kwargs.get(k) is not None:
+            token_ids(k, _eos_without_negatives(kwargs[k]) if k == "pad_token_id" else kwargs[k])
+    return call
+
+
+def _prepare(model, call: _Call, inputs, generation_config, kwargs) -> None:
+    """HF's preparation, step for step as in ``GenerationMixin.generate``: the merged config, the model kwargs
+    check, the inputs, the special tokens, the mask, ``num_return_sequences`` and the length rules."""
+    gen, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
+    model._validate_model_kwargs(model_kwargs.copy())  # HF's error for arguments the model does not take
+    extra = sorted(set(model_kwargs) - set(_MODEL_KWARGS) - set(_OUTPUT_FLAGS))
+    if extra:
+        raise ValueError(f"TiDAR generate does not support {extra}; call tidar.unpatch(model) for plain HF generate")
+    _check_options(gen)
+    call.flags = {k: bool(model_kwargs.pop(k, None) or getattr(gen, k, False)) for k in _OUTPUT_FLAGS}
+    position_ids = model_kwargs.pop("position_ids", None)
+    given_mask = model_kwargs.pop("attention_mask", None)
+    if given_mask is not None:
+        model_kwargs["attention_mask"] = given_mask  # HF takes the batch size from it when no prompt is given
+    ids, embeds, model_kwargs = _prompt(model, inputs, gen, model_kwargs)
+    gen.eos_token_id = _eos_without_negatives(gen.eos_token_id)
+    token_ids("eos_token_id", gen.eos_token_id)  # HF would fail deep inside torch.tensor on a str or float
+    token_ids("bos_token_id", gen.bos_token_id)
+    if gen.pad_token_id is not None:  # a negative pad id (HF fills stopped rows with it) is taken as HF takes it
+        token_ids("pad_token_id", _eos_without_negatives(gen.pad_token_id))
+    model._prepare_special_tokens(gen, given_mask is not None, device=ids.device, batch_size=ids.shape[0])
+    tokens = ids
+    if embeds is not None and ids.shape[1] == 0:
+        tokens = torch.zeros(embeds.shape[:2], dtype=torch.long, device=ids.device)
+    mask = _attention_mask(model, ids, gen, given_mask)
+    _check_positions(position_ids, tokens, mask)
+    _check_cache(call.cache, tokens.shape[1])
+    n = gen.num_return_sequences or 1
+    if n > 1:  # as HF: each prompt repeated, rows of one prompt next to each other
+        ids, tokens = ids.repeat_interleave(n, 0), tokens.repeat_interleave(n, 0)
+        mask = None if mask is None else mask.repeat_interleave(n, 0)
+        embeds = None if embeds is None else embeds.repeat_interleave(n, 0)
+    call.gen = _lengths(model, ids, generation_config, kwargs, gen, embeds)
+    call.ids, call.tokens, call.embeds, call.mask = ids, tokens, embeds, mask
+    if gen.prompt_lookup_num_tokens is not None:
+        call.tidar_kw.setdefault("context_drafts", True)  # prompt lookup = TiDAR's context drafts
+
+
 def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     """``model.generate`` after ``tidar.patch``: greedy or sampling decoding through TiDAR, with HF's own
-    argument handling, logits processors and outputs. Beam search and its relatives, assisted decoding with a
-    second model raise a clear error. Extra TiDAR options: ``draft_len``, ``beta``,
-    ``generator``, ``seed``, ``proposal_levels``, ``context_drafts``, ``full_logits``, ``tidar_stats`` (True
-    returns the full ``TidarGenerateOutput``)."""
+    argument handling, logits processors, stopping rules and outputs. Beam search and its relatives and assisted
+    decoding with a second model raise a clear error. Extra TiDAR options: ``draft_len``, ``beta``, ``generator``,
+    ``seed``, ``proposal_levels``, ``context_drafts``, ``full_logits``, ``tidar_stats`` (True returns the full
+    ``TidarGenerateOutput``)."""
     _refuse(kwargs, kwargs.pop("synced_gpus", None))
     if generation_config is not None:
         from transformers import GenerationConfig
@@ -267,71 +351,34 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
             raise TypeError(
                 f"generation_config must be a transformers GenerationConfig, got {type(generation_config).__name__}"
             )
-    streamer = kwargs.pop("streamer", None)
-    user_processors = kwargs.pop("logits_processor", None)
-    user_criteria = kwargs.pop("stopping_criteria", None)
-    tokenizer = kwargs.pop("tokenizer", None)
-    cache = kwargs.pop("cache", None)
-    cache = kwargs.pop("past_key_values", None) if cache is None else cache
-    tidar_kw = {k: kwargs.pop(k) for k in TIDAR_KWARGS if k in kwargs}
-    want_stats = kwargs.pop("tidar_stats", False)
-    if not isinstance(want_stats, bool):
-        raise TypeError(f"tidar_stats must be True or False, got {want_stats!r}")
-    if "eos_token_id" in kwargs:
-        kwargs["eos_token_id"] = _eos_without_negatives(kwargs["eos_token_id"])
-    for k in ("eos_token_id", "bos_token_id", "pad_token_id"):  # before HF's config checks, which fail obscurely
-        if kwargs.get(k) is not None:
-            token_ids(k, _eos_without_negatives(kwargs[k]) if k == "pad_token_id" else kwargs[k])
-
-    gen, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-    self._validate_model_kwargs(model_kwargs.copy())  # HF's error for arguments the model does not take
-    extra = sorted(set(model_kwargs) - set(_MODEL_KWARGS) - set(_OUTPUT_FLAGS))
-    if extra:
-        raise ValueError(f"TiDAR generate does not support {extra}; call tidar.unpatch(model) for plain HF generate")
-    _check_options(gen)
-    flags = {k: bool(model_kwargs.pop(k, None) or getattr(gen, k, False)) for k in _OUTPUT_FLAGS}
-    position_ids = model_kwargs.pop("position_ids", None)
-    given_mask = model_kwargs.pop("attention_mask", None)
-    if given_mask is not None:
-        model_kwargs["attention_mask"] = given_mask  # HF takes the batch size from it when no prompt is given
-    ids, embeds, model_kwargs = _prompt(self, inputs, gen, model_kwargs)
-    gen.eos_token_id = _eos_without_negatives(gen.eos_token_id)
-    token_ids("eos_token_id", gen.eos_token_id)  # HF would fail deep inside torch.tensor on a str or float
-    token_ids("bos_token_id", gen.bos_token_id)
-    if gen.pad_token_id is not None:  # a negative pad id (HF fills stopped rows with it) is taken as HF takes it
-        token_ids("pad_token_id", _eos_without_negatives(gen.pad_token_id))
-    self._prepare_special_tokens(gen, given_mask is not None, device=ids.device, batch_size=ids.shape[0])
-    # the ids TiDAR carries for the prompt: HF's, or placeholders under an embeddings prompt
-    tokens = (
-        ids if embeds is None or ids.shape[1] else torch.zeros(embeds.shape[:2], dtype=torch.long, device=ids.device)
-    )
-    mask = _attention_mask(self, ids, gen, given_mask)
-    _check_positions(position_ids, tokens, mask)
-    _check_cache(cache, tokens.shape[1])
-    n = gen.num_return_sequences or 1
-    if n > 1:  # as HF: each prompt repeated, rows of one prompt next to each other
-        ids, tokens = ids.repeat_interleave(n, 0), tokens.repeat_interleave(n, 0)
-        mask = None if mask is None else mask.repeat_interleave(n, 0)
-        embeds = None if embeds is None else embeds.repeat_interleave(n, 0)
-    gen = _lengths(self, ids, generation_config, kwargs, gen, embeds)
-    if gen.prompt_lookup_num_tokens is not None:
-        tidar_kw.setdefault("context_drafts", True)  # prompt lookup = TiDAR's context drafts
-    stopping = _stopping(self, gen, user_criteria, tokenizer)
-    verifier = _verifier(self, gen, ids, mask, user_processors, tokens, embeds, stopping)
-    if verifier is not None and tidar_kw.get("beta", 1.0) != 1.0:
+    call = _pop_arguments(kwargs)
+    _prepare(self, call, inputs, generation_config, kwargs)
+    gen, ids = call.gen, call.ids
+    stopping = _stopping(self, gen, call.criteria, call.tokenizer)
+    verifier = _verifier(self, gen, ids, call.mask, call.processors, call.tokens, call.embeds, stopping)
+    if verifier is not None and call.tidar_kw.get("beta", 1.0) != 1.0:
         raise ValueError(
-            f"beta={tidar_kw['beta']!r} (the inexact diffusion mix) cannot be combined with HF's logits processors, "
-            "score outputs or a right-padded prompt: they verify against HF's own target (beta=1)"
+            f"beta={call.tidar_kw['beta']!r} (the inexact diffusion mix) cannot be combined with HF's logits "
+            "processors, score outputs, stopping rules or a right-padded prompt: they verify against HF's own "
+            "target (beta=1)"
         )
     res, pad = _decode(
-        self, gen, tokens, mask, embeds, verifier, streamer, tidar_kw, max_new=gen.max_length - ids.shape[1]
+        self,
+        gen,
+        call.tokens,
+        call.mask,
+        call.embeds,
+        verifier,
+        call.streamer,
+        call.tidar_kw,
+        max_new=gen.max_length - ids.shape[1],
     )
     if verifier is not None and verifier.limit is not None:  # rows ran past the step the last row stopped at
         res.new_tokens = [t[: verifier.limit] for t in res.new_tokens]
     sequences = _sequences(ids, res, pad)
     if verifier is not None:
         verifier.keep_emitted([len(t) for t in res.new_tokens])
-    if want_stats:
+    if call.want_stats:
         res.sequences = sequences
         return res
     if not gen.return_dict_in_generate:
@@ -342,13 +389,13 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
         self,
         gen,
         sequences,
-        mask,
+        call.mask,
         verifier,
-        prompt=tokens,
+        prompt=call.tokens,
         hf_prompt_len=ids.shape[1],
-        prompt_embeds=embeds,
+        prompt_embeds=call.embeds,
         want_cache=gen.use_cache is not False,
-        **flags,
+        **call.flags,
     )
 
 
