@@ -345,6 +345,13 @@ def test_continue_from_returned_cache(arch):
     more = dict(kw, attention_mask=mask)
     got = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=4, **more)
     assert torch.equal(got.sequences, full)
+    # the returned cache (built from the TiDAR cache, no forward) holds HF's keys and values at every real position
+    want = twin.generate(BATCH, max_new_tokens=4, **kw).past_key_values
+    real = mask[:, :-1].bool()
+    for g, w in zip(first.past_key_values.layers, want.layers):
+        assert g.keys.shape == w.keys.shape
+        torch.testing.assert_close(g.keys.transpose(1, 2)[real], w.keys.transpose(1, 2)[real], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(g.values.transpose(1, 2)[real], w.values.transpose(1, 2)[real], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

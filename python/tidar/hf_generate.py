@@ -394,6 +394,7 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
         prompt=call.tokens,
         hf_prompt_len=ids.shape[1],
         prompt_embeds=call.embeds,
+        tidar_result=res,
         want_cache=gen.use_cache is not False,
         **call.flags,
     )

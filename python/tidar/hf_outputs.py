@@ -116,6 +116,37 @@ def _cache_arg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def from_tidar_cache(model, result, prompt_mask, P: int, steps: int):
+    """HF's ``DynamicCache`` of the ``P + steps - 1`` positions HF's loop caches, built from the TiDAR cache's
+    committed prefix (no forward), when the TiDAR rows are HF's rows shifted past their left padding: every row
+    emitted ``steps`` tokens (HF feeds a stopped row pad tokens TiDAR never ran) and the mask is left padding only.
+    Padding positions hold zeros (HF's hold the pad tokens' keys; the mask hides both). None otherwise."""
+    if result is None or result.cache is None or not result.cache.keys:
+        return None
+    if any(len(t) != steps for t in result.new_tokens):
+        return None
+    if prompt_mask is not None:
+        m = prompt_mask.bool()
+        if not bool((m == m.cummax(1).values).all()):
+            return None
+    from transformers import DynamicCache
+
+    B = len(result.new_tokens)
+    lengths = [P] * B if prompt_mask is None else [int(x) for x in prompt_mask.sum(1).tolist()]
+    L = P + steps - 1
+    if any(result.cache.lengths[b] < n + steps - 1 for b, n in enumerate(lengths)):
+        return None
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    for layer, (k, v) in enumerate(zip(result.cache.keys, result.cache.values)):
+        keys = k.new_zeros(B, k.shape[1], L, k.shape[3])
+        values = v.new_zeros(B, v.shape[1], L, v.shape[3])
+        for b, n in enumerate(lengths):
+            keys[b, :, P - n :] = k[b, :, : n + steps - 1]
+            values[b, :, P - n :] = v[b, :, : n + steps - 1]
+        cache.update(keys, values, layer)
+    return cache
+
+
 def new_cache(model, gen, batch: int, max_len: int):
     """The cache HF's ``generate`` would return: a ``StaticCache`` for ``cache_implementation="static"``, else a
     ``DynamicCache``."""
@@ -137,6 +168,7 @@ def hf_output(
     prompt,
     hf_prompt_len: int,
     prompt_embeds=None,
+    tidar_result=None,
     want_cache: bool,
     output_attentions: bool = False,
     output_hidden_states: bool = False,
@@ -153,7 +185,9 @@ def hf_output(
     scores = step_tensors(verifier.scores, steps, vocab, dev) if gen.output_scores else None
     logits = step_tensors(verifier.logits, steps, vocab, dev) if gen.output_logits else None
     att = hid = cache = None
-    if output_attentions or output_hidden_states or want_cache:
+    if want_cache and not (output_attentions or output_hidden_states) and gen.cache_implementation != "static":
+        cache = from_tidar_cache(model, tidar_result, prompt_mask, prompt.shape[1], steps)
+    if cache is None and (output_attentions or output_hidden_states or want_cache):
         room = gen.max_length - 1 + prompt_len - hf_prompt_len  # as HF: an embeddings prompt is not in max_length
         cache = new_cache(model, gen, B, room) if want_cache else None
         att, hid, cache = replay(
