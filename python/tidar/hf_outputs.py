@@ -2,11 +2,14 @@
 ``scores`` / ``logits`` (the verification rows that chose each emitted token), and ``attentions``,
 ``hidden_states`` and the ``cache`` (``past_key_values``) in HF's format.
 
-The last three come from one plain forward of the finished sequences (the "replay"), with HF's mask and
-positions: every emitted token's AR context is exactly the prefix before it (the verification row saw the same
-keys), so the replay's attention rows, hidden states and keys/values are those HF's own loop produces (up to
-floating-point summation order), including the pad tokens HF feeds rows that already stopped. The cache holds the
-positions ``[0, L - 1)`` of the ``L``-token sequences, as HF's: a later ``generate`` continues from it.
+The cache holds the positions ``[0, L - 1)`` of the ``L``-token sequences, as HF's, so a later ``generate``
+continues from it. It is built from the TiDAR cache's committed prefix (``from_tidar_cache``: the committed keys
+and values are exactly what AR decoding caches) when the TiDAR rows are HF's rows shifted past their left padding.
+Otherwise (attentions or hidden states asked for, a static cache, rows that stopped early, which HF keeps feeding
+pad tokens, other masks) the outputs come from plain forwards of the finished sequences shaped as HF's loop runs
+them (``replay``), with HF's mask and positions: every emitted token's AR context is exactly the prefix before it,
+so the attention rows, hidden states and keys/values are those HF's loop produces (up to floating-point summation
+order).
 """
 
 from __future__ import annotations
