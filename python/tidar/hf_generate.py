@@ -18,17 +18,22 @@ from .generate import generate
 from .generate_args import check_input_ids, token_ids
 
 # Generation options TiDAR refuses: option -> (the value that means "off", what it is).
+_DECODING_ONLY = "TiDAR runs greedy and sampling decoding only"
 _REFUSED = {
-    "num_beams": (1, "beam search"),
-    "num_beam_groups": (1, "group beam search"),
-    "penalty_alpha": (None, "contrastive search"),
-    "force_words_ids": (None, "constrained beam search"),
-    "constraints": (None, "constrained beam search"),
-    "guidance_scale": (None, "classifier-free guidance"),
-    "watermarking_config": (None, "watermarking"),
-    "dola_layers": (None, "DoLa decoding"),
-    "use_mtp": (None, "multi-token prediction"),
-    "compile_config": (None, "a torch.compile'd forward (TiDAR's compiled GPU step is a CUDA-graph capture)"),
+    "num_beams": (1, f"beam search; {_DECODING_ONLY}"),
+    "num_beam_groups": (1, f"group beam search; {_DECODING_ONLY}"),
+    "penalty_alpha": (None, f"contrastive search; {_DECODING_ONLY}"),
+    "force_words_ids": (None, f"constrained beam search; {_DECODING_ONLY}"),
+    "constraints": (None, f"constrained beam search; {_DECODING_ONLY}"),
+    "guidance_scale": (None, "classifier-free guidance: a second, unconditional forward per token"),
+    "watermarking_config": (None, "watermarking: its processors keep state across HF's one-token steps"),
+    "dola_layers": (None, f"DoLa decoding; {_DECODING_ONLY}"),
+    "use_mtp": (None, "multi-token prediction heads: TiDAR drafts with its own [MASK] blocks"),
+    "compile_config": (
+        None,
+        "a torch.compile'd HF forward: TiDAR's decode step is not HF's forward, and it is not compiled (on a GPU it "
+        "is a CUDA-graph capture)",
+    ),
 }
 # generate() arguments TiDAR refuses, with what they are.
 _REFUSED_KWARGS = {
@@ -68,8 +73,8 @@ def _check_options(gen) -> None:
         if v is None or v == off or (k == "guidance_scale" and v == 1):
             continue
         raise ValueError(
-            f"TiDAR generate cannot honour {k}={v!r} ({what}); it runs greedy and sampling decoding only "
-            "(call tidar.unpatch(model) for plain HF generate)"
+            f"TiDAR generate cannot honour {k}={v!r} ({what}); leave it unset, or call tidar.unpatch(model) for "
+            "plain HF generate"
         )
     if gen.cache_implementation not in _CACHES:
         raise ValueError(
