@@ -121,7 +121,9 @@ def _latest_checkpoint(output: Path):
 def write_demo_prompts(folder, tokenizer, corpus, n: int = 3):
     """``demo_prompts.json``: held-out prompts ``tidar demo`` completes (from modules/documents never trained on)."""
     prompts = corpus_mod.heldout_prompts(tokenizer, corpus, n)
-    if corpus.root == corpus_mod.stdlib_dir():
+    if corpus.manifest is not None:
+        source = f"standard library of Python {platform.python_version()} + site-packages (corpus_manifest.json)"
+    elif corpus.root == corpus_mod.stdlib_dir():
         source = f"standard library of Python {platform.python_version()}"
     else:
         source = corpus.root.name
@@ -144,6 +146,28 @@ def objective_name(args) -> str:
 
 
 MODEL_ARGS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "init_from")
+
+
+def corpus_from_args(args):
+    """--site-packages: the stdlib + installed packages (``find_code_corpus``); else --corpus (default: stdlib)."""
+    if getattr(args, "site_packages", False):
+        return corpus_mod.find_code_corpus(args.exclude_packages, args.ext, args.heldout_percent)
+    return corpus_mod.find_corpus(args.corpus, args.ext, args.heldout_percent)
+
+
+def _check_resume_corpus(ck: Path, st: dict, corpus, args):
+    """A run resumed on another corpus would read other batches: refused unless --allow-corpus-change."""
+    saved = (st.get("corpus") or {}).get("digest")
+    now = (corpus.manifest or {}).get("digest")
+    if saved == now or args.allow_corpus_change:
+        return
+    old = {(p["name"], p["version"]) for p in (st.get("corpus") or {}).get("packages", [])}
+    new = {(p["name"], p["version"]) for p in (corpus.manifest or {}).get("packages", [])}
+    what = ", ".join(f"{n} {v}" for n, v in sorted(old ^ new)) or "the same packages, other files"
+    raise ValueError(
+        f"--resume {ck}: the corpus differs from the checkpoint's (digest {saved} there, {now} here; differs in: "
+        f"{what}); pass --allow-corpus-change to continue on this corpus anyway"
+    )
 
 
 def _check_resume(ck: Path, st: dict, model, args):
@@ -203,13 +227,14 @@ def train(args, log=print) -> dict:
     output = Path(args.output)
     t_setup = time.time()
 
-    corpus = corpus_mod.find_corpus(args.corpus, args.ext, args.heldout_percent)
+    corpus = corpus_from_args(args)
     state = {"log_history": [], "eval_history": []}
     ck = None
     if args.resume:
         ck = _latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
         model, tokenizer, st = load_checkpoint(ck, "cpu")
         _check_resume(ck, st, model, args)
+        _check_resume_corpus(ck, st, corpus, args)
         state = {"log_history": list(st.get("log_history", [])), "eval_history": list(st.get("eval_history", []))}
         elapsed0 = float(st.get("elapsed_s", 0.0))
         log(f"resuming from {ck} at step {st.get('step')}")
@@ -321,6 +346,11 @@ def train(args, log=print) -> dict:
         "processes": _world_size(),
     }
     state.update(meta)
+    if corpus.manifest is not None:
+        state["corpus"] = corpus.manifest
+        if main:
+            output.mkdir(parents=True, exist_ok=True)
+            (output / "corpus_manifest.json").write_text(json.dumps(corpus.manifest, indent=1))
     evaluate_fn = lambda: evaluate(model, tokenizer, held_stream, prompts, args, device)  # noqa: E731
     callback = RunCallback(
         run_loss=run_loss,
@@ -399,7 +429,7 @@ def evaluate_folder(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer, _ = load_checkpoint(args.evaluate, device)
     patch(model, draft_len=args.draft_len, backend=args.backend)
-    corpus = corpus_mod.find_corpus(args.corpus, args.ext, args.heldout_percent)
+    corpus = corpus_from_args(args)
     held = corpus_mod.encode_texts(tokenizer, corpus.heldout_texts())
     prompts = corpus_mod.heldout_prompts(tokenizer, corpus, args.eval_prompts)
     t0 = time.time()
@@ -427,6 +457,8 @@ def evaluate_folder(args) -> dict:
 
 
 def run(args) -> int:
+    if os.environ.get("OMP_NUM_THREADS"):  # tokenizers' thread pool follows the thread budget torch gets
+        os.environ.setdefault("RAYON_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

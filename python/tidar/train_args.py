@@ -21,6 +21,26 @@ def add_arguments(p):
         help='folder of text/code files, or a .txt (one document per line) / .jsonl ({"text": ...} per line) '
         "file (default: this Python's standard library)",
     )
+    g.add_argument(
+        "--site-packages",
+        action="store_true",
+        help="the standard library plus the Python sources of the packages installed in this interpreter's "
+        "site-packages (de-duplicated, permissive licences only, --exclude-packages left out; a "
+        "corpus_manifest.json lists them) instead of --corpus",
+    )
+    g.add_argument(
+        "--exclude-packages",
+        nargs="*",
+        default=["torch", "transformers"],
+        help="--site-packages: distributions left out of the corpus (default: torch transformers, held out for "
+        "evaluation)",
+    )
+    g.add_argument(
+        "--allow-corpus-change",
+        action="store_true",
+        help="--resume even if the corpus differs from the one the checkpoint was trained on (other files or "
+        "package versions; the batches then differ from the original run's)",
+    )
     g.add_argument("--ext", nargs="+", default=[".py"], help="file extensions to read (default: .py)")
     g.add_argument("--heldout-percent", type=float, default=8.0, help="share of modules held out for evaluation")
     g.add_argument("--vocab-size", type=int, default=4096)
@@ -203,6 +223,8 @@ def check_args(args):
         raise ValueError(
             f"--no-diffusion trains no diffusion term; --diffusion-target {args.diffusion_target} contradicts it"
         )
+    if args.site_packages and args.corpus:
+        raise ValueError("--site-packages builds its own corpus (stdlib + site-packages); do not also give --corpus")
     if args.init_from and args.resume:
         raise ValueError("--init-from starts a new run and --resume continues one; give only one")
     if args.grad_accum < 1:
