@@ -222,19 +222,23 @@ SAMPLED_OPTIONS = {
 }
 
 
-def _hf_processed_distribution(twin, kwargs):
-    """P(x_1..x_T | prompt) under HF's processed scores (processors then warpers, HF's own list), by
-    enumeration of every continuation with the unpatched model."""
+def _hf_processed_distribution(twin, kwargs, prompt=SAMPLE_PROMPT, mask=None):
+    """P(x_1..x_T | prompt) under HF's processed scores (processors then warpers, HF's own list, built with the
+    prompt's mask), by enumeration of every continuation with the unpatched model."""
     import itertools
 
-    gen, _ = twin._prepare_generation_config(None, do_sample=True, max_length=len(SAMPLE_PROMPT) + T, **kwargs)
-    twin._prepare_special_tokens(gen, False, device=torch.device("cpu"), batch_size=1)
-    procs = twin._get_logits_processor(gen, input_ids_seq_length=len(SAMPLE_PROMPT), device="cpu")
+    P = len(prompt)
+    mask = torch.ones(1, P, dtype=torch.long) if mask is None else torch.tensor([mask])
+    gen, _ = twin._prepare_generation_config(None, do_sample=True, max_length=P + T, **kwargs)
+    twin._prepare_special_tokens(gen, True, device=torch.device("cpu"), batch_size=1)
     seqs = torch.tensor(list(itertools.product(range(V), repeat=T)))
-    ids = torch.cat([torch.tensor(SAMPLE_PROMPT).expand(len(seqs), -1), seqs], 1)
+    rows = {"attention_mask": mask.expand(len(seqs), -1)}
+    procs = twin._get_logits_processor(gen, input_ids_seq_length=P, device="cpu", model_kwargs=rows)
+    ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)
+    full = torch.cat([mask.expand(len(seqs), -1), torch.ones(len(seqs), T, dtype=torch.long)], 1)
+    pos = (full.cumsum(-1) - 1).masked_fill(full == 0, 0)
     with torch.no_grad():
-        logits = twin(ids).logits.float()
-    P = len(SAMPLE_PROMPT)
+        logits = twin(ids, attention_mask=full, position_ids=pos).logits.float()
     lp = torch.zeros(len(seqs), dtype=torch.float64)
     for t in range(T):
         scores = procs(ids[:, : P + t], logits[:, P - 1 + t].clone())
@@ -281,6 +285,26 @@ def test_sampling_with_hf_processors_has_hfs_distribution(name):
     tv = 0.5 * sum(abs(exact[s] - samples.count(s) / N) for s in exact)
     assert tv < 0.07
     assert _chi2_pvalue(samples, plain) < 1e-6  # power: the processors change the distribution
+
+
+def test_sampling_left_padded_batch_has_hfs_distribution():
+    """A batch of two prompts, one left-padded: each row's samples have HF's processed distribution for its own
+    row (HF's processors see the padding: the repetition penalty skips it, the n-gram ban does not)."""
+    kw = dict(repetition_penalty=1.8, no_repeat_ngram_size=2, top_k=4)
+    twin = tiny_model("llama", vocab=V, hidden=16, init=0.5, seed=5)
+    model = copy.deepcopy(twin)
+    tidar.patch(model, draft_len=3)
+    padded, mask = [0, 0] + SAMPLE_PROMPT, [0, 0, 1, 1, 1]
+    longer = [4, 1] + SAMPLE_PROMPT
+    ids = torch.tensor([padded, longer] * (N // 2))
+    batch_mask = torch.tensor([mask, [1] * 5] * (N // 2))
+    res = model.generate(ids, attention_mask=batch_mask, do_sample=True, max_new_tokens=T, tidar_stats=True, **kw)
+    assert max(res.accepted_histogram) > 1, "no draft was ever accepted: the test would prove nothing"
+    out = res.sequences
+    for row, (prompt, m) in enumerate(((padded, mask), (longer, None))):
+        samples = [tuple(r) for r in out[row::2, 5:].tolist()]
+        exact = _hf_processed_distribution(twin, kw, prompt, m)
+        assert _chi2_pvalue(samples, exact) > 1e-3, prompt
 
 
 # ---------------------------------------------------------------------------------------- outputs
