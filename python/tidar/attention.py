@@ -91,6 +91,8 @@ def tidar_attention_forward(module, query, key, value, attention_mask, scaling=N
         raise ValueError(f"tidar attention does not implement attention dropout (got dropout={dropout}); set it to 0")
     step: TidarStep | None = kwargs.get("tidar_step")
     if step is None and _attentions_requested():
+        if attention_mask is None:
+            _check_window(kwargs.get("sliding_window"), key.shape[2])
         return _plain_with_weights(module, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
     if step is None:
         return _plain_forward(
