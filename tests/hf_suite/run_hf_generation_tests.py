@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-MODEL_TESTS = ("tests/models/llama/test_modeling_llama.py", "tests/models/qwen2/test_modeling_qwen2.py")
+FAMILIES = ("llama", "qwen2")  # the model tests run by default (--families to change)
 DRAFT_LEN = 4
 
 
@@ -153,14 +153,15 @@ def _is_mixin_test(item) -> bool:
     return qual.startswith("GenerationTesterMixin.")
 
 
-def assemble(root: Path, checkout: Path, sdist_tests: Path) -> None:
+def assemble(root: Path, checkout: Path, sdist_tests: Path, families=FAMILIES) -> None:
     """Build ``root`` (see the module docstring)."""
     import shutil
 
     import transformers
 
     tests = root / "tests"
-    for rel in ("tests/generation", "tests/models/llama", "tests/models/qwen2", "tests/utils", "utils/test_module"):
+    models = [f"tests/models/{f}" for f in families]
+    for rel in ("tests/generation", *models, "tests/utils", "utils/test_module"):
         shutil.copytree(checkout / rel, root / rel, dirs_exist_ok=True)
     for rel in ("tests/__init__.py", "tests/models/__init__.py", "tests/causal_lm_tester.py"):
         shutil.copy(checkout / rel, root / rel)
@@ -189,14 +190,17 @@ def main(argv=None) -> int:
     p.add_argument("-k", default=None, help="pytest -k expression")
     p.add_argument("--json", type=Path, default=None, help="write the per-test results here")
     p.add_argument("--assemble", nargs=2, type=Path, metavar=("CHECKOUT", "SDIST_TESTS"), help="build HF_ROOT first")
+    p.add_argument("--families", default=",".join(FAMILIES), help="model test directories to run (comma-separated)")
     args = p.parse_args(argv)
     root = args.hf_root.resolve()
+    families = [f for f in args.families.split(",") if f]
     if args.assemble:
-        assemble(root, *(x.resolve() for x in args.assemble))
+        assemble(root, *(x.resolve() for x in args.assemble), families)
     sys.path[:0] = [str(root), str(root / "utils")]
     os.chdir(root)
     plugin = TidarPlugin(patch=not args.plain)
-    pytest_args = [*MODEL_TESTS, "-q", "-p", "no:warnings", "-p", "no:cacheprovider", "-o", "addopts="]
+    tests = [f"tests/models/{f}/test_modeling_{f}.py" for f in families]
+    pytest_args = [*tests, "-q", "-p", "no:warnings", "-p", "no:cacheprovider", "-o", "addopts="]
     if args.k:
         pytest_args += ["-k", args.k]
     pytest.main(pytest_args, plugins=[plugin])
