@@ -21,9 +21,78 @@ import tidar_kernels
 from .drafts import virtual_blocks
 
 
+class StopRules:
+    """HF's stopping criteria (a caller's ``stopping_criteria``, ``stop_strings``, ``max_time``) checked after every
+    emitted token: a row's step ends at the token that meets one (it is the token HF emits there, so the output is
+    unchanged up to it) and the row stops there; it is marked done when the next step starts. As HF, a row that meets
+    a criterion is padded after it only when an EOS criterion is among them (``pad_stopped``); otherwise rows decode
+    on until every row has met one, and all end with the step the last did (``limit`` new tokens)."""
+
+    def __init__(self, criteria, rows, pad_stopped: bool):
+        self.criteria = criteria
+        self.rows = rows  # per batch row, HF's input_ids row
+        self.pad_stopped = pad_stopped
+        self.stopped: set = set()  # rows whose last emitted token ends them
+        self.first_stop: dict = {}  # row -> its new-token count when a criterion first met it (pad_stopped False)
+        self.limit: int | None = None  # the new tokens of every row, once all rows met a criterion
+
+    def start_step(self, dec) -> None:
+        """Rows whose last step ended them are done."""
+        for b in self.stopped:
+            dec.done[b] = True
+        self.stopped = set()
+
+    def after_prefill(self, dec, first: list, scores) -> None:
+        for b, tok in enumerate(first):
+            if self._meets(b, [tok], scores[b]):
+                self._met(b, 1)
+        self._set_limit(dec, [1] * dec.B)
+
+    def after_step(self, dec, res, host, scores) -> None:
+        """End each row's step (``res``, ``_Decoder.step``'s tuples, edited in place) at its stopping token."""
+        counts = [len(o) for o in dec.out]
+        for b, (a, c, _, _) in enumerate(res):
+            if dec.done[b]:
+                continue
+            emitted = host[b][1:a] + [c]
+            for j, tok in enumerate(emitted):
+                n = counts[b] + j + 1
+                if self._ends(b, n, list(dec.out[b]) + emitted[: j + 1], scores[b][j]):
+                    res[b] = (j + 1, tok, [], None)
+                    self.stopped.add(b)
+                    break
+            counts[b] += 0 if b in self.stopped else len(emitted)
+        self._set_limit(dec, counts)
+
+    def _ends(self, b: int, n: int, tokens: list, scores) -> bool:
+        """Whether row ``b`` ends with its ``n``-th new token (``tokens``: all its new tokens)."""
+        if self.limit is not None and n >= self.limit:
+            return True
+        return b not in self.first_stop and self._meets(b, tokens, scores) and self._met(b, n)
+
+    def _meets(self, b: int, tokens: list, scores: torch.Tensor) -> bool:
+        ids = torch.tensor([self.rows[b] + tokens], dtype=torch.long, device=scores.device)
+        return bool(self.criteria(ids, scores[None])[0])
+
+    def _met(self, b: int, count: int) -> bool:
+        """Row ``b`` met a criterion with its ``count``-th new token: True when it ends there."""
+        if self.pad_stopped:
+            self.stopped.add(b)
+            return True
+        self.first_stop.setdefault(b, count)
+        return False
+
+    def _set_limit(self, dec, counts: list) -> None:
+        """Once every row met a criterion, all end at the largest count; rows already there end now."""
+        if self.pad_stopped or self.limit is not None or len(self.first_stop) < dec.B:
+            return
+        self.limit = max(self.first_stop.values())
+        self.stopped.update(b for b in range(dec.B) if counts[b] >= self.limit)
+
+
 class HfVerifier:
-    """Replaces TiDAR's acceptance (``_Decoder.prefill`` / ``_Decoder.step``) when HF processors or HF's
-    ``scores`` / ``logits`` outputs are requested.
+    """Replaces TiDAR's acceptance (``_Decoder.prefill`` / ``_Decoder.step``) when HF processors, HF's ``scores``
+    / ``logits`` outputs, stopping rules or a right-padded prompt are in the call.
 
     ``processors``: one ``LogitsProcessorList`` per batch row. ``rows``: per batch row, HF's ``input_ids`` row
     (left padding kept). ``sample``: rejection sampling against the processed scores (else greedy).
@@ -31,10 +100,7 @@ class HfVerifier:
     ``record``: keep every emitted token's raw logits and processed scores (HF's ``output_logits`` /
     ``output_scores``). ``first_logits`` / ``pos_offset``: HF's first-token logits and the position shift of the
     new tokens for rows HF decodes differently from their unpadded prompt (``right_padding``). ``stopping``: HF's
-    stopping criteria, checked after every emitted token: a row's step ends at the token that meets one and the row
-    stops there (it is marked done when the next step starts). As HF, a row that meets a criterion is padded only
-    when an EOS criterion is among them (``pad_stopped``); otherwise rows decode on until every row has met one,
-    and all end at the step the last did (``limit`` new tokens)."""
+    stopping criteria (see ``StopRules``; ``pad_stopped``: an EOS criterion is among them)."""
 
     def __init__(
         self,
@@ -56,11 +122,7 @@ class HfVerifier:
         self.record = record
         self.first_logits = first_logits or {}  # row -> the logits HF takes the first token from (right padding)
         self.pos_offset = pos_offset  # [B]: where HF places the new tokens, relative to TiDAR's positions
-        self.stopping = stopping  # HF's StoppingCriteriaList (custom criteria, stop strings, max_time) or None
-        self.stopped: set = set()  # rows whose last emitted token met a stopping criterion
-        self.pad_stopped = pad_stopped  # HF pads a stopped row only with an EOS criterion; else it decodes on
-        self.first_stop: dict = {}  # row -> its new-token count when a criterion first met it (pad_stopped False)
-        self.limit: int | None = None  # new tokens of every row once all rows met a criterion (pad_stopped False)
+        self.stops = StopRules(stopping, rows, pad_stopped) if stopping is not None else None
         self.scores = [[] for _ in rows]  # per row: processed scores [V] of each token emitted (and maybe more)
         self.logits = [[] for _ in rows]  # per row: raw logits [V] of the same tokens
 
@@ -74,9 +136,9 @@ class HfVerifier:
     def process(self, b: int, prefix: list, logits: torch.Tensor) -> torch.Tensor:
         """HF's processed scores ``[V]`` (float32) for batch row ``b`` after ``prefix`` (the emitted tokens and
         drafts after the prompt) from the raw logits ``[V]``."""
-        raw = logits.to(dtype=torch.float32).clone()  # as HF: a float32 copy of the last position's logits
+        raw = logits.to(dtype=torch.float32)[None].clone()  # as HF: a float32 copy of the position's logits
         ids = torch.tensor([self.rows[b] + prefix], dtype=torch.long, device=logits.device)
-        return self.processors[b](ids, raw[None].clone())[0]
+        return self.processors[b](ids, raw)[0]
 
     def _keep(self, b: int, raw: torch.Tensor, scores: torch.Tensor) -> None:
         if self.record:
@@ -103,67 +165,27 @@ class HfVerifier:
             self._keep(b, raw, s)
             rows.append(s)
         r = tidar_kernels.draft_sample(torch.stack(rows), self._draft_logits(blocks.float()), **self._kw(dec))
-        if self.stopping is not None:
-            for b, d0 in enumerate(r.next_drafts[:, 0].tolist()):
-                if self._stops(b, [d0], rows[b]):
-                    self._met(b, 1)
-            self._set_limit(dec, [1] * dec.B)
+        if self.stops is not None:
+            self.stops.after_prefill(dec, r.next_drafts[:, 0].tolist(), rows)
         return r
 
     def verify(self, dec, h, plan, drafts: torch.Tensor, probs):
         """One step's acceptance against the processed scores. Returns ``_Decoder.step``'s per-row tuples
         ``(a, correction or bonus, next diffusion drafts, their q or None)``."""
-        for b in self.stopped:  # their last step emitted a token that met a stopping criterion
-            dec.done[b] = True
-        self.stopped = set()
+        if self.stops is not None:
+            self.stops.start_step(dec)
         if self.sample:
             res, scores = self._sampled(dec, h, plan, drafts, probs)
         else:
             res, scores = self._greedy(dec, h, plan, drafts)
-        if self.stopping is not None:
-            self._apply_stops(dec, res, drafts.tolist(), scores)
+        if self.stops is not None:
+            self.stops.after_step(dec, res, drafts.tolist(), scores)
         return res
 
-    def _met(self, b: int, count: int) -> bool:
-        """Row ``b`` met a criterion after ``count`` new tokens: True when it stops there."""
-        if self.pad_stopped:
-            self.stopped.add(b)
-            return True
-        self.first_stop.setdefault(b, count)
-        return False
-
-    def _set_limit(self, dec, counts: list) -> None:
-        """Once every row met a criterion, all end at the largest count; rows already there stop now."""
-        if self.pad_stopped or self.limit is not None or len(self.first_stop) < dec.B:
-            return
-        self.limit = max(self.first_stop.values())
-        self.stopped.update(b for b in range(dec.B) if counts[b] >= self.limit)
-
-    def _stops(self, b: int, tokens: list, scores: torch.Tensor) -> bool:
-        """Whether HF's stopping criteria stop row ``b`` once ``tokens`` (its new tokens so far) are emitted."""
-        ids = torch.tensor([self.rows[b] + tokens], dtype=torch.long, device=scores.device)
-        return bool(self.stopping(ids, scores[None])[0])
-
-    def _apply_stops(self, dec, res, host, scores) -> None:
-        """End each row's step at the first emitted token that meets a stopping criterion (that token becomes the
-        step's last: it is the token HF emits there, so the output is unchanged up to it)."""
-        counts = [len(o) for o in dec.out]
-        for b, (a, c, _, _) in enumerate(res):
-            if dec.done[b]:
-                continue
-            emitted = host[b][1:a] + [c]
-            for j, tok in enumerate(emitted):
-                n = counts[b] + j + 1
-                end = self.limit is not None and n >= self.limit
-                if end or (
-                    b not in self.first_stop and self._stops(b, list(dec.out[b]) + emitted[: j + 1], scores[b][j])
-                ):
-                    if end or self._met(b, n):
-                        res[b] = (j + 1, tok, [], None)
-                        self.stopped.add(b)
-                        break
-            counts[b] += len(emitted) if b not in self.stopped else 0
-        self._set_limit(dec, counts)
+    @property
+    def limit(self) -> int | None:
+        """The new tokens of every row when stopping rules without an EOS criterion ended all rows (else None)."""
+        return None if self.stops is None else self.stops.limit
 
     def _greedy(self, dec, h, plan, drafts):
         K = plan.draft_len
@@ -276,4 +298,4 @@ def row_processors(model, gen, input_ids, attention_mask, user_processors=None) 
     return lists
 
 
-__all__ = ["HfVerifier", "right_padding", "row_processors"]
+__all__ = ["HfVerifier", "StopRules", "right_padding", "row_processors"]
