@@ -38,9 +38,14 @@ def match_expected(match_len: int, n: int) -> float:
     return a * (1 - a**n) / (1 - a)
 
 
+MAX_MATCH = 64  # NgramIndex.match measures matches up to this length
+_MATCH_TABLE = [[match_expected(m, n) for n in range(MAX_K)] for m in range(MAX_MATCH + 1)]
+
+
 def context_expected(row_stats: dict, match_len: int, n: int) -> float:
     """A row's expected accepted context drafts among ``n``: the better of its tried evidence and the match's."""
-    return max(row_stats["context"].expected(n), match_expected(match_len, n))
+    m = _MATCH_TABLE[min(max(match_len, 0), MAX_MATCH)][min(max(n, 0), MAX_K - 1)]
+    return max(row_stats["context"].expected(n), m)
 
 
 class AcceptanceStats:
@@ -239,12 +244,13 @@ class Planner:
     def _levels_for(self, K: int) -> tuple:
         return levels_upto(K, self.fixed_levels)
 
-    def _row_tables(self, nd: int, nc: int, st: dict, match: int) -> tuple[list, list]:
-        """Expected accepted diffusion and context drafts of a row for n = 0..MAX_K-1 drafts (capped at the drafts
-        it has); a context match counts as evidence only when decoding is greedy."""
-        d = [st["diffusion"].expected(min(nd, n)) for n in range(MAX_K)]
-        m = 0 if self.sampling else match
-        c = [context_expected(st, m, min(nc, n)) for n in range(MAX_K)]
+    def _row_tables(self, nd: int, nc: int, st: dict, match: int, slots: list) -> tuple[dict, dict]:
+        """Expected accepted diffusion and context drafts of a row for each n in ``slots`` (the K - 1 of the
+        candidate plans), capped at the drafts it has; a context match counts only when decoding is greedy."""
+        diff, ctx = st["diffusion"], st["context"]
+        mt = _MATCH_TABLE[0 if self.sampling else min(max(match, 0), MAX_MATCH)]
+        d = {n: diff.expected(min(nd, n)) for n in slots}
+        c = {n: max(ctx.expected(min(nc, n)), mt[min(nc, n)]) for n in slots}
         return d, c
 
     def first(self, k_limit: int) -> Plan:
@@ -271,7 +277,8 @@ class Planner:
             self._replan()
         rows = [_row(r, self.stats) for r in rows]
         # per row, once per step: expected accepted drafts of each source by draft count, and the remaining tokens
-        tables = [self._row_tables(nd, nc, st, match) for nd, nc, st, match, _ in rows]
+        slots = [K - 1 for K in self.best if K <= max(1, k_limit)]
+        tables = [self._row_tables(nd, nc, st, match, slots) for nd, nc, st, match, _ in rows]
         remaining = [r[4] for r in rows]
         best_val, best = -1.0, Plan(1, ())
         for K, (lv, tok, ms) in self.best.items():
