@@ -4,6 +4,7 @@ slot curve at all rows' tokens, and context drafts ride loops in generated text.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_model
 
@@ -75,6 +76,11 @@ def test_batch_cost_counts_head_calls_host_work_and_sampling():
     c = _curve(lambda n: 4.0, head_ms_call=0.5, host_ms_step=0.25, host_ms_row=0.1, sample_ms_step=1.0)
     assert c.batch_step(4, 2, 2, 2) == 4.0 + 0.01 * 8 + 1.0 + 0.25 + 0.4
     assert c.sampled_step(1, 4, 4) > c.sampled_step(1, 4, 0) > c.batch_step(1, 4, 4, 1)
+    # a sampled plain AR step has its own (measured) cost: drafted sampled steps pay rejection sampling on top
+    s = _curve(lambda n: 4.0, sample_ms_ar=0.2, sample_ms_step=3.0, sample_ms_row=0.1)
+    assert s.sampled_step(1, 1, 0) == pytest.approx(4.0 + 0.01 + 0.2)
+    assert s.sampled_step(1, 2, 2) == pytest.approx(4.0 + 0.06 + 3.0 + 0.6)
+    assert Planner(s, new_stats(), sampling=True).choose([_row(new_row_stats(1)[0], nd=1, nc=0)], MAX_K) == Plan(1, ())
 
 
 def test_ngram_match_length_and_periodic_drafts():

@@ -80,7 +80,8 @@ def _ms_per_forward(model, ids, **kw) -> float:
 def _host_calibrated(model):
     """The model's slot curve with what the forward leaves out measured (once per curve), by timing this loop:
     the host work of a greedy step (plain AR steps at batch 1 and 4, less the curve's forward and LM head) and
-    the extra cost of a sampled step's verification (K = 1, and K = 4 with all proposal blocks, at batch 1)."""
+    the extra cost of a sampled step: a plain AR one (K = 1), and rejection sampling with drafts, fixed and per row
+    (K = 2 and 4 with all proposal blocks: 6 and 20 rows), at batch 1."""
     curve = slot_curve(model)
     if curve.host_measured:
         return curve
@@ -97,12 +98,13 @@ def _host_calibrated(model):
     curve.host_ms_row = (host[4] - host[1]) / 3 if host[4] > host[1] else 0.0
     curve.host_ms_step = max(0.0, host[1] - curve.host_ms_row)
     extra = {}
-    for K in (1, 4):
+    for K in (1, 2, 4):
         ms = _ms_per_forward(model, ids[:1], max_new_tokens=new, draft_len=K, temperature=1.0, seed=0)
         S = K * (1 + (K if K > 1 else 0))
         extra[K] = max(0.0, ms - curve.batch_step(1, S, S, 1))
-    curve.sample_ms_row = (extra[4] - extra[1]) / 19 if extra[4] > extra[1] else 0.0  # 20 rows at K = 4, 1 at K = 1
-    curve.sample_ms_step = max(0.0, extra[1] - curve.sample_ms_row)
+    curve.sample_ms_ar = extra[1]
+    curve.sample_ms_row = (extra[4] - extra[2]) / 14 if extra[4] > extra[2] else 0.0  # 20 rows at K = 4, 6 at K = 2
+    curve.sample_ms_step = max(0.0, extra[2] - 6 * curve.sample_ms_row)
     return curve
 
 
@@ -380,7 +382,6 @@ class _Decoder:
             q = r.next_draft_probs[b, :n] if n > 0 and r.next_draft_probs is not None else None
             res.append((a_, row[1], row[2 : 2 + n], q))
         return res
-
 
     def _sampled_ar(self, h):
         """A sampled K = 1 step: the token from the AR row's processed distribution (``draft_sample`` with the row

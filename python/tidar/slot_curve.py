@@ -40,7 +40,8 @@ class SlotCurve:
     head_ms_call: float = 0.0  # the LM head's fixed cost per call (reading its weight), beyond the per-row cost
     host_ms_step: float = 0.0  # host work of a decode step beyond its forward and head (measured by generate)
     host_ms_row: float = 0.0  # ... and per row of the batch
-    sample_ms_step: float = 0.0  # a sampled step's verification (rejection sampling) beyond a greedy one
+    sample_ms_ar: float = 0.0  # a sampled K = 1 step's sampling beyond a greedy one
+    sample_ms_step: float = 0.0  # a sampled step's verification with drafts (rejection sampling), fixed
     sample_ms_row: float = 0.0  # ... per verified or proposal row
     host_measured: bool = False  # whether the host and sampling terms were measured (``generate`` does, once)
 
@@ -76,6 +77,8 @@ class SlotCurve:
         """Cost of a sampled decode step: the LM head on every row, and rejection sampling over the K verified rows
         and the K x K virtual proposal rows (``drafts.virtual_blocks``) when there are proposal blocks."""
         S = K * (1 + levels)
+        if K == 1:
+            return self.batch_step(batch, 1, 1, 1) + self.sample_ms_ar
         rows = K + (K * K if levels else 0)
         return self.batch_step(batch, S, S, 1) + self.sample_ms_step + self.sample_ms_row * batch * rows
 
