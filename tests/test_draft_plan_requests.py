@@ -162,3 +162,25 @@ def test_ragged_prefill_is_two_batched_forwards_and_exact():
     out = tidar.generate(model, ids, attention_mask=mask, max_new_tokens=1)
     assert out.forwards == 2 and torch.equal(out.sequences, want1)
     assert torch.equal(tidar.generate(model, ids, attention_mask=mask, max_new_tokens=20).sequences, want20)
+
+
+def test_an_ar_run_is_not_rescored_every_step_but_a_growing_match_is_weighed_within_a_few():
+    """Host time: in a run of AR steps on unchanged evidence the planner reuses its verdict; a context match that
+    keeps growing (a loop setting in) is re-scored within AR_RESCORE steps and then drafts."""
+    planner = Planner(CPU, new_stats(), batch=16)
+    rows = new_row_stats(16)
+    for r in rows:  # nothing has ever been accepted: AR pays best
+        r["diffusion"].update(MAX_K - 1, 0)
+        r["context"].update(MAX_K - 1, 0)
+    calls = []
+    orig = planner._row_tables
+    planner._row_tables = lambda *a: calls.append(1) or orig(*a)
+    quiet = [(0, 0, r, 0, 50) for r in rows]
+    assert planner.choose(quiet, MAX_K) == Plan(1, ())
+    n = len(calls)
+    for _ in range(5):
+        assert planner.choose(quiet, MAX_K) == Plan(1, ())
+    assert len(calls) == n  # reused: nothing changed
+    looping = [(0, MAX_K - 1, r, 60, 50) for r in rows]  # every row's text now repeats a 60-token block
+    plans = [planner.choose(looping, MAX_K) for _ in range(Planner.AR_RESCORE + 1)]
+    assert plans[-1].draft_len > 1

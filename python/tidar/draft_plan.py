@@ -57,6 +57,7 @@ class AcceptanceStats:
         self.accepts = [0.0] * MAX_K
         self._table: list[float] | None = None
         self._pooled: float | None = None
+        self.version = 0  # updates so far (a plan scored on unchanged evidence need not be scored again)
 
     def update(self, n_drafts: int, accepted: int) -> None:
         """A row had ``n_drafts`` drafts of this source and ``accepted`` of them were accepted."""
@@ -72,6 +73,7 @@ class AcceptanceStats:
             if i <= accepted:
                 self.accepts[i] += 1.0
         self._table = self._pooled = None
+        self.version += 1
 
     def pooled(self) -> float:
         """The acceptance rate over all depths (smoothed toward the prior)."""
@@ -197,6 +199,7 @@ class Planner:
     REPLAN_EVERY = 12  # steps between re-scoring the steady-state diffusion plans (the evidence moves fast)
     EXPLORE_AFTER = 16  # AR steps in a row before one diffusion step refreshes the statistics
     EXPLORE_MAX_COST = 1.25  # ... only where that step costs at most this many AR steps
+    AR_RESCORE = 4  # in a run of AR steps, grown context matches are re-scored every this many steps
 
     def __init__(
         self,
@@ -216,6 +219,10 @@ class Planner:
         self.best: dict[int, tuple[tuple, float, float]] = {}  # K -> (levels, steady tokens per row, step ms)
         self.since_replan = self.REPLAN_EVERY
         self.ar_run = 0
+        self._ar_memo = None  # the rows' inputs when the last full scoring chose a plain AR step
+        self._tables: dict = {}  # _row_tables memo
+        self._memo_hits = 0
+        self._replanned_at = None  # the request's evidence version at the last replan
 
     def cost(self, K: int, levels: tuple) -> float:
         """Milliseconds of a step of this plan for the whole batch: the forward at every row's tokens, the LM head
@@ -225,6 +232,7 @@ class Planner:
         return self.curve.batch_step(self.batch, K * (1 + len(levels)), 2 * K if levels else K, 2 if levels else 1)
 
     def _replan(self):
+        self._replanned_at = self._version(self.stats)
         diff = self.stats["diffusion"]
         ks = [self.fixed_k] if self.fixed_k else [k for k in self.CANDIDATE_K if k <= self.max_k]
         best = {}
@@ -244,13 +252,22 @@ class Planner:
     def _levels_for(self, K: int) -> tuple:
         return levels_upto(K, self.fixed_levels)
 
-    def _row_tables(self, nd: int, nc: int, st: dict, match: int, slots: list) -> tuple[dict, dict]:
+    def _row_tables(self, nd: int, nc: int, st: dict, match: int, slots: tuple) -> tuple[dict, dict]:
         """Expected accepted diffusion and context drafts of a row for each n in ``slots`` (the K - 1 of the
-        candidate plans), capped at the drafts it has; a context match counts only when decoding is greedy."""
+        candidate plans), capped at the drafts it has; a context match counts only when decoding is greedy.
+        Memoised on the row's evidence version: in a run of AR steps nothing but the match moves."""
+        m = 0 if self.sampling else min(max(match, 0), MAX_MATCH)
+        key = (id(st), self._version(st), nd, nc, m, slots)
+        hit = self._tables.get(key)
+        if hit is not None:
+            return hit
         diff, ctx = st["diffusion"], st["context"]
-        mt = _MATCH_TABLE[0 if self.sampling else min(max(match, 0), MAX_MATCH)]
+        mt = _MATCH_TABLE[m]
         d = {n: diff.expected(min(nd, n)) for n in slots}
         c = {n: max(ctx.expected(min(nc, n)), mt[min(nc, n)]) for n in slots}
+        if len(self._tables) > 4096:  # one request's rows and steps; keep it bounded
+            self._tables.clear()
+        self._tables[key] = (d, c)
         return d, c
 
     def first(self, k_limit: int) -> Plan:
@@ -273,11 +290,14 @@ class Planner:
         remaining tokens: the score is the smallest ``tokens_b / remaining_b`` over the rows (at batch 1 plain
         tokens per ms), never the batch's total, which fast rows would inflate while the slowest one waits."""
         self.since_replan += 1
-        if self.since_replan >= self.REPLAN_EVERY:
+        if self.since_replan >= self.REPLAN_EVERY and self._replanned_at != self._version(self.stats):
             self._replan()
         rows = [_row(r, self.stats) for r in rows]
+        key = [(nd, nc, match, id(st), self._version(st)) for nd, nc, st, match, _ in rows]
+        if self._still_ar(key, k_limit):  # an AR streak on unchanged evidence: the scoring would say AR again
+            return self._explore_or(Plan(1, ()), rows, k_limit)
         # per row, once per step: expected accepted drafts of each source by draft count, and the remaining tokens
-        slots = [K - 1 for K in self.best if K <= max(1, k_limit)]
+        slots = tuple(K - 1 for K in self.best if K <= max(1, k_limit))
         tables = [self._row_tables(nd, nc, st, match, slots) for nd, nc, st, match, _ in rows]
         remaining = [r[4] for r in rows]
         best_val, best = -1.0, Plan(1, ())
@@ -294,6 +314,28 @@ class Planner:
                 val = pace / (self.cost(K, levels) + nxt_ms)
                 if val > best_val:
                     best_val, best = val, Plan(K, levels)
+        self._ar_memo = (k_limit, key) if best == Plan(1, ()) else None
+        self._memo_hits = 0
+        return self._explore_or(best, rows, k_limit)
+
+    @staticmethod
+    def _version(stats: dict) -> tuple:
+        return tuple(stats[src].version for src in SOURCES)
+
+    def _still_ar(self, key: list, k_limit: int) -> bool:
+        """Whether the last full scoring chose AR on the same rows, drafts and evidence and the same K limit, and
+        no context match grew since, or it grew but fewer than ``AR_RESCORE`` steps ago (a match grows a token a
+        step as a loop sets in: it is new evidence, weighed within a few steps, not at every one)."""
+        memo = self._ar_memo
+        if memo is None or memo[0] != k_limit or len(memo[1]) != len(key):
+            return False
+        if not all(a[:2] == b[:2] and a[3:] == b[3:] for a, b in zip(key, memo[1])):
+            return False
+        self._memo_hits += 1
+        return self._memo_hits < self.AR_RESCORE or all(a[2] <= b[2] for a, b in zip(key, memo[1]))
+
+    def _explore_or(self, best: Plan, rows: list, k_limit: int) -> Plan:
+        """``best``, or after ``EXPLORE_AFTER`` AR steps in a row without context drafts, one cheap diffusion step."""
         if self.fixed_k is None and best.draft_len == 1 and not any(row[1] for row in rows):
             self.ar_run += 1
             if (
