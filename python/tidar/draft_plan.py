@@ -200,6 +200,9 @@ class Planner:
     EXPLORE_AFTER = 16  # AR steps in a row before one diffusion step refreshes the statistics
     EXPLORE_MAX_COST = 1.25  # ... only where that step costs at most this many AR steps
     AR_RESCORE = 4  # in a run of AR steps, grown context matches are re-scored every this many steps
+    # Where a drafted step's gain is small (sampling; several rows of a batch) it must beat a plain AR step by
+    # this much: the measured costs move by 5-10% between runs on a shared CPU, and a wrong guess there is a loss.
+    MARGIN = 1.1
 
     def __init__(
         self,
@@ -216,6 +219,7 @@ class Planner:
         self.fixed_k, self.fixed_levels = fixed_k, levels
         self.batch = max(1, int(batch))
         self.sampling = sampling  # a sampled step's cost: the head on every row, rejection sampling
+        self.margin = self.MARGIN if sampling or self.batch > 1 else 1.0
         self.best: dict[int, tuple[tuple, float, float]] = {}  # K -> (levels, steady tokens per row, step ms)
         self.since_replan = self.REPLAN_EVERY
         self.ar_run = 0
@@ -300,7 +304,7 @@ class Planner:
         slots = tuple(K - 1 for K in self.best if K <= max(1, k_limit))
         tables = [self._row_tables(nd, nc, st, match, slots) for nd, nc, st, match, _ in rows]
         remaining = [r[4] for r in rows]
-        best_val, best = -1.0, Plan(1, ())
+        best_val, best, ar_val = -1.0, Plan(1, ()), 0.0
         for K, (lv, tok, ms) in self.best.items():
             if K > max(1, k_limit):
                 continue
@@ -312,8 +316,12 @@ class Planner:
             for levels, nxt, nxt_ms in options:
                 pace = min((a + b) / r for a, b, r in zip(now, nxt, remaining)) if rows else 1.0
                 val = pace / (self.cost(K, levels) + nxt_ms)
+                if K == 1 and not levels:
+                    ar_val = val
                 if val > best_val:
                     best_val, best = val, Plan(K, levels)
+        if best != Plan(1, ()) and best_val < self.margin * ar_val:  # drafts must pay beyond the costs' noise
+            best = Plan(1, ())
         self._ar_memo = (k_limit, key) if best == Plan(1, ()) else None
         self._memo_hits = 0
         return self._explore_or(best, rows, k_limit)
