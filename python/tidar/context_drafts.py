@@ -7,6 +7,8 @@ copied draft is a proposal with probability one on that token.
 
 from __future__ import annotations
 
+MAX_MATCH = 64  # the longest match ``NgramIndex.match`` measures (longer loops are as sure as 64 tokens of one)
+
 
 class NgramIndex:
     """Per row: the latest earlier occurrence of every n-gram (``min_n <= n <= max_n``) of the sequence.
@@ -35,7 +37,7 @@ class NgramIndex:
     def lookup(self, k: int) -> list[int]:
         return self.match(k)[0]
 
-    def match(self, k: int, max_len: int = 64) -> tuple[list[int], int]:
+    def match(self, k: int, max_len: int = MAX_MATCH) -> tuple[list[int], int]:
         """``(drafts, match length)``: the ``k`` drafts of ``lookup`` and how many tokens (up to ``max_len``) the
         text before that earlier occurrence agrees with the text's end. A long match means the text repeats
         itself (a loop, a copied block): its continuation is likely; a 1-token match says little."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from .context_drafts import MAX_MATCH
 from .slot_curve import SlotCurve
 
 MAX_K = 16
@@ -38,7 +39,6 @@ def match_expected(match_len: int, n: int) -> float:
     return a * (1 - a**n) / (1 - a)
 
 
-MAX_MATCH = 64  # NgramIndex.match measures matches up to this length
 _MATCH_TABLE = [[match_expected(m, n) for n in range(MAX_K)] for m in range(MAX_MATCH + 1)]
 
 
@@ -265,10 +265,8 @@ class Planner:
         hit = self._tables.get(key)
         if hit is not None:
             return hit
-        diff, ctx = st["diffusion"], st["context"]
-        mt = _MATCH_TABLE[m]
-        d = {n: diff.expected(min(nd, n)) for n in slots}
-        c = {n: max(ctx.expected(min(nc, n)), mt[min(nc, n)]) for n in slots}
+        d = {n: st["diffusion"].expected(min(nd, n)) for n in slots}
+        c = {n: context_expected(st, m, min(nc, n)) for n in slots}
         if len(self._tables) > 4096:  # one request's rows and steps; keep it bounded
             self._tables.clear()
         self._tables[key] = (d, c)

@@ -99,7 +99,7 @@ def plan_table(curve: SlotCurve, stats: dict, proposal_levels=None, max_k: int =
     choice when a long context (n-gram) match is available."""
     planner = Planner(curve, stats, max_k=max_k, levels=proposal_levels)
     planner._replan()
-    ar_ms = planner.best[1][2] if 1 in planner.best else curve.step(1, 1)  # the planner's own AR step
+    ar_ms = planner.cost(1, ())  # the planner's own AR step
     ar_tps = 1000.0 / ar_ms
     plans = []
     for K, (lv, tok, ms) in sorted(planner.best.items()):
@@ -118,7 +118,7 @@ def plan_table(curve: SlotCurve, stats: dict, proposal_levels=None, max_k: int =
     best = max(plans, key=lambda p: p["tokens_per_s"])
     ctx = Planner(curve, stats, max_k=max_k, levels=proposal_levels).choose([(0, MAX_K - 1)], max_k)
     ctx_tok = 1.0 + stats["context"].expected(ctx.draft_len - 1)
-    ctx_ms = curve.step(ctx.seg_len, 2 * ctx.draft_len if ctx.levels else ctx.draft_len)
+    ctx_ms = planner.cost(ctx.draft_len, ctx.levels)  # priced as the planner prices it
     with_ctx = {
         "draft_len": ctx.draft_len,
         "levels": list(ctx.levels),
