@@ -156,3 +156,26 @@ def tiny_model(
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+def chi2_pvalue(samples, exact: dict) -> float:
+    """Pearson chi-square p-value of ``samples`` (hashable outcomes) against the ``exact`` distribution
+    (outcome -> probability), pooling the cells with expected count < 5 into one."""
+    from scipy import stats
+
+    counts = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    n = len(samples)
+    obs, exp, pool_o, pool_e = [], [], 0, 0.0
+    for s, p in exact.items():
+        if p * n >= 5:
+            obs.append(counts.get(s, 0))
+            exp.append(p * n)
+        else:
+            pool_o += counts.get(s, 0)
+            pool_e += p * n
+    if pool_e > 0:
+        obs.append(pool_o)
+        exp.append(pool_e)
+    return stats.chisquare(obs, exp).pvalue

@@ -6,8 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import tiny_model
-from scipy import stats
+from conftest import chi2_pvalue, tiny_model
 
 import tidar
 
@@ -26,25 +25,6 @@ def _exact_ar_distribution(model, temperature=1.0):
     return {tuple(s): p for s, p in zip(seqs.tolist(), lp.exp().tolist())}
 
 
-def _chi2_pvalue(samples, exact):
-    """Pearson chi-square of the samples against ``exact``, pooling cells with expected count < 5."""
-    counts = {}
-    for s in samples:
-        counts[s] = counts.get(s, 0) + 1
-    n = len(samples)
-    obs, exp, pool_o, pool_e = [], [], 0, 0.0
-    for s, p in exact.items():
-        if p * n >= 5:
-            obs.append(counts.get(s, 0))
-            exp.append(p * n)
-        else:
-            pool_o += counts.get(s, 0)
-            pool_e += p * n
-    obs.append(pool_o)
-    exp.append(pool_e)
-    return stats.chisquare(obs, exp).pvalue
-
-
 def _sample(model, K, beta=1.0, temperature=1.0, seed=0):
     ids = torch.tensor([PROMPT]).expand(N, -1).contiguous()
     g = torch.Generator().manual_seed(seed)
@@ -59,13 +39,13 @@ def test_sampling_matches_exact_ar_distribution(K):
     tidar.patch(model, draft_len=K)
     samples, out = _sample(model, K)
     assert max(out.accepted_histogram) > 1, "no draft was ever accepted: the test would prove nothing"
-    assert _chi2_pvalue(samples, exact) > 1e-3
+    assert chi2_pvalue(samples, exact) > 1e-3
     tv = 0.5 * sum(abs(exact[s] - samples.count(s) / N) for s in exact)
     assert tv < 0.06
 
     # Power: the same statistic rejects a wrong sampler (beta = 0 verifies against the diffusion logits).
     wrong, _ = _sample(model, K, beta=0.0)
-    assert _chi2_pvalue(wrong, exact) < 1e-6
+    assert chi2_pvalue(wrong, exact) < 1e-6
 
 
 @pytest.mark.parametrize("K", [1, "auto"])
@@ -75,7 +55,7 @@ def test_plain_ar_steps_and_auto_keep_the_ar_distribution(K):
     exact = _exact_ar_distribution(model)
     tidar.patch(model, draft_len=K)
     samples, out = _sample(model, K)
-    assert _chi2_pvalue(samples, exact) > 1e-3
+    assert chi2_pvalue(samples, exact) > 1e-3
     assert 0.5 * sum(abs(exact[s] - samples.count(s) / N) for s in exact) < 0.06
 
 
@@ -84,7 +64,7 @@ def test_temperature_is_applied_to_target_and_drafts():
     exact = _exact_ar_distribution(model, temperature=0.7)
     tidar.patch(model, draft_len=3)
     samples, _ = _sample(model, 3, temperature=0.7, seed=1)
-    assert _chi2_pvalue(samples, exact) > 1e-3
+    assert chi2_pvalue(samples, exact) > 1e-3
 
 
 def test_same_generator_seed_reproduces():
@@ -109,6 +89,6 @@ def test_level_sets_and_context_drafts_keep_the_ar_distribution(K, levels, conte
     assert max(out.accepted_histogram) > 1, "no draft was ever accepted: the test would prove nothing"
     if context:
         assert out.draft_sources.get("context", 0) > 0, out.draft_sources
-    assert _chi2_pvalue(samples, exact) > 1e-3
+    assert chi2_pvalue(samples, exact) > 1e-3
     tv = 0.5 * sum(abs(exact[s] - samples.count(s) / N) for s in exact)
     assert tv < 0.06

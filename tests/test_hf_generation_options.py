@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import chi2_pvalue, tiny_model
 
 import tidar
 
@@ -246,28 +246,6 @@ def _hf_processed_distribution(twin, kwargs, prompt=SAMPLE_PROMPT, mask=None):
     return {tuple(s): p for s, p in zip(seqs.tolist(), lp.exp().tolist())}
 
 
-def _chi2_pvalue(samples, exact):
-    """Pearson chi-square of the samples against ``exact``, pooling cells with expected count < 5."""
-    from scipy import stats
-
-    counts = {}
-    for s in samples:
-        counts[s] = counts.get(s, 0) + 1
-    n = len(samples)
-    obs, exp, pool_o, pool_e = [], [], 0, 0.0
-    for s, p in exact.items():
-        if p * n >= 5:
-            obs.append(counts.get(s, 0))
-            exp.append(p * n)
-        else:
-            pool_o += counts.get(s, 0)
-            pool_e += p * n
-    if pool_e > 0:
-        obs.append(pool_o)
-        exp.append(pool_e)
-    return stats.chisquare(obs, exp).pvalue
-
-
 @pytest.mark.parametrize("name", list(SAMPLED_OPTIONS))
 def test_sampling_with_hf_processors_has_hfs_distribution(name):
     kw = SAMPLED_OPTIONS[name]
@@ -281,10 +259,10 @@ def test_sampling_with_hf_processors_has_hfs_distribution(name):
     out = model.generate(ids, do_sample=True, max_new_tokens=T, tidar_stats=True, **kw)
     samples = [tuple(r) for r in out.sequences[:, len(SAMPLE_PROMPT) :].tolist()]
     assert max(out.accepted_histogram) > 1, "no draft was ever accepted: the test would prove nothing"
-    assert _chi2_pvalue(samples, exact) > 1e-3
+    assert chi2_pvalue(samples, exact) > 1e-3
     tv = 0.5 * sum(abs(exact[s] - samples.count(s) / N) for s in exact)
     assert tv < 0.07
-    assert _chi2_pvalue(samples, plain) < 1e-6  # power: the processors change the distribution
+    assert chi2_pvalue(samples, plain) < 1e-6  # power: the processors change the distribution
 
 
 def test_sampling_left_padded_batch_has_hfs_distribution():
@@ -304,7 +282,7 @@ def test_sampling_left_padded_batch_has_hfs_distribution():
     for row, (prompt, m) in enumerate(((padded, mask), (longer, None))):
         samples = [tuple(r) for r in out[row::2, 5:].tolist()]
         exact = _hf_processed_distribution(twin, kw, prompt, m)
-        assert _chi2_pvalue(samples, exact) > 1e-3, prompt
+        assert chi2_pvalue(samples, exact) > 1e-3, prompt
 
 
 # ---------------------------------------------------------------------------------------- outputs
