@@ -179,3 +179,23 @@ def chi2_pvalue(samples, exact: dict) -> float:
         obs.append(pool_o)
         exp.append(pool_e)
     return stats.chisquare(obs, exp).pvalue
+
+
+@pytest.fixture
+def impl_calls(monkeypatch):
+    """Every registered backend implementation of every op replaced by a spy recording its ``(op, backend)``
+    calls (bad-input tests: nothing runs before the error)."""
+    from tidar_kernels import _loaders, backends
+
+    _loaders.load_all()
+    calls = []
+    for op, impls in backends._IMPLS.items():
+        for name, fn in list(impls.items()):
+
+            def spy(*args, _fn=fn, _key=(op, name)):
+                calls.append(_key)
+                return _fn(*args)
+
+            spy.__dict__.update(vars(fn))  # capability flags (e.g. ``philox``)
+            monkeypatch.setitem(impls, name, spy)
+    return calls

@@ -429,25 +429,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().reshape(-1).view(torch.uint8).clone() if t.numel() else t.detach().cpu().clone()
 
 
-@pytest.fixture
-def impl_calls(monkeypatch):
-    """Every registered backend implementation replaced by a spy recording its calls."""
-    from tidar_kernels import _loaders, backends
-
-    _loaders.load_all()
-    calls = []
-    for op, impls in backends._IMPLS.items():
-        for name, fn in list(impls.items()):
-
-            def spy(*args, _fn=fn, _key=(op, name)):
-                calls.append(_key)
-                return _fn(*args)
-
-            spy.__dict__.update(vars(fn))  # capability flags (e.g. ``philox``)
-            monkeypatch.setitem(impls, name, spy)
-    return calls
-
-
 def test_the_table_is_large_enough():
     assert len(OP_CASES) >= 60 and len({c[0] for c in OP_CASES + PLAIN_CASES}) == len(OP_CASES) + len(PLAIN_CASES)
 
