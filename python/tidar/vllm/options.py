@@ -1,0 +1,92 @@
+"""TiDAR's settings inside vLLM, and their encoding as the proposer's class name.
+
+vLLM's ``SpeculativeConfig`` has no free-form field, and ``method="custom_class"`` imports ``model`` as a dotted
+path. So the settings travel in that path: ``tidar.vllm.proposer.TidarProposer__levels_1_2_3__context_3``. The
+proposer module resolves such names to a class carrying the settings (``proposer.__getattr__``), so the same
+JSON works for ``vllm.LLM(speculative_config=...)`` and ``vllm serve --speculative-config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+PROPOSER_MODULE = "tidar.vllm.proposer"
+CLASS_PREFIX = "TidarProposer"
+
+
+@dataclasses.dataclass(frozen=True)
+class TidarOptions:
+    """``levels``: the proposal blocks appended per request, by how many of the step's scheduled tokens they assume
+    accepted (1 = only the last sampled token, ``K + 1`` = every draft); None = all of them (the paper).
+    ``context``: n-gram (prompt-lookup) drafts replace the diffusion drafts of a request when the text's end
+    matches an earlier n-gram of at least this many tokens (0 = diffusion drafts only)."""
+
+    levels: tuple[int, ...] | None = None
+    context: int = 0
+
+    def check(self, num_speculative_tokens: int) -> None:
+        K = num_speculative_tokens
+        if not isinstance(K, int) or isinstance(K, bool) or K < 1:
+            raise ValueError(f"num_speculative_tokens must be an int >= 1, got {K!r}")
+        if self.levels is not None:
+            lv = self.levels
+            if not lv or any(not isinstance(j, int) or isinstance(j, bool) or not 1 <= j <= K + 1 for j in lv):
+                raise ValueError(
+                    f"levels must be a non-empty list of ints in [1, num_speculative_tokens + 1 = {K + 1}] (blocks "
+                    f"by the number of scheduled tokens they assume accepted), got {lv!r}"
+                )
+            if list(lv) != sorted(set(lv)):
+                raise ValueError(f"levels must be strictly increasing, got {list(lv)!r}")
+        if not isinstance(self.context, int) or isinstance(self.context, bool) or self.context < 0:
+            raise ValueError(f"context must be an int >= 0 (minimum n-gram match, 0 = off), got {self.context!r}")
+
+    def class_name(self) -> str:
+        parts = [CLASS_PREFIX]
+        if self.levels is not None:
+            parts.append("levels_" + "_".join(str(j) for j in self.levels))
+        if self.context:
+            parts.append(f"context_{self.context}")
+        return "__".join(parts)
+
+
+def parse_class_name(name: str) -> TidarOptions:
+    """The options a class name from ``TidarOptions.class_name`` encodes; ValueError for any other name."""
+    parts = name.split("__")
+    if parts[0] != CLASS_PREFIX:
+        raise ValueError(f"not a TiDAR proposer name: {name!r} (expected {CLASS_PREFIX}[__option...])")
+    levels, context = None, 0
+    for part in parts[1:]:
+        key, _, rest = part.partition("_")
+        values = rest.split("_") if rest else []
+        if not values or not all(v.isdigit() for v in values):
+            raise ValueError(f"bad option {part!r} in TiDAR proposer name {name!r}")
+        if key == "levels":
+            levels = tuple(int(v) for v in values)
+        elif key == "context" and len(values) == 1:
+            context = int(values[0])
+        else:
+            raise ValueError(f"unknown option {part!r} in TiDAR proposer name {name!r} (known: levels, context)")
+    return TidarOptions(levels=levels, context=context)
+
+
+def is_tidar_path(model: str | None) -> bool:
+    return isinstance(model, str) and model.startswith(PROPOSER_MODULE + "." + CLASS_PREFIX)
+
+
+def speculative_config(num_speculative_tokens: int = 8, *, levels=None, context: int = 0) -> dict:
+    """The ``speculative_config`` that runs TiDAR in vLLM: pass it to ``vllm.LLM(speculative_config=...)`` or, as
+    JSON, to ``vllm serve --speculative-config``.
+
+    Args:
+        num_speculative_tokens: drafts per request and step (K); each step's forward appends ``K + 1`` [MASK]
+            slots per proposal block.
+        levels: which proposal blocks to append (see ``TidarOptions``); None = all ``K + 1`` (the paper).
+        context: minimum n-gram match for context drafts (0 = off).
+    """
+    opts = TidarOptions(levels=None if levels is None else tuple(levels), context=context)
+    opts.check(num_speculative_tokens)
+    return {
+        "method": "custom_class",
+        "model": f"{PROPOSER_MODULE}.{opts.class_name()}",
+        "num_speculative_tokens": num_speculative_tokens,
+    }

@@ -1,0 +1,187 @@
+"""The TiDAR proposer vLLM loads with ``method="custom_class"`` (one forward per step, docs/design.md §1.5).
+
+``load_model`` wraps the target model: each forward gets, after the rows vLLM scheduled, the [MASK] proposal
+blocks of every request (``step_layout``); their attention runs in ``mask_attention``; their final hidden states
+are kept, and the model returns the scheduled rows only, so vLLM's sampler, rejection sampler and metrics run
+unchanged. ``propose`` then reads the next drafts off the block that matches each request's accepted length: no
+second forward.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .mask_attention import LayerHook, MaskRows, check_layer
+from .options import TidarOptions, parse_class_name
+from .step_layout import plan_step
+
+# vLLM model classes whose decoder layers call ``Attention(q, k, v)`` after RoPE on the forward's positions
+SUPPORTED_ARCHITECTURES = (
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+)
+
+
+class _State:
+    mask_rows = None  # the current forward's MaskRows, read by every layer hook
+
+
+class TidarProposer:
+    """``vllm`` custom proposer; the options come from the class name (``options``)."""
+
+    options = TidarOptions()
+
+    def __init__(self, vllm_config):
+        from .engine_checks import check_vllm_config
+
+        check_vllm_config(vllm_config)
+        self.vllm_config = vllm_config
+        self.K = vllm_config.speculative_config.num_speculative_tokens
+        self.options.check(self.K)
+        hf = vllm_config.model_config.hf_config
+        self.mask_token_id = int(hf.mask_token_id)
+        self.max_position = vllm_config.model_config.max_model_len
+        self.state = _State()
+        self.scheduler_output = None  # set by the runner hook (plugin) before each execute_model
+        self.runner = None
+        self.hidden = None  # the last forward's mask rows' hidden states
+        self.layout = None
+        self.contexts = {}  # req_id -> NgramIndex (context drafts)
+
+    # --- the runner hook (plugin.py) ---
+    def begin_step(self, runner, scheduler_output) -> None:
+        self.runner, self.scheduler_output = runner, scheduler_output
+        self.hidden = self.layout = None
+
+    # --- vLLM's interface ---
+    def load_model(self, model) -> None:
+        from vllm.model_executor.layers.attention.attention import Attention
+
+        arch = type(model).__name__
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"TiDAR in vLLM supports the model classes {SUPPORTED_ARCHITECTURES}; this model is {arch}"
+            )
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        if not layers:
+            raise ValueError(f"TiDAR found no vLLM Attention layer in {arch}")
+        for layer in layers:
+            check_layer(layer)
+            layer.forward = LayerHook(layer, self.state)
+        self.model = model
+        orig_forward = model.forward
+
+        def forward(input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+            rows = self._plan(input_ids, positions)
+            if rows is None:
+                return orig_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            P = rows.num_input_rows
+            mask_ids = torch.full((rows.layout.num_rows,), self.mask_token_id, dtype=input_ids.dtype)
+            ids = torch.cat([input_ids, mask_ids.to(input_ids.device)])
+            pos = torch.cat([positions, rows.layout.positions.to(positions)])
+            self.state.mask_rows = rows
+            try:
+                hidden = orig_forward(ids, pos, intermediate_tensors, inputs_embeds, **kwargs)
+            finally:
+                self.state.mask_rows = None
+            self.hidden, self.layout = hidden[P:], rows.layout
+            return hidden[:P]
+
+        model.forward = forward
+
+    def _plan(self, input_ids, positions):
+        """The mask rows of this forward, or None (no scheduler step: a profiling or dummy run)."""
+        from vllm.forward_context import get_forward_context
+
+        so, runner = self.scheduler_output, self.runner
+        if so is None or input_ids is None:
+            return None
+        meta = get_forward_context().attn_metadata
+        if not meta:
+            return None
+        if isinstance(meta, list):
+            meta = meta[0]
+        m = next(iter(meta.values()))
+        num_reqs = m.seq_lens.shape[0]
+        qsl = m.query_start_loc[: num_reqs + 1].tolist()
+        seq_lens = m.seq_lens[:num_reqs].tolist()
+        req_ids = runner.input_batch.req_ids[:num_reqs]
+        sched = [qsl[i + 1] - qsl[i] for i in range(num_reqs)]
+        for rid, n in zip(req_ids, sched):
+            if so.num_scheduled_tokens.get(rid) != n:
+                raise RuntimeError(
+                    f"TiDAR: request {rid} has {n} rows in the forward, the scheduler gave it "
+                    f"{so.num_scheduled_tokens.get(rid)} (the runner's batch order is not the one it expects)"
+                )
+        drafts = [len(so.scheduled_spec_decode_tokens.get(rid, ())) for rid in req_ids]
+        computed = [s - n for s, n in zip(seq_lens, sched)]
+        layout = plan_step(computed, sched, drafts, self.K, self.options.levels, self.max_position)
+        if layout.num_rows == 0:
+            return None
+        self.req_ids = list(req_ids)
+        return MaskRows(layout, input_ids.shape[0], m.block_table[:num_reqs])
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec=None, token_ids_cpu=None, slot_mappings=None, **_):
+        """The next drafts of each request: slots of the block that assumed its accepted length (greedy), or a
+        context (n-gram) continuation when ``options.context`` is on and the text's end matches."""
+        layout, hidden = self.layout, self.hidden
+        out: list[list[int]] = [[] for _ in sampled_token_ids]
+        if layout is None:
+            return out
+        K = self.K
+        picks = []  # (request, first row, count)
+        for r, sampled in enumerate(sampled_token_ids):
+            if not sampled or r >= len(layout.request_levels):
+                continue
+            if self.options.context:
+                ctx = self._context_drafts(r, num_tokens_no_spec, token_ids_cpu)
+                if ctx:
+                    out[r] = ctx
+                    continue
+            level = len(sampled)
+            found = layout.block_for(r, level)
+            if found is None:
+                continue
+            start, lv = found
+            first = level - lv + 1  # slot of the first next draft in that block
+            if first <= K:
+                picks.append((r, start + first, K + 1 - first))
+        if picks:
+            idx = torch.cat([torch.arange(s, s + c) for _, s, c in picks]).to(hidden.device)
+            logits = self.model.compute_logits(hidden.index_select(0, idx))
+            tokens = logits.argmax(dim=-1).tolist()
+            i = 0
+            for r, _, c in picks:
+                out[r] = tokens[i : i + c]
+                i += c
+        self.hidden = None
+        return out
+
+    def _context_drafts(self, r, num_tokens_no_spec, token_ids_cpu) -> list[int]:
+        from ._deps import NgramIndex
+
+        rid = self.req_ids[r]
+        n = int(num_tokens_no_spec[r])
+        idx = self.contexts.get(rid)
+        if idx is None or len(idx.seq) > n:
+            idx = self.contexts[rid] = NgramIndex([], max_n=max(4, self.options.context), min_n=self.options.context)
+        idx.extend(token_ids_cpu[r, len(idx.seq) : n].tolist())
+        live = set(self.req_ids)
+        for old in [k for k in self.contexts if k not in live]:
+            del self.contexts[old]
+        drafts, length = idx.match(self.K)
+        return drafts if length >= self.options.context else []
+
+
+def __getattr__(name: str):
+    """``TidarProposer__levels_...`` (see ``options``): a subclass carrying those options, made once."""
+    if not name.startswith("TidarProposer__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    opts = parse_class_name(name)
+    cls = type(name, (TidarProposer,), {"options": opts, "__module__": __name__})
+    setattr(sys.modules[__name__], name, cls)
+    return cls
