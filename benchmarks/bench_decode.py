@@ -1,7 +1,7 @@
 """Decoding on the bundled model (``--only e2e``; on CPU this is the whole e2e suite): does TiDAR make more
 tokens per second than AR on the machine at hand?
 
-- ``decode_curve``: the token-slot curve of the bundled model (``tidar.slot_curve.measure_slot_curve``: one
+- ``decode_curve``: the token-slot curve of the bundled model (``tidar.decode.slot_timing.measure_slot_curve``: one
   forward after a 64-token cached prefix, by its token count, as ``draft_len="auto"`` plans with it).
 - ``decode_step``: one TiDAR decode step (the decode loop's own step: forward over S = K (1 + |levels|) tokens,
   LM head on the needed rows, greedy verification, the step's host sync) against a plain HF forward of the
@@ -103,8 +103,8 @@ def _versions() -> dict:
 
 
 def _load(bench: Bench):
-    from tidar.checkpoint import load_checkpoint
-    from tidar.demo import PROMPTS_FILE, bundled_model_dir
+    from tidar.cli.demo import PROMPTS_FILE, bundled_model_dir
+    from tidar.train.checkpoint import load_checkpoint
 
     folder = bundled_model_dir()
     hf, tok, _ = load_checkpoint(folder, bench.device)
@@ -117,7 +117,7 @@ def _load(bench: Bench):
 
 
 def _curve(bench: Bench, td, rec: dict):
-    from tidar.slot_curve import GRID, measure_slot_curve, set_slot_curve
+    from tidar.decode.slot_timing import GRID, measure_slot_curve, set_slot_curve
 
     bench.start_suite("decode_curve", 60 if bench.smoke else 240)
     grid = [1, 4] if bench.smoke else list(GRID)
@@ -130,7 +130,7 @@ def _curve(bench: Bench, td, rec: dict):
             ms,
             params={"n": n, "kind": "curve"},
             extra={"ms/token": ms / n, "x 1 token": ms / curve.body_ms[0]},
-            notes="tidar.slot_curve.measure_slot_curve: what draft_len='auto' plans with",
+            notes="tidar.decode.slot_timing.measure_slot_curve: what draft_len='auto' plans with",
         )
     rec["curve"] = {
         "tokens": curve.tokens,
@@ -150,14 +150,14 @@ def _ids(V, n, seed):
 
 
 def _tidar_stepper(td, prompt, K, levels):
-    """The decode loop's own step (``tidar.generate._Decoder.step``) at a fixed plan, repeatable: the step
+    """The decode loop's own step (``tidar.decode.decoder._Decoder.step``) at a fixed plan, repeatable: the step
     writes the K/V of its segment after the committed prefix and the cache is not committed, so every call
     does the same work."""
-    from tidar.cache import TidarCache
-    from tidar.draft_plan import Plan
-    from tidar.generate import _Decoder
-    from tidar.generate_args import check_generate_args
-    from tidar.patch import settings
+    from tidar.decode.args import check_generate_args
+    from tidar.decode.decoder import _Decoder
+    from tidar.decode.planner import Plan
+    from tidar.hf.cache import TidarCache
+    from tidar.patching import settings
 
     s = settings(td)
     g = check_generate_args(td, prompt, None, 1, 0.0, None, None, 1.0, None, None, None, None, None)

@@ -375,7 +375,7 @@ def _measured_tpf(bench: Bench) -> tuple[float | None, str]:
     if bench.smoke:
         return None, "not looked up in --smoke"
     try:
-        import tidar.demo  # noqa: F401
+        import tidar.cli.demo  # noqa: F401
     except ImportError as e:
         return None, f"no bundled model yet (tidar demo unavailable: {e})"
     try:

@@ -30,8 +30,8 @@ TEMPERATURE = 0.8
 
 def _load(bench: Bench):
     import tidar
-    from tidar.checkpoint import load_checkpoint
-    from tidar.demo import PROMPTS_FILE, bundled_model_dir
+    from tidar.cli.demo import PROMPTS_FILE, bundled_model_dir
+    from tidar.train.checkpoint import load_checkpoint
 
     folder = bundled_model_dir()
     td, tok, _ = load_checkpoint(folder, device=bench.device)

@@ -48,7 +48,7 @@ shopt -s nullglob
 done
 
 echo "== tidar env"
-"$PY" -m tidar.cli env 2>&1 | tee "$OUT/tidar_env.txt" || true
+"$PY" -m tidar env 2>&1 | tee "$OUT/tidar_env.txt" || true
 
 left=$(( TOTAL - ($(date +%s) - t0) ))
 scale=$("$PY" -c "print(max(0.05, min(1.0, ($left - 45) / 410)))")

@@ -1,5 +1,5 @@
 """Tiny random-weight models of every causal-LM family in the installed transformers, built from config classes
-(no downloads): the family test (tests/test_families.py) and the README's supported-families list use them.
+(no downloads): the family test (tests/hf/test_families.py) and the README's supported-families list use them.
 
 ``build(model_type)`` returns ``(model, None)`` or ``(None, reason)`` when no tiny model of the family can be
 built generically (the reason is the construction error): such families are reported as "not built", never
@@ -170,7 +170,7 @@ def build(model_type: str, cls_name: str, seed: int = 0, **overrides):
 def classify() -> dict:
     """``model_type -> ("supported", "") | ("refused", reason) | ("not built", reason)`` (build + patch only)."""
     import tidar
-    from tidar.patch_probe import UnsupportedModel
+    from tidar.hf.probe import UnsupportedModel
 
     out = {}
     for model_type, cls_name in families():
@@ -196,7 +196,7 @@ def readme_section(result: dict) -> str:
     nb = sorted(k for k, (s, _) in result.items() if s == "not built")
     lines = [
         "<!-- families:begin -->",
-        f"Checked by `tests/test_families.py` against transformers {transformers.__version__} (tiny random-weight "
+        f"Checked by `tests/hf/test_families.py` against transformers {transformers.__version__} (tiny random-weight "
         "models built from each config class; regenerate with `python tests/family_models.py --write`).",
         "",
         f"**Supported ({len(sup)})**, greedy-exact with forced long acceptances, a ragged batch and the drop-in "

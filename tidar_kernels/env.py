@@ -22,7 +22,8 @@ def _version(module: str) -> str | None:
 def report() -> dict:
     import torch
 
-    from . import __version__, _loaders, backends
+    from . import _loaders, backends
+    from ._version import __version__
 
     _loaders.load_all()
     cuda_error = _loaders.load_error("cuda")

@@ -7,14 +7,13 @@ loss = tidar.hybrid_loss(model, input_ids, block_size=16).loss   # training obje
 tidar.unpatch(model)                     # back to the exact original
 """
 
+from tidar.decode.decoder import TidarGenerateOutput, generate
+from tidar.decode.slot_timing import slot_curve
+from tidar.hf.attention import TidarStep, tidar_forward
+from tidar.hf.cache import TidarCache
+from tidar.patching import UnsupportedModel, add_mask_token, is_patched, patch, unpatch
+from tidar.train.objective import HybridLoss, hybrid_loss
 from tidar_kernels._version import __version__ as __version__  # one version for both packages
-
-from .attention import TidarStep, tidar_forward
-from .cache import TidarCache
-from .generate import TidarGenerateOutput, generate
-from .hybrid_loss import HybridLoss, hybrid_loss
-from .patch import UnsupportedModel, add_mask_token, is_patched, patch, unpatch
-from .slot_curve import slot_curve
 
 __all__ = [
     "HybridLoss",

@@ -10,7 +10,7 @@
 #   4. bench   benchmarks/run_gpu.sh with the seconds that are left
 # usage: bash tests/gpu/session.sh OUT        (env: SESSION_S total seconds, default 570; SKIP_BUILD=1)
 # PYTHON: the one interpreter of the whole run (default python3), passed down to benchmarks/run_gpu.sh.
-# DRY_RUN=1 checks the plumbing without a GPU in well under a minute (tests/test_gpu_session_dryrun.py): no build,
+# DRY_RUN=1 checks the plumbing without a GPU in well under a minute (tests/benchmarks/test_gpu_session_dryrun.py): no build,
 # `tidar env` and `tidar selftest` as usual, pytest collects each selection (the sanitizer's too) instead of running
 # it, no compute-sanitizer, and run_gpu.sh runs the kv_append benchmarks in --smoke mode.
 # The longer checks (every sanitizer tool, the CMake bench) are tests/gpu/run_cuda_checks.sh.
@@ -60,27 +60,27 @@ elif [ "${SKIP_BUILD:-0}" != "1" ]; then
   stage build "$(cap 330 200)" env TIDAR_FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e . \
     || echo "build failed: see $OUT/build.log (the Triton backend is still checked)" | tee -a "$summary"
 fi
-"$PY" -m tidar.cli env > "$OUT/env.txt" 2>&1
-"$PY" -m tidar.cli env --json > "$OUT/env.json" 2>&1
-stage selftest "$(cap 150 120)" "$PY" -m tidar.cli selftest
+"$PY" -m tidar env > "$OUT/env.txt" 2>&1
+"$PY" -m tidar env --json > "$OUT/env.json" 2>&1
+stage selftest "$(cap 150 120)" "$PY" -m tidar selftest
 tail -1 "$OUT/selftest.log" | tee -a "$summary"
 
 # 2. GPU correctness tests --------------------------------------------------------------------------------------
 PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
 [ "$DRY_RUN" = "1" ] && PYTEST+=(--collect-only)  # the selections exist and collect; nothing runs
 # (torch.compile / opcheck tests take long cold: they are in run_cuda_checks.sh)
-stage tests_cuda "$(cap 150 150)" "${PYTEST[@]}" tests/test_cuda_gpu.py tests/test_cuda_ext.py tests/test_backends.py \
+stage tests_cuda "$(cap 150 150)" "${PYTEST[@]}" tests/kernels/test_cuda_gpu.py tests/kernels/test_cuda_ext.py tests/kernels/test_backends.py \
   -k "not compile"
 tail -1 "$OUT/tests_cuda.log" | tee -a "$summary"
-stage tests_gpu "$(cap 120 100)" "${PYTEST[@]}" tests/test_kv_append.py tests/test_triton_kv_append.py \
-  tests/test_triton_rejection_sample.py tests/test_triton_tidar_attention.py tests/test_env.py \
-  tests/test_tidar_attention_paged.py tests/test_kv_append_paged.py tests/test_triton_tidar_attention_paged.py \
+stage tests_gpu "$(cap 120 100)" "${PYTEST[@]}" tests/kernels/test_kv_append.py tests/kernels/test_triton_kv_append.py \
+  tests/kernels/test_triton_rejection_sample.py tests/kernels/test_triton_tidar_attention.py tests/cli/test_env.py \
+  tests/kernels/test_tidar_attention_paged.py tests/kernels/test_kv_append_paged.py tests/kernels/test_triton_tidar_attention_paged.py \
   -k "gpu or cuda"
 tail -1 "$OUT/tests_gpu.log" | tee -a "$summary"
 
 # 3. compute-sanitizer on a short subset ------------------------------------------------------------------------
 CS="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
-SEL="${SANITIZER_TESTS:-tests/test_cuda_gpu.py -k 'kv_append_whole_cache and 3-2-200-7-113 or rejection_exact_vs_reference_given_uniforms and 24-4-33 or seed_offset and 1234-77 and not True or attention_decode_step and 4-1000 and float16'}"
+SEL="${SANITIZER_TESTS:-tests/kernels/test_cuda_gpu.py -k 'kv_append_whole_cache and 3-2-200-7-113 or rejection_exact_vs_reference_given_uniforms and 24-4-33 or seed_offset and 1234-77 and not True or attention_decode_step and 4-1000 and float16'}"
 if [ "$DRY_RUN" = "1" ]; then
   stage sanitizer_selection "$(cap 60 60)" bash -c "'$PY' -m pytest $SEL -q -p no:cacheprovider --collect-only"
   echo "sanitizer: skipped (DRY_RUN=1: its selection was collected)" | tee -a "$summary"

@@ -70,7 +70,7 @@ def _load():
             + "; build it with `pip install --no-build-isolation -e .` (needs nvcc and a CUDA build of torch)"
         )
     try:
-        from .. import _C  # noqa: F401  (loads the library: registers torch.ops.tidar_cuda.*)
+        importlib.import_module("tidar_kernels._C")  # loads the library: registers torch.ops.tidar_cuda.*
     except (ImportError, OSError) as e:
         built = info.get("torch_version", "an unknown torch")
         raise ImportError(

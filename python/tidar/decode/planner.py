@@ -1,0 +1,376 @@
+"""Choosing K and the proposal levels of each step (``draft_len="auto"``, docs/design.md §4).
+
+Expected tokens per second of a plan = expected tokens per step / the step's cost, with the cost from the
+measured token-slot curve (``slot_curve``: the forward by token count, the LM head's cost per call and per row,
+the host work of a step) and the expectation from acceptance statistics: per draft source (diffusion, context)
+and per depth i, the rate ``alpha_i`` at which draft i is accepted once drafts 1..i-1 were.
+
+Statistics belong to one request: every ``generate`` call starts from the priors (``new_stats``), so a request's
+speed never depends on what the model decoded before, and each row keeps its own evidence (``new_row_stats``),
+which adapts within a few steps (a long accepted run of context drafts means the text loops: draft long; a miss
+means shorten). The diffusion plans are scored at their steady state on the request's statistics (a plan's levels
+decide how many drafts the next step gets); each step then picks K for the drafts every row actually has, the
+step's cost being the slot curve at all rows' tokens. Plain AR steps (K = 1, no levels) are a plan like any
+other, so TiDAR is never slower than AR by choice.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from tidar.decode.context_drafts import MAX_MATCH
+from tidar.decode.slot_timing import SlotCurve
+
+MAX_K = 16
+SOURCES = ("diffusion", "context")
+PRIORS = {"diffusion": 0.5, "context": 0.6}  # a coin flip for diffusion drafts; copies of a match a bit better
+REQUEST_DECAY = 0.9  # the request's pooled evidence (steady-state plans) remembers about ten updates
+ROW_DECAY = 0.6  # a row's own evidence: a few steps, so a loop found (or lost) moves K at once
+MATCH_HALF = 4  # a context match of L tokens predicts each next copied token with probability L / (L + 4)
+
+
+def match_expected(match_len: int, n: int) -> float:
+    """Expected accepted drafts among ``n`` copied after a context match of ``match_len`` tokens: the text's own
+    evidence, before any step has tried the copy (a loop that has run for 16 tokens continues with p = 0.8)."""
+    if match_len <= 0 or n <= 0:
+        return 0.0
+    a = match_len / (match_len + MATCH_HALF)
+    return a * (1 - a**n) / (1 - a)
+
+
+_MATCH_TABLE = [[match_expected(m, n) for n in range(MAX_K)] for m in range(MAX_MATCH + 1)]
+
+
+def context_expected(row_stats: dict, match_len: int, n: int) -> float:
+    """A row's expected accepted context drafts among ``n``: the better of its tried evidence and the match's."""
+    m = _MATCH_TABLE[min(max(match_len, 0), MAX_MATCH)][min(max(n, 0), MAX_K - 1)]
+    return max(row_stats["context"].expected(n), m)
+
+
+class AcceptanceStats:
+    """Decayed counts of trials and acceptances of draft i (1..MAX_K-1) given drafts 1..i-1 were accepted."""
+
+    def __init__(self, prior: float, weight: float = 2.0, decay: float = 0.995):
+        self.prior, self.weight, self.decay = prior, weight, decay
+        self.trials = [0.0] * MAX_K
+        self.accepts = [0.0] * MAX_K
+        self._table: list[float] | None = None
+        self._pooled: float | None = None
+        self.version = 0  # updates so far (a plan scored on unchanged evidence need not be scored again)
+
+    def update(self, n_drafts: int, accepted: int) -> None:
+        """A row had ``n_drafts`` drafts of this source and ``accepted`` of them were accepted."""
+        if n_drafts <= 0:
+            return
+        d = self.decay
+        if d < 1.0:
+            self.trials = [t * d for t in self.trials]
+            self.accepts = [a * d for a in self.accepts]
+        accepted = min(accepted, n_drafts)
+        for i in range(1, min(accepted + 1, n_drafts) + 1):
+            self.trials[i] += 1.0
+            if i <= accepted:
+                self.accepts[i] += 1.0
+        self._table = self._pooled = None
+        self.version += 1
+
+    def pooled(self) -> float:
+        """The acceptance rate over all depths (smoothed toward the prior)."""
+        if self._pooled is None:
+            w = self.weight
+            self._pooled = (sum(self.accepts) + w * self.prior) / (sum(self.trials) + w)
+        return self._pooled
+
+    def alpha(self, i: int) -> float:
+        """Depth i's rate, smoothed toward the pooled rate: depths a step has rarely reached (drafts past the
+        K in use) borrow from the depths it has, instead of staying at the prior and keeping K small."""
+        w = self.weight
+        return (self.accepts[i] + w * self.pooled()) / (self.trials[i] + w)
+
+    def expected(self, n: int) -> float:
+        """Expected accepted drafts among ``n`` of this source: sum over i <= n of prod_{t <= i} alpha_t."""
+        if self._table is None:
+            table, run, total = [0.0], 1.0, 0.0
+            for i in range(1, MAX_K):
+                run *= self.alpha(i)
+                total += run
+                table.append(total)
+            self._table = table
+        return self._table[max(0, min(n, MAX_K - 1))]
+
+
+@dataclass(frozen=True)
+class Plan:
+    draft_len: int
+    levels: tuple  # proposal levels (subset of 1..K); () = no proposal blocks
+
+    @property
+    def seg_len(self) -> int:
+        return self.draft_len * (1 + len(self.levels))
+
+    def max_offset(self) -> int:
+        """The largest position offset the step uses (drafts and mask slots)."""
+        K = self.draft_len
+        return K - 1 + (self.levels[-1] if self.levels else 0)
+
+    @property
+    def block_index(self) -> tuple:
+        """Per acceptance count a = 0..K: the index in ``levels`` of the block the next drafts come from (the
+        largest level <= a, docs/design.md §3.4), or -1 when no level is <= a."""
+        return _block_index(self.draft_len, self.levels)
+
+    def next_diffusion_drafts(self, a: int) -> int:
+        """Diffusion drafts the next step gets after ``a`` accepted: the slots of block j* past position m + a."""
+        i = self.block_index[a]
+        return 0 if i < 0 else self.draft_len - 1 - (a - self.levels[i])
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_index(K: int, levels: tuple) -> tuple:
+    return tuple(max((i for i, j in enumerate(levels) if j <= a), default=-1) for a in range(K + 1))
+
+
+def levels_upto(K: int, levels: tuple | None) -> tuple:
+    """The proposal levels of a step at K given the levels asked for (None: all of 1..K): () at K = 1 (a plain AR
+    step), else the levels <= K, or level 1 when none is."""
+    if K == 1:
+        return ()
+    if levels is None:
+        return tuple(range(1, K + 1))
+    return tuple(j for j in levels if j <= K) or (1,)
+
+
+def _accept_probs(stats: AcceptanceStats, n: int) -> list[float]:
+    """P(a = k + 1) for k = 0..n accepted drafts among n."""
+    probs, run = [], 1.0
+    for k in range(n + 1):
+        if k == n:
+            probs.append(run)
+        else:
+            al = stats.alpha(k + 1)
+            probs.append(run * (1 - al))
+            run *= al
+    return probs
+
+
+def steady_tokens(plan: Plan, stats: AcceptanceStats, iterations: int = 4) -> float:
+    """Expected tokens per step when ``plan`` is used step after step with diffusion drafts only."""
+    K = plan.draft_len
+    dist = {K - 1: 1.0}  # drafts available -> probability
+    tokens = 1.0
+    nxt = [plan.next_diffusion_drafts(a) for a in range(K + 1)]
+    probs = {}
+    for _ in range(iterations):
+        new, tokens = {}, 0.0
+        for n, pn in dist.items():
+            m = min(n, K - 1)
+            if m not in probs:
+                probs[m] = _accept_probs(stats, m)
+            for k, pk in enumerate(probs[m]):
+                a = k + 1
+                tokens += pn * pk * a
+                m = nxt[a]
+                new[m] = new.get(m, 0.0) + pn * pk
+        dist = new
+    return tokens
+
+
+def level_sets(K: int, stats: AcceptanceStats) -> list[tuple]:
+    """Candidate proposal levels for K: all, {1}, and {1} plus the most likely acceptance counts."""
+    if K == 1:
+        return [()]  # a 1-slot block drafts nothing for the next step: K = 1 is a plain AR step
+    probs = _accept_probs(stats, K - 1)
+    likely = sorted(range(1, K + 1), key=lambda a: -probs[a - 1])
+    sets = {tuple(range(1, K + 1)), (1,)}
+    for m in (2, 3, 4):
+        sets.add(tuple(sorted({1, *likely[: m - 1]})))
+    return sorted(sets, key=len)
+
+
+class Planner:
+    """Chooses each step's plan from the slot curve and the acceptance statistics.
+
+    ``stats``: the request's pooled statistics (per source), used for the steady state of diffusion plans.
+    ``batch``: rows in each forward (a step's cost is the curve at ``batch`` times its segment). ``choose`` takes
+    per row the drafts available and, optionally, the row's own statistics."""
+
+    CANDIDATE_K = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
+    REPLAN_EVERY = 12  # steps between re-scoring the steady-state diffusion plans (the evidence moves fast)
+    EXPLORE_AFTER = 16  # AR steps in a row before one diffusion step refreshes the statistics
+    EXPLORE_MAX_COST = 1.25  # ... only where that step costs at most this many AR steps
+    AR_RESCORE = 4  # in a run of AR steps, grown context matches are re-scored every this many steps
+    # Where a drafted step's gain is small (sampling; several rows of a batch) it must beat a plain AR step by
+    # this much: the measured costs move by 5-10% between runs on a shared CPU, and a wrong guess there is a loss.
+    MARGIN = 1.1
+
+    def __init__(
+        self,
+        curve: SlotCurve,
+        stats: dict,
+        max_k: int = MAX_K,
+        levels: tuple | None = None,
+        fixed_k: int | None = None,
+        batch: int = 1,
+        sampling: bool = False,
+    ):
+        self.curve, self.stats = curve, stats
+        self.max_k = min(max_k, MAX_K) if fixed_k is None else fixed_k
+        self.fixed_k, self.fixed_levels = fixed_k, levels
+        self.batch = max(1, int(batch))
+        self.sampling = sampling  # a sampled step's cost: the head on every row, rejection sampling
+        self.margin = self.MARGIN if sampling or self.batch > 1 else 1.0
+        self.best: dict[int, tuple[tuple, float, float]] = {}  # K -> (levels, steady tokens per row, step ms)
+        self.since_replan = self.REPLAN_EVERY
+        self.ar_run = 0
+        self._ar_memo = None  # the rows' inputs when the last full scoring chose a plain AR step
+        self._tables: dict = {}  # _row_tables memo
+        self._memo_hits = 0
+        self._replanned_at = None  # the request's evidence version at the last replan
+
+    def cost(self, K: int, levels: tuple) -> float:
+        """Milliseconds of a step of this plan for the whole batch: the forward at every row's tokens, the LM head
+        (rows and calls) and the host work (see ``SlotCurve.batch_step``); sampled: ``SlotCurve.sampled_step``."""
+        if self.sampling:
+            return self.curve.sampled_step(self.batch, K, len(levels))
+        return self.curve.batch_step(self.batch, K * (1 + len(levels)), 2 * K if levels else K, 2 if levels else 1)
+
+    def _replan(self):
+        self._replanned_at = self._version(self.stats)
+        diff = self.stats["diffusion"]
+        ks = [self.fixed_k] if self.fixed_k else [k for k in self.CANDIDATE_K if k <= self.max_k]
+        best = {}
+        for K in ks:
+            cands = [self._levels_for(K)] if self.fixed_levels is not None or self.fixed_k else level_sets(K, diff)
+            scored = []
+            for lv in cands:
+                plan = Plan(K, lv)
+                tok = steady_tokens(plan, diff)
+                ms = self.cost(K, lv)
+                scored.append((tok / ms, lv, tok, ms))
+            _, lv, tok, ms = max(scored)
+            best[K] = (lv, tok, ms)
+        self.best = best
+        self.since_replan = 0
+
+    def _levels_for(self, K: int) -> tuple:
+        return levels_upto(K, self.fixed_levels)
+
+    def _row_tables(self, nd: int, nc: int, st: dict, match: int, slots: tuple) -> tuple[dict, dict]:
+        """Expected accepted diffusion and context drafts of a row for each n in ``slots`` (the K - 1 of the
+        candidate plans), capped at the drafts it has; a context match counts only when decoding is greedy.
+        Memoised on the row's evidence version: in a run of AR steps nothing but the match moves."""
+        m = 0 if self.sampling else min(max(match, 0), MAX_MATCH)
+        key = (id(st), self._version(st), nd, nc, m, slots)
+        hit = self._tables.get(key)
+        if hit is not None:
+            return hit
+        d = {n: st["diffusion"].expected(min(nd, n)) for n in slots}
+        c = {n: context_expected(st, m, min(nc, n)) for n in slots}
+        if len(self._tables) > 4096:  # one request's rows and steps; keep it bounded
+            self._tables.clear()
+        self._tables[key] = (d, c)
+        return d, c
+
+    def first(self, k_limit: int) -> Plan:
+        """The plan of the prefill's proposal block (before any statistics of this call)."""
+        if self.since_replan >= self.REPLAN_EVERY:
+            self._replan()
+        ks = [k for k in self.best if k <= max(1, k_limit)] or [min(self.best)]
+        K = max(ks, key=lambda k: self.best[k][1] / self.best[k][2])
+        return Plan(K, self.best[K][0])
+
+    def choose(self, rows: list[tuple], k_limit: int) -> Plan:
+        """``rows``: per active row ``(diffusion drafts, context drafts)`` available, optionally followed by the
+        row's own statistics (default: the request's), its context match length and its remaining tokens.
+        ``k_limit``: the largest K the remaining tokens and positions allow.
+
+        Scores each K with its best proposal levels (next step: the steady state of diffusion drafts, or the
+        context copy where that is the row's better source) or with no proposal blocks (next step: the copy again,
+        else AR) by the expected tokens of this step and the next over their cost. A batch finishes with its
+        slowest row and a finished row still costs its share of the forward, so rows are weighed by their
+        remaining tokens: the score is the smallest ``tokens_b / remaining_b`` over the rows (at batch 1 plain
+        tokens per ms), never the batch's total, which fast rows would inflate while the slowest one waits."""
+        self.since_replan += 1
+        if self.since_replan >= self.REPLAN_EVERY and self._replanned_at != self._version(self.stats):
+            self._replan()
+        rows = [_row(r, self.stats) for r in rows]
+        key = [(nd, nc, match, id(st), self._version(st)) for nd, nc, st, match, _ in rows]
+        if self._still_ar(key, k_limit):  # an AR streak on unchanged evidence: the scoring would say AR again
+            return self._explore_or(Plan(1, ()), rows, k_limit)
+        # per row, once per step: expected accepted drafts of each source by draft count, and the remaining tokens
+        slots = tuple(K - 1 for K in self.best if K <= max(1, k_limit))
+        tables = [self._row_tables(nd, nc, st, match, slots) for nd, nc, st, match, _ in rows]
+        remaining = [r[4] for r in rows]
+        best_val, best, ar_val = -1.0, Plan(1, ()), 0.0
+        for K, (lv, tok, ms) in self.best.items():
+            if K > max(1, k_limit):
+                continue
+            now = [1.0 + max(d[K - 1], c[K - 1]) for d, c in tables]
+            ctx_next = [1.0 + c[K - 1] for _, c in tables]
+            options = [(lv, [max(tok, x) for x in ctx_next], ms)]
+            if lv and self.fixed_levels is None and self.fixed_k is None:
+                options.append(((), ctx_next, self.cost(K, ())))
+            for levels, nxt, nxt_ms in options:
+                pace = min((a + b) / r for a, b, r in zip(now, nxt, remaining)) if rows else 1.0
+                val = pace / (self.cost(K, levels) + nxt_ms)
+                if K == 1 and not levels:
+                    ar_val = val
+                if val > best_val:
+                    best_val, best = val, Plan(K, levels)
+        if best != Plan(1, ()) and best_val < self.margin * ar_val:  # drafts must pay beyond the costs' noise
+            best = Plan(1, ())
+        self._ar_memo = (k_limit, key) if best == Plan(1, ()) else None
+        self._memo_hits = 0
+        return self._explore_or(best, rows, k_limit)
+
+    @staticmethod
+    def _version(stats: dict) -> tuple:
+        return tuple(stats[src].version for src in SOURCES)
+
+    def _still_ar(self, key: list, k_limit: int) -> bool:
+        """Whether the last full scoring chose AR on the same rows, drafts and evidence and the same K limit, and
+        no context match grew since, or it grew but fewer than ``AR_RESCORE`` steps ago (a match grows a token a
+        step as a loop sets in: it is new evidence, weighed within a few steps, not at every one)."""
+        memo = self._ar_memo
+        if memo is None or memo[0] != k_limit or len(memo[1]) != len(key):
+            return False
+        if not all(a[:2] == b[:2] and a[3:] == b[3:] for a, b in zip(key, memo[1])):
+            return False
+        self._memo_hits += 1
+        return self._memo_hits < self.AR_RESCORE or all(a[2] <= b[2] for a, b in zip(key, memo[1]))
+
+    def _explore_or(self, best: Plan, rows: list, k_limit: int) -> Plan:
+        """``best``, or after ``EXPLORE_AFTER`` AR steps in a row without context drafts, one cheap diffusion step."""
+        if self.fixed_k is None and best.draft_len == 1 and not any(row[1] for row in rows):
+            self.ar_run += 1
+            if (
+                self.ar_run >= self.EXPLORE_AFTER
+                and k_limit >= 2
+                and 2 in self.best
+                and self.cost(2, (1, 2)) <= self.EXPLORE_MAX_COST * self.cost(1, ())
+            ):
+                self.ar_run = 0
+                return Plan(2, (1, 2))
+        else:
+            self.ar_run = 0
+        return best
+
+
+def _row(r: tuple, default_stats: dict) -> tuple:
+    """A ``choose`` row as (diffusion drafts, context drafts, statistics, match length, remaining tokens)."""
+    nd, nc = r[0], r[1]
+    st = r[2] if len(r) > 2 and r[2] is not None else default_stats
+    match = r[3] if len(r) > 3 else 0
+    remaining = max(1, r[4]) if len(r) > 4 else 1
+    return nd, nc, st, match, remaining
+
+
+def new_stats(decay: float = REQUEST_DECAY) -> dict:
+    """Fresh statistics at their priors (one request's; nothing carries over from earlier requests)."""
+    return {src: AcceptanceStats(prior=PRIORS[src], decay=decay) for src in SOURCES}
+
+
+def new_row_stats(rows: int) -> list[dict]:
+    """Fresh per-row statistics at the priors, with a short memory (``ROW_DECAY``)."""
+    return [new_stats(ROW_DECAY) for _ in range(rows)]

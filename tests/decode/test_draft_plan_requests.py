@@ -1,0 +1,186 @@
+"""Per-request, per-row planning (issue 19): evidence starts from the priors on every call, adapts within a few
+steps (a loop raises K at once, a miss lowers it), rows are planned on their own evidence, a batch step costs the
+slot curve at all rows' tokens, and context drafts ride loops in generated text. Output stays exact throughout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import tidar
+from tidar.decode.context_drafts import NgramIndex
+from tidar.decode.planner import MAX_K, Plan, Planner, match_expected, new_row_stats, new_stats
+from tidar.decode.slot_timing import SlotCurve, set_slot_curve
+
+CPU_LIKE = [1, 2, 4, 8, 16, 32, 64, 128, 272]  # free slots up to a few tokens, then linear: the measured CPU shape
+
+
+def _curve(fn, **extra):
+    return SlotCurve(CPU_LIKE, [fn(n) for n in CPU_LIKE], 0.01, "cpu", "float32", host_measured=True, **extra)
+
+
+CPU = _curve(lambda n: max(4.0, 3.6 + 0.07 * n))
+
+
+def _row(stats, nd=0, nc=MAX_K - 1, match=0, remaining=100):
+    return (nd, nc, stats, match, remaining)
+
+
+def test_a_loop_raises_k_within_a_few_steps_and_a_miss_lowers_it():
+    planner = Planner(CPU, new_stats())
+    row = new_row_stats(1)[0]
+    start = planner.choose([_row(row)], MAX_K)
+    for _ in range(3):  # three context drafts accepted in full: the text loops
+        row["context"].update(MAX_K - 1, MAX_K - 1)
+    looped = planner.choose([_row(row)], MAX_K)
+    assert looped.draft_len >= 12 and looped.draft_len > start.draft_len
+    before = row["context"].expected(MAX_K - 1)
+    row["context"].update(MAX_K - 1, 0)  # a miss at the first draft halves the expectation at once
+    assert row["context"].expected(MAX_K - 1) < 0.6 * before
+    for _ in range(3):  # three more: K falls (a miss costs little on a CPU, where 16 slots cost ~1.2 of one)
+        row["context"].update(MAX_K - 1, 0)
+    assert planner.choose([_row(row)], MAX_K).draft_len <= 8
+
+
+def test_a_long_match_is_evidence_before_any_step_tried_the_copy():
+    row = new_row_stats(1)[0]
+    planner = Planner(CPU, new_stats())
+    short = planner.choose([_row(row, match=1)], MAX_K)
+    long = planner.choose([_row(row, match=48)], MAX_K)
+    assert long.draft_len > short.draft_len and long.draft_len >= 12
+    assert match_expected(0, 10) == 0.0 and match_expected(4, 10) < match_expected(40, 10) < 10
+    sampled = Planner(CPU, new_stats(), sampling=True)  # a loop predicts the argmax, not a sample
+    assert sampled.choose([_row(row, match=48)], MAX_K).draft_len < long.draft_len
+
+
+def test_rows_are_planned_on_their_own_evidence_and_a_batch_costs_all_its_tokens():
+    looping, plain = new_row_stats(2)
+    for _ in range(3):
+        looping["context"].update(MAX_K - 1, MAX_K - 1)
+    for _ in range(3):
+        plain["context"].update(MAX_K - 1, 0)
+        plain["diffusion"].update(MAX_K - 1, 0)
+    one = Planner(CPU, new_stats(), batch=1)
+    assert one.choose([_row(looping)], MAX_K).draft_len >= 12
+    # a batch of 16 finishes with its slowest row: a row that accepts nothing keeps the whole batch at AR steps,
+    # since 16 rows x K tokens cost far more than 16 tokens
+    sixteen = Planner(CPU, new_stats(), batch=16)
+    assert sixteen.choose([_row(looping)] * 15 + [_row(plain)], MAX_K) == Plan(1, ())
+    assert sixteen.cost(8, ()) > 2 * sixteen.cost(1, ())
+    # ... while rows that all loop draft long together
+    assert sixteen.choose([_row(looping)] * 16, MAX_K).draft_len >= 4
+
+
+def test_batch_cost_counts_head_calls_host_work_and_sampling():
+    c = _curve(lambda n: 4.0, head_ms_call=0.5, host_ms_step=0.25, host_ms_row=0.1, sample_ms_step=1.0)
+    assert c.batch_step(4, 2, 2, 2) == 4.0 + 0.01 * 8 + 1.0 + 0.25 + 0.4
+    assert c.sampled_step(1, 4, 4) > c.sampled_step(1, 4, 0) > c.batch_step(1, 4, 4, 1)
+    # a sampled plain AR step has its own (measured) cost: drafted sampled steps pay rejection sampling on top
+    s = _curve(lambda n: 4.0, sample_ms_ar=0.2, sample_ms_step=3.0, sample_ms_row=0.1)
+    assert s.sampled_step(1, 1, 0) == pytest.approx(4.0 + 0.01 + 0.2)
+    assert s.sampled_step(1, 2, 2) == pytest.approx(4.0 + 0.06 + 3.0 + 0.6)
+    assert Planner(s, new_stats(), sampling=True).choose([_row(new_row_stats(1)[0], nd=1, nc=0)], MAX_K) == Plan(1, ())
+
+
+def test_ngram_match_length_and_periodic_drafts():
+    idx = NgramIndex([5, 6, 7] * 6)
+    drafts, match = idx.match(7)
+    assert drafts == [5, 6, 7, 5, 6, 7, 5] and match >= 12
+    idx = NgramIndex([1, 2, 3, 9, 8, 2, 3])
+    drafts, match = idx.match(3)
+    assert drafts[0] == 9 and match == 2
+    assert NgramIndex([1, 2, 3]).match(4) == ([], 0)
+
+
+def test_one_requests_statistics_do_not_reach_the_next():
+    """The same prompt decodes with the same plans (and tokens) whatever the model decoded before."""
+    torch.manual_seed(0)
+    model = tidar.patch(tiny_model("qwen2"))
+    set_slot_curve(model, CPU)
+    a = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    first = tidar.generate(model, a, max_new_tokens=24)
+    for p in ([[9, 10, 11, 12, 13]], [[3, 3, 3, 3, 3, 3]], [[40, 41, 42, 40, 41, 42, 40]]):
+        for _ in range(2):
+            tidar.generate(model, torch.tensor(p), max_new_tokens=24)
+    again = tidar.generate(model, a, max_new_tokens=24)
+    assert again.draft_lens == first.draft_lens and again.levels == first.levels
+    assert torch.equal(again.sequences, first.sequences)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    s1 = tidar.generate(model, a, max_new_tokens=16, temperature=0.9, generator=g1)
+    tidar.generate(model, torch.tensor([[9, 10, 11]]), max_new_tokens=16, temperature=0.9)
+    s2 = tidar.generate(model, a, max_new_tokens=16, temperature=0.9, generator=g2)
+    assert torch.equal(s1.sequences, s2.sequences)
+
+
+def test_context_drafts_ride_a_loop_in_generated_text_exactly():
+    """A model that loops (forced by a hook on the logits): context drafts take the loop at long K, and the output
+    equals HF greedy."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    period = [30, 31, 32, 33, 34]
+
+    def loop(module, args, kwargs, output):  # the argmax of every row: the next token of the period
+        ids = kwargs.get("input_ids", args[0] if args else None)[:, -output.logits.shape[1] :]
+        nxt = torch.tensor(period)[
+            (torch.tensor([[period.index(t) if t in period else 0 for t in r] for r in ids.tolist()]) + 1) % 5
+        ]
+        output.logits[:] += 50.0 * torch.nn.functional.one_hot(nxt, output.logits.shape[-1])
+        return output
+
+    h = model.register_forward_hook(loop, with_kwargs=True)
+    try:
+        ids = torch.tensor([[7, 8, 30, 31, 32]])
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=60)
+        tidar.patch(model)
+        set_slot_curve(model, CPU)
+        out = tidar.generate(model, ids, max_new_tokens=60, full_logits=True)
+    finally:
+        h.remove()
+    assert torch.equal(out.sequences, want)
+    assert out.draft_sources.get("context", 0) >= 3 and max(out.draft_lens) >= 12
+    assert out.tokens_per_forward > 5
+
+
+def test_ragged_prefill_is_two_batched_forwards_and_exact():
+    """Prompts of different lengths prefill in two forwards (the right-padded prompts, then every row's block of
+    masks at its own seg_start), not one per row; the tokens equal HF greedy on the left-padded batch."""
+    from tidar_kernels import layouts
+
+    lay = layouts.mask_block(3)
+    assert lay.local_limit.tolist() == [0, 0, 0] and lay.block_id.tolist() == [0, 0, 0]
+    assert lay.position_ids.tolist() == [0, 1, 2]
+    torch.manual_seed(0)
+    model = tiny_model("qwen2")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20]]
+    P = max(map(len, prompts))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    want1 = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=1)
+    want20 = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
+    tidar.patch(model, draft_len=4)
+    out = tidar.generate(model, ids, attention_mask=mask, max_new_tokens=1)
+    assert out.forwards == 2 and torch.equal(out.sequences, want1)
+    assert torch.equal(tidar.generate(model, ids, attention_mask=mask, max_new_tokens=20).sequences, want20)
+
+
+def test_an_ar_run_is_not_rescored_every_step_but_a_growing_match_is_weighed_within_a_few():
+    """Host time: in a run of AR steps on unchanged evidence the planner reuses its verdict; a context match that
+    keeps growing (a loop setting in) is re-scored within AR_RESCORE steps and then drafts."""
+    planner = Planner(CPU, new_stats(), batch=16)
+    rows = new_row_stats(16)
+    for r in rows:  # nothing has ever been accepted: AR pays best
+        r["diffusion"].update(MAX_K - 1, 0)
+        r["context"].update(MAX_K - 1, 0)
+    calls = []
+    orig = planner._row_tables
+    planner._row_tables = lambda *a: calls.append(1) or orig(*a)
+    quiet = [(0, 0, r, 0, 50) for r in rows]
+    assert planner.choose(quiet, MAX_K) == Plan(1, ())
+    n = len(calls)
+    for _ in range(5):
+        assert planner.choose(quiet, MAX_K) == Plan(1, ())
+    assert len(calls) == n  # reused: nothing changed
+    looping = [(0, MAX_K - 1, r, 60, 50) for r in rows]  # every row's text now repeats a 60-token block
+    plans = [planner.choose(looping, MAX_K) for _ in range(Planner.AR_RESCORE + 1)]
+    assert plans[-1].draft_len > 1
