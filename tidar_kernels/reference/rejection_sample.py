@@ -119,11 +119,6 @@ def as_uniforms(u, B: int, K: int, device) -> torch.Tensor | None:
     return u
 
 
-def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """float32 probabilities after temperature, top-k then top-p (as Hugging Face's warpers, in that order)."""
-    return process_logits64(logits, temperature, top_k, top_p).float()
-
-
 def process_logits64(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """float64 probabilities after temperature, top-k then top-p: the distribution every decision uses."""
     x = logits.double() / temperature

@@ -51,10 +51,9 @@ class OutputHead:
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output embeddings. On a CPU, a plain ``nn.Linear`` runs as ``hidden @ W^T`` with ``W^T`` kept
-        contiguous: MKL's GEMM with a transposed weight is slow for the few rows of a decode step (measured
-        on the 2-core machine, 4096 x 256 fp32 head: 0.30 ms at 4 rows and 0.45 ms at 8 with ``F.linear``,
-        0.18 ms with the copy). The copy is rebuilt when the weight changes (training steps bump its version)
-        and skipped for heads over ``_MAX_COPY_BYTES``."""
+        contiguous: MKL's GEMM with a transposed weight is slow for the few rows of a decode step
+        (benchmarks/results/lm_head_cpu_transposed_copy.md). The copy is rebuilt when the weight changes (training
+        steps bump its version) and skipped for heads over ``_MAX_COPY_BYTES``."""
         proj = self.proj
         w = getattr(proj, "weight", None)
         if (

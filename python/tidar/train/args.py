@@ -14,7 +14,20 @@ def _world_size() -> int:
 
 
 def add_arguments(p):
-    g = p.add_argument_group("data")
+    """Every option of ``tidar train``, in four help groups (data, model, objective and optimisation, run)."""
+    _add_data_options(p.add_argument_group("data"))
+    _add_model_options(p.add_argument_group("model (Qwen2)"))
+    g = p.add_argument_group("objective and optimisation")
+    _add_objective_options(g)
+    _add_distill_options(g)
+    _add_optimisation_options(g)
+    g = p.add_argument_group("run")
+    _add_run_options(g)
+    _add_saved_model_options(g)
+
+
+def _add_data_options(g):
+    """The corpus, its held-out split and the tokenizer."""
     g.add_argument(
         "--corpus",
         default=None,
@@ -45,13 +58,19 @@ def add_arguments(p):
     g.add_argument("--heldout-percent", type=float, default=8.0, help="share of modules held out for evaluation")
     g.add_argument("--vocab-size", type=int, default=4096)
     g.add_argument("--tokenizer", default=None, help="use this tokenizer folder instead of training one")
-    g = p.add_argument_group("model (Qwen2)")
+
+
+def _add_model_options(g):
+    """The shape of a fresh model (ignored with --init-from and checked against the checkpoint with --resume)."""
     g.add_argument("--hidden-size", type=int, default=256)
     g.add_argument("--layers", type=int, default=4)
     g.add_argument("--heads", type=int, default=4)
     g.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     g.add_argument("--intermediate-size", type=int, default=None, help="default: 3 x hidden")
-    g = p.add_argument_group("objective and optimisation")
+
+
+def _add_objective_options(g):
+    """Row and block lengths and the hybrid loss (AR weight, diffusion target and weighting)."""
     g.add_argument("--seq-len", type=int, default=256, help="L, clean tokens per row (a multiple of --block-size)")
     g.add_argument("--block-size", type=int, default=16, help="K, the diffusion block length")
     g.add_argument(
@@ -73,6 +92,10 @@ def add_arguments(p):
         help="uniform (every mask slot counts once, the paper) or acceptance (slot j of a block weighted by the "
         "model's detached probability of the block's targets before j: the term goes where drafts get accepted)",
     )
+
+
+def _add_distill_options(g):
+    """--diffusion-target greedy: the self-distilled continuations (errors with any other target)."""
     g.add_argument(
         "--distill-rows",
         type=int,
@@ -103,6 +126,10 @@ def add_arguments(p):
         help="greedy target: 0 = greedy continuations; > 0 = sampled at this temperature",
     )
     g.add_argument("--distill-gen-batch", type=int, default=64, help="greedy target: rows generated at once")
+
+
+def _add_optimisation_options(g):
+    """Batch, optimizer, schedule and when to stop."""
     g.add_argument(
         "--batch-size",
         type=int,
@@ -124,7 +151,10 @@ def add_arguments(p):
         default=None,
         help="stop (evaluate and save) after this step; the schedule still spans --max-steps",
     )
-    g = p.add_argument_group("run")
+
+
+def _add_run_options(g):
+    """Where the run writes, how it starts (fresh, --init-from, --resume), and its log/eval/checkpoint cadence."""
     g.add_argument("--output", default="tidar-run", help="output folder (final model + checkpoint-N folders)")
     g.add_argument(
         "--init-from",
@@ -144,6 +174,10 @@ def add_arguments(p):
     g.add_argument("--eval-new-tokens", type=int, default=64)
     g.add_argument("--save-every", type=int, default=200)
     g.add_argument("--keep-checkpoints", type=int, default=2)
+
+
+def _add_saved_model_options(g):
+    """--evaluate (a saved model, no training) and the dtype of the final model folder."""
     g.add_argument(
         "--evaluate",
         default=None,

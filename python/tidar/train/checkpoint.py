@@ -17,32 +17,26 @@ from pathlib import Path
 
 import torch
 
-from tidar.train import corpus as corpus_mod
-
 STATE_FILE = "trainer_state.json"  # the final model folder's run log (options, loss and evaluation histories)
 TIDAR_STATE_FILE = "tidar_state.json"  # the same inside checkpoint-N (HF writes its own trainer_state.json there)
 POOL_FILE = "distill_pool.pt"
 # Config attributes of attention dropout: the TiDAR attention op has none (it refuses dropout > 0 in training).
 ATTENTION_DROPOUTS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
-MODEL_SHAPE_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "model_type",
-)
 
 
 def load_tokenizer(path):
-    """The folder's tokenizer: ``PreTrainedTokenizerFast`` for folders written by ``tidar train`` (AutoTokenizer
-    would pick a model-specific class that splits text differently), else ``AutoTokenizer``. No downloads."""
+    """The folder's tokenizer (model folders, checkpoints, --init-from, --tokenizer). No downloads.
+
+    ``PreTrainedTokenizerFast`` for folders written by ``tidar train``: for a ``qwen2`` config, transformers 5 maps
+    AutoTokenizer to ``Qwen2Tokenizer``, whose own normaliser and pre-tokeniser split text differently from the
+    byte-level BPE the model was trained with. ``AutoTokenizer`` for any other folder (a model's own class)."""
     path = Path(path)
     cfg = path / "tokenizer_config.json"
     cls = json.loads(cfg.read_text()).get("tokenizer_class") if cfg.is_file() else None
     if cls in (None, "PreTrainedTokenizerFast", "TokenizersBackend") and (path / "tokenizer.json").is_file():
-        return corpus_mod.load_tokenizer(path)
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -83,10 +77,6 @@ def load_checkpoint(path, device="cpu"):
     if getattr(model.config, "mask_token_id", None) is None:
         raise ValueError(f"checkpoint {path} has no mask token (config.mask_token_id); it is not a TiDAR model")
     return model.to(device), tokenizer, _read_state(path)
-
-
-def model_shape(config) -> dict:
-    return {k: getattr(config, k, None) for k in MODEL_SHAPE_KEYS}
 
 
 def settings_into_config(model, *, draft_len: int, block_size: int, objective: str):
@@ -231,7 +221,6 @@ __all__ = [
     "load_checkpoint",
     "load_init_model",
     "load_tokenizer",
-    "model_shape",
     "save_model_folder",
     "settings_into_config",
 ]

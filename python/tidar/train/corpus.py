@@ -335,20 +335,6 @@ def train_tokenizer(files, vocab_size: int = 4096, texts=None):
     )
 
 
-def load_tokenizer(path):
-    """Load a tokenizer saved by ``tidar train``. Use this (or ``PreTrainedTokenizerFast.from_pretrained``), not
-    ``AutoTokenizer``: for a ``qwen2`` config, transformers 5 maps AutoTokenizer to ``Qwen2Tokenizer``, whose own
-    normaliser and pre-tokeniser split text differently from the byte-level BPE the model was trained with."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
-
-
-def encode_files(tokenizer, files) -> torch.Tensor:
-    """One long int32 stream: every file's tokens followed by EOS."""
-    return encode_texts(tokenizer, [read_text(f) for f in files])
-
-
 def encode_texts(tokenizer, texts) -> torch.Tensor:
     """One long int32 stream: every document's tokens followed by EOS."""
     eos = tokenizer.eos_token_id
@@ -388,12 +374,10 @@ def heldout_prompts(tokenizer, corpus: Corpus, n: int, prompt_tokens: int = 64, 
 
 __all__ = [
     "Corpus",
-    "encode_files",
     "encode_texts",
     "find_code_corpus",
     "find_corpus",
     "heldout_prompts",
-    "load_tokenizer",
     "read_documents",
     "stdlib_dir",
     "train_tokenizer",

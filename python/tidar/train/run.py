@@ -33,6 +33,7 @@ from tidar.train.checkpoint import (
     TIDAR_STATE_FILE,
     load_checkpoint,
     load_init_model,
+    load_tokenizer,
     save_model_folder,
     settings_into_config,
 )
@@ -83,16 +84,6 @@ def lr_at(step, args):
     return args.lr * lr_factor(
         step, max_steps=args.max_steps, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio
     )
-
-
-def batch_at(stream: torch.Tensor, step: int, args) -> torch.Tensor:
-    """The training batch of ``step`` (``[batch, L]``), as the run reads it."""
-    from tidar.train.trainer import batch_starts
-
-    L = args.seq_len
-    return torch.stack(
-        [stream[s : s + L] for s in batch_starts(len(stream), L, args.batch_size, args.seed, step)]
-    ).long()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,9 +195,7 @@ def _load_data(args, corpus, tokenizer, log):
 
 def train(args, log=print) -> dict:
     """Train on ``TidarTrainer``. Returns the final state (options, loss and evaluation histories)."""
-    from transformers import TrainingArguments
-
-    from tidar.train.trainer import RunCallback, RunLoss, TidarTrainer, WindowDataset, lr_factor
+    from tidar.train.trainer import RunCallback
 
     check_args(args)
     main = _is_main()
@@ -219,31 +208,7 @@ def train(args, log=print) -> dict:
     t_setup = time.time()
 
     corpus = corpus_from_args(args)
-    state = {"log_history": [], "eval_history": []}
-    ck = None
-    if args.resume:
-        ck = _latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
-        model, tokenizer, st = load_checkpoint(ck, "cpu")
-        _check_resume(ck, st, model, args)
-        _check_resume_corpus(ck, st, corpus, args)
-        state = {"log_history": list(st.get("log_history", [])), "eval_history": list(st.get("eval_history", []))}
-        elapsed0 = float(st.get("elapsed_s", 0.0))
-        log(f"resuming from {ck} at step {st.get('step')}")
-    elif args.init_from:
-        model, tokenizer, how = load_init_model(args.init_from, "cpu")
-        log(f"initialised from {args.init_from}: {how} (id {tokenizer.mask_token_id})")
-        elapsed0 = 0.0
-    else:
-        if args.tokenizer:
-            tokenizer = corpus_mod.load_tokenizer(args.tokenizer)
-        else:
-            t0 = time.time()
-            tokenizer = corpus_mod.train_tokenizer(None, args.vocab_size, texts=corpus.train_texts())
-            log(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens, trained in {time.time() - t0:.1f}s")
-        if tokenizer.mask_token_id is None:
-            raise ValueError("the tokenizer has no mask token ([MASK]); TiDAR needs one")
-        model = build_model(args, tokenizer)
-        elapsed0 = 0.0
+    model, tokenizer, state, ck, elapsed0 = _start_model(args, output, corpus, log)
     settings_into_config(model, draft_len=args.draft_len, block_size=args.block_size, objective=objective_name(args))
     patch(model, draft_len=args.draft_len, backend=args.backend)
     train_stream, held_stream = _load_data(args, corpus, tokenizer, log)
@@ -255,32 +220,103 @@ def train(args, log=print) -> dict:
         f"K={args.block_size}, L={args.seq_len}, batch {args.batch_size} = {_world_size()} process(es) x "
         f"{args.grad_accum} accumulation x {args.batch_size // (_world_size() * args.grad_accum)} rows"
     )
-
-    pool, n_data, n_gen = None, 0, 0
-    if not args.no_diffusion and args.diffusion_target == "greedy":
-        n_data, n_gen = self_distill.split_rows(args.distill_rows, args.distill_ratio)
-        if n_gen:
-            pool = self_distill.ContinuationPool(
-                train_stream,
-                size=n_gen * args.distill_refresh,
-                prompt_len=args.distill_prompt_len,
-                seq_len=args.seq_len,
-                refresh=args.distill_refresh,
-                seed=args.seed,
-                temperature=args.distill_temperature,
-                gen_batch_size=args.distill_gen_batch,
-            )
-            if ck is not None and (ck / POOL_FILE).is_file():
-                pool.load_state_dict(torch.load(ck / POOL_FILE, weights_only=True))
-        log(
-            f"self-distillation: per step {args.batch_size} real rows (AR term), diffusion term on {n_data} real rows "
-            f"(data targets) + {n_gen} generated rows ({args.distill_prompt_len} real + "
-            f"{args.seq_len - args.distill_prompt_len} {'greedy' if args.distill_temperature == 0 else 'sampled'} "
-            f"tokens, regenerated every {args.distill_refresh} steps)"
+    pool, n_data, n_gen = _distill_pool(args, train_stream, ck, log)
+    run_loss = _run_loss(args, pool, n_data, n_gen)
+    dataset, targs = _trainer_inputs(args, train_stream, output, device)
+    state.update(_run_meta(args, n_params, device))
+    _record_corpus(state, corpus, output, main)
+    callback = RunCallback(
+        run_loss=run_loss,
+        state=state,
+        args=args,
+        evaluate_fn=lambda: evaluate(model, tokenizer, held_stream, prompts, args, device),
+        log=log,
+        lr_at=lambda s: lr_at(s, args),
+        main_process=main,
+        pool=pool,
+        elapsed0=elapsed0,
+    )
+    use_cache = getattr(model.config, "use_cache", True)  # the Trainer turns the KV cache default off for training
+    trainer = _build_trainer(args, model, tokenizer, dataset, targs, run_loss, callback)
+    log(f"setup {time.time() - t_setup:.1f}s; training to step {args.max_steps}")
+    try:
+        trainer.train(resume_from_checkpoint=str(ck) if ck is not None else None)
+    finally:
+        callback.close_bar()
+        model.config.use_cache = use_cache
+    step = trainer.state.global_step
+    final = callback.snapshot(step)
+    if main:
+        final = _finish_run(
+            args, trainer, tokenizer, corpus, held_stream, prompts, state, callback, output, device, log
         )
+    return final
 
-    shards = _world_size() * args.grad_accum
-    run_loss = RunLoss(
+
+# ----------------------------------------------------------------------------------------------------
+# The phases of a run
+
+
+def _start_model(args, output: Path, corpus, log):
+    """(model, tokenizer, state, checkpoint or None, elapsed seconds before this run): resumed from a checkpoint
+    (checked against the options and the corpus), converted from --init-from, or a fresh Qwen2."""
+    if args.resume:
+        ck = _latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
+        model, tokenizer, st = load_checkpoint(ck, "cpu")
+        _check_resume(ck, st, model, args)
+        _check_resume_corpus(ck, st, corpus, args)
+        state = {"log_history": list(st.get("log_history", [])), "eval_history": list(st.get("eval_history", []))}
+        log(f"resuming from {ck} at step {st.get('step')}")
+        return model, tokenizer, state, ck, float(st.get("elapsed_s", 0.0))
+    state = {"log_history": [], "eval_history": []}
+    if args.init_from:
+        model, tokenizer, how = load_init_model(args.init_from, "cpu")
+        log(f"initialised from {args.init_from}: {how} (id {tokenizer.mask_token_id})")
+        return model, tokenizer, state, None, 0.0
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        t0 = time.time()
+        tokenizer = corpus_mod.train_tokenizer(None, args.vocab_size, texts=corpus.train_texts())
+        log(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens, trained in {time.time() - t0:.1f}s")
+    if tokenizer.mask_token_id is None:
+        raise ValueError("the tokenizer has no mask token ([MASK]); TiDAR needs one")
+    return build_model(args, tokenizer), tokenizer, state, None, 0.0
+
+
+def _distill_pool(args, train_stream, ck, log):
+    """(pool, n_data, n_gen) of --diffusion-target greedy (the pool restored from a resumed checkpoint); else
+    (None, 0, 0)."""
+    if args.no_diffusion or args.diffusion_target != "greedy":
+        return None, 0, 0
+    pool = None
+    n_data, n_gen = self_distill.split_rows(args.distill_rows, args.distill_ratio)
+    if n_gen:
+        pool = self_distill.ContinuationPool(
+            train_stream,
+            size=n_gen * args.distill_refresh,
+            prompt_len=args.distill_prompt_len,
+            seq_len=args.seq_len,
+            refresh=args.distill_refresh,
+            seed=args.seed,
+            temperature=args.distill_temperature,
+            gen_batch_size=args.distill_gen_batch,
+        )
+        if ck is not None and (ck / POOL_FILE).is_file():
+            pool.load_state_dict(torch.load(ck / POOL_FILE, weights_only=True))
+    log(
+        f"self-distillation: per step {args.batch_size} real rows (AR term), diffusion term on {n_data} real rows "
+        f"(data targets) + {n_gen} generated rows ({args.distill_prompt_len} real + "
+        f"{args.seq_len - args.distill_prompt_len} {'greedy' if args.distill_temperature == 0 else 'sampled'} "
+        f"tokens, regenerated every {args.distill_refresh} steps)"
+    )
+    return pool, n_data, n_gen
+
+
+def _run_loss(args, pool, n_data: int, n_gen: int):
+    from tidar.train.trainer import RunLoss
+
+    return RunLoss(
         seq_len=args.seq_len,
         batch=args.batch_size,
         block_size=args.block_size,
@@ -294,6 +330,15 @@ def train(args, log=print) -> dict:
         shards=_world_size(),
         weighting=args.diffusion_weighting,
     )
+
+
+def _trainer_inputs(args, train_stream, output: Path, device):
+    """The deterministic window dataset and the ``TrainingArguments`` the options translate to."""
+    from transformers import TrainingArguments
+
+    from tidar.train.trainer import WindowDataset
+
+    shards = _world_size() * args.grad_accum
     dataset = WindowDataset(train_stream, args.seq_len, args.batch_size, args.seed, args.max_steps)
     targs = TrainingArguments(
         output_dir=str(output),
@@ -323,38 +368,47 @@ def train(args, log=print) -> dict:
         activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         ddp_find_unused_parameters=False,
     )
-    factor = lambda s: lr_factor(
-        s,
-        max_steps=args.max_steps,
-        warmup_steps=args.warmup_steps,  # noqa: E731
-        min_lr_ratio=args.min_lr_ratio,
-    )
-    meta = {
+    return dataset, targs
+
+
+def _run_meta(args, n_params: int, device) -> dict:
+    """What the run's state records besides its histories: the options (as given), model size and machine."""
+    return {
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)},
         "params": n_params,
         "device": str(device),
         "torch": torch.__version__,
         "processes": _world_size(),
     }
-    state.update(meta)
-    if corpus.manifest is not None:
-        state["corpus"] = corpus.manifest
-        if main:
-            output.mkdir(parents=True, exist_ok=True)
-            (output / "corpus_manifest.json").write_text(json.dumps(corpus.manifest, indent=1))
-    evaluate_fn = lambda: evaluate(model, tokenizer, held_stream, prompts, args, device)  # noqa: E731
-    callback = RunCallback(
-        run_loss=run_loss,
-        state=state,
-        args=args,
-        evaluate_fn=evaluate_fn,
-        log=log,
-        lr_at=lambda s: lr_at(s, args),
-        main_process=main,
-        pool=pool,
-        elapsed0=elapsed0,
-    )
-    use_cache = getattr(model.config, "use_cache", True)  # the Trainer turns the KV cache default off for training
+
+
+def _record_corpus(state: dict, corpus, output: Path, main: bool) -> None:
+    """A --site-packages corpus's manifest goes into the state (a resume compares it) and corpus_manifest.json."""
+    if corpus.manifest is None:
+        return
+    state["corpus"] = corpus.manifest
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "corpus_manifest.json").write_text(json.dumps(corpus.manifest, indent=1))
+
+
+def _lr_lambda(args):
+    """The schedule's factor of the step (a plain function: the scheduler's state_dict then stores nothing of it)."""
+    from tidar.train.trainer import lr_factor
+
+    def factor(step):
+        return lr_factor(step, max_steps=args.max_steps, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio)
+
+    return factor
+
+
+def _build_trainer(args, model, tokenizer, dataset, targs, run_loss, callback):
+    """``TidarTrainer`` with the run's loss, schedule and callback (HF's printer removed); held-out decoding is
+    refused up front under sharded weights."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from tidar.train.trainer import TidarTrainer
+
     trainer = TidarTrainer(
         model=model,
         args=targs,
@@ -366,11 +420,9 @@ def train(args, log=print) -> dict:
         diffusion_target=args.diffusion_target,
         diffusion_weighting=args.diffusion_weighting,
         run_loss=run_loss,
-        lr_lambda=factor,
+        lr_lambda=_lr_lambda(args),
         sequential=True,
     )
-    from transformers.trainer_callback import PrinterCallback
-
     trainer.remove_callback(PrinterCallback)  # our progress bar (on a terminal) and log lines replace HF's dicts
     if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and _zero3(trainer)):
         if args.eval_prompts:
@@ -379,31 +431,27 @@ def train(args, log=print) -> dict:
                 "ZeRO-3 (the weights are sharded); pass --eval-prompts 0 and evaluate the saved model "
                 "with tidar train --evaluate"
             )
-    log(f"setup {time.time() - t_setup:.1f}s; training to step {args.max_steps}")
-    try:
-        trainer.train(resume_from_checkpoint=str(ck) if ck is not None else None)
-    finally:
-        callback.close_bar()
-        model.config.use_cache = use_cache
+    return trainer
+
+
+def _finish_run(args, trainer, tokenizer, corpus, held_stream, prompts, state, callback, output, device, log) -> dict:
+    """Main process, after the last step: the final evaluation, the last checkpoint's state updated with it, the
+    final model folder (unpatched weights) and its demo prompts. Returns the final state."""
     step = trainer.state.global_step
+    model = trainer.model
+    ev = evaluate(model, tokenizer, held_stream, prompts, args, device)
+    ev["step"] = step
+    state["eval_history"].append(ev)
+    log(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if k != "step"))
     final = callback.snapshot(step)
-    if main:
-        model = trainer.model
-        ev = evaluate(model, tokenizer, held_stream, prompts, args, device)
-        ev["step"] = step
-        state["eval_history"].append(ev)
-        log(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if k != "step"))
-        final = callback.snapshot(step)
-        last = output / f"checkpoint-{step}"
-        if last.is_dir():
-            (last / TIDAR_STATE_FILE).write_text(json.dumps(final, indent=1))
-        unpatch(model)
-        save_model_folder(
-            output, model, tokenizer, final, dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else None
-        )
-        patch(model, draft_len=args.draft_len, backend=args.backend)
-        write_demo_prompts(output, tokenizer, corpus)
-        log(f"saved {output} (step {step}, {final['elapsed_s'] / 60:.1f} min of training)")
+    last = output / f"checkpoint-{step}"
+    if last.is_dir():
+        (last / TIDAR_STATE_FILE).write_text(json.dumps(final, indent=1))
+    unpatch(model)
+    save_model_folder(output, model, tokenizer, final, dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else None)
+    patch(model, draft_len=args.draft_len, backend=args.backend)
+    write_demo_prompts(output, tokenizer, corpus)
+    log(f"saved {output} (step {step}, {final['elapsed_s'] / 60:.1f} min of training)")
     return final
 
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from tidar.train.objective import HybridLoss, ar_loss_sums, hybrid_loss_sums
+from tidar.train.objective import DIFFUSION_TARGETS, HybridLoss, ar_loss_sums, hybrid_loss_sums
 
-TARGETS = ("data", "ar-hard", "ar-soft", "greedy")
+# --diffusion-target: the objective's teacher-forced targets plus the self-distilled one defined here
+TARGETS = (*DIFFUSION_TARGETS, "greedy")
 
 
 def check_options(
