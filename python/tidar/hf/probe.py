@@ -296,10 +296,23 @@ def _tolerance(dtype, scale: float) -> float:
 def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
     """Run the probe (the model's attention implementation must still be its own). Raises UnsupportedModel;
     the caller restores the attention implementation and the training flags."""
-    from tidar.hf.cache import TidarCache
-
     device = _device(model)
     vocab = model.get_input_embeddings().weight.shape[0]
+    layers = _layer_count(model)
+    prompts = _prompts(vocab, mask_id)
+    drafts = _drafts(prompts, vocab, mask_id)
+    try:
+        ref_causal, ref_mask = _reference(model, prompts, drafts, mask_id, device)
+    except Exception as e:
+        refuse(model, f"its own forward failed on the probe prompts ({type(e).__name__}: {e})", "forward_failed")
+    _use_probe_attention(model)
+    run = _ProbeRun(model, layers, len(prompts), backend, device)
+    run.prefill(prompts, mask_id, ref_causal, ref_mask)
+    run.decode_step(prompts, drafts, mask_id, ref_causal)
+    return ProbeReport(run.window, layers, max(run.diffs), ref_mask is not None, run.kwargs_seen)
+
+
+def _layer_count(model) -> int:
     layers = getattr(text_config(model), "num_hidden_layers", None)
     if not isinstance(layers, int) or layers < 1:
         refuse(
@@ -307,15 +320,16 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
             "its config has no num_hidden_layers, so the probe cannot check that every layer runs TiDAR",
             "layer_structure",
         )
-    K = PROBE_K
-    prompts = _prompts(vocab, mask_id)
-    drafts = [[(row[-1] + 3 + 5 * t) % vocab for t in range(K)] for row in prompts]
-    drafts = [[t if t != mask_id else (t + 1) % vocab for t in row] for row in drafts]
-    try:
-        ref_causal, ref_mask = _reference(model, prompts, drafts, mask_id, device)
-    except Exception as e:
-        refuse(model, f"its own forward failed on the probe prompts ({type(e).__name__}: {e})", "forward_failed")
+    return layers
 
+
+def _drafts(prompts, vocab: int, mask_id: int) -> list:
+    """``PROBE_K`` deterministic draft tokens after each prompt, never the mask token."""
+    drafts = [[(row[-1] + 3 + 5 * t) % vocab for t in range(PROBE_K)] for row in prompts]
+    return [[t if t != mask_id else (t + 1) % vocab for t in row] for row in drafts]
+
+
+def _use_probe_attention(model) -> None:
     model.set_attn_implementation(PROBE_NAME)
     if getattr(model.config, "_attn_implementation", None) != PROBE_NAME:
         refuse(
@@ -323,12 +337,50 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
             "its attention implementation cannot be set (it does not use transformers' AttentionInterface)",
             "attention_not_reached",
         )
-    B = len(prompts)
-    max_len = max(PROMPT_LENGTHS) + K + K * K
-    cache = TidarCache(B, max_len, backend=backend)
-    diffs, kwargs_seen, window = [], set(), None
 
-    def forward(ids, pos, step, what):
+
+class _ProbeRun:
+    """The TiDAR forwards of the probe through one real ``TidarCache``: each forward's attention calls are checked
+    (every layer once, with the step) and its logits compared with the model's own; it collects the attention
+    options seen, the sliding window and the logit differences."""
+
+    def __init__(self, model, layers: int, batch: int, backend: str, device):
+        from tidar.hf.cache import TidarCache
+
+        self.model, self.layers, self.backend, self.device = model, layers, backend, device
+        self.cache = TidarCache(batch, max(PROMPT_LENGTHS) + PROBE_K + PROBE_K * PROBE_K, backend=backend)
+        self.diffs: list = []
+        self.kwargs_seen: set = set()
+        self.window = None
+
+    def prefill(self, prompts, mask_id: int, ref_causal, ref_mask) -> None:
+        """Prefill, row by row (different lengths), into the ragged cache."""
+        K, device = PROBE_K, self.device
+        for b, row in enumerate(prompts):
+            n = len(row)
+            layout = layouts.prefill(n, K).to(device)
+            ids = torch.tensor([row + [mask_id] * K], device=device)
+            step = TidarStep(layout, torch.zeros(1, dtype=torch.int32, device=device), self.cache.row(b), self.backend)
+            out = self.forward(ids, layout.position_ids[None], step, "prefill")
+            self.compare(out[0, :n], ref_causal[b][:n], "prefill prompt-row")
+            if ref_mask is not None:
+                self.compare(out[0, n:], ref_mask[b], "prefill mask-row")
+        self.cache.commit(list(PROMPT_LENGTHS))
+
+    def decode_step(self, prompts, drafts, mask_id: int, ref_causal) -> None:
+        """One ragged decode step: rows at different committed lengths."""
+        K, device = PROBE_K, self.device
+        layout = layouts.decode_step(K).to(device)
+        seg_start = self.cache.seq_lengths(device)
+        ids = torch.tensor([dr + [mask_id] * (K * K) for dr in drafts], device=device)
+        pos = seg_start.long()[:, None] + layout.position_ids[None]
+        out = self.forward(ids, pos, TidarStep(layout, seg_start, self.cache, self.backend), "decode-step")
+        for b, row in enumerate(prompts):
+            n = len(row)
+            self.compare(out[b, :K], ref_causal[b][n : n + K], "decode-step draft-row")
+
+    def forward(self, ids, pos, step, what):
+        model = self.model
         calls: list = []
         token = _LOG.set(calls)
         try:
@@ -339,16 +391,16 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
             refuse(model, f"the TiDAR {what} forward failed ({type(e).__name__}: {e})", "forward_failed")
         finally:
             _LOG.reset(token)
-        _check_calls(model, calls, layers, what)
-        nonlocal window
+        _check_calls(model, calls, self.layers, what)
         for c in calls:
-            kwargs_seen.update(c.extra)
+            self.kwargs_seen.update(c.extra)
             w = c.extra.get("sliding_window")
             if isinstance(w, int) and not isinstance(w, bool):
-                window = w if window is None else min(window, w)
+                self.window = w if self.window is None else min(self.window, w)
         return out
 
-    def compare(got, want, what):
+    def compare(self, got, want, what):
+        model = self.model
         if got.shape != want.shape:
             refuse(
                 model,
@@ -358,7 +410,7 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
         scale = want.abs().max().item() if want.numel() else 0.0
         d = (got - want).abs().max().item() if want.numel() else 0.0
         if not math.isfinite(d) or d > _tolerance(model.get_input_embeddings().weight.dtype, scale):
-            ignored = sorted(kwargs_seen - {"sliding_window", "softcap"})
+            ignored = sorted(self.kwargs_seen - {"sliding_window", "softcap"})
             hint = f"; the attention receives options TiDAR does not apply: {ignored}" if ignored else ""
             hint += "; " + _MISMATCH_HINTS[what]
             refuse(
@@ -367,30 +419,7 @@ def run_probe(model, mask_id: int, backend: str) -> ProbeReport:
                 f"{scale:.3g}){hint}",
                 "logits_differ",
             )
-        diffs.append(d)
-
-    # Prefill, row by row (different lengths), into the ragged cache.
-    for b, row in enumerate(prompts):
-        n = len(row)
-        layout = layouts.prefill(n, K).to(device)
-        ids = torch.tensor([row + [mask_id] * K], device=device)
-        step = TidarStep(layout, torch.zeros(1, dtype=torch.int32, device=device), cache.row(b), backend)
-        out = forward(ids, layout.position_ids[None], step, "prefill")
-        compare(out[0, :n], ref_causal[b][:n], "prefill prompt-row")
-        if ref_mask is not None:
-            compare(out[0, n:], ref_mask[b], "prefill mask-row")
-    cache.commit(list(PROMPT_LENGTHS))
-
-    # One ragged decode step: rows at different committed lengths.
-    layout = layouts.decode_step(K).to(device)
-    seg_start = cache.seq_lengths(device)
-    ids = torch.tensor([dr + [mask_id] * (K * K) for dr in drafts], device=device)
-    pos = seg_start.long()[:, None] + layout.position_ids[None]
-    out = forward(ids, pos, TidarStep(layout, seg_start, cache, backend), "decode-step")
-    for b, row in enumerate(prompts):
-        n = len(row)
-        compare(out[b, :K], ref_causal[b][n : n + K], "decode-step draft-row")
-    return ProbeReport(window, layers, max(diffs), ref_mask is not None, kwargs_seen)
+        self.diffs.append(d)
 
 
 def impl_snapshot(model) -> list:
