@@ -28,7 +28,8 @@ import tidar_kernels
 from tidar_kernels import layouts
 from tidar_kernels.backends import resolve
 
-from .harness import Bench, err_check, our_backends
+from .environment import our_backends
+from .harness import Bench, err_check
 
 OP = "tidar_attention"
 TILE = 128  # FlexAttention's default Q and KV block size

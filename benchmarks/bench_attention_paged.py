@@ -32,7 +32,8 @@ from tidar_kernels.backends import resolve
 from tidar_kernels.reference.tidar_attention_paged import gather_paged_kv
 
 from .bench_attention import flex_fn
-from .harness import Bench, err_check, optional_import, our_backends
+from .environment import flashinfer, our_backends
+from .harness import Bench, err_check
 
 OP = "tidar_attention_paged"
 
@@ -175,9 +176,7 @@ def _attention_case(bench: Bench, B, prefix, K, bs, Hq, Hkv, D, dt):
     # FlexAttention over the pool
     _flex_row(bench, case, params, common, timed, q, kc, vc, table, seq_lens, lay, scale)
 
-    fi, fi_why = optional_import("flashinfer")
-    if fi is not None and not bench.cuda:
-        fi, fi_why = None, "FlashInfer runs on CUDA only"
+    fi, fi_why = flashinfer(dev)
     if fi is None:
         bench.skip(case, "flashinfer-paged-prefill", fi_why, params=params)
     else:

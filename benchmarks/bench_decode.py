@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-from .harness import Bench, Timing, short
+from . import decode_report
+from .environment import machine, versions
+from .harness import Bench
+from .hf_compat import cache_kw
+from .report import short
+from .timing import interleaved, interleaved_timing, timed_call
 
 NEW_TOKENS = 128
 PREFIX = 64
@@ -68,38 +70,6 @@ def _configs(smoke: bool):
     cfgs.append(("tidar auto", "tidar", {"draft_len": "auto", "context_drafts": True}))
     cfgs.append(("tidar auto (no context drafts)", "tidar", {"draft_len": "auto", "context_drafts": False}))
     return cfgs
-
-
-def machine(bench: Bench) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-    try:
-        info["load_average_1m_5m_15m"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    if bench.cuda:
-        info["gpu"] = torch.cuda.get_device_name(bench.device)
-    return info
-
-
-def _versions() -> dict:
-    import transformers
-
-    import tidar
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "tidar": tidar.__version__}
 
 
 def _load(bench: Bench):
@@ -174,9 +144,7 @@ def _tidar_stepper(td, prompt, K, levels):
 def _hf_forward(hf, prompt, S):
     from transformers import DynamicCache
 
-    from .bench_e2e import _cache_kw
-
-    kw = _cache_kw(hf)
+    kw = cache_kw(hf)
     P = prompt.shape[1]
     cache = DynamicCache(config=hf.config)
     hf(input_ids=prompt, **{kw: cache}, use_cache=True)
@@ -192,34 +160,6 @@ def _hf_forward(hf, prompt, S):
         return out
 
     return fn
-
-
-def _interleaved(fns: list, rounds: int, sync) -> list[list[float]]:
-    """ms of each fn, called in turn ``rounds`` times after one warm-up call each."""
-    for f in fns:
-        f()
-    sync()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, f in enumerate(fns):
-            t = time.perf_counter()
-            f()
-            sync()
-            times[i].append((time.perf_counter() - t) * 1e3)
-    return times
-
-
-def _timing(ts: list[float]) -> Timing:
-    q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
-    return Timing(
-        statistics.median(ts),
-        min(q[0], statistics.median(ts)),
-        max(q[3], statistics.median(ts)),
-        len(ts),
-        "perf_counter, interleaved",
-        False,
-        False,
-    )
 
 
 def _steps(bench: Bench, hf, td, rec: dict):
@@ -238,7 +178,7 @@ def _steps(bench: Bench, hf, td, rec: dict):
         try:
             step, S = _tidar_stepper(td, prompt, K, levels)
             fwd = _hf_forward(hf, prompt, S)
-            t_td, t_hf = _interleaved([step, fwd], rounds, bench.sync)
+            t_td, t_hf = interleaved([step, fwd], rounds, bench.device)
         except Exception as e:
             bench._error("ours", case, e)
             continue
@@ -246,7 +186,7 @@ def _steps(bench: Bench, hf, td, rec: dict):
         bench._row(
             "hf forward (DynamicCache)",
             f"{case} (S={S})",
-            _timing(t_hf),
+            interleaved_timing(t_hf, bench.device),
             params=params,
             notes="unpatched model, full logits, cache cropped back after each call",
         )
@@ -255,7 +195,7 @@ def _steps(bench: Bench, hf, td, rec: dict):
         bench._row(
             "tidar step",
             f"{case} (S={S})",
-            _timing(t_td),
+            interleaved_timing(t_td, bench.device),
             params=params,
             check=f"step/forward median {ratio:.2f}x, min {best:.2f}x",
             notes="the decode loop's step: forward, LM head on 2K rows, greedy verification, host sync",
@@ -279,19 +219,14 @@ def _steps(bench: Bench, hf, td, rec: dict):
 # ------------------------------------------------------------------------------------------------ (c) e2e
 
 
-def _e2e(bench: Bench, hf, td, tok, demo, rec: dict):
+def _generator(hf, td, tok):
+    """``run(kind, kw, x, n)``: greedy generation of ``n`` tokens after ``x`` by HF ``generate`` on the unpatched
+    model (kind hf) or ``tidar.generate`` (kind tidar); gives (new tokens, TiDAR's output or None)."""
     import tidar
 
-    bench.start_suite("decode_e2e", 120 if bench.smoke or bench.cuda else 900)
-    n_new = 8 if bench.smoke else NEW_TOKENS
-    prompts = [("demo", p) for p in demo] + [("other", p) for p in EXTRA_PROMPTS]
-    if bench.smoke:
-        prompts = prompts[:1]
-    ids = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(bench.device) for _, p in prompts]
     eos = tok.eos_token_id
-    cfgs = _configs(bench.smoke)
 
-    def run(name, kind, kw, x, n):
+    def run(kind, kw, x, n):
         if kind == "hf":
             out = hf.generate(
                 x,
@@ -309,13 +244,16 @@ def _e2e(bench: Bench, hf, td, tok, demo, rec: dict):
         out = tidar.generate(td, x, max_new_tokens=n, eos_token_id=eos, **kw)
         return out.new_tokens[0], out
 
-    tidar.patch(td, draft_len="auto")
-    for name, kind, kw in cfgs:  # warm-up: first-call overheads out of the timings
-        run(name, kind, kw, ids[0], 4)
+    return run
+
+
+def _e2e_rounds(bench: Bench, run, cfgs, ids, n_new):
+    """Every configuration on every prompt, interleaved prompt by prompt, for as many rounds as the budget allows.
+    Gives per config, per prompt, per round ``{tokens, s, identical[, forwards, tpf]}`` (or ``{error}``), the
+    TiDAR configs' draft lengths and sources, and the number of rounds."""
     min_rounds, max_rounds = (1, 1) if bench.smoke else (1, 3) if bench.cuda else (3, 7)
-    # per config, per prompt, per round: (tokens, seconds, forwards, tokens/forward, identical)
-    res = {name: [[] for _ in prompts] for name, _, _ in cfgs}
-    ref = [None] * len(prompts)
+    res = {name: [[] for _ in ids] for name, _, _ in cfgs}
+    ref = [None] * len(ids)
     extra = {name: {"draft_lens": {}, "sources": {}} for name, _, _ in cfgs}
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or not bench.over_budget()):
@@ -323,18 +261,13 @@ def _e2e(bench: Bench, hf, td, tok, demo, rec: dict):
         for pi, x in enumerate(ids):
             for name, kind, kw in order:
                 try:
-                    bench.sync()
-                    t = time.perf_counter()
-                    new, out = run(name, kind, kw, x, n_new)
-                    bench.sync()
-                    dt = time.perf_counter() - t
+                    (new, out), dt = timed_call(lambda kind=kind, kw=kw, x=x: run(kind, kw, x, n_new), bench.device)
                 except Exception as e:
                     res[name][pi].append({"error": short(e)})
                     continue
                 if name == "hf-ar" and ref[pi] is None:
                     ref[pi] = new
-                same = ref[pi] is None or new == ref[pi]
-                r = {"tokens": len(new), "s": dt, "identical": same, "new": new}
+                r = {"tokens": len(new), "s": dt, "identical": ref[pi] is None or new == ref[pi], "new": new}
                 if out is not None:
                     r.update(forwards=out.forwards, tpf=out.tokens_per_forward)
                     for k in out.draft_lens:
@@ -349,12 +282,42 @@ def _e2e(bench: Bench, hf, td, tok, demo, rec: dict):
                 if "new" in r:
                     r["identical"] = r["new"] == ref[pi]
                     del r["new"]
-    rec["e2e"] = {
-        "new_tokens": n_new,
+    return res, extra, rounds
+
+
+def _e2e_entry(rows, ar, sel, kind, kw, rounds) -> dict:
+    """One configuration over the prompts ``sel``: tokens/s and x AR (median over rounds, and best round),
+    tokens per forward (TiDAR), whether every text was identical to HF greedy."""
+    per_round = []
+    for k in range(rounds):
+        tok_n = sum(rows[i][k]["tokens"] for i in sel)
+        sec = sum(rows[i][k]["s"] for i in sel)
+        ar_sec = sum(ar[i][k]["s"] for i in sel) if all("s" in ar[i][k] for i in sel) else None
+        per_round.append((tok_n / sec, ar_sec / sec if ar_sec else None))
+    tps = [a for a, _ in per_round]
+    xs = [b for _, b in per_round if b is not None]
+    tpf = None
+    if kind == "tidar":
+        fw = sum(r["forwards"] for i in sel for r in rows[i])
+        tpf = sum(r["tokens"] for i in sel for r in rows[i]) / fw
+    best_s = [min(r["s"] for r in rows[i]) for i in sel]
+    best_ar_s = [min(r["s"] for r in ar[i]) for i in sel]
+    tokens_each = [rows[i][0]["tokens"] for i in sel]
+    return {
+        "tokens_per_s_median": statistics.median(tps),
+        "tokens_per_s_best": sum(tokens_each) / sum(best_s),
+        "x_ar_median": statistics.median(xs) if xs else None,
+        "x_ar_best": sum(best_ar_s) / sum(best_s),
+        "tokens_per_forward": tpf,
+        "identical": all(r["identical"] for i in sel for r in rows[i]),
+        "tokens": sum(tokens_each),
         "rounds": rounds,
-        "prompts": [{"set": s, "text": p} for s, p in prompts],
-        "configs": {},
+        "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
     }
+
+
+def _e2e_rows(bench: Bench, rec: dict, cfgs, prompts, res, extra, rounds, n_new):
+    """The decode_e2e rows and ``rec["e2e"]["configs"]``: per prompt group (all, demo, other), per configuration."""
     ar = res["hf-ar"]
     for group in ("all", "demo", "other"):
         sel = [i for i, (s, _) in enumerate(prompts) if group == "all" or s == group]
@@ -375,33 +338,7 @@ def _e2e(bench: Bench, hf, td, tok, demo, rec: dict):
                     }
                 )
                 continue
-            per_round = []
-            for k in range(rounds):
-                tok_n = sum(rows[i][k]["tokens"] for i in sel)
-                sec = sum(rows[i][k]["s"] for i in sel)
-                ar_sec = sum(ar[i][k]["s"] for i in sel) if all("s" in ar[i][k] for i in sel) else None
-                per_round.append((tok_n / sec, ar_sec / sec if ar_sec else None))
-            tps = [a for a, _ in per_round]
-            xs = [b for _, b in per_round if b is not None]
-            identical = all(r["identical"] for i in sel for r in rows[i])
-            tpf = None
-            if kind == "tidar":
-                fw = sum(r["forwards"] for i in sel for r in rows[i])
-                tpf = sum(r["tokens"] for i in sel for r in rows[i]) / fw
-            best_s = [min(r["s"] for r in rows[i]) for i in sel]
-            best_ar_s = [min(r["s"] for r in ar[i]) for i in sel]
-            tokens_each = [rows[i][0]["tokens"] for i in sel]
-            entry = {
-                "tokens_per_s_median": statistics.median(tps),
-                "tokens_per_s_best": sum(tokens_each) / sum(best_s),
-                "x_ar_median": statistics.median(xs) if xs else None,
-                "x_ar_best": sum(best_ar_s) / sum(best_s),
-                "tokens_per_forward": tpf,
-                "identical": identical,
-                "tokens": sum(tokens_each),
-                "rounds": rounds,
-                "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
-            }
+            entry = _e2e_entry(rows, ar, sel, kind, kw, rounds)
             if group == "all" and kind == "tidar":
                 entry["draft_lens"] = dict(sorted(extra[name]["draft_lens"].items()))
                 entry["draft_sources"] = extra[name]["sources"]
@@ -416,11 +353,35 @@ def _e2e(bench: Bench, hf, td, tok, demo, rec: dict):
                     "tok/s best": entry["tokens_per_s_best"],
                     "x AR median": entry["x_ar_median"],
                     "x AR best": entry["x_ar_best"],
-                    "tok/forward": tpf,
-                    "identical": "yes" if identical else "NO",
+                    "tok/forward": entry["tokens_per_forward"],
+                    "identical": "yes" if entry["identical"] else "NO",
                 },
                 notes=f"{rounds} rounds, interleaved",
             )
+
+
+def _e2e(bench: Bench, hf, td, tok, demo, rec: dict):
+    import tidar
+
+    bench.start_suite("decode_e2e", 120 if bench.smoke or bench.cuda else 900)
+    n_new = 8 if bench.smoke else NEW_TOKENS
+    prompts = [("demo", p) for p in demo] + [("other", p) for p in EXTRA_PROMPTS]
+    if bench.smoke:
+        prompts = prompts[:1]
+    ids = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(bench.device) for _, p in prompts]
+    cfgs = _configs(bench.smoke)
+    run = _generator(hf, td, tok)
+    tidar.patch(td, draft_len="auto")
+    for _, kind, kw in cfgs:  # warm-up: first-call overheads out of the timings
+        run(kind, kw, ids[0], 4)
+    res, extra, rounds = _e2e_rounds(bench, run, cfgs, ids, n_new)
+    rec["e2e"] = {
+        "new_tokens": n_new,
+        "rounds": rounds,
+        "prompts": [{"set": s, "text": p} for s, p in prompts],
+        "configs": {},
+    }
+    _e2e_rows(bench, rec, cfgs, prompts, res, extra, rounds, n_new)
 
 
 # ------------------------------------------------------------------------------------------------ run, goals
@@ -431,8 +392,8 @@ def run(bench: Bench):
 
     rec = {
         "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "machine": machine(bench),
-        "versions": _versions(),
+        "machine": machine(bench.device),
+        "versions": versions(),
         "git_sha": bench.env["git_sha"],
         "date": bench.env["date"],
         "smoke": bench.smoke,
@@ -457,7 +418,7 @@ def run(bench: Bench):
         pass
     bench.decode_record = rec
     (bench.out / "decode.json").write_text(json.dumps(rec, indent=1))
-    (bench.out / "decode.md").write_text(markdown(rec))
+    (bench.out / "decode.md").write_text(decode_report.markdown(rec, PREFIX))
 
 
 def goals(bench: Bench):
@@ -516,76 +477,3 @@ def plots(bench: Bench, plot):
             where=lambda r: r["suite"] == "decode_curve",
         )
     ]
-
-
-def _f(v, spec="{:.2f}"):
-    return "" if v is None else spec.format(v)
-
-
-def markdown(rec: dict) -> str:
-    m, v = rec["machine"], rec["versions"]
-    lines = [
-        "# TiDAR decoding on the bundled model" + (" (SMOKE: tiny run)" if rec.get("smoke") else ""),
-        "",
-        f"Command: `{rec['command']}`",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
-        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-        + f"; load average {m.get('load_average_1m_5m_15m')} at the start, "
-        f"{m.get('load_average_at_end')} at the end",
-        f"Versions: torch {v['torch']}, transformers {v['transformers']}, tidar {v['tidar']}; "
-        f"git {rec['git_sha']}; {rec['date']}; model {rec.get('model')}",
-        "",
-    ]
-    c = rec.get("curve")
-    if c:
-        lines += [
-            "## Token-slot curve",
-            "",
-            "| tokens | " + " | ".join(map(str, c["tokens"])) + " |",
-            "|---|" + "---|" * len(c["tokens"]),
-            "| ms | " + " | ".join(f"{x:.2f}" for x in c["body_ms"]) + " |",
-            "",
-            f"LM head {c['head_ms_per_row']:.4f} ms per row; measured in {c['measured_s']:.1f} s.",
-            "",
-        ]
-    if rec.get("steps"):
-        lines += [
-            "## TiDAR step vs HF forward of the same tokens",
-            "",
-            f"Prefix {PREFIX} tokens; calls alternate; median (min) ms.",
-            "",
-            "| K | levels | tokens S | TiDAR step ms | HF forward ms | step/forward median | min/min |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for s in rec["steps"]:
-            lines.append(
-                f"| {s['K']} | {s['levels']} | {s['S']} "
-                f"| {s['tidar_ms_median']:.2f} ({s['tidar_ms_min']:.2f}) "
-                f"| {s['hf_ms_median']:.2f} ({s['hf_ms_min']:.2f}) | {s['ratio_median']:.2f}x "
-                f"| {s['ratio_min']:.2f}x |"
-            )
-        lines.append("")
-    e = rec.get("e2e")
-    if e:
-        lines += [f"## End to end: greedy, {e['new_tokens']} new tokens, {e['rounds']} interleaved rounds", ""]
-        for group, cfgs in e["configs"].items():
-            n = sum(1 for p in e["prompts"] if group == "all" or p["set"] == group)
-            lines += [
-                f"### {group} prompts ({n})",
-                "",
-                "| configuration | tok/s median | tok/s best | x AR median | x AR best | tok/forward | identical |",
-                "|---|---|---|---|---|---|---|",
-            ]
-            for name, x in cfgs.items():
-                lines.append(
-                    f"| {name} | {x['tokens_per_s_median']:.1f} | {x['tokens_per_s_best']:.1f} | "
-                    f"{_f(x['x_ar_median'])} | {_f(x['x_ar_best'])} | {_f(x['tokens_per_forward'])} | "
-                    f"{'yes' if x['identical'] else 'NO'} |"
-                )
-            lines.append("")
-        auto = [(n, x) for n, x in e["configs"].get("all", {}).items() if "draft_lens" in x and "auto" in n]
-        for n, x in auto:
-            lines.append(f"- {n}: K per step {x['draft_lens']}; draft sources {x['draft_sources']}")
-        lines += ["", "Prompts: " + "; ".join(f"{p['set']}: `{p['text'][:40]!r}...`" for p in e["prompts"]), ""]
-    return "\n".join(lines)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -24,101 +23,14 @@ import torch
 import tidar_kernels
 from tidar_kernels import layouts
 
-from .harness import Bench, our_backends, rel_err, short
+from .environment import our_backends
+from .harness import Bench, rel_err
+from .hf_compat import cache_kw, rewind
+from .report import short
+from .shapes import LARGE, MAIN, SMOKE, build_model, n_params
 
 PAPER_TPF = 7.45
 CTX = 4096
-
-SHAPES = {  # name: (family, config kwargs) -- the public configs' shapes, random weights
-    "qwen2.5-1.5b": (
-        "qwen2",
-        dict(
-            vocab_size=151936,
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        ),
-    ),
-    "llama3-8b": (
-        "llama",
-        dict(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "tiny-qwen2": (
-        "qwen2",
-        dict(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        ),
-    ),
-}
-
-
-def build_model(name: str, device: torch.device, dtype: torch.dtype, max_pos: int):
-    import transformers as tf
-
-    family, kw = SHAPES[name]
-    cfg_cls, model_cls = {
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-    }[family]
-    cfg = cfg_cls(
-        **kw,
-        max_position_embeddings=max_pos,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-        mask_token_id=kw["vocab_size"] - 1,
-    )
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = model_cls(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.eval()
-
-
-def n_params(name: str) -> float:
-    _, kw = SHAPES[name]
-    h, i, L, V = kw["hidden_size"], kw["intermediate_size"], kw["num_hidden_layers"], kw["vocab_size"]
-    kv = h // kw["num_attention_heads"] * kw["num_key_value_heads"]
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i
-    return L * per_layer + V * h * (1 if kw["tie_word_embeddings"] else 2)
-
-
-def _cache_kw(model) -> str:
-    """transformers 5.24 renamed ``past_key_values`` to ``cache``; 5.17 has only the old name."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _rewind(cache, length: int):
-    """Put a StaticCache's write position back to ``length`` (transformers >= 5.2x counts it on the device
-    per layer, ``cumulative_length``; older versions take ``cache_position``), so a timed forward can repeat."""
-    for layer in getattr(cache, "layers", []):
-        cl = getattr(layer, "cumulative_length", None)
-        if isinstance(cl, torch.Tensor):
-            cl.fill_(length)
-        elif isinstance(cl, int):
-            layer.cumulative_length = length
 
 
 def run(bench: Bench):
@@ -133,10 +45,10 @@ def run(bench: Bench):
 def _run_shapes(bench: Bench):
     dev = bench.device
     if bench.smoke:
-        models, dtype, ctx, B = ["tiny-qwen2"], torch.float32, 32, 1
+        models, dtype, ctx, B = [SMOKE], torch.float32, 32, 1
         ns, Ks = [1, 4, 16], [2, 3]
     else:
-        models, dtype, ctx, B = ["qwen2.5-1.5b", "llama3-8b"], torch.bfloat16, CTX, 1
+        models, dtype, ctx, B = [MAIN, LARGE], torch.bfloat16, CTX, 1
         ns, Ks = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], [16, 8, 4]
     bench.start_suite("e2e_step", 90 if bench.smoke else 130)
     with torch.no_grad():
@@ -177,7 +89,7 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
     prompt = torch.randint(0, V - 1, (B, ctx), device=dev, generator=g)
     max_n = max(ns + [K + K * K for K in Ks])
     base = {"model": name, "ctx": ctx, "B": B}
-    cache_kw = _cache_kw(model)
+    kw_cache = cache_kw(model)
 
     # --- HF SDPA (unpatched) with a StaticCache: the AR baseline and the forward curve ---------------
     hf_cache = None
@@ -187,12 +99,12 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
         hf_cache = StaticCache(config=model.config, max_cache_len=ctx + max_n)
         model(
             input_ids=prompt,
-            **{cache_kw: hf_cache},
+            **{kw_cache: hf_cache},
             cache_position=torch.arange(ctx, device=dev),
             use_cache=True,
             logits_to_keep=1,
         )
-        _rewind(hf_cache, ctx)
+        rewind(hf_cache, ctx)
     except Exception as e:
         bench._error("hf-sdpa", f"{name} prefill", e)
         hf_cache = None
@@ -217,12 +129,12 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
             def logits():
                 out = model(
                     input_ids=ids,
-                    **{cache_kw: hf_cache},
+                    **{kw_cache: hf_cache},
                     cache_position=cp,
                     position_ids=cp[None].expand(B, -1),
                     use_cache=True,
                 ).logits
-                _rewind(hf_cache, ctx)
+                rewind(hf_cache, ctx)
                 return out
 
             hf_logits[n] = logits().float()
@@ -439,9 +351,7 @@ def goals(bench: Bench):
     if not bench.cuda and not bench.smoke:  # no random-shape rows on CPU
         return
     rows = [
-        r
-        for r in bench.rows
-        if r["suite"] == "e2e_step" and r["status"] == "ok" and r["params"].get("model") == "qwen2.5-1.5b"
+        r for r in bench.rows if r["suite"] == "e2e_step" and r["status"] == "ok" and r["params"].get("model") == MAIN
     ]
     ar = [r for r in rows if r["params"]["kind"] == "ar_step"]
     st = [

@@ -20,7 +20,8 @@ import torch
 import tidar_kernels
 from tidar_kernels.backends import resolve
 
-from .harness import Bench, optional_import, our_backends
+from .environment import flashinfer, our_backends
+from .harness import Bench
 
 OP = "kv_append"
 PAGE = 16
@@ -49,9 +50,7 @@ def run(bench: Bench):
             (1, 8, 4096, 0),
             (8, 8, 4096, 0),
         ]
-    fi, fi_why = optional_import("flashinfer")
-    if fi is not None and not bench.cuda:
-        fi, fi_why = None, "FlashInfer runs on CUDA only"
+    fi, fi_why = flashinfer(dev)
     bench.start_suite("kv_append", 60 if bench.smoke else 30)
     for B, H, S, prefix in cases:
         case = f"B={B} Hkv={H} S={S} prefix~{prefix} D={D}"

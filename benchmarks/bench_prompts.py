@@ -16,12 +16,12 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-import time
 
 import torch
 
 from .harness import Bench
 from .ordinary_prompts import PROMPTS
+from .timing import timed_call
 
 NEW_TOKENS = 128
 BATCH_NEW_TOKENS = 96
@@ -40,14 +40,6 @@ def _load(bench: Bench):
     tidar.patch(td)  # the defaults, once: every prompt below decodes with what a user gets
     demo = json.loads((folder / PROMPTS_FILE).read_text())["prompts"]
     return folder, hf, td, tok, demo
-
-
-def _timed(bench: Bench, fn):
-    bench.sync()
-    t = time.perf_counter()
-    out = fn()
-    bench.sync()
-    return out, time.perf_counter() - t
 
 
 def _hf_kwargs(tok, n, **kw):
@@ -83,7 +75,7 @@ def _batch1(bench: Bench, hf, td, tok, prompts, rec):
         for i, x in enumerate(ids):
             order = list(runs) if (r + i) % 2 == 0 else list(runs)[::-1]
             for name in order:
-                out, dt = _timed(bench, lambda name=name, x=x: runs[name](x))
+                out, dt = timed_call(lambda name=name, x=x: runs[name](x), bench.device)
                 best[name][i] = min(best[name][i], dt)
                 toks = out.new_tokens[0] if name == "tidar" else out.tolist()
                 if name == "tidar":
@@ -174,11 +166,10 @@ def _batches(bench: Bench, hf, td, tok, prompts, rec, temperature: float):
                 hf_kw.update(do_sample=False)
             t_hf, t_td, same, tpf = float("inf"), float("inf"), True, None
             for r in range(rounds):
-                a, dt = _timed(bench, lambda: hf.generate(ids, attention_mask=mask, **hf_kw))
+                a, dt = timed_call(lambda: hf.generate(ids, attention_mask=mask, **hf_kw), bench.device)
                 t_hf = min(t_hf, dt)
                 g = torch.Generator(device=bench.device).manual_seed(r)
-                o, dt = _timed(
-                    bench,
+                o, dt = timed_call(
                     lambda g=g: tidar.generate(
                         td,
                         ids,
@@ -188,6 +179,7 @@ def _batches(bench: Bench, hf, td, tok, prompts, rec, temperature: float):
                         generator=g,
                         eos_token_id=[],
                     ),
+                    bench.device,
                 )
                 t_td = min(t_td, dt)
                 tpf = o.tokens_per_forward

@@ -22,7 +22,8 @@ import torch
 import tidar_kernels
 from tidar_kernels.backends import resolve
 
-from .harness import Bench, optional_import, our_backends
+from .environment import flashinfer, our_backends
+from .harness import Bench
 
 OP = "rejection_sample"
 
@@ -88,9 +89,7 @@ def run(bench: Bench):
         cases = [(B, V, K) for K in (4, 2) for V in (1000, 64) for B in (1, 2)]
     else:
         cases = [(B, V, K) for K in (16, 8, 4) for V in (151936, 32000) for B in (1, 8, 64)]
-    fi, fi_why = optional_import("flashinfer")
-    if fi is not None and not bench.cuda:
-        fi, fi_why = None, "FlashInfer runs on CUDA only"
+    fi, fi_why = flashinfer(dev)
     backends = our_backends(OP, dev)
     bench.start_suite("rejection", 60 if bench.smoke else 70)
     ref_impl = resolve(OP, "reference", dev)
