@@ -103,23 +103,10 @@ def _key(model) -> str:
 
 
 def _timer(device):
-    if device.type == "cuda":
+    """ms of one call on ``device``: the project's one timer (CUDA events / perf_counter), as the benchmarks."""
+    from tidar_kernels.timing import timer
 
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-    else:
-
-        def run(fn):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-
-    return run
+    return timer(device)
 
 
 @torch.no_grad()
