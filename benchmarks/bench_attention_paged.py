@@ -31,8 +31,8 @@ from tidar_kernels import layouts
 from tidar_kernels.backends import resolve
 from tidar_kernels.reference.tidar_attention_paged import gather_paged_kv
 
-from .bench_attention import flex_fn
 from .environment import flashinfer, our_backends
+from .flex import flex_fn
 from .harness import Bench, err_check
 
 OP = "tidar_attention_paged"

@@ -109,7 +109,7 @@ def test_decode_suite_on_the_bundled_model(smoke):
 
 @pytest.mark.parametrize("which", ["training", "decode", "prefill", "causal"])
 def test_block_tables_match_dense_twin(which):
-    from benchmarks.bench_attention import block_tables, dense_block_tables
+    from benchmarks.flex import block_tables, dense_block_tables
     from tidar_kernels import layouts
 
     cases = {
