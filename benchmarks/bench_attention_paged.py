@@ -31,6 +31,7 @@ from tidar_kernels import layouts
 from tidar_kernels.backends import resolve
 from tidar_kernels.reference.tidar_attention_paged import gather_paged_kv
 
+from . import shapes
 from .environment import flashinfer, our_backends
 from .flex import flex_fn
 from .harness import Bench, err_check
@@ -113,9 +114,6 @@ def _attention_case(bench: Bench, B, prefix, K, bs, Hq, Hkv, D, dt):
     scale = D**-0.5
     k_cont, v_cont = (t.contiguous() for t in gather_paged_kv(kc, vc, table, seq_lens))
     seg_t = seq_lens - S
-    S_sep = S - K  # the proposal rows: off the pool in the separate-segment form (the same keys, contiguous)
-    idx = (seq_lens.long() - S_sep)[:, None] + torch.arange(S_sep, device=dev)[None]
-    k_seg, v_seg = (t.gather(2, idx[:, None, :, None].expand(B, Hkv, S_sep, D)).contiguous() for t in (k_cont, v_cont))
     rd = torch.float32 if bench.cuda else torch.float64
     with torch.no_grad():
         ref = tidar_kernels.tidar_attention_paged(
@@ -136,33 +134,8 @@ def _attention_case(bench: Bench, B, prefix, K, bs, Hq, Hkv, D, dt):
         return setup
 
     # contiguous baseline (tidar_attention on the same keys, contiguous), then ours (paged)
-    for op, prefix_name, impl_args in (
-        ("tidar_attention", "contiguous", (q, k_cont, v_cont, ll, bid, seg_t, scale)),
-        (OP, "ours", (q, kc, vc, table, seq_lens, ll, bid, scale)),
-    ):
-        for backend, why in our_backends(op, dev):
-            name = f"{prefix_name}:{backend}"
-            if why is not None:
-                bench.skip(case, name, why, params=params)
-                continue
-            if backend == "reference" and bench.cuda:
-                bench.skip(case, name, "the reference is SDPA with a dense mask; not timed on GPU", params=params)
-                continue
-            impl = resolve(op, backend, dev)
-            bench.measure(case, name, timed(lambda impl=impl, a=impl_args: impl(*a)), **common)
-            if op == OP:
-                api = lambda b=backend: tidar_kernels.tidar_attention_paged(  # noqa: E731
-                    q, kc, vc, table, seq_lens, ll, bid, scale=scale, backend=b
-                )
-                bench.measure(case, name + "+api", timed(api), notes="public op (validation included)", **common)
-                seg_args = (q, kc, vc, table, seq_lens - S_sep, ll, bid, scale, None, k_seg, v_seg)
-                bench.measure(
-                    case,
-                    name + "+seg",
-                    timed(lambda impl=impl, a=seg_args: impl(*a)),
-                    notes=f"separate-segment form: the {S_sep} proposal rows' K/V off the pool (k_seg/v_seg)",
-                    **common,
-                )
+    paged = (q, kc, vc, table, seq_lens, ll, bid, scale)
+    _kernel_rows(bench, case, params, common, timed, K, paged, (q, k_cont, v_cont, ll, bid, seg_t, scale))
 
     # SDPA on the keys gathered through the table (the gather timed)
     mask = layouts.dense_mask(ll, bid, seg_t, int(seq_lens.max()))[:, None]
@@ -188,6 +161,46 @@ def _attention_case(bench: Bench, B, prefix, K, bs, Hq, Hkv, D, dt):
 
         bench.measure(case, "flashinfer-paged-prefill", flashinfer_setup, notes="custom mask; plan outside timing",
                       **common)  # fmt: skip
+
+
+def _kernel_rows(bench, case, params, common, timed, K, paged, contiguous):
+    """``contiguous:<backend>`` (tidar_attention on the same keys, contiguous: ``contiguous`` are its arguments),
+    then ``ours:<backend>`` (paged: ``paged``) with its ``+api`` and ``+seg`` (separate-segment) forms."""
+    dev = bench.device
+    q, kc, vc, table, seq_lens, ll, bid, scale = paged
+    k_cont, v_cont = contiguous[1:3]
+    B, _, S, D = q.shape
+    Hkv = kc.shape[2]
+    S_sep = S - K  # the proposal rows: off the pool in the separate-segment form (the same keys, contiguous)
+    idx = (seq_lens.long() - S_sep)[:, None] + torch.arange(S_sep, device=dev)[None]
+    k_seg, v_seg = (t.gather(2, idx[:, None, :, None].expand(B, Hkv, S_sep, D)).contiguous() for t in (k_cont, v_cont))
+    for op, prefix_name, impl_args in (
+        ("tidar_attention", "contiguous", contiguous),
+        (OP, "ours", paged),
+    ):
+        for backend, why in our_backends(op, dev):
+            name = f"{prefix_name}:{backend}"
+            if why is not None:
+                bench.skip(case, name, why, params=params)
+                continue
+            if backend == "reference" and bench.cuda:
+                bench.skip(case, name, "the reference is SDPA with a dense mask; not timed on GPU", params=params)
+                continue
+            impl = resolve(op, backend, dev)
+            bench.measure(case, name, timed(lambda impl=impl, a=impl_args: impl(*a)), **common)
+            if op == OP:
+                api = lambda b=backend: tidar_kernels.tidar_attention_paged(  # noqa: E731
+                    q, kc, vc, table, seq_lens, ll, bid, scale=scale, backend=b
+                )
+                bench.measure(case, name + "+api", timed(api), notes="public op (validation included)", **common)
+                seg_args = (q, kc, vc, table, seq_lens - S_sep, ll, bid, scale, None, k_seg, v_seg)
+                bench.measure(
+                    case,
+                    name + "+seg",
+                    timed(lambda impl=impl, a=seg_args: impl(*a)),
+                    notes=f"separate-segment form: the {S_sep} proposal rows' K/V off the pool (k_seg/v_seg)",
+                    **common,
+                )
 
 
 def _flex_row(bench, case, params, common, timed, q, kc, vc, table, seq_lens, lay, scale):
@@ -288,15 +301,19 @@ def _append_case(bench: Bench, T, H, D, bs, dt):
 
 
 def run(bench: Bench):
+    main = shapes.attention(shapes.SMOKE if bench.smoke else shapes.MAIN)  # 1.5B: 12 query heads, 2 K/V, D = 128
+    Hq, Hkv, D = main.q_heads, main.kv_heads, main.head_dim
     if bench.smoke:
-        Hq, Hkv, D, dt = 4, 2, 16, torch.float32
+        dt = torch.float32
         attn = [(1, 40, 2, 16), (2, 100, 3, 32)]
-        append = [(40, 2, 16, 16), (300, 2, 16, 32)]
+        append = [(40, Hkv, D, 16), (300, Hkv, D, 32)]
     else:
-        Hq, Hkv, D, dt = 12, 2, 128, torch.bfloat16  # Qwen2.5-1.5B attention
+        dt = torch.bfloat16
         attn = [(8, 4096, 16, 16), (1, 16384, 16, 16), (8, 4096, 16, 32), (32, 4096, 16, 16), (8, 16384, 16, 16)]
         attn += [(1, 4096, 4, 16), (64, 1024, 4, 16)]
-        append = [(272, 2, 128, 16), (8 * 272, 8, 128, 16), (64 * 272, 8, 128, 16), (64, 8, 128, 16)]
+        large = shapes.attention(shapes.LARGE)  # 8B: 8 K/V heads
+        append = [(272, Hkv, D, 16), (8 * 272, large.kv_heads, D, 16), (64 * 272, large.kv_heads, D, 16)]
+        append += [(64, large.kv_heads, D, 16)]
     bench.start_suite("attention_paged", 60 if bench.smoke else 150)
     for B, prefix, K, bs in attn:
         _attention_case(bench, B, prefix, K, bs, Hq, Hkv, D, dt)

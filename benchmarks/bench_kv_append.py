@@ -20,6 +20,7 @@ import torch
 import tidar_kernels
 from tidar_kernels.backends import resolve
 
+from . import shapes
 from .environment import flashinfer, our_backends
 from .harness import Bench
 
@@ -32,117 +33,107 @@ def _exact(kc, vc, ek, ev) -> str:
 
 
 def run(bench: Bench):
-    dev = bench.device
     dt = torch.bfloat16 if bench.cuda else torch.float32
+    main = shapes.attention(shapes.SMOKE if bench.smoke else shapes.MAIN)
+    D, H = main.head_dim, main.kv_heads
     if bench.smoke:
-        D = 16
-        cases = [(1, 2, 1, 16), (2, 2, 6, 16), (3, 2, 12, 0)]
+        cases = [(1, H, 1, 16), (2, H, 6, 16), (3, H, 12, 0)]
     else:
-        D = 128
+        H8 = shapes.attention(shapes.LARGE).kv_heads
         # (B, Hkv, S, prefix): AR step, TiDAR K=16 step (S=272) at 1.5B (Hkv=2) and 8B (Hkv=8) shapes, a prefill
         cases = [
-            (1, 2, 1, 4096),
-            (1, 2, 272, 4096),
-            (8, 2, 272, 4096),
-            (64, 2, 272, 4096),
-            (64, 8, 1, 4096),
-            (64, 8, 272, 4096),
-            (1, 8, 4096, 0),
-            (8, 8, 4096, 0),
+            (1, H, 1, 4096),
+            (1, H, 272, 4096),
+            (8, H, 272, 4096),
+            (64, H, 272, 4096),
+            (64, H8, 1, 4096),
+            (64, H8, 272, 4096),
+            (1, H8, 4096, 0),
+            (8, H8, 4096, 0),
         ]
-    fi, fi_why = flashinfer(dev)
+    fi = flashinfer(bench.device)
     bench.start_suite("kv_append", 60 if bench.smoke else 30)
     for B, H, S, prefix in cases:
-        case = f"B={B} Hkv={H} S={S} prefix~{prefix} D={D}"
-        nbytes = 4 * B * H * S * D * (torch.finfo(dt).bits // 8)
-        params = {"B": B, "H": H, "S": S, "prefix": prefix, "MiB": nbytes / 2**20}
-        g = torch.Generator(device=dev).manual_seed(0)
-        seg_list = [prefix + (37 * b) % 64 for b in range(B)]  # ragged rows
-        Smax = max(seg_list) + S + 8
-        seg = torch.tensor(seg_list, dtype=torch.int32, device=dev)
-        kn = torch.randn(B, H, S, D, device=dev, dtype=dt, generator=g)
-        vn = torch.randn(B, H, S, D, device=dev, dtype=dt, generator=g)
-        poison_k = torch.randn(B, H, Smax, D, device=dev, dtype=dt, generator=g)
-        poison_v = torch.randn(B, H, Smax, D, device=dev, dtype=dt, generator=g)
-        ek, ev = poison_k.clone(), poison_v.clone()
-        for b, s in enumerate(seg_list):
-            ek[b, :, s : s + S] = kn[b]
-            ev[b, :, s : s + S] = vn[b]
-        common = dict(bytes_moved=nbytes, cold_l2=True, graph=True, params=params, rep_ms=50)
-
-        def fresh():
-            return poison_k.clone(), poison_v.clone()
-
-        def index_copy():
-            kc, vc = fresh()
-            base = (torch.arange(B * H, device=dev).view(B, H) * Smax)[:, :, None]
-            steps = torch.arange(S, device=dev)
-
-            def fn():
-                rows = (base + (seg.long()[:, None] + steps[None])[:, None, :]).reshape(-1)
-                kc.view(-1, D).index_copy_(0, rows, kn.reshape(-1, D))
-                vc.view(-1, D).index_copy_(0, rows, vn.reshape(-1, D))
-
-            fn()
-            return fn, _exact(kc, vc, ek, ev)
-
-        bench.measure(case, "torch-index_copy", index_copy, **common)
-
-        def slice_assign():
-            kc, vc = fresh()
-
-            def fn():
-                for b, s in enumerate(seg_list):
-                    kc[b, :, s : s + S] = kn[b]
-                    vc[b, :, s : s + S] = vn[b]
-
-            fn()
-            return fn, _exact(kc, vc, ek, ev)
-
-        bench.measure(case, "torch-slice-assign", slice_assign, notes=f"{2 * B} copies", **common)
-
-        if fi is None:
-            bench.skip(case, "flashinfer-paged", fi_why, params=params)
-        else:
-            bench.measure(
-                case,
-                "flashinfer-paged",
-                lambda: _flashinfer(fi, kn, vn, seg_list, S, dev),
-                notes=f"paged HND cache, page size {PAGE}; metadata prepared outside timing",
-                **common,
-            )
-
-        for backend, why in our_backends(OP, dev):
-            name = f"ours:{backend}"
-            if why is not None:
-                bench.skip(case, name, why, params=params)
-                continue
-
-            def ours(backend=backend):
-                impl = resolve(OP, backend, dev)
-                kc, vc = fresh()
-
-                def fn():
-                    impl(kc, vc, kn, vn, seg)
-
-                fn()
-                return fn, _exact(kc, vc, ek, ev)
-
-            bench.measure(case, name, ours, notes="kernel (no host-side validation)", **common)
-
-            def ours_api(backend=backend):
-                kc, vc = fresh()
-
-                def fn():
-                    tidar_kernels.kv_append(kc, vc, kn, vn, seg, backend=backend)
-
-                fn()
-                return fn, _exact(kc, vc, ek, ev)
-
-            bench.measure(case, name + "+api", ours_api, notes="public kv_append (validation included)", **common)
-        kn = vn = poison_k = poison_v = ek = ev = None
+        _case(bench, B, H, S, prefix, D, dt, fi)
         if bench.cuda:
             torch.cuda.empty_cache()
+
+
+def _case(bench: Bench, B, H, S, prefix, D, dt, fi):
+    """Every implementation on one case; ``fi``: (FlashInfer, None) or (None, why it is not used)."""
+    dev = bench.device
+    case = f"B={B} Hkv={H} S={S} prefix~{prefix} D={D}"
+    nbytes = 4 * B * H * S * D * (torch.finfo(dt).bits // 8)
+    params = {"B": B, "H": H, "S": S, "prefix": prefix, "MiB": nbytes / 2**20}
+    g = torch.Generator(device=dev).manual_seed(0)
+    seg_list = [prefix + (37 * b) % 64 for b in range(B)]  # ragged rows
+    Smax = max(seg_list) + S + 8
+    seg = torch.tensor(seg_list, dtype=torch.int32, device=dev)
+    kn = torch.randn(B, H, S, D, device=dev, dtype=dt, generator=g)
+    vn = torch.randn(B, H, S, D, device=dev, dtype=dt, generator=g)
+    poison_k = torch.randn(B, H, Smax, D, device=dev, dtype=dt, generator=g)
+    poison_v = torch.randn(B, H, Smax, D, device=dev, dtype=dt, generator=g)
+    ek, ev = poison_k.clone(), poison_v.clone()
+    for b, s in enumerate(seg_list):
+        ek[b, :, s : s + S] = kn[b]
+        ev[b, :, s : s + S] = vn[b]
+    common = dict(bytes_moved=nbytes, cold_l2=True, graph=True, params=params, rep_ms=50)
+
+    def checked(fn_of):
+        """setup for ``measure``: a fresh poisoned cache, ``fn_of(kc, vc)`` called once and checked bit for bit."""
+
+        def setup():
+            kc, vc = poison_k.clone(), poison_v.clone()
+            fn = fn_of(kc, vc)
+            fn()
+            return fn, _exact(kc, vc, ek, ev)
+
+        return setup
+
+    def index_copy(kc, vc):
+        base = (torch.arange(B * H, device=dev).view(B, H) * Smax)[:, :, None]
+        steps = torch.arange(S, device=dev)
+
+        def fn():
+            rows = (base + (seg.long()[:, None] + steps[None])[:, None, :]).reshape(-1)
+            kc.view(-1, D).index_copy_(0, rows, kn.reshape(-1, D))
+            vc.view(-1, D).index_copy_(0, rows, vn.reshape(-1, D))
+
+        return fn
+
+    def slice_assign(kc, vc):
+        def fn():
+            for b, s in enumerate(seg_list):
+                kc[b, :, s : s + S] = kn[b]
+                vc[b, :, s : s + S] = vn[b]
+
+        return fn
+
+    bench.measure(case, "torch-index_copy", checked(index_copy), **common)
+    bench.measure(case, "torch-slice-assign", checked(slice_assign), notes=f"{2 * B} copies", **common)
+    if fi[0] is None:
+        bench.skip(case, "flashinfer-paged", fi[1], params=params)
+    else:
+        bench.measure(
+            case,
+            "flashinfer-paged",
+            lambda: _flashinfer(fi[0], kn, vn, seg_list, S, dev),
+            notes=f"paged HND cache, page size {PAGE}; metadata prepared outside timing",
+            **common,
+        )
+    for backend, why in our_backends(OP, dev):
+        name = f"ours:{backend}"
+        if why is not None:
+            bench.skip(case, name, why, params=params)
+            continue
+
+        def ours(kc, vc, backend=backend):
+            impl = resolve(OP, backend, dev)
+            return lambda: impl(kc, vc, kn, vn, seg)
+
+        bench.measure(case, name, checked(ours), notes="kernel (no host-side validation)", **common)
+        api = lambda kc, vc, b=backend: lambda: tidar_kernels.kv_append(kc, vc, kn, vn, seg, backend=b)  # noqa: E731
+        bench.measure(case, name + "+api", checked(api), notes="public kv_append (validation included)", **common)
 
 
 def _flashinfer(fi, kn, vn, seg_list, S, dev):

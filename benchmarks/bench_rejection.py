@@ -22,6 +22,7 @@ import torch
 import tidar_kernels
 from tidar_kernels.backends import resolve
 
+from . import shapes
 from .environment import flashinfer, our_backends
 from .harness import Bench
 
@@ -87,12 +88,11 @@ def run(bench: Bench):
     dev = bench.device
     if bench.smoke:
         cases = [(B, V, K) for K in (4, 2) for V in (1000, 64) for B in (1, 2)]
-    else:
-        cases = [(B, V, K) for K in (16, 8, 4) for V in (151936, 32000) for B in (1, 8, 64)]
-    fi, fi_why = flashinfer(dev)
-    backends = our_backends(OP, dev)
+    else:  # the Qwen2.5 vocabulary and Llama-2's
+        vocabs = (shapes.vocab_size(shapes.MAIN), shapes.LLAMA2_VOCAB)
+        cases = [(B, V, K) for K in (16, 8, 4) for V in vocabs for B in (1, 8, 64)]
+    fi = flashinfer(dev)
     bench.start_suite("rejection", 60 if bench.smoke else 70)
-    ref_impl = resolve(OP, "reference", dev)
     for B, V, K in cases:
         if bench.over_budget():
             for mode in ("sample", "greedy"):
@@ -104,93 +104,96 @@ def run(bench: Bench):
                 )
             continue
         try:
-            ar, blocks, drafts, q = _inputs(B, K, V, dev)
+            inputs = _inputs(B, K, V, dev)
         except Exception as e:
             bench._error("(inputs)", f"B={B} V={V} K={K}", e)
             if bench.cuda:
                 torch.cuda.empty_cache()
             continue
-        esz = ar.element_size()
         for mode in ("sample", "greedy"):
-            greedy = mode == "greedy"
-            case = f"{mode} B={B} V={V} K={K}"
-            params = {"B": B, "V": V, "K": K, "mode": mode}
-            if greedy:
-                nbytes = B * K * V * esz + B * (K - 1) * V * esz
-            else:
-                nbytes = B * K * V * esz + B * (K - 1) * V * (4 + esz + 4)
-            temp = 0.0 if greedy else 1.0
-            common = dict(bytes_moved=nbytes, cold_l2=True, graph=True, params=params, rep_ms=50)
-
-            def torch_setup():
-                return (lambda: torch_step(ar, blocks, drafts, q, greedy)), None
-
-            bench.measure(case, "torch", torch_setup, **common)
-
-            if greedy:
-                bench.skip(
-                    case,
-                    "flashinfer-chain",
-                    "FlashInfer's chain speculative sampling has no greedy mode",
-                    params=params,
-                )
-            elif fi is None:
-                bench.skip(case, "flashinfer-chain", fi_why, params=params)
-            else:
-
-                def fi_setup():
-                    bufs = [torch.zeros(B, dtype=torch.int32, device=dev) for _ in range(2)]
-                    return (lambda: flashinfer_step(fi, ar, blocks, drafts, q, *bufs)), None
-
-                bench.measure(
-                    case,
-                    "flashinfer-chain",
-                    fi_setup,
-                    notes="+ separate softmax and next-draft sampling (counted)",
-                    **common,
-                )
-
-            u_ref = tidar_kernels.draw_uniforms(B, K, generator=torch.Generator(device=dev).manual_seed(1), device=dev)
-            dp = None if greedy else q
-            ref = ref_impl(ar, blocks, drafts, dp, None if greedy else u_ref, temp, None, None, 1.0)
-            for backend, why in backends:
-                name = f"ours:{backend}"
-                if why is not None:
-                    bench.skip(case, name, why, params=params)
-                    continue
-
-                def ours(backend=backend):
-                    impl = resolve(OP, backend, dev)
-                    out = impl(ar, blocks, drafts, dp, None if greedy else u_ref, temp, None, None, 1.0)
-                    check = _compare(out, ref, greedy) if backend != "reference" else "is the reference"
-                    gen = torch.Generator(device=dev).manual_seed(2)
-
-                    def fn():
-                        u = None if greedy else tidar_kernels.draw_uniforms(B, K, generator=gen)
-                        return impl(ar, blocks, drafts, dp, u, temp, None, None, 1.0)
-
-                    return fn, check
-
-                bench.measure(
-                    case, name, ours, notes="kernel (no host-side validation), uniforms drawn inside", **common
-                )
-
-                def ours_api(backend=backend):
-                    gen = torch.Generator(device=dev).manual_seed(2)
-
-                    def fn():
-                        return tidar_kernels.rejection_sample(
-                            ar, blocks, drafts, dp, temperature=temp, generator=gen, backend=backend
-                        )
-
-                    return fn, None
-
-                bench.measure(
-                    case, name + "+api", ours_api, notes="public rejection_sample (validation included)", **common
-                )
-        ar = blocks = drafts = q = None
+            _mode_rows(bench, inputs, mode, fi)
+        inputs = None
         if bench.cuda:
             torch.cuda.empty_cache()
+
+
+def _mode_rows(bench: Bench, inputs, mode: str, fi):
+    """Every implementation on one case in one mode (sample or greedy); ``fi``: (FlashInfer, None) or (None, why)."""
+    ar, blocks, drafts, q = inputs
+    B, K, V = ar.shape
+    esz = ar.element_size()
+    greedy = mode == "greedy"
+    case = f"{mode} B={B} V={V} K={K}"
+    params = {"B": B, "V": V, "K": K, "mode": mode}
+    if greedy:
+        nbytes = B * K * V * esz + B * (K - 1) * V * esz
+    else:
+        nbytes = B * K * V * esz + B * (K - 1) * V * (4 + esz + 4)
+    common = dict(bytes_moved=nbytes, cold_l2=True, graph=True, params=params, rep_ms=50)
+
+    def torch_setup():
+        return (lambda: torch_step(ar, blocks, drafts, q, greedy)), None
+
+    bench.measure(case, "torch", torch_setup, **common)
+    if greedy:
+        bench.skip(
+            case, "flashinfer-chain", "FlashInfer's chain speculative sampling has no greedy mode", params=params
+        )
+    elif fi[0] is None:
+        bench.skip(case, "flashinfer-chain", fi[1], params=params)
+    else:
+
+        def fi_setup():
+            bufs = [torch.zeros(B, dtype=torch.int32, device=ar.device) for _ in range(2)]
+            return (lambda: flashinfer_step(fi[0], ar, blocks, drafts, q, *bufs)), None
+
+        bench.measure(
+            case, "flashinfer-chain", fi_setup, notes="+ separate softmax and next-draft sampling (counted)", **common
+        )
+    _our_rows(bench, inputs, greedy, case, params, common)
+
+
+def _our_rows(bench: Bench, inputs, greedy: bool, case, params, common):
+    """``ours:<backend>`` (the implementation, checked against the reference with the same uniforms) and
+    ``ours:<backend>+api`` (the public ``rejection_sample``)."""
+    ar, blocks, drafts, q = inputs
+    B, K, _ = ar.shape
+    dev = bench.device
+    temp = 0.0 if greedy else 1.0
+    u_ref = tidar_kernels.draw_uniforms(B, K, generator=torch.Generator(device=dev).manual_seed(1), device=dev)
+    dp = None if greedy else q
+    ref = resolve(OP, "reference", dev)(ar, blocks, drafts, dp, None if greedy else u_ref, temp, None, None, 1.0)
+    for backend, why in our_backends(OP, dev):
+        name = f"ours:{backend}"
+        if why is not None:
+            bench.skip(case, name, why, params=params)
+            continue
+
+        def ours(backend=backend):
+            impl = resolve(OP, backend, dev)
+            out = impl(ar, blocks, drafts, dp, None if greedy else u_ref, temp, None, None, 1.0)
+            check = _compare(out, ref, greedy) if backend != "reference" else "is the reference"
+            gen = torch.Generator(device=dev).manual_seed(2)
+
+            def fn():
+                u = None if greedy else tidar_kernels.draw_uniforms(B, K, generator=gen)
+                return impl(ar, blocks, drafts, dp, u, temp, None, None, 1.0)
+
+            return fn, check
+
+        bench.measure(case, name, ours, notes="kernel (no host-side validation), uniforms drawn inside", **common)
+
+        def ours_api(backend=backend):
+            gen = torch.Generator(device=dev).manual_seed(2)
+
+            def fn():
+                return tidar_kernels.rejection_sample(
+                    ar, blocks, drafts, dp, temperature=temp, generator=gen, backend=backend
+                )
+
+            return fn, None
+
+        bench.measure(case, name + "+api", ours_api, notes="public rejection_sample (validation included)", **common)
 
 
 def _compare(out, ref, greedy) -> str:
