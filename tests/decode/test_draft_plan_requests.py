@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 import tidar
 from tidar.decode.context_drafts import NgramIndex
-from tidar.decode.planner import MAX_K, Plan, Planner, match_expected, new_row_stats, new_stats
+from tidar.decode.planner import MAX_AUTO_DRAFT_LEN, Plan, Planner, match_expected, new_row_stats, new_stats
 from tidar.decode.slot_timing import SlotCurve, set_slot_curve
 
 CPU_LIKE = [1, 2, 4, 8, 16, 32, 64, 128, 272]  # free slots up to a few tokens, then linear: the measured CPU shape
@@ -23,53 +23,53 @@ def _curve(fn, **extra):
 CPU = _curve(lambda n: max(4.0, 3.6 + 0.07 * n))
 
 
-def _row(stats, nd=0, nc=MAX_K - 1, match=0, remaining=100):
+def _row(stats, nd=0, nc=MAX_AUTO_DRAFT_LEN - 1, match=0, remaining=100):
     return (nd, nc, stats, match, remaining)
 
 
 def test_a_loop_raises_k_within_a_few_steps_and_a_miss_lowers_it():
     planner = Planner(CPU, new_stats())
     row = new_row_stats(1)[0]
-    start = planner.choose([_row(row)], MAX_K)
+    start = planner.choose([_row(row)], MAX_AUTO_DRAFT_LEN)
     for _ in range(3):  # three context drafts accepted in full: the text loops
-        row["context"].update(MAX_K - 1, MAX_K - 1)
-    looped = planner.choose([_row(row)], MAX_K)
+        row["context"].update(MAX_AUTO_DRAFT_LEN - 1, MAX_AUTO_DRAFT_LEN - 1)
+    looped = planner.choose([_row(row)], MAX_AUTO_DRAFT_LEN)
     assert looped.draft_len >= 12 and looped.draft_len > start.draft_len
-    before = row["context"].expected(MAX_K - 1)
-    row["context"].update(MAX_K - 1, 0)  # a miss at the first draft halves the expectation at once
-    assert row["context"].expected(MAX_K - 1) < 0.6 * before
+    before = row["context"].expected(MAX_AUTO_DRAFT_LEN - 1)
+    row["context"].update(MAX_AUTO_DRAFT_LEN - 1, 0)  # a miss at the first draft halves the expectation at once
+    assert row["context"].expected(MAX_AUTO_DRAFT_LEN - 1) < 0.6 * before
     for _ in range(3):  # three more: K falls (a miss costs little on a CPU, where 16 slots cost ~1.2 of one)
-        row["context"].update(MAX_K - 1, 0)
-    assert planner.choose([_row(row)], MAX_K).draft_len <= 8
+        row["context"].update(MAX_AUTO_DRAFT_LEN - 1, 0)
+    assert planner.choose([_row(row)], MAX_AUTO_DRAFT_LEN).draft_len <= 8
 
 
 def test_a_long_match_is_evidence_before_any_step_tried_the_copy():
     row = new_row_stats(1)[0]
     planner = Planner(CPU, new_stats())
-    short = planner.choose([_row(row, match=1)], MAX_K)
-    long = planner.choose([_row(row, match=48)], MAX_K)
+    short = planner.choose([_row(row, match=1)], MAX_AUTO_DRAFT_LEN)
+    long = planner.choose([_row(row, match=48)], MAX_AUTO_DRAFT_LEN)
     assert long.draft_len > short.draft_len and long.draft_len >= 12
     assert match_expected(0, 10) == 0.0 and match_expected(4, 10) < match_expected(40, 10) < 10
     sampled = Planner(CPU, new_stats(), sampling=True)  # a loop predicts the argmax, not a sample
-    assert sampled.choose([_row(row, match=48)], MAX_K).draft_len < long.draft_len
+    assert sampled.choose([_row(row, match=48)], MAX_AUTO_DRAFT_LEN).draft_len < long.draft_len
 
 
 def test_rows_are_planned_on_their_own_evidence_and_a_batch_costs_all_its_tokens():
     looping, plain = new_row_stats(2)
     for _ in range(3):
-        looping["context"].update(MAX_K - 1, MAX_K - 1)
+        looping["context"].update(MAX_AUTO_DRAFT_LEN - 1, MAX_AUTO_DRAFT_LEN - 1)
     for _ in range(3):
-        plain["context"].update(MAX_K - 1, 0)
-        plain["diffusion"].update(MAX_K - 1, 0)
+        plain["context"].update(MAX_AUTO_DRAFT_LEN - 1, 0)
+        plain["diffusion"].update(MAX_AUTO_DRAFT_LEN - 1, 0)
     one = Planner(CPU, new_stats(), batch=1)
-    assert one.choose([_row(looping)], MAX_K).draft_len >= 12
+    assert one.choose([_row(looping)], MAX_AUTO_DRAFT_LEN).draft_len >= 12
     # a batch of 16 finishes with its slowest row: a row that accepts nothing keeps the whole batch at AR steps,
     # since 16 rows x K tokens cost far more than 16 tokens
     sixteen = Planner(CPU, new_stats(), batch=16)
-    assert sixteen.choose([_row(looping)] * 15 + [_row(plain)], MAX_K) == Plan(1, ())
+    assert sixteen.choose([_row(looping)] * 15 + [_row(plain)], MAX_AUTO_DRAFT_LEN) == Plan(1, ())
     assert sixteen.cost(8, ()) > 2 * sixteen.cost(1, ())
     # ... while rows that all loop draft long together
-    assert sixteen.choose([_row(looping)] * 16, MAX_K).draft_len >= 4
+    assert sixteen.choose([_row(looping)] * 16, MAX_AUTO_DRAFT_LEN).draft_len >= 4
 
 
 def test_batch_cost_counts_head_calls_host_work_and_sampling():
@@ -80,7 +80,9 @@ def test_batch_cost_counts_head_calls_host_work_and_sampling():
     s = _curve(lambda n: 4.0, sample_ms_ar=0.2, sample_ms_step=3.0, sample_ms_row=0.1)
     assert s.sampled_step(1, 1, 0) == pytest.approx(4.0 + 0.01 + 0.2)
     assert s.sampled_step(1, 2, 2) == pytest.approx(4.0 + 0.06 + 3.0 + 0.6)
-    assert Planner(s, new_stats(), sampling=True).choose([_row(new_row_stats(1)[0], nd=1, nc=0)], MAX_K) == Plan(1, ())
+    assert Planner(s, new_stats(), sampling=True).choose(
+        [_row(new_row_stats(1)[0], nd=1, nc=0)], MAX_AUTO_DRAFT_LEN
+    ) == Plan(1, ())
 
 
 def test_ngram_match_length_and_periodic_drafts():
@@ -170,17 +172,17 @@ def test_an_ar_run_is_not_rescored_every_step_but_a_growing_match_is_weighed_wit
     planner = Planner(CPU, new_stats(), batch=16)
     rows = new_row_stats(16)
     for r in rows:  # nothing has ever been accepted: AR pays best
-        r["diffusion"].update(MAX_K - 1, 0)
-        r["context"].update(MAX_K - 1, 0)
+        r["diffusion"].update(MAX_AUTO_DRAFT_LEN - 1, 0)
+        r["context"].update(MAX_AUTO_DRAFT_LEN - 1, 0)
     calls = []
     orig = planner._row_tables
     planner._row_tables = lambda *a: calls.append(1) or orig(*a)
     quiet = [(0, 0, r, 0, 50) for r in rows]
-    assert planner.choose(quiet, MAX_K) == Plan(1, ())
+    assert planner.choose(quiet, MAX_AUTO_DRAFT_LEN) == Plan(1, ())
     n = len(calls)
     for _ in range(5):
-        assert planner.choose(quiet, MAX_K) == Plan(1, ())
+        assert planner.choose(quiet, MAX_AUTO_DRAFT_LEN) == Plan(1, ())
     assert len(calls) == n  # reused: nothing changed
-    looping = [(0, MAX_K - 1, r, 60, 50) for r in rows]  # every row's text now repeats a 60-token block
-    plans = [planner.choose(looping, MAX_K) for _ in range(Planner.AR_RESCORE + 1)]
+    looping = [(0, MAX_AUTO_DRAFT_LEN - 1, r, 60, 50) for r in rows]  # every row's text now repeats a 60-token block
+    plans = [planner.choose(looping, MAX_AUTO_DRAFT_LEN) for _ in range(Planner.AR_RESCORE + 1)]
     assert plans[-1].draft_len > 1

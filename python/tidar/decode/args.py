@@ -9,12 +9,14 @@ from dataclasses import dataclass
 import torch
 
 import tidar_kernels
-from tidar.decode.planner import MAX_K as MAX_AUTO_DRAFT_LEN  # the largest K draft_len="auto" considers
+from tidar.decode.planner import MAX_AUTO_DRAFT_LEN  # the largest K draft_len="auto" considers
 from tidar.hf.cache import cache_bytes
 
-# The largest draft_len taken (tidar.patch, tidar.generate): a decode step runs up to K(K + 1) tokens a row (K drafts
-# and a block of K masks per proposal level) and the cache keeps K(K + 1) positions of room a row; 64 gives 4160.
+# The largest draft_len taken at all (tidar.patch, tidar.generate; "auto" stays within MAX_AUTO_DRAFT_LEN): a decode
+# step runs up to K(K + 1) tokens a row (K drafts and a block of K masks per proposal level) and the cache keeps
+# K(K + 1) positions of room a row; 64 gives 4160.
 MAX_DRAFT_LEN = 64
+BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
 @dataclass
@@ -177,7 +179,7 @@ def estimate_bytes(model, batch: int, prompt_len: int, max_new_tokens: int, draf
     (``cache.cache_bytes`` of the model's K/V shapes), and the bytes of the largest forward: a few hidden-sized and
     intermediate-sized activations per token of its segment (the prefill's prompt + K masks, or a decode step's
     K(K + 1) tokens, per row) in the model's dtype, and float32 logits of the rows the LM head takes (the K + 1 rows
-    of the prefill, 2K rows of a step, or all rows of a step of up to 128 tokens: ``generate.ONE_HEAD_CALL_ROWS``).
+    of the prefill, 2K rows of a step, or all rows of a step of up to 128 tokens: ``forwards.ONE_HEAD_CALL_ROWS``).
     A lower bound on what ``generate`` allocates (attention scratch, ``full_logits=True`` and the host's token lists
     come on top)."""
     from tidar.hf.probe import text_config
@@ -255,7 +257,7 @@ def check_memory(model, batch: int, prompt_len: int, max_new_tokens: int, draft_
     )
 
 
-def check_draft_len(draft_len, max_positions=None):
+def check_draft_len(draft_len):
     """``draft_len``: an int in 1..MAX_DRAFT_LEN or ``"auto"``."""
     if draft_len == "auto" and isinstance(draft_len, str):
         return "auto"
@@ -290,6 +292,70 @@ def check_levels(levels, draft_len):
     return tuple(levels)
 
 
+def check_decode_options(s, draft_len, proposal_levels, context_drafts, full_logits, backend) -> tuple:
+    """``(K, levels, context, backend)``: ``generate``'s decoding options, each defaulting to the patch's (``s``:
+    the model's ``TidarSettings``)."""
+    K = check_draft_len(s.draft_len if draft_len is None else draft_len)
+    levels = check_levels(s.proposal_levels if proposal_levels is None else proposal_levels, K)
+    context = s.context_drafts if context_drafts is None else context_drafts
+    if not isinstance(context, bool):
+        raise ValueError(f"context_drafts must be True or False, got {context!r}")
+    if not isinstance(full_logits, bool):
+        raise ValueError(f"full_logits must be True or False, got {full_logits!r}")
+    backend = s.backend if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    return K, levels, context, backend
+
+
+def _check_streamer(streamer, rows: int) -> None:
+    if streamer is None:
+        return
+    if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer must have put() and end() (an HF streamer), got {type(streamer).__name__}")
+    if rows != 1:
+        raise ValueError(f"a streamer needs batch size 1, got {rows} rows")
+
+
+def _check_tokens(prompts, vocab: int, input_ids, device) -> None:
+    for b, ids in enumerate(prompts):
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(
+                f"input_ids must be token ids in [0, {vocab}), row {b} holds {min(ids) if min(ids) < 0 else max(ids)}"
+            )
+    if input_ids.device != device:
+        raise ValueError(f"input_ids must be on the model's device {device}, got {input_ids.device}")
+
+
+def _check_randomness(generator, seed, device) -> None:
+    """``generator`` or ``seed`` (at most one of them): a torch.Generator on the model's device, or an int."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
+    if generator is not None and generator.device != device:
+        raise ValueError(f"generator must be on the model's device {device}, got {generator.device}")
+    if seed is not None:
+        if not _is_int(seed):
+            raise TypeError(f"seed must be None or an int, got {seed!r} ({type(seed).__name__})")
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
+    if seed is not None and generator is not None:
+        raise ValueError("give either generator or seed, not both")
+
+
+def _check_length(model, prompts, max_new_tokens: int) -> tuple:
+    """``(max_len, reason)`` of the model (``_limit``), once the longest prompt and the new tokens fit it."""
+    max_len, reason = _limit(model)
+    longest = max(map(len, prompts))
+    _check_window(model, longest, max_new_tokens)
+    if max_len is not None and longest + max_new_tokens > max_len:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens needs "
+            f"{longest + max_new_tokens} positions, more than the model can hold ({reason}); "
+            f"at most {max(0, max_len - longest)} new tokens fit"
+        )
+    return max_len, reason
+
+
 def check_generate_args(
     model,
     input_ids,
@@ -307,12 +373,12 @@ def check_generate_args(
     *,
     draft_len=None,
 ) -> GenerateArgs:
-    """Every argument of ``tidar.generate`` (but ``draft_len``/``proposal_levels``, see ``check_draft_len`` and
-    ``check_levels``), checked before any work: types are TypeErrors, values ValueErrors, each naming the argument
-    and what is expected. ``eos_token_id`` is taken as HF takes it (int, NumPy int, list of ints, 0-d/1-d integer
-    tensor). A generation longer than the model can hold (``max_position_embeddings``, or the sliding window of
-    its attention, found by ``tidar.patch``), or whose TiDAR cache and step need more memory than the model's device
-    has (``check_memory``, for ``draft_len``: default the patch's), is refused here, before any allocation."""
+    """Every argument of ``tidar.generate`` (but the decoding options, see ``check_decode_options``), checked before
+    any work: types are TypeErrors, values ValueErrors, each naming the argument and what is expected.
+    ``eos_token_id`` is taken as HF takes it (int, NumPy int, list of ints, 0-d/1-d integer tensor). A generation
+    longer than the model can hold (``max_position_embeddings``, or the sliding window of its attention, found by
+    ``tidar.patch``), or whose TiDAR cache and step need more memory than the model's device has (``check_memory``,
+    for ``draft_len``: default the patch's), is refused here, before any allocation."""
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     eos_list = token_ids("eos_token_id", eos_token_id)
     if pad_token_id is None:  # as HF: pad finished rows with the (first) EOS token
@@ -323,53 +389,14 @@ def check_generate_args(
         draft_len = getattr(getattr(model, "_tidar", None), "draft_len", 1)
     check_memory(model, input_ids.shape[0], input_ids.shape[1], max_new_tokens, draft_len, _limit(model)[0])
     prompts = prompt_rows(input_ids, attention_mask)
-    if streamer is not None:
-        if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
-            raise TypeError(f"streamer must have put() and end() (an HF streamer), got {type(streamer).__name__}")
-        if len(prompts) != 1:
-            raise ValueError(f"a streamer needs batch size 1, got {len(prompts)} rows")
+    _check_streamer(streamer, len(prompts))
     vocab = model.get_input_embeddings().weight.shape[0]
-    for b, ids in enumerate(prompts):
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(
-                f"input_ids must be token ids in [0, {vocab}), row {b} holds {min(ids) if min(ids) < 0 else max(ids)}"
-            )
     device = model.get_input_embeddings().weight.device
-    if input_ids.device != device:
-        raise ValueError(f"input_ids must be on the model's device {device}, got {input_ids.device}")
+    _check_tokens(prompts, vocab, input_ids, device)
     temperature, top_k, top_p, beta = tidar_kernels.check_sampling_args(temperature, top_k, top_p, beta, vocab)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
-    if generator is not None and generator.device != device:
-        raise ValueError(f"generator must be on the model's device {device}, got {generator.device}")
-    if seed is not None:
-        if not _is_int(seed):
-            raise TypeError(f"seed must be None or an int, got {seed!r} ({type(seed).__name__})")
-        if not -(2**63) <= seed < 2**64:
-            raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
-        seed = int(seed)
-    if seed is not None and generator is not None:
-        raise ValueError("give either generator or seed, not both")
-    max_len, reason = _limit(model)
-    longest = max(map(len, prompts))
-    _check_window(model, longest, max_new_tokens)
-    if max_len is not None and longest + max_new_tokens > max_len:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens needs "
-            f"{longest + max_new_tokens} positions, more than the model can hold ({reason}); "
-            f"at most {max(0, max_len - longest)} new tokens fit"
-        )
+    _check_randomness(generator, seed, device)
+    max_len, reason = _check_length(model, prompts, max_new_tokens)
+    eos = set(eos_list)
     return GenerateArgs(
-        prompts,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        beta,
-        set(eos_list),
-        pad_token_id,
-        device,
-        vocab,
-        max_len,
-        reason,
+        prompts, max_new_tokens, temperature, top_k, top_p, beta, eos, pad_token_id, device, vocab, max_len, reason
     )

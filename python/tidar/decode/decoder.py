@@ -1,67 +1,62 @@
-"""TiDAR generation (docs/design.md §3-4): one forward per step drafts the next tokens and verifies the drafts.
+"""TiDAR decoding (docs/design.md §3-4): one forward per step drafts the next tokens and verifies the drafts.
 
 Exact: with beta = 1, greedy output equals the model's AR greedy output token for token, and sampling has the
-AR distribution (speculative sampling; any drafts are valid proposals). The loop is prefill, then steps:
+AR distribution (speculative sampling; any drafts are valid proposals). ``Decoder`` is one request's decoding, a
+step at a time, with typed results; ``generate`` runs it to the end:
 
-- each step runs the decoder body on K drafts + one block of K masks per proposal level, applies the LM head
-  to the K draft rows, decides the acceptance (greedy: argmax compare; sampling: ``rejection_sample``), then
-  the LM head on the K rows of the one proposal block the next drafts come from (``lm_head``);
-- the only host synchronisation of a step reads the accepted counts and the candidate next drafts;
-- the next drafts of a row come from the diffusion block or from the context (n-gram match), whichever is
-  expected to be accepted more; ``draft_len="auto"`` re-chooses K and the levels as generation goes on
-  (``planner``), from the measured token-slot curve (``slot_timing``).
+- ``prefill()``: the prompts with one block of K masks (``Prefilled``: every row's first token);
+- ``plan()``: K and the proposal levels of the next step (``draft_len="auto"`` re-chooses them as generation goes
+  on, ``planner``, from the measured token-slot curve, ``slot_timing``) and each row's drafts: from the diffusion
+  block or from the context (n-gram match), whichever is expected to be accepted more (``PlannedStep``);
+- ``step(planned)``: one forward verifies the drafts and drafts the next ones (``forwards``); the accepted drafts
+  and the correction or bonus token are emitted and committed (``StepResult``).
+
+The decoder keeps its counts (``counters``: forwards, tokens, drafts per source) apart from the planner's policy
+input (``evidence``: the acceptance statistics of the request and its rows), see ``stats``.
+
+    import torch, transformers, tidar
+
+    config = transformers.Qwen2Config(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mask_token_id=99,
+    )
+    model = tidar.patch(transformers.Qwen2ForCausalLM(config).eval(), draft_len=4)
+    dec = tidar.Decoder(model, torch.tensor([[1, 2, 3, 4]]), max_new_tokens=16)
+    first = dec.prefill()  # Prefilled: first.tokens[b] is row b's first new token
+    while not dec.finished:
+        planned = dec.plan()  # PlannedStep: K, levels, and per row its drafts and their source
+        res = dec.step(planned)  # StepResult: per row the drafts accepted and the tokens emitted
+        print(res.draft_len, res.sources, res.drafted, res.accepted, res.emitted)
+    out = dec.output()  # what tidar.generate returns: out.sequences, out.tokens_per_forward, ...
+    assert torch.equal(out.sequences, tidar.generate(model, torch.tensor([[1, 2, 3, 4]]), max_new_tokens=16).sequences)
+
+    stats = tidar.DecodeStats()  # counters summed over calls, and the last request's acceptance evidence
+    tidar.generate(model, torch.tensor([[1, 2, 3, 4]]), max_new_tokens=16, stats=stats)
+    print(stats.counters.forwards, stats.counters.drafts("diffusion"), stats.counters.accepted("diffusion"))
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 
-import tidar_kernels
-from tidar.decode.args import check_draft_len, check_generate_args, check_levels
+from tidar.decode.args import check_decode_options, check_generate_args
 from tidar.decode.context_drafts import NgramIndex
-from tidar.decode.drafts import compose_drafts, virtual_blocks
-from tidar.decode.planner import MAX_K, Plan, Planner, levels_upto, new_row_stats, new_stats
+from tidar.decode.drafts import compose_drafts
+from tidar.decode.forwards import StepForwards
+from tidar.decode.planner import MAX_AUTO_DRAFT_LEN, Plan, Planner, levels_upto
+from tidar.decode.results import PlannedStep, Prefilled, StepResult, TidarGenerateOutput
 from tidar.decode.slot_timing import slot_curve
-from tidar.hf.attention import TidarStep, tidar_forward, tidar_hidden
+from tidar.decode.stats import AcceptanceEvidence, DecodeCounters, DecodeStats, check_stats
 from tidar.hf.cache import TidarCache
 from tidar.hf.lm_head import output_head
 from tidar.settings import settings
-from tidar_kernels import layouts
-
-
-@dataclass
-class TidarGenerateOutput:
-    sequences: torch.Tensor  # [B, P + new]: the prompt as given (left padding kept), then the new tokens
-    forwards: int  # model forwards run (prefill included)
-    tokens_per_forward: float  # new tokens / forwards, per row, averaged over rows
-    accepted_histogram: dict = field(default_factory=dict)  # a (1..K) -> number of (row, step) pairs
-    new_tokens: list = field(default_factory=list)  # per row: the generated token ids (no padding)
-    cache: TidarCache | None = None  # per row, the committed K/V: a prefix of (prompt + new tokens)
-    draft_lens: list = field(default_factory=list)  # K of every decode step (the prefill's block first)
-    levels: list = field(default_factory=list)  # the proposal levels of every decode step
-    draft_sources: dict = field(default_factory=dict)  # "diffusion" / "context" / "none" -> (row, step) pairs
-    draft_events: list = field(default_factory=list)  # (source, drafts verified, drafts accepted) per (row, step)
-
-
-# A greedy step needs the LM head on 2K of its K(1 + |levels|) rows, in two calls (the second depends on the
-# first's acceptance). A call's fixed cost (reading the head's weight) dominates for few rows, so a step of at most
-# this many tokens takes the head on all its rows in one call instead (2-core CPU, bundled model: 6 rows in one
-# call 0.17 ms vs 2 x 0.16 ms; 20 rows 0.32 ms vs 2 x 0.18 ms). On a GPU a call of a few hundred rows costs what
-# a call of one does.
-ONE_HEAD_CALL_ROWS = {"cpu": 24, "cuda": 128}
-# Devices whose greedy acceptance is decided on the host (reading them costs no synchronisation); elsewhere the
-# step stays on the device (``device_step``: one host sync per step, CUDA-graph capturable).
-HOST_VERIFY = {"cpu"}
-
-
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """``argmax(-1)`` (the first maximal index, NaN counted as maximal, as both document) via ``max``: half
-    the time of ``argmax`` on a CPU (0.06 vs 0.14 ms over 20 x 4096 logits)."""
-    return logits.max(-1).indices
 
 
 def _ms_per_forward(model, ids, **kw) -> float:
@@ -107,15 +102,69 @@ def _host_calibrated(model):
     return curve
 
 
-class _Decoder:
-    """The decoding state of one ``generate`` call, kept on the device; the host keeps token lists."""
+def _sample_kw(g, generator, backend: str, seed) -> dict:
+    """The sampler arguments of every prefill and step (Philox: ``seed`` and an offset each step advances)."""
+    kw = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, beta=g.beta, generator=generator)
+    kw["backend"] = backend
+    if seed is not None:
+        del kw["generator"]
+        kw.update(seed=seed, offset=0)
+    return kw
 
-    verifier = None  # an hf_processors.HfVerifier: HF's logits processors inside the acceptance
-    pos_offset = None  # [B] long, set by the verifier: added to the positions of every token after the prompt
 
-    def __init__(self, model, g, K, levels, backend, sample_kw, seed, context, full_logits):
-        self.model, self.g, self.backend, self.sample_kw, self.seed = model, g, backend, sample_kw, seed
+class Decoder(StepForwards):
+    """One request's TiDAR decoding, a step at a time: ``prefill()``, then ``plan()`` / ``step()`` until
+    ``finished``, then ``output()`` (see the module's example). ``model`` must be patched (``tidar.patch``); the
+    arguments are ``tidar.generate``'s, checked as it checks them, before any forward.
+
+    ``out[b]``: row b's new tokens so far; ``done[b]``: whether row b has finished; ``counters`` and ``evidence``:
+    this request's counts and the planner's acceptance evidence (``tidar.decode.stats``); ``cache``: the TiDAR cache
+    (after the prefill)."""
+
+    def __init__(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        draft_len: int | str | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        beta: float = 1.0,
+        eos_token_id=None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        streamer=None,
+        backend: str | None = None,
+        seed: int | None = None,
+        proposal_levels=None,
+        context_drafts: bool | None = None,
+        full_logits: bool = False,
+        verifier=None,
+    ):
         s = settings(model)
+        K, levels, context, backend = check_decode_options(
+            s, draft_len, proposal_levels, context_drafts, full_logits, backend
+        )
+        g = check_generate_args(
+            model,
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            beta,
+            eos_token_id,
+            pad_token_id,
+            generator,
+            seed,
+            streamer,
+            draft_len=K,
+        )
+        self.model, self.g, self.input_ids, self.streamer, self.verifier = model, g, input_ids, streamer, verifier
+        self.backend, self.seed, self.sample_kw = backend, seed, _sample_kw(g, generator, backend, seed)
         self.mask_id = s.mask_token_id
         self.device = g.device
         self.greedy = g.temperature == 0.0 and g.beta == 1.0  # the lean path: argmax rows only
@@ -124,31 +173,31 @@ class _Decoder:
         self.B = len(g.prompts)
         self.max_pos = g.max_len  # positions a row may reach (max_position_embeddings, the sliding window)
         self.window = getattr(s, "window", None)  # keys a forward may attend to (the attention refuses more)
-        # Every call starts from the priors: the statistics pick the draft sources and K, so a request's speed (and,
-        # sampling, its tokens for a given seed) never depends on what ran before. The request's pooled evidence
-        # scores the steady-state plans; each row's own evidence picks its source and its share of K.
-        self.stats = new_stats()
-        self.row_stats = new_row_stats(self.B)
-        self.match_lens = [0] * self.B  # per row: the length of the current context match
+        self.evidence = AcceptanceEvidence.priors(self.B)  # each request from the priors (see ``stats``)
+        self.counters = DecodeCounters(requests=1)
         auto = K == "auto"
         self.planner = (
-            Planner(_host_calibrated(model), self.stats, levels=levels, batch=self.B, sampling=not self.greedy)
+            Planner(
+                _host_calibrated(model), self.evidence.request, levels=levels, batch=self.B, sampling=not self.greedy
+            )
             if auto
             else None
         )
         self.fixed = None if auto else (K, levels)
-        self.max_k = MAX_K if auto else K
+        self.max_k = MAX_AUTO_DRAFT_LEN if auto else K
         self.out: list[list[int]] = [[] for _ in range(self.B)]
         self.done = [False] * self.B
         self.ngrams = [NgramIndex(p) for p in g.prompts] if context else None
-        self.hist: Counter = Counter()
-        self.sources: Counter = Counter()
-        self.events: list = []
-        self.draft_lens: list[int] = []
-        self.level_log: list[tuple] = []
-        self.forwards = 0
-        self.row_forwards = [0] * self.B
+        self.row_forwards = [0] * self.B  # per row: the forwards it took part in while decoding
+        self.cache: TidarCache | None = None  # allocated by the prefill
+        self._diff = None  # per row: the diffusion drafts after d_0 for the next step (and their q when sampling)
+        self._steps = 0
         self._tables: dict = {}  # per plan / K: small index tensors kept on the device
+
+    @property
+    def finished(self) -> bool:
+        """Whether every row has finished (EOS, its ``max_new_tokens``, or a stopping rule)."""
+        return all(self.done)
 
     # ------------------------------------------------------------------ planning
     def _k_limit(self, lengths) -> int:
@@ -166,231 +215,178 @@ class _Decoder:
             return False
         return self.max_pos is None or m + plan.max_offset() <= max(self.max_pos - 1, m)
 
+    def _fit(self, plan: Plan, lengths) -> Plan:
+        """``plan``, shrunk near ``max_position_embeddings`` or the sliding window until it fits."""
+        while not self._fits(plan, lengths) and plan.draft_len > 1:
+            K = plan.draft_len - 1
+            plan = Plan(K, tuple(j for j in plan.levels if j <= K) if K > 1 else ())
+        return plan if self._fits(plan, lengths) else Plan(1, ())
+
     def _fixed_plan(self, k_limit: int) -> Plan:
         K, levels = self.fixed
         K = min(K, k_limit)
         return Plan(K, levels_upto(K, levels))
 
-    def _plan(self, rows, lengths) -> Plan:
+    def _choose_plan(self, rows, lengths) -> Plan:
         k_limit = self._k_limit(lengths)
-        plan = self._fixed_plan(k_limit) if self.planner is None else self.planner.choose(rows, k_limit)
-        while not self._fits(plan, lengths) and plan.draft_len > 1:  # near max_position_embeddings: shrink
-            K = plan.draft_len - 1
-            plan = Plan(K, tuple(j for j in plan.levels if j <= K) if K > 1 else ())
-        if not self._fits(plan, lengths):
-            plan = Plan(1, ())
-        return plan
-
-    # ------------------------------------------------------------------ forwards
-    def _forward(self, ids, pos, layout, seg_start, cache):
-        """Hidden states (or full logits) of one forward; counts it."""
-        step = TidarStep(layout, seg_start, cache, self.backend)
-        if self.full_logits:
-            return tidar_forward(self.model, ids, pos, step).logits
-        return tidar_hidden(self.model, ids, pos, step)
-
-    def _rows(self, h, index):
-        """Logits of the rows ``index`` (``[B, R]`` or a slice) of a forward's output ``h``."""
-        sel = (
-            h[:, index]
-            if not isinstance(index, torch.Tensor)
-            else h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1]))
+        return self._fit(
+            self._fixed_plan(k_limit) if self.planner is None else self.planner.choose(rows, k_limit), lengths
         )
-        return sel if self.full_logits else self.head(sel)
 
-    def _check_head(self, prompt):
-        """Once per model: body + LM head must equal the model's own forward (else use full logits)."""
-        if self.full_logits or self.head.verified is not None:
-            if self.head.verified is False:
-                self.full_logits = True
-            return
-        n = min(len(prompt), 16)
-        ids = torch.tensor([prompt[:n]], device=self.device)
-        lay = layouts.causal(n).to(self.device)
-        seg = torch.zeros(1, dtype=torch.int32, device=self.device)
-        pos = lay.position_ids[None]
-        hidden = tidar_hidden(self.model, ids, pos, TidarStep(lay, seg, None, self.backend))
-        logits = tidar_forward(self.model, ids, pos, TidarStep(lay, seg, None, self.backend)).logits
-        if not self.head.verify(hidden, logits):
-            self.full_logits = True
+    def _first_draft_len(self, lengths) -> int:
+        """K of the prefill's mask block: the fixed K (fitted as a step's), or with ``"auto"`` the planner's first
+        plan, at least 2 (drafts from the start) unless one new token is asked for."""
+        k_limit = self._k_limit(lengths)
+        if self.planner is None:
+            return self._fit(self._fixed_plan(k_limit), lengths).draft_len
+        first = self.planner.first(k_limit)
+        return max(2, first.draft_len) if self.g.max_new_tokens > 1 else 1
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, cache, K):
-        """Prompt (causal) + one block of K masks; returns the first drafts [B, K] (device) and their q."""
-        prompts = self.g.prompts
-        lengths = list(map(len, prompts))
-        if len(set(lengths)) == 1:
-            ar, blocks = self._prefill_even(cache, K, lengths[0])
-        else:
-            ar, blocks = self._prefill_ragged(cache, K, lengths)
-        if self.verifier is not None:  # HF's logits processors (hf_processors.HfVerifier)
-            r = self.verifier.prefill(self, ar, blocks)
-        else:
-            r = tidar_kernels.draft_sample(ar, blocks, **self.sample_kw)
-        cache.commit(lengths)
-        self.row_forwards = [1] * self.B
-        return r.next_drafts, r.next_draft_probs
+    def prefill(self) -> Prefilled:
+        """The prompts' forward with one block of masks: every row's first token (once, before any step)."""
+        with torch.no_grad():
+            return self._prefill()
 
-    def _prefill_even(self, cache, K, n):
-        """Prompts of one length: one forward of prompt + K masks (``layouts.prefill``)."""
-        layout = layouts.prefill(n, K).to(self.device)
-        ids = torch.tensor([p + [self.mask_id] * K for p in self.g.prompts], dtype=torch.long, device=self.device)
-        pos = layout.position_ids[None].expand(self.B, -1)
-        seg_start = torch.zeros(self.B, dtype=torch.int32, device=self.device)
-        h = self._forward(ids, pos, layout, seg_start, cache)
-        self.forwards += 1
-        logits = self._rows(h, slice(n - 1, n + K))
-        return logits[:, 0], logits[:, 1:]
-
-    def _prefill_ragged(self, cache, K, lengths):
-        """Prompts of different lengths: two batched forwards instead of one per row. The prompts right-padded to
-        the longest (causal attention: the padding after a row's prompt changes nothing before it; its keys are
-        scratch past the row's committed length), then each row's block of K masks at its own seg_start
-        (``layouts.mask_block``: it sees the prompt and itself, as the masks of ``layouts.prefill`` do)."""
-        P = max(lengths)
-        layout = layouts.causal(P).to(self.device)
-        ids = torch.tensor([p + [p[-1]] * (P - len(p)) for p in self.g.prompts], dtype=torch.long, device=self.device)
-        zeros = torch.zeros(self.B, dtype=torch.int32, device=self.device)
-        h = self._forward(ids, layout.position_ids[None].expand(self.B, -1), layout, zeros, cache)
-        last = torch.tensor(lengths, device=self.device)[:, None] - 1
-        ar = self._rows(h, last)[:, 0]
-        seg_start = torch.tensor(lengths, dtype=torch.int32, device=self.device)
-        block = layouts.mask_block(K).to(self.device)
-        ids = torch.full((self.B, K), self.mask_id, dtype=torch.long, device=self.device)
-        h = self._forward(ids, seg_start.long()[:, None] + block.position_ids[None], block, seg_start, cache)
-        self.forwards += 2
-        return ar, self._rows(h, slice(0, K))
-
-    # ------------------------------------------------------------------ one step
-    def step(self, cache, plan: Plan, drafts: torch.Tensor, probs):
-        """Run one decode step. Returns per row: accepted a, the correction/bonus token, the diffusion drafts
-        for the next step (and their q rows when sampling)."""
-        cache.check_room(plan.seg_len)
-        seg_start = cache.seq_lengths(self.device)
-        if self.verifier is not None:  # HF's logits processors decide the acceptance (hf_processors.HfVerifier)
-            return self.verifier.verify(self, self._body(cache, plan, drafts, seg_start), plan, drafts, probs)
-        if self.greedy and self.device.type in HOST_VERIFY:
-            return self._greedy_host(cache, plan, drafts, seg_start)
-        if self.greedy:
-            packed = self.device_step(cache, plan, drafts, seg_start)
-            return self._greedy_rows(packed.tolist(), plan)  # the step's one host synchronisation
-        h = self._body(cache, plan, drafts, seg_start)
-        return self._sampled_verify(h, plan, drafts, probs)
-
-    def _body(self, cache, plan: Plan, drafts, seg_start):
-        B, K, lv = self.B, plan.draft_len, plan.levels
-        layout = layouts.decode_step(K, lv).to(self.device)
-        ids = (
-            drafts
-            if not lv
-            else torch.cat(
-                [drafts, torch.full((B, K * len(lv)), self.mask_id, dtype=drafts.dtype, device=self.device)], 1
-            )
-        )
-        pos = seg_start.long()[:, None] + layout.position_ids[None]
-        if self.pos_offset is not None:  # rows whose new tokens HF places elsewhere (hf_processors: right padding)
-            pos = pos + self.pos_offset[:, None]
-        self.forwards += 1
-        return self._forward(ids, pos, layout, seg_start, cache)
-
-    def device_step(self, cache, plan: Plan, drafts, seg_start) -> torch.Tensor:
-        """The greedy step on the device, with no host synchronisation (CUDA-graph capturable given static
-        ``drafts``/``seg_start`` buffers): ``[B, 2 + K]`` = accepted a, the correction/bonus token, then the
-        K slots of the proposal block the next drafts come from (absent without levels)."""
-        B, K, lv = self.B, plan.draft_len, plan.levels
-        h = self._body(cache, plan, drafts, seg_start)
-        one_call = self._one_head_call(plan)
-        top = _argmax(self._rows(h, slice(0, plan.seg_len))) if one_call else None  # [B, S]
-        tgt = top[:, :K] if one_call else _argmax(self._rows(h, slice(0, K)))  # [B, K]: AR argmax after d_0..d_i
-        if K > 1:
-            a = 1 + (drafts[:, 1:] == tgt[:, :-1]).int().cumprod(1).sum(1)
-        else:
-            a = torch.ones(B, dtype=torch.long, device=self.device)
-        parts = [a[:, None], tgt.gather(1, (a - 1)[:, None])]
-        if lv:
-            bi = self._jstar_table(plan)[a].clamp_min(0)  # [B]: index of block j* among the levels
-            rows = K + bi[:, None] * K + self._arange(K)[None]
-            parts.append(top.gather(1, rows) if one_call else _argmax(self._rows(h, rows)))  # block j*'s slots
-        return torch.cat(parts, 1)
-
-    def _greedy_host(self, cache, plan: Plan, drafts, seg_start):
-        """The greedy step where the device is the host (a CPU): the same result as ``device_step`` +
-        ``_greedy_rows``, with the acceptance decided on Python ints, since reading a CPU tensor costs no
-        synchronisation and a dozen small tensor ops cost more than the loop (about 0.1 ms a step)."""
-        K, lv = plan.draft_len, plan.levels
-        h = self._body(cache, plan, drafts, seg_start)
-        one_call = self._one_head_call(plan)
-        top = _argmax(self._rows(h, slice(0, plan.seg_len if one_call else K))).tolist()  # [B][S or K]
+    def _prefill(self) -> Prefilled:
+        if self.cache is not None:
+            raise RuntimeError("Decoder.prefill runs once, before the first step")
+        g, B, c = self.g, self.B, self.counters
+        self._check_head(g.prompts[0])
+        lengths = list(map(len, g.prompts))
+        room = self.max_k * (self.max_k + 1)  # a step's segment past the committed tokens
+        self.cache = TidarCache(B, max(lengths) + g.max_new_tokens + room, backend=self.backend)
+        K0 = self._first_draft_len(lengths)
+        before = c.forwards
+        drafts, probs = self._prefill_forwards(K0)
+        self.row_forwards = [1] * B
         host = drafts.tolist()
-        acc = []
-        for d, t in zip(host, top):
-            a = 1  # d_0 is always kept; d_i is accepted while it equals the AR argmax after d_0..d_{i-1}
-            while a < K and d[a] == t[a - 1]:
-                a += 1
-            acc.append(a)
-        starts = [K + max(plan.block_index[a], 0) * K for a in acc]  # the row of block j*'s first slot
-        if lv and not one_call:  # second call: the K rows of the block each row's next drafts come from
-            rows = [list(range(r, r + K)) for r in starts]
-            slots = _argmax(self._rows(h, torch.tensor(rows, device=h.device))).tolist()
-        else:
-            slots = [t[r : r + K] for r, t in zip(starts, top)]
-        res = []
-        for a, t, sl in zip(acc, top, slots):
-            n = plan.next_diffusion_drafts(a)
-            res.append((a, t[a - 1], sl[K - n :] if n else [], None))
-        return res
+        for b in range(B):
+            self._emit(b, [host[b][0]])
+        self._diff = [(host[b][1:], probs[b] if probs is not None else None) for b in range(B)]
+        c.draft_lens.append(K0)
+        c.levels.append(tuple(range(1, K0 + 1)))
+        return Prefilled([row[0] for row in host], K0, c.forwards - before)
 
-    def _one_head_call(self, plan: Plan) -> bool:
-        """Whether a greedy step takes the LM head on all its rows in one call (see ONE_HEAD_CALL_ROWS)."""
-        return bool(plan.levels) and plan.seg_len <= ONE_HEAD_CALL_ROWS.get(self.device.type, 0)
+    def _emit(self, b: int, tokens: list) -> int:
+        """Append row ``b``'s new tokens up to its first EOS or its ``max_new_tokens``; returns how many."""
+        out, g = self.out[b], self.g
+        n = 0
+        for t in tokens:
+            out.append(t)
+            n += 1
+            if t in g.eos or len(out) >= g.max_new_tokens:
+                self.done[b] = True
+                break
+        if self.ngrams is not None:
+            self.ngrams[b].extend(tokens[:n])
+        self.counters.new_tokens += n
+        return n
 
-    def _jstar_table(self, plan: Plan) -> torch.Tensor:
-        t = self._tables.get(plan)
-        if t is None:
-            t = self._tables[plan] = torch.tensor(plan.block_index, device=self.device)
-        return t
+    # ------------------------------------------------------------------ steps
+    def plan(self) -> PlannedStep:
+        """The next step: its K and levels (fixed, or the planner's) and every row's drafts and their source."""
+        if self._diff is None:
+            raise RuntimeError("Decoder.plan needs Decoder.prefill first")
+        B, done, ev, ngrams, diff = self.B, self.done, self.evidence, self.ngrams, self._diff
+        ctx, matches = [[]] * B, [0] * B
+        if ngrams is not None:
+            for b in range(B):
+                if not done[b]:
+                    ctx[b], matches[b] = ngrams[b].match(MAX_AUTO_DRAFT_LEN - 1)
+        ev.match_lens = matches
+        left = self.g.max_new_tokens
+        rows = [
+            (len(diff[b][0]), len(ctx[b]), ev.rows[b], matches[b], left - len(self.out[b]))
+            for b in range(B)
+            if not done[b]
+        ]
+        plan = self._choose_plan(rows, self.cache.lengths)
+        drafts, probs, meta, tokens = compose_drafts(self, plan, self.out, diff, ctx, self.device, self.g.vocab)
+        return PlannedStep(plan, drafts, probs, meta, tokens, self._steps)
 
-    def _arange(self, K: int) -> torch.Tensor:
-        t = self._tables.get(K)
-        if t is None:
-            t = self._tables[K] = torch.arange(K, device=self.device)
-        return t
+    def step(self, planned: PlannedStep | None = None, *, commit: bool = True) -> StepResult:
+        """Run ``planned`` (default: ``plan()``): one forward verifies its drafts; the accepted drafts and the
+        correction or bonus token are emitted and committed. ``commit=False``: the same forward and acceptance,
+        nothing emitted or committed (the K/V it wrote past the committed tokens is scratch): a repeatable step."""
+        with torch.no_grad():
+            planned = self.plan() if planned is None else planned
+            return self._step(planned) if commit else self._trial(planned)
 
-    def _greedy_rows(self, host, plan):
-        res = []
-        for row in host:  # [a, correction, block j*'s K slots]: the next drafts are its last n slots
-            n = plan.next_diffusion_drafts(row[0])
-            res.append((row[0], row[1], row[len(row) - n :] if n else [], None))
-        return res
+    def _step(self, planned: PlannedStep) -> StepResult:
+        if planned.index != self._steps:
+            raise ValueError(f"this PlannedStep was made for step {planned.index}, the decoder is at {self._steps}")
+        plan, c, ev, done = planned.plan, self.counters, self.evidence, self.done
+        res = self._verify(plan, planned.tokens, planned.probs)
+        c.draft_lens.append(plan.draft_len)
+        c.levels.append(plan.levels)
+        commit, accepted, emitted = [0] * self.B, [0] * self.B, []
+        for b, (a, tok, dnext, q) in enumerate(res):
+            if done[b]:
+                emitted.append([])
+                continue
+            src, n_real = planned.rows[b]
+            c.draft_sources[src] += 1
+            if src != "none":
+                ev.request[src].update(n_real, a - 1)
+                ev.rows[b][src].update(n_real, a - 1)
+                c.events.append((src, n_real, a - 1))
+            self.row_forwards[b] += 1
+            c.accepted_histogram[a] += 1
+            tokens = planned.host_tokens[b][1:a] + [tok]
+            n = self._emit(b, tokens)
+            commit[b] = min(a, n + 1)  # d_0..d_{a-1}; a row that stopped mid-step keeps d_0 and what it emitted
+            accepted[b] = a - 1
+            emitted.append(tokens[:n])
+            self._diff[b] = (dnext, q)
+        self.cache.commit(commit)
+        self._steps += 1
+        return StepResult(planned, accepted, emitted)
 
-    def _sampled_verify(self, h, plan, drafts, probs):
-        B, K = self.B, plan.draft_len
-        if K == 1 and self.g.beta == 1.0:  # a plain AR step: sample the one row (no drafts, no blocks to verify)
-            return self._sampled_ar(h)
-        logits = self._rows(h, slice(0, h.shape[1]))
-        V = logits.shape[-1]
-        blocks = virtual_blocks(logits[:, K:], plan, V)
-        if self.seed is not None:  # Philox: every step draws fresh counters
-            self.sample_kw["offset"] += B * 2 * K
-        r = tidar_kernels.rejection_sample(logits[:, :K], blocks, drafts, probs if K > 1 else None, **self.sample_kw)
-        host = torch.cat([r.accepted[:, None], r.next_drafts], 1).tolist()
-        res = []
-        for b, row in enumerate(host):
-            a_ = row[0]
-            n = plan.next_diffusion_drafts(a_)
-            q = r.next_draft_probs[b, :n] if n > 0 and r.next_draft_probs is not None else None
-            res.append((a_, row[1], row[2 : 2 + n], q))
-        return res
+    def _trial(self, planned: PlannedStep) -> StepResult:
+        res = self._verify(planned.plan, planned.tokens, planned.probs)
+        tokens = [t[1:a] + [tok] for t, (a, tok, _, _) in zip(planned.host_tokens, res)]
+        return StepResult(planned, [r[0] - 1 for r in res], tokens)
 
-    def _sampled_ar(self, h):
-        """A sampled K = 1 step: the token from the AR row's processed distribution (``draft_sample`` with the row
-        as its own one-slot block, which beta = 1 never reads), the same distribution ``rejection_sample`` draws
-        at K = 1 without building the filler proposal blocks."""
-        logits = self._rows(h, slice(0, 1))
-        if self.seed is not None:  # Philox: the counters a K = 1 rejection step would use
-            self.sample_kw["offset"] += self.B * 2
-        r = tidar_kernels.draft_sample(logits[:, 0], logits, **self.sample_kw)
-        return [(1, t, [], None) for t in r.next_drafts[:, 0].tolist()]
+    # ------------------------------------------------------------------ the whole request
+    def run(self) -> TidarGenerateOutput:
+        """Prefill, steps until every row has finished (row 0 streamed to the streamer), the output: ``generate``."""
+        streamer, done = self.streamer, self.done
+        with torch.no_grad():
+            self._prefill()
+            if streamer is not None:
+                streamer.put(self.input_ids.cpu())
+                streamer.put(torch.tensor(self.out[0]))
+            while not all(done):
+                res = self._step(self.plan())
+                if streamer is not None and res.emitted[0]:
+                    streamer.put(torch.tensor(res.emitted[0]))
+        if streamer is not None:
+            streamer.end()
+        return self.output()
+
+    def output(self) -> TidarGenerateOutput:
+        """The request's result so far, as ``tidar.generate`` returns it (finished rows padded)."""
+        if self.cache is None:
+            raise RuntimeError("Decoder.output needs Decoder.prefill first")
+        out, c, ids = self.out, self.counters, self.input_ids
+        new = torch.full((self.B, max(map(len, out))), self.g.pad_token_id, dtype=ids.dtype, device=ids.device)
+        for b, o in enumerate(out):
+            new[b, : len(o)] = torch.tensor(o, dtype=ids.dtype)
+        tpf = sum(len(o) / f for o, f in zip(out, self.row_forwards)) / self.B
+        hist = dict(sorted(c.accepted_histogram.items()))
+        return TidarGenerateOutput(
+            torch.cat([ids, new], 1),
+            c.forwards,
+            tpf,
+            hist,
+            out,
+            self.cache,
+            list(c.draft_lens),
+            list(c.levels),
+            dict(c.draft_sources),
+            c.events,
+        )
 
 
 @torch.no_grad()
@@ -414,6 +410,7 @@ def generate(
     context_drafts: bool | None = None,
     full_logits: bool = False,
     verifier=None,
+    stats: DecodeStats | None = None,
 ) -> TidarGenerateOutput:
     """Decode with TiDAR. ``model`` must be patched (``tidar.patch``).
 
@@ -440,23 +437,16 @@ def generate(
         full_logits: apply the LM head to every row of each step (slower; for forward hooks that edit logits).
         verifier: an ``hf_processors.HfVerifier`` deciding the acceptance with HF's logits processors (the drop-in
             ``model.generate`` passes one when processors or score outputs are requested).
+        stats: a ``tidar.DecodeStats``: the call adds its counts (forwards, tokens, drafts per source) to
+            ``stats.counters`` and leaves its acceptance evidence in ``stats.evidence``.
     """
-    s = settings(model)
-    K = check_draft_len(s.draft_len if draft_len is None else draft_len)
-    levels = check_levels(s.proposal_levels if proposal_levels is None else proposal_levels, K)
-    context = s.context_drafts if context_drafts is None else context_drafts
-    if not isinstance(context, bool):
-        raise ValueError(f"context_drafts must be True or False, got {context!r}")
-    if not isinstance(full_logits, bool):
-        raise ValueError(f"full_logits must be True or False, got {full_logits!r}")
-    backend = s.backend if backend is None else backend
-    if backend not in ("auto", "reference", "triton", "cuda"):
-        raise ValueError(f"backend must be one of auto, reference, triton, cuda; got {backend!r}")
-    g = check_generate_args(
+    check_stats(stats)
+    dec = Decoder(
         model,
         input_ids,
         attention_mask,
         max_new_tokens,
+        draft_len,
         temperature,
         top_k,
         top_p,
@@ -464,113 +454,18 @@ def generate(
         eos_token_id,
         pad_token_id,
         generator,
-        seed,
         streamer,
-        draft_len=K,
+        backend,
+        seed,
+        proposal_levels,
+        context_drafts,
+        full_logits,
+        verifier,
     )
-    sample_kw = dict(
-        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, beta=g.beta, generator=generator, backend=backend
-    )
-    if seed is not None:
-        del sample_kw["generator"]
-        sample_kw.update(seed=seed, offset=0)
-    dec = _Decoder(model, g, K, levels, backend, sample_kw, seed, context, full_logits)
-    dec.verifier = verifier
-    B, device, V = dec.B, g.device, g.vocab
-    dec._check_head(g.prompts[0])
-
-    max_prompt = max(map(len, g.prompts))
-    max_k = dec.max_k
-    cache = TidarCache(B, max_prompt + g.max_new_tokens + max_k * (max_k + 1), backend=backend)
-    first = (
-        dec._plan([(MAX_K, 0)] * B, list(map(len, g.prompts)))
-        if dec.planner is None
-        else dec.planner.first(dec._k_limit(list(map(len, g.prompts))))
-    )
-    K0 = first.draft_len if dec.planner is None else (max(2, first.draft_len) if g.max_new_tokens > 1 else 1)
-    drafts, probs = dec.prefill(cache, K0)
-    out, done, eos = dec.out, dec.done, g.eos
-
-    def emit(b, tokens):
-        n = 0
-        for t in tokens:
-            out[b].append(t)
-            n += 1
-            if t in eos or len(out[b]) >= g.max_new_tokens:
-                done[b] = True
-                break
-        if dec.ngrams is not None:
-            dec.ngrams[b].extend(tokens[:n])
-        return n
-
-    host = drafts.tolist()
-    for b in range(B):
-        emit(b, [host[b][0]])
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-        streamer.put(torch.tensor(out[0]))
-    # Per row: the diffusion drafts after d_0 (and their q when sampling), and the source of the current drafts.
-    diff = [(host[b][1:], probs[b] if probs is not None else None) for b in range(B)]
-    cur = None  # (plan, drafts tensor [B, K], q tensor [B, K-1, V] or None, per-row (source, n real drafts))
-
-    while not all(done):
-        lengths = cache.lengths
-        matches = [
-            dec.ngrams[b].match(MAX_K - 1) if dec.ngrams is not None and not done[b] else ([], 0) for b in range(B)
-        ]
-        ctx = [m[0] for m in matches]
-        dec.match_lens = [m[1] for m in matches]
-        rows = [
-            (len(diff[b][0]), len(ctx[b]), dec.row_stats[b], dec.match_lens[b], g.max_new_tokens - len(out[b]))
-            for b in range(B)
-            if not done[b]
-        ]
-        plan = dec._plan(rows, lengths)
-        cur = compose_drafts(dec, plan, out, diff, ctx, device, V)
-        if streamer is not None:
-            before = len(out[0])
-        res = dec.step(cache, plan, cur[0], cur[1])
-        dec.draft_lens.append(plan.draft_len)
-        dec.level_log.append(plan.levels)
-        commit = [0] * B
-        for b, (a, c, dnext, q) in enumerate(res):
-            if done[b]:
-                continue
-            src, n_real = cur[2][b]
-            dec.sources[src] += 1
-            if src != "none":
-                dec.stats[src].update(n_real, a - 1)
-                dec.row_stats[b][src].update(n_real, a - 1)
-                dec.events.append((src, n_real, a - 1))
-            dec.row_forwards[b] += 1
-            dec.hist[a] += 1
-            row_drafts = cur[3][b]
-            n = emit(b, row_drafts[1:a] + [c])
-            commit[b] = min(a, n + 1)  # d_0..d_{a-1}; a row that stopped mid-step keeps d_0 and what it emitted
-            diff[b] = (dnext, q)
-        if streamer is not None and len(out[0]) > before:
-            streamer.put(torch.tensor(out[0][before:]))
-        cache.commit(commit)
-    if streamer is not None:
-        streamer.end()
-
-    width = max(map(len, out))
-    new = torch.full((B, width), g.pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-    for b, o in enumerate(out):
-        new[b, : len(o)] = torch.tensor(o, dtype=input_ids.dtype)
-    tpf = sum(len(o) / f for o, f in zip(out, dec.row_forwards)) / B
-    return TidarGenerateOutput(
-        torch.cat([input_ids, new], 1),
-        dec.forwards,
-        tpf,
-        dict(sorted(dec.hist.items())),
-        out,
-        cache,
-        [K0] + dec.draft_lens,
-        [tuple(range(1, K0 + 1))] + dec.level_log,
-        dict(dec.sources),
-        dec.events,
-    )
+    out = dec.run()
+    if stats is not None:
+        stats.record(dec.counters, dec.evidence)
+    return out
 
 
-__all__ = ["generate", "TidarGenerateOutput"]
+__all__ = ["Decoder", "generate"]

@@ -40,6 +40,7 @@ def compose_drafts(dec, plan: Plan, out, diff, ctx, device, V):
     """The step's drafts ``[B, K]``: d_0 (the last emitted token) then, per row, the diffusion drafts or the
     context copy, whichever is expected to be accepted more, padded with filler drafts (never counted)."""
     K, B = plan.draft_len, dec.B
+    row_stats, match_lens = dec.evidence.rows, dec.evidence.match_lens
     tokens, meta, q_rows = [], [], []
     for b in range(B):
         d0 = out[b][-1] if out[b] else 0
@@ -50,8 +51,8 @@ def compose_drafts(dec, plan: Plan, out, diff, ctx, device, V):
             continue
         dtok, dq = diff[b]
         nd, nc = min(len(dtok), K - 1), min(len(ctx[b]), K - 1)
-        st = dec.row_stats[b]  # the row's own evidence (and its match) picks its source
-        match = dec.match_lens[b] if dec.greedy else 0  # a loop predicts the argmax, not a sample
+        st = row_stats[b]  # the row's own evidence (and its match) picks its source
+        match = match_lens[b] if dec.greedy else 0  # a loop predicts the argmax, not a sample
         use_ctx = nc > 0 and context_expected(st, match, nc) > st["diffusion"].expected(nd)
         if use_ctx:
             body, src, n = ctx[b][:nc], "context", nc

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from tidar.decode.context_drafts import MAX_MATCH
 from tidar.decode.slot_timing import SlotCurve
 
-MAX_K = 16
+# The largest K ``draft_len="auto"`` considers, and the deepest draft the acceptance statistics track. A fixed
+# ``draft_len`` may be larger, up to ``args.MAX_DRAFT_LEN`` (the largest K taken at all).
+MAX_AUTO_DRAFT_LEN = 16
 SOURCES = ("diffusion", "context")
 PRIORS = {"diffusion": 0.5, "context": 0.6}  # a coin flip for diffusion drafts; copies of a match a bit better
 REQUEST_DECAY = 0.9  # the request's pooled evidence (steady-state plans) remembers about ten updates
@@ -39,22 +41,23 @@ def match_expected(match_len: int, n: int) -> float:
     return a * (1 - a**n) / (1 - a)
 
 
-_MATCH_TABLE = [[match_expected(m, n) for n in range(MAX_K)] for m in range(MAX_MATCH + 1)]
+_MATCH_TABLE = [[match_expected(m, n) for n in range(MAX_AUTO_DRAFT_LEN)] for m in range(MAX_MATCH + 1)]
 
 
 def context_expected(row_stats: dict, match_len: int, n: int) -> float:
     """A row's expected accepted context drafts among ``n``: the better of its tried evidence and the match's."""
-    m = _MATCH_TABLE[min(max(match_len, 0), MAX_MATCH)][min(max(n, 0), MAX_K - 1)]
+    m = _MATCH_TABLE[min(max(match_len, 0), MAX_MATCH)][min(max(n, 0), MAX_AUTO_DRAFT_LEN - 1)]
     return max(row_stats["context"].expected(n), m)
 
 
 class AcceptanceStats:
-    """Decayed counts of trials and acceptances of draft i (1..MAX_K-1) given drafts 1..i-1 were accepted."""
+    """Decayed counts of trials and acceptances of draft i (1..MAX_AUTO_DRAFT_LEN - 1) given drafts 1..i-1 were
+    accepted."""
 
     def __init__(self, prior: float, weight: float = 2.0, decay: float = 0.995):
         self.prior, self.weight, self.decay = prior, weight, decay
-        self.trials = [0.0] * MAX_K
-        self.accepts = [0.0] * MAX_K
+        self.trials = [0.0] * MAX_AUTO_DRAFT_LEN
+        self.accepts = [0.0] * MAX_AUTO_DRAFT_LEN
         self._table: list[float] | None = None
         self._pooled: float | None = None
         self.version = 0  # updates so far (a plan scored on unchanged evidence need not be scored again)
@@ -92,12 +95,12 @@ class AcceptanceStats:
         """Expected accepted drafts among ``n`` of this source: sum over i <= n of prod_{t <= i} alpha_t."""
         if self._table is None:
             table, run, total = [0.0], 1.0, 0.0
-            for i in range(1, MAX_K):
+            for i in range(1, MAX_AUTO_DRAFT_LEN):
                 run *= self.alpha(i)
                 total += run
                 table.append(total)
             self._table = table
-        return self._table[max(0, min(n, MAX_K - 1))]
+        return self._table[max(0, min(n, MAX_AUTO_DRAFT_LEN - 1))]
 
 
 @dataclass(frozen=True)
@@ -201,21 +204,22 @@ class Planner:
     EXPLORE_MAX_COST = 1.25  # ... only where that step costs at most this many AR steps
     AR_RESCORE = 4  # in a run of AR steps, grown context matches are re-scored every this many steps
     # Where a drafted step's gain is small (sampling; several rows of a batch) it must beat a plain AR step by
-    # this much: the measured costs move by 5-10% between runs on a shared CPU, and a wrong guess there is a loss.
+    # this much: the measured costs move between runs on a shared CPU, and a wrong guess there is a loss
+    # (the noise: benchmarks/results/decode_step_cpu_host_costs.md).
     MARGIN = 1.1
 
     def __init__(
         self,
         curve: SlotCurve,
         stats: dict,
-        max_k: int = MAX_K,
+        max_k: int = MAX_AUTO_DRAFT_LEN,
         levels: tuple | None = None,
         fixed_k: int | None = None,
         batch: int = 1,
         sampling: bool = False,
     ):
         self.curve, self.stats = curve, stats
-        self.max_k = min(max_k, MAX_K) if fixed_k is None else fixed_k
+        self.max_k = min(max_k, MAX_AUTO_DRAFT_LEN) if fixed_k is None else fixed_k
         self.fixed_k, self.fixed_levels = fixed_k, levels
         self.batch = max(1, int(batch))
         self.sampling = sampling  # a sampled step's cost: the head on every row, rejection sampling
@@ -252,6 +256,12 @@ class Planner:
             best[K] = (lv, tok, ms)
         self.best = best
         self.since_replan = 0
+
+    def steady_plans(self) -> dict:
+        """The steady-state diffusion plans scored now on the request's evidence: K -> (best levels, expected tokens
+        per step, step ms), the table ``choose`` weighs each step's drafts against."""
+        self._replan()
+        return dict(self.best)
 
     def _levels_for(self, K: int) -> tuple:
         return levels_upto(K, self.fixed_levels)
