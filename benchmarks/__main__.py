@@ -20,7 +20,7 @@ import torch
 SUITES = ("attention", "rejection", "kv_append", "attention_paged", "e2e", "prompts")
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for results.csv, results.md, env.json and plots")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU is fine): proves the benchmarks run")
@@ -39,8 +39,12 @@ def main(argv=None) -> int:
         help="measured TiDAR tokens per forward to project tokens/s with (default: ask `tidar demo`)",
     )
     p.add_argument("--no-plots", action="store_true")
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv=None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SUITES]
     if bad:
@@ -60,6 +64,20 @@ def main(argv=None) -> int:
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     bench = Bench(device, Path(args.out), smoke=args.smoke, budget_scale=args.budget_scale, tpf=args.tpf)
     t0 = time.monotonic()
+    modules = _run_suites(bench, only, t0)
+    _summaries(bench, only, modules, plots=not args.no_plots)
+    text = bench.write_markdown(command)
+    bench.write_csv()
+    print(f"# {len(bench.rows)} rows in {time.monotonic() - t0:.1f} s -> {bench.out}", flush=True)
+    goals = text.split("## Goals")
+    if len(goals) > 1:
+        print("## Goals" + goals[1].split("\n## ")[0])
+    return 0
+
+
+def _run_suites(bench, only, t0) -> dict:
+    """The ceilings, then each suite of ``only`` (``bench_<name>.run``); gives the suites' modules. A suite that
+    breaks outside its rows leaves one error row; SIGTERM or Ctrl-C ends the run with the rows measured so far."""
 
     def _terminated(signum, frame):  # `timeout` sends SIGTERM: still write what was measured
         raise KeyboardInterrupt(f"signal {signum}")
@@ -84,6 +102,11 @@ def main(argv=None) -> int:
         bench.notes.append(
             f"RUN INTERRUPTED ({e}) after {time.monotonic() - t0:.0f} s: the tables hold the rows measured so far"
         )
+    return modules
+
+
+def _summaries(bench, only, modules: dict, plots: bool):
+    """The smoke-run note, each suite's goal verdicts and (``plots``) its PNGs."""
     if bench.smoke or (not bench.cuda and not set(only) <= {"e2e", "prompts"}):
         bench.notes.append(
             "SMOKE RUN: tiny shapes, CPU. The goal verdicts above exercise the code only; "
@@ -94,15 +117,8 @@ def main(argv=None) -> int:
             mod.goals(bench)
         except Exception as e:
             bench.notes.append(f"goal summary of {mod.__name__} failed: {type(e).__name__}: {e}")
-    if not args.no_plots:
+    if plots:
         _plots(bench, modules.values())
-    text = bench.write_markdown(command)
-    bench.write_csv()
-    print(f"# {len(bench.rows)} rows in {time.monotonic() - t0:.1f} s -> {bench.out}", flush=True)
-    goals = text.split("## Goals")
-    if len(goals) > 1:
-        print("## Goals" + goals[1].split("\n## ")[0])
-    return 0
 
 
 def _plots(bench, modules):
@@ -111,7 +127,7 @@ def _plots(bench, modules):
     except ImportError:
         bench.notes.append("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return
-    from .harness import plot_lines
+    from .report import plot_lines
 
     def plot(name, **kw):
         return plot_lines(bench.rows, bench.out / name, **kw)

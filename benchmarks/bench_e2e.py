@@ -80,19 +80,36 @@ def _run_shapes(bench: Bench):
 
 
 def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
+    """Every row of one model: the unpatched model's forwards (HF SDPA, StaticCache), then the patched model's
+    forwards and TiDAR steps per backend, its logits checked against the unpatched ones and the reference."""
     import tidar
 
     dev = bench.device
     V = model.config.vocab_size
-    mask_id = V - 1
     g = torch.Generator(device=dev).manual_seed(0)
     prompt = torch.randint(0, V - 1, (B, ctx), device=dev, generator=g)
+    fwd_ids = {n: torch.randint(0, V - 1, (B, n), device=dev, generator=g) for n in ns}
     max_n = max(ns + [K + K * K for K in Ks])
     base = {"model": name, "ctx": ctx, "B": B}
-    kw_cache = cache_kw(model)
+    hf_logits = _hf_rows(bench, model, name, base, prompt, fwd_ids, max_n)
+    if bench.cuda:
+        torch.cuda.empty_cache()
+    backends = our_backends("tidar_attention", dev)
+    tidar.patch(model, draft_len=max(Ks), mask_token_id=V - 1)
+    forward = _ours_prefill(bench, model, name, base, prompt, max_n, [b for b, why in backends if why is None])
+    if forward is not None:
+        _ours_forward_rows(bench, name, base, forward, backends, fwd_ids, hf_logits)
+        for K in Ks:
+            _ours_step_rows(bench, name, base, forward, backends, K, V, g)
+    tidar.unpatch(model)
 
-    # --- HF SDPA (unpatched) with a StaticCache: the AR baseline and the forward curve ---------------
-    hf_cache = None
+
+def _hf_rows(bench: Bench, model, name, base, prompt, fwd_ids, max_n) -> dict:
+    """HF SDPA (unpatched) with a StaticCache after the prompt: the AR baseline and the forward curve. Gives the
+    unpatched model's logits per token count: what ours must reproduce."""
+    dev = bench.device
+    B, ctx = prompt.shape
+    kw_cache = cache_kw(model)
     try:
         from transformers import StaticCache
 
@@ -108,21 +125,14 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
     except Exception as e:
         bench._error("hf-sdpa", f"{name} prefill", e)
         hf_cache = None
-    fwd_ids = {n: torch.randint(0, V - 1, (B, n), device=dev, generator=g) for n in ns}
-    hf_logits = {}  # the unpatched model's logits per n: what ours must reproduce
-    for n in ns:
+    hf_logits = {}
+    for n, ids in fwd_ids.items():
         case = f"{name} forward of {n} tokens, ctx {ctx}, B={B}"
         params = {**base, "n": n, "kind": "forward"}
         if hf_cache is None:
-            bench.skip(
-                case,
-                "hf-sdpa",
-                "the StaticCache prefill failed (see the error row)",
-                params=params,
-                suite="e2e_forward",
-            )
+            reason = "the StaticCache prefill failed (see the error row)"
+            bench.skip(case, "hf-sdpa", reason, params=params, suite="e2e_forward")
             continue
-        ids = fwd_ids[n]
         cp = torch.arange(ctx, ctx + n, device=dev)
 
         def hf_fwd(ids=ids, cp=cp, n=n):
@@ -140,37 +150,25 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
             hf_logits[n] = logits().float()
             return (lambda: logits()[:, -1].argmax(-1)), None
 
-        bench.measure(
-            case,
-            "hf-sdpa",
-            hf_fwd,
-            graph=True,
-            params=params,
-            suite="e2e_forward",
-            rep_ms=150,
-            notes="unpatched model, StaticCache",
-        )
+        notes = "unpatched model, StaticCache"
+        bench.measure(case, "hf-sdpa", hf_fwd, graph=True, params=params, suite="e2e_forward", rep_ms=150, notes=notes)
         if n == 1:  # the AR decode step, in the step table too
+            step_params = {**base, "kind": "ar_step"}
+            case = f"{name} AR step, ctx {ctx}, B={B}"
             bench.measure(
-                f"{name} AR step, ctx {ctx}, B={B}",
-                "hf-sdpa",
-                hf_fwd,
-                graph=True,
-                rep_ms=150,
-                params={**base, "kind": "ar_step"},
-                suite="e2e_step",
-                notes="unpatched model, StaticCache",
+                case, "hf-sdpa", hf_fwd, graph=True, rep_ms=150, params=step_params, suite="e2e_step", notes=notes
             )
-    hf_cache = None
-    if bench.cuda:
-        torch.cuda.empty_cache()
+    return hf_logits
 
-    # --- ours: the patched model ----------------------------------------------------------------
-    backends = [(b, why) for b, why in our_backends("tidar_attention", dev)]
-    live = [b for b, why in backends if why is None]
-    rej_live = set(b for b, why in our_backends("rejection_sample", dev) if why is None)
+
+def _ours_prefill(bench: Bench, model, name, base, prompt, max_n, live):
+    """The patched model's prefill into a TidarCache; gives ``forward(layout, ids, backend) -> logits`` of a
+    segment after the prompt (repeatable: the cache is not committed), or None after an error row."""
+    import tidar
+
+    dev = bench.device
+    B, ctx = prompt.shape
     kv_live = set(b for b, why in our_backends("kv_append", dev) if why is None)
-    tidar.patch(model, draft_len=max(Ks), mask_token_id=mask_id)
     try:
         cache = tidar.TidarCache(B, ctx + max_n + 8, backend=live[-1] if live[-1] in kv_live else "auto")
         pre = layouts.causal(ctx).to(dev)
@@ -182,8 +180,7 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
         )
     except Exception as e:
         bench._error("ours", f"{name} prefill", e)
-        tidar.unpatch(model)
-        return
+        return None
     seg = torch.full((B,), ctx, dtype=torch.int32, device=dev)
 
     def forward(layout, ids, backend):
@@ -191,33 +188,32 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
         pos = ctx + layout.position_ids[None].expand(B, -1)
         return tidar.tidar_forward(model, ids, pos, tidar.TidarStep(layout, seg, cache, backend)).logits
 
+    return forward
+
+
+def _ours_forward_rows(bench: Bench, name, base, forward, backends, fwd_ids, hf_logits):
+    """The patched model's forward of n tokens (causal layout) per backend, and its AR step (n = 1)."""
+    ctx, B = base["ctx"], base["B"]
     for backend, why in backends:
         name_b = f"ours:{backend}"
-        for n in ns:
+        for n, ids in fwd_ids.items():
             case = f"{name} forward of {n} tokens, ctx {ctx}, B={B}"
             params = {**base, "n": n, "kind": "forward"}
             if why is not None:
                 bench.skip(case, name_b, why, params=params, suite="e2e_forward")
                 continue
-            layout = layouts.causal(n).to(dev)
+            layout = layouts.causal(n).to(bench.device)
 
-            def ours_fwd(layout=layout, ids=fwd_ids[n], backend=backend, n=n):
+            def ours_fwd(layout=layout, ids=ids, backend=backend, n=n):
                 check = None
                 if n in hf_logits:
-                    check = (
-                        f"logits rel_err vs hf-sdpa={rel_err(forward(layout, ids, backend).float(), hf_logits[n]):.1e}"
-                    )
+                    err = rel_err(forward(layout, ids, backend).float(), hf_logits[n])
+                    check = f"logits rel_err vs hf-sdpa={err:.1e}"
                 return (lambda: forward(layout, ids, backend)[:, -1].argmax(-1)), check
 
+            notes = "patched model, TidarCache"
             bench.measure(
-                case,
-                name_b,
-                ours_fwd,
-                graph=True,
-                params=params,
-                suite="e2e_forward",
-                rep_ms=150,
-                notes="patched model, TidarCache",
+                case, name_b, ours_fwd, graph=True, params=params, suite="e2e_forward", rep_ms=150, notes=notes
             )
             if n == 1:
                 bench.measure(
@@ -231,54 +227,47 @@ def _model_rows(bench: Bench, model, name, ctx, B, ns, Ks):
                     notes="patched model, causal layout",
                 )
 
-    for K in Ks:
-        layout = layouts.decode_step(K).to(dev)
-        S = layout.seg_len
-        drafts = torch.randint(0, V - 1, (B, K), device=dev, generator=g)
-        ids = torch.cat([drafts, torch.full((B, K * K), mask_id, device=dev)], 1)
-        case = f"{name} TiDAR step K={K} (S={S}), ctx {ctx}, B={B}"
-        params = {**base, "K": K, "S": S, "kind": "tidar_step"}
-        ref_logits = None
-        if "reference" in live:
-            try:
-                ref_logits = forward(layout, ids, "reference").float()
-            except Exception:
-                ref_logits = None
-        for backend, why in backends:
-            name_b = f"ours:{backend}"
-            if why is not None:
-                bench.skip(case, name_b, why, params=params)
-                continue
-            rb = backend if backend in rej_live else "auto"
 
-            def step(backend=backend, rb=rb):
-                def fn():
-                    logits = forward(layout, ids, backend)
-                    r = tidar_kernels.rejection_sample(
-                        logits[:, :K], logits[:, K:].reshape(B, K, K, V), drafts, backend=rb
-                    )
-                    return r.next_drafts
+def _ours_step_rows(bench: Bench, name, base, forward, backends, K, V, g):
+    """One TiDAR step at draft length K per backend: the forward over S = K + K*K tokens and
+    ``rejection_sample``; logits checked against the reference backend's."""
+    dev = bench.device
+    ctx, B = base["ctx"], base["B"]
+    rej_live = set(b for b, why in our_backends("rejection_sample", dev) if why is None)
+    layout = layouts.decode_step(K).to(dev)
+    S = layout.seg_len
+    drafts = torch.randint(0, V - 1, (B, K), device=dev, generator=g)
+    ids = torch.cat([drafts, torch.full((B, K * K), V - 1, device=dev)], 1)
+    case = f"{name} TiDAR step K={K} (S={S}), ctx {ctx}, B={B}"
+    params = {**base, "K": K, "S": S, "kind": "tidar_step"}
+    ref_logits = None
+    if any(b == "reference" and why is None for b, why in backends):
+        try:
+            ref_logits = forward(layout, ids, "reference").float()
+        except Exception:
+            ref_logits = None
+    for backend, why in backends:
+        name_b = f"ours:{backend}"
+        if why is not None:
+            bench.skip(case, name_b, why, params=params)
+            continue
+        rb = backend if backend in rej_live else "auto"
 
-                check = None
-                if ref_logits is not None and backend != "reference":
-                    check = (
-                        f"logits rel_err vs reference={rel_err(forward(layout, ids, backend).float(), ref_logits):.1e}"
-                    )
-                return fn, check
+        def step(backend=backend, rb=rb):
+            def fn():
+                logits = forward(layout, ids, backend)
+                r = tidar_kernels.rejection_sample(logits[:, :K], logits[:, K:].reshape(B, K, K, V), drafts, backend=rb)
+                return r.next_drafts
 
-            note = "SDPA + dense mask" if backend == "reference" else ""
-            bench.measure(
-                case,
-                name_b,
-                step,
-                graph=True,
-                params=params,
-                rep_ms=150,
-                notes="; ".join(x for x in (note, f"rejection backend {rb}") if x),
-            )
-        ref_logits = None
-    tidar.unpatch(model)
-    cache = None
+            check = None
+            if ref_logits is not None and backend != "reference":
+                err = rel_err(forward(layout, ids, backend).float(), ref_logits)
+                check = f"logits rel_err vs reference={err:.1e}"
+            return fn, check
+
+        note = "SDPA + dense mask" if backend == "reference" else ""
+        notes = "; ".join(x for x in (note, f"rejection backend {rb}") if x)
+        bench.measure(case, name_b, step, graph=True, params=params, rep_ms=150, notes=notes)
 
 
 def _measured_tpf(bench: Bench) -> tuple[float | None, str]:

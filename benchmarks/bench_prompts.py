@@ -100,6 +100,13 @@ def _batch1(bench: Bench, hf, td, tok, prompts, rec):
                 "distinct_4grams": len(set(grams)) / len(grams) if grams else None,
             }
         )
+    groups = _batch1_groups(bench, rows, best, n, rounds)
+    rec["batch1"] = {"new_tokens": n, "rounds": rounds, "groups": groups, "prompts": rows}
+
+
+def _batch1_groups(bench: Bench, rows, best, n, rounds) -> dict:
+    """Per prompt class (and ordinary, all): total-time ratios TiDAR / AR / prompt lookup and their per-prompt
+    spread, one derived row each. ``best``: per implementation, each prompt's best seconds."""
     groups = {}
     for cls in sorted({r["class"] for r in rows}) + ["ordinary (all)", "all"]:
         sel = [
@@ -107,7 +114,7 @@ def _batch1(bench: Bench, hf, td, tok, prompts, rec):
             for i, r in enumerate(rows)
             if r["class"] == cls or cls == "all" or (cls == "ordinary (all)" and r["class"] != "demo")
         ]
-        total = {name: sum(best[name][i] for i in sel) for name in runs}  # the same tokens for all: time ratios
+        total = {name: sum(best[name][i] for i in sel) for name in best}  # the same tokens for all: time ratios
         groups[cls] = {
             "prompts": len(sel),
             "identical": all(rows[i]["identical"] for i in sel),
@@ -133,7 +140,7 @@ def _batch1(bench: Bench, hf, td, tok, prompts, rec):
             },
             notes=f"best of {rounds} interleaved rounds per prompt",
         )
-    rec["batch1"] = {"new_tokens": n, "rounds": rounds, "groups": groups, "prompts": rows}
+    return groups
 
 
 def _left_padded(tok, texts, device):
