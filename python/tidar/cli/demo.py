@@ -116,161 +116,203 @@ def _streamer(tokenizer, enabled):
     return TextStreamer(tokenizer, skip_prompt=True)
 
 
-def run_demo(args, out=print) -> dict:
-    import tidar
-    from tidar.decode.slot_timing import slot_curve
+class _Demo:
+    """The demo's model, tokenizer and settings, and its two ways to decode: HF ``generate`` on the unpatched model
+    (AR) and ``tidar.generate`` on the patched one."""
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_dir = Path(args.model) if args.model else bundled_model_dir()
-    model, tok = _load(model_dir, device)
-    K = args.draft_len or "auto"
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    greedy = args.temperature == 0
-    stream = not args.json
-    eos = tok.eos_token_id
-    prompts = _prompts(args, model_dir)
-    if not prompts or any(not p for p in prompts):
-        raise ValueError("prompts must be non-empty strings")
-    gen = torch.Generator(device).manual_seed(args.seed)
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model_dir = Path(args.model) if args.model else bundled_model_dir()
+        self.model, self.tok = _load(self.model_dir, self.device)
+        self.K = args.draft_len or "auto"
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+        self.greedy = args.temperature == 0
+        self.stream = not args.json
+        self.eos = self.tok.eos_token_id
+        self.prompts = _prompts(args, self.model_dir)
+        if not self.prompts or any(not p for p in self.prompts):
+            raise ValueError("prompts must be non-empty strings")
+        self.gen = torch.Generator(self.device).manual_seed(args.seed)
 
-    def ar_generate(ids, n, streamer=None):
-        kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0)
-        return model.generate(
+    def ids(self, prompt: str) -> torch.Tensor:
+        return self.tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.device)
+
+    def use_tidar(self):  # not timed: patching runs a probe forward
+        import tidar
+
+        tidar.patch(self.model, draft_len=self.K)
+
+    def use_ar(self):
+        import tidar
+
+        if tidar.is_patched(self.model):
+            tidar.unpatch(self.model)
+
+    def ar_generate(self, ids, n, streamer=None):
+        t = self.args.temperature
+        kw = dict(do_sample=False) if self.greedy else dict(do_sample=True, temperature=t, top_k=0, top_p=1.0)
+        mask = torch.ones_like(ids)
+        return self.model.generate(
             ids,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=mask,
             max_new_tokens=n,
-            eos_token_id=eos,
-            pad_token_id=tok.pad_token_id,
+            eos_token_id=self.eos,
+            pad_token_id=self.tok.pad_token_id,
             streamer=streamer,
             **kw,
         )
 
-    def use_tidar():  # not timed: patching runs a probe forward
-        tidar.patch(model, draft_len=K)
+    def tidar_generate(self, ids, n, streamer=None, stats=None):
+        import tidar
 
-    def use_ar():
-        if tidar.is_patched(model):
-            tidar.unpatch(model)
-
-    def tidar_generate(ids, n, streamer=None):
         return tidar.generate(
-            model,
+            self.model,
             ids,
             max_new_tokens=n,
-            temperature=args.temperature,
-            eos_token_id=eos,
-            generator=None if greedy else gen,
+            temperature=self.args.temperature,
+            eos_token_id=self.eos,
+            generator=None if self.greedy else self.gen,
             streamer=streamer,
+            stats=stats,
         )
 
-    warm = tok(prompts[0], return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-    use_ar()
-    ar_generate(warm, 2)  # first-call overheads out of the timings
-    use_tidar()
+    def timed(self, fn, *a, **kw):
+        """``(result, seconds)`` of one call, the device synchronised before and after."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        result = fn(*a, **kw)
+        _sync(self.device)
+        return result, time.perf_counter() - t0
+
+
+def _warm_up(demo: _Demo):
+    """First-call overheads out of the timings, and the token-slot curve (measured once per model, device and dtype:
+    the auto draft length's costs). Returns ``(curve, seconds measuring it)``."""
+    from tidar.decode.slot_timing import slot_curve
+
+    warm = demo.ids(demo.prompts[0])
+    demo.use_ar()
+    demo.ar_generate(warm, 2)
+    demo.use_tidar()
     t0 = time.perf_counter()
-    curve = slot_curve(model)  # measured once per model, device and dtype (the auto draft length's costs)
+    curve = slot_curve(demo.model)
     curve_s = time.perf_counter() - t0
-    tidar_generate(warm, 2)
+    demo.tidar_generate(warm, 2)
+    return curve, curve_s
 
+
+def _compare_prompt(demo: _Demo, i: int, prompt: str, stats, out) -> dict:
+    """One prompt decoded by AR and by TiDAR (timed, streamed unless --json); the comparison as a dict."""
+    n, stream, eos = demo.args.max_new_tokens, demo.stream, demo.eos
+    ids = demo.ids(prompt)
     if stream:
+        out(f"\n=== prompt {i + 1}/{len(demo.prompts)} ===\n{prompt}", end="")
+        out("\n--- AR (Hugging Face generate) ---")
+        sys.stdout.flush()
+    demo.use_ar()
+    ar_seq, t_ar = demo.timed(demo.ar_generate, ids, n, _streamer(demo.tok, stream))
+    ar_new = ar_seq[0, ids.shape[1] :].tolist()
+    if ar_new and eos in ar_new:
+        ar_new = ar_new[: ar_new.index(eos) + 1]
+    if stream:
+        out("--- TiDAR ---")
+        sys.stdout.flush()
+    demo.use_tidar()
+    res, t_td = demo.timed(demo.tidar_generate, ids, n, _streamer(demo.tok, stream), stats)
+    td_new = res.new_tokens[0]
+    r = {
+        "prompt": prompt,
+        "ar_text": demo.tok.decode(ar_new),
+        "tidar_text": demo.tok.decode(td_new),
+        "identical": ar_new == td_new if demo.greedy else None,
+        "new_tokens": len(td_new),
+        "ar_new_tokens": len(ar_new),
+        "forwards": res.forwards,
+        "ar_forwards": len(ar_new),
+        "tokens_per_forward": len(td_new) / res.forwards,
+        "accepted_histogram": {str(k): v for k, v in res.accepted_histogram.items()},
+        "draft_lens": dict(sorted(Counter(res.draft_lens[1:]).items())),
+        "draft_sources": res.draft_sources,
+        "ar_tokens_per_s": len(ar_new) / t_ar,
+        "tidar_tokens_per_s": len(td_new) / t_td,
+    }
+    if stream:
+        verdict = {True: "identical to AR", False: "DIFFERS from AR", None: "(sampling: not compared)"}[r["identical"]]
         out(
-            f"model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {device}; "
-            f"draft_len {K}; {'greedy' if greedy else f'temperature {args.temperature}'}; "
-            f"{args.max_new_tokens} new tokens"
+            f"--- {verdict}: {r['new_tokens']} tokens in {r['forwards']} forwards = "
+            f"{r['tokens_per_forward']:.2f} tokens/forward; "
+            f"accepted lengths {dict(sorted(res.accepted_histogram.items()))}; K used {r['draft_lens']}; "
+            f"draft sources {res.draft_sources}; "
+            f"tokens/s AR {r['ar_tokens_per_s']:.1f} vs TiDAR {r['tidar_tokens_per_s']:.1f}"
         )
-    results, hist_all = [], Counter()
-    for i, prompt in enumerate(prompts):
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-        if stream:
-            out(f"\n=== prompt {i + 1}/{len(prompts)} ===\n{prompt}", end="")
-            out("\n--- AR (Hugging Face generate) ---")
-            sys.stdout.flush()
-        use_ar()
-        _sync(device)
-        t0 = time.perf_counter()
-        ar_seq = ar_generate(ids, args.max_new_tokens, _streamer(tok, stream))
-        _sync(device)
-        t_ar = time.perf_counter() - t0
-        ar_new = ar_seq[0, ids.shape[1] :].tolist()
-        if ar_new and eos in ar_new:
-            ar_new = ar_new[: ar_new.index(eos) + 1]
-        if stream:
-            out("--- TiDAR ---")
-            sys.stdout.flush()
-        use_tidar()
-        _sync(device)
-        t0 = time.perf_counter()
-        res = tidar_generate(ids, args.max_new_tokens, _streamer(tok, stream))
-        _sync(device)
-        t_td = time.perf_counter() - t0
-        td_new = res.new_tokens[0]
-        ar_text, td_text = tok.decode(ar_new), tok.decode(td_new)
-        same = ar_new == td_new if greedy else None
-        hist_all.update(res.accepted_histogram)
-        r = {
-            "prompt": prompt,
-            "ar_text": ar_text,
-            "tidar_text": td_text,
-            "identical": same,
-            "new_tokens": len(td_new),
-            "ar_new_tokens": len(ar_new),
-            "forwards": res.forwards,
-            "ar_forwards": len(ar_new),
-            "tokens_per_forward": len(td_new) / res.forwards,
-            "accepted_histogram": {str(k): v for k, v in res.accepted_histogram.items()},
-            "draft_lens": dict(sorted(Counter(res.draft_lens[1:]).items())),
-            "draft_sources": res.draft_sources,
-            "ar_tokens_per_s": len(ar_new) / t_ar,
-            "tidar_tokens_per_s": len(td_new) / t_td,
-        }
-        results.append(r)
-        if stream:
-            verdict = {True: "identical to AR", False: "DIFFERS from AR", None: "(sampling: not compared)"}[same]
-            out(
-                f"--- {verdict}: {r['new_tokens']} tokens in {r['forwards']} forwards = "
-                f"{r['tokens_per_forward']:.2f} tokens/forward; "
-                f"accepted lengths {dict(sorted(res.accepted_histogram.items()))}; K used {r['draft_lens']}; "
-                f"draft sources {res.draft_sources}; "
-                f"tokens/s AR {r['ar_tokens_per_s']:.1f} vs TiDAR {r['tidar_tokens_per_s']:.1f}"
-            )
+    return r
+
+
+def _summary(demo: _Demo, results: list, hist_all: Counter, curve, curve_s: float) -> dict:
     tokens = sum(r["new_tokens"] for r in results)
     forwards = sum(r["forwards"] for r in results)
+    ar_tokens = sum(r["ar_new_tokens"] for r in results)
     ar_time = sum(r["ar_new_tokens"] / r["ar_tokens_per_s"] for r in results)
     td_time = sum(r["new_tokens"] / r["tidar_tokens_per_s"] for r in results)
-    summary = {
-        "model": str(model_dir),
-        "device": str(device),
-        "draft_len": K,
+    args = demo.args
+    return {
+        "model": str(demo.model_dir),
+        "device": str(demo.device),
+        "draft_len": demo.K,
         "temperature": args.temperature,
         "max_new_tokens": args.max_new_tokens,
-        "identical": all(r["identical"] for r in results) if greedy else None,
+        "identical": all(r["identical"] for r in results) if demo.greedy else None,
         "tokens_per_forward": tokens / forwards,
         "accepted_histogram": {str(k): v for k, v in sorted(hist_all.items())},
-        "ar_tokens_per_s": sum(r["ar_new_tokens"] for r in results) / ar_time,
+        "ar_tokens_per_s": ar_tokens / ar_time,
         "tidar_tokens_per_s": tokens / td_time,
-        "speedup": (tokens / td_time) / (sum(r["ar_new_tokens"] for r in results) / ar_time),
+        "speedup": (tokens / td_time) / (ar_tokens / ar_time),
         "slot_curve_ms": dict(zip(curve.tokens, curve.body_ms)),
         "slot_curve_measured_s": round(curve_s, 3),
         "prompts": results,
     }
-    if stream:
-        out(f"\n=== summary over {len(results)} prompts ===")
-        if greedy:
-            out("TiDAR text identical to AR text on every prompt: " + ("yes" if summary["identical"] else "NO"))
-        out(f"TiDAR tokens per forward: {summary['tokens_per_forward']:.2f} (AR: 1.00)")
-        out(f"accepted-length histogram (a: steps): {dict(sorted(hist_all.items()))}")
+
+
+def _print_summary(demo: _Demo, summary: dict, hist_all: Counter, curve_s: float, out) -> None:
+    out(f"\n=== summary over {len(summary['prompts'])} prompts ===")
+    if demo.greedy:
+        out("TiDAR text identical to AR text on every prompt: " + ("yes" if summary["identical"] else "NO"))
+    out(f"TiDAR tokens per forward: {summary['tokens_per_forward']:.2f} (AR: 1.00)")
+    out(f"accepted-length histogram (a: steps): {dict(sorted(hist_all.items()))}")
+    out(
+        f"tokens/s on {demo.device}: AR {summary['ar_tokens_per_s']:.1f}, TiDAR {summary['tidar_tokens_per_s']:.1f} "
+        f"({summary['speedup']:.2f}x)"
+    )
+    if demo.K == "auto":
         out(
-            f"tokens/s on {device}: AR {summary['ar_tokens_per_s']:.1f}, TiDAR {summary['tidar_tokens_per_s']:.1f} "
-            f"({summary['speedup']:.2f}x)"
+            f"draft_len auto: K and the proposal levels chosen per step from this machine's token-slot curve "
+            f"(measured in {curve_s:.1f}s; `tidar profile` prints it) and the running acceptance"
         )
-        if K == "auto":
-            out(
-                f"draft_len auto: K and the proposal levels chosen per step from this machine's token-slot curve "
-                f"(measured in {curve_s:.1f}s; `tidar profile` prints it) and the running acceptance"
-            )
+
+
+def run_demo(args, out=print) -> dict:
+    """The demo: warm-up and slot curve, every prompt decoded by AR and by TiDAR, the summary."""
+    import tidar
+
+    demo = _Demo(args)
+    curve, curve_s = _warm_up(demo)
+    if demo.stream:
+        a = demo.args
+        out(
+            f"model {demo.model_dir} ({sum(p.numel() for p in demo.model.parameters()) / 1e6:.2f}M params) on "
+            f"{demo.device}; draft_len {demo.K}; {'greedy' if demo.greedy else f'temperature {a.temperature}'}; "
+            f"{a.max_new_tokens} new tokens"
+        )
+    stats = tidar.DecodeStats()  # the TiDAR runs' counts, summed over the prompts (the warm-up left out)
+    results = [_compare_prompt(demo, i, prompt, stats, out) for i, prompt in enumerate(demo.prompts)]
+    hist_all = stats.counters.accepted_histogram
+    summary = _summary(demo, results, hist_all, curve, curve_s)
+    if demo.stream:
+        _print_summary(demo, summary, hist_all, curve_s, out)
     return summary
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tidar.decode.planner import MAX_K, SOURCES, Plan, Planner, new_stats
+from tidar.decode.planner import MAX_AUTO_DRAFT_LEN, SOURCES, Plan, Planner
 from tidar.decode.slot_timing import GRID, SlotCurve, measure_slot_curve, set_slot_curve, slot_curve
 
 DEFAULT_NEW_TOKENS = 48
@@ -75,7 +75,7 @@ def acceptance_table(stats: dict) -> dict:
     out = {}
     for src in SOURCES:
         st = stats[src]
-        depths = [i for i in range(1, MAX_K) if st.trials[i] > 0]
+        depths = [i for i in range(1, MAX_AUTO_DRAFT_LEN) if st.trials[i] > 0]
         last = max(depths, default=0)
         rows = []
         for i in range(1, last + 1):
@@ -89,20 +89,23 @@ def acceptance_table(stats: dict) -> dict:
                     "alpha": round(st.alpha(i), 4),
                 }
             )
-        out[src] = {"prior": st.prior, "depths": rows, "expected_accepted_of_15": round(st.expected(MAX_K - 1), 4)}
+        out[src] = {
+            "prior": st.prior,
+            "depths": rows,
+            "expected_accepted_of_15": round(st.expected(MAX_AUTO_DRAFT_LEN - 1), 4),
+        }
     return out
 
 
-def plan_table(curve: SlotCurve, stats: dict, proposal_levels=None, max_k: int = MAX_K) -> dict:
+def plan_table(curve: SlotCurve, stats: dict, proposal_levels=None, max_k: int = MAX_AUTO_DRAFT_LEN) -> dict:
     """The plans ``draft_len="auto"`` scores: per candidate K its best levels (steady state, diffusion drafts),
     expected tokens per step, step ms (slot curve) and tokens/s; the one it would choose; plain AR; and the
     choice when a long context (n-gram) match is available."""
     planner = Planner(curve, stats, max_k=max_k, levels=proposal_levels)
-    planner._replan()
     ar_ms = planner.cost(1, ())  # the planner's own AR step
     ar_tps = 1000.0 / ar_ms
     plans = []
-    for K, (lv, tok, ms) in sorted(planner.best.items()):
+    for K, (lv, tok, ms) in sorted(planner.steady_plans().items()):
         tps = 1000.0 * tok / ms
         plans.append(
             {
@@ -116,7 +119,7 @@ def plan_table(curve: SlotCurve, stats: dict, proposal_levels=None, max_k: int =
             }
         )
     best = max(plans, key=lambda p: p["tokens_per_s"])
-    ctx = Planner(curve, stats, max_k=max_k, levels=proposal_levels).choose([(0, MAX_K - 1)], max_k)
+    ctx = Planner(curve, stats, max_k=max_k, levels=proposal_levels).choose([(0, MAX_AUTO_DRAFT_LEN - 1)], max_k)
     ctx_tok = 1.0 + stats["context"].expected(ctx.draft_len - 1)
     ctx_ms = planner.cost(ctx.draft_len, ctx.levels)  # priced as the planner prices it
     with_ctx = {
@@ -135,6 +138,74 @@ def plan_table(curve: SlotCurve, stats: dict, proposal_levels=None, max_k: int =
     }
 
 
+def _check_profile_args(prompts, max_new_tokens) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not prompts or any(not isinstance(p, (list, tuple)) or not p for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+
+
+def _generate_run(model, ids, max_new_tokens: int, eos_token_id, stats) -> dict:
+    """One prompt generated (its counts added to ``stats``), as a row of the report."""
+    import tidar
+
+    device = next(model.parameters()).device
+    x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = tidar.generate(model, x, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stats=stats)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    n = len(out.new_tokens[0])
+    return {
+        "prompt_tokens": len(ids),
+        "new_tokens": n,
+        "forwards": out.forwards,
+        "tokens_per_forward": round(out.tokens_per_forward, 4),
+        "tokens_per_s": round(n / dt, 2),
+        "accepted_histogram": {str(k): v for k, v in out.accepted_histogram.items()},
+        "draft_sources": dict(out.draft_sources),
+        "draft_lens": list(out.draft_lens),
+    }
+
+
+def _curve_report(curve: SlotCurve) -> dict:
+    return {
+        "tokens": list(curve.tokens),
+        "body_ms": list(curve.body_ms),
+        "head_ms_per_row": curve.head_ms_per_row,
+        "head_ms_call": curve.head_ms_call,
+        "host_ms_step": curve.host_ms_step,
+        "host_ms_row": curve.host_ms_row,
+        "measured_s": curve.measured_s,
+        "key": curve.key,
+    }
+
+
+def _generation_report(runs: list, counters, draft_len, context_drafts: bool, max_new_tokens: int) -> dict:
+    """What the runs did: per run, and summed (``counters``: ``tidar.DecodeCounters`` of every run)."""
+    tokens = sum(r["new_tokens"] for r in runs)
+    forwards = sum(r["forwards"] for r in runs)
+    gen_s = sum(r["new_tokens"] / r["tokens_per_s"] for r in runs if r["tokens_per_s"] > 0)
+    levels = Counter(",".join(map(str, lv)) or "-" for lv in counters.levels)
+    return {
+        "draft_len": draft_len,
+        "context_drafts": context_drafts,
+        "max_new_tokens": max_new_tokens,
+        "prompts": len(runs),
+        "new_tokens": tokens,
+        "forwards": forwards,
+        "tokens_per_forward": round(tokens / forwards, 4) if forwards else None,
+        "tokens_per_s": round(tokens / gen_s, 2) if gen_s else None,
+        "draft_lens": {str(k): v for k, v in sorted(Counter(counters.draft_lens).items())},
+        "levels": dict(levels.most_common()),
+        "draft_sources": dict(counters.draft_sources),
+        "runs": runs,
+    }
+
+
 @torch.no_grad()
 def profile(
     model,
@@ -150,83 +221,29 @@ def profile(
     """Profile a patched (or patchable: it is patched with the given settings) TiDAR ``model`` on ``prompts``
     (lists of token ids). ``curve``: use this slot curve instead of measuring one (e.g. a synthetic curve);
     ``grid``: token counts to measure (default: ``slot_curve``'s full grid, cached per process).
-    The acceptance statistics start fresh for the profile (and are left on the model, as ``generate`` does)."""
+    The acceptance table counts every draft of the runs (``tidar.DecodeStats``); each run plans on its own
+    evidence, from the priors, as every ``generate`` call does."""
     import tidar
     from tidar.settings import settings
 
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not prompts or any(not isinstance(p, (list, tuple)) or not p for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    _check_profile_args(prompts, max_new_tokens)
     tidar.patch(model, draft_len=draft_len, context_drafts=context_drafts)
     if curve is None:
         curve = slot_curve(model) if grid is None else measure_slot_curve(model, grid=grid)
     set_slot_curve(model, curve)  # the generation below plans with the curve printed
-    s = settings(model)
-    stats = new_stats(decay=1.0)  # the acceptance of every step of the runs below (each run plans on its own)
-    device = next(model.parameters()).device
-    runs, draft_lens, levels, sources = [], Counter(), Counter(), Counter()
-    for ids in prompts:
-        x = torch.tensor([list(ids)], dtype=torch.long, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        out = tidar.generate(model, x, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        n = len(out.new_tokens[0])
-        draft_lens.update(out.draft_lens)
-        levels.update(",".join(map(str, lv)) or "-" for lv in out.levels)
-        sources.update(out.draft_sources)
-        for src, n_drafts, n_accepted in out.draft_events:
-            stats[src].update(n_drafts, n_accepted)
-        runs.append(
-            {
-                "prompt_tokens": len(ids),
-                "new_tokens": n,
-                "forwards": out.forwards,
-                "tokens_per_forward": round(out.tokens_per_forward, 4),
-                "tokens_per_s": round(n / dt, 2),
-                "accepted_histogram": {str(k): v for k, v in out.accepted_histogram.items()},
-                "draft_sources": dict(out.draft_sources),
-                "draft_lens": list(out.draft_lens),
-            }
-        )
-    tokens = sum(r["new_tokens"] for r in runs)
-    forwards = sum(r["forwards"] for r in runs)
-    gen_s = sum(r["new_tokens"] / r["tokens_per_s"] for r in runs if r["tokens_per_s"] > 0)
+    stats = tidar.DecodeStats()
+    runs = [_generate_run(model, ids, max_new_tokens, eos_token_id, stats) for ids in prompts]
+    acceptance = stats.counters.acceptance_by_depth()
+    p = next(model.parameters())
     return {
         "model": type(model).__name__,
-        "device": str(device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(p.device),
+        "dtype": str(p.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
-        "curve": {
-            "tokens": list(curve.tokens),
-            "body_ms": list(curve.body_ms),
-            "head_ms_per_row": curve.head_ms_per_row,
-            "head_ms_call": curve.head_ms_call,
-            "host_ms_step": curve.host_ms_step,
-            "host_ms_row": curve.host_ms_row,
-            "measured_s": curve.measured_s,
-            "key": curve.key,
-        },
-        "generation": {
-            "draft_len": draft_len,
-            "context_drafts": context_drafts,
-            "max_new_tokens": max_new_tokens,
-            "prompts": len(runs),
-            "new_tokens": tokens,
-            "forwards": forwards,
-            "tokens_per_forward": round(tokens / forwards, 4) if forwards else None,
-            "tokens_per_s": round(tokens / gen_s, 2) if gen_s else None,
-            "draft_lens": {str(k): v for k, v in sorted(draft_lens.items())},
-            "levels": dict(levels.most_common()),
-            "draft_sources": dict(sources),
-            "runs": runs,
-        },
-        "acceptance": acceptance_table(stats),
-        "auto": plan_table(curve, stats, s.proposal_levels),
+        "curve": _curve_report(curve),
+        "generation": _generation_report(runs, stats.counters, draft_len, context_drafts, max_new_tokens),
+        "acceptance": acceptance_table(acceptance),
+        "auto": plan_table(curve, acceptance, settings(model).proposal_levels),
     }
 
 
