@@ -123,16 +123,14 @@ def _greedy_pair(model, twin, prompt, mask, kwargs, new=14):
 # ---------------------------------------------------------------------------------------- options
 
 
-def test_static_cache_is_honoured_and_compile_config_refused():
-    from transformers import CompileConfig, StaticCache
+def test_static_cache_is_honoured():
+    from transformers import StaticCache
 
     model, twin = _pair("llama")
     kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
     assert torch.equal(model.generate(PROMPT, **kw), twin.generate(PROMPT, **kw))
     out = model.generate(PROMPT, return_dict_in_generate=True, **kw)
     assert isinstance(getattr(out, "cache", None), StaticCache)
-    with pytest.raises(ValueError, match="compile_config"):
-        model.generate(PROMPT, max_new_tokens=4, compile_config=CompileConfig())
     with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
         model.generate(PROMPT, max_new_tokens=4, cache_implementation="offloaded")
 

@@ -96,10 +96,13 @@ class TidarPlugin:
         def checked(*args, **kwargs):
             twin = copy.deepcopy(model)
             tidar.unpatch(twin)
+            for name in ("_compiled_call", "_last_compile_config"):  # bound to `model`, not to the copy
+                twin.__dict__.pop(name, None)
             twin_args, twin_kwargs = _copy((args, kwargs))
             rng = torch.get_rng_state()
-            try:
-                want = twin.generate(*twin_args, **twin_kwargs)
+            try:  # eagerly: the twin's graphs would share dynamo's per-code caches with the model's (recompiles)
+                with torch.compiler.set_stance("force_eager"):
+                    want = twin.generate(*twin_args, **twin_kwargs)
             except Exception as e:  # HF's own error: TiDAR must raise too
                 want = e
             torch.set_rng_state(rng)

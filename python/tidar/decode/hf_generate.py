@@ -6,6 +6,8 @@ kwargs check, the inputs, the special tokens, the length rules, the processor li
 inside TiDAR's verification (``hf_processors``), so greedy output equals HF's and sampled output has HF's
 distribution; HF's outputs come from ``hf_outputs``. What TiDAR cannot honour (beam search and its relatives,
 assisted decoding with a second model, ...) raises a clear error instead of running something else.
+``compile_config`` and static caches compile the decode steps' forward where HF's ``generate`` would
+(``hf_compile``).
 """
 
 from __future__ import annotations
@@ -29,11 +31,6 @@ _REFUSED = {
     "watermarking_config": (None, "watermarking: its processors keep state across HF's one-token steps"),
     "dola_layers": (None, f"DoLa decoding; {_DECODING_ONLY}"),
     "use_mtp": (None, "multi-token prediction heads: TiDAR drafts with its own [MASK] blocks"),
-    "compile_config": (
-        None,
-        "a torch.compile'd HF forward: TiDAR's decode step is not HF's forward, and it is not compiled (on a GPU it "
-        "is a CUDA-graph capture)",
-    ),
 }
 # generate() arguments TiDAR refuses, with what they are.
 _REFUSED_KWARGS = {
@@ -367,6 +364,7 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
             "processors, score outputs, stopping rules or a right-padded prompt: they verify against HF's own "
             "target (beta=1)"
         )
+    compiled = _compiled(self, gen, call)
     res, pad = _decode(
         self,
         gen,
@@ -377,6 +375,7 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
         call.streamer,
         call.tidar_kw,
         max_new=gen.max_length - ids.shape[1],
+        compiled=compiled,
     )
     if verifier is not None and verifier.limit is not None:  # rows ran past the step the last row stopped at
         res.new_tokens = [t[: verifier.limit] for t in res.new_tokens]
@@ -405,10 +404,28 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     )
 
 
-def _decode(model, gen, tokens, mask, embeds, verifier, streamer, tidar_kw, max_new: int):
+def _compiled(model, gen, call: _Call):
+    """HF's compiled forward when HF's ``generate`` would compile it (``hf_compile``: ``compile_config``, a static
+    cache), else None; the decode steps then take the compiled forward's logits (``full_logits``)."""
+    from tidar.decode.hf_compile import compiled_call
+
+    compiled = compiled_call(model, gen, call.cache)
+    if compiled is not None:
+        if call.tidar_kw.get("full_logits", True) is not True:
+            raise ValueError(
+                f"full_logits={call.tidar_kw['full_logits']!r} cannot be combined with a compiled forward "
+                "(compile_config, or a static cache HF compiles for): the decode steps take the compiled model "
+                "forward's logits"
+            )
+        call.tidar_kw["full_logits"] = True
+    return compiled
+
+
+def _decode(model, gen, tokens, mask, embeds, verifier, streamer, tidar_kw, max_new: int, compiled=None):
     """``tidar.generate`` on the prompts as TiDAR takes them (``hf_inputs.compact``; an embeddings prompt through
-    ``hf_inputs.PromptEmbeds``), with HF's sampling settings and special tokens. Returns ``(result, pad id)``."""
-    from contextlib import nullcontext
+    ``hf_inputs.PromptEmbeds``), with HF's sampling settings and special tokens, its decode steps through
+    ``compiled`` when given (``hf_compile.CompiledSteps``). Returns ``(result, pad id)``."""
+    from contextlib import ExitStack
 
     from tidar.decode.hf_inputs import PromptEmbeds, compact
 
@@ -419,8 +436,13 @@ def _decode(model, gen, tokens, mask, embeds, verifier, streamer, tidar_kw, max_
     pad = None if gen._pad_token_tensor is None else int(gen._pad_token_tensor.reshape(-1)[0])
     tidar_pad = pad if pad is not None and pad >= 0 else None
     prompts, prompt_mask, prompt_embeds = compact(tokens, mask, tidar_pad or 0, embeds)
-    swap = PromptEmbeds(model, prompt_embeds, prompt_mask) if embeds is not None else nullcontext()
-    with swap:
+    with ExitStack() as stack:
+        if embeds is not None:
+            stack.enter_context(PromptEmbeds(model, prompt_embeds, prompt_mask))
+        if compiled is not None:
+            from tidar.decode.hf_compile import CompiledSteps
+
+            stack.enter_context(CompiledSteps(model, compiled))
         res = generate(
             model,
             prompts,
