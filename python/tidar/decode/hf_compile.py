@@ -31,7 +31,9 @@ from tidar_kernels.layouts import Layout
 _SLOT = SimpleNamespace(step=None)  # the padded TidarStep of the compiled forward running now
 
 
-@torch.library.custom_op("tidar_hf::step_attention", mutates_args=())
+# cudagraph_unsafe: the op reads host state (the committed lengths) that a CUDA graph replay would freeze
+# (HF's default CompileConfig is mode="reduce-overhead"), so inductor keeps it out of any CUDA graph.
+@torch.library.custom_op("tidar_hf::step_attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def step_attention(
     query: torch.Tensor,
     key: torch.Tensor,
