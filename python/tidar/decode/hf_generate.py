@@ -126,19 +126,29 @@ def _attention_mask(model, ids, gen, given):
     return mask
 
 
-def _check_positions(position_ids, ids, mask) -> None:
-    """``position_ids`` are taken when they are the positions HF derives from the mask (TiDAR computes them)."""
+def _custom_positions(position_ids, ids, mask):
+    """The caller's ``position_ids`` ``[B, P]`` where they differ from HF's own (derived from the mask) on a token
+    the mask keeps, else None (TiDAR computes those). Taken for rows whose last column is a token; refused on a
+    right-padded row, whose new tokens HF places from its last, masked column."""
     if position_ids is None:
-        return
+        return None
     from tidar.decode.hf_outputs import hf_positions
 
+    B, P = ids.shape
+    shape = tuple(getattr(position_ids, "shape", ()))
+    if not isinstance(position_ids, torch.Tensor) or len(shape) != 2 or shape[1] != P or shape[0] not in (1, B):
+        raise ValueError(f"position_ids must be a tensor [batch, prompt length] = {(B, P)} or [1, {P}], got {shape}")
     m = torch.ones_like(ids) if mask is None else mask
     want = hf_positions(m).to(position_ids.device)
-    if position_ids.shape[-1] != ids.shape[1] or not torch.equal(position_ids.expand_as(want), want):
+    given = position_ids.expand(B, -1).to(torch.long)
+    if torch.equal(given.masked_fill(m == 0, 0), want):
+        return None
+    if bool((m[:, -1] == 0).any()):
         raise ValueError(
-            "position_ids must be the prompt's positions as HF derives them from attention_mask (0, 1, ... from "
-            "each row's first token): TiDAR computes the positions of every token it decodes"
+            "position_ids other than HF's own cannot be combined with a right-padded row (attention_mask 0 in the "
+            "last column): TiDAR decodes such rows as HF does, from positions HF derives from the mask"
         )
+    return given
 
 
 def _check_cache(cache, prompt_len: int) -> None:
@@ -268,6 +278,7 @@ class _Call:
     tokens: torch.Tensor | None = None
     embeds: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # the caller's position_ids where they are not HF's own
     flags: dict = field(default_factory=dict)  # output_attentions / output_hidden_states
     streamer: object = None
     processors: object = None  # the caller's logits_processor
@@ -326,15 +337,16 @@ def _prepare(model, call: _Call, inputs, generation_config, kwargs) -> None:
     if embeds is not None and ids.shape[1] == 0:
         tokens = torch.zeros(embeds.shape[:2], dtype=torch.long, device=ids.device)
     mask = _attention_mask(model, ids, gen, given_mask)
-    _check_positions(position_ids, tokens, mask)
+    positions = _custom_positions(position_ids, tokens, mask)
     _check_cache(call.cache, tokens.shape[1])
     n = gen.num_return_sequences or 1
     if n > 1:  # as HF: each prompt repeated, rows of one prompt next to each other
         ids, tokens = ids.repeat_interleave(n, 0), tokens.repeat_interleave(n, 0)
         mask = None if mask is None else mask.repeat_interleave(n, 0)
         embeds = None if embeds is None else embeds.repeat_interleave(n, 0)
+        positions = None if positions is None else positions.repeat_interleave(n, 0)
     call.gen = _lengths(model, ids, generation_config, kwargs, gen, embeds)
-    call.ids, call.tokens, call.embeds, call.mask = ids, tokens, embeds, mask
+    call.ids, call.tokens, call.embeds, call.mask, call.positions = ids, tokens, embeds, mask, positions
     if gen.prompt_lookup_num_tokens is not None:
         call.tidar_kw.setdefault("context_drafts", True)  # prompt lookup = TiDAR's context drafts
 
@@ -365,18 +377,7 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
             "target (beta=1)"
         )
     compiled = _compiled(self, gen, call)
-    res, pad = _decode(
-        self,
-        gen,
-        call.tokens,
-        call.mask,
-        call.embeds,
-        verifier,
-        call.streamer,
-        call.tidar_kw,
-        max_new=gen.max_length - ids.shape[1],
-        compiled=compiled,
-    )
+    res, pad = _decode(self, call, verifier, compiled, max_new=gen.max_length - ids.shape[1])
     if verifier is not None and verifier.limit is not None:  # rows ran past the step the last row stopped at
         res.new_tokens = [t[: verifier.limit] for t in res.new_tokens]
     sequences = _sequences(ids, res, pad)
@@ -400,6 +401,7 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
         prompt_embeds=call.embeds,
         tidar_result=res,
         want_cache=gen.use_cache is not False,
+        positions=call.positions,
         **call.flags,
     )
 
@@ -421,13 +423,16 @@ def _compiled(model, gen, call: _Call):
     return compiled
 
 
-def _decode(model, gen, tokens, mask, embeds, verifier, streamer, tidar_kw, max_new: int, compiled=None):
+def _decode(model, call: _Call, verifier, compiled, max_new: int):
     """``tidar.generate`` on the prompts as TiDAR takes them (``hf_inputs.compact``; an embeddings prompt through
-    ``hf_inputs.PromptEmbeds``), with HF's sampling settings and special tokens, its decode steps through
-    ``compiled`` when given (``hf_compile.CompiledSteps``). Returns ``(result, pad id)``."""
+    ``hf_inputs.PromptEmbeds``, the caller's positions through ``hf_inputs.PromptPositions``), with HF's sampling
+    settings and special tokens, its decode steps through ``compiled`` when given (``hf_compile.CompiledSteps``).
+    Returns ``(result, pad id)``."""
     from contextlib import ExitStack
 
-    from tidar.decode.hf_inputs import PromptEmbeds, compact
+    from tidar.decode.hf_inputs import PromptEmbeds, PromptPositions, compact
+
+    gen, tokens, mask, embeds = call.gen, call.tokens, call.mask, call.embeds
 
     temperature, top_k, top_p = _sampling_args(model, gen)
     if verifier is not None and verifier.sample:  # HF's warpers are in the processed scores
@@ -439,6 +444,8 @@ def _decode(model, gen, tokens, mask, embeds, verifier, streamer, tidar_kw, max_
     with ExitStack() as stack:
         if embeds is not None:
             stack.enter_context(PromptEmbeds(model, prompt_embeds, prompt_mask))
+        if call.positions is not None:  # after PromptEmbeds, which reads TiDAR's own positions
+            stack.enter_context(PromptPositions(model, call.positions, mask))
         if compiled is not None:
             from tidar.decode.hf_compile import CompiledSteps
 
@@ -453,9 +460,9 @@ def _decode(model, gen, tokens, mask, embeds, verifier, streamer, tidar_kw, max_
             top_p=top_p,
             eos_token_id=eos,
             pad_token_id=tidar_pad,
-            streamer=streamer,
+            streamer=call.streamer,
             verifier=verifier,
-            **tidar_kw,
+            **call.tidar_kw,
         )
     return res, pad
 

@@ -1,5 +1,5 @@
 """Hugging Face's ``generate`` inputs that are not plain left-padded token ids: any ``attention_mask`` (HF masks a
-0 anywhere in the row) and ``inputs_embeds`` prompts.
+0 anywhere in the row), ``inputs_embeds`` prompts and the caller's ``position_ids``.
 
 TiDAR decodes token ids, left-padded. A masked token is seen by no later token and takes no position (HF's
 positions count the unmasked tokens), so a row decodes as its unmasked tokens alone: ``compact`` keeps those.
@@ -72,4 +72,39 @@ class PromptEmbeds:
         return args, kwargs
 
 
-__all__ = ["PromptEmbeds", "compact"]
+class PromptPositions:
+    """While installed, every forward of the model takes the caller's ``position_ids`` in place of TiDAR's own
+    (``0 .. n - 1`` for a row's ``n`` unmasked prompt tokens, then ``n + t`` for its new token ``t``): prompt token
+    ``i`` at the position given for it, new token ``t`` at the last given position ``+ 1 + t``, as HF's ``generate``
+    extends ``position_ids``. Runs after ``PromptEmbeds`` (registered later), which reads TiDAR's positions."""
+
+    def __init__(self, model, position_ids: torch.Tensor, mask: torch.Tensor | None):
+        keep = torch.ones_like(position_ids, dtype=torch.bool) if mask is None else mask.bool()
+        self.model = model
+        self.lengths = keep.sum(1)
+        self.table = torch.zeros_like(position_ids)  # row b's given positions of its unmasked tokens, in order
+        for b in range(position_ids.shape[0]):
+            given = position_ids[b][keep[b]]
+            self.table[b, : len(given)] = given
+        self.shift = position_ids[:, -1] + 1 - self.lengths  # added to TiDAR's positions past the prompt
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = self.model.base_model.register_forward_pre_hook(self._remap, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def _remap(self, module, args, kwargs):
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            return None
+        rows = pos.shape[0]
+        given = self.table[:rows].gather(1, pos.clamp(0, self.table.shape[1] - 1))
+        kwargs = dict(kwargs)
+        kwargs["position_ids"] = torch.where(pos < self.lengths[:rows, None], given, pos + self.shift[:rows, None])
+        return args, kwargs
+
+
+__all__ = ["PromptEmbeds", "PromptPositions", "compact"]

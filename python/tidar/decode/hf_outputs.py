@@ -47,6 +47,7 @@ def replay(
     prompt_len: int,
     use_cache=True,
     prompt_embeds=None,
+    positions=None,
 ):
     """Plain forwards of ``sequences[:, :-1]`` with HF's mask (the prompt's, then ones) and positions, shaped as
     HF's loop runs them: the prompt, then the generated tokens but the last (one forward on the cache: a token's
@@ -59,6 +60,8 @@ def replay(
     if prompt_mask is not None:
         mask[:, :P] = prompt_mask
     pos = hf_positions(mask)
+    if positions is not None:  # the caller's position_ids (hf_inputs.PromptPositions)
+        pos[:, :P] = positions
     pos[:, P:] = pos[:, P - 1 : P] + 1 + torch.arange(L - 1 - P, device=pos.device)  # HF: one past the previous
     if not use_cache:  # HF's loop without a cache runs the whole sequence at every step
         return _uncached(model, sequences[:, :-1], mask, pos, attentions, hidden_states, P, prompt_embeds)
@@ -175,6 +178,7 @@ def hf_output(
     want_cache: bool,
     output_attentions: bool = False,
     output_hidden_states: bool = False,
+    positions=None,
 ):
     """HF's ``GenerateDecoderOnlyOutput`` for the TiDAR result ``sequences`` (HF's ``hf_prompt_len`` input ids, then
     the new tokens) of ``prompt`` (the ids TiDAR decoded; placeholders under ``prompt_embeds``)."""
@@ -203,6 +207,7 @@ def hf_output(
             prompt_len=prompt_len,
             use_cache=want_cache,
             prompt_embeds=prompt_embeds,
+            positions=positions,
         )
     key = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
     return GenerateDecoderOnlyOutput(
