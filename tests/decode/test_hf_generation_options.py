@@ -287,11 +287,14 @@ def test_sampling_left_padded_batch_has_hfs_distribution():
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("use_cache", [True, False, "static"])
 def test_dict_outputs_equal_hfs(arch, use_cache):
     """sequences, scores, logits, attentions and hidden states (an eager twin: SDPA returns no attentions) and the
-    cache, with processors and a left-padded batch."""
-    from transformers import DynamicCache
+    cache, with processors and a left-padded batch; with a static cache, attentions over all its keys, as HF's."""
+    from transformers import DynamicCache, StaticCache
+
+    static = use_cache == "static"
+    use_cache = bool(use_cache)
 
     model, twin = _pair(arch)
     twin.set_attn_implementation("eager")
@@ -306,6 +309,7 @@ def test_dict_outputs_equal_hfs(arch, use_cache):
         output_attentions=True,
         output_hidden_states=True,
         use_cache=use_cache,
+        cache_implementation="static" if static else None,
     )
     want, got = twin.generate(BATCH, **kw), model.generate(BATCH, **kw)
     assert type(got) is type(want)
@@ -328,7 +332,7 @@ def test_dict_outputs_equal_hfs(arch, use_cache):
             assert a.shape == b.shape
             torch.testing.assert_close(a[rows], b[rows], atol=1e-4, rtol=1e-4)
     if use_cache:
-        assert isinstance(got.past_key_values, DynamicCache)
+        assert isinstance(got.past_key_values, StaticCache if static else DynamicCache)
         assert got.past_key_values.get_seq_length() == want.past_key_values.get_seq_length()
     else:
         assert got.past_key_values is None and want.past_key_values is None

@@ -77,13 +77,21 @@ class TidarPlugin:
 
         plugin = self
         original = PreTrainedModel.post_init
+        loading = PreTrainedModel.from_pretrained.__func__
 
         def post_init(model, *args, **kwargs):
             original(model, *args, **kwargs)
-            if _generative(model) and getattr(model, "_tidar", None) is None:
+            if _generative(model) and getattr(model, "_tidar", None) is None and not _on_meta(model):
                 plugin._patch(model)
 
+        def from_pretrained(cls, *args, **kwargs):  # built on the meta device, then loaded: patched once loaded
+            model = loading(cls, *args, **kwargs)
+            if _generative(model) and getattr(model, "_tidar", None) is None:
+                plugin._patch(model)
+            return model
+
         PreTrainedModel.post_init = post_init
+        PreTrainedModel.from_pretrained = classmethod(from_pretrained)
 
     def _patch(self, model):
         import tidar
@@ -132,6 +140,18 @@ class TidarPlugin:
             )
 
 
+def install_shims() -> None:
+    """Two APIs the older generation tests of a checkout call and the installed library renamed or dropped
+    (``--shim``): ``PreTrainedModel._is_stateful`` (False: none of these models keep recurrent state) and
+    ``Cache.get_max_cache_shape()`` (a layer's ``get_max_length()``)."""
+    from transformers import Cache, PreTrainedModel
+
+    if not hasattr(PreTrainedModel, "_is_stateful"):
+        PreTrainedModel._is_stateful = False
+    if not hasattr(Cache, "get_max_cache_shape"):
+        Cache.get_max_cache_shape = lambda self, layer_idx=0: self.layers[layer_idx].get_max_length()
+
+
 def _copy(x):
     """A deep copy for the twin's call; tensors detached (inputs with autograd history cannot be deep-copied)."""
     if isinstance(x, torch.Tensor):
@@ -141,6 +161,10 @@ def _copy(x):
     if isinstance(x, (list, tuple)):
         return type(x)(_copy(v) for v in x)
     return copy.deepcopy(x)
+
+
+def _on_meta(model) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
 
 
 def _generative(model) -> bool:
@@ -194,6 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the per-test results here")
     p.add_argument("--assemble", nargs=2, type=Path, metavar=("CHECKOUT", "SDIST_TESTS"), help="build HF_ROOT first")
     p.add_argument("--families", default=",".join(FAMILIES), help="model test directories to run (comma-separated)")
+    p.add_argument("--shim", action="store_true", help="the two renamed APIs older tests call (install_shims)")
     args = p.parse_args(argv)
     root = args.hf_root.resolve()
     families = [f for f in args.families.split(",") if f]
@@ -201,6 +226,8 @@ def main(argv=None) -> int:
         assemble(root, *(x.resolve() for x in args.assemble), families)
     sys.path[:0] = [str(root), str(root / "utils")]
     os.chdir(root)
+    if args.shim:
+        install_shims()
     plugin = TidarPlugin(patch=not args.plain)
     tests = [f"tests/models/{f}/test_modeling_{f}.py" for f in families]
     pytest_args = [*tests, "-q", "-p", "no:warnings", "-p", "no:cacheprovider", "-o", "addopts="]

@@ -77,7 +77,12 @@ def replay(
             input_ids=sequences[:, P : L - 1], attention_mask=mask, position_ids=pos[:, P:], **{arg: cache}, **flags
         )
     steps = L - P
-    att = _per_step(first.attentions, rest and rest.attentions, steps, P, keys=True) if attentions else None
+    static = bool(getattr(cache, "is_compileable", False))  # HF's attentions then span the whole static cache
+    att = (
+        _per_step(first.attentions, rest and rest.attentions, steps, P, keys=None if static else True)
+        if attentions
+        else None
+    )
     hid = _per_step(first.hidden_states, rest and rest.hidden_states, steps, P, keys=False) if hidden_states else None
     return att, hid, cache
 
@@ -103,13 +108,16 @@ def _uncached(model, ids, mask, pos, attentions, hidden_states, P, prompt_embeds
     return att, hid, None
 
 
-def _per_step(first, rest, steps: int, P: int, *, keys: bool) -> tuple:
+def _per_step(first, rest, steps: int, P: int, *, keys: bool | None) -> tuple:
     """HF's per-step tuples: step 0 the prompt forward's per-layer tensors, step t >= 1 row t - 1 of the rest's
-    (attention weights ``[B, H, 1, P + t]``: the keys the step's query saw; hidden states ``[B, 1, hidden]``)."""
+    (attention weights ``[B, H, 1, P + t]``: the keys the step's query saw, or all of a static cache's keys with
+    ``keys=None``; hidden states ``[B, 1, hidden]``)."""
     res = [tuple(first)]
     for t in range(1, steps):
         if keys:
             res.append(tuple(x[:, :, t - 1 : t, : P + t] for x in rest))
+        elif keys is None:
+            res.append(tuple(x[:, :, t - 1 : t] for x in rest))
         else:
             res.append(tuple(x[:, t - 1 : t] for x in rest))
     return tuple(res)
