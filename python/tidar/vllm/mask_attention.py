@@ -1,30 +1,44 @@
 """The [MASK] rows' attention inside a vLLM attention layer (docs/design.md §1.5).
 
 The layer gets the step's rows followed by the mask rows. vLLM's own attention (and its cache write) runs on the
-step's rows exactly as without the plugin; the mask rows attend, through ``tidar_attention_paged``, to their
-request's keys in the pool (which now include the step's scheduled tokens) and bidirectionally to their own block,
-whose keys and values stay off the pool (``k_seg``/``v_seg``): mask rows are never cached.
+step's rows exactly as without the plugin. Then, per group of requests with one layout (``step_layout``), the
+blocks attend as ``tidar_attention_paged`` would over the TiDAR segment (``block_attention``): the prefix and the
+scheduled rows' keys from vLLM's pool, the blocks' own keys and values off the pool: mask rows are never cached.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tidar_kernels import tidar_attention_paged
-
+from .block_attention import BlockAttention
 from .kv_pool import pool_views, probe_layout
+
+
+class GroupRows:
+    """One layout group in the forward: its mask rows ``[B, M]`` and their attention."""
+
+    def __init__(self, group, layout, qsl, seq_lens, block_table, P: int, block_size: int):
+        K1 = layout.K + 1
+        M = len(group.js) * K1
+        reqs = group.requests
+        self.group = group
+        starts = [layout.block_start[r][0] for r in reqs]
+        self.mask = torch.tensor([[s + i for i in range(M)] for s in starts], dtype=torch.int64)
+        self.mask_in_forward = self.mask + P
+        lens = torch.tensor([seq_lens[r] for r in reqs], dtype=torch.int32)  # pool keys, scheduled included
+        table = block_table.index_select(0, torch.tensor(reqs, device=block_table.device))
+        self.attention = BlockAttention(group, layout.K, lens, table, block_size)
 
 
 class MaskRows:
     """The mask part of one forward, shared by every layer of it."""
 
-    def __init__(self, layout, num_input_rows: int, block_table: torch.Tensor):
+    def __init__(self, layout, num_input_rows: int, qsl, seq_lens, block_table, block_size: int):
         self.layout = layout
         self.num_input_rows = num_input_rows  # rows vLLM scheduled (with its padding), before the mask rows
-        self.block_table = block_table.index_select(0, layout.block_rows.to(block_table.device))
-        S = layout.K + 1
-        self.local_limit = torch.zeros(S, dtype=torch.int32)  # a block sees its pool keys (seq_lens), nothing more
-        self.block_id = torch.zeros(S, dtype=torch.int32)  # ... and its own block, bidirectionally
+        self.groups = [
+            GroupRows(g, layout, qsl, seq_lens, block_table, num_input_rows, block_size) for g in layout.groups
+        ]
 
 
 class LayerHook:
@@ -37,8 +51,6 @@ class LayerHook:
         impl = layer.impl
         self.H, self.Hkv, self.D = impl.num_heads, impl.num_kv_heads, impl.head_size
         self.scale = float(impl.scale)
-        cap = getattr(impl, "logits_soft_cap", None)
-        self.softcap = float(cap) if cap else None
 
     def __call__(self, query, key, value, *args, **kwargs):
         rows = self.state.mask_rows
@@ -46,36 +58,34 @@ class LayerHook:
             return self.orig(query, key, value, *args, **kwargs)
         P = rows.num_input_rows
         out = self.orig(query[:P], key[:P], value[:P], *args, **kwargs)
-        return torch.cat([out, self._mask_attention(rows, query[P:], key[P:], value[P:])])
+        return torch.cat([out, self._mask_attention(rows, query, key, value)])
 
-    def _mask_attention(self, rows: MaskRows, q, k, v):
+    def kv_cache(self) -> torch.Tensor:
         from vllm.forward_context import get_forward_context
 
         kv_cache = self.layer.kv_cache
         if isinstance(kv_cache, (list, tuple)):  # one per virtual engine in some releases
             kv_cache = kv_cache[get_forward_context().virtual_engine]
+        return kv_cache
+
+    def _pool(self):
+        kv_cache = self.kv_cache()
         if self.layouts is None:
             self.layouts = probe_layout(self.layer, self.layer.impl, kv_cache)
-        k_pool, v_pool = pool_views(kv_cache, self.layouts)
-        S = rows.layout.K + 1
-        nb = q.shape[0] // S
-        qb = q.reshape(nb, S, self.H, self.D).transpose(1, 2)
-        kb = k.reshape(nb, S, self.Hkv, self.D).transpose(1, 2)
-        vb = v.reshape(nb, S, self.Hkv, self.D).transpose(1, 2)
-        out = tidar_attention_paged(
-            qb,
-            k_pool,
-            v_pool,
-            rows.block_table,
-            rows.layout.seq_lens,
-            rows.local_limit,
-            rows.block_id,
-            scale=self.scale,
-            softcap=self.softcap,
-            k_seg=kb,
-            v_seg=vb,
-        )
-        return out.transpose(1, 2).reshape(nb * S, self.H * self.D)
+        return pool_views(kv_cache, self.layouts)
+
+    def _mask_attention(self, rows: MaskRows, query, key, value):
+        k_pool, v_pool = self._pool()
+        H, Hkv, D = self.H, self.Hkv, self.D
+        out = query.new_empty((rows.layout.num_rows, H * D))
+        for g in rows.groups:
+            B, M = g.mask.shape
+            q = query[g.mask_in_forward].view(B, M, H, D).transpose(1, 2)
+            k_seg = key[g.mask_in_forward].view(B, M, Hkv, D).transpose(1, 2)
+            v_seg = value[g.mask_in_forward].view(B, M, Hkv, D).transpose(1, 2)
+            o = g.attention(q, k_seg, v_seg, k_pool, v_pool, self.scale)
+            out[g.mask] = o.transpose(1, 2).reshape(B, M, H * D)
+        return out
 
 
 def check_layer(layer) -> None:
@@ -92,5 +102,7 @@ def check_layer(layer) -> None:
         raise ValueError(f"TiDAR in vLLM does not support sliding-window attention (layer {name})")
     if getattr(impl, "alibi_slopes", None) is not None or getattr(impl, "sinks", None) is not None:
         raise ValueError(f"TiDAR in vLLM does not support ALiBi or attention sinks (layer {name})")
+    if getattr(impl, "logits_soft_cap", 0):
+        raise ValueError(f"TiDAR in vLLM does not support attention logit soft-capping (layer {name})")
     if getattr(impl, "attn_type", "decoder") != "decoder":
         raise ValueError(f"TiDAR in vLLM needs decoder self-attention, layer {name} is {impl.attn_type!r}")

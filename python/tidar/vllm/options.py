@@ -37,6 +37,9 @@ class TidarOptions:
                 )
             if list(lv) != sorted(set(lv)):
                 raise ValueError(f"levels must be strictly increasing, got {list(lv)!r}")
+            if lv[0] != 1:
+                # block 1 is the only one a prefill (no drafts yet) and a step after a full rejection can use
+                raise ValueError(f"levels must include 1 (the block after the last sampled token), got {list(lv)!r}")
         if not isinstance(self.context, int) or isinstance(self.context, bool) or self.context < 0:
             raise ValueError(f"context must be an int >= 0 (minimum n-gram match, 0 = off), got {self.context!r}")
 
@@ -73,16 +76,29 @@ def is_tidar_path(model: str | None) -> bool:
     return isinstance(model, str) and model.startswith(PROPOSER_MODULE + "." + CLASS_PREFIX)
 
 
-def speculative_config(num_speculative_tokens: int = 8, *, levels=None, context: int = 0) -> dict:
+DEFAULT_LEVELS = (1,)
+DEFAULT_CONTEXT = 2
+
+
+def speculative_config(
+    num_speculative_tokens: int = 8, *, levels=DEFAULT_LEVELS, context: int = DEFAULT_CONTEXT
+) -> dict:
     """The ``speculative_config`` that runs TiDAR in vLLM: pass it to ``vllm.LLM(speculative_config=...)`` or, as
     JSON, to ``vllm serve --speculative-config``.
 
     Args:
         num_speculative_tokens: drafts per request and step (K); each step's forward appends ``K + 1`` [MASK]
             slots per proposal block.
-        levels: which proposal blocks to append (see ``TidarOptions``); None = all ``K + 1`` (the paper).
-        context: minimum n-gram match for context drafts (0 = off).
+        levels: which proposal blocks to append (see ``TidarOptions``); ``"all"``: all ``K + 1`` (the paper).
+            The default, block 1 only, costs ``K + 1`` rows per request and step (the paper's ``(K + 1)^2``
+            rows cost more than they return on a CPU).
+        context: minimum n-gram match for context drafts (0 = off); a request whose context drafts were all
+            accepted appends no blocks in its next step.
     """
+    if levels == "all":
+        levels = None
+    elif isinstance(levels, str):
+        raise ValueError(f'levels must be a list of ints or "all", got {levels!r}')
     opts = TidarOptions(levels=None if levels is None else tuple(levels), context=context)
     opts.check(num_speculative_tokens)
     return {

@@ -50,7 +50,10 @@ class TidarProposer:
         self.runner = None
         self.hidden = None  # the last forward's mask rows' hidden states
         self.layout = None
+        self.req_ids = []  # the current step's requests, in the runner's batch order
         self.contexts = {}  # req_id -> NgramIndex (context drafts)
+        self.last_drafts = {}  # req_id -> ("context" | "diffusion", count) of the drafts proposed last
+        self.looping = {}  # req_id -> its context drafts were all accepted last step
 
     # --- the runner hook (plugin.py) ---
     def begin_step(self, runner, scheduler_output) -> None:
@@ -69,9 +72,11 @@ class TidarProposer:
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         if not layers:
             raise ValueError(f"TiDAR found no vLLM Attention layer in {arch}")
+        self.hooks = []
         for layer in layers:
             check_layer(layer)
             layer.forward = LayerHook(layer, self.state)
+            self.hooks.append(layer.forward)
         self.model = model
         orig_forward = model.forward
 
@@ -94,10 +99,12 @@ class TidarProposer:
         model.forward = forward
 
     def _plan(self, input_ids, positions):
-        """The mask rows of this forward, or None (no scheduler step: a profiling or dummy run)."""
+        """The mask rows of this forward, or None (no scheduler step: a profiling or dummy run; or no request
+        needs a block)."""
         from vllm.forward_context import get_forward_context
 
         so, runner = self.scheduler_output, self.runner
+        self.req_ids = []
         if so is None or input_ids is None:
             return None
         meta = get_forward_context().attn_metadata
@@ -109,7 +116,7 @@ class TidarProposer:
         num_reqs = m.seq_lens.shape[0]
         qsl = m.query_start_loc[: num_reqs + 1].tolist()
         seq_lens = m.seq_lens[:num_reqs].tolist()
-        req_ids = runner.input_batch.req_ids[:num_reqs]
+        req_ids = list(runner.input_batch.req_ids[:num_reqs])
         sched = [qsl[i + 1] - qsl[i] for i in range(num_reqs)]
         for rid, n in zip(req_ids, sched):
             if so.num_scheduled_tokens.get(rid) != n:
@@ -117,33 +124,38 @@ class TidarProposer:
                     f"TiDAR: request {rid} has {n} rows in the forward, the scheduler gave it "
                     f"{so.num_scheduled_tokens.get(rid)} (the runner's batch order is not the one it expects)"
                 )
+        self.req_ids = req_ids
         drafts = [len(so.scheduled_spec_decode_tokens.get(rid, ())) for rid in req_ids]
         computed = [s - n for s, n in zip(seq_lens, sched)]
-        layout = plan_step(computed, sched, drafts, self.K, self.options.levels, self.max_position)
+        # a request whose context drafts were all accepted last step is in a loop: its next drafts come from the
+        # context again, so this step appends no blocks for it (a miss brings them back the step after)
+        levels = [() if self.looping.get(rid) else self.options.levels for rid in req_ids]
+        layout = plan_step(computed, sched, drafts, self.K, levels, self.max_position)
         if layout.num_rows == 0:
             return None
-        self.req_ids = list(req_ids)
-        return MaskRows(layout, input_ids.shape[0], m.block_table[:num_reqs])
+        block_size = self.hooks[0].kv_cache().shape[2]  # the pool's [num_blocks, Hkv, block_size, 2 * D]
+        return MaskRows(layout, input_ids.shape[0], qsl, seq_lens, m.block_table[:num_reqs], block_size)
 
     def propose(self, sampled_token_ids, num_tokens_no_spec=None, token_ids_cpu=None, slot_mappings=None, **_):
-        """The next drafts of each request: slots of the block that assumed its accepted length (greedy), or a
-        context (n-gram) continuation when ``options.context`` is on and the text's end matches."""
-        layout, hidden = self.layout, self.hidden
+        """The next drafts of each request: a context (n-gram) continuation when ``options.context`` is on and the
+        text's end matches, else the slots of the block that assumed its accepted length (greedy)."""
+        layout, hidden, K = self.layout, self.hidden, self.K
+        self.layout = self.hidden = None
         out: list[list[int]] = [[] for _ in sampled_token_ids]
-        if layout is None:
-            return out
-        K = self.K
         picks = []  # (request, first row, count)
         for r, sampled in enumerate(sampled_token_ids):
-            if not sampled or r >= len(layout.request_levels):
+            if not sampled or r >= len(self.req_ids):
                 continue
+            rid = self.req_ids[r]
+            last = self.last_drafts.get(rid)  # (kind, count) of the drafts this step verified
+            self.looping[rid] = last is not None and last[0] == "context" and len(sampled) == last[1] + 1
             if self.options.context:
                 ctx = self._context_drafts(r, num_tokens_no_spec, token_ids_cpu)
                 if ctx:
                     out[r] = ctx
                     continue
             level = len(sampled)
-            found = layout.block_for(r, level)
+            found = layout.block_for(r, level) if layout is not None else None
             if found is None:
                 continue
             start, lv = found
@@ -158,7 +170,14 @@ class TidarProposer:
             for r, _, c in picks:
                 out[r] = tokens[i : i + c]
                 i += c
-        self.hidden = None
+        live = set(self.req_ids)
+        for table in (self.contexts, self.looping, self.last_drafts):
+            for rid in [k for k in table if k not in live]:
+                del table[rid]
+        for r, d in enumerate(out):
+            if r < len(self.req_ids):
+                kind = "context" if d and not any(p[0] == r for p in picks) else "diffusion"
+                self.last_drafts[self.req_ids[r]] = (kind, len(d))
         return out
 
     def _context_drafts(self, r, num_tokens_no_spec, token_ids_cpu) -> list[int]:
@@ -170,9 +189,6 @@ class TidarProposer:
         if idx is None or len(idx.seq) > n:
             idx = self.contexts[rid] = NgramIndex([], max_n=max(4, self.options.context), min_n=self.options.context)
         idx.extend(token_ids_cpu[r, len(idx.seq) : n].tolist())
-        live = set(self.req_ids)
-        for old in [k for k in self.contexts if k not in live]:
-            del self.contexts[old]
         drafts, length = idx.match(self.K)
         return drafts if length >= self.options.context else []
 

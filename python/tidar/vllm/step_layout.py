@@ -1,4 +1,4 @@
-"""Where a step's [MASK] proposal blocks go (docs/design.md §1.3, §1.5): pure index arithmetic over vLLM's batch.
+"""Where a step's [MASK] proposal blocks go and what they see (docs/design.md §1.3, §1.5): index arithmetic only.
 
 Request r schedules ``n_r`` tokens at positions ``c_r .. c_r + n_r - 1`` (``c_r`` tokens already cached): its
 prompt (chunk), or its last sampled token followed by ``D_r`` drafts. Block ``l`` (level l = 1 .. D_r + 1) assumes
@@ -6,6 +6,10 @@ the first ``j = n_r - D_r - 1 + l`` scheduled tokens are accepted: its ``K + 1``
 ``c_r + j + s`` and see the cached prefix, those j tokens and their own block. After verification vLLM returns
 ``l`` sampled tokens for the request (l - 1 accepted drafts and the correction or bonus): slot 0 of block l is that
 last token's position, slots 1..K give the next K drafts.
+
+For the attention, a request's segment is its ``n_r`` scheduled rows (causal) followed by its blocks: the TiDAR
+layout of design §1.3 with ``local_limit = j`` and one ``block_id`` per block. Requests with the same ``n_r`` and
+levels share a layout and go to ``tidar_attention_paged`` together (one group).
 """
 
 from __future__ import annotations
@@ -16,6 +20,24 @@ import torch
 
 
 @dataclasses.dataclass
+class Group:
+    """Requests that share one segment layout: ``n`` scheduled rows, then ``len(js)`` blocks of ``K + 1``."""
+
+    requests: list[int]
+    n: int
+    js: tuple[int, ...]  # per block, the scheduled rows it sees
+    local_limit: torch.Tensor = None  # [S] int32
+    block_id: torch.Tensor = None  # [S] int32
+
+    def finish(self, K: int) -> None:
+        S1 = K + 1
+        ll = list(range(1, self.n + 1)) + [j for j in self.js for _ in range(S1)]
+        bid = [-1] * self.n + [b for b in range(len(self.js)) for _ in range(S1)]
+        self.local_limit = torch.tensor(ll, dtype=torch.int32)
+        self.block_id = torch.tensor(bid, dtype=torch.int32)
+
+
+@dataclasses.dataclass
 class StepLayout:
     """The mask rows of one forward, request-major, block by block, ``K + 1`` rows per block."""
 
@@ -23,8 +45,7 @@ class StepLayout:
     request_levels: list[list[int]]  # per request, the levels of its blocks (ascending)
     block_start: list[list[int]]  # per request, the first mask row of each of its blocks
     positions: torch.Tensor  # [M] int64, the mask rows' positions
-    seq_lens: torch.Tensor  # [B_blocks] int32, pool keys each block sees (c_r + j)
-    block_rows: torch.Tensor  # [B_blocks] int64, the request each block belongs to (its block-table row)
+    groups: list[Group]
 
     @property
     def num_rows(self) -> int:
@@ -40,31 +61,32 @@ class StepLayout:
 
 
 def plan_step(
-    num_computed: list[int], num_scheduled: list[int], num_drafts: list[int], K: int, levels, max_position: int
+    num_computed: list[int],
+    num_scheduled: list[int],
+    num_drafts: list[int],
+    K: int,
+    levels: list,
+    max_position: int,
 ) -> StepLayout:
-    """The mask blocks of one forward (see the module docstring). ``levels``: allowed levels (None = all).
-    Positions past ``max_position - 1`` are clamped: such slots lie past the model's length, vLLM never schedules
-    their drafts."""
-    request_levels, block_start, pos, seq_lens, rows = [], [], [], [], []
+    """The mask blocks of one forward (see the module docstring). ``levels``: per request, the allowed levels
+    (None = all). Positions past ``max_position - 1`` are clamped: such slots lie past the model's length, vLLM
+    never schedules their drafts."""
+    request_levels, block_start, pos = [], [], []
+    groups: dict[tuple, Group] = {}
     row = 0
     slots = torch.arange(K + 1)
-    for r, (c, n, d) in enumerate(zip(num_computed, num_scheduled, num_drafts)):
-        lvs = [lv for lv in range(1, d + 2) if levels is None or lv in levels]
+    for r, (c, n, d, allowed) in enumerate(zip(num_computed, num_scheduled, num_drafts, levels)):
+        lvs = [lv for lv in range(1, d + 2) if allowed is None or lv in allowed]
         request_levels.append(lvs)
         block_start.append([])
-        for lv in lvs:
-            j = n - d - 1 + lv
+        js = tuple(n - d - 1 + lv for lv in lvs)
+        for j in js:
             block_start[-1].append(row)
             pos.append(c + j + slots)
-            seq_lens.append(c + j)
-            rows.append(r)
             row += K + 1
+        if js:
+            groups.setdefault((n, js), Group([], n, js)).requests.append(r)
+    for g in groups.values():
+        g.finish(K)
     positions = torch.cat(pos).clamp_(max=max_position - 1) if pos else torch.zeros(0, dtype=torch.int64)
-    return StepLayout(
-        K=K,
-        request_levels=request_levels,
-        block_start=block_start,
-        positions=positions,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_rows=torch.tensor(rows, dtype=torch.int64),
-    )
+    return StepLayout(K, request_levels, block_start, positions, list(groups.values()))
