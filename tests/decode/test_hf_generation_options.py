@@ -346,9 +346,6 @@ def test_continue_from_returned_cache(arch):
     full = twin.generate(BATCH, max_new_tokens=8, **kw).sequences
     first = model.generate(BATCH, max_new_tokens=4, **kw)
     mask = torch.cat([BATCH_MASK, torch.ones(3, 4, dtype=BATCH_MASK.dtype)], 1)
-    more = dict(kw, attention_mask=mask)
-    got = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=4, **more)
-    assert torch.equal(got.sequences, full)
     # the returned cache (built from the TiDAR cache, no forward) holds HF's keys and values at every real position
     want = twin.generate(BATCH, max_new_tokens=4, **kw).past_key_values
     real = mask[:, :-1].bool()
@@ -356,6 +353,10 @@ def test_continue_from_returned_cache(arch):
         assert g.keys.shape == w.keys.shape
         torch.testing.assert_close(g.keys.transpose(1, 2)[real], w.keys.transpose(1, 2)[real], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(g.values.transpose(1, 2)[real], w.values.transpose(1, 2)[real], atol=1e-5, rtol=1e-4)
+    more = dict(kw, attention_mask=mask)
+    got = model.generate(first.sequences, cache=first.past_key_values, max_new_tokens=4, **more)
+    assert torch.equal(got.sequences, full)
+    assert got.past_key_values is first.past_key_values  # filled further, as HF fills a given cache
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

@@ -386,11 +386,11 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
     if call.want_stats:
         res.sequences = sequences
         return res
-    if not gen.return_dict_in_generate:
+    if not gen.return_dict_in_generate and call.cache is None:
         return sequences
     from tidar.decode.hf_outputs import hf_output
 
-    return hf_output(
+    out = hf_output(  # also fills a caller's past_key_values with the whole sequence, as HF's generate does
         self,
         gen,
         sequences,
@@ -401,9 +401,11 @@ def patched_generate(self, inputs=None, generation_config=None, **kwargs):
         prompt_embeds=call.embeds,
         tidar_result=res,
         want_cache=gen.use_cache is not False,
+        given_cache=call.cache,
         positions=call.positions,
-        **call.flags,
+        **(call.flags if gen.return_dict_in_generate else {}),
     )
+    return out if gen.return_dict_in_generate else sequences
 
 
 def _compiled(model, gen, call: _Call):

@@ -130,11 +130,12 @@ def _cache_arg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def from_tidar_cache(model, result, prompt_mask, P: int, steps: int):
-    """HF's ``DynamicCache`` of the ``P + steps - 1`` positions HF's loop caches, built from the TiDAR cache's
-    committed prefix (no forward), when the TiDAR rows are HF's rows shifted past their left padding: every row
-    emitted ``steps`` tokens (HF feeds a stopped row pad tokens TiDAR never ran) and the mask is left padding only.
-    Padding positions hold zeros (HF's hold the pad tokens' keys; the mask hides both). None otherwise."""
+def from_tidar_cache(model, result, prompt_mask, P: int, steps: int, into=None):
+    """HF's ``DynamicCache`` (or ``into``, a caller's cache, refilled) of the ``P + steps - 1`` positions HF's loop
+    caches, built from the TiDAR cache's committed prefix (no forward), when the TiDAR rows are HF's rows shifted
+    past their left padding: every row emitted ``steps`` tokens (HF feeds a stopped row pad tokens TiDAR never ran)
+    and the mask is left padding only. Padding positions hold zeros (HF's hold the pad tokens' keys; the mask hides
+    both). None otherwise."""
     if result is None or result.cache is None or not result.cache.keys:
         return None
     if any(len(t) != steps for t in result.new_tokens):
@@ -150,7 +151,8 @@ def from_tidar_cache(model, result, prompt_mask, P: int, steps: int):
     L = P + steps - 1
     if any(result.cache.lengths[b] < n + steps - 1 for b, n in enumerate(lengths)):
         return None
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True)) if into is None else into
+    cache.reset()  # a caller's cache: refilled with the whole sequence (its prefix was recomputed)
     for layer, (k, v) in enumerate(zip(result.cache.keys, result.cache.values)):
         keys = k.new_zeros(B, k.shape[1], L, k.shape[3])
         values = v.new_zeros(B, v.shape[1], L, v.shape[3])
@@ -184,12 +186,14 @@ def hf_output(
     prompt_embeds=None,
     tidar_result=None,
     want_cache: bool,
+    given_cache=None,
     output_attentions: bool = False,
     output_hidden_states: bool = False,
     positions=None,
 ):
     """HF's ``GenerateDecoderOnlyOutput`` for the TiDAR result ``sequences`` (HF's ``hf_prompt_len`` input ids, then
-    the new tokens) of ``prompt`` (the ids TiDAR decoded; placeholders under ``prompt_embeds``)."""
+    the new tokens) of ``prompt`` (the ids TiDAR decoded; placeholders under ``prompt_embeds``). A caller's cache
+    (``given_cache``) is filled with the sequence and returned, as HF's ``generate`` fills and returns it."""
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
     B, L = sequences.shape
@@ -197,14 +201,17 @@ def hf_output(
     prompt_len = prompt.shape[1]
     vocab = model.get_input_embeddings().weight.shape[0]
     dev = sequences.device
-    scores = step_tensors(verifier.scores, steps, vocab, dev) if gen.output_scores else None
-    logits = step_tensors(verifier.logits, steps, vocab, dev) if gen.output_logits else None
+    record = gen.return_dict_in_generate  # else only the caller's cache is filled
+    scores = step_tensors(verifier.scores, steps, vocab, dev) if record and gen.output_scores else None
+    logits = step_tensors(verifier.logits, steps, vocab, dev) if record and gen.output_logits else None
     att = hid = cache = None
     if want_cache and not (output_attentions or output_hidden_states) and gen.cache_implementation != "static":
-        cache = from_tidar_cache(model, tidar_result, prompt_mask, prompt.shape[1], steps)
+        cache = from_tidar_cache(model, tidar_result, prompt_mask, prompt.shape[1], steps, into=given_cache)
     if cache is None and (output_attentions or output_hidden_states or want_cache):
         room = gen.max_length - 1 + prompt_len - hf_prompt_len  # as HF: an embeddings prompt is not in max_length
-        cache = new_cache(model, gen, B, room) if want_cache else None
+        cache = (new_cache(model, gen, B, room) if given_cache is None else given_cache) if want_cache else None
+        if cache is given_cache is not None:
+            cache.reset()
         att, hid, cache = replay(
             model,
             torch.cat([prompt, sequences[:, hf_prompt_len:]], 1),
