@@ -124,6 +124,10 @@ def test_steps_out_of_order_are_refused():
     dec.step()  # plans and runs the next step itself
     with pytest.raises(ValueError, match="PlannedStep"):
         dec.step(stale)
+    while not dec.finished:
+        dec.step()
+    with pytest.raises(RuntimeError, match="finished"):
+        dec.step()
 
 
 def test_decoder_checks_its_arguments_as_generate_does_before_any_forward():

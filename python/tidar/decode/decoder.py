@@ -309,6 +309,8 @@ class Decoder(StepForwards):
         """Run ``planned`` (default: ``plan()``): one forward verifies its drafts; the accepted drafts and the
         correction or bonus token are emitted and committed. ``commit=False``: the same forward and acceptance,
         nothing emitted or committed (the K/V it wrote past the committed tokens is scratch): a repeatable step."""
+        if self.finished:
+            raise RuntimeError("every row has finished: Decoder.step has nothing to decode")
         with torch.no_grad():
             planned = self.plan() if planned is None else planned
             return self._step(planned) if commit else self._trial(planned)
