@@ -12,7 +12,8 @@ decode step's forward through HF's compiled call, with what ``torch.compile`` ne
   opaque op, ``tidar_hf::step_attention``, so ``fullgraph=True`` traces the rest of the model;
 - every step has one shape: a shorter step (fewer drafts near the end, an AR step) is padded to the widest so far
   with rows that no real row sees (their outputs dropped, their K/V scratch past the committed tokens), so
-  ``dynamic=False`` compiles one graph;
+  ``dynamic=False`` compiles one graph (with a fixed ``draft_len`` the first step is the widest; with ``"auto"``
+  a wider plan later compiles one more);
 - the logits are the compiled forward's own (``full_logits``).
 
 The prefill and the checks before it run eagerly, as HF's prefill does. The real rows see exactly what they see
