@@ -5,8 +5,9 @@ draft rows, decides the acceptance (greedy: argmax compare; sampling: ``rejectio
 the K rows of the one proposal block the next drafts come from (``lm_head``). The only host synchronisation of a
 step reads the accepted counts and the candidate next drafts.
 
-``StepForwards`` reads the decoder's state (``model``, ``cache``, ``g``: the checked arguments, ``sample_kw``,
-``counters``...) and changes none of it but the cache's scratch K/V, the forward count and the Philox offset.
+``StepForwards`` reads the decoder's state (``model``, ``cache``, ``g``: the checked arguments, ``sample_kw``...).
+The prefill commits the prompts to the cache; a step writes only scratch K/V past the committed tokens, counts its
+forward and advances the Philox offset: emitting and committing its tokens is the decoder's (``Decoder.step``).
 """
 
 from __future__ import annotations
