@@ -136,6 +136,7 @@ def test_lm_head_in_one_call_or_two_gives_the_same_steps(monkeypatch):
     rows, then on the K rows of the block used; a CPU decides the acceptance on the host, a GPU on the device:
     all four give the same tokens, drafts and acceptances."""
     from tidar.decode import forwards as gen
+
     model = tiny_model("qwen2")
     torch.manual_seed(4)
     ids = torch.randint(1, 96, (2, 5))

@@ -52,6 +52,7 @@ def _oracle(model, truth: torch.Tensor, K: int):
 def verify_on(request, monkeypatch):
     """Greedy acceptance decided on the host (the CPU path) or by ``device_step`` (the GPU path, run on CPU)."""
     from tidar.decode import forwards as gen
+
     monkeypatch.setattr(gen, "HOST_VERIFY", {"cpu"} if request.param == "host" else set())
     return request.param
 
