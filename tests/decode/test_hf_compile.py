@@ -114,3 +114,14 @@ def test_full_logits_false_is_refused_with_a_compiled_forward():
             compile_config=_compile_config(),
             full_logits=False,
         )
+
+
+def test_an_instance_level_forward_is_kept(step_spy):
+    """A forward set on the model object (as accelerate's hooks set it) is the model's forward again afterwards."""
+    model, twin = _pair("llama")
+    own = model.forward
+    model.forward = own  # an instance attribute now
+    kw = dict(attention_mask=BATCH_MASK, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    got = model.generate(BATCH, compile_config=_compile_config(), **kw)
+    assert torch.equal(got, twin.generate(BATCH, **kw))
+    assert step_spy and model.__dict__["forward"] is own

@@ -110,6 +110,7 @@ class CompiledSteps:
         from transformers import AttentionInterface
 
         self.eager = self.model.forward
+        self.own = self.model.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's hook), kept
         _TIDAR_ATTENTION[0] = AttentionInterface._global_mapping[self.name]
         AttentionInterface.register(self.name, _compilable_attention)
         self.model.forward = self._forward
@@ -118,9 +119,16 @@ class CompiledSteps:
     def __exit__(self, *exc):
         from transformers import AttentionInterface
 
-        self.model.__dict__.pop("forward", None)
+        self._restore()
         AttentionInterface.register(self.name, _TIDAR_ATTENTION[0])
         _SLOT.step = None
+
+    def _restore(self):
+        """The model's forward as it was before ``__enter__``."""
+        if self.own is None:
+            self.model.__dict__.pop("forward", None)
+        else:
+            self.model.forward = self.own
 
     def _forward(self, *args, **kwargs):
         step = kwargs.get("tidar_step")
@@ -146,7 +154,7 @@ class CompiledSteps:
             pos = torch.cat([pos, pos[:, -1:].expand(-1, W - S)], 1)
             layout = self._layout(layout, W)
         _SLOT.step = TidarStep(layout, step.seg_start, step.cache, step.backend)
-        self.model.__dict__.pop("forward")  # the compiled call traces the model's own forward
+        self._restore()  # the compiled call traces the model's own forward
         try:
             out = self.compiled(input_ids=ids, position_ids=pos, **kwargs)
         finally:
