@@ -29,18 +29,22 @@ def is_broken(impl) -> bool:
 
 
 def apply() -> bool:
-    """Installs the correction where vLLM's CPU fallback is the buggy one; True when it did."""
+    """Installs the correction where vLLM's CPU fallback is the buggy one, both for overrides registered later
+    (vLLM's worker registers them right after loading plugins) and for one already registered; True when it did."""
     try:
         from vllm.utils import cpu_triton_utils as cpu_tl
     except ImportError:  # not the CPU build
         return False
-    if not hasattr(cpu_tl, "_expand_kernel_impl") or not is_broken(cpu_tl._expand_kernel_impl):
-        return False
-    cpu_tl._expand_kernel_impl = expand_kernel_impl  # for overrides registered after this
+    fixed = False
+    if hasattr(cpu_tl, "_expand_kernel_impl") and is_broken(cpu_tl._expand_kernel_impl):
+        cpu_tl._expand_kernel_impl = expand_kernel_impl
+        fixed = True
     from vllm.v1.sample import rejection_sampler
 
     kernel = getattr(rejection_sampler, "expand_kernel", None)
-    if hasattr(kernel, "_impl"):  # already registered: a dispatcher KernelOverride
+    impl = getattr(kernel, "_impl", None)  # a dispatcher KernelOverride once registered
+    if impl is not None and impl is not expand_kernel_impl and is_broken(impl):
         kernel._impl = kernel.func = expand_kernel_impl
         kernel._forward_by_name = False
-    return True
+        fixed = True
+    return fixed
