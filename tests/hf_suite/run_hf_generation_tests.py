@@ -2,12 +2,18 @@
 every generative model ``tidar.patch``ed right after construction, each TiDAR ``generate`` checked against HF's own
 ``generate`` on an unpatched twin (same weights, same arguments, same RNG state). Not collected by pytest (run it).
 
-    python tests/hf_suite/run_hf_generation_tests.py HF_ROOT [--plain] [-k EXPR] [--json OUT]
+    python tests/hf_suite/run_hf_generation_tests.py HF_ROOT [--plain] [--shim] [-k EXPR] [--json OUT]
     python tests/hf_suite/run_hf_generation_tests.py HF_ROOT --assemble CHECKOUT SDIST_TESTS
 
 ``HF_ROOT`` holds transformers' ``tests/`` package (tests/generation/test_utils.py, tests/causal_lm_tester.py,
 tests/test_modeling_common.py, tests/models/{llama,qwen2}/...) and ``utils/test_module``; its test dependencies
 (``parameterized``, ``httpx``) must be importable. ``--plain`` runs the same tests without the patch (the baseline).
+``--shim`` restores two APIs that tests older than the installed library call (``install_shims``), so that those
+tests run instead of failing on plain HF too.
+
+A model built on the meta device (inside ``from_pretrained``) is patched once loaded. The unpatched twin runs
+eagerly (``torch.compiler.set_stance("force_eager")``) without the model's compiled call: its graphs would share
+dynamo's per-code caches with the patched model's and count as the model's recompilations.
 
 The transformers sdist ships only the top-level ``tests/*.py`` (test_modeling_common.py, ...), not
 tests/generation/ nor tests/models/. ``--assemble`` builds ``HF_ROOT`` from a transformers git checkout
