@@ -160,8 +160,9 @@ class CompiledSteps:
         finally:
             self.model.forward = self._forward
             _SLOT.step = None
-        if W > S:
-            out.logits = out.logits[:, :S]
+        # a copy: with mode="reduce-overhead" (CUDA graphs) the next replay overwrites the outputs, and TiDAR keeps a
+        # step's rows for the next step (HF's loop copies its logits too)
+        out.logits = out.logits[:, :S].clone()
         return out
 
 
