@@ -125,3 +125,15 @@ def test_an_instance_level_forward_is_kept(step_spy):
     got = model.generate(BATCH, compile_config=_compile_config(), **kw)
     assert torch.equal(got, twin.generate(BATCH, **kw))
     assert step_spy and model.__dict__["forward"] is own
+
+
+def test_compiled_with_position_ids_and_inputs_embeds(step_spy):
+    """The caller's positions and an embeddings prompt (forward pre-hooks on the base model) trace with the rest."""
+    model, twin = _pair("qwen2")
+    pos = torch.tensor([[0, 0, 0, 2, 4, 6], [0, 1, 2, 5, 6, 7], [0, 7, 8, 9, 10, 20]])
+    embeds = twin.get_input_embeddings()(BATCH).detach()
+    base = dict(attention_mask=BATCH_MASK, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    for kw in (dict(input_ids=BATCH, position_ids=pos), dict(inputs_embeds=embeds, position_ids=pos)):
+        got = model.generate(**kw, **base, compile_config=_compile_config())
+        assert torch.equal(got, twin.generate(**kw, **base))
+    assert step_spy
