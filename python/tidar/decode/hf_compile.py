@@ -98,10 +98,11 @@ def _padded(layout: Layout, width: int) -> Layout:
 
 class CompiledSteps:
     """While installed (``with``), the model's decode-step forwards (a ``tidar_step`` over a cache holding committed
-    tokens) run through ``compiled`` at one padded width; every other forward runs eagerly."""
+    tokens) run through ``compiled`` at one padded width; every other forward runs eagerly. ``positions``: the
+    caller's positions (``hf_inputs.PromptPositions``), applied before the compiled call with its hook paused."""
 
-    def __init__(self, model, compiled):
-        self.model, self.compiled = model, compiled
+    def __init__(self, model, compiled, positions=None):
+        self.model, self.compiled, self.positions = model, compiled, positions
         self.width = 0
         self.layouts: dict = {}  # (id(layout), width) -> (layout, padded layout)
         self.name = model.config._attn_implementation
@@ -145,6 +146,8 @@ class CompiledSteps:
     def _step(self, kwargs):
         step = kwargs.pop("tidar_step")
         ids, pos = kwargs.pop("input_ids"), kwargs.pop("position_ids")
+        if self.positions is not None:
+            pos = self.positions.remap(pos)
         S = ids.shape[1]
         self.width = W = max(self.width, S)
         layout = step.layout
@@ -155,11 +158,15 @@ class CompiledSteps:
             layout = self._layout(layout, W)
         _SLOT.step = TidarStep(layout, step.seg_start, step.cache, step.backend)
         self._restore()  # the compiled call traces the model's own forward
+        if self.positions is not None:
+            self.positions.paused = True
         try:
             out = self.compiled(input_ids=ids, position_ids=pos, **kwargs)
         finally:
             self.model.forward = self._forward
             _SLOT.step = None
+            if self.positions is not None:
+                self.positions.paused = False
         # a copy: with mode="reduce-overhead" (CUDA graphs) the next replay overwrites the outputs, and TiDAR keeps a
         # step's rows for the next step (HF's loop copies its logits too)
         out.logits = out.logits[:, :S].clone()

@@ -446,12 +446,13 @@ def _decode(model, call: _Call, verifier, compiled, max_new: int):
     with ExitStack() as stack:
         if embeds is not None:
             stack.enter_context(PromptEmbeds(model, prompt_embeds, prompt_mask))
+        positions = None
         if call.positions is not None:  # after PromptEmbeds, which reads TiDAR's own positions
-            stack.enter_context(PromptPositions(model, call.positions, mask))
+            positions = stack.enter_context(PromptPositions(model, call.positions, mask))
         if compiled is not None:
             from tidar.decode.hf_compile import CompiledSteps
 
-            stack.enter_context(CompiledSteps(model, compiled))
+            stack.enter_context(CompiledSteps(model, compiled, positions))
         res = generate(
             model,
             prompts,

@@ -76,7 +76,9 @@ class PromptPositions:
     """While installed, every forward of the model takes the caller's ``position_ids`` in place of TiDAR's own
     (``0 .. n - 1`` for a row's ``n`` unmasked prompt tokens, then ``n + t`` for its new token ``t``): prompt token
     ``i`` at the position given for it, new token ``t`` at the last given position ``+ 1 + t``, as HF's ``generate``
-    extends ``position_ids``. Runs after ``PromptEmbeds`` (registered later), which reads TiDAR's positions."""
+    extends ``position_ids``. Runs after ``PromptEmbeds`` (registered later), which reads TiDAR's positions. A
+    compiled decode step (``hf_compile.CompiledSteps``) takes the positions from ``remap`` instead, with the hook
+    ``paused``: dynamo does not guard on module hooks, so a graph must not depend on one."""
 
     def __init__(self, model, position_ids: torch.Tensor, mask: torch.Tensor | None):
         keep = torch.ones_like(position_ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -88,6 +90,7 @@ class PromptPositions:
             self.table[b, : len(given)] = given
         self.shift = position_ids[:, -1] + 1 - self.lengths  # added to TiDAR's positions past the prompt
         self.handle = None
+        self.paused = False
 
     def __enter__(self):
         self.handle = self.model.base_model.register_forward_pre_hook(self._remap, with_kwargs=True)
@@ -96,15 +99,17 @@ class PromptPositions:
     def __exit__(self, *exc):
         self.handle.remove()
 
-    def _remap(self, module, args, kwargs):
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            return None
+    def remap(self, pos: torch.Tensor) -> torch.Tensor:
+        """The caller's positions for TiDAR's positions ``pos`` ``[rows, S]``."""
         rows = pos.shape[0]
         given = self.table[:rows].gather(1, pos.clamp(0, self.table.shape[1] - 1))
-        kwargs = dict(kwargs)
-        kwargs["position_ids"] = torch.where(pos < self.lengths[:rows, None], given, pos + self.shift[:rows, None])
-        return args, kwargs
+        return torch.where(pos < self.lengths[:rows, None], given, pos + self.shift[:rows, None])
+
+    def _remap(self, module, args, kwargs):
+        pos = kwargs.get("position_ids")
+        if pos is None or self.paused:
+            return None
+        return args, dict(kwargs, position_ids=self.remap(pos))
 
 
 __all__ = ["PromptEmbeds", "PromptPositions", "compact"]
