@@ -1,4 +1,4 @@
-"""``python -m benchmarks --out DIR [--smoke] [--only attention,rejection,kv_append,attention_paged,e2e,prompts]``
+"""``python -m benchmarks --out DIR [--smoke] [--only attention,rejection,kv_append,attention_paged,e2e,prompts,vllm]``
 
 Runs the chosen suites, then writes ``DIR/results.csv`` (every row, with provenance), ``DIR/results.md``
 (goals first, then one table per suite), ``DIR/env.json`` and PNG plots (when matplotlib is installed).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("attention", "rejection", "kv_append", "attention_paged", "e2e", "prompts")
+SUITES = ("attention", "rejection", "kv_append", "attention_paged", "e2e", "prompts", "vllm")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         p.error(f"unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # e2e and prompts on CPU: the bundled model's decoding
-    if device.type != "cuda" and not args.smoke and not set(only) <= {"e2e", "prompts"}:
+    if device.type != "cuda" and not args.smoke and not set(only) <= {"e2e", "prompts", "vllm"}:
         print(
             "the full benchmarks need a CUDA device; on CPU run with --smoke (tiny shapes) or --only e2e,prompts",
             file=sys.stderr,
@@ -107,7 +107,7 @@ def _run_suites(bench, only, t0) -> dict:
 
 def _summaries(bench, only, modules: dict, plots: bool):
     """The smoke-run note, each suite's goal verdicts and (``plots``) its PNGs."""
-    if bench.smoke or (not bench.cuda and not set(only) <= {"e2e", "prompts"}):
+    if bench.smoke or (not bench.cuda and not set(only) <= {"e2e", "prompts", "vllm"}):
         bench.notes.append(
             "SMOKE RUN: tiny shapes, CPU. The goal verdicts above exercise the code only; "
             "the goals are judged on full GPU runs"

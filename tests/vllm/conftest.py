@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
+# pytest puts tests/ on sys.path, where this folder reads as a namespace package "vllm": only a real one counts
+_spec = importlib.util.find_spec("vllm")
+HAS_VLLM = _spec is not None and _spec.origin is not None
 # files that start an engine or import vLLM
 collect_ignore_glob = [] if HAS_VLLM else ["test_engine_*.py", "test_server.py", "test_refusals.py", "test_expand_*.py"]
+collect_ignore = ["engine_script.py"]
 
 MODEL = str(Path(__file__).resolve().parents[2] / "models" / "tidar-stdlib-tiny")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -49,6 +52,21 @@ def tidar_llm():
     llm = make_llm(tidar.vllm.speculative_config(num_speculative_tokens=8))
     yield llm
     llm.llm_engine.engine_core.shutdown()
+
+
+def engine_in_subprocess(spec, engine: dict, prompts: list, sampling: dict) -> dict:
+    """``engine_script.py``'s result: an engine with these settings in its own process."""
+    import subprocess
+    import sys
+
+    job = json.dumps({"spec": spec, "engine": engine, "prompts": prompts, "sampling": sampling})
+    here = Path(__file__).parent
+    proc = subprocess.run(
+        [sys.executable, str(here / "engine_script.py"), job], cwd=here, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode:
+        raise RuntimeError(f"engine_script.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def token_ids(outputs):

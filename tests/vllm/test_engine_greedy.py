@@ -6,13 +6,13 @@ vLLM's spec-decode metrics report TiDAR's drafts."""
 from __future__ import annotations
 
 import pytest
-from conftest import make_llm, run_staggered, token_ids
+from conftest import engine_in_subprocess, run_staggered, token_ids
 
 
 def _params(**kw):
     import vllm
 
-    return vllm.SamplingParams(temperature=0.0, **{"max_tokens": 64, **kw})
+    return vllm.SamplingParams(**{"temperature": 0.0, "max_tokens": 64, **kw})
 
 
 def test_batch1_identical(plain_llm, tidar_llm, prompts):
@@ -75,12 +75,8 @@ def test_preemption_under_cache_pressure(plain_llm, prompts):
 
     # 9 blocks of 128 slots (one request of the model's length fits) for 7 requests of up to ~300 tokens: the
     # scheduler preempts requests and recomputes them later
-    llm = make_llm(tidar.vllm.speculative_config(8), num_gpu_blocks_override=9)
-    try:
-        params = [_params(max_tokens=200, ignore_eos=True)] * len(prompts)
-        want = token_ids(plain_llm.generate(prompts, params, use_tqdm=False))
-        assert token_ids(llm.generate(prompts, params, use_tqdm=False)) == want
-        preempted = {m.name: m for m in llm.get_metrics()}["vllm:num_preemptions"].value
-        assert preempted > 0
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    sampling = dict(temperature=0.0, max_tokens=200, ignore_eos=True)
+    got = engine_in_subprocess(tidar.vllm.speculative_config(8), {"num_gpu_blocks_override": 9}, prompts, sampling)
+    assert got["metrics"]["vllm:num_preemptions"] > 0
+    want = token_ids(plain_llm.generate(prompts, _params(**sampling), use_tqdm=False))
+    assert got["token_ids"] == want

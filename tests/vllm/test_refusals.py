@@ -8,7 +8,7 @@ import logging
 import shutil
 
 import pytest
-from conftest import MODEL, make_llm
+from conftest import MODEL, engine_in_subprocess
 
 import tidar.vllm
 
@@ -67,12 +67,6 @@ def test_compiled_graphs_switched_off_with_a_reason(caplog):
 
 
 def test_engine_started_without_enforce_eager_runs_tidar(prompts):
-    import vllm
-
-    llm = make_llm(tidar.vllm.speculative_config(4), enforce_eager=False)
-    try:
-        assert llm.llm_engine.vllm_config.model_config.enforce_eager
-        out = llm.generate(prompts[:1], vllm.SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-        assert len(out[0].outputs[0].token_ids) == 8
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    spec = tidar.vllm.speculative_config(4)
+    got = engine_in_subprocess(spec, {"enforce_eager": False}, prompts[:1], dict(temperature=0.0, max_tokens=8))
+    assert got["eager"] and len(got["token_ids"][0]) == 8

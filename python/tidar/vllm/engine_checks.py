@@ -9,6 +9,14 @@ from .options import is_tidar_path
 
 logger = logging.getLogger("tidar.vllm")
 
+# vLLM model classes whose decoder layers call ``Attention(q, k, v)`` after RoPE on the forward's positions
+SUPPORTED_ARCHITECTURES = (
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+)
+
 
 def is_tidar_spec(spec) -> bool:
     model = spec.get("model") if isinstance(spec, dict) else getattr(spec, "model", None)
@@ -28,8 +36,6 @@ def adjust_engine_args(args) -> None:
 
 def check_vllm_config(vllm_config) -> None:
     """Refuses an engine TiDAR cannot serve exactly, naming the reason."""
-    from .proposer import SUPPORTED_ARCHITECTURES
-
     spec = vllm_config.speculative_config
     if spec is None or not is_tidar_spec(spec):
         return

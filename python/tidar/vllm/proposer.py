@@ -13,17 +13,10 @@ import sys
 
 import torch
 
+from .engine_checks import SUPPORTED_ARCHITECTURES, check_vllm_config
 from .mask_attention import LayerHook, MaskRows, check_layer
 from .options import TidarOptions, parse_class_name
 from .step_layout import plan_step
-
-# vLLM model classes whose decoder layers call ``Attention(q, k, v)`` after RoPE on the forward's positions
-SUPPORTED_ARCHITECTURES = (
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-)
 
 
 class _State:
@@ -36,8 +29,6 @@ class TidarProposer:
     options = TidarOptions()
 
     def __init__(self, vllm_config):
-        from .engine_checks import check_vllm_config
-
         check_vllm_config(vllm_config)
         self.vllm_config = vllm_config
         self.K = vllm_config.speculative_config.num_speculative_tokens
