@@ -13,7 +13,7 @@ from tidar_kernels import tidar_attention_paged
 
 def test_plan_step_positions_and_levels():
     # request 0: a prompt of 5 (no drafts); request 1: last token + 3 drafts at positions 20..23; K = 3
-    lay = plan_step([0, 20], [5, 4], [0, 3], K=3, levels=[None, None], max_position=26)
+    lay = plan_step([0, 20], [5, 4], [0, 3], K=[3, 3], levels=[None, None], max_position=26)
     assert lay.request_levels == [[1], [1, 2, 3, 4]]
     assert lay.positions[:4].tolist() == [5, 6, 7, 8]  # after the prompt: slot 0 = the first sampled token
     # request 1, block l sees j = l scheduled tokens: slots at 20 + l .. 20 + l + 3, clamped to 25
@@ -21,9 +21,13 @@ def test_plan_step_positions_and_levels():
     assert lay.positions[-4:].tolist() == [24, 25, 25, 25]
     assert [(g.n, g.js, g.requests) for g in lay.groups] == [(5, (5,), [0]), (4, (1, 2, 3, 4), [1])]
     assert lay.block_for(1, 3) == (4 + 2 * 4, 3)
-    sparse = plan_step([20], [4], [3], K=3, levels=[(1, 4)], max_position=100)
+    sparse = plan_step([20], [4], [3], K=[3], levels=[(1, 4)], max_position=100)
     assert sparse.request_levels == [[1, 4]] and sparse.block_for(0, 3) == (0, 1)
-    assert plan_step([20], [4], [3], K=3, levels=[()], max_position=100).num_rows == 0
+    assert plan_step([20], [4], [3], K=[3], levels=[()], max_position=100).num_rows == 0
+    # blocks of different lengths per request: separate groups, positions per block length
+    mixed = plan_step([7, 7], [3, 3], [2, 2], K=[2, 4], levels=[(1,), (1,)], max_position=100)
+    assert mixed.block_len == [3, 5] and [g.K for g in mixed.groups] == [2, 4]
+    assert mixed.positions.tolist() == [8, 9, 10, 8, 9, 10, 11, 12]
 
 
 @pytest.mark.parametrize("levels", [None, (1,), (1, 3)])
@@ -32,7 +36,7 @@ def test_block_attention_equals_the_paged_op(levels, Hq, Hkv):
     torch.manual_seed(0)
     K, D, bs, nblocks = 3, 16, 8, 12
     computed, sched, drafts = [13, 5], [4, 4], [3, 3]
-    lay = plan_step(computed, sched, drafts, K, [levels, levels], max_position=1000)
+    lay = plan_step(computed, sched, drafts, [K, K], [levels, levels], max_position=1000)
     (g,) = lay.groups
     B = len(computed)
     seq_lens = torch.tensor([c + n for c, n in zip(computed, sched)], dtype=torch.int32)
@@ -46,5 +50,5 @@ def test_block_attention_equals_the_paged_op(levels, Hq, Hkv):
     ref = tidar_attention_paged(
         q, k_pool, v_pool, table, seq_lens, g.local_limit, g.block_id, k_seg=k_seg, v_seg=v_seg, backend="reference"
     )
-    got = BlockAttention(g, K, seq_lens, table, bs)(q[:, :, n:], k_seg, v_seg, k_pool, v_pool, D**-0.5)
+    got = BlockAttention(g, seq_lens, table, bs)(q[:, :, n:], k_seg, v_seg, k_pool, v_pool, D**-0.5)
     torch.testing.assert_close(got, ref[:, :, n:], rtol=1e-5, atol=1e-5)

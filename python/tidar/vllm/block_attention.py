@@ -19,8 +19,8 @@ class BlockAttention:
     """``group``: a ``step_layout.Group``; ``seq_lens`` ``[B]``: pool keys of each request (scheduled included);
     ``block_table`` ``[B, max_blocks]``; ``block_size``: the pool's."""
 
-    def __init__(self, group, K: int, seq_lens: torch.Tensor, block_table: torch.Tensor, block_size: int):
-        S1 = K + 1
+    def __init__(self, group, seq_lens: torch.Tensor, block_table: torch.Tensor, block_size: int):
+        S1 = group.K + 1
         self.M = len(group.js) * S1
         self.block_size = block_size
         self.slots, self.kv_len = paged_slots(block_table, seq_lens, block_size)

@@ -18,7 +18,7 @@ class GroupRows:
     """One layout group in the forward: its mask rows ``[B, M]`` and their attention."""
 
     def __init__(self, group, layout, qsl, seq_lens, block_table, P: int, block_size: int):
-        K1 = layout.K + 1
+        K1 = group.K + 1
         M = len(group.js) * K1
         reqs = group.requests
         self.group = group
@@ -27,7 +27,7 @@ class GroupRows:
         self.mask_in_forward = self.mask + P
         lens = torch.tensor([seq_lens[r] for r in reqs], dtype=torch.int32)  # pool keys, scheduled included
         table = block_table.index_select(0, torch.tensor(reqs, device=block_table.device))
-        self.attention = BlockAttention(group, layout.K, lens, table, block_size)
+        self.attention = BlockAttention(group, lens, table, block_size)
 
 
 class MaskRows:

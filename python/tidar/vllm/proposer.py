@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from .draft_source import SourceEvidence
 from .engine_checks import SUPPORTED_ARCHITECTURES, check_vllm_config
 from .mask_attention import LayerHook, MaskRows, check_layer
 from .options import TidarOptions, parse_class_name
@@ -43,8 +44,7 @@ class TidarProposer:
         self.layout = None
         self.req_ids = []  # the current step's requests, in the runner's batch order
         self.contexts = {}  # req_id -> NgramIndex (context drafts)
-        self.last_drafts = {}  # req_id -> ("context" | "diffusion", count) of the drafts proposed last
-        self.looping = {}  # req_id -> its context drafts were all accepted last step
+        self.evidence = {}  # req_id -> SourceEvidence (context or diffusion drafts)
 
     # --- the runner hook (plugin.py) ---
     def begin_step(self, runner, scheduler_output) -> None:
@@ -118,10 +118,13 @@ class TidarProposer:
         self.req_ids = req_ids
         drafts = [len(so.scheduled_spec_decode_tokens.get(rid, ())) for rid in req_ids]
         computed = [s - n for s, n in zip(seq_lens, sched)]
-        # a request whose context drafts were all accepted last step is in a loop: its next drafts come from the
-        # context again, so this step appends no blocks for it (a miss brings them back the step after)
-        levels = [() if self.looping.get(rid) else self.options.levels for rid in req_ids]
-        layout = plan_step(computed, sched, drafts, self.K, levels, self.max_position)
+        # a request that will draft from the context again appends no block (draft_source)
+        levels = [
+            self.options.levels if rid not in self.evidence or self.evidence[rid].wants_block() else ()
+            for rid in req_ids
+        ]
+        ks = [self.evidence[rid].block_drafts(self.K) if rid in self.evidence else self.K for rid in req_ids]
+        layout = plan_step(computed, sched, drafts, ks, levels, self.max_position)
         if layout.num_rows == 0:
             return None
         block_size = self.hooks[0].kv_cache().shape[2]  # the pool's [num_blocks, Hkv, block_size, 2 * D]
@@ -130,29 +133,29 @@ class TidarProposer:
     def propose(self, sampled_token_ids, num_tokens_no_spec=None, token_ids_cpu=None, slot_mappings=None, **_):
         """The next drafts of each request: a context (n-gram) continuation when ``options.context`` is on and the
         text's end matches, else the slots of the block that assumed its accepted length (greedy)."""
-        layout, hidden, K = self.layout, self.hidden, self.K
+        layout, hidden = self.layout, self.hidden
         self.layout = self.hidden = None
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         picks = []  # (request, first row, count)
         for r, sampled in enumerate(sampled_token_ids):
             if not sampled or r >= len(self.req_ids):
                 continue
-            rid = self.req_ids[r]
-            last = self.last_drafts.get(rid)  # (kind, count) of the drafts this step verified
-            self.looping[rid] = last is not None and last[0] == "context" and len(sampled) == last[1] + 1
-            if self.options.context:
+            ev = self.evidence.setdefault(self.req_ids[r], SourceEvidence())
+            ev.observe(len(sampled))
+            level = len(sampled)
+            found = layout.block_for(r, level) if layout is not None else None
+            first = None if found is None else level - found[1] + 1  # slot of the first next draft in that block
+            k = layout.block_len[r] - 1 if found is not None else 0
+            has_block = first is not None and first <= k
+            if self.options.context and (ev.prefers_context() or not has_block):
                 ctx = self._context_drafts(r, num_tokens_no_spec, token_ids_cpu)
                 if ctx:
                     out[r] = ctx
+                    ev.last = ("context", len(ctx))
                     continue
-            level = len(sampled)
-            found = layout.block_for(r, level) if layout is not None else None
-            if found is None:
-                continue
-            start, lv = found
-            first = level - lv + 1  # slot of the first next draft in that block
-            if first <= K:
-                picks.append((r, start + first, K + 1 - first))
+            ev.last = ("diffusion", k + 1 - first) if has_block else None
+            if has_block:
+                picks.append((r, found[0] + first, k + 1 - first))
         if picks:
             idx = torch.cat([torch.arange(s, s + c) for _, s, c in picks]).to(hidden.device)
             logits = self.model.compute_logits(hidden.index_select(0, idx))
@@ -162,13 +165,9 @@ class TidarProposer:
                 out[r] = tokens[i : i + c]
                 i += c
         live = set(self.req_ids)
-        for table in (self.contexts, self.looping, self.last_drafts):
+        for table in (self.contexts, self.evidence):
             for rid in [k for k in table if k not in live]:
                 del table[rid]
-        for r, d in enumerate(out):
-            if r < len(self.req_ids):
-                kind = "context" if d and not any(p[0] == r for p in picks) else "diffusion"
-                self.last_drafts[self.req_ids[r]] = (kind, len(d))
         return out
 
     def _context_drafts(self, r, num_tokens_no_spec, token_ids_cpu) -> list[int]:

@@ -2,10 +2,10 @@
 
 Request r schedules ``n_r`` tokens at positions ``c_r .. c_r + n_r - 1`` (``c_r`` tokens already cached): its
 prompt (chunk), or its last sampled token followed by ``D_r`` drafts. Block ``l`` (level l = 1 .. D_r + 1) assumes
-the first ``j = n_r - D_r - 1 + l`` scheduled tokens are accepted: its ``K + 1`` [MASK] slots sit at positions
+the first ``j = n_r - D_r - 1 + l`` scheduled tokens are accepted: its ``K_r + 1`` [MASK] slots sit at positions
 ``c_r + j + s`` and see the cached prefix, those j tokens and their own block. After verification vLLM returns
 ``l`` sampled tokens for the request (l - 1 accepted drafts and the correction or bonus): slot 0 of block l is that
-last token's position, slots 1..K give the next K drafts.
+last token's position, slots 1..K_r give the next drafts.
 
 For the attention, a request's segment is its ``n_r`` scheduled rows (causal) followed by its blocks: the TiDAR
 layout of design §1.3 with ``local_limit = j`` and one ``block_id`` per block. Requests with the same ``n_r`` and
@@ -26,11 +26,12 @@ class Group:
     requests: list[int]
     n: int
     js: tuple[int, ...]  # per block, the scheduled rows it sees
+    K: int  # drafts a block gives (its slots: K + 1)
     local_limit: torch.Tensor = None  # [S] int32
     block_id: torch.Tensor = None  # [S] int32
 
-    def finish(self, K: int) -> None:
-        S1 = K + 1
+    def finish(self) -> None:
+        S1 = self.K + 1
         ll = list(range(1, self.n + 1)) + [j for j in self.js for _ in range(S1)]
         bid = [-1] * self.n + [b for b in range(len(self.js)) for _ in range(S1)]
         self.local_limit = torch.tensor(ll, dtype=torch.int32)
@@ -39,9 +40,9 @@ class Group:
 
 @dataclasses.dataclass
 class StepLayout:
-    """The mask rows of one forward, request-major, block by block, ``K + 1`` rows per block."""
+    """The mask rows of one forward, request-major, block by block, ``K_r + 1`` rows per block of request r."""
 
-    K: int
+    block_len: list[int]  # per request, its blocks' K_r + 1 slots
     request_levels: list[list[int]]  # per request, the levels of its blocks (ascending)
     block_start: list[list[int]]  # per request, the first mask row of each of its blocks
     positions: torch.Tensor  # [M] int64, the mask rows' positions
@@ -64,18 +65,18 @@ def plan_step(
     num_computed: list[int],
     num_scheduled: list[int],
     num_drafts: list[int],
-    K: int,
+    K: list[int],
     levels: list,
     max_position: int,
 ) -> StepLayout:
-    """The mask blocks of one forward (see the module docstring). ``levels``: per request, the allowed levels
-    (None = all). Positions past ``max_position - 1`` are clamped: such slots lie past the model's length, vLLM
-    never schedules their drafts."""
+    """The mask blocks of one forward (see the module docstring). ``K``: per request, the drafts its blocks give
+    (``K_r + 1`` slots); ``levels``: per request, the allowed levels (None = all). Positions past
+    ``max_position - 1`` are clamped: such slots lie past the model's length, vLLM never schedules their drafts."""
     request_levels, block_start, pos = [], [], []
     groups: dict[tuple, Group] = {}
     row = 0
-    slots = torch.arange(K + 1)
-    for r, (c, n, d, allowed) in enumerate(zip(num_computed, num_scheduled, num_drafts, levels)):
+    for r, (c, n, d, allowed, k) in enumerate(zip(num_computed, num_scheduled, num_drafts, levels, K)):
+        slots = torch.arange(k + 1)
         lvs = [lv for lv in range(1, d + 2) if allowed is None or lv in allowed]
         request_levels.append(lvs)
         block_start.append([])
@@ -83,10 +84,10 @@ def plan_step(
         for j in js:
             block_start[-1].append(row)
             pos.append(c + j + slots)
-            row += K + 1
+            row += k + 1
         if js:
-            groups.setdefault((n, js), Group([], n, js)).requests.append(r)
+            groups.setdefault((n, js, k), Group([], n, js, k)).requests.append(r)
     for g in groups.values():
-        g.finish(K)
+        g.finish()
     positions = torch.cat(pos).clamp_(max=max_position - 1) if pos else torch.zeros(0, dtype=torch.int64)
-    return StepLayout(K, request_levels, block_start, positions, list(groups.values()))
+    return StepLayout([k + 1 for k in K], request_levels, block_start, positions, list(groups.values()))
