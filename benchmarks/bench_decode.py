@@ -120,25 +120,18 @@ def _ids(V, n, seed):
 
 
 def _tidar_stepper(td, prompt, K, levels):
-    """The decode loop's own step (``tidar.decode.decoder._Decoder.step``) at a fixed plan, repeatable: the step
-    writes the K/V of its segment after the committed prefix and the cache is not committed, so every call
-    does the same work."""
-    from tidar.decode.args import check_generate_args
-    from tidar.decode.decoder import _Decoder
-    from tidar.decode.planner import Plan
-    from tidar.hf.cache import TidarCache
-    from tidar.patching import settings
+    """The decode loop's own step (``tidar.Decoder.step``) at a fixed plan, repeatable (``commit=False``): the step
+    writes the K/V of its segment after the committed prefix and commits nothing, so every call does the same
+    work."""
+    from tidar import Decoder
 
-    s = settings(td)
-    g = check_generate_args(td, prompt, None, 1, 0.0, None, None, 1.0, None, None, None, None, None)
-    kw = dict(temperature=0.0, top_k=None, top_p=None, beta=1.0, generator=None, backend=s.backend)
-    dec = _Decoder(td, g, K, levels, s.backend, kw, None, False, False)
+    dec = Decoder(td, prompt, max_new_tokens=K + 1, draft_len=K, proposal_levels=levels, context_drafts=False)
+    dec.prefill()
+    planned = dec.plan()
     lv = tuple(range(1, K + 1)) if levels is None else tuple(levels)
-    plan = Plan(K, lv)
-    cache = TidarCache(1, prompt.shape[1] + plan.seg_len + 8, backend=s.backend)
-    dec._check_head(g.prompts[0])
-    drafts, _ = dec.prefill(cache, K)
-    return lambda: dec.step(cache, plan, drafts, None), plan.seg_len
+    if (planned.draft_len, planned.levels) != (K, lv):
+        raise RuntimeError(f"planned K={planned.draft_len} levels {planned.levels}, not K={K} levels {lv}")
+    return lambda: dec.step(planned, commit=False), planned.plan.seg_len
 
 
 def _hf_forward(hf, prompt, S):
