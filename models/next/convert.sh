@@ -1,0 +1,25 @@
+#!/bin/bash
+# The conversion recipe of the next bundled model (issue 23), run once the AR pretraining (run_next.sh) is done:
+# the AR checkpoint becomes a TiDAR model with the recipe measured for v4 (docs/design.md §1.4, the v4 card):
+# hybrid objective with the AR term weighted 1.5:1, diffusion targets from the model's own greedy continuations
+# (self-distillation, refreshed every 100 steps), acceptance weighting. In the background, one thread; its PID goes
+# to /tmp/tidar_train.pid like the pretraining's.
+#   models/next/convert.sh MINUTES AR_CHECKPOINT [OUTPUT] [extra tidar train options, e.g. --resume latest]
+set -e
+cd "$(dirname "$0")/../.."
+. .venv/bin/activate
+export OMP_NUM_THREADS=1 RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+minutes=$1
+init=$2
+out=${3:-runs/next-convert}
+shift 3 || shift $#
+mkdir -p runs
+nohup python -m tidar train --output "$out" --init-from "$init" --site-packages \
+    --batch-size 16 --seq-len 256 --block-size 16 \
+    --max-steps 2000 --lr 5e-4 --warmup-steps 20 --min-lr-ratio 0.2 --seed 1 \
+    --alpha 1.5 --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 4 \
+    --distill-ratio 1.0 --distill-refresh 100 --distill-prompt-len 64 \
+    --save-every 200 --keep-checkpoints 3 --eval-every 200 --eval-batches 16 --eval-prompts 4 --eval-new-tokens 64 \
+    --log-every 10 --device cpu --max-minutes "$minutes" "$@" >> "$out.log" 2>&1 &
+echo $! > /tmp/tidar_train.pid
+echo "started PID $! (log: $out.log)"
