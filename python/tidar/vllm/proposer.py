@@ -119,10 +119,13 @@ class TidarProposer:
         drafts = [len(so.scheduled_spec_decode_tokens.get(rid, ())) for rid in req_ids]
         computed = [s - n for s, n in zip(seq_lens, sched)]
         # a request that will draft from the context again appends no block (draft_source)
-        levels = [
-            self.options.levels if rid not in self.evidence or self.evidence[rid].wants_block() else ()
-            for rid in req_ids
-        ]
+        levels = []
+        for rid in req_ids:
+            ev = self.evidence.get(rid)
+            block = ev is None or ev.wants_block()
+            if ev is not None:
+                ev.planned(block)
+            levels.append(self.options.levels if block else ())
         ks = [self.evidence[rid].block_drafts(self.K) if rid in self.evidence else self.K for rid in req_ids]
         layout = plan_step(computed, sched, drafts, ks, levels, self.max_position)
         if layout.num_rows == 0:
