@@ -9,12 +9,16 @@
 - ``prompts_batch``: greedy, left-padded ragged batches of 4 and 16 different prompts: TiDAR vs HF AR.
 - ``prompts_sampled``: temperature 0.8, batch 1 and 4: TiDAR vs HF sampling (different draws; tokens/s only).
 Every greedy text is checked identical to HF greedy. Writes ``prompts.md`` and ``prompts.json``.
+
+``TIDAR_PROMPTS_PARTS`` (environment) runs a subset: a comma list of ``b1``, ``batch4``, ``batch16``,
+``sampled1``, ``sampled4`` (default: all); ``TIDAR_PROMPTS_ROUNDS`` sets the rounds of the batch groups (default 3).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 
 import torch
@@ -26,6 +30,15 @@ from .timing import timed_call
 NEW_TOKENS = 128
 BATCH_NEW_TOKENS = 96
 TEMPERATURE = 0.8
+PARTS = ("b1", "batch4", "batch16", "sampled1", "sampled4")
+
+
+def _parts() -> set:
+    parts = {p.strip() for p in os.environ.get("TIDAR_PROMPTS_PARTS", ",".join(PARTS)).split(",") if p.strip()}
+    bad = parts - set(PARTS)
+    if bad:
+        raise ValueError(f"TIDAR_PROMPTS_PARTS: unknown {sorted(bad)}; choose from {', '.join(PARTS)}")
+    return parts
 
 
 def _load(bench: Bench):
@@ -157,9 +170,12 @@ def _batches(bench: Bench, hf, td, tok, prompts, rec, temperature: float):
 
     n = 8 if bench.smoke else BATCH_NEW_TOKENS
     texts = [p for _, p in prompts]
-    sizes = (1, 4) if temperature > 0 else (4, 16)
-    rounds = 1 if bench.smoke else 3
+    kind = "sampled" if temperature > 0 else "batch"
+    sizes = [B for B in ((1, 4) if temperature > 0 else (4, 16)) if f"{kind}{B}" in _parts()]
+    rounds = 1 if bench.smoke else int(os.environ.get("TIDAR_PROMPTS_ROUNDS", "3"))
     out_rows = []
+    if not sizes:
+        return
     for B in sizes:
         if B > len(texts):
             continue
@@ -217,7 +233,8 @@ def run(bench: Bench):
         prompts = [(cls, p) for cls, ps in PROMPTS.items() for p in ps] + [("demo", p) for p in demo]
         if bench.smoke:
             prompts = prompts[:2]
-        _batch1(bench, hf, td, tok, prompts, rec)
+        if "b1" in _parts():
+            _batch1(bench, hf, td, tok, prompts, rec)
         ordinary = [cp for cp in prompts if cp[0] != "demo"]
         _batches(bench, hf, td, tok, ordinary, rec, 0.0)
         _batches(bench, hf, td, tok, ordinary, rec, TEMPERATURE)
@@ -230,7 +247,7 @@ def goals(bench: Bench):
     rec = getattr(bench, "prompts_record", None)
     if not rec:
         return
-    g = rec["batch1"]["groups"]
+    g = rec["batch1"]["groups"] if "batch1" in rec else {}
     o = g.get("ordinary (all)")
     if o:
         bench.goal(
@@ -253,7 +270,7 @@ def goals(bench: Bench):
             f"{d['x_ar_tidar']:.2f}x",
             "met" if d["x_ar_tidar"] >= 2.5 else "missed",
         )
-    worst = [r["x_ar_tidar"] for r in rec["batch1"]["prompts"]]
+    worst = [r["x_ar_tidar"] for r in rec.get("batch1", {}).get("prompts", [])]
     worst += [r["x_ar_tidar"] for k in ("batches", "sampled") for r in rec.get(k, {}).get("rows", [])]
     if worst:
         bench.goal(
@@ -262,7 +279,7 @@ def goals(bench: Bench):
             f"min {min(worst):.2f}x",
             "met" if min(worst) >= 0.95 else "missed",
         )
-    same = all(r["identical"] for r in rec["batch1"]["prompts"]) and all(
+    same = all(r["identical"] for r in rec.get("batch1", {}).get("prompts", [])) and all(
         r.get("identical", True) for r in rec.get("batches", {}).get("rows", [])
     )
     bench.goal("every greedy text identical to HF greedy", "all", "yes" if same else "NO", "met" if same else "MISSED")
@@ -277,17 +294,20 @@ def _f(v, spec="{:.2f}"):
 
 
 def markdown(rec: dict) -> str:
-    b1 = rec["batch1"]
+    b1 = rec.get("batch1", {"groups": {}, "prompts": []})
     lines = [
         "# TiDAR defaults on ordinary prompts",
         "",
-        f"Model {rec['model']}, git {rec['git_sha']}, {rec['date']}, {rec['torch_threads']} torch threads. "
-        f"Batch 1: {b1['new_tokens']} new tokens, best of {b1['rounds']} interleaved rounds per prompt.",
-        "",
-        "| prompts | n | TiDAR x AR | TiDAR x lookup | lookup x AR | per prompt x lookup (min / median / max) "
-        "| per prompt x AR (min / median / max) | identical |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Model {rec['model']}, git {rec['git_sha']}, {rec['date']}, {rec['torch_threads']} torch threads.",
     ]
+    if "batch1" in rec:
+        lines += [
+            f"Batch 1: {b1['new_tokens']} new tokens, best of {b1['rounds']} interleaved rounds per prompt.",
+            "",
+            "| prompts | n | TiDAR x AR | TiDAR x lookup | lookup x AR | per prompt x lookup (min / median / max) "
+            "| per prompt x AR (min / median / max) | identical |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for cls, g in b1["groups"].items():
         sl, sa = g["x_lookup_tidar_per_prompt"], g["x_ar_tidar_per_prompt"]
         lines.append(
@@ -310,6 +330,8 @@ def markdown(rec: dict) -> str:
                 f"| {row['batch']} | {row['first_prompt']} | {row['hf_tok_s']:.0f} | {row['x_ar_tidar']:.2f} "
                 f"| {_f(row['tidar_tokens_per_forward'])} | {same} |"
             )
+    if not b1["prompts"]:
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "## Per prompt (batch 1)",

@@ -71,35 +71,46 @@ def _ms_per_forward(model, ids, **kw) -> float:
     return best
 
 
-def _host_calibrated(model):
+def _host_calibrated(model, batch: int = 1):
     """The model's slot curve with what the forward leaves out measured (once per curve), by timing this loop:
     the host work of a greedy step (plain AR steps at batch 1 and 4, less the curve's forward and LM head) and
     the extra cost of a sampled step: a plain AR one (K = 1), and rejection sampling with drafts, fixed and per row
-    (K = 2 and 4 with all proposal blocks: 6 and 20 rows), at batch 1."""
+    (K = 2 and 4 with all proposal blocks: 6 and 20 rows), at batch 1. A batch over 4 gets its own host work
+    measured (once per batch size): the per-row line does not extrapolate (``SlotCurve.host_ms_batch``)."""
     curve = slot_curve(model)
-    if curve.host_measured:
-        return curve
-    curve.host_measured = True  # before the runs below, which plan with a fixed K and do not come back here
+    if not curve.host_measured:
+        curve.host_measured = True  # before the runs below, which plan with a fixed K and do not come back here
+        _measure_host(model, curve)
+    if batch > 4 and batch not in curve.host_ms_batch:
+        curve.host_ms_batch[batch] = _host_at(model, curve, batch)
+    return curve
+
+
+def _calibration_ids(model, batch: int) -> torch.Tensor:
     vocab = model.get_input_embeddings().weight.shape[0]
-    gen = torch.Generator().manual_seed(0)
-    device = next(model.parameters()).device
-    ids = torch.randint(3, vocab, (4, 16), generator=gen).to(device)
-    new = 17
-    host = {}
-    for B in (1, 4):
-        ms = _ms_per_forward(model, ids[:B], max_new_tokens=new, draft_len=1)
-        host[B] = max(0.0, ms - curve.batch_step(B, 1, 1, 1))
+    ids = torch.randint(3, vocab, (batch, 16), generator=torch.Generator().manual_seed(0))
+    return ids.to(next(model.parameters()).device)
+
+
+def _host_at(model, curve, batch: int) -> float:
+    """The host work of a plain greedy AR step at ``batch`` rows: a step's time less the curve's forward and head."""
+    ms = _ms_per_forward(model, _calibration_ids(model, batch), max_new_tokens=17, draft_len=1)
+    return max(0.0, ms - curve.device_step(batch, 1, 1, 1))
+
+
+def _measure_host(model, curve):
+    ids = _calibration_ids(model, 4)
+    host = {B: _host_at(model, curve, B) for B in (1, 4)}
     curve.host_ms_row = (host[4] - host[1]) / 3 if host[4] > host[1] else 0.0
     curve.host_ms_step = max(0.0, host[1] - curve.host_ms_row)
     extra = {}
     for K in (1, 2, 4):
-        ms = _ms_per_forward(model, ids[:1], max_new_tokens=new, draft_len=K, temperature=1.0, seed=0)
+        ms = _ms_per_forward(model, ids[:1], max_new_tokens=17, draft_len=K, temperature=1.0, seed=0)
         S = K * (1 + (K if K > 1 else 0))
         extra[K] = max(0.0, ms - curve.batch_step(1, S, S, 1))
     curve.sample_ms_ar = extra[1]
     curve.sample_ms_row = (extra[4] - extra[2]) / 14 if extra[4] > extra[2] else 0.0  # 20 rows at K = 4, 6 at K = 2
     curve.sample_ms_step = max(0.0, extra[2] - 6 * curve.sample_ms_row)
-    return curve
 
 
 def _sample_kw(g, generator, backend: str, seed) -> dict:
@@ -178,7 +189,11 @@ class Decoder(StepForwards):
         auto = K == "auto"
         self.planner = (
             Planner(
-                _host_calibrated(model), self.evidence.request, levels=levels, batch=self.B, sampling=not self.greedy
+                _host_calibrated(model, self.B),
+                self.evidence.request,
+                levels=levels,
+                batch=self.B,
+                sampling=not self.greedy,
             )
             if auto
             else None

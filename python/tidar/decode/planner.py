@@ -308,10 +308,11 @@ class Planner:
         key = [(nd, nc, match, id(st), self._version(st)) for nd, nc, st, match, _ in rows]
         if self._still_ar(key, k_limit):  # an AR streak on unchanged evidence: the scoring would say AR again
             return self._explore_or(Plan(1, ()), rows, k_limit)
-        # per row, once per step: expected accepted drafts of each source by draft count, and the remaining tokens
+        # per pacing row, once per step: expected accepted drafts of each source by draft count, the remaining tokens
+        pacing = _pacing_rows(rows)
         slots = tuple(K - 1 for K in self.best if K <= max(1, k_limit))
-        tables = [self._row_tables(nd, nc, st, match, slots) for nd, nc, st, match, _ in rows]
-        remaining = [r[4] for r in rows]
+        tables = [self._row_tables(nd, nc, st, match, slots) for nd, nc, st, match, _ in pacing]
+        remaining = [r[4] for r in pacing]
         best_val, best, ar_val = -1.0, Plan(1, ()), 0.0
         for K, (lv, tok, ms) in self.best.items():
             if K > max(1, k_limit):
@@ -322,7 +323,7 @@ class Planner:
             if lv and self.fixed_levels is None and self.fixed_k is None:
                 options.append(((), ctx_next, self.cost(K, ())))
             for levels, nxt, nxt_ms in options:
-                pace = min((a + b) / r for a, b, r in zip(now, nxt, remaining)) if rows else 1.0
+                pace = min((a + b) / r for a, b, r in zip(now, nxt, remaining)) if pacing else 1.0
                 val = pace / (self.cost(K, levels) + nxt_ms)
                 if K == 1 and not levels:
                     ar_val = val
@@ -365,6 +366,20 @@ class Planner:
         else:
             self.ar_run = 0
         return best
+
+
+def _pacing_rows(rows: list) -> list:
+    """The rows that set a batch's pace in ``Planner.choose``. A row with no drafts of either source and the most
+    tokens left paces every plan alone: its tokens are 1 this step and next step what the plan's blocks give, and
+    every other row gets at least as many with no more tokens left. Scoring it alone gives the choice all rows
+    give, without per-row work each step (at batch 16 some row's context match changes nearly every step, so the
+    memo of an AR streak rarely holds)."""
+    if len(rows) > 1:
+        most = max(r[4] for r in rows)
+        for r in rows:
+            if r[0] == 0 and r[1] == 0 and r[4] == most:
+                return [r]
+    return rows
 
 
 def _row(r: tuple, default_stats: dict) -> tuple:

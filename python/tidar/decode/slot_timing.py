@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,13 @@ class SlotCurve:
     sample_ms_step: float = 0.0  # a sampled step's verification with drafts (rejection sampling), fixed
     sample_ms_row: float = 0.0  # ... per verified or proposal row
     host_measured: bool = False  # whether the host and sampling terms were measured (``generate`` does, once)
+    # batch -> a greedy AR step's host work measured at that batch (``generate`` does, once per batch over 4): the
+    # line through batch 1 and 4 overstates a batch of 16 twofold, and an AR step priced too high makes drafted
+    # steps look cheap (benchmarks/results/2026-12-06-cpu-batch/README.md)
+    host_ms_batch: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.host_ms_batch = {int(b): float(ms) for b, ms in self.host_ms_batch.items()}  # JSON keys are strings
 
     def body(self, n: int) -> float:
         """Interpolated body cost of an ``n``-token forward (linear between grid points, linear beyond)."""
@@ -62,16 +69,19 @@ class SlotCurve:
         return self.body(seg_len) + self.head_ms_per_row * head_rows
 
     def batch_step(self, batch: int, seg_len: int, head_rows: int, head_calls: int = 1) -> float:
-        """Cost of a decode step of ``batch`` rows: the forward at all rows' tokens (the curve is measured on one
-        row; a batch's matrix products cost what one row of as many tokens costs), the LM head on ``head_rows``
-        rows per row in ``head_calls`` calls, and the step's host work."""
-        return (
-            self.body(batch * seg_len)
-            + self.head_ms_per_row * batch * head_rows
-            + self.head_ms_call * head_calls
-            + self.host_ms_step
-            + self.host_ms_row * batch
-        )
+        """Cost of a decode step of ``batch`` rows: the forward and head (``device_step``) and the step's host work
+        (measured at this batch when ``host_ms_batch`` has it, else fixed + per row)."""
+        return self.device_step(batch, seg_len, head_rows, head_calls) + self.host_ms(batch)
+
+    def device_step(self, batch: int, seg_len: int, head_rows: int, head_calls: int = 1) -> float:
+        """The forward at all rows' tokens (the curve is measured on one row; a batch's matrix products cost what
+        one row of as many tokens costs) and the LM head on ``head_rows`` rows per row in ``head_calls`` calls."""
+        return self.body(batch * seg_len) + self.head_ms_per_row * batch * head_rows + self.head_ms_call * head_calls
+
+    def host_ms(self, batch: int) -> float:
+        """The host work of a step of ``batch`` rows beyond its forward and head."""
+        measured = self.host_ms_batch.get(batch)
+        return measured if measured is not None else self.host_ms_step + self.host_ms_row * batch
 
     def sampled_step(self, batch: int, K: int, levels: int) -> float:
         """Cost of a sampled decode step: the LM head on every row, and rejection sampling over the K verified rows
