@@ -19,7 +19,12 @@ if __name__ == "__main__":
     llm = make_llm(job.get("spec"), **job.get("engine", {}))
     outs = llm.generate(job["prompts"], vllm.SamplingParams(**job["sampling"]), use_tqdm=False)
     metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-    enforce_eager = llm.llm_engine.vllm_config.model_config.enforce_eager
-    result = {"token_ids": [list(o.outputs[0].token_ids) for o in outs], "metrics": metrics, "eager": enforce_eager}
+    config = llm.llm_engine.vllm_config
+    result = {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "metrics": metrics,
+        "eager": config.model_config.enforce_eager,
+        "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+    }
     llm.llm_engine.engine_core.shutdown()
     print(json.dumps(result))

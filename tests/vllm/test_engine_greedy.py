@@ -70,13 +70,19 @@ def test_model_length_limits(plain_llm, tidar_llm, prompts):
     )
 
 
-def test_preemption_under_cache_pressure(plain_llm, prompts):
+def test_preemption_chunked_prefill_and_compiled_graphs_requested(plain_llm, prompts):
+    """One engine (its own process) under three conditions at once, each a separate engine start otherwise:
+    9 blocks of 128 slots (one request of the model's length fits) for 7 requests of up to ~260 tokens, so the
+    scheduler preempts and recomputes; a 40-token budget per step, so the longer prompts are prefilled in chunks
+    (a chunk that does not end its prompt gets a block whose drafts vLLM discards); and enforce_eager=False, which
+    the plugin switches on."""
     import tidar.vllm
 
-    # 9 blocks of 128 slots (one request of the model's length fits) for 7 requests of up to ~300 tokens: the
-    # scheduler preempts requests and recomputes them later
     sampling = dict(temperature=0.0, max_tokens=200, ignore_eos=True)
-    got = engine_in_subprocess(tidar.vllm.speculative_config(8), {"num_gpu_blocks_override": 9}, prompts, sampling)
+    engine = {"num_gpu_blocks_override": 9, "max_num_batched_tokens": 40, "enforce_eager": False}
+    got = engine_in_subprocess(tidar.vllm.speculative_config(8), engine, prompts, sampling)
     assert got["metrics"]["vllm:num_preemptions"] > 0
-    want = token_ids(plain_llm.generate(prompts, _params(**sampling), use_tqdm=False))
-    assert got["token_ids"] == want
+    assert got["max_num_batched_tokens"] == 40
+    assert max(len(plain_llm.get_tokenizer().encode(p)) for p in prompts) > 40  # some prompt was chunked
+    assert got["eager"]
+    assert got["token_ids"] == token_ids(plain_llm.generate(prompts, _params(**sampling), use_tqdm=False))

@@ -8,7 +8,7 @@ import logging
 import shutil
 
 import pytest
-from conftest import MODEL, engine_in_subprocess
+from conftest import MODEL
 
 import tidar.vllm
 
@@ -64,9 +64,3 @@ def test_compiled_graphs_switched_off_with_a_reason(caplog):
     plain = EngineArgs(model=MODEL, enforce_eager=False)
     adjust_engine_args(plain)
     assert plain.enforce_eager is False  # engines without TiDAR are left alone
-
-
-def test_engine_started_without_enforce_eager_runs_tidar(prompts):
-    spec = tidar.vllm.speculative_config(4)
-    got = engine_in_subprocess(spec, {"enforce_eager": False}, prompts[:1], dict(temperature=0.0, max_tokens=8))
-    assert got["eager"] and len(got["token_ids"][0]) == 8
