@@ -95,6 +95,7 @@ class TidarProposer:
         from vllm.forward_context import get_forward_context
 
         so, runner = self.scheduler_output, self.runner
+        self.scheduler_output = None  # one forward per scheduler step: a later dummy run must not reuse it
         self.req_ids = []
         if so is None or input_ids is None:
             return None
