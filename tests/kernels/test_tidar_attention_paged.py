@@ -242,6 +242,22 @@ def test_separate_segment_form(backend, device, case):
     torch.testing.assert_close(out, plain, **_tol(backend))
 
 
+def test_separate_segment_with_a_table_as_wide_as_the_pool_keys(backend, device):
+    """k_seg's keys are off the pool, so the block table needs only the pool keys' blocks (an engine sizes it so):
+    rows whose pool keys fill their last block exactly, and a table with no column to spare, are not read past."""
+    lay, S_sep, bs, Hkv, D, dt = layouts.decode_step(3), 9, 16, 2, 16, _dtype(backend)
+    pool_lens = [32, 16, 5]  # two rows end on a block boundary: their k_seg keys would be in a block not in the table
+    kc, vc, table, pool = make_pool(pool_lens, Hkv, D, bs, dt, seed=7)
+    table = table[:, : -(-max(pool_lens) // bs)].contiguous()  # exactly the pool keys' blocks
+    g = torch.Generator().manual_seed(7)
+    k_seg, v_seg = (torch.randn(3, Hkv, S_sep, D, generator=g, dtype=torch.float64).to(dt) for _ in range(2))
+    q = q_for(3, 4, lay.seg_len, D, dt, seed=7)
+    with torch.no_grad():
+        args = [t.to(device) for t in (q, kc, vc, table, pool, lay.local_limit, lay.block_id)]
+        out = tidar_attention_paged(*args, k_seg=k_seg.to(device), v_seg=v_seg.to(device), backend=backend).cpu()
+    torch.testing.assert_close(out, seg_twin(q, kc, vc, table, pool, k_seg, v_seg, lay), **_tol(backend))
+
+
 def test_buffers_updated_in_place_between_steps(backend, device):
     """Engines keep block tables and lengths in persistent buffers updated in place: every call reads the current
     values (what the op remembers per table/lengths pair is keyed on their versions), also under inference_mode."""

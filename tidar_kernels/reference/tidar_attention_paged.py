@@ -23,7 +23,9 @@ def paged_slots(block_table, seq_lens, block_size: int, kv_len: int | None = Non
         rng = int_range(seq_lens) if seq_lens.numel() else (0, 0)
         kv_len = rng[1] if rng is not None else block_table.shape[1] * block_size
     j = torch.arange(kv_len, device=block_table.device)
-    blocks = block_table.long()[:, j // block_size]  # [B, kv_len]
+    # a key past a row's length may lie past the table (k_seg keys follow the pool keys off the pool): clamp the
+    # column; such entries are replaced by slot 0 below
+    blocks = block_table.long()[:, (j // block_size).clamp(max=max(block_table.shape[1] - 1, 0))]  # [B, kv_len]
     slots = blocks * block_size + (j % block_size)[None]
     return torch.where(j[None] < seq_lens[:, None].long(), slots, 0), kv_len  # entries past a length may be junk
 
