@@ -23,7 +23,7 @@ from tidar.hf.probe import (
     static_checks,
     text_config,
 )
-from tidar.settings import TidarSettings, is_patched, settings
+from tidar.settings import TidarSettings, is_patched, settings_of
 
 _REGISTERED = False
 # Config attributes that bound the positions a model can take, in the order they are looked for.
@@ -79,7 +79,7 @@ def mask_token_id_of(model, mask_token_id=None, *, use_patch: bool = True) -> in
     """The [MASK] id TiDAR uses for ``model``: ``mask_token_id`` if given, else the patch's (``use_patch``), else
     ``config.mask_token_id``; checked to be a token id of the embedding table."""
     if mask_token_id is None and use_patch and is_patched(model):
-        mask_token_id = settings(model).mask_token_id
+        mask_token_id = settings_of(model).mask_token_id
     if mask_token_id is None:
         mask_token_id = getattr(model.config, "mask_token_id", None)
     if mask_token_id is None:
@@ -251,4 +251,4 @@ def add_mask_token(model, tokenizer, token: str = "[MASK]") -> int:
     return int(mask_id)
 
 
-__all__ = ["add_mask_token", "is_patched", "patch", "settings", "unpatch", "TidarSettings", "UnsupportedModel"]
+__all__ = ["add_mask_token", "is_patched", "patch", "settings_of", "unpatch", "TidarSettings", "UnsupportedModel"]

@@ -23,7 +23,7 @@ class TidarSettings:
     config_swaps: list | None = None  # (module, attribute, caller's config) re-pointed to the model's own copy
 
 
-def settings(model) -> TidarSettings:
+def settings_of(model) -> TidarSettings:
     s = getattr(model, "_tidar", None)
     if s is None:
         raise ValueError("this model is not patched for TiDAR: call tidar.patch(model) first")

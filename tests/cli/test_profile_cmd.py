@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 
 from tidar.cli import main
-from tidar.cli.profile import format_report, plan_table, profile
+from tidar.cli.profile import format_report, plan_table, profile_model
 from tidar.decode.planner import AcceptanceStats, new_stats
 from tidar.decode.slot_timing import GRID, SlotCurve
 
@@ -57,7 +57,7 @@ def test_profile_on_a_tiny_model_reports_what_generation_did():
     torch.manual_seed(0)
     model = tiny_model("qwen2")
     prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 12, 13]]
-    r = profile(model, prompts, max_new_tokens=12, curve=FLAT)
+    r = profile_model(model, prompts, max_new_tokens=12, curve=FLAT)
     g = r["generation"]
     assert g["prompts"] == 2 and g["new_tokens"] == sum(x["new_tokens"] for x in g["runs"]) == 24
     assert g["forwards"] == sum(x["forwards"] for x in g["runs"])
@@ -87,16 +87,16 @@ def test_profile_on_a_tiny_model_reports_what_generation_did():
 
 def test_profile_fixed_k_and_bad_arguments():
     model = tiny_model("llama")
-    r = profile(model, [[3, 4, 5, 6]], max_new_tokens=6, draft_len=4, context_drafts=False, curve=STEEP)
+    r = profile_model(model, [[3, 4, 5, 6]], max_new_tokens=6, draft_len=4, context_drafts=False, curve=STEEP)
     assert set(r["generation"]["draft_lens"]) <= {"1", "2", "3", "4"}
     assert "context" not in r["generation"]["draft_sources"]
     assert r["auto"]["choice"]["draft_len"] == 1  # a steep curve: auto would decode plain AR steps
     with pytest.raises(ValueError, match="max_new_tokens"):
-        profile(model, [[3, 4]], max_new_tokens=0, curve=STEEP)
+        profile_model(model, [[3, 4]], max_new_tokens=0, curve=STEEP)
     with pytest.raises(ValueError, match="prompts"):
-        profile(model, [], curve=STEEP)
+        profile_model(model, [], curve=STEEP)
     with pytest.raises(ValueError, match="prompts"):
-        profile(model, [[]], curve=STEEP)
+        profile_model(model, [[]], curve=STEEP)
 
 
 def test_cli_on_the_bundled_model(capsys):

@@ -38,7 +38,7 @@ def _args(**kw):
 
 
 def test_triton_passes_every_op(small):
-    rows, missing = st.selftest("cpu", interpreted=True)
+    rows, missing = st.run_selftest("cpu", interpreted=True)
     assert {(r.op, r.backend) for r in rows} == {
         (op, "triton")
         for op in (

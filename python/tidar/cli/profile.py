@@ -207,7 +207,7 @@ def _generation_report(runs: list, counters, draft_len, context_drafts: bool, ma
 
 
 @torch.no_grad()
-def profile(
+def profile_model(
     model,
     prompts,
     *,
@@ -224,7 +224,7 @@ def profile(
     The acceptance table counts every draft of the runs (``tidar.DecodeStats``); each run plans on its own
     evidence, from the priors, as every ``generate`` call does."""
     import tidar
-    from tidar.settings import settings
+    from tidar.settings import settings_of
 
     _check_profile_args(prompts, max_new_tokens)
     tidar.patch(model, draft_len=draft_len, context_drafts=context_drafts)
@@ -243,7 +243,7 @@ def profile(
         "curve": _curve_report(curve),
         "generation": _generation_report(runs, stats.counters, draft_len, context_drafts, max_new_tokens),
         "acceptance": acceptance_table(acceptance),
-        "auto": plan_table(curve, acceptance, settings(model).proposal_levels),
+        "auto": plan_table(curve, acceptance, settings_of(model).proposal_levels),
     }
 
 
@@ -330,7 +330,7 @@ def run(args) -> int:
         if not texts or any(not t for t in texts):
             raise ValueError("--prompt must be a non-empty string")
         prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        report = profile(
+        report = profile_model(
             model,
             prompts,
             max_new_tokens=args.max_new_tokens,
@@ -347,4 +347,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["acceptance_table", "add_arguments", "format_report", "plan_table", "profile", "run"]
+__all__ = ["acceptance_table", "add_arguments", "format_report", "plan_table", "profile_model", "run"]

@@ -270,7 +270,7 @@ def _run(op, case, backend, call, check) -> Row:
     return Row(op, case, backend, bool(ok), detail)
 
 
-def selftest(device=None, *, interpreted=False) -> tuple[list[Row], dict]:
+def run_selftest(device=None, *, interpreted=False) -> tuple[list[Row], dict]:
     """(rows, {"backend: why it is not live": [ops]}) for the kernel backends live on ``device``."""
     import torch
 
@@ -332,7 +332,7 @@ def run(args) -> int:
             return 2
         args.device = "cpu"
     t0 = time.perf_counter()
-    rows, missing = selftest(args.device, interpreted=args.triton_interpret)
+    rows, missing = run_selftest(args.device, interpreted=args.triton_interpret)
     failed = [r for r in rows if r.ok is False]
     passed = [r for r in rows if r.ok]
     if args.json:

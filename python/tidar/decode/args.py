@@ -31,7 +31,7 @@ class GenerateArgs:
     pad_token_id: int
     device: torch.device
     vocab: int
-    max_len: int | None = None  # the most positions a row may reach (settings(model).max_len), None: no limit known
+    max_len: int | None = None  # the most positions a row may reach (settings_of(model).max_len), None: no limit known
     max_len_reason: str = ""  # which limit max_len is ("max_position_embeddings 1024", "the sliding window 64 ...")
 
 
@@ -158,7 +158,7 @@ def check_max_new_tokens(max_new_tokens) -> int:
 
 
 def _limit(model):
-    """``(max_len, reason)`` from the patch (``settings(model).max_len``); None when no limit is known."""
+    """``(max_len, reason)`` from the patch (``settings_of(model).max_len``); None when no limit is known."""
     s = getattr(model, "_tidar", None)
     return (getattr(s, "max_len", None), getattr(s, "max_len_reason", "")) if s is not None else (None, "")
 

@@ -56,7 +56,7 @@ from tidar.decode.slot_timing import slot_curve
 from tidar.decode.stats import AcceptanceEvidence, DecodeCounters, DecodeStats, check_stats
 from tidar.hf.cache import TidarCache
 from tidar.hf.lm_head import output_head
-from tidar.settings import settings
+from tidar.settings import settings_of
 
 
 def _ms_per_forward(model, ids, **kw) -> float:
@@ -154,7 +154,7 @@ class Decoder(StepForwards):
         full_logits: bool = False,
         verifier=None,
     ):
-        s = settings(model)
+        s = settings_of(model)
         K, levels, context, backend = check_decode_options(
             s, draft_len, proposal_levels, context_drafts, full_logits, backend
         )

@@ -129,9 +129,9 @@ def measure_slot_curve(
     from tidar.hf.attention import TidarStep, tidar_hidden
     from tidar.hf.cache import TidarCache
     from tidar.hf.lm_head import output_head
-    from tidar.settings import settings
+    from tidar.settings import settings_of
 
-    s = settings(model)
+    s = settings_of(model)
     grid = sorted({int(n) for n in grid if int(n) >= 1})
     if not grid:
         raise ValueError("grid must hold token counts >= 1")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tidar.hf.attention import TidarStep, tidar_forward
-from tidar.patching import is_patched, mask_token_id_of, settings
+from tidar.patching import is_patched, mask_token_id_of, settings_of
 from tidar_kernels import layouts
 
 
@@ -86,7 +86,7 @@ def hybrid_forward(
         layout,
         torch.zeros(B, dtype=torch.int32, device=emb.device),
         None,
-        settings(base).backend if backend is None else backend,
+        settings_of(base).backend if backend is None else backend,
     )
     return tidar_forward(model, ids, pos, step).logits
 

@@ -69,7 +69,7 @@ def continue_greedy(
     attention) and re-patched with the same settings; train/eval mode is restored."""
     from transformers import DynamicCache
 
-    from tidar.patching import is_patched, patch, settings, unpatch
+    from tidar.patching import is_patched, patch, settings_of, unpatch
 
     if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2 or prompts.shape[1] < 1:
         raise ValueError(
@@ -80,7 +80,7 @@ def continue_greedy(
     base = model
     while hasattr(base, "module") and isinstance(base.module, torch.nn.Module):
         base = base.module
-    saved = settings(base) if is_patched(base) else None
+    saved = settings_of(base) if is_patched(base) else None
     if saved is not None:
         unpatch(base)
     was_training = base.training
