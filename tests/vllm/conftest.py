@@ -1,6 +1,7 @@
 """Tests of the vLLM plugin (tidar.vllm). The engine tests need vLLM, which pins its own torch: they run in a
-separate virtual environment (.ci/vllm_tests.sh, ``pytest tests/vllm --confcutdir=tests/vllm``); where vLLM is not
-installed (the main suite) only the pure tests here are collected."""
+separate virtual environment (.ci/vllm_tests.sh, ``pytest tests/vllm --confcutdir=tests/vllm``); the main suite
+leaves this folder out (tests/conftest.py). Run by hand where vLLM is not installed, only the pure tests here are
+collected."""
 
 from __future__ import annotations
 
