@@ -85,6 +85,42 @@ def test_batch_cost_counts_head_calls_host_work_and_sampling():
     ) == Plan(1, ())
 
 
+def test_a_batch_measured_on_its_own_replaces_the_per_row_line():
+    """A batch over 4 is priced with the host work measured at that batch (the line through batch 1 and 4 overstated
+    batch 16 twofold); other batches keep the line; a curve read back from JSON (string keys) keeps it."""
+    c = _curve(lambda n: 4.0, host_ms_step=0.25, host_ms_row=0.5, host_ms_batch={16: 2.0})
+    assert c.batch_step(16, 1, 1, 1) == c.device_step(16, 1, 1, 1) + 2.0
+    assert c.batch_step(8, 1, 1, 1) == c.device_step(8, 1, 1, 1) + 0.25 + 0.5 * 8
+    assert SlotCurve(**{**c.__dict__, "host_ms_batch": {"16": 2.0}}).host_ms(16) == 2.0
+
+
+def test_a_batch_is_scored_by_its_pacing_row_with_the_same_choice(monkeypatch):
+    """A row with no drafts and the most tokens left paces every plan: scoring it alone picks what all rows pick."""
+    import tidar.decode.planner as planner_mod
+
+    flat = _curve(lambda n: 4.0 + 0.002 * n)  # nearly free slots: drafted plans win often enough to compare
+    gen = torch.Generator().manual_seed(0)
+    chosen = set()
+    for trial in range(40):
+        rows_st = new_row_stats(6)
+        for st in rows_st[:3]:  # some rows with evidence of looping context
+            st["context"].update(MAX_AUTO_DRAFT_LEN - 1, int(torch.randint(0, MAX_AUTO_DRAFT_LEN, (1,), generator=gen)))
+        rows = []
+        for b, st in enumerate(rows_st):
+            nd, nc = (int(x) for x in torch.randint(0, MAX_AUTO_DRAFT_LEN, (2,), generator=gen))
+            match = int(torch.randint(0, 20, (1,), generator=gen))
+            rows.append(_row(st, nd=nd, nc=nc, match=match, remaining=90 + b % 2 * 10))
+        rows[trial % 6] = _row(rows_st[trial % 6], nd=0, nc=0, remaining=100 if trial % 3 else 90)
+        for curve, batch in ((CPU, 4), (CPU, 16), (flat, 2), (flat, 6)):
+            fast = Planner(curve, new_stats(), batch=batch).choose(rows, MAX_AUTO_DRAFT_LEN)
+            with monkeypatch.context() as m:
+                m.setattr(planner_mod, "_pacing_rows", lambda rs: rs)
+                full = Planner(curve, new_stats(), batch=batch).choose(rows, MAX_AUTO_DRAFT_LEN)
+            assert fast == full, (trial, batch)
+            chosen.add(fast)
+    assert len(chosen) > 1, chosen  # not only plain AR steps
+
+
 def test_ngram_match_length_and_periodic_drafts():
     idx = NgramIndex([5, 6, 7] * 6)
     drafts, match = idx.match(7)
