@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+import torch
+
 from tidar.train.args import add_arguments
 from tidar.train.run import evaluate_folder, train
 
@@ -24,7 +26,17 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
         print(f"tidar train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Destroy the process group a distributed launch (torchrun, accelerate) made, before the interpreter exits: left
+    to interpreter teardown, gloo's worker threads can abort the process ("terminate called without an active
+    exception", SIGABRT) after a run that succeeded (pytorch/pytorch#190489)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 __all__ = ["add_arguments", "run"]
