@@ -197,8 +197,10 @@ def test_ragged_prefill_is_two_batched_forwards_and_exact():
     want1 = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=1)
     want20 = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
     tidar.patch(model, draft_len=4)
-    out = tidar.generate(model, ids, attention_mask=mask, max_new_tokens=1)
-    assert out.forwards == 2 and torch.equal(out.sequences, want1)
+    prefilled = tidar.Decoder(model, ids, attention_mask=mask, max_new_tokens=20).prefill()
+    assert prefilled.draft_len == 4 and prefilled.forwards == 2  # the prompts, then every row's block of 4 masks
+    out = tidar.generate(model, ids, attention_mask=mask, max_new_tokens=1)  # K = 1: no mask block at all
+    assert out.forwards == 1 and torch.equal(out.sequences, want1)
     assert torch.equal(tidar.generate(model, ids, attention_mask=mask, max_new_tokens=20).sequences, want20)
 
 
@@ -222,3 +224,79 @@ def test_an_ar_run_is_not_rescored_every_step_but_a_growing_match_is_weighed_wit
     looping = [(0, MAX_AUTO_DRAFT_LEN - 1, r, 60, 50) for r in rows]  # every row's text now repeats a 60-token block
     plans = [planner.choose(looping, MAX_AUTO_DRAFT_LEN) for _ in range(Planner.AR_RESCORE + 1)]
     assert plans[-1].draft_len > 1
+
+
+def _ar_only_rows(n):
+    rows = new_row_stats(n)
+    for r in rows:  # nothing has been accepted for a long while: AR pays best
+        for _ in range(30):
+            r["diffusion"].update(MAX_AUTO_DRAFT_LEN - 1, 0)
+            r["context"].update(MAX_AUTO_DRAFT_LEN - 1, 0)
+    return [(0, 0, r, 0, 500) for r in rows]
+
+
+def test_explorations_that_find_nothing_come_ever_more_rarely_and_a_drafted_verdict_resets_the_wait():
+    """Where drafts do not pay, an AR streak explores one cheap diffusion step after EXPLORE_AFTER AR steps, then
+    after twice as many each time (up to EXPLORE_MAX_AFTER); once the scoring itself picks drafts, the wait is
+    EXPLORE_AFTER again."""
+    rows = _ar_only_rows(1)
+    planner = Planner(CPU, rows[0][2], sampling=True)  # the request's evidence: the row's
+    explored = [i for i in range(600) if planner.choose(rows, MAX_AUTO_DRAFT_LEN) != Plan(1, ())]
+    gaps = [b - a for a, b in zip([-1] + explored, explored)]
+    first = Planner.EXPLORE_AFTER
+    assert gaps[:4] == [first, 2 * first, 4 * first, 8 * first]  # the explored step ends each gap
+    assert max(gaps) == Planner.EXPLORE_MAX_AFTER and len(explored) < 10  # every 16 steps: 37 explorations
+    for r in rows:  # the evidence turns: long accepted runs
+        for _ in range(4):
+            r[2]["diffusion"].update(MAX_AUTO_DRAFT_LEN - 1, MAX_AUTO_DRAFT_LEN - 1)
+    assert planner.choose(rows, MAX_AUTO_DRAFT_LEN).draft_len > 1  # scored, not explored
+    assert planner.explore_after == Planner.EXPLORE_AFTER
+
+
+def test_the_first_plan_of_a_batch_or_a_sampled_request_takes_drafts_only_where_they_beat_ar_by_the_margin():
+    """The prefill's mask block is the first plan; where the priors' best draft plan beats AR by less than the
+    planner's margin (sampling, a batch), it is K = 1: no mask block at all. Greedy batch 1 keeps drafting from
+    the start (the decoder takes at least K = 2 there)."""
+
+    def ratio(planner):  # the priors' best draft plan over AR, in tokens per ms
+        best = planner.steady_plans()
+        value = {K: tok / ms for K, (_, tok, ms) in best.items()}
+        return max(v for K, v in value.items() if K > 1) / value[1]
+
+    seen = set()
+    for slope in [0.02 * i for i in range(1, 200)]:
+        planner = Planner(_curve(lambda n, b=slope: 3.6 + b * n), new_stats(), batch=4)
+        r, K0 = ratio(planner), planner.first(MAX_AUTO_DRAFT_LEN).draft_len
+        if 1.0 < r < planner.margin:  # drafts win, but by less than the margin: no mask block
+            assert K0 == 1, (slope, r)
+            seen.add("within")
+        elif r >= planner.margin:
+            assert K0 > 1, (slope, r)
+            seen.add("beyond")
+    assert seen == {"within", "beyond"}  # the scan crossed both cases
+
+
+def test_a_sampled_batch_whose_drafts_do_not_pay_prefills_without_a_mask_block_and_keeps_the_distribution():
+    """End to end: with a slot curve on which drafts cannot pay, a sampled batch's prefill is the prompts' one
+    forward (K0 = 1) and every token is drawn from the AR row: the first new tokens over many seeds follow the
+    model's own softmax at the temperature (total variation against the exact distribution)."""
+    torch.manual_seed(0)
+    model = tiny_model("qwen2")
+    tidar.patch(model)
+    set_slot_curve(model, _curve(lambda n: 40.0 * n))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    dec = tidar.Decoder(model, ids, max_new_tokens=8, temperature=1.0, draft_len="auto")
+    pre = dec.prefill()
+    assert pre.draft_len == 1 and pre.forwards == 1
+    with torch.no_grad():
+        target = torch.softmax(model(ids).logits[:, -1].float(), -1)
+    draws = 3000
+    counts = torch.zeros_like(target)
+    for s in range(draws):
+        out = tidar.generate(
+            model, ids, max_new_tokens=1, temperature=1.0, draft_len="auto", generator=torch.Generator().manual_seed(s)
+        )
+        first = out.sequences[:, ids.shape[1]]
+        counts[torch.arange(2), first] += 1
+    tv = 0.5 * (counts / draws - target).abs().sum(-1)
+    assert bool((tv < 0.08).all()), tv

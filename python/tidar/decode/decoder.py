@@ -250,12 +250,17 @@ class Decoder(StepForwards):
 
     def _first_draft_len(self, lengths) -> int:
         """K of the prefill's mask block: the fixed K (fitted as a step's), or with ``"auto"`` the planner's first
-        plan, at least 2 (drafts from the start) unless one new token is asked for."""
+        plan: greedy at batch 1 at least 2 (drafts from the start) unless one new token is asked for; sampled or
+        batched, K = 1 (no mask block) where the priors say drafts do not beat AR by the planner's margin."""
         k_limit = self._k_limit(lengths)
         if self.planner is None:
             return self._fit(self._fixed_plan(k_limit), lengths).draft_len
+        if self.g.max_new_tokens <= 1:
+            return 1
         first = self.planner.first(k_limit)
-        return max(2, first.draft_len) if self.g.max_new_tokens > 1 else 1
+        if self.planner.margin > 1.0:  # sampling or a batch: drafts from the start only where they pay (K0 may be 1)
+            return first.draft_len
+        return max(2, first.draft_len)
 
     # ------------------------------------------------------------------ prefill
     def prefill(self) -> Prefilled:
@@ -280,7 +285,7 @@ class Decoder(StepForwards):
             self._emit(b, [host[b][0]])
         self._diff = [(host[b][1:], probs[b] if probs is not None else None) for b in range(B)]
         c.draft_lens.append(K0)
-        c.levels.append(tuple(range(1, K0 + 1)))
+        c.levels.append(tuple(range(1, K0 + 1)) if K0 > 1 else ())  # K0 = 1: no mask block
         return Prefilled([row[0] for row in host], K0, c.forwards - before)
 
     def _emit(self, b: int, tokens: list) -> int:

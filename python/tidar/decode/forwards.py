@@ -78,10 +78,13 @@ class StepForwards:
 
     # ------------------------------------------------------------------ prefill
     def _prefill_forwards(self, K):
-        """Prompt (causal) + one block of K masks; returns the first tokens and drafts [B, K] (device) and their q,
-        with the prompts committed to the cache."""
+        """Prompt (causal) + one block of K masks (none at K = 1); returns the first tokens and drafts [B, K] (device)
+        and their q, with the prompts committed to the cache."""
         lengths = list(map(len, self.g.prompts))
-        if len(set(lengths)) == 1:
+        if K == 1:  # a 1-slot block drafts nothing: the prompts' forward alone (the AR row is its own block)
+            ar = self._prefill_prompts(lengths)
+            blocks = ar[:, None]
+        elif len(set(lengths)) == 1:
             ar, blocks = self._prefill_even(K, lengths[0])
         else:
             ar, blocks = self._prefill_ragged(K, lengths)
@@ -103,23 +106,30 @@ class StepForwards:
         logits = self._rows(h, slice(n - 1, n + K))
         return logits[:, 0], logits[:, 1:]
 
-    def _prefill_ragged(self, K, lengths):
-        """Prompts of different lengths: two batched forwards instead of one per row. The prompts right-padded to
-        the longest (causal attention: the padding after a row's prompt changes nothing before it; its keys are
-        scratch past the row's committed length), then each row's block of K masks at its own seg_start
-        (``layouts.mask_block``: it sees the prompt and itself, as the masks of ``layouts.prefill`` do)."""
+    def _prefill_prompts(self, lengths):
+        """The prompts alone, causal, in one forward (ragged ones right-padded to the longest: causal attention,
+        so the padding after a row's prompt changes nothing before it, and its keys are scratch past the row's
+        committed length). Returns the logits after each row's last prompt token ``[B, V]``."""
         P = max(lengths)
         layout = layouts.causal(P).to(self.device)
         ids = torch.tensor([p + [p[-1]] * (P - len(p)) for p in self.g.prompts], dtype=torch.long, device=self.device)
         zeros = torch.zeros(self.B, dtype=torch.int32, device=self.device)
         h = self._forward(ids, layout.position_ids[None].expand(self.B, -1), layout, zeros)
-        last = torch.tensor(lengths, device=self.device)[:, None] - 1
-        ar = self._rows(h, last)[:, 0]
+        self.counters.forwards += 1
+        if len(set(lengths)) == 1:
+            return self._rows(h, slice(P - 1, P))[:, 0]
+        return self._rows(h, torch.tensor(lengths, device=self.device)[:, None] - 1)[:, 0]
+
+    def _prefill_ragged(self, K, lengths):
+        """Prompts of different lengths: two batched forwards instead of one per row. The prompts right-padded to
+        the longest (``_prefill_prompts``), then each row's block of K masks at its own seg_start
+        (``layouts.mask_block``: it sees the prompt and itself, as the masks of ``layouts.prefill`` do)."""
+        ar = self._prefill_prompts(lengths)
         seg_start = torch.tensor(lengths, dtype=torch.int32, device=self.device)
         block = layouts.mask_block(K).to(self.device)
         ids = torch.full((self.B, K), self.mask_id, dtype=torch.long, device=self.device)
         h = self._forward(ids, seg_start.long()[:, None] + block.position_ids[None], block, seg_start)
-        self.counters.forwards += 2
+        self.counters.forwards += 1
         return ar, self._rows(h, slice(0, K))
 
     # ------------------------------------------------------------------ one step

@@ -202,6 +202,10 @@ class Planner:
     REPLAN_EVERY = 12  # steps between re-scoring the steady-state diffusion plans (the evidence moves fast)
     EXPLORE_AFTER = 16  # AR steps in a row before one diffusion step refreshes the statistics
     EXPLORE_MAX_COST = 1.25  # ... only where that step costs at most this many AR steps
+    # Each exploration that leaves the scoring at AR doubles the wait before the next (up to this many AR steps):
+    # where drafts do not pay (sampling at a high temperature, a wide batch) a request explores a few times, not
+    # every 16 steps; a scored drafted step (the evidence turned) resets the wait.
+    EXPLORE_MAX_AFTER = 128
     AR_RESCORE = 4  # in a run of AR steps, grown context matches are re-scored every this many steps
     # Where a drafted step's gain is small (sampling; several rows of a batch) it must beat a plain AR step by
     # this much: the measured costs move between runs on a shared CPU, and a wrong guess there is a loss
@@ -227,17 +231,28 @@ class Planner:
         self.best: dict[int, tuple[tuple, float, float]] = {}  # K -> (levels, steady tokens per row, step ms)
         self.since_replan = self.REPLAN_EVERY
         self.ar_run = 0
+        self.explore_after = self.EXPLORE_AFTER
         self._ar_memo = None  # the rows' inputs when the last full scoring chose a plain AR step
         self._tables: dict = {}  # _row_tables memo
+        self._costs: dict = {}  # cost memo: (K, number of levels) -> ms
         self._memo_hits = 0
         self._replanned_at = None  # the request's evidence version at the last replan
 
     def cost(self, K: int, levels: tuple) -> float:
         """Milliseconds of a step of this plan for the whole batch: the forward at every row's tokens, the LM head
-        (rows and calls) and the host work (see ``SlotCurve.batch_step``); sampled: ``SlotCurve.sampled_step``."""
-        if self.sampling:
-            return self.curve.sampled_step(self.batch, K, len(levels))
-        return self.curve.batch_step(self.batch, K * (1 + len(levels)), 2 * K if levels else K, 2 if levels else 1)
+        (rows and calls) and the host work (see ``SlotCurve.batch_step``); sampled: ``SlotCurve.sampled_step``.
+        Remembered per (K, number of levels): the curve and the batch are fixed for the planner's life, and
+        ``choose`` prices a dozen plans at every step."""
+        key = (K, len(levels))
+        ms = self._costs.get(key)
+        if ms is None:
+            if self.sampling:
+                ms = self.curve.sampled_step(self.batch, K, len(levels))
+            else:
+                lv = len(levels)
+                ms = self.curve.batch_step(self.batch, K * (1 + lv), 2 * K if lv else K, 2 if lv else 1)
+            self._costs[key] = ms
+        return ms
 
     def _replan(self):
         self._replanned_at = self._version(self.stats)
@@ -288,6 +303,10 @@ class Planner:
             self._replan()
         ks = [k for k in self.best if k <= max(1, k_limit)] or [min(self.best)]
         K = max(ks, key=lambda k: self.best[k][1] / self.best[k][2])
+        if K > 1 and 1 in self.best:  # drafts must pay beyond the costs' noise (``MARGIN``), as in ``choose``
+            ar = self.best[1][1] / self.best[1][2]
+            if self.best[K][1] / self.best[K][2] < self.margin * ar:
+                K = 1
         return Plan(K, self.best[K][0])
 
     def choose(self, rows: list[tuple], k_limit: int) -> Plan:
@@ -305,7 +324,8 @@ class Planner:
         if self.since_replan >= self.REPLAN_EVERY and self._replanned_at != self._version(self.stats):
             self._replan()
         rows = [_row(r, self.stats) for r in rows]
-        key = [(nd, nc, match, id(st), self._version(st)) for nd, nc, st, match, _ in rows]
+        sampled = self.sampling  # a sampled plan never reads the match (a loop predicts the argmax, not a sample)
+        key = [(nd, nc, 0 if sampled else match, id(st), self._version(st)) for nd, nc, st, match, _ in rows]
         if self._still_ar(key, k_limit):  # an AR streak on unchanged evidence: the scoring would say AR again
             return self._explore_or(Plan(1, ()), rows, k_limit)
         # per pacing row, once per step: expected accepted drafts of each source by draft count, the remaining tokens
@@ -337,7 +357,7 @@ class Planner:
 
     @staticmethod
     def _version(stats: dict) -> tuple:
-        return tuple(stats[src].version for src in SOURCES)
+        return tuple([stats[src].version for src in SOURCES])
 
     def _still_ar(self, key: list, k_limit: int) -> bool:
         """Whether the last full scoring chose AR on the same rows, drafts and evidence and the same K limit, and
@@ -352,19 +372,22 @@ class Planner:
         return self._memo_hits < self.AR_RESCORE or all(a[2] <= b[2] for a, b in zip(key, memo[1]))
 
     def _explore_or(self, best: Plan, rows: list, k_limit: int) -> Plan:
-        """``best``, or after ``EXPLORE_AFTER`` AR steps in a row without context drafts, one cheap diffusion step."""
+        """``best``, or after ``explore_after`` AR steps in a row without context drafts, one cheap diffusion step."""
         if self.fixed_k is None and best.draft_len == 1 and not any(row[1] for row in rows):
             self.ar_run += 1
             if (
-                self.ar_run >= self.EXPLORE_AFTER
+                self.ar_run >= self.explore_after
                 and k_limit >= 2
                 and 2 in self.best
                 and self.cost(2, (1, 2)) <= self.EXPLORE_MAX_COST * self.cost(1, ())
             ):
                 self.ar_run = 0
+                self.explore_after = min(2 * self.explore_after, self.EXPLORE_MAX_AFTER)
                 return Plan(2, (1, 2))
         else:
             self.ar_run = 0
+            if best.draft_len > 1:
+                self.explore_after = self.EXPLORE_AFTER
         return best
 
 

@@ -32,7 +32,7 @@ class Prefilled:
 
     tokens: list  # per row: the first new token
     draft_len: int  # K of the prefill's mask block: the first step verifies up to K - 1 diffusion drafts from it
-    forwards: int  # 1, or 2 when the prompts have different lengths (the prompts, then each row's mask block)
+    forwards: int  # 1, or 2 when the prompts have different lengths and K > 1 (the prompts, then the mask blocks)
 
 
 @dataclass(eq=False)
