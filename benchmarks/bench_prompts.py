@@ -8,18 +8,26 @@
   prompt class with the spread (min / median / max of TiDAR / prompt lookup and TiDAR / AR per prompt).
 - ``prompts_batch``: greedy, left-padded ragged batches of 4 and 16 different prompts: TiDAR vs HF AR.
 - ``prompts_sampled``: temperature 0.8, batch 1 and 4: TiDAR vs HF sampling (different draws; tokens/s only).
+- ``prompts_fresh``: greedy batch 1 on ``FRESH_PER_CLASS`` prompts of each class, each prompt in a fresh process
+  (``python -m benchmarks.bench_prompts --fresh I``: load, patch, one warm-up call of each implementation on a
+  prompt of its own, then the prompt's interleaved rounds), beside the one-process numbers of the same prompts:
+  nothing a process decoded before may change a request's speed.
 Every greedy text is checked identical to HF greedy. Writes ``prompts.md`` and ``prompts.json``.
 
 ``TIDAR_PROMPTS_PARTS`` (environment) runs a subset: a comma list of ``b1``, ``batch4``, ``batch16``,
-``sampled1``, ``sampled4`` (default: all); ``TIDAR_PROMPTS_ROUNDS`` sets the rounds of the batch groups (default 3).
+``sampled1``, ``sampled4``, ``fresh`` (default: all); ``TIDAR_PROMPTS_ROUNDS`` sets the rounds of the batch groups
+(default 5; HF and TiDAR alternate which runs first).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
 import statistics
+import subprocess
+import sys
 
 import torch
 
@@ -30,7 +38,8 @@ from .timing import timed_call
 NEW_TOKENS = 128
 BATCH_NEW_TOKENS = 96
 TEMPERATURE = 0.8
-PARTS = ("b1", "batch4", "batch16", "sampled1", "sampled4")
+PARTS = ("b1", "batch4", "batch16", "sampled1", "sampled4", "fresh")
+FRESH_PER_CLASS = 2  # ordinary prompts per class decoded in a fresh process each
 
 
 def _parts() -> set:
@@ -63,24 +72,25 @@ def _spread(xs):
     return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)} if xs else None
 
 
-def _batch1(bench: Bench, hf, td, tok, prompts, rec):
+def _batch1_runs(hf, td, tok, n):
+    """The three greedy batch-1 implementations: name -> ``f(ids) -> new tokens`` (a list)."""
     import tidar
 
-    n = 8 if bench.smoke else NEW_TOKENS
-    ids = [torch.tensor([tok.encode(p)], device=bench.device) for _, p in prompts]
     one = lambda x: torch.ones_like(x)  # noqa: E731
-    runs = {
+    return {
         "hf-ar": lambda x: hf.generate(x, attention_mask=one(x), do_sample=False, **_hf_kwargs(tok, n))[
             0, x.shape[1] :
-        ],
+        ].tolist(),
         "hf-prompt-lookup": lambda x: hf.generate(
             x, attention_mask=one(x), do_sample=False, prompt_lookup_num_tokens=10, **_hf_kwargs(tok, n)
-        )[0, x.shape[1] :],
+        )[0, x.shape[1] :].tolist(),
         "tidar": lambda x: tidar.generate(td, x, max_new_tokens=n, eos_token_id=[]),
     }
-    for f in runs.values():  # warm-up: the slot curve is measured at the first TiDAR call
-        f(ids[0])
-    rounds = 1 if bench.smoke else 3
+
+
+def _interleaved_b1(runs, ids, rounds, device):
+    """Each prompt's best seconds per implementation over ``rounds`` interleaved rounds (the order alternates),
+    its tokens, whether every run gave the same tokens, and TiDAR's tokens per forward."""
     best = {name: [float("inf")] * len(ids) for name in runs}
     texts, tpf = [None] * len(ids), [None] * len(ids)
     same = [True] * len(ids)
@@ -88,14 +98,25 @@ def _batch1(bench: Bench, hf, td, tok, prompts, rec):
         for i, x in enumerate(ids):
             order = list(runs) if (r + i) % 2 == 0 else list(runs)[::-1]
             for name in order:
-                out, dt = timed_call(lambda name=name, x=x: runs[name](x), bench.device)
+                out, dt = timed_call(lambda name=name, x=x: runs[name](x), device)
                 best[name][i] = min(best[name][i], dt)
-                toks = out.new_tokens[0] if name == "tidar" else out.tolist()
+                toks = out.new_tokens[0] if name == "tidar" else out
                 if name == "tidar":
                     tpf[i] = out.tokens_per_forward
                 if texts[i] is None:
                     texts[i] = toks
                 same[i] = same[i] and toks == texts[i]
+    return best, texts, same, tpf
+
+
+def _batch1(bench: Bench, hf, td, tok, prompts, rec):
+    n = 8 if bench.smoke else NEW_TOKENS
+    ids = [torch.tensor([tok.encode(p)], device=bench.device) for _, p in prompts]
+    runs = _batch1_runs(hf, td, tok, n)
+    for f in runs.values():  # warm-up: the slot curve is measured at the first TiDAR call
+        f(ids[0])
+    rounds = 1 if bench.smoke else 3
+    best, texts, same, tpf = _interleaved_b1(runs, ids, rounds, bench.device)
     rows = []
     for i, (cls, p) in enumerate(prompts):
         toks = texts[i]
@@ -115,6 +136,102 @@ def _batch1(bench: Bench, hf, td, tok, prompts, rec):
         )
     groups = _batch1_groups(bench, rows, best, n, rounds)
     rec["batch1"] = {"new_tokens": n, "rounds": rounds, "groups": groups, "prompts": rows}
+
+
+def _fresh_prompts(prompts):
+    """The prompts decoded in fresh processes: the first ``FRESH_PER_CLASS`` of each ordinary class."""
+    picked, seen = [], {}
+    for i, (cls, _) in enumerate(prompts):
+        if cls != "demo" and seen.get(cls, 0) < FRESH_PER_CLASS:
+            seen[cls] = seen.get(cls, 0) + 1
+            picked.append(i)
+    return picked
+
+
+def _fresh(bench: Bench, prompts, rec):
+    """Each picked prompt in a fresh process (``fresh_main``), beside the one-process numbers of ``_batch1``."""
+    n = 8 if bench.smoke else NEW_TOKENS
+    rounds = 1 if bench.smoke else 3
+    one_process = {r["prompt"]: r for r in rec.get("batch1", {}).get("prompts", [])}
+    rows = []
+    for i in _fresh_prompts(prompts)[: 1 if bench.smoke else None]:
+        cls, p = prompts[i]
+        cmd = [sys.executable, "-m", "benchmarks.bench_prompts", "--fresh", str(i), "--new-tokens", str(n)]
+        cmd += ["--rounds", str(rounds), "--device", str(bench.device), "--threads", str(torch.get_num_threads())]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"fresh process for prompt {i} failed:\n{done.stderr[-2000:]}")
+        row = {"class": cls, "prompt": p, **json.loads(done.stdout.strip().splitlines()[-1])}
+        same = one_process.get(p)
+        row["one_process_x_ar_tidar"] = same["x_ar_tidar"] if same else None
+        row["one_process_x_lookup_tidar"] = same["x_lookup_tidar"] if same else None
+        rows.append(row)
+    if not rows:
+        return
+    t = {k: sum(r[k] for r in rows) for k in ("s_hf_ar", "s_lookup", "s_tidar")}
+    rec["fresh"] = {
+        "new_tokens": n,
+        "rounds": rounds,
+        "prompts": rows,
+        "x_ar_tidar": t["s_hf_ar"] / t["s_tidar"],
+        "x_lookup_tidar": t["s_lookup"] / t["s_tidar"],
+    }
+    f = rec["fresh"]
+    bench.derived(
+        f"{len(rows)} ordinary prompts, each in a fresh process, batch 1, greedy, {n} new tokens",
+        "tidar defaults",
+        None,
+        params={"group": "fresh"},
+        extra={
+            "x HF AR": f["x_ar_tidar"],
+            "x prompt lookup": f["x_lookup_tidar"],
+            "min x lookup (prompt)": min(r["x_lookup_tidar"] for r in rows),
+            "min x AR (prompt)": min(r["x_ar_tidar"] for r in rows),
+            "identical": "yes" if all(r["identical"] for r in rows) else "NO",
+        },
+        notes=f"best of {rounds} interleaved rounds per prompt, after one warm-up call on another prompt",
+    )
+
+
+def fresh_main(argv=None) -> None:
+    """One prompt of ``PROMPTS`` (+ the demo's) in this fresh process: load, patch, one warm-up call of each
+    implementation on another prompt (the slot curve and host calibration of a first call; nothing of this prompt),
+    then ``--rounds`` interleaved rounds. Prints one JSON line: seconds per implementation, ratios, tokens."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_prompts")
+    ap.add_argument("--fresh", type=int, required=True, help="index into the ordinary prompts + the demo's")
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    class _Dev:  # what _load needs of a Bench
+        device = torch.device(args.device)
+
+    with torch.no_grad():
+        _, hf, td, tok, demo = _load(_Dev)
+        prompts = [(cls, p) for cls, ps in PROMPTS.items() for p in ps] + [("demo", p) for p in demo]
+        if not 0 <= args.fresh < len(prompts):
+            raise SystemExit(f"--fresh must be in 0..{len(prompts) - 1}, got {args.fresh}")
+        runs = _batch1_runs(hf, td, tok, args.new_tokens)
+        warm = torch.tensor([tok.encode(prompts[(args.fresh + 1) % len(prompts)][1])], device=_Dev.device)
+        for f in runs.values():
+            f(warm)
+        x = torch.tensor([tok.encode(prompts[args.fresh][1])], device=_Dev.device)
+        best, texts, same, tpf = _interleaved_b1(runs, [x], args.rounds, _Dev.device)
+    b = {k: v[0] for k, v in best.items()}
+    out = {
+        "s_hf_ar": b["hf-ar"],
+        "s_lookup": b["hf-prompt-lookup"],
+        "s_tidar": b["tidar"],
+        "x_ar_tidar": b["hf-ar"] / b["tidar"],
+        "x_lookup_tidar": b["hf-prompt-lookup"] / b["tidar"],
+        "tidar_tokens_per_forward": tpf[0],
+        "identical": same[0],
+    }
+    print(json.dumps(out))
 
 
 def _batch1_groups(bench: Bench, rows, best, n, rounds) -> dict:
@@ -172,7 +289,7 @@ def _batches(bench: Bench, hf, td, tok, prompts, rec, temperature: float):
     texts = [p for _, p in prompts]
     kind = "sampled" if temperature > 0 else "batch"
     sizes = [B for B in ((1, 4) if temperature > 0 else (4, 16)) if f"{kind}{B}" in _parts()]
-    rounds = 1 if bench.smoke else int(os.environ.get("TIDAR_PROMPTS_ROUNDS", "3"))
+    rounds = 1 if bench.smoke else int(os.environ.get("TIDAR_PROMPTS_ROUNDS", "5"))
     out_rows = []
     if not sizes:
         return
@@ -189,22 +306,17 @@ def _batches(bench: Bench, hf, td, tok, prompts, rec, temperature: float):
                 hf_kw.update(do_sample=False)
             t_hf, t_td, same, tpf = float("inf"), float("inf"), True, None
             for r in range(rounds):
-                a, dt = timed_call(lambda: hf.generate(ids, attention_mask=mask, **hf_kw), bench.device)
-                t_hf = min(t_hf, dt)
                 g = torch.Generator(device=bench.device).manual_seed(r)
-                o, dt = timed_call(
-                    lambda g=g: tidar.generate(
-                        td,
-                        ids,
-                        attention_mask=mask,
-                        max_new_tokens=n,
-                        temperature=temperature,
-                        generator=g,
-                        eos_token_id=[],
-                    ),
-                    bench.device,
-                )
-                t_td = min(t_td, dt)
+                run_hf = lambda: hf.generate(ids, attention_mask=mask, **hf_kw)  # noqa: E731
+                td_kw = dict(attention_mask=mask, max_new_tokens=n, temperature=temperature, eos_token_id=[])
+                run_td = lambda g=g: tidar.generate(td, ids, generator=g, **td_kw)  # noqa: E731
+                for who in ("hf", "td") if r % 2 == 0 else ("td", "hf"):  # the order alternates round by round
+                    if who == "hf":
+                        a, dt = timed_call(run_hf, bench.device)
+                        t_hf = min(t_hf, dt)
+                    else:
+                        o, dt = timed_call(run_td, bench.device)
+                        t_td = min(t_td, dt)
                 tpf = o.tokens_per_forward
                 if temperature == 0:
                     same = same and torch.equal(a, o.sequences)
@@ -238,6 +350,8 @@ def run(bench: Bench):
         ordinary = [cp for cp in prompts if cp[0] != "demo"]
         _batches(bench, hf, td, tok, ordinary, rec, 0.0)
         _batches(bench, hf, td, tok, ordinary, rec, TEMPERATURE)
+        if "fresh" in _parts():
+            _fresh(bench, prompts, rec)
     bench.prompts_record = rec
     (bench.out / "prompts.json").write_text(json.dumps(rec, indent=1))
     (bench.out / "prompts.md").write_text(markdown(rec))
@@ -272,6 +386,7 @@ def goals(bench: Bench):
         )
     worst = [r["x_ar_tidar"] for r in rec.get("batch1", {}).get("prompts", [])]
     worst += [r["x_ar_tidar"] for k in ("batches", "sampled") for r in rec.get(k, {}).get("rows", [])]
+    worst += [r["x_ar_tidar"] for r in rec.get("fresh", {}).get("prompts", [])]
     if worst:
         bench.goal(
             "never slower than AR (every prompt, batch 1/4/16, greedy and sampled)",
@@ -279,8 +394,19 @@ def goals(bench: Bench):
             f"min {min(worst):.2f}x",
             "met" if min(worst) >= 0.95 else "missed",
         )
-    same = all(r["identical"] for r in rec.get("batch1", {}).get("prompts", [])) and all(
-        r.get("identical", True) for r in rec.get("batches", {}).get("rows", [])
+    fresh = rec.get("fresh")
+    if fresh:
+        lk = [r["x_lookup_tidar"] for r in fresh["prompts"]]
+        bench.goal(
+            "fresh process per prompt: TiDAR defaults vs HF prompt lookup (overall; every prompt)",
+            ">= 1.00x; >= 0.85x",
+            f"{fresh['x_lookup_tidar']:.2f}x; min {min(lk):.2f}x",
+            "met" if fresh["x_lookup_tidar"] >= 1.0 and min(lk) >= 0.85 else "missed",
+        )
+    same = (
+        all(r["identical"] for r in rec.get("batch1", {}).get("prompts", []))
+        and all(r.get("identical", True) for r in rec.get("batches", {}).get("rows", []))
+        and all(r["identical"] for r in (fresh or {}).get("prompts", []))
     )
     bench.goal("every greedy text identical to HF greedy", "all", "yes" if same else "NO", "met" if same else "MISSED")
 
@@ -330,6 +456,25 @@ def markdown(rec: dict) -> str:
                 f"| {row['batch']} | {row['first_prompt']} | {row['hf_tok_s']:.0f} | {row['x_ar_tidar']:.2f} "
                 f"| {_f(row['tidar_tokens_per_forward'])} | {same} |"
             )
+    fresh = rec.get("fresh")
+    if fresh:
+        lines += [
+            "",
+            f"## A fresh process per prompt: {fresh['new_tokens']} new tokens, best of {fresh['rounds']} rounds",
+            "",
+            f"Overall: TiDAR {fresh['x_ar_tidar']:.2f}x HF AR, {fresh['x_lookup_tidar']:.2f}x prompt lookup.",
+            "",
+            "| class | fresh: x AR | one process: x AR | fresh: x lookup | one process: x lookup | tok/forward "
+            "| identical | prompt |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in fresh["prompts"]:
+            p = r["prompt"].replace("\n", "\\n").replace("|", "\\|")[:50]
+            lines.append(
+                f"| {r['class']} | {r['x_ar_tidar']:.2f} | {_f(r['one_process_x_ar_tidar'])} "
+                f"| {r['x_lookup_tidar']:.2f} | {_f(r['one_process_x_lookup_tidar'])} "
+                f"| {_f(r['tidar_tokens_per_forward'])} | {'yes' if r['identical'] else 'NO'} | `{p}` |"
+            )
     if not b1["prompts"]:
         return "\n".join(lines) + "\n"
     lines += [
@@ -346,3 +491,7 @@ def markdown(rec: dict) -> str:
             f"| {_f(r['tidar_tokens_per_forward'])} | {_f(r['distinct_4grams'])} | `{p}` |"
         )
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    fresh_main()

@@ -126,3 +126,23 @@ def test_block_tables_match_dense_twin(which):
             assert torch.equal(got["partial"], want["partial"]), (which, seg, tiles)
             assert torch.equal(got["full"], want["full"]), (which, seg, tiles)
             assert got["pairs"] == want["pairs"]
+
+
+def test_prompts_suite_decodes_a_prompt_in_a_fresh_process_beside_the_one_process_numbers(smoke):
+    """``prompts_fresh``: a prompt decoded by a fresh process (``python -m benchmarks.bench_prompts --fresh I``),
+    identical to HF greedy there, reported beside the same prompt's one-process ratios."""
+    import json
+
+    from benchmarks.bench_prompts import FRESH_PER_CLASS, _fresh_prompts
+    from benchmarks.ordinary_prompts import PROMPTS
+
+    out, rows, _ = smoke
+    rec = json.loads((out / "prompts.json").read_text())
+    fresh = rec["fresh"]["prompts"]
+    assert fresh and all(r["identical"] for r in fresh)
+    assert all(r["s_tidar"] > 0 and r["one_process_x_ar_tidar"] is not None for r in fresh)
+    assert "A fresh process per prompt" in (out / "prompts.md").read_text()
+    assert any(r["suite"] == "prompts" and "fresh process" in r["case"] for r in rows)
+    listed = [(cls, p) for cls, ps in PROMPTS.items() for p in ps] + [("demo", "x")]
+    picked = _fresh_prompts(listed)
+    assert len(picked) == FRESH_PER_CLASS * len(PROMPTS) and all(listed[i][0] != "demo" for i in picked)
