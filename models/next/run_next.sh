@@ -4,6 +4,8 @@
 #   models/next/run_next.sh MINUTES                 # a fresh run into runs/next
 #   models/next/run_next.sh MINUTES --resume latest # continue runs/next from its newest checkpoint
 #   models/next/run_next.sh MINUTES --resume models/next/checkpoint   # continue from the committed checkpoint
+# End it early with a checkpoint: `touch runs/next/STOP` (or `kill $(cat /tmp/tidar_train.pid)`, SIGTERM): the run
+# finishes its step, saves runs/next/checkpoint-N and exits; then pack_checkpoint.py it into models/next/checkpoint.
 set -e
 cd "$(dirname "$0")/../.."
 . .venv/bin/activate

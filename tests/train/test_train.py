@@ -164,3 +164,48 @@ def test_corrupt_checkpoint(tiny_corpus, tmp_path, capsys):
 
     rc = main(["train", "--corpus", str(tiny_corpus), "--output", str(out), *TINY, "--resume", str(ck)])
     assert rc == 2 and "incomplete" in capsys.readouterr().err
+
+
+def test_a_stop_file_ends_the_run_with_a_checkpoint_that_resumes_exactly(tiny_corpus, tmp_path):
+    """A long background run is ended on demand: a STOP file in the output folder stops it after the current step
+    with a checkpoint (the file is consumed), and ``--resume latest`` continues to the same losses as a run that was
+    never stopped."""
+    from tidar.train.trainer import STOP_FILE
+
+    full, _ = _train(tmp_path, tiny_corpus, "--max-steps", "6", name="full")
+    out = tmp_path / "stopped"
+    out.mkdir()
+    (out / STOP_FILE).write_text("")
+    part, _ = _train(tmp_path, tiny_corpus, "--max-steps", "6", name="stopped")
+    assert [h["step"] for h in part["log_history"]] == [1]
+    assert (out / "checkpoint-1" / "optimizer.pt").is_file() and not (out / STOP_FILE).exists()
+    resumed, _ = _train(tmp_path, tiny_corpus, "--max-steps", "6", "--resume", "latest", name="stopped")
+    assert resumed["log_history"] == full["log_history"]
+
+
+def test_sigterm_ends_a_training_process_with_a_checkpoint(tiny_corpus, tmp_path):
+    """``kill PID`` (SIGTERM) on ``tidar train``: the process finishes its step, saves a checkpoint and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tidar", "train", "--corpus", str(tiny_corpus), "--output", str(out), *TINY]
+    cmd += ["--max-steps", "100000", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    deadline = time.time() + 240
+    for line in proc.stdout:  # wait until training steps run (the handler is installed at the first step)
+        lines.append(line)
+        if line.startswith("step 3/") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=240)
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log[-3000:]
+    assert "stop requested" in log
+    saved = sorted(out.glob("checkpoint-*"))
+    assert saved and (saved[-1] / "optimizer.pt").is_file(), log[-2000:]

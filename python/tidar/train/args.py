@@ -144,7 +144,13 @@ def _add_optimisation_options(g):
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--max-steps", type=int, default=1000)
-    g.add_argument("--max-minutes", type=float, default=None, help="stop (evaluate and save) after this wall time")
+    g.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop (evaluate and save) after this wall time; a STOP file in --output or a SIGTERM also ends the run "
+        "after the current step with a checkpoint (resume with --resume latest)",
+    )
     g.add_argument(
         "--stop-after",
         type=int,

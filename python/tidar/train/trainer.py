@@ -7,14 +7,17 @@ block_size=16, alpha=1.0)``; ``alpha=None`` trains the AR-only baseline.
 ``tidar train`` adds a :class:`RunLoss` (the step's loss normalised by the *global* token counts, so one process,
 ``torchrun``/``accelerate`` data parallelism and gradient accumulation all give the same update), the deterministic
 :class:`WindowDataset` (row t of step s is a window drawn from a generator seeded by (seed, s)) and
-:class:`RunCallback` (logs, held-out evaluation, ``--max-minutes``/``--stop-after``, checkpoint extras).
+:class:`RunCallback` (logs, held-out evaluation, ``--max-minutes``/``--stop-after``, a ``STOP`` file or SIGTERM,
+checkpoint extras).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +27,8 @@ from transformers import Trainer, TrainerCallback
 
 from tidar.train.checkpoint import POOL_FILE, TIDAR_STATE_FILE
 from tidar.train.objective import ar_loss, ar_loss_sums, hybrid_loss, hybrid_loss_sums
+
+STOP_FILE = "STOP"  # created in the output folder, it ends a run after the current step with a checkpoint
 
 
 class HybridLossMixin:
@@ -301,12 +306,37 @@ class RunCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.t_start = self.t_since = time.time()
+        self._sigterm = False
+        if threading.current_thread() is threading.main_thread():  # a SIGTERM ends the run like a STOP file
+            self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.main and sys.stderr.isatty():  # a progress bar with the losses and tokens/s; log lines go through it
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.a.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True)
             plain = self.log
             self.log = lambda s: self.bar.write(s) if self.bar is not None else plain(s)
+
+    def _on_sigterm(self, signum, frame):
+        self._sigterm = True
+
+    def on_train_end(self, args, state, control, **kw):
+        old = getattr(self, "_old_sigterm", None)
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+            self._old_sigterm = None
+
+    def _stop_requested(self, output_dir) -> bool:
+        """A ``STOP`` file in the output folder or a SIGTERM asks the run to end after this step with a checkpoint
+        (a long background run ended on demand, resumable with ``--resume latest``). In a distributed run the ranks
+        agree (a max over them), so no rank stops a step before the others."""
+        want = bool(getattr(self, "_sigterm", False)) or (Path(output_dir) / STOP_FILE).exists()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([int(want)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            want = bool(t.item())
+        return want
 
     def on_step_end(self, args, state, control, **kw):
         a, step = self.a, state.global_step
@@ -333,6 +363,11 @@ class RunCallback(TrainerCallback):
         if a.max_minutes is not None and time.time() - self.t_start > a.max_minutes * 60:
             self.stopped_early = control.should_training_stop = True
             self.log(f"--max-minutes {a.max_minutes} reached at step {step}")
+        if not control.should_training_stop and self._stop_requested(args.output_dir):
+            self.stopped_early = control.should_training_stop = True
+            self.log(f"stop requested ({STOP_FILE} file or SIGTERM) at step {step}: saving a checkpoint")
+            if self.main:  # honoured: a resumed run must not stop at once
+                (Path(args.output_dir) / STOP_FILE).unlink(missing_ok=True)
         last = control.should_training_stop or step >= a.max_steps
         if a.save_every and step % a.save_every == 0 or last:
             control.should_save = True
