@@ -419,6 +419,11 @@ def _f(v, spec="{:.2f}"):
     return "-" if v is None else spec.format(v)
 
 
+def _prompt_cell(prompt: str, width: int) -> str:
+    """A prompt in one markdown table cell: newlines and pipes escaped, cut to ``width``."""
+    return prompt.replace("\n", "\\n").replace("|", "\\|")[:width]
+
+
 def markdown(rec: dict) -> str:
     b1 = rec.get("batch1", {"groups": {}, "prompts": []})
     lines = [
@@ -469,7 +474,7 @@ def markdown(rec: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in fresh["prompts"]:
-            p = r["prompt"].replace("\n", "\\n").replace("|", "\\|")[:50]
+            p = _prompt_cell(r["prompt"], 50)
             lines.append(
                 f"| {r['class']} | {r['x_ar_tidar']:.2f} | {_f(r['one_process_x_ar_tidar'])} "
                 f"| {r['x_lookup_tidar']:.2f} | {_f(r['one_process_x_lookup_tidar'])} "
@@ -485,7 +490,7 @@ def markdown(rec: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in b1["prompts"]:
-        p = r["prompt"].replace("\n", "\\n").replace("|", "\\|")[:60]
+        p = _prompt_cell(r["prompt"], 60)
         lines.append(
             f"| {r['class']} | {r['x_ar_tidar']:.2f} | {r['x_lookup_tidar']:.2f} | {r['x_ar_lookup']:.2f} "
             f"| {_f(r['tidar_tokens_per_forward'])} | {_f(r['distinct_4grams'])} | `{p}` |"
