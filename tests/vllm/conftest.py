@@ -55,6 +55,17 @@ def tidar_llm():
     llm.llm_engine.engine_core.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tidar_free_llm():
+    """TiDAR with free rows (``row_cost=0``): every request that may use a [MASK] block carries one, whatever the
+    batch (the default prices blocks out of full batches on this CPU, so concurrent tests would see few)."""
+    import tidar.vllm
+
+    llm = make_llm(tidar.vllm.speculative_config(num_speculative_tokens=8, row_cost=0))
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
 def engine_in_subprocess(spec, engine: dict, prompts: list, sampling: dict) -> dict:
     """``engine_script.py``'s result: an engine with these settings in its own process."""
     import subprocess

@@ -42,6 +42,17 @@ def test_staggered_arrivals_and_cancel(plain_llm, tidar_llm, prompts):
     assert "r1" not in got and got == {k: v for k, v in want.items() if k != "r1"}
 
 
+def test_concurrent_identical_with_blocks_in_every_step(plain_llm, tidar_free_llm, prompts):
+    """The default prices [MASK] blocks out of full batches on this CPU (draft_source); with free rows
+    (row_cost=0) every request that may use one carries a block, so the forwards hold many requests' blocks in
+    several layout groups at once: still token-identical, arriving together and at different steps."""
+    params = [_params(max_tokens=20 + 11 * i, stop=["\n\n"] if i % 3 == 1 else None) for i in range(len(prompts))]
+    want = token_ids(plain_llm.generate(prompts, params, use_tqdm=False))
+    assert token_ids(tidar_free_llm.generate(prompts, params, use_tqdm=False)) == want
+    schedule = [(2 * i, f"f{i}", p, _params(max_tokens=25 + 6 * i)) for i, p in enumerate(prompts)]
+    assert run_staggered(tidar_free_llm, schedule) == run_staggered(plain_llm, schedule)
+
+
 def test_spec_decode_metrics_report_tidar(tidar_llm, prompts):
     tidar_llm.generate(prompts[:2], _params(), use_tqdm=False)
     metrics = {m.name: m for m in tidar_llm.get_metrics()}

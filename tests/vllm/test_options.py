@@ -21,7 +21,8 @@ def test_speculative_config_is_what_vllm_takes():
 
 
 @pytest.mark.parametrize(
-    "opts", [TidarOptions(), TidarOptions((1, 3, 9), 3), TidarOptions(None, 4), TidarOptions((1,))]
+    "opts",
+    [TidarOptions(), TidarOptions((1, 3, 9), 3), TidarOptions(None, 4), TidarOptions((1,)), TidarOptions((1,), 2, 0)],
 )
 def test_class_name_round_trip(opts):
     assert parse_class_name(opts.class_name()) == opts
@@ -45,6 +46,10 @@ def test_proposer_module_makes_the_named_class():
         (dict(num_speculative_tokens=4, levels=[3, 1]), "strictly increasing"),
         (dict(num_speculative_tokens=4, levels="some"), 'levels must be a list of ints or "all"'),
         (dict(num_speculative_tokens=4, context=-1), "context must be an int >= 0"),
+        (dict(num_speculative_tokens=4, row_cost=-0.01), r"row_cost must be a number in \[0, 1\]"),
+        (dict(num_speculative_tokens=4, row_cost=1.5), r"row_cost must be a number in \[0, 1\]"),
+        (dict(num_speculative_tokens=4, row_cost="0.04"), r"row_cost must be a number in \[0, 1\]"),
+        (dict(num_speculative_tokens=4, row_cost=0.0405), "row_cost must have at most 3 decimals"),
     ],
 )
 def test_bad_options_name_the_argument(kwargs, match):
@@ -56,3 +61,14 @@ def test_bad_options_name_the_argument(kwargs, match):
 def test_bad_class_names_refused(name):
     with pytest.raises(ValueError):
         parse_class_name(name)
+
+
+def test_row_cost_travels_in_the_class_name():
+    from tidar.vllm import proposer
+
+    spec = tidar.vllm.speculative_config(8, row_cost=0.05)
+    assert spec["model"] == "tidar.vllm.proposer.TidarProposer__levels_1__context_2__rowcost_50"
+    cls = getattr(proposer, spec["model"].rsplit(".", 1)[1])
+    assert cls.options.row_cost == 0.05
+    assert tidar.vllm.speculative_config(8, row_cost=0)["model"].endswith("__rowcost_0")
+    assert TidarOptions().row_cost is None  # the measured default (draft_source.ROW_COST)

@@ -23,7 +23,8 @@ class BlockAttention:
         S1 = group.K + 1
         self.M = len(group.js) * S1
         self.block_size = block_size
-        self.slots, self.kv_len = paged_slots(block_table, seq_lens, block_size)
+        slots, self.kv_len = paged_slots(block_table, seq_lens, block_size)
+        self.blocks, self.offs = slots // block_size, slots % block_size  # [B, kv_len]: the keys' pool entries
         js = torch.tensor(group.js, dtype=torch.int64).repeat_interleave(S1)  # [M]: scheduled rows each row sees
         limit = seq_lens.long()[:, None] - group.n + js[None]  # [B, M]: pool keys each row sees
         pool_vis = torch.arange(self.kv_len)[None, None] < limit[:, :, None]  # [B, M, kv_len]
@@ -33,9 +34,7 @@ class BlockAttention:
 
     def __call__(self, q, k_seg, v_seg, k_pool, v_pool, scale: float):
         """q ``[B, H, M, D]``, k_seg/v_seg ``[B, Hkv, M, D]``, pools ``[num_blocks, block_size, Hkv, D]`` views."""
-        bs = self.block_size
-        blocks, offs = self.slots // bs, self.slots % bs
-        k = torch.cat([k_pool[blocks, offs].transpose(1, 2), k_seg], dim=2)
-        v = torch.cat([v_pool[blocks, offs].transpose(1, 2), v_seg], dim=2)
+        k = torch.cat([k_pool[self.blocks, self.offs].transpose(1, 2), k_seg], dim=2)
+        v = torch.cat([v_pool[self.blocks, self.offs].transpose(1, 2), v_seg], dim=2)
         gqa = q.shape[1] != k.shape[1]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale, enable_gqa=gqa)

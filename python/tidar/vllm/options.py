@@ -19,10 +19,14 @@ class TidarOptions:
     """``levels``: the proposal blocks appended per request, by how many of the step's scheduled tokens they assume
     accepted (1 = only the last sampled token, ``K + 1`` = every draft); None = all of them (the paper).
     ``context``: n-gram (prompt-lookup) drafts replace the diffusion drafts of a request when the text's end
-    matches an earlier n-gram of at least this many tokens (0 = diffusion drafts only)."""
+    matches an earlier n-gram of at least this many tokens (0 = diffusion drafts only).
+    ``row_cost_milli``: what one more row in a step's forward costs, in thousandths of the step's fixed cost, the
+    price ``draft_source`` weighs drafts and [MASK] blocks with; None = ``draft_source.ROW_COST`` (measured on
+    this repository's CPU); 0 = rows are free (blocks and drafts of K tokens wherever they may be used)."""
 
     levels: tuple[int, ...] | None = None
     context: int = 0
+    row_cost_milli: int | None = None
 
     def check(self, num_speculative_tokens: int) -> None:
         K = num_speculative_tokens
@@ -42,6 +46,16 @@ class TidarOptions:
                 raise ValueError(f"levels must include 1 (the block after the last sampled token), got {list(lv)!r}")
         if not isinstance(self.context, int) or isinstance(self.context, bool) or self.context < 0:
             raise ValueError(f"context must be an int >= 0 (minimum n-gram match, 0 = off), got {self.context!r}")
+        rc = self.row_cost_milli
+        if rc is not None and (not isinstance(rc, int) or isinstance(rc, bool) or not 0 <= rc <= 1000):
+            raise ValueError(
+                f"row_cost must be a number in [0, 1] with at most 3 decimals (a row's cost as a fraction of a "
+                f"step's fixed cost), got {rc / 1000 if type(rc) is int else rc!r}"
+            )
+
+    @property
+    def row_cost(self) -> float | None:
+        return None if self.row_cost_milli is None else self.row_cost_milli / 1000
 
     def class_name(self) -> str:
         parts = [CLASS_PREFIX]
@@ -49,6 +63,8 @@ class TidarOptions:
             parts.append("levels_" + "_".join(str(j) for j in self.levels))
         if self.context:
             parts.append(f"context_{self.context}")
+        if self.row_cost_milli is not None:
+            parts.append(f"rowcost_{self.row_cost_milli}")
         return "__".join(parts)
 
 
@@ -57,7 +73,7 @@ def parse_class_name(name: str) -> TidarOptions:
     parts = name.split("__")
     if parts[0] != CLASS_PREFIX:
         raise ValueError(f"not a TiDAR proposer name: {name!r} (expected {CLASS_PREFIX}[__option...])")
-    levels, context = None, 0
+    levels, context, row_cost = None, 0, None
     for part in parts[1:]:
         key, _, rest = part.partition("_")
         values = rest.split("_") if rest else []
@@ -67,9 +83,13 @@ def parse_class_name(name: str) -> TidarOptions:
             levels = tuple(int(v) for v in values)
         elif key == "context" and len(values) == 1:
             context = int(values[0])
+        elif key == "rowcost" and len(values) == 1:
+            row_cost = int(values[0])
         else:
-            raise ValueError(f"unknown option {part!r} in TiDAR proposer name {name!r} (known: levels, context)")
-    return TidarOptions(levels=levels, context=context)
+            raise ValueError(
+                f"unknown option {part!r} in TiDAR proposer name {name!r} (known: levels, context, rowcost)"
+            )
+    return TidarOptions(levels=levels, context=context, row_cost_milli=row_cost)
 
 
 def is_tidar_path(model: str | None) -> bool:
@@ -81,7 +101,7 @@ DEFAULT_CONTEXT = 2
 
 
 def speculative_config(
-    num_speculative_tokens: int = 8, *, levels=DEFAULT_LEVELS, context: int = DEFAULT_CONTEXT
+    num_speculative_tokens: int = 8, *, levels=DEFAULT_LEVELS, context: int = DEFAULT_CONTEXT, row_cost=None
 ) -> dict:
     """The ``speculative_config`` that runs TiDAR in vLLM: pass it to ``vllm.LLM(speculative_config=...)`` or, as
     JSON, to ``vllm serve --speculative-config``.
@@ -94,12 +114,21 @@ def speculative_config(
             rows cost more than they return on a CPU).
         context: minimum n-gram match for context drafts (0 = off); a request whose context drafts were all
             accepted appends no blocks in its next step.
+        row_cost: one more row's cost in a step's forward as a fraction of the step's fixed cost (at most 3
+            decimals); drafts and blocks are weighed with it against the step's batch (``draft_source``). None: the
+            value measured on this repository's CPU (0.04); 0: rows are free (blocks and K drafts wherever they
+            may be used).
     """
     if levels == "all":
         levels = None
     elif isinstance(levels, str):
         raise ValueError(f'levels must be a list of ints or "all", got {levels!r}')
-    opts = TidarOptions(levels=None if levels is None else tuple(levels), context=context)
+    milli = row_cost
+    if row_cost is not None and not isinstance(row_cost, bool) and isinstance(row_cost, (int, float)):
+        milli = round(row_cost * 1000)
+        if abs(milli - row_cost * 1000) > 1e-6:
+            raise ValueError(f"row_cost must have at most 3 decimals, got {row_cost!r}")
+    opts = TidarOptions(levels=None if levels is None else tuple(levels), context=context, row_cost_milli=milli)
     opts.check(num_speculative_tokens)
     return {
         "method": "custom_class",

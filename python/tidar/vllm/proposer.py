@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .draft_source import SourceEvidence
+from .draft_source import ROW_COST, SourceEvidence
 from .engine_checks import SUPPORTED_ARCHITECTURES, check_vllm_config
 from .mask_attention import LayerHook, MaskRows, check_layer
 from .options import TidarOptions, parse_class_name
@@ -34,6 +34,7 @@ class TidarProposer:
         self.vllm_config = vllm_config
         self.K = vllm_config.speculative_config.num_speculative_tokens
         self.options.check(self.K)
+        self.row_cost = ROW_COST if self.options.row_cost is None else self.options.row_cost
         hf = vllm_config.model_config.hf_config
         self.mask_token_id = int(hf.mask_token_id)
         self.max_position = vllm_config.model_config.max_model_len
@@ -119,15 +120,16 @@ class TidarProposer:
         self.req_ids = req_ids
         drafts = [len(so.scheduled_spec_decode_tokens.get(rid, ())) for rid in req_ids]
         computed = [s - n for s, n in zip(seq_lens, sched)]
-        # a request that will draft from the context again appends no block (draft_source)
-        levels = []
+        # each request's block, priced against this step's batch; a request that will draft from the context again
+        # appends none (draft_source)
+        batch = len(req_ids)
+        levels, ks = [], []
         for rid in req_ids:
-            ev = self.evidence.get(rid)
-            block = ev is None or ev.wants_block()
-            if ev is not None:
-                ev.planned(block)
+            ev = self.evidence.setdefault(rid, SourceEvidence(self.row_cost))
+            block = ev.wants_block(self.K, batch)
+            ev.planned(block)
             levels.append(self.options.levels if block else ())
-        ks = [self.evidence[rid].block_drafts(self.K) if rid in self.evidence else self.K for rid in req_ids]
+            ks.append(ev.block_drafts(self.K, batch))
         layout = plan_step(computed, sched, drafts, ks, levels, self.max_position)
         if layout.num_rows == 0:
             return None
@@ -141,22 +143,25 @@ class TidarProposer:
         self.layout = self.hidden = None
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         picks = []  # (request, first row, count)
+        batch = sum(1 for s in sampled_token_ids[: len(self.req_ids)] if s)  # requests of the next step, about
         for r, sampled in enumerate(sampled_token_ids):
             if not sampled or r >= len(self.req_ids):
                 continue
-            ev = self.evidence.setdefault(self.req_ids[r], SourceEvidence())
-            ev.observe(len(sampled))
+            ev = self.evidence.setdefault(self.req_ids[r], SourceEvidence(self.row_cost))
+            ev.observe(sampled)
             level = len(sampled)
             found = layout.block_for(r, level) if layout is not None else None
             first = None if found is None else level - found[1] + 1  # slot of the first next draft in that block
             k = layout.block_len[r] - 1 if found is not None else 0
             has_block = first is not None and first <= k
-            if self.options.context and (ev.prefers_context() or not has_block):
+            if self.options.context:
                 ctx = self._context_drafts(r, num_tokens_no_spec, token_ids_cpu)
-                if ctx:
-                    out[r] = ctx
-                    ev.last = ("context", len(ctx))
+                use = ctx[: ev.context_drafts(self.K, batch)] if ev.prefers_context() or not has_block else []
+                if use:
+                    out[r] = use
+                    ev.last = ("context", len(use))
                     continue
+                ev.shadow = ctx or None
             ev.last = ("diffusion", k + 1 - first) if has_block else None
             if has_block:
                 picks.append((r, found[0] + first, k + 1 - first))
