@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from tidar.vllm.draft_source import PROBE_EVERY, ROW_COST, SourceEvidence, best_drafts, gain
+from tidar.vllm.draft_source import BLOCK_COST, PROBE_EVERY, ROW_COST, SourceEvidence, best_drafts, gain
 
 
 @pytest.mark.parametrize("block", [True, False])
@@ -23,7 +23,8 @@ def test_best_drafts_is_the_argmax_of_gain(block):
 def test_gain_counts_the_block_rows():
     # 2 drafts at q = 1 for one request: saves 2 steps (plus their rows), costs 2 draft rows and 3 block rows
     assert gain(1.0, 2, 1, False, 0.1) == pytest.approx(2 * 1.1 - 0.2)
-    assert gain(1.0, 2, 1, True, 0.1) == pytest.approx(2 * 1.1 - 0.2 - 0.3)
+    assert gain(1.0, 2, 1, True, 0.1) == pytest.approx(2 * 1.1 - 0.2 - 0.3 - BLOCK_COST)
+    assert gain(1.0, 2, 1, True, 0.0) == pytest.approx(2.0)  # free rows: the block costs nothing
 
 
 def test_a_block_pays_alone_but_not_in_a_full_batch():

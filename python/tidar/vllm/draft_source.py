@@ -28,6 +28,9 @@ from __future__ import annotations
 # the bundled model (benchmarks/results/2026-12-06-cpu-vllm-concurrent): a step of 1 to 8 rows about 4.7 ms, each
 # further row about 0.2 ms (mask rows, which need no logits, about 0.15 ms).
 ROW_COST = 0.04
+# A block's own cost besides its rows, in the same unit: a step that carries [MASK] rows runs the plugin's Python
+# (the rows' layout, their attention in every layer, the drafts' logits), about 0.5 ms per step here.
+BLOCK_COST = 0.1
 PRIOR_ACCEPTED = 1.0  # evidence each source starts with: 1 accepted of 2 checked drafts (q = 0.5)
 PRIOR_CHECKED = 2.0
 DECAY = 0.7  # weight of the past in the decayed counts
@@ -37,16 +40,18 @@ MIN_BLOCK_DRAFTS = 2
 
 def gain(q: float, k: int, batch: int, block: bool, row_cost: float = ROW_COST) -> float:
     """Expected saving of ``k`` drafts accepted with chance ``q ** i`` each, in units of the step's fixed cost:
-    accepted drafts save ``1 / batch + row_cost`` each, every draft costs ``row_cost``, a block ``k + 1`` rows more."""
+    accepted drafts save ``1 / batch + row_cost`` each, every draft costs ``row_cost``, a block ``k + 1`` rows more
+    and, unless rows are free (``row_cost`` 0), ``BLOCK_COST``."""
     value = 1.0 / max(batch, 1) + row_cost
     g = sum(q**i for i in range(1, k + 1)) * value - row_cost * k
-    return g - row_cost * (k + 1) if block else g
+    return g - row_cost * (k + 1) - (BLOCK_COST if row_cost else 0.0) if block else g
 
 
 def best_drafts(q: float, K: int, batch: int, block: bool, row_cost: float = ROW_COST, lo: int = 1) -> int:
     """The draft count in ``[lo, K]`` with the largest ``gain``, or 0 when none has a positive gain."""
     value = 1.0 / max(batch, 1) + row_cost
-    best, best_g, g, p = 0, 0.0, -row_cost if block else 0.0, 1.0
+    best, best_g, p = 0, 0.0, 1.0
+    g = -row_cost - (BLOCK_COST if row_cost else 0.0) if block else 0.0
     for k in range(1, K + 1):  # gain(q, k, ...) built up draft by draft
         p *= q
         g += p * value - row_cost * (2 if block else 1)
