@@ -52,3 +52,34 @@ def test_block_attention_equals_the_paged_op(levels, Hq, Hkv):
     )
     got = BlockAttention(g, seq_lens, table, bs)(q[:, :, n:], k_seg, v_seg, k_pool, v_pool, D**-0.5)
     torch.testing.assert_close(got, ref[:, :, n:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layouts", [("plain", "plain"), ("transposed", "plain"), ("transposed", "transposed")])
+@pytest.mark.parametrize("computed", [[13, 5], [2, 0], [30, 21]])
+@pytest.mark.parametrize("Hq, Hkv", [(4, 4), (4, 2)])
+def test_attend_packed_reads_vllm_cpu_pool(computed, Hq, Hkv, layouts):
+    """``attend_packed`` on vLLM's CPU pool ``[num_blocks, Hkv, block_size, 2 * D]`` (keys and values in each
+    layout ``kv_pool`` reads) equals the paged op over the same pool's views: rows of different lengths, one or several
+    pool blocks, the last one partly filled."""
+    from tidar.vllm.kv_pool import pool_views
+
+    torch.manual_seed(1)
+    K, D, bs, nblocks = 3, 16, 8, 12
+    sched, drafts = [4, 4], [3, 3]
+    lay = plan_step(computed, sched, drafts, [K, K], [None, None], max_position=1000)
+    (g,) = lay.groups
+    B = len(computed)
+    seq_lens = torch.tensor([c + n for c, n in zip(computed, sched)], dtype=torch.int32)
+    table = torch.stack([torch.randperm(nblocks)[:8] for _ in range(B)]).int()
+    kv_cache = torch.randn(nblocks, Hkv, bs, 2 * D)
+    k_pool, v_pool = pool_views(kv_cache, layouts)
+    M, n = len(g.js) * (K + 1), g.n
+    q = torch.randn(B, Hq, n + M, D)
+    k_seg, v_seg = torch.randn(B, Hkv, M, D), torch.randn(B, Hkv, M, D)
+    ref = tidar_attention_paged(
+        q, k_pool, v_pool, table, seq_lens, g.local_limit, g.block_id, k_seg=k_seg, v_seg=v_seg, backend="reference"
+    )
+    att = BlockAttention(g, seq_lens, table, bs)
+    got = att.attend_packed(q[:, :, n:], k_seg, v_seg, kv_cache, layouts, D**-0.5)
+    torch.testing.assert_close(got, ref[:, :, n:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(att(q[:, :, n:], k_seg, v_seg, k_pool, v_pool, D**-0.5), got, rtol=1e-6, atol=1e-6)

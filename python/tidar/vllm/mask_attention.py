@@ -8,40 +8,52 @@ scheduled rows' keys from vLLM's pool, the blocks' own keys and values off the p
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .block_attention import BlockAttention
-from .kv_pool import pool_views, probe_layout
+from .kv_pool import probe_layout
+
+logger = logging.getLogger("tidar.vllm")
 
 
 class GroupRows:
     """One layout group in the forward: its mask rows ``[B, M]`` and their attention."""
 
-    def __init__(self, group, layout, qsl, seq_lens, block_table, P: int, block_size: int):
-        K1 = group.K + 1
-        M = len(group.js) * K1
+    def __init__(self, group, layout, seq_lens: list[int], block_table, P: int, block_size: int):
+        M = len(group.js) * (group.K + 1)
         reqs = group.requests
         self.group = group
         starts = [layout.block_start[r][0] for r in reqs]
-        self.mask = torch.tensor([[s + i for i in range(M)] for s in starts], dtype=torch.int64)
-        self.mask_in_forward = self.mask + P
         # the group's rows in one run (one request, or requests whose blocks follow each other): slices, no gathers
         run = all(s == starts[0] + i * M for i, s in enumerate(starts))
         self.span = slice(starts[0], starts[0] + len(starts) * M) if run else None
+        self.fwd = slice(starts[0] + P, starts[0] + len(starts) * M + P) if run else None
+        if run:
+            self.mask = self.mask_in_forward = None
+        else:
+            self.mask = (torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(M)[None]).contiguous()
+            self.mask_in_forward = self.mask.view(-1) + P
+        self.shape = (len(reqs), M)
         lens = torch.tensor([seq_lens[r] for r in reqs], dtype=torch.int32)  # pool keys, scheduled included
-        table = block_table.index_select(0, torch.tensor(reqs, device=block_table.device))
+        if reqs == list(range(reqs[0], reqs[0] + len(reqs))):
+            table = block_table[reqs[0] : reqs[0] + len(reqs)]
+        else:
+            table = block_table.index_select(0, torch.tensor(reqs, device=block_table.device))
         self.attention = BlockAttention(group, lens, table, block_size)
 
 
 class MaskRows:
     """The mask part of one forward, shared by every layer of it."""
 
-    def __init__(self, layout, num_input_rows: int, qsl, seq_lens, block_table, block_size: int):
+    def __init__(self, layout, num_input_rows: int, seq_lens: list[int], block_table, block_size: int):
         self.layout = layout
         self.num_input_rows = num_input_rows  # rows vLLM scheduled (with its padding), before the mask rows
-        self.groups = [
-            GroupRows(g, layout, qsl, seq_lens, block_table, num_input_rows, block_size) for g in layout.groups
-        ]
+        self.groups = [GroupRows(g, layout, seq_lens, block_table, num_input_rows, block_size) for g in layout.groups]
+        # one group holding every mask row in order: its output is the layer's mask output as it is
+        g0 = self.groups[0] if len(self.groups) == 1 else None
+        self.whole = g0 is not None and g0.span is not None and g0.span.start == 0 and g0.span.stop == layout.num_rows
 
 
 class LayerHook:
@@ -71,32 +83,25 @@ class LayerHook:
             kv_cache = kv_cache[get_forward_context().virtual_engine]
         return kv_cache
 
-    def _pool(self):
+    def _mask_attention(self, rows: MaskRows, query, key, value):
         kv_cache = self.kv_cache()
         if self.layouts is None:
             self.layouts = probe_layout(self.layer, self.layer.impl, kv_cache)
-        return pool_views(kv_cache, self.layouts)
-
-    def _mask_attention(self, rows: MaskRows, query, key, value):
-        k_pool, v_pool = self._pool()
+            logger.debug("TiDAR: layer %s pool layout %s", getattr(self.layer, "layer_name", "?"), self.layouts)
         H, Hkv, D = self.H, self.Hkv, self.D
-        n, P = rows.layout.num_rows, rows.num_input_rows
         out = None
         for g in rows.groups:
-            B, M = g.mask.shape
-            if g.span is not None:
-                fwd = slice(g.span.start + P, g.span.stop + P)
-                q, k_seg, v_seg = query[fwd], key[fwd], value[fwd]
-            else:
-                q, k_seg, v_seg = query[g.mask_in_forward], key[g.mask_in_forward], value[g.mask_in_forward]
-            q = q.reshape(B, M, H, D).transpose(1, 2)
-            k_seg = k_seg.reshape(B, M, Hkv, D).transpose(1, 2)
-            v_seg = v_seg.reshape(B, M, Hkv, D).transpose(1, 2)
-            o = g.attention(q, k_seg, v_seg, k_pool, v_pool, self.scale).transpose(1, 2).reshape(B * M, H * D)
-            if g.span is not None and g.span.start == 0 and g.span.stop == n:
-                return o  # one group holds every mask row, in order
+            B, M = g.shape
+            sel = g.fwd if g.fwd is not None else g.mask_in_forward
+            q = query[sel].reshape(B, M, H, D).transpose(1, 2)
+            k_seg = key[sel].reshape(B, M, Hkv, D).transpose(1, 2)
+            v_seg = value[sel].reshape(B, M, Hkv, D).transpose(1, 2)
+            o = g.attention.attend_packed(q, k_seg, v_seg, kv_cache, self.layouts, self.scale)
+            o = o.transpose(1, 2).reshape(B * M, H * D)
+            if rows.whole:
+                return o
             if out is None:
-                out = query.new_empty((n, H * D))
+                out = query.new_empty((rows.layout.num_rows, H * D))
             if g.span is not None:
                 out[g.span] = o
             else:

@@ -134,7 +134,7 @@ class TidarProposer:
         if layout.num_rows == 0:
             return None
         block_size = self.hooks[0].kv_cache().shape[2]  # the pool's [num_blocks, Hkv, block_size, 2 * D]
-        return MaskRows(layout, input_ids.shape[0], qsl, seq_lens, m.block_table[:num_reqs], block_size)
+        return MaskRows(layout, input_ids.shape[0], seq_lens, m.block_table[:num_reqs], block_size)
 
     def propose(self, sampled_token_ids, num_tokens_no_spec=None, token_ids_cpu=None, slot_mappings=None, **_):
         """The next drafts of each request: a context (n-gram) continuation when ``options.context`` is on and the

@@ -15,6 +15,7 @@ levels share a layout and go to ``tidar_attention_paged`` together (one group).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -31,11 +32,16 @@ class Group:
     block_id: torch.Tensor = None  # [S] int32
 
     def finish(self) -> None:
-        S1 = self.K + 1
-        ll = list(range(1, self.n + 1)) + [j for j in self.js for _ in range(S1)]
-        bid = [-1] * self.n + [b for b in range(len(self.js)) for _ in range(S1)]
-        self.local_limit = torch.tensor(ll, dtype=torch.int32)
-        self.block_id = torch.tensor(bid, dtype=torch.int32)
+        self.local_limit, self.block_id = _segment(self.n, self.js, self.K)
+
+
+@functools.lru_cache(maxsize=256)
+def _segment(n: int, js: tuple[int, ...], K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(local_limit, block_id)`` of a group's segment, made once per layout (read only)."""
+    S1 = K + 1
+    ll = list(range(1, n + 1)) + [j for j in js for _ in range(S1)]
+    bid = [-1] * n + [b for b in range(len(js)) for _ in range(S1)]
+    return torch.tensor(ll, dtype=torch.int32), torch.tensor(bid, dtype=torch.int32)
 
 
 @dataclasses.dataclass
@@ -75,19 +81,24 @@ def plan_step(
     request_levels, block_start, pos = [], [], []
     groups: dict[tuple, Group] = {}
     row = 0
+    last = max_position - 1
     for r, (c, n, d, allowed, k) in enumerate(zip(num_computed, num_scheduled, num_drafts, levels, K)):
-        slots = torch.arange(k + 1)
         lvs = [lv for lv in range(1, d + 2) if allowed is None or lv in allowed]
         request_levels.append(lvs)
-        block_start.append([])
+        starts = []
+        block_start.append(starts)
         js = tuple(n - d - 1 + lv for lv in lvs)
         for j in js:
-            block_start[-1].append(row)
-            pos.append(c + j + slots)
+            starts.append(row)
+            p0 = c + j
+            pos.extend(p if p < last else last for p in range(p0, p0 + k + 1))
             row += k + 1
         if js:
-            groups.setdefault((n, js, k), Group([], n, js, k)).requests.append(r)
+            key = (n, js, k)
+            if key not in groups:
+                groups[key] = Group([], n, js, k)
+            groups[key].requests.append(r)
     for g in groups.values():
         g.finish()
-    positions = torch.cat(pos).clamp_(max=max_position - 1) if pos else torch.zeros(0, dtype=torch.int64)
+    positions = torch.tensor(pos, dtype=torch.int64)
     return StepLayout([k + 1 for k in K], request_levels, block_start, positions, list(groups.values()))
