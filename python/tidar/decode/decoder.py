@@ -42,6 +42,7 @@ input (``evidence``: the acceptance statistics of the request and its rows), see
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -54,6 +55,7 @@ from tidar.decode.planner import MAX_AUTO_DRAFT_LEN, Plan, Planner, levels_upto
 from tidar.decode.results import PlannedStep, Prefilled, StepResult, TidarGenerateOutput
 from tidar.decode.slot_timing import slot_curve
 from tidar.decode.stats import AcceptanceEvidence, DecodeCounters, DecodeStats, check_stats
+from tidar.decode.step_costs import step_costs
 from tidar.hf.cache import TidarCache
 from tidar.hf.lm_head import output_head
 from tidar.settings import settings_of
@@ -105,12 +107,33 @@ def _measure_host(model, curve):
     curve.host_ms_step = max(0.0, host[1] - curve.host_ms_row)
     extra = {}
     for K in (1, 2, 4):
-        ms = _ms_per_forward(model, ids[:1], max_new_tokens=17, draft_len=K, temperature=1.0, seed=0)
         S = K * (1 + (K if K > 1 else 0))
-        extra[K] = max(0.0, ms - curve.batch_step(1, S, S, 1))
+        extra[K] = max(0.0, _sampled_step_ms(model, ids[:1], K) - curve.batch_step(1, S, S, 1))
     curve.sample_ms_ar = extra[1]
     curve.sample_ms_row = (extra[4] - extra[2]) / 14 if extra[4] > extra[2] else 0.0  # 20 rows at K = 4, 6 at K = 2
     curve.sample_ms_step = max(0.0, extra[2] - 6 * curve.sample_ms_row)
+
+
+def _sampled_step_ms(model, ids, K: int, trials: int = 9) -> float:
+    """Median ms of a sampled step at a fixed K with all proposal blocks (its planning and a repeatable trial
+    forward, ``step(commit=False)``), after two real steps. The median of one step's repeats, not the fastest of
+    whole calls: a whole call's time mixes in its prefill, and the fastest of few noisy runs swung the sampled
+    terms so far between processes that a drafted sampled step (1.9x an AR step) was priced near one."""
+    kw = dict(max_new_tokens=32, draft_len=K, temperature=1.0, seed=0, context_drafts=False, eos_token_id=[])
+    dec = Decoder(model, ids, **kw)
+    sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda *a: None)
+    with torch.no_grad():
+        dec.prefill()
+        for _ in range(2):
+            dec.step()
+        times = []
+        for _ in range(trials):
+            sync()
+            t0 = time.perf_counter()
+            dec.step(dec.plan(), commit=False)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def _sample_kw(g, generator, backend: str, seed) -> dict:
@@ -187,17 +210,20 @@ class Decoder(StepForwards):
         self.evidence = AcceptanceEvidence.priors(self.B)  # each request from the priors (see ``stats``)
         self.counters = DecodeCounters(requests=1)
         auto = K == "auto"
-        self.planner = (
-            Planner(
-                _host_calibrated(model, self.B),
+        self.planner = None
+        if auto:
+            curve = _host_calibrated(model, self.B)
+            self.planner = Planner(
+                curve,
                 self.evidence.request,
                 levels=levels,
                 batch=self.B,
                 sampling=not self.greedy,
+                # greedy only: a greedy request's tokens do not depend on its plans, a sampled one's do (each plan
+                # draws its own uniforms), and a seed must reproduce them, so sampled plans keep the fixed prices
+                measured=step_costs(curve, self.B) if self.greedy else None,
             )
-            if auto
-            else None
-        )
+        self._plan_ms = (-1, 0.0)  # (step index, ms) of the last plan(): a step's time includes its planning
         self.fixed = None if auto else (K, levels)
         self.max_k = MAX_AUTO_DRAFT_LEN if auto else K
         self.out: list[list[int]] = [[] for _ in range(self.B)]
@@ -308,6 +334,7 @@ class Decoder(StepForwards):
         """The next step: its K and levels (fixed, or the planner's) and every row's drafts and their source."""
         if self._diff is None:
             raise RuntimeError("Decoder.plan needs Decoder.prefill first")
+        t0 = time.perf_counter()
         B, done, ev, ngrams, diff = self.B, self.done, self.evidence, self.ngrams, self._diff
         ctx, matches = [[]] * B, [0] * B
         if ngrams is not None:
@@ -323,6 +350,7 @@ class Decoder(StepForwards):
         ]
         plan = self._choose_plan(rows, self.cache.lengths)
         drafts, probs, meta, tokens = compose_drafts(self, plan, self.out, diff, ctx, self.device, self.g.vocab)
+        self._plan_ms = (self._steps, (time.perf_counter() - t0) * 1e3)
         return PlannedStep(plan, drafts, probs, meta, tokens, self._steps)
 
     def step(self, planned: PlannedStep | None = None, *, commit: bool = True) -> StepResult:
@@ -338,6 +366,7 @@ class Decoder(StepForwards):
     def _step(self, planned: PlannedStep) -> StepResult:
         if planned.index != self._steps:
             raise ValueError(f"this PlannedStep was made for step {planned.index}, the decoder is at {self._steps}")
+        t0 = time.perf_counter()
         plan, c, ev, done = planned.plan, self.counters, self.evidence, self.done
         res = self._verify(plan, planned.tokens, planned.probs)
         c.draft_lens.append(plan.draft_len)
@@ -362,6 +391,9 @@ class Decoder(StepForwards):
             emitted.append(tokens[:n])
             self._diff[b] = (dnext, q)
         self.cache.commit(commit)
+        if self.planner is not None:  # the step's own clock corrects the planner's prices (``step_costs``)
+            ms = (time.perf_counter() - t0) * 1e3
+            self.planner.observe(plan, ms + (self._plan_ms[1] if self._plan_ms[0] == self._steps else 0.0))
         self._steps += 1
         return StepResult(planned, accepted, emitted)
 

@@ -10,7 +10,9 @@ speed never depends on what the model decoded before, and each row keeps its own
 which adapts within a few steps (a long accepted run of context drafts means the text loops: draft long; a miss
 means shorten). The diffusion plans are scored at their steady state on the request's statistics (a plan's levels
 decide how many drafts the next step gets); each step then picks K for the drafts every row actually has, the
-step's cost being the slot curve at all rows' tokens. Plain AR steps (K = 1, no levels) are a plan like any
+step's cost being the slot curve at all rows' tokens, or, for a plan the decoder has timed a few times in this
+process, the median of its measured times (``step_costs``: the model of a step can be off by tens of percent in a
+given process, the steps' own clock is not). Plain AR steps (K = 1, no levels) are a plan like any
 other, so TiDAR is never slower than AR by choice.
 """
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 from tidar.decode.context_drafts import MAX_MATCH
 from tidar.decode.slot_timing import SlotCurve
+from tidar.decode.step_costs import StepCosts
 
 # The largest K ``draft_len="auto"`` considers, and the deepest draft the acceptance statistics track. A fixed
 # ``draft_len`` may be larger, up to ``args.MAX_DRAFT_LEN`` (the largest K taken at all).
@@ -211,6 +214,7 @@ class Planner:
     # this much: the measured costs move between runs on a shared CPU, and a wrong guess there is a loss
     # (the noise: benchmarks/results/decode_step_cpu_host_costs.md).
     MARGIN = 1.1
+    REPRICE = 0.05  # a measured price that moves by more than this share re-scores the plans (``observe``)
 
     def __init__(
         self,
@@ -221,8 +225,10 @@ class Planner:
         fixed_k: int | None = None,
         batch: int = 1,
         sampling: bool = False,
+        measured: StepCosts | None = None,
     ):
         self.curve, self.stats = curve, stats
+        self.measured = measured  # the steps' own times (``step_costs``): they replace the modelled prices
         self.max_k = min(max_k, MAX_AUTO_DRAFT_LEN) if fixed_k is None else fixed_k
         self.fixed_k, self.fixed_levels = fixed_k, levels
         self.batch = max(1, int(batch))
@@ -242,8 +248,13 @@ class Planner:
         """Milliseconds of a step of this plan for the whole batch: the forward at every row's tokens, the LM head
         (rows and calls) and the host work (see ``SlotCurve.batch_step``); sampled: ``SlotCurve.sampled_step``.
         Remembered per (K, number of levels): the curve and the batch are fixed for the planner's life, and
-        ``choose`` prices a dozen plans at every step."""
+        ``choose`` prices a dozen plans at every step. A plan the decoder has timed often enough (``measured``,
+        see ``observe``) costs the median of its recent times instead."""
         key = (K, len(levels))
+        if self.measured is not None:
+            ms = self.measured.medians.get(key)
+            if ms is not None:
+                return ms
         ms = self._costs.get(key)
         if ms is None:
             if self.sampling:
@@ -253,6 +264,20 @@ class Planner:
                 ms = self.curve.batch_step(self.batch, K * (1 + lv), 2 * K if lv else K, 2 if lv else 1)
             self._costs[key] = ms
         return ms
+
+    def observe(self, plan: Plan, ms: float) -> None:
+        """One step of ``plan`` took ``ms`` (wall clock, its planning included). Once the plan's median moves by
+        more than ``REPRICE`` from the price its last scoring used, the steady plans are re-scored at the next
+        step and an AR streak's memo is dropped (a plan that became cheaper is weighed again)."""
+        if self.measured is None:
+            return
+        key = (plan.draft_len, len(plan.levels))
+        before = self.cost(plan.draft_len, plan.levels)
+        after = self.measured.add(key, ms)
+        if after is not None and abs(after - before) > self.REPRICE * before:
+            self._replanned_at = None
+            self.since_replan = self.REPLAN_EVERY
+            self._ar_memo = None
 
     def _replan(self):
         self._replanned_at = self._version(self.stats)
@@ -334,12 +359,12 @@ class Planner:
         tables = [self._row_tables(nd, nc, st, match, slots) for nd, nc, st, match, _ in pacing]
         remaining = [r[4] for r in pacing]
         best_val, best, ar_val = -1.0, Plan(1, ()), 0.0
-        for K, (lv, tok, ms) in self.best.items():
+        for K, (lv, tok, _) in self.best.items():
             if K > max(1, k_limit):
                 continue
             now = [1.0 + max(d[K - 1], c[K - 1]) for d, c in tables]
             ctx_next = [1.0 + c[K - 1] for _, c in tables]
-            options = [(lv, [max(tok, x) for x in ctx_next], ms)]
+            options = [(lv, [max(tok, x) for x in ctx_next], self.cost(K, lv))]
             if lv and self.fixed_levels is None and self.fixed_k is None:
                 options.append(((), ctx_next, self.cost(K, ())))
             for levels, nxt, nxt_ms in options:

@@ -48,6 +48,9 @@ class SlotCurve:
     # line through batch 1 and 4 overstates a batch of 16 twofold, and an AR step priced too high makes drafted
     # steps look cheap (benchmarks/results/2026-12-06-cpu-batch/README.md)
     host_ms_batch: dict = field(default_factory=dict)
+    # whether the planner may replace this curve's prices by the decode steps' own timings (``step_costs``):
+    # True for a curve ``measure_slot_curve`` made, False for one given by hand (a test's curve is the truth)
+    step_feedback: bool = False
 
     def __post_init__(self):
         self.host_ms_batch = {int(b): float(ms) for b, ms in self.host_ms_batch.items()}  # JSON keys are strings
@@ -196,6 +199,7 @@ def measure_slot_curve(
         _key(model),
         round(time.perf_counter() - t0, 3),
         round(head_call, 5),
+        step_feedback=True,
     )
 
 
