@@ -105,35 +105,37 @@ def _measure_host(model, curve):
     host = {B: _host_at(model, curve, B) for B in (1, 4)}
     curve.host_ms_row = (host[4] - host[1]) / 3 if host[4] > host[1] else 0.0
     curve.host_ms_step = max(0.0, host[1] - curve.host_ms_row)
+    ks = (1, 2, 4)
     extra = {}
-    for K in (1, 2, 4):
-        S = K * (1 + (K if K > 1 else 0))
-        extra[K] = max(0.0, _sampled_step_ms(model, ids[:1], K) - curve.batch_step(1, S, S, 1))
+    for K, ms in zip(ks, _sampled_step_ms(model, ids[:1], ks)):
+        S = K * (1 + (K if K > 1 else 0))  # all proposal blocks
+        extra[K] = max(0.0, ms - curve.batch_step(1, S, S, 1))
     curve.sample_ms_ar = extra[1]
     curve.sample_ms_row = (extra[4] - extra[2]) / 14 if extra[4] > extra[2] else 0.0  # 20 rows at K = 4, 6 at K = 2
     curve.sample_ms_step = max(0.0, extra[2] - 6 * curve.sample_ms_row)
 
 
-def _sampled_step_ms(model, ids, K: int, trials: int = 9) -> float:
-    """Median ms of a sampled step at a fixed K with all proposal blocks (its planning and a repeatable trial
-    forward, ``step(commit=False)``), after two real steps. The median of one step's repeats, not the fastest of
-    whole calls: a whole call's time mixes in its prefill, and the fastest of few noisy runs swung the sampled
-    terms so far between processes that a drafted sampled step (1.9x an AR step) was priced near one."""
-    kw = dict(max_new_tokens=32, draft_len=K, temperature=1.0, seed=0, context_drafts=False, eos_token_id=[])
-    dec = Decoder(model, ids, **kw)
+def _sampled_step_ms(model, ids, ks, steps: int = 12) -> list[float]:
+    """Median ms of a sampled step at each fixed K of ``ks`` with all proposal blocks: real steps (planning,
+    forward, verification, commit) of one request per K after two warm-up steps. The sampled terms are fitted to
+    these times, so a sampled plan at K = 1, 2 or 4 is priced at its median. Medians of steps, not the fastest of
+    a few whole calls, whose prefill mixed in and whose noise swung the fitted terms between processes."""
+    kw = dict(max_new_tokens=(steps + 2) * max(ks) + 1, temperature=1.0, seed=0, context_drafts=False)
     sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda *a: None)
+    out = []
     with torch.no_grad():
-        dec.prefill()
-        for _ in range(2):
-            dec.step()
-        times = []
-        for _ in range(trials):
-            sync()
-            t0 = time.perf_counter()
-            dec.step(dec.plan(), commit=False)
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for K in ks:
+            dec = Decoder(model, ids, draft_len=K, eos_token_id=[], **kw)
+            dec.prefill()
+            times = []
+            for _ in range(steps + 2):
+                sync()
+                t0 = time.perf_counter()
+                dec.step()
+                sync()
+                times.append((time.perf_counter() - t0) * 1e3)
+            out.append(statistics.median(times[2:]))
+    return out
 
 
 def _sample_kw(g, generator, backend: str, seed) -> dict:
