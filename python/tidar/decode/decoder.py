@@ -105,36 +105,48 @@ def _measure_host(model, curve):
     host = {B: _host_at(model, curve, B) for B in (1, 4)}
     curve.host_ms_row = (host[4] - host[1]) / 3 if host[4] > host[1] else 0.0
     curve.host_ms_step = max(0.0, host[1] - curve.host_ms_row)
-    ks = (1, 2, 4)
-    extra = {}
-    for K, ms in zip(ks, _sampled_step_ms(model, ids[:1], ks)):
-        S = K * (1 + (K if K > 1 else 0))  # all proposal blocks
-        extra[K] = max(0.0, ms - curve.batch_step(1, S, S, 1))
-    curve.sample_ms_ar = extra[1]
-    curve.sample_ms_row = (extra[4] - extra[2]) / 14 if extra[4] > extra[2] else 0.0  # 20 rows at K = 4, 6 at K = 2
-    curve.sample_ms_step = max(0.0, extra[2] - 6 * curve.sample_ms_row)
+    # the sampled terms: K = 1 gives the AR step's extra; a least-squares line ``fixed + per_row * rows`` through
+    # drafted plans of few and many verified + virtual rows gives the rest, at the shapes the planner takes
+    plans = ((1, None), (2, None), (4, None), (8, (1,)))
+    points = []
+    for (K, levels), ms in zip(plans, _sampled_step_ms(model, ids[:1], plans)):
+        lv = len(levels_upto(K, levels)) if K > 1 else 0
+        S, rows = K * (1 + lv), K + (K * K if lv else 0)
+        extra = ms - curve.batch_step(1, S, S, 1)
+        if K == 1:
+            curve.sample_ms_ar = max(0.0, extra)
+        else:
+            points.append((rows, extra))
+    mx, my = sum(r for r, _ in points) / len(points), sum(e for _, e in points) / len(points)
+    var = sum((r - mx) ** 2 for r, _ in points)
+    slope = sum((r - mx) * (e - my) for r, e in points) / var if var > 0 else 0.0
+    curve.sample_ms_row = max(0.0, slope)
+    curve.sample_ms_step = max(0.0, my - curve.sample_ms_row * mx)
 
 
-def _sampled_step_ms(model, ids, ks, steps: int = 12) -> list[float]:
-    """Median ms of a sampled step at each fixed K of ``ks`` with all proposal blocks: real steps (planning,
-    forward, verification, commit) of one request per K after two warm-up steps. The sampled terms are fitted to
-    these times, so a sampled plan at K = 1, 2 or 4 is priced at its median. Medians of steps, not the fastest of
-    a few whole calls, whose prefill mixed in and whose noise swung the fitted terms between processes."""
-    kw = dict(max_new_tokens=(steps + 2) * max(ks) + 1, temperature=1.0, seed=0, context_drafts=False)
+def _sampled_step_ms(model, ids, plans, steps: int = 12) -> list[float]:
+    """Median ms of a sampled step of each fixed ``(K, proposal levels)`` in ``plans``: real steps (planning,
+    forward, verification, commit) of one request per plan after two warm-up steps. Medians of steps, not the
+    fastest of a few whole calls, whose prefill mixed in and whose noise swung the fitted terms so far between
+    processes that a drafted sampled step (1.9x an AR step) was priced near an AR step."""
+    max_len = getattr(settings_of(model), "max_len", None)  # a small model's position range caps the request
+    new = (steps + 2) * max(K for K, _ in plans) + 1
+    new = new if max_len is None else max(1, min(new, max_len - ids.shape[1]))
+    kw = dict(max_new_tokens=new, temperature=1.0, seed=0)
     sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda *a: None)
     out = []
     with torch.no_grad():
-        for K in ks:
-            dec = Decoder(model, ids, draft_len=K, eos_token_id=[], **kw)
+        for K, levels in plans:
+            dec = Decoder(model, ids, draft_len=K, proposal_levels=levels, context_drafts=False, eos_token_id=[], **kw)
             dec.prefill()
             times = []
-            for _ in range(steps + 2):
+            while len(times) < steps + 2 and not dec.finished:
                 sync()
                 t0 = time.perf_counter()
                 dec.step()
                 sync()
                 times.append((time.perf_counter() - t0) * 1e3)
-            out.append(statistics.median(times[2:]))
+            out.append(statistics.median(times[2:] or times))
     return out
 
 
