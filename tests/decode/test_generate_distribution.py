@@ -12,15 +12,18 @@ import tidar
 
 V, T, N = 6, 3, 6000  # vocab (last id is [MASK]), continuation length, draws
 PROMPT = [1, 3, 2]
+# a prompt that loops: a sampled row takes context drafts only where its match and its evidence both say the copy
+# is likely (a 1-token match is not evidence), so the context cases start inside a loop
+LOOP_PROMPT = [1, 3, 2, 1, 3, 2, 1, 3]
 
 
-def _exact_ar_distribution(model, temperature=1.0):
+def _exact_ar_distribution(model, temperature=1.0, prompt=PROMPT):
     """P(x_1..x_T | prompt) for every continuation, by enumeration with the unpatched model."""
     seqs = torch.tensor(list(itertools.product(range(V), repeat=T)))
-    ids = torch.cat([torch.tensor(PROMPT).expand(len(seqs), -1), seqs], 1)
+    ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)
     with torch.no_grad():
         logp = (model(ids).logits.double() / temperature).log_softmax(-1)
-    P = len(PROMPT)
+    P = len(prompt)
     lp = sum(logp[:, P - 1 + t].gather(1, seqs[:, t : t + 1]).squeeze(1) for t in range(T))
     return {tuple(s): p for s, p in zip(seqs.tolist(), lp.exp().tolist())}
 
@@ -80,12 +83,13 @@ def test_level_sets_and_context_drafts_keep_the_ar_distribution(K, levels, conte
     """Sparse proposal levels (fewer, shifted diffusion drafts, filler drafts with q = 1) and context drafts
     (copies, q = 1) are proposals like any other: the samples still follow the exact AR distribution."""
     model = tiny_model("qwen2", vocab=V, hidden=16, init=0.5, seed=20 + K)
-    exact = _exact_ar_distribution(model)
+    prompt = LOOP_PROMPT if context else PROMPT
+    exact = _exact_ar_distribution(model, prompt=prompt)
     tidar.patch(model, draft_len=K, proposal_levels=levels, context_drafts=context)
-    ids = torch.tensor([PROMPT]).expand(N, -1).contiguous()
+    ids = torch.tensor([prompt]).expand(N, -1).contiguous()
     g = torch.Generator().manual_seed(1)
     out = tidar.generate(model, ids, max_new_tokens=T, temperature=1.0, generator=g)
-    samples = [tuple(r) for r in out.sequences[:, len(PROMPT) :].tolist()]
+    samples = [tuple(r) for r in out.sequences[:, len(prompt) :].tolist()]
     assert max(out.accepted_histogram) > 1, "no draft was ever accepted: the test would prove nothing"
     if context:
         assert out.draft_sources.get("context", 0) > 0, out.draft_sources

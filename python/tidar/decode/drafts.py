@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tidar.decode.planner import Plan, context_expected
+from tidar.decode.planner import Plan, context_expected, sampled_context_expected
 
 
 def virtual_blocks(block_logits, plan: Plan, V):
@@ -52,8 +52,8 @@ def compose_drafts(dec, plan: Plan, out, diff, ctx, device, V):
         dtok, dq = diff[b]
         nd, nc = min(len(dtok), K - 1), min(len(ctx[b]), K - 1)
         st = row_stats[b]  # the row's own evidence (and its match) picks its source
-        match = match_lens[b] if dec.greedy else 0  # a loop predicts the argmax, not a sample
-        use_ctx = nc > 0 and context_expected(st, match, nc) > st["diffusion"].expected(nd)
+        ctx_expected = context_expected if dec.greedy else sampled_context_expected  # as the planner weighs it
+        use_ctx = nc > 0 and ctx_expected(st, match_lens[b], nc) > st["diffusion"].expected(nd)
         if use_ctx:
             body, src, n = ctx[b][:nc], "context", nc
         elif nd > 0:

@@ -53,6 +53,16 @@ def context_expected(row_stats: dict, match_len: int, n: int) -> float:
     return max(row_stats["context"].expected(n), m)
 
 
+def sampled_context_expected(row_stats: dict, match_len: int, n: int) -> float:
+    """A sampled row's expected accepted context drafts among ``n``: the lesser of its evidence and its match's.
+    A sampled copy is accepted with the model's probability of the copied token, which is high where the text
+    loops (a long match) and low after a match of a token or two; the row's evidence starts at the prior (0.6)
+    before any copy was tried, which alone priced every 1-token match as a good draft (a sampled request drafted
+    at ~1.3 tokens per forward for 1.4-1.6x an AR step's cost: 0.77x AR). Both must agree."""
+    m = _MATCH_TABLE[min(max(match_len, 0), MAX_MATCH)][min(max(n, 0), MAX_AUTO_DRAFT_LEN - 1)]
+    return min(row_stats["context"].expected(n), m)
+
+
 class AcceptanceStats:
     """Decayed counts of trials and acceptances of draft i (1..MAX_AUTO_DRAFT_LEN - 1) given drafts 1..i-1 were
     accepted."""
@@ -308,15 +318,17 @@ class Planner:
 
     def _row_tables(self, nd: int, nc: int, st: dict, match: int, slots: tuple) -> tuple[dict, dict]:
         """Expected accepted diffusion and context drafts of a row for each n in ``slots`` (the K - 1 of the
-        candidate plans), capped at the drafts it has; a context match counts only when decoding is greedy.
+        candidate plans), capped at the drafts it has. Greedy, a copy is worth the better of the row's evidence
+        and its match's (``context_expected``); sampled, the lesser (``sampled_context_expected``).
         Memoised on the row's evidence version: in a run of AR steps nothing but the match moves."""
-        m = 0 if self.sampling else min(max(match, 0), MAX_MATCH)
+        m = min(max(match, 0), MAX_MATCH)
         key = (id(st), self._version(st), nd, nc, m, slots)
         hit = self._tables.get(key)
         if hit is not None:
             return hit
         d = {n: st["diffusion"].expected(min(nd, n)) for n in slots}
-        c = {n: context_expected(st, m, min(nc, n)) for n in slots}
+        ctx = sampled_context_expected if self.sampling else context_expected
+        c = {n: ctx(st, m, min(nc, n)) for n in slots}
         if len(self._tables) > 4096:  # one request's rows and steps; keep it bounded
             self._tables.clear()
         self._tables[key] = (d, c)
@@ -349,8 +361,7 @@ class Planner:
         if self.since_replan >= self.REPLAN_EVERY and self._replanned_at != self._version(self.stats):
             self._replan()
         rows = [_row(r, self.stats) for r in rows]
-        sampled = self.sampling  # a sampled plan never reads the match (a loop predicts the argmax, not a sample)
-        key = [(nd, nc, 0 if sampled else match, id(st), self._version(st)) for nd, nc, st, match, _ in rows]
+        key = [(nd, nc, match, id(st), self._version(st)) for nd, nc, st, match, _ in rows]
         if self._still_ar(key, k_limit):  # an AR streak on unchanged evidence: the scoring would say AR again
             return self._explore_or(Plan(1, ()), rows, k_limit)
         # per pacing row, once per step: expected accepted drafts of each source by draft count, the remaining tokens
