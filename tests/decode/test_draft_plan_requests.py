@@ -300,3 +300,23 @@ def test_a_sampled_batch_whose_drafts_do_not_pay_prefills_without_a_mask_block_a
         counts[torch.arange(2), first] += 1
     tv = 0.5 * (counts / draws - target).abs().sum(-1)
     assert bool((tv < 0.08).all()), tv
+
+
+def test_a_sampled_copy_is_worth_the_lesser_of_its_match_and_its_evidence():
+    """Sampled, a copy is accepted with the model's probability of the copied token: high in a loop (a long match),
+    low after a 1-token match. Untried evidence (the prior) alone must not make a short match a draft."""
+    from tidar.decode.planner import context_expected, sampled_context_expected
+
+    row = new_row_stats(1)[0]
+    n = MAX_AUTO_DRAFT_LEN - 1
+    assert context_expected(row, 1, n) > 1.0  # greedy: the prior says a copy is worth more than a token
+    assert sampled_context_expected(row, 1, n) == pytest.approx(match_expected(1, n)) and match_expected(1, n) < 0.3
+    assert sampled_context_expected(row, 48, n) == pytest.approx(row["context"].expected(n))  # a loop: the prior
+    for _ in range(3):
+        row["context"].update(n, 0)  # copies tried and refused: a long match no longer counts
+    assert sampled_context_expected(row, 48, n) < 0.5
+    fresh = new_row_stats(1)[0]
+    curve = _curve(lambda n: 4.0 + 0.1 * n)
+    short = Planner(curve, new_stats(), sampling=True).choose([_row(fresh, match=1)], MAX_AUTO_DRAFT_LEN)
+    loop = Planner(curve, new_stats(), sampling=True).choose([_row(fresh, match=48)], MAX_AUTO_DRAFT_LEN)
+    assert short.draft_len < loop.draft_len and loop.levels == ()  # the loop: copies, no proposal blocks
