@@ -221,6 +221,18 @@ def test_an_ar_run_is_not_rescored_every_step_but_a_growing_match_is_weighed_wit
     for _ in range(5):
         assert planner.choose(quiet, MAX_AUTO_DRAFT_LEN) == Plan(1, ())
     assert len(calls) == n  # reused: nothing changed
+    # batch 16 as it runs: draft counts and 1-3 token matches move every step; fewer drafts reuse the verdict, and
+    # a short match (worth less than the row's evidence) is no news at all
+    some = [(0, 3, r, 2, 50) for r in rows]
+    assert planner.choose(some, MAX_AUTO_DRAFT_LEN) == Plan(1, ())
+    n = len(calls)
+    for step in range(8):
+        fewer = [(0, (step + i) % 3, r, 1 + (step + i) % 2, 50) for i, r in enumerate(rows)]
+        assert planner.choose(fewer, MAX_AUTO_DRAFT_LEN) == Plan(1, ())
+    assert len(calls) == n
+    fresh = new_row_stats(1)[0]  # at the prior, a copy is worth ~1.5 tokens: a 3-token match says less, 40 more
+    assert planner._match_key(fresh, 3, MAX_AUTO_DRAFT_LEN - 1) == 0
+    assert planner._match_key(fresh, 40, MAX_AUTO_DRAFT_LEN - 1) == 40
     looping = [(0, MAX_AUTO_DRAFT_LEN - 1, r, 60, 50) for r in rows]  # every row's text now repeats a 60-token block
     plans = [planner.choose(looping, MAX_AUTO_DRAFT_LEN) for _ in range(Planner.AR_RESCORE + 1)]
     assert plans[-1].draft_len > 1

@@ -365,7 +365,7 @@ class Planner:
         if self.since_replan >= self.REPLAN_EVERY and self._replanned_at != self._version(self.stats):
             self._replan()
         rows = [_row(r, self.stats) for r in rows]
-        key = [(nd, nc, match, id(st), self._version(st)) for nd, nc, st, match, _ in rows]
+        key = [(nd, nc, self._match_key(st, match, nc), id(st), self._version(st)) for nd, nc, st, match, _ in rows]
         if self._still_ar(key, k_limit):  # an AR streak on unchanged evidence: the scoring would say AR again
             return self._explore_or(Plan(1, ()), rows, k_limit)
         # per pacing row, once per step: expected accepted drafts of each source by draft count, the remaining tokens
@@ -395,21 +395,35 @@ class Planner:
         self._memo_hits = 0
         return self._explore_or(best, rows, k_limit)
 
+    def _match_key(self, st: dict, match: int, nc: int) -> int:
+        """The match length as the AR memo keys it: greedy, 0 while the match says less than the row's evidence
+        (``context_expected`` takes the better, so a short match changes nothing). At batch 16 some row's 1-3
+        token match moves nearly every step, and keying on it re-scored every step of an AR streak (the
+        planner's work: ~3% of a step)."""
+        if self.sampling or match <= 0:
+            return match
+        n = min(max(nc, 0), MAX_AUTO_DRAFT_LEN - 1)
+        m = min(match, MAX_MATCH)
+        return m if _MATCH_TABLE[m][n] > st["context"].expected(n) else 0
+
     @staticmethod
     def _version(stats: dict) -> tuple:
         return tuple([stats[src].version for src in SOURCES])
 
     def _still_ar(self, key: list, k_limit: int) -> bool:
-        """Whether the last full scoring chose AR on the same rows, drafts and evidence and the same K limit, and
-        no context match grew since, or it grew but fewer than ``AR_RESCORE`` steps ago (a match grows a token a
-        step as a loop sets in: it is new evidence, weighed within a few steps, not at every one)."""
+        """Whether the last full scoring chose AR on the same evidence and K limit, and since then no row has more
+        drafts or a longer (relevant) match, or some has but fewer than ``AR_RESCORE`` steps ago. Fewer drafts
+        and shorter matches cannot make a drafted plan better; more are new evidence, weighed within a few steps,
+        not at every one (a match grows a token a step as a loop sets in; at batch 16 some row's draft count
+        moves nearly every step, and requiring equal counts re-scored most steps of an AR streak)."""
         memo = self._ar_memo
         if memo is None or memo[0] != k_limit or len(memo[1]) != len(key):
             return False
-        if not all(a[:2] == b[:2] and a[3:] == b[3:] for a, b in zip(key, memo[1])):
+        if not all(a[3:] == b[3:] for a, b in zip(key, memo[1])):
             return False
         self._memo_hits += 1
-        return self._memo_hits < self.AR_RESCORE or all(a[2] <= b[2] for a, b in zip(key, memo[1]))
+        grown = any(a[0] > b[0] or a[1] > b[1] or a[2] > b[2] for a, b in zip(key, memo[1]))
+        return not grown or self._memo_hits < self.AR_RESCORE
 
     def _explore_or(self, best: Plan, rows: list, k_limit: int) -> Plan:
         """``best``, or after ``explore_after`` AR steps in a row without context drafts, one cheap diffusion step."""
