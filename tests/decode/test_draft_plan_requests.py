@@ -68,8 +68,13 @@ def test_rows_are_planned_on_their_own_evidence_and_a_batch_costs_all_its_tokens
     sixteen = Planner(CPU, new_stats(), batch=16)
     assert sixteen.choose([_row(looping)] * 15 + [_row(plain)], MAX_AUTO_DRAFT_LEN) == Plan(1, ())
     assert sixteen.cost(8, ()) > 2 * sixteen.cost(1, ())
-    # ... while rows that all loop draft long together
-    assert sixteen.choose([_row(looping)] * 16, MAX_AUTO_DRAFT_LEN).draft_len >= 4
+    # ... while rows that all loop (their copies accepted, their text repeating) draft long together
+    assert sixteen.choose([_row(looping, match=48)] * 16, MAX_AUTO_DRAFT_LEN).draft_len >= 4
+    # untried rows with 1-token matches: at batch 1 the prior makes the copy worth a try (a few free slots), at
+    # batch 16 it is no evidence (16 rows x K tokens)
+    untried = new_row_stats(16)
+    assert Planner(CPU, new_stats()).choose([_row(untried[0], match=1)], MAX_AUTO_DRAFT_LEN).draft_len > 1
+    assert Planner(CPU, new_stats(), batch=16).choose([_row(r, match=1) for r in untried], 16) == Plan(1, ())
 
 
 def test_batch_cost_counts_head_calls_host_work_and_sampling():
@@ -221,8 +226,8 @@ def test_an_ar_run_is_not_rescored_every_step_but_a_growing_match_is_weighed_wit
     for _ in range(5):
         assert planner.choose(quiet, MAX_AUTO_DRAFT_LEN) == Plan(1, ())
     assert len(calls) == n  # reused: nothing changed
-    # batch 16 as it runs: draft counts and 1-3 token matches move every step; fewer drafts reuse the verdict, and
-    # a short match (worth less than the row's evidence) is no news at all
+    # batch 16 as it runs: draft counts and 1-3 token matches move every step; fewer drafts and no longer match
+    # reuse the verdict
     some = [(0, 3, r, 2, 50) for r in rows]
     assert planner.choose(some, MAX_AUTO_DRAFT_LEN) == Plan(1, ())
     n = len(calls)
@@ -230,9 +235,11 @@ def test_an_ar_run_is_not_rescored_every_step_but_a_growing_match_is_weighed_wit
         fewer = [(0, (step + i) % 3, r, 1 + (step + i) % 2, 50) for i, r in enumerate(rows)]
         assert planner.choose(fewer, MAX_AUTO_DRAFT_LEN) == Plan(1, ())
     assert len(calls) == n
-    fresh = new_row_stats(1)[0]  # at the prior, a copy is worth ~1.5 tokens: a 3-token match says less, 40 more
-    assert planner._match_key(fresh, 3, MAX_AUTO_DRAFT_LEN - 1) == 0
-    assert planner._match_key(fresh, 40, MAX_AUTO_DRAFT_LEN - 1) == 40
+    fresh = new_row_stats(1)[0]  # greedy batch 1: at the prior a copy is worth ~1.5 tokens, a 3-token match less
+    one = Planner(CPU, new_stats())
+    assert one._match_key(fresh, 3, MAX_AUTO_DRAFT_LEN - 1) == 0
+    assert one._match_key(fresh, 40, MAX_AUTO_DRAFT_LEN - 1) == 40
+    assert planner._match_key(fresh, 3, MAX_AUTO_DRAFT_LEN - 1) == 3  # batched: untried evidence is no prior
     looping = [(0, MAX_AUTO_DRAFT_LEN - 1, r, 60, 50) for r in rows]  # every row's text now repeats a 60-token block
     plans = [planner.choose(looping, MAX_AUTO_DRAFT_LEN) for _ in range(Planner.AR_RESCORE + 1)]
     assert plans[-1].draft_len > 1

@@ -53,6 +53,13 @@ def context_expected(row_stats: dict, match_len: int, n: int) -> float:
     return max(row_stats["context"].expected(n), m)
 
 
+def copy_worth(sampling: bool, batch: int):
+    """How a row's copy is valued (``Planner`` and the draft source choice agree on it)."""
+    if sampling:
+        return sampled_context_expected
+    return batched_context_expected if batch > 1 else context_expected
+
+
 def sampled_context_expected(row_stats: dict, match_len: int, n: int) -> float:
     """A sampled row's expected accepted context drafts among ``n``: the lesser of its evidence and its match's.
     A sampled copy is accepted with the model's probability of the copied token, which is high where the text
@@ -61,6 +68,17 @@ def sampled_context_expected(row_stats: dict, match_len: int, n: int) -> float:
     at ~1.3 tokens per forward for 1.4-1.6x an AR step's cost: 0.77x AR). Both must agree."""
     m = _MATCH_TABLE[min(max(match_len, 0), MAX_MATCH)][min(max(n, 0), MAX_AUTO_DRAFT_LEN - 1)]
     return min(row_stats["context"].expected(n), m)
+
+
+def batched_context_expected(row_stats: dict, match_len: int, n: int) -> float:
+    """A greedy batched row's expected accepted context drafts among ``n``: the better of its match's and its
+    evidence, counting the evidence only once the row has tried copies. At batch 1 the prior (0.6) stands in for
+    untried evidence, since a wrong guess costs a few free slots; in a batch a context step costs ~1.4 AR steps
+    (batch 16 on a CPU), and the prior alone made every 1-3 token match a draft (0.91x AR where K = 1 ran at
+    0.98x). A long match still counts after failed copies: a loop that sets in later is new evidence."""
+    m = _MATCH_TABLE[min(max(match_len, 0), MAX_MATCH)][min(max(n, 0), MAX_AUTO_DRAFT_LEN - 1)]
+    ctx = row_stats["context"]
+    return max(ctx.expected(n), m) if ctx.tried() else m
 
 
 class AcceptanceStats:
@@ -90,6 +108,10 @@ class AcceptanceStats:
                 self.accepts[i] += 1.0
         self._table = self._pooled = None
         self.version += 1
+
+    def tried(self) -> bool:
+        """Whether any draft of this source was verified (the statistics are more than the prior)."""
+        return self.version > 0
 
     def pooled(self) -> float:
         """The acceptance rate over all depths (smoothed toward the prior)."""
@@ -244,6 +266,10 @@ class Planner:
         self.batch = max(1, int(batch))
         self.sampling = sampling  # a sampled step's cost: the head on every row, rejection sampling
         self.margin = self.MARGIN if sampling or self.batch > 1 else 1.0
+        # A copy's worth (``copy_worth``): greedy at batch 1 the better of the row's evidence (from the prior) and
+        # its match; batched, the better of its match and its tried evidence (``batched_context_expected``);
+        # sampled, the lesser of evidence and match (``sampled_context_expected``)
+        self.copy_worth = copy_worth(sampling, self.batch)
         self.best: dict[int, tuple[tuple, float, float]] = {}  # K -> (levels, steady tokens per row, step ms)
         self.since_replan = self.REPLAN_EVERY
         self.ar_run = 0
@@ -323,7 +349,7 @@ class Planner:
     def _row_tables(self, nd: int, nc: int, st: dict, match: int, slots: tuple) -> tuple[dict, dict]:
         """Expected accepted diffusion and context drafts of a row for each n in ``slots`` (the K - 1 of the
         candidate plans), capped at the drafts it has. Greedy, a copy is worth the better of the row's evidence
-        and its match's (``context_expected``); sampled, the lesser (``sampled_context_expected``).
+        and its match's (``context_expected``); batched and sampled: ``copy_worth``.
         Memoised on the row's evidence version: in a run of AR steps nothing but the match moves."""
         m = min(max(match, 0), MAX_MATCH)
         key = (id(st), self._version(st), nd, nc, m, slots)
@@ -331,7 +357,7 @@ class Planner:
         if hit is not None:
             return hit
         d = {n: st["diffusion"].expected(min(nd, n)) for n in slots}
-        ctx = sampled_context_expected if self.sampling else context_expected
+        ctx = self.copy_worth
         c = {n: ctx(st, m, min(nc, n)) for n in slots}
         if len(self._tables) > 4096:  # one request's rows and steps; keep it bounded
             self._tables.clear()
@@ -404,7 +430,9 @@ class Planner:
             return match
         n = min(max(nc, 0), MAX_AUTO_DRAFT_LEN - 1)
         m = min(match, MAX_MATCH)
-        return m if _MATCH_TABLE[m][n] > st["context"].expected(n) else 0
+        ctx = st["context"]
+        evidence = ctx.expected(n) if self.batch == 1 or ctx.tried() else 0.0
+        return m if _MATCH_TABLE[m][n] > evidence else 0
 
     @staticmethod
     def _version(stats: dict) -> tuple:
