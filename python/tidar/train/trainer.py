@@ -295,6 +295,8 @@ class RunCallback(TrainerCallback):
         self.tokens_since = 0
         self.stopped_early = False
         self.bar = None
+        self._sigterm = False  # a SIGTERM arrived (``on_train_begin`` installs the handler on the main thread)
+        self._old_sigterm = None  # the handler it replaced, restored at the end
 
     def close_bar(self):
         if self.bar is not None:
@@ -320,7 +322,7 @@ class RunCallback(TrainerCallback):
         self._sigterm = True
 
     def on_train_end(self, args, state, control, **kw):
-        old = getattr(self, "_old_sigterm", None)
+        old = self._old_sigterm
         if old is not None:
             signal.signal(signal.SIGTERM, old)
             self._old_sigterm = None
@@ -329,7 +331,7 @@ class RunCallback(TrainerCallback):
         """A ``STOP`` file in the output folder or a SIGTERM asks the run to end after this step with a checkpoint
         (a long background run ended on demand, resumable with ``--resume latest``). In a distributed run the ranks
         agree (a max over them), so no rank stops a step before the others."""
-        want = bool(getattr(self, "_sigterm", False)) or (Path(output_dir) / STOP_FILE).exists()
+        want = self._sigterm or (Path(output_dir) / STOP_FILE).exists()
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
