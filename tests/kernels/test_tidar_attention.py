@@ -389,6 +389,14 @@ def test_reference_cpu_mask_shortcuts_equal_the_dense_rule(seed):
         (layouts.causal(1), [9]),
         (layouts.causal(4), [0, 0, 0]),
         (layouts.decode_step(2), [3, 8]),  # ragged
+        (layouts.causal(1), [3, 8, 0, 5]),  # a ragged batch's AR step: one token per row at its own offset
+        (layouts.decode_step(1), [6, 2]),
+        (
+            layouts.Layout(
+                torch.tensor([0], dtype=torch.int32), torch.tensor([-1], dtype=torch.int32), torch.arange(1)
+            ),
+            [4, 1],
+        ),  # a token that may not see itself: the general rule, not the shortcut
     ]
     S = int(torch.randint(1, 9, (1,), generator=g))
     ll = torch.randint(-3, S + 2, (S,), generator=g, dtype=torch.int32)

@@ -57,6 +57,13 @@ def _cpu_mask(local_limit, block_id, seg_start, kv_len):
             if local_all:
                 return None, None
             return torch.cat((local.new_ones(S, s0), local), 1)[None, None], None
+    if S == 1 and rng is not None and rng[0] >= 0 and rng[1] + 1 == kv_len:
+        # one token per row at its own offset (a ragged batch's AR step): row b sees keys 0..seg_start[b] when the
+        # layout lets the token see itself, which ``dense_mask`` would build through the general rule every step
+        local, local_all, _, limit_ok = _local_mask(local_limit, block_id)
+        if limit_ok and local_all:
+            cols = torch.arange(kv_len, device=seg_start.device)
+            return (cols[None] <= seg_start.long()[:, None])[:, None, None], None
     mask = dense_mask(local_limit, block_id, seg_start, kv_len)  # [B, S, Skv]
     empty = ~mask.any(-1, keepdim=True)
     attn_mask, empty = (mask | empty)[:, None], empty[:, None]
