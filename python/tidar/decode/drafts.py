@@ -42,7 +42,7 @@ def compose_drafts(dec, plan: Plan, out, diff, ctx, device, V):
     K, B = plan.draft_len, dec.B
     row_stats, match_lens = dec.evidence.rows, dec.evidence.match_lens
     tokens, meta, q_rows = [], [], []
-    worth = copy_worth(not dec.greedy, B)
+    worth = copy_worth(not dec.greedy, B)  # as the planner weighs a copy
     for b in range(B):
         d0 = out[b][-1] if out[b] else 0
         if dec.done[b]:
@@ -53,8 +53,7 @@ def compose_drafts(dec, plan: Plan, out, diff, ctx, device, V):
         dtok, dq = diff[b]
         nd, nc = min(len(dtok), K - 1), min(len(ctx[b]), K - 1)
         st = row_stats[b]  # the row's own evidence (and its match) picks its source
-        ctx_expected = worth  # as the planner weighs a copy
-        use_ctx = nc > 0 and ctx_expected(st, match_lens[b], nc) > st["diffusion"].expected(nd)
+        use_ctx = nc > 0 and worth(st, match_lens[b], nc) > st["diffusion"].expected(nd)
         if use_ctx:
             body, src, n = ctx[b][:nc], "context", nc
         elif nd > 0:

@@ -47,9 +47,14 @@ def match_expected(match_len: int, n: int) -> float:
 _MATCH_TABLE = [[match_expected(m, n) for n in range(MAX_AUTO_DRAFT_LEN)] for m in range(MAX_MATCH + 1)]
 
 
+def _match_worth(match_len: int, n: int) -> float:
+    """``match_expected`` from the table, both arguments clamped to its range."""
+    return _MATCH_TABLE[min(max(match_len, 0), MAX_MATCH)][min(max(n, 0), MAX_AUTO_DRAFT_LEN - 1)]
+
+
 def context_expected(row_stats: dict, match_len: int, n: int) -> float:
     """A row's expected accepted context drafts among ``n``: the better of its tried evidence and the match's."""
-    m = _MATCH_TABLE[min(max(match_len, 0), MAX_MATCH)][min(max(n, 0), MAX_AUTO_DRAFT_LEN - 1)]
+    m = _match_worth(match_len, n)
     return max(row_stats["context"].expected(n), m)
 
 
@@ -66,7 +71,7 @@ def sampled_context_expected(row_stats: dict, match_len: int, n: int) -> float:
     loops (a long match) and low after a match of a token or two; the row's evidence starts at the prior (0.6)
     before any copy was tried, which alone priced every 1-token match as a good draft (a sampled request drafted
     at ~1.3 tokens per forward for 1.4-1.6x an AR step's cost: 0.77x AR). Both must agree."""
-    m = _MATCH_TABLE[min(max(match_len, 0), MAX_MATCH)][min(max(n, 0), MAX_AUTO_DRAFT_LEN - 1)]
+    m = _match_worth(match_len, n)
     return min(row_stats["context"].expected(n), m)
 
 
@@ -76,7 +81,7 @@ def batched_context_expected(row_stats: dict, match_len: int, n: int) -> float:
     untried evidence, since a wrong guess costs a few free slots; in a batch a context step costs ~1.4 AR steps
     (batch 16 on a CPU), and the prior alone made every 1-3 token match a draft (0.91x AR where K = 1 ran at
     0.98x). A long match still counts after failed copies: a loop that sets in later is new evidence."""
-    m = _MATCH_TABLE[min(max(match_len, 0), MAX_MATCH)][min(max(n, 0), MAX_AUTO_DRAFT_LEN - 1)]
+    m = _match_worth(match_len, n)
     ctx = row_stats["context"]
     return max(ctx.expected(n), m) if ctx.tried() else m
 
@@ -246,7 +251,7 @@ class Planner:
     # this much: the measured costs move between runs on a shared CPU, and a wrong guess there is a loss
     # (the noise: benchmarks/results/decode_step_cpu_host_costs.md).
     MARGIN = 1.1
-    REPRICE = 0.05  # a measured price that moves by more than this share re-scores the plans (``observe``)
+    REPRICE = 0.05  # a measured price that moves by more than this share drops the AR memo (``observe``)
 
     def __init__(
         self,
@@ -428,11 +433,8 @@ class Planner:
         planner's work: ~3% of a step)."""
         if self.sampling or match <= 0:
             return match
-        n = min(max(nc, 0), MAX_AUTO_DRAFT_LEN - 1)
         m = min(match, MAX_MATCH)
-        ctx = st["context"]
-        evidence = ctx.expected(n) if self.batch == 1 or ctx.tried() else 0.0
-        return m if _MATCH_TABLE[m][n] > evidence else 0
+        return m if _match_worth(m, nc) > self.copy_worth(st, 0, nc) else 0  # the evidence's worth alone
 
     @staticmethod
     def _version(stats: dict) -> tuple:
