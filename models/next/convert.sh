@@ -16,7 +16,7 @@ shift 3 || shift $#
 mkdir -p runs
 nohup python -m tidar train --output "$out" --init-from "$init" --site-packages \
     --batch-size 16 --seq-len 256 --block-size 16 \
-    --max-steps 2000 --lr 5e-4 --warmup-steps 20 --min-lr-ratio 0.2 --seed 1 \
+    --max-steps 1500 --lr 5e-4 --warmup-steps 20 --min-lr-ratio 0.2 --seed 1 \
     --alpha 1.5 --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 4 \
     --distill-ratio 1.0 --distill-refresh 100 --distill-prompt-len 64 \
     --save-every 200 --keep-checkpoints 3 --eval-every 200 --eval-batches 16 --eval-prompts 4 --eval-new-tokens 64 \
