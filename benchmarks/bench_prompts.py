@@ -3,7 +3,7 @@
 (``prompt_lookup_num_tokens=10``) on an unpatched copy.
 
 - ``prompts_b1``: greedy, batch 1, ``NEW_TOKENS`` new tokens, on the ordinary code prompts of
-  ``benchmarks/ordinary_prompts.py`` (four classes) and the demo's prompts; the three are interleaved prompt by
+  ``python/tidar/ordinary_prompts.py`` (four classes) and the demo's prompts; the three are interleaved prompt by
   prompt over several rounds and each prompt's best round is kept (a shared machine only adds time). Reported per
   prompt class with the spread (min / median / max of TiDAR / prompt lookup and TiDAR / AR per prompt).
 - ``prompts_batch``: greedy, left-padded ragged batches of 4 and 16 different prompts: TiDAR vs HF AR.
@@ -31,8 +31,9 @@ import sys
 
 import torch
 
+from tidar.ordinary_prompts import PROMPTS
+
 from .harness import Bench
-from .ordinary_prompts import PROMPTS
 from .timing import timed_call
 
 NEW_TOKENS = 128

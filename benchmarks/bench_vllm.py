@@ -1,6 +1,6 @@
 """TiDAR served by vLLM (``--only vllm``; run with the Python of a venv that has vLLM and this repo installed, e.g.
 the one .ci/vllm_tests.sh makes): plain vLLM, vLLM's n-gram drafts and vLLM + TiDAR (``tidar.vllm``'s
-defaults) on the bundled model, the same prompts (``benchmarks/ordinary_prompts.py``, four classes), greedy.
+defaults) on the bundled model, the same prompts (``python/tidar/ordinary_prompts.py``, four classes), greedy.
 
 - ``vllm_b1``: one request at a time, ``NEW_TOKENS`` tokens each (EOS ignored); the three engines are interleaved
   prompt by prompt over ``ROUNDS`` rounds and each prompt's best round is kept (a shared machine only adds time).
@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import time
 
+from tidar.ordinary_prompts import PROMPTS
+
 from .harness import Bench
-from .ordinary_prompts import PROMPTS
 
 NEW_TOKENS = 96
 ROUNDS = 5

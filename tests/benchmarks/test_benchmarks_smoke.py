@@ -134,7 +134,7 @@ def test_prompts_suite_decodes_a_prompt_in_a_fresh_process_beside_the_one_proces
     import json
 
     from benchmarks.bench_prompts import FRESH_PER_CLASS, _fresh_prompts
-    from benchmarks.ordinary_prompts import PROMPTS
+    from tidar.ordinary_prompts import PROMPTS
 
     out, rows, _ = smoke
     rec = json.loads((out / "prompts.json").read_text())

@@ -200,6 +200,12 @@ def _add_saved_model_options(g):
         "(sampled, seed --seed)",
     )
     g.add_argument(
+        "--card",
+        action="store_true",
+        help="--evaluate measures the model card's table instead: held-out stdlib modules, torch/transformers "
+        "sources and the ordinary code prompts (tidar/train/card.py), the same sets whatever the model trained on",
+    )
+    g.add_argument(
         "--save-dtype",
         choices=["float32", "bfloat16"],
         default="float32",

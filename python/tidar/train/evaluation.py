@@ -54,8 +54,28 @@ def evaluate(
             diff += float(r.diffusion_loss) * len(x)
             n += len(x)
     out = {"ar_loss": ar / n, "ar_perplexity": math.exp(ar / n), "diffusion_loss": diff / n}
-    draft_lens = draft_lens or [args.draft_len]
-    max_new = max_new_tokens or args.eval_new_tokens
+    out.update(
+        decode_stats(
+            model,
+            tokenizer,
+            prompts,
+            draft_lens or [args.draft_len],
+            max_new_tokens or args.eval_new_tokens,
+            args.seed,
+            device,
+            sampling,
+        )
+    )
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def decode_stats(model, tokenizer, prompts, draft_lens, max_new_tokens, seed, device, sampling=False) -> dict:
+    """TiDAR greedy tokens per forward on ``prompts`` at each K with diffusion drafts only, and the share of
+    distinct 4-grams of those greedy continuations (the same for every K: greedy TiDAR text is the AR text); with
+    ``sampling``, also with context (n-gram) drafts added and, diffusion drafts only, at temperature 1."""
+    out = {}
 
     def mean(xs):
         return sum(xs) / len(xs)
@@ -66,15 +86,21 @@ def evaluate(
             ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
             # the drafter alone (diffusion drafts, the paper's step); then generate's default, which may also
             # copy drafts from n-gram matches in the text (context drafts)
-            res = generate(model, ids, max_new_tokens=max_new, draft_len=K, context_drafts=False)
+            res = generate(model, ids, max_new_tokens=max_new_tokens, draft_len=K, context_drafts=False)
             tpf.append(res.tokens_per_forward)
             texts.append(res.sequences[0, ids.shape[1] :].tolist())
             if sampling:
-                res = generate(model, ids, max_new_tokens=max_new, draft_len=K, context_drafts=True)
+                res = generate(model, ids, max_new_tokens=max_new_tokens, draft_len=K, context_drafts=True)
                 tpf_ctx.append(res.tokens_per_forward)
-                g = torch.Generator(device).manual_seed(args.seed * 1000 + i)
+                g = torch.Generator(device).manual_seed(seed * 1000 + i)
                 res = generate(
-                    model, ids, max_new_tokens=max_new, draft_len=K, temperature=1.0, generator=g, context_drafts=False
+                    model,
+                    ids,
+                    max_new_tokens=max_new_tokens,
+                    draft_len=K,
+                    temperature=1.0,
+                    generator=g,
+                    context_drafts=False,
                 )
                 tpf_t1.append(res.tokens_per_forward)
         if tpf:
@@ -84,5 +110,4 @@ def evaluate(
             out[f"tokens_per_forward_context_k{K}"] = mean(tpf_ctx)
         if tpf_t1:
             out[f"tokens_per_forward_t1_k{K}"] = mean(tpf_t1)
-    model.train(was_training)
     return out

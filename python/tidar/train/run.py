@@ -466,6 +466,10 @@ def evaluate_folder(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer, _ = load_checkpoint(args.evaluate, device)
     patch(model, draft_len=args.draft_len, backend=args.backend)
+    if args.card:
+        from tidar.train.card import card_evaluation
+
+        return dict(card_evaluation(model, tokenizer, args, device), model=str(args.evaluate), device=str(device))
     corpus = corpus_from_args(args)
     held = corpus_mod.encode_texts(tokenizer, corpus.heldout_texts())
     prompts = corpus_mod.heldout_prompts(tokenizer, corpus, args.eval_prompts)

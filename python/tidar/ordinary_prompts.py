@@ -1,5 +1,6 @@
-"""Ordinary code prompts for the decode benchmarks: openings of the kind people type, written for the benchmark and
-never used to tune the planner (not from the demo, the training corpus' held-out prompts, or the model card).
+"""Ordinary code prompts: openings of the kind people type, written for the decode benchmarks and never used to tune
+the planner or to train a model (not from the demo or the training corpus' held-out prompts). The benchmarks time
+them; the model card (``tidar train --evaluate DIR --card``) measures the bundled model's continuations of them.
 Grouped by class so results can be reported per class with their spread, not only as one mean."""
 
 from __future__ import annotations
