@@ -3,18 +3,22 @@
 # the AR checkpoint becomes a TiDAR model with the recipe measured for v4 (docs/design.md §1.4, the v4 card):
 # hybrid objective with the AR term weighted 1.5:1, diffusion targets from the model's own greedy continuations
 # (self-distillation, refreshed every 100 steps), acceptance weighting. In the background, one thread; its PID goes
-# to /tmp/tidar_train.pid like the pretraining's.
+# to /tmp/tidar_train.pid like the pretraining's. THREADS (default 1) sets its CPU threads: 2 on an otherwise idle
+# 2-core machine is about 1.6x faster.
 #   models/next/convert.sh MINUTES AR_CHECKPOINT [OUTPUT] [extra tidar train options, e.g. --resume latest]
+# (with --resume, AR_CHECKPOINT is not read: the run continues from OUTPUT's checkpoint)
 set -e
 cd "$(dirname "$0")/../.."
 . .venv/bin/activate
-export OMP_NUM_THREADS=1 RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${THREADS:-1} RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 minutes=$1
 init=$2
 out=${3:-runs/next-convert}
 shift 3 || shift $#
 mkdir -p runs
-nohup python -m tidar train --output "$out" --init-from "$init" --site-packages \
+start=(--init-from "$init")
+[[ " $* " == *" --resume "* ]] && start=()  # a resumed run takes its weights from its checkpoint
+nohup python -m tidar train --output "$out" "${start[@]}" --site-packages \
     --batch-size 16 --seq-len 256 --block-size 16 \
     --max-steps 1500 --lr 5e-4 --warmup-steps 20 --min-lr-ratio 0.2 --seed 1 \
     --alpha 1.5 --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 4 \

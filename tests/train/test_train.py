@@ -209,3 +209,18 @@ def test_sigterm_ends_a_training_process_with_a_checkpoint(tiny_corpus, tmp_path
     assert "stop requested" in log
     saved = sorted(out.glob("checkpoint-*"))
     assert saved and (saved[-1] / "optimizer.pt").is_file(), log[-2000:]
+
+
+def test_a_run_started_with_init_from_resumes_from_its_checkpoint(tiny_corpus, tmp_path):
+    """A conversion (``--init-from``) stopped with a checkpoint continues with ``--resume latest`` alone (the two
+    options exclude each other) to the same losses as a conversion never stopped, and its record keeps the
+    ``--init-from`` it started from, so a second resume is accepted too."""
+    _, ar = _train(tmp_path, tiny_corpus, "--max-steps", "2", "--no-diffusion", name="ar")
+    conv = ("--max-steps", "5", "--save-every", "0")
+    full, _ = _train(tmp_path, tiny_corpus, "--init-from", str(ar), *conv, name="full")
+    _train(tmp_path, tiny_corpus, "--init-from", str(ar), *conv, "--stop-after", "2", name="conv")
+    _train(tmp_path, tiny_corpus, "--resume", "latest", *conv, "--stop-after", "4", name="conv")
+    resumed, out = _train(tmp_path, tiny_corpus, "--resume", "latest", *conv, name="conv")
+    assert resumed["log_history"] == full["log_history"]
+    saved = json.loads((out / "checkpoint-4" / "tidar_state.json").read_text())["args"]
+    assert saved["init_from"] == str(ar)

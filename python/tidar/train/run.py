@@ -162,6 +162,10 @@ def _check_resume(ck: Path, st: dict, model, args):
     if not (ck / "optimizer.pt").is_file() or not (ck / "scheduler.pt").is_file():
         raise ValueError(f"--resume {ck} has no optimizer.pt/scheduler.pt of the Trainer: not a resumable checkpoint")
     saved = st["args"]
+    # a run started with --init-from resumes without it (the two options exclude each other): its weights come from
+    # the checkpoint, and the checkpoint's --init-from is carried on so the next resume sees the same record
+    if args.init_from is None and saved.get("init_from") is not None:
+        args.init_from = saved["init_from"]
     diff = [k for k in MODEL_ARGS if k in saved and saved[k] != getattr(args, k)]
     if diff:
         raise ValueError(
