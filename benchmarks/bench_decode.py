@@ -36,7 +36,7 @@ from .timing import interleaved, interleaved_timing, timed_call
 
 NEW_TOKENS = 128
 PREFIX = 64
-EXTRA_PROMPTS = [  # held-out modules of the bundled model (models/tidar-stdlib-tiny/README.md) and plain code
+EXTRA_PROMPTS = [  # held-out stdlib modules of the bundled model (models/tidar-python-tiny/README.md) and plain code
     'def glob(pathname, *, root_dir=None, dir_fd=None, recursive=False):\n    """Return a list of paths matching '
     "a pathname pattern.\n\n",
     'def join(a, *p):\n    """Join two or more pathname components, inserting \'/\' as needed.\n    If any '

@@ -13,7 +13,7 @@ export OMP_NUM_THREADS=1 RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 minutes=$1
 shift
 mkdir -p runs
-nohup python -m tidar train --output runs/next --site-packages --no-diffusion --tokenizer models/tidar-stdlib-tiny \
+nohup python -m tidar train --output runs/next --site-packages --no-diffusion --tokenizer models/tidar-python-tiny \
     --hidden-size 256 --layers 4 --heads 4 --batch-size 16 --seq-len 256 \
     --max-steps 10000 --lr 2e-3 --warmup-steps 200 --min-lr-ratio 0.1 \
     --save-every 500 --keep-checkpoints 2 --eval-every 500 --eval-batches 16 --eval-prompts 1 --eval-new-tokens 32 \

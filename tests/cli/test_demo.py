@@ -31,6 +31,22 @@ def test_demo_json_identical(capsys):
     assert out["tokens_per_forward"] >= 1.0
     assert sum(out["accepted_histogram"].values()) > 0
     assert out["ar_tokens_per_s"] > 0 and out["tidar_tokens_per_s"] > 0
+    # the model folder's demo setting is the default (the bundled model's: HF's repetition penalty 1.2)
+    setting = json.loads((BUNDLED / demo.PROMPTS_FILE).read_text()).get("repetition_penalty", 1.0)
+    assert out["repetition_penalty"] == setting
+
+
+def test_demo_repetition_penalty_changes_both_texts_alike(capsys):
+    """The penalty is HF's processor on both sides: the AR text changes with it and TiDAR's follows exactly."""
+    prompt = "class Stack:\n    def __init__(self):\n"
+    runs = {}
+    for rp in ("1", "1.3"):
+        argv = ["demo", "--json", "--prompt", prompt, "--max-new-tokens", "40", "--device", "cpu"]
+        assert main([*argv, "--repetition-penalty", rp]) == 0
+        runs[rp] = json.loads(capsys.readouterr().out)
+        assert runs[rp]["identical"] is True and runs[rp]["repetition_penalty"] == float(rp)
+    plain, penalised = runs["1"]["prompts"][0], runs["1.3"]["prompts"][0]
+    assert plain["ar_text"] != penalised["ar_text"]  # the penalty took effect, on both sides alike
 
 
 def test_demo_streams_text_with_a_custom_prompt(capsys):
@@ -65,5 +81,7 @@ def test_demo_bad_inputs(tmp_path, capsys, monkeypatch):
     assert "does not exist" in capsys.readouterr().err
     assert main(["demo", "--max-new-tokens", "0", "--json"]) == 2
     assert "max-new-tokens" in capsys.readouterr().err
+    assert main(["demo", "--repetition-penalty", "0", "--json"]) == 2
+    assert "--repetition-penalty must be a number > 0" in capsys.readouterr().err
     monkeypatch.setenv("TIDAR_MODEL", str(tmp_path))
     assert demo.bundled_model_dir() == BUNDLED  # an empty TIDAR_MODEL folder is skipped, the repo copy found

@@ -120,7 +120,7 @@ def test_cli_on_the_bundled_model(capsys):
     assert out["curve"]["body_ms"] == sorted(out["curve"]["body_ms"])
     assert out["generation"]["new_tokens"] == 6 and out["generation"]["draft_len"] == "auto"
     assert out["auto"]["choice"]["draft_len"] in {p["draft_len"] for p in out["auto"]["plans"]}
-    assert out["model_dir"].endswith("tidar-stdlib-tiny")
+    assert out["model_dir"].endswith("tidar-python-tiny")
 
 
 @pytest.mark.parametrize(

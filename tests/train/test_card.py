@@ -60,3 +60,40 @@ def test_card_evaluation_measures_every_set(tiny_corpus, tmp_path, monkeypatch):
         assert 1.0 <= std[f"tokens_per_forward_k{K}"] <= K + 1
     assert 0.0 < od["distinct_4gram_share"] <= 1.0
     assert res["model"] == str(out)
+
+
+def test_penalised_stats_decode_as_hf_generate_with_the_penalty(tiny_corpus, tmp_path):  # noqa: F811
+    """``ordinary_penalised``: the patched ``model.generate`` under HF's repetition penalty, whose greedy text is
+    HF's own under the same penalty; a folder's demo setting is read, 1 when it has none."""
+    import copy
+    import json
+
+    import torch
+
+    import tidar
+    from tidar.train.checkpoint import load_checkpoint
+
+    _, out = _train(tmp_path, tiny_corpus, "--max-steps", "2")
+    assert card_mod.demo_repetition_penalty(tmp_path) == 1.0
+    (tmp_path / "demo_prompts.json").write_text(json.dumps({"prompts": ["x"], "repetition_penalty": 1.3}))
+    assert card_mod.demo_repetition_penalty(tmp_path) == 1.3
+    model, tok, _ = load_checkpoint(out, "cpu")
+    hf = copy.deepcopy(model.eval())
+    tidar.patch(model, draft_len=4, backend="reference")
+    prompts = [p for _, p in ordinary_prompts.all_prompts()[:2]]
+    res = card_mod.penalised_stats(model, tok, prompts, 1.5, 12, "cpu")
+    assert res["prompts"] == 2 and res["repetition_penalty"] == 1.5 and res["tokens_per_forward"] >= 1.0
+    texts = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            repetition_penalty=1.5,
+            pad_token_id=tok.pad_token_id,
+        )
+        texts.append(ref[0, ids.shape[1] :].tolist())
+    assert res["distinct_4gram_share"] == distinct_ngram_share(texts)

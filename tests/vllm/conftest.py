@@ -19,7 +19,7 @@ HAS_VLLM = _spec is not None and _spec.origin is not None
 collect_ignore_glob = [] if HAS_VLLM else ["test_engine_*.py", "test_server.py", "test_refusals.py", "test_expand_*.py"]
 collect_ignore = ["engine_script.py"]
 
-MODEL = str(Path(__file__).resolve().parents[2] / "models" / "tidar-stdlib-tiny")
+MODEL = str(Path(__file__).resolve().parents[2] / "models" / "tidar-python-tiny")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -1,10 +1,13 @@
 """``tidar demo``: the bundled TiDAR model completes held-out code prompts twice, with plain AR greedy
 decoding (Hugging Face ``generate`` on the unpatched model) and with TiDAR greedy decoding (one forward
 drafts with diffusion and verifies autoregressively), shows the texts are identical and compares
-tokens per forward and tokens/s. Exits 1 if a greedy TiDAR text differs from the AR text.
+tokens per forward and tokens/s. Exits 1 if a greedy TiDAR text differs from the AR text. A repetition penalty
+(``--repetition-penalty``, default the model folder's demo setting) is HF's logits processor on both sides: TiDAR
+verifies against the processed scores (the patched ``model.generate``), so the texts stay identical.
 
     tidar demo                       # bundled model, its held-out prompts, 64 new tokens, K from the config
     tidar demo --prompt "def fib(n):" --draft-len 8 --json
+    tidar demo --repetition-penalty 1         # plain argmax decoding (the bundled model's demo setting is 1.2)
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-BUNDLED_NAME = "tidar-stdlib-tiny"
+BUNDLED_NAME = "tidar-python-tiny"
 PROMPTS_FILE = "demo_prompts.json"
 # Used when the model folder has no demo_prompts.json: short openings of held-out-style code.
 FALLBACK_PROMPTS = [
@@ -28,7 +31,7 @@ FALLBACK_PROMPTS = [
 
 
 def bundled_model_dir() -> Path:
-    """The bundled model: ``$TIDAR_MODEL``, else ``models/tidar-stdlib-tiny`` of the source tree (editable
+    """The bundled model: ``$TIDAR_MODEL``, else ``models/tidar-python-tiny`` of the source tree (editable
     install), else the copy shipped inside the package. Raises FileNotFoundError naming every place it looked."""
     import tidar
 
@@ -63,6 +66,13 @@ def add_arguments(p):
         "--temperature", type=float, default=0.0, help="0 = greedy (the default; the only mode with identical texts)"
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="HF's repetition penalty (> 0; 1 = off), applied to AR and TiDAR alike (TiDAR verifies against the "
+        "processed scores, so greedy texts stay identical); default: the model folder's demo setting, else 1",
+    )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
@@ -94,13 +104,26 @@ def _load(model_dir, device):
     return model.eval(), tokenizer
 
 
+def _demo_file(model_dir) -> dict:
+    f = Path(model_dir) / PROMPTS_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
 def _prompts(args, model_dir):
     if args.prompt:
         return list(args.prompt)
-    f = Path(model_dir) / PROMPTS_FILE
-    if f.is_file():
-        return json.loads(f.read_text())["prompts"]
-    return list(FALLBACK_PROMPTS)
+    return list(_demo_file(model_dir).get("prompts") or FALLBACK_PROMPTS)
+
+
+def _repetition_penalty(args, model_dir) -> float:
+    """``--repetition-penalty``, else the model folder's ``repetition_penalty`` demo setting (a tiny model's greedy
+    text loops; its card says which penalty makes it write code), else 1 (off)."""
+    rp = args.repetition_penalty
+    if rp is None:
+        rp = _demo_file(model_dir).get("repetition_penalty", 1.0)
+    if not isinstance(rp, (int, float)) or not rp > 0:
+        raise ValueError(f"--repetition-penalty must be a number > 0 (1 = off), got {rp!r}")
+    return float(rp)
 
 
 def _sync(device):
@@ -134,6 +157,7 @@ class _Demo:
         self.stream = not args.json
         self.eos = self.tok.eos_token_id
         self.prompts = _prompts(args, self.model_dir)
+        self.penalty = _repetition_penalty(args, self.model_dir)
         if not self.prompts or any(not p for p in self.prompts):
             raise ValueError("prompts must be non-empty strings")
         self.gen = torch.Generator(self.device).manual_seed(args.seed)
@@ -152,9 +176,16 @@ class _Demo:
         if tidar.is_patched(self.model):
             tidar.unpatch(self.model)
 
-    def ar_generate(self, ids, n, streamer=None):
+    def ar_kwargs(self) -> dict:
+        """HF ``generate``'s decoding options: greedy or plain sampling at the temperature, the repetition penalty."""
         t = self.args.temperature
         kw = dict(do_sample=False) if self.greedy else dict(do_sample=True, temperature=t, top_k=0, top_p=1.0)
+        if self.penalty != 1.0:
+            kw["repetition_penalty"] = self.penalty
+        return kw
+
+    def ar_generate(self, ids, n, streamer=None):
+        kw = self.ar_kwargs()
         mask = torch.ones_like(ids)
         return self.model.generate(
             ids,
@@ -166,9 +197,22 @@ class _Demo:
             **kw,
         )
 
-    def tidar_generate(self, ids, n, streamer=None, stats=None):
+    def tidar_generate(self, ids, n, streamer=None):
         import tidar
 
+        if self.penalty != 1.0:  # HF's processor: the patched model.generate verifies against HF's processed scores
+            kw = self.ar_kwargs()
+            return self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                eos_token_id=self.eos,
+                pad_token_id=self.tok.pad_token_id,
+                streamer=streamer,
+                generator=None if self.greedy else self.gen,
+                tidar_stats=True,
+                **kw,
+            )
         return tidar.generate(
             self.model,
             ids,
@@ -177,7 +221,6 @@ class _Demo:
             eos_token_id=self.eos,
             generator=None if self.greedy else self.gen,
             streamer=streamer,
-            stats=stats,
         )
 
     def timed(self, fn, *a, **kw):
@@ -205,7 +248,7 @@ def _warm_up(demo: _Demo):
     return curve, curve_s
 
 
-def _compare_prompt(demo: _Demo, i: int, prompt: str, stats, out) -> dict:
+def _compare_prompt(demo: _Demo, i: int, prompt: str, out) -> dict:
     """One prompt decoded by AR and by TiDAR (timed, streamed unless --json); the comparison as a dict."""
     n, stream, eos = demo.args.max_new_tokens, demo.stream, demo.eos
     ids = demo.ids(prompt)
@@ -222,7 +265,7 @@ def _compare_prompt(demo: _Demo, i: int, prompt: str, stats, out) -> dict:
         out("--- TiDAR ---")
         sys.stdout.flush()
     demo.use_tidar()
-    res, t_td = demo.timed(demo.tidar_generate, ids, n, _streamer(demo.tok, stream), stats)
+    res, t_td = demo.timed(demo.tidar_generate, ids, n, _streamer(demo.tok, stream))
     td_new = res.new_tokens[0]
     r = {
         "prompt": prompt,
@@ -264,6 +307,7 @@ def _summary(demo: _Demo, results: list, hist_all: Counter, curve, curve_s: floa
         "device": str(demo.device),
         "draft_len": demo.K,
         "temperature": args.temperature,
+        "repetition_penalty": demo.penalty,
         "max_new_tokens": args.max_new_tokens,
         "identical": all(r["identical"] for r in results) if demo.greedy else None,
         "tokens_per_forward": tokens / forwards,
@@ -296,8 +340,6 @@ def _print_summary(demo: _Demo, summary: dict, hist_all: Counter, curve_s: float
 
 def run_demo(args, out=print) -> dict:
     """The demo: warm-up and slot curve, every prompt decoded by AR and by TiDAR, the summary."""
-    import tidar
-
     demo = _Demo(args)
     curve, curve_s = _warm_up(demo)
     if demo.stream:
@@ -306,10 +348,16 @@ def run_demo(args, out=print) -> dict:
             f"model {demo.model_dir} ({sum(p.numel() for p in demo.model.parameters()) / 1e6:.2f}M params) on "
             f"{demo.device}; draft_len {demo.K}; {'greedy' if demo.greedy else f'temperature {a.temperature}'}; "
             f"{a.max_new_tokens} new tokens"
+            + (
+                f"; repetition penalty {demo.penalty:g} (HF's processor, in AR and TiDAR alike)"
+                if demo.penalty != 1
+                else ""
+            )
         )
-    stats = tidar.DecodeStats()  # the TiDAR runs' counts, summed over the prompts (the warm-up left out)
-    results = [_compare_prompt(demo, i, prompt, stats, out) for i, prompt in enumerate(demo.prompts)]
-    hist_all = stats.counters.accepted_histogram
+    results = [_compare_prompt(demo, i, prompt, out) for i, prompt in enumerate(demo.prompts)]
+    hist_all = Counter()  # the TiDAR runs' accepted lengths, summed over the prompts (the warm-up left out)
+    for r in results:
+        hist_all.update({int(k): v for k, v in r["accepted_histogram"].items()})
     summary = _summary(demo, results, hist_all, curve, curve_s)
     if demo.stream:
         _print_summary(demo, summary, hist_all, curve_s, out)

@@ -6,6 +6,9 @@
   alone) on prompts from those files, and the share of distinct 4-grams of the greedy continuations;
 - ``packages``: source files of packages no model trains on (``HELD_OUT_PACKAGES``: torch, transformers): AR
   perplexity on fixed windows of an evenly spaced, deterministic selection of their files;
+- ``ordinary_penalised`` (for a model whose demo setting has a repetition penalty): the same prompts decoded by the
+  patched ``model.generate`` with HF's repetition penalty (greedy on the processed scores, TiDAR verifying against
+  them): distinct 4-grams and tokens per forward, what ``tidar demo`` shows;
 - ``ordinary``: the ordinary code prompts (``tidar.ordinary_prompts``, never trained or tuned on): tokens per
   forward at each K (diffusion drafts alone, and ``generate``'s default with context drafts) and the share of
   distinct 4-grams of the greedy continuations (1 = no repeated 4-gram; a loop drives it towards 0).
@@ -64,6 +67,9 @@ def card_evaluation(model, tokenizer, args, device) -> dict:
     out["ordinary"] = decode_stats(model, tokenizer, ordinary, lens, args.eval_new_tokens, args.seed, device)
     ctx = decode_stats_context(model, tokenizer, ordinary, lens, args.eval_new_tokens, device)
     out["ordinary"].update(ctx, prompts=len(ordinary))
+    rp = demo_repetition_penalty(args.evaluate)
+    if rp != 1.0:
+        out["ordinary_penalised"] = penalised_stats(model, tokenizer, ordinary, rp, args.eval_new_tokens, device)
     out["eval_s"] = round(time.time() - t0, 1)
     model.train(was_training)
     return out
@@ -84,4 +90,43 @@ def decode_stats_context(model, tokenizer, prompts, draft_lens, max_new_tokens, 
     return out
 
 
-__all__ = ["card_evaluation", "package_texts"]
+def demo_repetition_penalty(model_dir) -> float:
+    """The model folder's demo setting (``demo_prompts.json``'s ``repetition_penalty``), else 1 (off)."""
+    import json
+    from pathlib import Path
+
+    f = Path(model_dir) / "demo_prompts.json"
+    return float(json.loads(f.read_text()).get("repetition_penalty", 1.0)) if f.is_file() else 1.0
+
+
+@torch.no_grad()
+def penalised_stats(model, tokenizer, prompts, penalty: float, max_new_tokens: int, device) -> dict:
+    """Greedy decoding under HF's repetition penalty through the patched ``model.generate`` (the model's default
+    draft length, diffusion and context drafts): distinct 4-grams of the continuations and tokens per forward.
+    ``min_new_tokens`` keeps every continuation at full length, as the unpenalised measures."""
+    from tidar.train.evaluation import distinct_ngram_share
+
+    texts, tpf = [], []
+    for p in prompts:
+        ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        res = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            repetition_penalty=penalty,
+            pad_token_id=tokenizer.pad_token_id,
+            tidar_stats=True,
+        )
+        texts.append(res.new_tokens[0])
+        tpf.append(res.tokens_per_forward)
+    return {
+        "repetition_penalty": penalty,
+        "distinct_4gram_share": distinct_ngram_share(texts),
+        "tokens_per_forward": sum(tpf) / len(tpf),
+        "prompts": len(prompts),
+    }
+
+
+__all__ = ["card_evaluation", "demo_repetition_penalty", "package_texts", "penalised_stats"]
