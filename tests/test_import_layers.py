@@ -2,7 +2,8 @@
 has an import circle. Read from the source (every ``import`` statement anywhere in a module, and
 ``importlib.import_module("constant")``), so a lazy import cannot hide a circle.
 
-Layers of ``tidar`` (low to high): ``tidar_kernels`` < ``tidar.settings`` < ``tidar.hf`` < ``tidar.decode`` <
+Layers of ``tidar`` (low to high): ``tidar_kernels`` < ``tidar.settings`` (and ``tidar.ordinary_prompts``, data) <
+``tidar.hf`` < ``tidar.decode`` <
 ``tidar.patching`` < ``tidar.train`` | ``tidar.vllm`` (peers: neither imports the other) < the ``tidar`` package
 itself (its ``__init__``: the public names) < ``tidar.cli`` / ``python -m tidar``.
 """
@@ -23,6 +24,7 @@ PACKAGES = {
 LAYERS = [  # (module prefix, rank); the longest matching prefix wins
     ("tidar_kernels", 0),
     ("tidar.settings", 1),
+    ("tidar.ordinary_prompts", 1),  # data (the benchmarks' and the model card's prompts): imports nothing
     ("tidar.hf", 2),
     ("tidar.decode", 3),
     ("tidar.patching", 4),
