@@ -54,6 +54,9 @@ def test_card_evaluation_measures_every_set(tiny_corpus, tmp_path, monkeypatch):
         assert r["tokens_scored"] == 4 * 32  # --eval-batches 1 x --batch-size 4 windows of --seq-len 32
     assert pk["files"] == 3 and set(pk["versions"]) == {"torch", "transformers"}
     assert od["prompts"] == 2
+    pen = res["ordinary_penalised"]
+    assert pen["prompts"] == 2 and pen["repetition_penalty"] == card_mod.CARD_PENALTY
+    assert 0.0 < pen["distinct_4gram_share"] <= 1.0 and pen["tokens_per_forward"] >= 1.0
     for K in (2, 4):
         assert 1.0 <= od[f"tokens_per_forward_k{K}"] <= K + 1
         assert 1.0 <= od[f"tokens_per_forward_context_k{K}"] <= K + 1
@@ -64,9 +67,8 @@ def test_card_evaluation_measures_every_set(tiny_corpus, tmp_path, monkeypatch):
 
 def test_penalised_stats_decode_as_hf_generate_with_the_penalty(tiny_corpus, tmp_path):  # noqa: F811
     """``ordinary_penalised``: the patched ``model.generate`` under HF's repetition penalty, whose greedy text is
-    HF's own under the same penalty; a folder's demo setting is read, 1 when it has none."""
+    HF's own under the same penalty."""
     import copy
-    import json
 
     import torch
 
@@ -74,9 +76,6 @@ def test_penalised_stats_decode_as_hf_generate_with_the_penalty(tiny_corpus, tmp
     from tidar.train.checkpoint import load_checkpoint
 
     _, out = _train(tmp_path, tiny_corpus, "--max-steps", "2")
-    assert card_mod.demo_repetition_penalty(tmp_path) == 1.0
-    (tmp_path / "demo_prompts.json").write_text(json.dumps({"prompts": ["x"], "repetition_penalty": 1.3}))
-    assert card_mod.demo_repetition_penalty(tmp_path) == 1.3
     model, tok, _ = load_checkpoint(out, "cpu")
     hf = copy.deepcopy(model.eval())
     tidar.patch(model, draft_len=4, backend="reference")

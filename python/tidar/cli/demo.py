@@ -7,7 +7,7 @@ verifies against the processed scores (the patched ``model.generate``), so the t
 
     tidar demo                       # bundled model, its held-out prompts, 64 new tokens, K from the config
     tidar demo --prompt "def fib(n):" --draft-len 8 --json
-    tidar demo --repetition-penalty 1         # plain argmax decoding (the bundled model's demo setting is 1.2)
+    tidar demo --repetition-penalty 1.2       # HF's repetition penalty on both sides: the bundled model writes code
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@
   alone) on prompts from those files, and the share of distinct 4-grams of the greedy continuations;
 - ``packages``: source files of packages no model trains on (``HELD_OUT_PACKAGES``: torch, transformers): AR
   perplexity on fixed windows of an evenly spaced, deterministic selection of their files;
-- ``ordinary_penalised`` (for a model whose demo setting has a repetition penalty): the same prompts decoded by the
-  patched ``model.generate`` with HF's repetition penalty (greedy on the processed scores, TiDAR verifying against
-  them): distinct 4-grams and tokens per forward, what ``tidar demo`` shows;
+- ``ordinary_penalised``: the same prompts decoded by the patched ``model.generate`` with HF's repetition penalty
+  ``CARD_PENALTY`` (greedy on the processed scores, TiDAR verifying against them): distinct 4-grams and tokens per
+  forward (what ``tidar demo --repetition-penalty 1.2`` shows);
 - ``ordinary``: the ordinary code prompts (``tidar.ordinary_prompts``, never trained or tuned on): tokens per
   forward at each K (diffusion drafts alone, and ``generate``'s default with context drafts) and the share of
   distinct 4-grams of the greedy continuations (1 = no repeated 4-gram; a loop drives it towards 0).
@@ -25,6 +25,7 @@ from tidar.ordinary_prompts import all_prompts
 from tidar.train import corpus as corpus_mod
 from tidar.train.evaluation import decode_stats, evaluate
 
+CARD_PENALTY = 1.2  # HF's repetition_penalty of the card's penalised row (1.2: the value HF's docs suggest)
 PACKAGE_FILES = 400  # files of torch + transformers scored (evenly spaced over their sorted paths)
 
 
@@ -67,9 +68,7 @@ def card_evaluation(model, tokenizer, args, device) -> dict:
     out["ordinary"] = decode_stats(model, tokenizer, ordinary, lens, args.eval_new_tokens, args.seed, device)
     ctx = decode_stats_context(model, tokenizer, ordinary, lens, args.eval_new_tokens, device)
     out["ordinary"].update(ctx, prompts=len(ordinary))
-    rp = demo_repetition_penalty(args.evaluate)
-    if rp != 1.0:
-        out["ordinary_penalised"] = penalised_stats(model, tokenizer, ordinary, rp, args.eval_new_tokens, device)
+    out["ordinary_penalised"] = penalised_stats(model, tokenizer, ordinary, CARD_PENALTY, args.eval_new_tokens, device)
     out["eval_s"] = round(time.time() - t0, 1)
     model.train(was_training)
     return out
@@ -88,15 +87,6 @@ def decode_stats_context(model, tokenizer, prompts, draft_lens, max_new_tokens, 
             tpf.append(generate(model, ids, max_new_tokens=max_new_tokens, draft_len=K).tokens_per_forward)
         out[f"tokens_per_forward_context_k{K}"] = sum(tpf) / len(tpf)
     return out
-
-
-def demo_repetition_penalty(model_dir) -> float:
-    """The model folder's demo setting (``demo_prompts.json``'s ``repetition_penalty``), else 1 (off)."""
-    import json
-    from pathlib import Path
-
-    f = Path(model_dir) / "demo_prompts.json"
-    return float(json.loads(f.read_text()).get("repetition_penalty", 1.0)) if f.is_file() else 1.0
 
 
 @torch.no_grad()
@@ -129,4 +119,4 @@ def penalised_stats(model, tokenizer, prompts, penalty: float, max_new_tokens: i
     }
 
 
-__all__ = ["card_evaluation", "demo_repetition_penalty", "package_texts", "penalised_stats"]
+__all__ = ["CARD_PENALTY", "card_evaluation", "package_texts", "penalised_stats"]
