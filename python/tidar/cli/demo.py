@@ -176,43 +176,32 @@ class _Demo:
         if tidar.is_patched(self.model):
             tidar.unpatch(self.model)
 
-    def ar_kwargs(self) -> dict:
-        """HF ``generate``'s decoding options: greedy or plain sampling at the temperature, the repetition penalty."""
+    def _hf_generate(self, ids, n, streamer=None, **extra):
+        """HF ``generate`` on the model as it stands (unpatched: AR; patched: TiDAR's drop-in) with the demo's
+        decoding options: greedy or plain sampling at the temperature, and the repetition penalty."""
         t = self.args.temperature
         kw = dict(do_sample=False) if self.greedy else dict(do_sample=True, temperature=t, top_k=0, top_p=1.0)
         if self.penalty != 1.0:
             kw["repetition_penalty"] = self.penalty
-        return kw
-
-    def ar_generate(self, ids, n, streamer=None):
-        kw = self.ar_kwargs()
-        mask = torch.ones_like(ids)
         return self.model.generate(
             ids,
-            attention_mask=mask,
+            attention_mask=torch.ones_like(ids),
             max_new_tokens=n,
             eos_token_id=self.eos,
             pad_token_id=self.tok.pad_token_id,
             streamer=streamer,
             **kw,
+            **extra,
         )
+
+    def ar_generate(self, ids, n, streamer=None):
+        return self._hf_generate(ids, n, streamer)
 
     def tidar_generate(self, ids, n, streamer=None):
         import tidar
 
         if self.penalty != 1.0:  # HF's processor: the patched model.generate verifies against HF's processed scores
-            kw = self.ar_kwargs()
-            return self.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                eos_token_id=self.eos,
-                pad_token_id=self.tok.pad_token_id,
-                streamer=streamer,
-                generator=None if self.greedy else self.gen,
-                tidar_stats=True,
-                **kw,
-            )
+            return self._hf_generate(ids, n, streamer, generator=None if self.greedy else self.gen, tidar_stats=True)
         return tidar.generate(
             self.model,
             ids,

@@ -23,7 +23,7 @@ import torch
 
 from tidar.ordinary_prompts import all_prompts
 from tidar.train import corpus as corpus_mod
-from tidar.train.evaluation import decode_stats, evaluate
+from tidar.train.evaluation import decode_stats, distinct_ngram_share, evaluate
 
 CARD_PENALTY = 1.2  # HF's repetition_penalty of the card's penalised row (1.2: the value HF's docs suggest)
 PACKAGE_FILES = 400  # files of torch + transformers scored (evenly spaced over their sorted paths)
@@ -65,27 +65,13 @@ def card_evaluation(model, tokenizer, args, device) -> dict:
     scored = min(len(stream) // args.seq_len, args.eval_batches * args.batch_size) * args.seq_len
     out["packages"].update(files=len(texts), versions=versions, tokens_scored=scored)
     ordinary = [p for _, p in all_prompts()]
-    out["ordinary"] = decode_stats(model, tokenizer, ordinary, lens, args.eval_new_tokens, args.seed, device)
-    ctx = decode_stats_context(model, tokenizer, ordinary, lens, args.eval_new_tokens, device)
-    out["ordinary"].update(ctx, prompts=len(ordinary))
+    out["ordinary"] = decode_stats(
+        model, tokenizer, ordinary, lens, args.eval_new_tokens, args.seed, device, context=True
+    )
+    out["ordinary"]["prompts"] = len(ordinary)
     out["ordinary_penalised"] = penalised_stats(model, tokenizer, ordinary, CARD_PENALTY, args.eval_new_tokens, device)
     out["eval_s"] = round(time.time() - t0, 1)
     model.train(was_training)
-    return out
-
-
-@torch.no_grad()
-def decode_stats_context(model, tokenizer, prompts, draft_lens, max_new_tokens, device) -> dict:
-    """Greedy tokens per forward with ``generate``'s default drafts (diffusion and context drafts) at each K."""
-    from tidar.decode.decoder import generate
-
-    out = {}
-    for K in draft_lens:
-        tpf = []
-        for p in prompts:
-            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-            tpf.append(generate(model, ids, max_new_tokens=max_new_tokens, draft_len=K).tokens_per_forward)
-        out[f"tokens_per_forward_context_k{K}"] = sum(tpf) / len(tpf)
     return out
 
 
@@ -94,8 +80,6 @@ def penalised_stats(model, tokenizer, prompts, penalty: float, max_new_tokens: i
     """Greedy decoding under HF's repetition penalty through the patched ``model.generate`` (the model's default
     draft length, diffusion and context drafts): distinct 4-grams of the continuations and tokens per forward.
     ``min_new_tokens`` keeps every continuation at full length, as the unpenalised measures."""
-    from tidar.train.evaluation import distinct_ngram_share
-
     texts, tpf = [], []
     for p in prompts:
         ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)

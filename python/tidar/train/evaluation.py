@@ -63,7 +63,8 @@ def evaluate(
             max_new_tokens or args.eval_new_tokens,
             args.seed,
             device,
-            sampling,
+            context=sampling,
+            sampled=sampling,
         )
     )
     model.train(was_training)
@@ -71,10 +72,13 @@ def evaluate(
 
 
 @torch.no_grad()
-def decode_stats(model, tokenizer, prompts, draft_lens, max_new_tokens, seed, device, sampling=False) -> dict:
+def decode_stats(
+    model, tokenizer, prompts, draft_lens, max_new_tokens, seed, device, context=False, sampled=False
+) -> dict:
     """TiDAR greedy tokens per forward on ``prompts`` at each K with diffusion drafts only, and the share of
     distinct 4-grams of those greedy continuations (the same for every K: greedy TiDAR text is the AR text); with
-    ``sampling``, also with context (n-gram) drafts added and, diffusion drafts only, at temperature 1."""
+    ``context``, also greedy with context (n-gram) drafts added (``generate``'s default); with ``sampled``, also
+    with diffusion drafts only at temperature 1 (seeded from ``seed``)."""
     out = {}
 
     def mean(xs):
@@ -89,9 +93,10 @@ def decode_stats(model, tokenizer, prompts, draft_lens, max_new_tokens, seed, de
             res = generate(model, ids, max_new_tokens=max_new_tokens, draft_len=K, context_drafts=False)
             tpf.append(res.tokens_per_forward)
             texts.append(res.sequences[0, ids.shape[1] :].tolist())
-            if sampling:
+            if context:
                 res = generate(model, ids, max_new_tokens=max_new_tokens, draft_len=K, context_drafts=True)
                 tpf_ctx.append(res.tokens_per_forward)
+            if sampled:
                 g = torch.Generator(device).manual_seed(seed * 1000 + i)
                 res = generate(
                     model,
