@@ -126,6 +126,17 @@ def _add_distill_options(g):
         help="greedy target: 0 = greedy continuations; > 0 = sampled at this temperature",
     )
     g.add_argument("--distill-gen-batch", type=int, default=64, help="greedy target: rows generated at once")
+    g.add_argument(
+        "--unlikelihood",
+        type=float,
+        default=0.0,
+        help="greedy target: weight of a sequence-level unlikelihood term (Welleck et al. 2019) on the generated "
+        "rows: -log(1 - p_AR) of every token of an n-gram the continuation repeats, so greedy decoding unlearns its "
+        "loops (0 = off; refresh the continuations often, e.g. --distill-refresh 10, so they are the model's own)",
+    )
+    g.add_argument(
+        "--unlikelihood-ngram", type=int, default=4, help="--unlikelihood: the repeated n-grams it penalises"
+    )
 
 
 def _add_optimisation_options(g):
@@ -213,7 +224,15 @@ def _add_saved_model_options(g):
     )
 
 
-DISTILL_OPTIONS = ("distill_rows", "distill_ratio", "distill_refresh", "distill_prompt_len", "distill_temperature")
+DISTILL_OPTIONS = (
+    "distill_rows",
+    "distill_ratio",
+    "distill_refresh",
+    "distill_prompt_len",
+    "distill_temperature",
+    "unlikelihood",
+    "unlikelihood_ngram",
+)
 
 
 def _check_distill_options_apply(args):
@@ -257,6 +276,12 @@ def check_args(args):
     )
     if args.distill_gen_batch < 1:
         raise ValueError(f"--distill-gen-batch must be >= 1, got {args.distill_gen_batch}")
+    if not 0.0 <= args.unlikelihood < float("inf"):
+        raise ValueError(f"--unlikelihood must be a finite number >= 0, got {args.unlikelihood}")
+    if args.unlikelihood_ngram < 1:
+        raise ValueError(f"--unlikelihood-ngram must be >= 1, got {args.unlikelihood_ngram}")
+    if args.unlikelihood and self_distill.split_rows(args.distill_rows, args.distill_ratio)[1] == 0:
+        raise ValueError("--unlikelihood needs generated rows: --distill-ratio > 0 and --distill-rows >= 1")
     if args.diffusion_weighting not in DIFFUSION_WEIGHTINGS:
         raise ValueError(
             f"--diffusion-weighting must be one of {', '.join(DIFFUSION_WEIGHTINGS)}, got {args.diffusion_weighting!r}"

@@ -193,10 +193,16 @@ def hybrid_loss_sums(
     ar_valid=None,
     diffusion_valid=None,
     diffusion_weighting="uniform",
+    unlikelihood_valid=None,
 ):
     """The two terms of :func:`hybrid_loss` as (sum of cross-entropies, count) pairs:
     ``(ar_sum, ar_count, diffusion_sum, diffusion_count)`` (float tensors), so that several forwards
-    (real and generated rows) can be pooled into one mean per term."""
+    (real and generated rows) can be pooled into one mean per term.
+
+    ``unlikelihood_valid`` (``[B, L]`` bool, optional) adds a third pair, ``(ul_sum, ul_count)``: the token-level
+    unlikelihood ``-log(1 - p_AR(x[i] | x[:i]))`` of the clean half at the marked positions (Welleck et al. 2019,
+    "Neural Text Generation with Unlikelihood Training"; :func:`repeat_positions` marks the tokens of repeated
+    n-grams of the model's own continuations). Position 0 has no AR prediction and is never counted."""
     if diffusion_target not in DIFFUSION_TARGETS:
         raise ValueError(f"diffusion_target must be one of {', '.join(DIFFUSION_TARGETS)}, got {diffusion_target!r}")
     if diffusion_weighting not in DIFFUSION_WEIGHTINGS:
@@ -207,6 +213,7 @@ def hybrid_loss_sums(
     shape = input_ids.shape
     ar_valid = _check_valid("ar_valid", ar_valid, shape)
     diffusion_valid = _check_valid("diffusion_valid", diffusion_valid, shape)
+    unlikelihood_valid = _check_valid("unlikelihood_valid", unlikelihood_valid, shape)
     logits = hybrid_forward(model, input_ids, block_size, mask_token_id, backend=backend)
     L = shape[1]
     dev = logits.device
@@ -233,7 +240,37 @@ def hybrid_loss_sums(
     diff_m = dv.flatten().float()
     if diffusion_weighting == "acceptance":
         diff_ce = diff_ce * acceptance_weights(diff_ce.view(shape[0], L), dv, block_size).flatten()
-    return (ar_ce * ar_m).sum(), ar_m.sum(), (diff_ce * diff_m).sum(), diff_m.sum()
+    sums = (ar_ce * ar_m).sum(), ar_m.sum(), (diff_ce * diff_m).sum(), diff_m.sum()
+    if unlikelihood_valid is None:
+        return sums
+    ul_m = (base & unlikelihood_valid.to(dev))[:, 1:].flatten().float()
+    # -log(1 - p) with p = exp(-ce): log1p(-exp(-ce)), floored so a token the model is sure of stays finite
+    ul = -torch.log1p(-torch.exp(-ar_ce).clamp(max=1.0 - 1e-6))
+    return (*sums, (ul * ul_m).sum(), ul_m.sum())
+
+
+def repeat_positions(input_ids: torch.Tensor, n: int = 4, start: int = 0) -> torch.Tensor:
+    """``[B, L]`` bool: positions ``>= start`` whose token belongs to an n-gram that already occurred earlier in its
+    row (the n-gram ending at j is a repeat if the same n tokens end at some j' < j). These are the candidates of
+    sequence-level unlikelihood training: a greedy loop marks all its tokens after the first period, ordinary
+    text only its repeated phrases."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a tensor [B, L], got {getattr(input_ids, 'shape', input_ids)!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    B, L = input_ids.shape
+    out = torch.zeros(B, L, dtype=torch.bool)
+    rows = input_ids.detach().cpu().tolist()
+    for b, row in enumerate(rows):
+        seen = set()
+        for j in range(n - 1, L):
+            g = tuple(row[j - n + 1 : j + 1])
+            if g in seen:
+                out[b, max(start, j - n + 1) : j + 1] = True
+            else:
+                seen.add(g)
+    out[:, :start] = False
+    return out.to(input_ids.device)
 
 
 def ar_loss(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -263,4 +300,5 @@ __all__ = [
     "hybrid_forward",
     "hybrid_loss",
     "hybrid_loss_sums",
+    "repeat_positions",
 ]

@@ -120,11 +120,17 @@ def objective_name(args) -> str:
     if args.diffusion_target == "greedy":
         return (
             f"hybrid(alpha={args.alpha}, diffusion_target=greedy, ratio={args.distill_ratio}, "
-            f"refresh={args.distill_refresh}, temperature={args.distill_temperature}{w})"
+            f"refresh={args.distill_refresh}, temperature={args.distill_temperature}{w}{_ul_name(args)})"
         )
     if args.diffusion_target != "data":
         return f"hybrid(alpha={args.alpha}, diffusion_target={args.diffusion_target}{w})"
     return f"hybrid(alpha={args.alpha}{w})"
+
+
+def _ul_name(args) -> str:
+    if not args.unlikelihood:
+        return ""
+    return f", unlikelihood={args.unlikelihood}, ngram={args.unlikelihood_ngram}"
 
 
 MODEL_ARGS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "init_from")
@@ -333,6 +339,8 @@ def _run_loss(args, pool, n_data: int, n_gen: int):
         pool=pool,
         shards=_world_size(),
         weighting=args.diffusion_weighting,
+        unlikelihood=args.unlikelihood,
+        unlikelihood_ngram=args.unlikelihood_ngram,
     )
 
 

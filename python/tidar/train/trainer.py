@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainerCallback
 
 from tidar.train.checkpoint import POOL_FILE, TIDAR_STATE_FILE
-from tidar.train.objective import ar_loss, ar_loss_sums, hybrid_loss, hybrid_loss_sums
+from tidar.train.objective import ar_loss, ar_loss_sums, hybrid_loss, hybrid_loss_sums, repeat_positions
 
 STOP_FILE = "STOP"  # created in the output folder, it ends a run after the current step with a checkpoint
 
@@ -194,6 +194,8 @@ class RunLoss:
         pool=None,
         shards=1,
         weighting="uniform",
+        unlikelihood=0.0,
+        unlikelihood_ngram=4,
     ):
         L = seq_len
         self.L, self.batch, self.K, self.alpha = L, batch, block_size, alpha
@@ -206,6 +208,10 @@ class RunLoss:
             pool,
         )
         self.shards, self.weighting = shards, weighting
+        # sequence-level unlikelihood on the generated rows (``--unlikelihood``): its weight, n-gram, and the fixed
+        # count it is averaged over (every generated token), so the step's update does not depend on the repeats
+        self.ul, self.ul_ngram = float(unlikelihood), unlikelihood_ngram
+        self.ul_count = n_gen * (L - prompt_len)
         self.ar_count = batch * (L - 1)
         per_row = L if target in ("data", "greedy") else L - 1
         if no_diffusion:
@@ -217,7 +223,7 @@ class RunLoss:
         self.reset()
 
     def reset(self):
-        self.ar_sum, self.diff_sum = 0.0, 0.0
+        self.ar_sum, self.diff_sum, self.ul_sum = 0.0, 0.0, 0.0
 
     def __call__(self, model, inputs, step):
         x, rows = inputs["input_ids"], inputs["row"]
@@ -226,7 +232,7 @@ class RunLoss:
             ar_s, _ = ar_loss_sums(model, x)
             d_s = torch.zeros((), device=dev)
         elif self.target == "greedy":
-            ar_s, d_s = self._greedy(model, x, rows.to(dev), step)
+            ar_s, d_s, ul_s = self._greedy(model, x, rows.to(dev), step)
         else:
             ar_s, _, d_s, _ = hybrid_loss_sums(
                 model, x, self.K, diffusion_target=self.target, diffusion_weighting=self.weighting
@@ -236,7 +242,11 @@ class RunLoss:
         term_d = d_s / self.diff_count if self.diff_count else d_s * 0
         if self.no_diffusion:
             return ar_s / self.ar_count * self.shards
-        return (self.alpha * ar_s / self.ar_count + term_d) / (1.0 + self.alpha) * self.shards
+        loss = (self.alpha * ar_s / self.ar_count + term_d) / (1.0 + self.alpha)
+        if self.ul and self.target == "greedy":
+            self.ul_sum += float(ul_s.detach())
+            loss = loss + self.ul * ul_s / self.ul_count
+        return loss * self.shards
 
     def _greedy(self, model, x, rows, step):
         L = self.L
@@ -254,7 +264,7 @@ class RunLoss:
             parts.append(gen_all[sel].to(x.device))
         hyb = torch.cat(parts, 0)
         zero = torch.zeros((), device=x.device)
-        ar_s, d_s = zero, zero
+        ar_s, d_s, ul_s = zero, zero, zero
         if len(hyb):
             nr = len(x) if single else int(data_rows.sum())
             is_real = torch.arange(len(hyb), device=x.device) < nr
@@ -262,18 +272,30 @@ class RunLoss:
             real_diff[:nr] = data_rows if single else True
             ar_valid = is_real[:, None].expand(-1, L)
             diff_valid = real_diff[:, None] | (~is_real[:, None] & (torch.arange(L, device=x.device) >= self.P)[None])
-            a, _, d, _ = hybrid_loss_sums(
-                model, hyb, self.K, ar_valid=ar_valid, diffusion_valid=diff_valid, diffusion_weighting=self.weighting
+            ul_valid = None
+            if self.ul:  # the tokens of repeated n-grams in the generated part of the generated rows
+                ul_valid = repeat_positions(hyb, self.ul_ngram, start=self.P) & ~is_real[:, None]
+            sums = hybrid_loss_sums(
+                model,
+                hyb,
+                self.K,
+                ar_valid=ar_valid,
+                diffusion_valid=diff_valid,
+                diffusion_weighting=self.weighting,
+                unlikelihood_valid=ul_valid,
             )
-            ar_s, d_s = ar_s + a, d_s + d
+            ar_s, d_s = ar_s + sums[0], d_s + sums[2]
+            if self.ul:
+                ul_s = ul_s + sums[4]
         if not single and bool((~data_rows).any()):
             a, _ = ar_loss_sums(model, x[~data_rows])
             ar_s = ar_s + a
-        return ar_s, d_s
+        return ar_s, d_s, ul_s
 
     def step_means(self):
-        """(loss, ar, diffusion or None) of the finished step, summed over processes; resets the sums."""
-        sums = torch.tensor([self.ar_sum, self.diff_sum], dtype=torch.float64)
+        """(loss, ar, diffusion or None) of the finished step, summed over processes; resets the sums. With
+        ``unlikelihood``, the step's mean unlikelihood term is left in ``last_unlikelihood`` (and is in the loss)."""
+        sums = torch.tensor([self.ar_sum, self.diff_sum, self.ul_sum], dtype=torch.float64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         self.reset()
@@ -281,7 +303,12 @@ class RunLoss:
         if self.no_diffusion:
             return ar, ar, None
         diff = float(sums[1]) / self.diff_count if self.diff_count else 0.0
-        return (self.alpha * ar + diff) / (1 + self.alpha), ar, diff
+        loss = (self.alpha * ar + diff) / (1 + self.alpha)
+        self.last_unlikelihood = None
+        if self.ul and self.ul_count:
+            self.last_unlikelihood = float(sums[2]) / self.ul_count
+            loss += self.ul * self.last_unlikelihood
+        return loss, ar, diff
 
 
 class RunCallback(TrainerCallback):
@@ -348,6 +375,8 @@ class RunCallback(TrainerCallback):
         rec = {"step": step, "loss": loss, "ar_loss": ar, "lr": self.lr_at(step - 1)}
         if diff is not None:
             rec["diffusion_loss"] = diff
+        if getattr(self.run_loss, "last_unlikelihood", None) is not None:
+            rec["unlikelihood_loss"] = self.run_loss.last_unlikelihood
         self.state["log_history"].append(rec)
         self.tokens_since += a.batch_size * a.seq_len
         if self.bar is not None:
@@ -402,6 +431,7 @@ class RunCallback(TrainerCallback):
             self.log(
                 f"step {step}/{self.a.max_steps} loss {rec['loss']:.4f} ar {rec['ar_loss']:.4f}"
                 + (f" diff {rec['diffusion_loss']:.4f}" if "diffusion_loss" in rec else "")
+                + (f" ul {rec['unlikelihood_loss']:.4f}" if "unlikelihood_loss" in rec else "")
                 + f" lr {rec['lr']:.2e} gnorm {rec.get('grad_norm', float('nan')):.2f} "
                 f"{self.tokens_since / max(dt, 1e-9):,.0f} tok/s elapsed {self.elapsed():.0f}s"
             )
