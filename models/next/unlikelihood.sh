@@ -4,7 +4,8 @@
 # weighting) plus a sequence-level unlikelihood term (--unlikelihood, Welleck et al. 2019) on the model's own greedy
 # continuations, regenerated every 10 steps so they are what the model writes now: every token of a repeated 4-gram
 # gets -log(1 - p_AR), so greedy decoding unlearns its loops while the drafter follows the new continuations.
-# In the background; its PID goes to /tmp/tidar_train.pid. THREADS (default 2) sets its CPU threads.
+# In the background; its PID goes to /tmp/tidar_train.pid. THREADS (default 2) sets its CPU threads, UL (default 1.0)
+# the unlikelihood weight.
 #   models/next/unlikelihood.sh MINUTES [INIT_MODEL] [OUTPUT] [extra tidar train options, e.g. --resume latest]
 # (with --resume, INIT_MODEL is not read: the run continues from OUTPUT's checkpoint)
 set -e
@@ -23,7 +24,7 @@ nohup python -m tidar train --output "$out" "${start[@]}" --site-packages \
     --max-steps 800 --lr 3e-4 --warmup-steps 20 --min-lr-ratio 0.2 --seed 2 \
     --alpha 1.5 --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 8 \
     --distill-ratio 1.0 --distill-refresh 10 --distill-prompt-len 64 \
-    --unlikelihood 1.0 --unlikelihood-ngram 4 \
+    --unlikelihood "${UL:-1.0}" --unlikelihood-ngram 4 \
     --save-every 100 --keep-checkpoints 3 --eval-every 100 --eval-batches 16 --eval-prompts 8 --eval-new-tokens 128 \
     --log-every 10 --device cpu --max-minutes "$minutes" "$@" >> "$out.log" 2>&1 &
 echo $! > /tmp/tidar_train.pid
