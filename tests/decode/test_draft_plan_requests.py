@@ -339,3 +339,46 @@ def test_a_sampled_copy_is_worth_the_lesser_of_its_match_and_its_evidence():
     short = Planner(curve, new_stats(), sampling=True).choose([_row(fresh, match=1)], MAX_AUTO_DRAFT_LEN)
     loop = Planner(curve, new_stats(), sampling=True).choose([_row(fresh, match=48)], MAX_AUTO_DRAFT_LEN)
     assert short.draft_len < loop.draft_len and loop.levels == ()  # the loop: copies, no proposal blocks
+
+
+def test_a_drafted_greedy_step_pays_its_own_host_work():
+    """``draft_ms_step`` (the drafts' verification, composition and the blocks' argmax, measured once) is priced on
+    every drafted greedy plan and on no plain AR step; with it large enough, a row whose drafts are sometimes right
+    is decoded with AR steps, where the same curve without it drafts."""
+    base = _curve(lambda n: max(4.0, 3.6 + 0.07 * n), host_ms_step=0.3)
+    dear = _curve(lambda n: max(4.0, 3.6 + 0.07 * n), host_ms_step=0.3, draft_ms_step=6.0)
+    assert dear.greedy_step(1, 1, 0) == base.greedy_step(1, 1, 0) == base.batch_step(1, 1, 1, 1)
+    assert dear.greedy_step(1, 4, 1) == pytest.approx(base.greedy_step(1, 4, 1) + 6.0)
+    assert base.greedy_step(1, 4, 1) == base.batch_step(1, 8, 8, 2) and base.greedy_step(1, 4, 0) == base.batch_step(
+        1, 4, 4, 1
+    )
+    assert Planner(dear, new_stats()).cost(4, (1,)) == pytest.approx(Planner(base, new_stats()).cost(4, (1,)) + 6.0)
+    row = new_row_stats(1)[0]
+    for _ in range(3):  # diffusion drafts accepted about a third of the time
+        row["diffusion"].update(3, 1)
+    rows = [_row(row, nd=3, nc=0)]
+    assert Planner(base, new_stats()).choose(rows, MAX_AUTO_DRAFT_LEN).draft_len > 1
+    assert Planner(dear, new_stats()).choose(rows, MAX_AUTO_DRAFT_LEN) == Plan(1, ())
+
+
+def test_host_calibration_measures_the_drafted_greedy_steps(monkeypatch):
+    """``_measure_host`` sets ``draft_ms_step`` to the median of what greedy drafted steps of fixed plans cost beyond
+    the curve's price of the same plan (here timed by a stub: 1, 3 and 10 ms over the price -> 3)."""
+    import tidar.decode.decoder as decoder_mod
+
+    curve = _curve(lambda n: 4.0)
+    calls = []
+
+    def fake_step_ms(model, ids, plans, steps=12, temperature=1.0):
+        calls.append(temperature)
+        if temperature == 0.0:
+            extra = dict(zip(plans, (1.0, 3.0, 10.0)))
+            lv = {p: len(decoder_mod.levels_upto(p[0], p[1])) for p in plans}
+            return [curve.greedy_step(1, K, lv[(K, levels)]) + extra[(K, levels)] for K, levels in plans]
+        return [5.0 for _ in plans]
+
+    monkeypatch.setattr(decoder_mod, "_step_ms", fake_step_ms)
+    monkeypatch.setattr(decoder_mod, "_host_at", lambda model, c, B: 0.5)
+    model = tidar.patch(tiny_model("qwen2", seed=3), draft_len="auto")
+    decoder_mod._measure_host(model, curve)
+    assert curve.draft_ms_step == pytest.approx(3.0) and calls == [0.0, 1.0]

@@ -66,6 +66,6 @@ def test_near_greedy_temperature_accepts_like_greedy(tidar_free_llm, prompts):
         return (after[1] - before[1]) / max(after[0] - before[0], 1)
 
     greedy = rate(temperature=0.0)
-    assert greedy > 0.1  # drafts are accepted at all (the bundled v5 drafter: about 0.2 of them here), so the
-    # comparison below is not vacuous
+    assert greedy > 0.05  # drafts are accepted at all (the bundled v6 drafter: about 0.1 of them here, v5's 0.2),
+    # so the comparison below is not vacuous
     assert rate(temperature=0.01, seed=0) > 0.8 * greedy

@@ -179,6 +179,7 @@ def _curve_report(curve: SlotCurve) -> dict:
         "head_ms_call": curve.head_ms_call,
         "host_ms_step": curve.host_ms_step,
         "host_ms_row": curve.host_ms_row,
+        "draft_ms_step": curve.draft_ms_step,
         "measured_s": curve.measured_s,
         "key": curve.key,
     }

@@ -105,11 +105,20 @@ def _measure_host(model, curve):
     host = {B: _host_at(model, curve, B) for B in (1, 4)}
     curve.host_ms_row = (host[4] - host[1]) / 3 if host[4] > host[1] else 0.0
     curve.host_ms_step = max(0.0, host[1] - curve.host_ms_row)
+    # the greedy drafted steps' own host work (verification, draft composition, the blocks' argmax): the median of
+    # what real drafted steps cost beyond the curve's AR-step price of the same plan. Left out, it priced a drafted
+    # step on this CPU about 40% under its time, and a request's first steps drafted where AR steps paid
+    greedy = ((2, None), (4, None), (8, (1,)))
+    extras = []
+    for (K, levels), ms in zip(greedy, _step_ms(model, ids[:1], greedy, temperature=0.0)):
+        lv = len(levels_upto(K, levels))
+        extras.append(ms - curve.greedy_step(1, K, lv) + curve.draft_ms_step)
+    curve.draft_ms_step = max(0.0, statistics.median(extras))
     # the sampled terms: K = 1 gives the AR step's extra; a least-squares line ``fixed + per_row * rows`` through
     # drafted plans of few and many verified + virtual rows gives the rest, at the shapes the planner takes
     plans = ((1, None), (2, None), (4, None), (8, (1,)))
     points = []
-    for (K, levels), ms in zip(plans, _sampled_step_ms(model, ids[:1], plans)):
+    for (K, levels), ms in zip(plans, _step_ms(model, ids[:1], plans)):
         lv = len(levels_upto(K, levels)) if K > 1 else 0
         S, rows = K * (1 + lv), K + (K * K if lv else 0)
         extra = ms - curve.batch_step(1, S, S, 1)
@@ -124,15 +133,16 @@ def _measure_host(model, curve):
     curve.sample_ms_step = max(0.0, my - curve.sample_ms_row * mx)
 
 
-def _sampled_step_ms(model, ids, plans, steps: int = 12) -> list[float]:
-    """Median ms of a sampled step of each fixed ``(K, proposal levels)`` in ``plans``: real steps (planning,
+def _step_ms(model, ids, plans, steps: int = 12, temperature: float = 1.0) -> list[float]:
+    """Median ms of a step (sampled at ``temperature``, or greedy at 0) of each fixed ``(K, proposal levels)`` in
+    ``plans``: real steps (planning,
     forward, verification, commit) of one request per plan after two warm-up steps. Medians of steps, not the
     fastest of a few whole calls, whose prefill mixed in and whose noise swung the fitted terms so far between
     processes that a drafted sampled step (1.9x an AR step) was priced near an AR step."""
     max_len = getattr(settings_of(model), "max_len", None)  # a small model's position range caps the request
     new = (steps + 2) * max(K for K, _ in plans) + 1
     new = new if max_len is None else max(1, min(new, max_len - ids.shape[1]))
-    kw = dict(max_new_tokens=new, temperature=1.0, seed=0)
+    kw = dict(max_new_tokens=new, temperature=temperature, seed=0 if temperature > 0 else None)
     sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda *a: None)
     out = []
     with torch.no_grad():

@@ -302,8 +302,7 @@ class Planner:
             if self.sampling:
                 ms = self.curve.sampled_step(self.batch, K, len(levels))
             else:
-                lv = len(levels)
-                ms = self.curve.batch_step(self.batch, K * (1 + lv), 2 * K if lv else K, 2 if lv else 1)
+                ms = self.curve.greedy_step(self.batch, K, len(levels))
             self._costs[key] = ms
         return ms
 

@@ -43,6 +43,9 @@ class SlotCurve:
     sample_ms_ar: float = 0.0  # a sampled K = 1 step's sampling beyond a greedy one
     sample_ms_step: float = 0.0  # a sampled step's verification with drafts (rejection sampling), fixed
     sample_ms_row: float = 0.0  # ... per verified or proposal row
+    # a greedy step with drafts: host work beyond a plain AR step's (verifying and committing the drafts, composing
+    # the next ones, the proposal blocks' argmax); measured by generate, once, at batch 1
+    draft_ms_step: float = 0.0
     host_measured: bool = False  # whether the host and sampling terms were measured (``generate`` does, once)
     # batch -> a greedy AR step's host work measured at that batch (``generate`` does, once per batch over 4): the
     # line through batch 1 and 4 overstates a batch of 16 twofold, and an AR step priced too high makes drafted
@@ -85,6 +88,15 @@ class SlotCurve:
         """The host work of a step of ``batch`` rows beyond its forward and head."""
         measured = self.host_ms_batch.get(batch)
         return measured if measured is not None else self.host_ms_step + self.host_ms_row * batch
+
+    def greedy_step(self, batch: int, K: int, levels: int) -> float:
+        """Cost of a greedy decode step of plan (K, number of proposal levels): the forward at ``K * (1 + levels)``
+        tokens per row, the LM head on the verified rows and, with levels, the block rows (two calls), the host
+        work, and with drafts (K > 1) their host work (``draft_ms_step``)."""
+        if K == 1:
+            return self.batch_step(batch, 1, 1, 1)
+        S = K * (1 + levels)
+        return self.batch_step(batch, S, 2 * K if levels else K, 2 if levels else 1) + self.draft_ms_step
 
     def sampled_step(self, batch: int, K: int, levels: int) -> float:
         """Cost of a sampled decode step: the LM head on every row, and rejection sampling over the K verified rows
