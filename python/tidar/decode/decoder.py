@@ -109,10 +109,10 @@ def _measure_host(model, curve):
     # what real drafted steps cost beyond the curve's AR-step price of the same plan. Left out, it priced a drafted
     # step on this CPU about 40% under its time, and a request's first steps drafted where AR steps paid
     greedy = ((2, None), (4, None), (8, (1,)))
+    curve.draft_ms_step = 0.0  # the price the extras are measured against leaves the term out
     extras = []
     for (K, levels), ms in zip(greedy, _step_ms(model, ids[:1], greedy, temperature=0.0)):
-        lv = len(levels_upto(K, levels))
-        extras.append(ms - curve.greedy_step(1, K, lv) + curve.draft_ms_step)
+        extras.append(ms - curve.greedy_step(1, K, len(levels_upto(K, levels))))
     curve.draft_ms_step = max(0.0, statistics.median(extras))
     # the sampled terms: K = 1 gives the AR step's extra; a least-squares line ``fixed + per_row * rows`` through
     # drafted plans of few and many verified + virtual rows gives the rest, at the shapes the planner takes

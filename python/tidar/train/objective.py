@@ -269,7 +269,6 @@ def repeat_positions(input_ids: torch.Tensor, n: int = 4, start: int = 0) -> tor
                 out[b, max(start, j - n + 1) : j + 1] = True
             else:
                 seen.add(g)
-    out[:, :start] = False
     return out.to(input_ids.device)
 
 

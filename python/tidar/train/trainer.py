@@ -212,6 +212,7 @@ class RunLoss:
         # count it is averaged over (every generated token), so the step's update does not depend on the repeats
         self.ul, self.ul_ngram = float(unlikelihood), unlikelihood_ngram
         self.ul_count = n_gen * (L - prompt_len)
+        self.last_unlikelihood = None  # the last finished step's mean unlikelihood term (``step_means``)
         self.ar_count = batch * (L - 1)
         per_row = L if target in ("data", "greedy") else L - 1
         if no_diffusion:
@@ -375,7 +376,7 @@ class RunCallback(TrainerCallback):
         rec = {"step": step, "loss": loss, "ar_loss": ar, "lr": self.lr_at(step - 1)}
         if diff is not None:
             rec["diffusion_loss"] = diff
-        if getattr(self.run_loss, "last_unlikelihood", None) is not None:
+        if self.run_loss.last_unlikelihood is not None:
             rec["unlikelihood_loss"] = self.run_loss.last_unlikelihood
         self.state["log_history"].append(rec)
         self.tokens_since += a.batch_size * a.seq_len
