@@ -5,7 +5,9 @@
 - ``prompts_b1``: greedy, batch 1, ``NEW_TOKENS`` new tokens, on the ordinary code prompts of
   ``python/tidar/ordinary_prompts.py`` (four classes) and the demo's prompts; the three are interleaved prompt by
   prompt over several rounds and each prompt's best round is kept (a shared machine only adds time). Reported per
-  prompt class with the spread (min / median / max of TiDAR / prompt lookup and TiDAR / AR per prompt).
+  prompt class with the spread (min / median / max of TiDAR / prompt lookup and TiDAR / AR per prompt). An A/A
+  control times HF greedy a second time, interleaved as a fourth implementation: its ratio to the first per prompt
+  is what the machine's noise alone makes of a per-prompt "x HF AR" (the floor of "never slower than AR").
 - ``prompts_batch``: greedy, left-padded ragged batches of 4 and 16 different prompts: TiDAR vs HF AR.
 - ``prompts_sampled``: temperature 0.8, batch 1 and 4: TiDAR vs HF sampling (different draws; tokens/s only).
 - ``prompts_fresh``: greedy batch 1 on ``FRESH_PER_CLASS`` prompts of each class, each prompt in a fresh process
@@ -114,6 +116,9 @@ def _batch1(bench: Bench, hf, td, tok, prompts, rec):
     n = 8 if bench.smoke else NEW_TOKENS
     ids = [torch.tensor([tok.encode(p)], device=bench.device) for _, p in prompts]
     runs = _batch1_runs(hf, td, tok, n)
+    # A/A control: HF greedy timed a second time as if it were another implementation. Its ratio to the first is
+    # what this machine's noise alone does to a per-prompt "x HF AR" (the best-of-rounds ratio of two equal runs)
+    runs["hf-ar-control"] = runs["hf-ar"]
     for f in runs.values():  # warm-up: the slot curve is measured at the first TiDAR call
         f(ids[0])
     rounds = 1 if bench.smoke else 3
@@ -131,6 +136,7 @@ def _batch1(bench: Bench, hf, td, tok, prompts, rec):
                 "x_ar_lookup": best["hf-ar"][i] / best["hf-prompt-lookup"][i],
                 "x_ar_tidar": best["hf-ar"][i] / best["tidar"][i],
                 "x_lookup_tidar": best["hf-prompt-lookup"][i] / best["tidar"][i],
+                "x_ar_control": best["hf-ar"][i] / best["hf-ar-control"][i],
                 "tidar_tokens_per_forward": tpf[i],
                 "distinct_4grams": len(set(grams)) / len(grams) if grams else None,
             }
@@ -254,6 +260,7 @@ def _batch1_groups(bench: Bench, rows, best, n, rounds) -> dict:
             "x_lookup_tidar": total["hf-prompt-lookup"] / total["tidar"],
             "x_lookup_tidar_per_prompt": _spread([rows[i]["x_lookup_tidar"] for i in sel]),
             "x_ar_tidar_per_prompt": _spread([rows[i]["x_ar_tidar"] for i in sel]),
+            "x_ar_control_per_prompt": _spread([rows[i]["x_ar_control"] for i in sel]),
         }
         g = groups[cls]
         bench.derived(
@@ -267,9 +274,10 @@ def _batch1_groups(bench: Bench, rows, best, n, rounds) -> dict:
                 "lookup x AR": g["x_ar_lookup"],
                 "min x lookup (prompt)": g["x_lookup_tidar_per_prompt"]["min"],
                 "min x AR (prompt)": g["x_ar_tidar_per_prompt"]["min"],
+                "A/A min (prompt)": g["x_ar_control_per_prompt"]["min"],
                 "identical": "yes" if g["identical"] else "NO",
             },
-            notes=f"best of {rounds} interleaved rounds per prompt",
+            notes=f"best of {rounds} interleaved rounds per prompt; A/A: HF AR timed against itself",
         )
     return groups
 
@@ -395,6 +403,17 @@ def goals(bench: Bench):
             f"min {min(worst):.2f}x",
             "met" if min(worst) >= 0.95 else "missed",
         )
+    control = [r["x_ar_control"] for r in rec.get("batch1", {}).get("prompts", []) if "x_ar_control" in r]
+    if control:
+        tidar_b1 = [r["x_ar_tidar"] for r in rec["batch1"]["prompts"]]
+        below = sum(x < 0.95 for x in tidar_b1)
+        bench.goal(
+            "the noise floor of that goal at batch 1: HF AR timed against itself (A/A), per prompt",
+            "(reference)",
+            f"A/A min {min(control):.2f}x, {sum(x < 0.95 for x in control)} of {len(control)} prompts < 0.95x; "
+            f"TiDAR: {below} of {len(tidar_b1)} < 0.95x",
+            "-",
+        )
     fresh = rec.get("fresh")
     if fresh:
         lk = [r["x_lookup_tidar"] for r in fresh["prompts"]]
@@ -437,15 +456,18 @@ def markdown(rec: dict) -> str:
             f"Batch 1: {b1['new_tokens']} new tokens, best of {b1['rounds']} interleaved rounds per prompt.",
             "",
             "| prompts | n | TiDAR x AR | TiDAR x lookup | lookup x AR | per prompt x lookup (min / median / max) "
-            "| per prompt x AR (min / median / max) | identical |",
-            "|---|---|---|---|---|---|---|---|",
+            "| per prompt x AR (min / median / max) | A/A: HF AR x itself per prompt (min / median / max) "
+            "| identical |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
     for cls, g in b1["groups"].items():
         sl, sa = g["x_lookup_tidar_per_prompt"], g["x_ar_tidar_per_prompt"]
+        sc = g.get("x_ar_control_per_prompt") or {"min": None, "median": None, "max": None}
         lines.append(
             f"| {cls} | {g['prompts']} | {_f(g['x_ar_tidar'])} | {_f(g['x_lookup_tidar'])} | {_f(g['x_ar_lookup'])} "
             f"| {_f(sl['min'])} / {_f(sl['median'])} / {_f(sl['max'])} "
-            f"| {_f(sa['min'])} / {_f(sa['median'])} / {_f(sa['max'])} | {'yes' if g['identical'] else 'NO'} |"
+            f"| {_f(sa['min'])} / {_f(sa['median'])} / {_f(sa['max'])} "
+            f"| {_f(sc['min'])} / {_f(sc['median'])} / {_f(sc['max'])} | {'yes' if g['identical'] else 'NO'} |"
         )
     for key, title in (("batches", "Greedy batches (left-padded, different prompts)"), ("sampled", "Sampled")):
         r = rec.get(key)
@@ -487,14 +509,15 @@ def markdown(rec: dict) -> str:
         "",
         "## Per prompt (batch 1)",
         "",
-        "| class | TiDAR x AR | TiDAR x lookup | lookup x AR | tok/forward | distinct 4-grams | prompt |",
-        "|---|---|---|---|---|---|---|",
+        "| class | TiDAR x AR | TiDAR x lookup | lookup x AR | A/A | tok/forward | distinct 4-grams | prompt |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in b1["prompts"]:
         p = _prompt_cell(r["prompt"], 60)
         lines.append(
             f"| {r['class']} | {r['x_ar_tidar']:.2f} | {r['x_lookup_tidar']:.2f} | {r['x_ar_lookup']:.2f} "
-            f"| {_f(r['tidar_tokens_per_forward'])} | {_f(r['distinct_4grams'])} | `{p}` |"
+            f"| {_f(r.get('x_ar_control'))} | {_f(r['tidar_tokens_per_forward'])} | {_f(r['distinct_4grams'])} "
+            f"| `{p}` |"
         )
     return "\n".join(lines) + "\n"
 

@@ -146,3 +146,21 @@ def test_prompts_suite_decodes_a_prompt_in_a_fresh_process_beside_the_one_proces
     listed = [(cls, p) for cls, ps in PROMPTS.items() for p in ps] + [("demo", "x")]
     picked = _fresh_prompts(listed)
     assert len(picked) == FRESH_PER_CLASS * len(PROMPTS) and all(listed[i][0] != "demo" for i in picked)
+
+
+def test_prompts_suite_reports_an_aa_control_beside_every_batch1_ratio(smoke):
+    """``prompts_b1`` times HF greedy twice as two implementations (A/A): every prompt and class carries that ratio,
+    and the goals table states it next to the "never slower than AR" goal, so a per-prompt shortfall can be read
+    against what the machine's noise alone produces."""
+    import json
+
+    out, _, _ = smoke
+    rec = json.loads((out / "prompts.json").read_text())
+    prompts = rec["batch1"]["prompts"]
+    assert prompts and all(r["x_ar_control"] > 0 for r in prompts)
+    for g in rec["batch1"]["groups"].values():
+        spread = g["x_ar_control_per_prompt"]
+        assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+    assert "A/A" in (out / "prompts.md").read_text()
+    goals = [line for line in (out / "results.md").read_text().splitlines() if "noise floor" in line]
+    assert goals and "A/A min" in goals[0]

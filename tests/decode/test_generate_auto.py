@@ -157,20 +157,27 @@ def test_lm_head_in_one_call_or_two_gives_the_same_steps(monkeypatch):
     tidar.unpatch(model)
 
 
-def test_output_head_transposed_copy_follows_weight_updates():
-    """On a CPU the head multiplies by a contiguous copy of W^T: equal to the Linear, and rebuilt when the
-    weight changes in place (an optimizer step) or is replaced."""
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (1, 5), (3, 4), (2, 1), (0, 3)])
+def test_output_head_cpu_paths_equal_the_linear_and_follow_weight_updates(shape):
+    """On a CPU the head multiplies one row by a contiguous copy of W^T and several rows as W @ h^T transposed back:
+    both equal the Linear, return a contiguous ``[..., V]``, and follow the weight when it changes in place (an
+    optimizer step) or is replaced."""
     from tidar.hf.lm_head import OutputHead
 
     model = tiny_model("qwen2")
     head = OutputHead(model)
-    h = torch.randn(1, 5, model.config.hidden_size)
+    h = torch.randn(*shape, model.config.hidden_size)
     with torch.no_grad():
-        torch.testing.assert_close(head(h), model.lm_head(h), rtol=1e-5, atol=1e-5)
-        model.lm_head.weight.mul_(1.5)  # in place, as an optimizer step
-        torch.testing.assert_close(head(h), model.lm_head(h), rtol=1e-5, atol=1e-5)
-        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))  # replaced
-        torch.testing.assert_close(head(h), model.lm_head(h), rtol=1e-5, atol=1e-5)
+        for change in (None, "in place", "replaced"):
+            if change == "in place":
+                model.lm_head.weight.mul_(1.5)  # as an optimizer step
+            elif change == "replaced":
+                model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+            got, want = head(h), model.lm_head(h)
+            assert got.shape == want.shape and got.is_contiguous()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if h.numel() == 0:
+        return
     out = head(h)  # with grad enabled: the module itself (gradients reach the weight)
     out.sum().backward()
     assert model.lm_head.weight.grad is not None

@@ -23,9 +23,9 @@ from tidar_kernels import layouts
 # A greedy step needs the LM head on 2K of its K(1 + |levels|) rows, in two calls (the second depends on the
 # first's acceptance). A call's fixed cost (reading the head's weight) dominates for few rows, so a step of at most
 # this many tokens takes the head on all its rows in one call instead (on a CPU, measured in
-# benchmarks/results/decode_step_cpu_host_costs.md). On a GPU a call of a few hundred rows costs what a call of one
-# does.
-ONE_HEAD_CALL_ROWS = {"cpu": 24, "cuda": 128}
+# benchmarks/results/lm_head_cpu_few_rows.md: with the head's few-row GEMM of ``lm_head``, one call up to 16 rows,
+# two calls of K rows above). On a GPU a call of a few hundred rows costs what a call of one does.
+ONE_HEAD_CALL_ROWS = {"cpu": 16, "cuda": 128}
 # Devices whose greedy acceptance is decided on the host (reading them costs no synchronisation); elsewhere the
 # step stays on the device (``device_step``: one host sync per step, CUDA-graph capturable).
 HOST_VERIFY = {"cpu"}
