@@ -86,10 +86,5 @@ def int_range(t: torch.Tensor) -> tuple[int, int] | None:
     return rng
 
 
-def no_nan(name: str, t: torch.Tensor) -> None:
-    if torch.isnan(t).any() or torch.isposinf(t).any():
-        raise ValueError(f"{name} contains NaN or +inf values")
-
-
 INT_TYPES = (torch.int32, torch.int64)
 FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -651,7 +651,7 @@ def test_beta_zero_with_masked_ar_logits(backend):
 
 @pytest.mark.triton_interpreter
 def test_all_neg_inf_logit_row_raises(backend):
-    """BUG (validation gap, tidar_kernels/_checks.py ``no_nan`` as used by ops/rejection_sample.py): -inf is
+    """BUG (validation gap, fixed in ops/rejection_sample.py ``_check_logits``): -inf is
     allowed (masking) but a row that is -inf everywhere leaves no possible token; it is accepted silently
     and the op returns an arbitrary id (token 0 when greedy, the last token id when sampling: softmax is NaN)."""
     ar = torch.randn(2, 6)
@@ -699,3 +699,28 @@ def test_draft_sample_bad_calls_raise(backend, name, override, exc, match):
     args.update(override)
     with pytest.raises(exc, match=match):
         draft_sample(args.pop("ar_logits"), args.pop("block_logits"), backend=backend, **args)
+
+
+@pytest.mark.triton_interpreter
+def test_plain_ar_draft_sample_checks_only_what_it_reads(backend):
+    """``draft_sample`` at K = 1 and beta = 1 (a plain sampled AR step) reads nothing of ``block_logits``: its data is
+    not checked there, the AR logits are, and the token has the AR distribution (the draft probabilities are an
+    empty ``[B, 0, V]``). With beta < 1 slot 0 is read and checked."""
+    V = 5
+    ar = torch.tensor([[0.3, -1.0, 1.2, 0.0, 2.0]], dtype=torch.float64).repeat(3, 1)
+    junk = torch.full((3, 1, V), float("nan"), dtype=torch.float64)
+    res = draft_sample(ar, junk, temperature=1.0, generator=gen(1), backend=backend)
+    assert res.next_drafts.shape == (3, 1) and res.next_draft_probs.shape == (3, 0, V)
+    bad = ar.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="ar_logits contains NaN"):
+        draft_sample(bad, junk, temperature=1.0, generator=gen(1), backend=backend)
+    with pytest.raises(ValueError, match="block_logits contains NaN"):
+        draft_sample(ar, junk, temperature=1.0, beta=0.5, generator=gen(1), backend=backend)
+    n = 20000 if backend == "reference" else 600  # the Triton interpreter runs a program per row
+    rows = ar[:1].expand(n, V)
+    res = draft_sample(rows, junk[:1].expand(n, 1, V), temperature=1.0, generator=gen(2), backend=backend)
+    draws = res.next_drafts[:, 0]
+    counts = np.bincount(draws.numpy(), minlength=V)
+    p = torch.softmax(ar[0], -1).numpy()
+    assert stats.chisquare(counts, p * draws.numel()).pvalue > 1e-4

@@ -127,18 +127,24 @@ def _for_backend(impl, u, B, K, dev):
     return u
 
 
-def _no_empty_rows(name, t):
-    """Every distribution needs a possible token: a row of logits that is -inf everywhere is an error."""
-    if t.numel() and bool(torch.isneginf(t).all(-1).any()):
-        raise ValueError(f"{name} has a row that is -inf everywhere: no token is possible")
+def _row_max(t):
+    """Each row's maximum: NaN where the row holds a NaN (``amax`` propagates it), +inf where it holds a +inf and
+    no NaN, -inf only where every entry is -inf. One pass over the logits for all three checks."""
+    return t.amax(-1) if t.numel() else t.new_zeros(t.shape[:-1])
 
 
 def _check_logits(ar_logits, block_logits, slot0, beta):
-    """NaN/+inf and all -inf rows; with 0 < beta < 1 also the mixed target (-inf on either side is -inf)."""
-    _checks.no_nan("ar_logits", ar_logits)
-    _checks.no_nan("block_logits", block_logits)
-    _no_empty_rows("ar_logits", ar_logits)
-    _no_empty_rows("block_logits", block_logits)
+    """NaN/+inf and all -inf rows (every distribution needs a possible token); with 0 < beta < 1 also the mixed
+    target (-inf on either side is -inf). ``block_logits=None``: the op reads none of it (K = 1, beta = 1)."""
+    tops = [("ar_logits", _row_max(ar_logits))]
+    if block_logits is not None:
+        tops.append(("block_logits", _row_max(block_logits)))
+    for name, top in tops:
+        if bool(torch.isnan(top).any()) or bool(torch.isposinf(top).any()):
+            raise ValueError(f"{name} contains NaN or +inf values")
+    for name, top in tops:
+        if bool(torch.isneginf(top).any()):
+            raise ValueError(f"{name} has a row that is -inf everywhere: no token is possible")
     if 0.0 < beta < 1.0 and ar_logits.numel():
         if bool((torch.isneginf(ar_logits) | torch.isneginf(slot0)).all(-1).any()):
             raise ValueError(
@@ -263,7 +269,9 @@ def draft_sample(
     K = block_logits.shape[1]
     temperature, top_k, top_p, beta = check_sampling_args(temperature, top_k, top_p, beta, V)
     if not _checks.capturing():  # data checks sync with the host: skipped while capturing a CUDA graph
-        _check_logits(ar_logits, block_logits, block_logits[:, 0], beta)
+        # at K = 1 and beta = 1 nothing of block_logits is read (no slot 0 mix, no drafts): its data goes unchecked
+        unread = K == 1 and beta == 1.0
+        _check_logits(ar_logits, None if unread else block_logits, block_logits[:, 0], beta)
     u = _randomness(uniforms, generator, seed, offset, B, K, dev, temperature == 0.0)
     impl = resolve("draft_sample", backend, dev)
     u = _for_backend(impl, u, B, K, dev)

@@ -169,6 +169,8 @@ def mix(ar_logits: torch.Tensor, diff_logits: torch.Tensor, beta: float) -> torc
 def _next_drafts(first, slot_logits, u, greedy, temperature, top_k, top_p):
     """Drafts d'_0 = ``first`` and d'_1..d'_{K-1} from ``slot_logits`` ``[B, K-1, V]`` (slots 1..K-1)."""
     K = slot_logits.shape[1] + 1
+    if K == 1:  # no drafts (a plain AR step): d'_0 alone
+        return first[:, None], None if greedy else slot_logits.float()
     if greedy:
         return torch.cat([first[:, None], slot_logits.argmax(-1)], 1), None
     q = process_logits64(slot_logits, temperature, top_k, top_p)
