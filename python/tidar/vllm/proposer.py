@@ -13,10 +13,11 @@ import sys
 
 import torch
 
-from .draft_source import ROW_COST, SourceEvidence
+from .draft_source import BLOCK_COST, ROW_COST, SourceEvidence
 from .engine_checks import SUPPORTED_ARCHITECTURES, check_vllm_config
 from .mask_attention import LayerHook, MaskRows, check_layer
 from .options import TidarOptions, parse_class_name
+from .step_clock import Prices, StepClock
 from .step_layout import plan_step
 
 
@@ -34,7 +35,13 @@ class TidarProposer:
         self.vllm_config = vllm_config
         self.K = vllm_config.speculative_config.num_speculative_tokens
         self.options.check(self.K)
-        self.row_cost = ROW_COST if self.options.row_cost is None else self.options.row_cost
+        # the prices of rows and blocks: measured on the engine's own steps (``step_clock``), or the row cost the
+        # options fix (then never corrected, as a slot curve given by hand)
+        if self.options.row_cost is None:
+            self.prices = StepClock(ROW_COST, BLOCK_COST)
+        else:
+            rc = self.options.row_cost
+            self.prices = Prices(rc, BLOCK_COST if rc else 0.0)
         hf = vllm_config.model_config.hf_config
         self.mask_token_id = int(hf.mask_token_id)
         self.max_position = vllm_config.model_config.max_model_len
@@ -51,6 +58,7 @@ class TidarProposer:
     def begin_step(self, runner, scheduler_output) -> None:
         self.runner, self.scheduler_output = runner, scheduler_output
         self.hidden = self.layout = None
+        self.prices.begin()
 
     # --- vLLM's interface ---
     def load_model(self, model) -> None:
@@ -102,6 +110,7 @@ class TidarProposer:
             return None
         meta = get_forward_context().attn_metadata
         if not meta:
+            self.prices.skip()
             return None
         if isinstance(meta, list):
             meta = meta[0]
@@ -125,12 +134,13 @@ class TidarProposer:
         batch = len(req_ids)
         levels, ks = [], []
         for rid in req_ids:
-            ev = self.evidence.setdefault(rid, SourceEvidence(self.row_cost))
+            ev = self.evidence.setdefault(rid, SourceEvidence(prices=self.prices))
             block = ev.wants_block(self.K, batch)
             ev.planned(block)
             levels.append(self.options.levels if block else ())
             ks.append(ev.block_drafts(self.K, batch))
         layout = plan_step(computed, sched, drafts, ks, levels, self.max_position)
+        self.prices.ran(input_ids.shape[0] + layout.num_rows, layout.num_rows > 0)
         if layout.num_rows == 0:
             return None
         block_size = self.hooks[0].kv_cache().shape[2]  # the pool's [num_blocks, Hkv, block_size, 2 * D]
@@ -147,7 +157,7 @@ class TidarProposer:
         for r, sampled in enumerate(sampled_token_ids):
             if not sampled or r >= len(self.req_ids):
                 continue
-            ev = self.evidence.setdefault(self.req_ids[r], SourceEvidence(self.row_cost))
+            ev = self.evidence.setdefault(self.req_ids[r], SourceEvidence(prices=self.prices))
             ev.observe(sampled)
             level = len(sampled)
             found = layout.block_for(r, level) if layout is not None else None
