@@ -2,8 +2,9 @@
 
 ``draft_source`` prices drafts and [MASK] blocks in units of a step's fixed cost: a row costs ``row_cost`` of it, a
 block step's own work (its layout, its attention in every layer, the drafts' logits) ``block_cost``. Constants
-measured once cannot hold everywhere: on the development CPU a step of one request costs 1.75 ms at one thread and
-a row about 0.19 ms (``row_cost`` ~0.11), while 8 requests at two threads gave 4.7 ms and ~0.04. So the proposer
+measured once cannot hold everywhere: the ones kept in ``draft_source`` came from 8 requests at two threads (a 4.7 ms
+step, ``block_cost`` 0.1), while one request at one thread on the same CPU has a ~2 ms step, a row of ~0.1 ms and a
+block step ~1.2-2.3 ms dearer (``block_cost`` ~0.7-1.2: blocks there cost more than v6's drafts return). So the proposer
 times the engine's steps (``begin``: the period from one step's start to the next, scheduler, sampler and
 detokenizer included) against the rows each forward ran (``ran``) and fits ``ms = fixed + row * rows + block *
 has_block`` by least squares over decayed sums; the prices are ``row / fixed`` and ``block / fixed`` once
@@ -48,8 +49,7 @@ class StepClock(Prices):
     BLOCK_RANGE = (0.0, 2.0)
 
     def __init__(self, row_cost: float, block_cost: float):
-        super().__init__(row_cost, block_cost)
-        self.prior = (self.row_cost, self.block_cost)
+        super().__init__(row_cost, block_cost)  # the prior prices, kept until the first fit
         self.A = np.zeros((3, 3))  # decayed sums of x x^T, x = (1, rows, has_block)
         self.y = np.zeros(3)  # decayed sums of x * ms
         self.steps = 0
@@ -74,6 +74,7 @@ class StepClock(Prices):
         self._step = None
 
     def expected_ms(self, rows: int, block: bool) -> float | None:
+        """The fitted time of a step of ``rows`` rows (the mean step before the first fit; None before any)."""
         if self.fit is not None:
             a, b, c = self.fit
             return a + b * rows + c * block
