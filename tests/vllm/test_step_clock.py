@@ -54,6 +54,8 @@ def test_a_step_that_ran_no_forward_or_was_skipped_is_not_counted():
     clock.ran(5, False)
     clock.skip()  # a dummy run
     clock.begin(0.006)
+    clock.ran(5, False)
+    clock.begin(0.006)  # no time passed: not a step
     assert clock.steps == 0
 
 

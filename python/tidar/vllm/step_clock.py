@@ -81,6 +81,8 @@ class StepClock(Prices):
         return self._mean
 
     def _add(self, rows: int, block: bool, ms: float) -> None:
+        if not ms > 0.0:  # a clock that did not move forward: no step to learn from
+            return
         expect = self.expected_ms(rows, block)
         if expect is not None and self.steps >= 8 and ms > self.IDLE * expect:
             return  # the engine waited for requests between the two steps
