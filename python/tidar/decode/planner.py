@@ -96,7 +96,7 @@ class AcceptanceStats:
         self.accepts = [0.0] * MAX_AUTO_DRAFT_LEN
         self._table: list[float] | None = None
         self._pooled: float | None = None
-        self._probs: dict = {}  # n -> _accept_probs(self, n), until the next update
+        self._probs: dict = {}  # n -> accept_probs(n), until the next update
         self.version = 0  # updates so far (a plan scored on unchanged evidence need not be scored again)
 
     def update(self, n_drafts: int, accepted: int) -> None:
@@ -144,6 +144,23 @@ class AcceptanceStats:
             self._table = table
         return self._table[max(0, min(n, MAX_AUTO_DRAFT_LEN - 1))]
 
+    def accept_probs(self, n: int) -> list[float]:
+        """P(a = k + 1) for k = 0..n accepted drafts among n (read only). Remembered until the next update, as
+        ``expected``: scoring the steady-state plans asks for the same n for every K and level set (at ~1 ms a
+        re-scoring, it was a few per cent of a sampled request's time on a CPU)."""
+        probs = self._probs.get(n)
+        if probs is None:
+            probs, run = [], 1.0
+            for k in range(n + 1):
+                if k == n:
+                    probs.append(run)
+                else:
+                    al = self.alpha(k + 1)
+                    probs.append(run * (1 - al))
+                    run *= al
+            self._probs[n] = probs
+        return probs
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -186,39 +203,16 @@ def levels_upto(K: int, levels: tuple | None) -> tuple:
     return tuple(j for j in levels if j <= K) or (1,)
 
 
-def _accept_probs(stats: AcceptanceStats, n: int) -> list[float]:
-    """P(a = k + 1) for k = 0..n accepted drafts among n. Remembered on ``stats`` until its next update: scoring the
-    steady-state plans asks for the same n for every K and level set (at ~1 ms a re-scoring, it was a few per cent
-    of a sampled request's time on a CPU)."""
-    hit = stats._probs.get(n)
-    if hit is not None:
-        return hit
-    probs, run = [], 1.0
-    for k in range(n + 1):
-        if k == n:
-            probs.append(run)
-        else:
-            al = stats.alpha(k + 1)
-            probs.append(run * (1 - al))
-            run *= al
-    stats._probs[n] = probs
-    return probs
-
-
 def steady_tokens(plan: Plan, stats: AcceptanceStats, iterations: int = 4) -> float:
     """Expected tokens per step when ``plan`` is used step after step with diffusion drafts only."""
     K = plan.draft_len
     dist = {K - 1: 1.0}  # drafts available -> probability
     tokens = 1.0
     nxt = [plan.next_diffusion_drafts(a) for a in range(K + 1)]
-    probs = {}
     for _ in range(iterations):
         new, tokens = {}, 0.0
         for n, pn in dist.items():
-            m = min(n, K - 1)
-            if m not in probs:
-                probs[m] = _accept_probs(stats, m)
-            for k, pk in enumerate(probs[m]):
+            for k, pk in enumerate(stats.accept_probs(min(n, K - 1))):
                 a = k + 1
                 tokens += pn * pk * a
                 m = nxt[a]
@@ -231,7 +225,7 @@ def level_sets(K: int, stats: AcceptanceStats) -> list[tuple]:
     """Candidate proposal levels for K: all, {1}, and {1} plus the most likely acceptance counts."""
     if K == 1:
         return [()]  # a 1-slot block drafts nothing for the next step: K = 1 is a plain AR step
-    probs = _accept_probs(stats, K - 1)
+    probs = stats.accept_probs(K - 1)
     likely = sorted(range(1, K + 1), key=lambda a: -probs[a - 1])
     sets = {tuple(range(1, K + 1)), (1,)}
     for m in (2, 3, 4):
