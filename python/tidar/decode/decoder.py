@@ -135,10 +135,10 @@ def _measure_host(model, curve):
 
 def _step_ms(model, ids, plans, steps: int = 12, temperature: float = 1.0) -> list[float]:
     """Median ms of a step (sampled at ``temperature``, or greedy at 0) of each fixed ``(K, proposal levels)`` in
-    ``plans``: real steps (planning,
-    forward, verification, commit) of one request per plan after two warm-up steps. Medians of steps, not the
-    fastest of a few whole calls, whose prefill mixed in and whose noise swung the fitted terms so far between
-    processes that a drafted sampled step (1.9x an AR step) was priced near an AR step."""
+    ``plans``: real steps (planning, forward, verification, commit) of one request per plan after two warm-up
+    steps. Medians of steps, not the fastest of a few whole calls, whose prefill mixed in and whose noise swung the
+    fitted terms so far between processes that a drafted sampled step (1.9x an AR step) was priced near an AR
+    step."""
     max_len = getattr(settings_of(model), "max_len", None)  # a small model's position range caps the request
     new = (steps + 2) * max(K for K, _ in plans) + 1
     new = new if max_len is None else max(1, min(new, max_len - ids.shape[1]))

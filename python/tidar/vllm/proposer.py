@@ -13,11 +13,11 @@ import sys
 
 import torch
 
-from .draft_source import BLOCK_COST, ROW_COST, SourceEvidence
+from .draft_source import BLOCK_COST, ROW_COST, SourceEvidence, fixed_prices
 from .engine_checks import SUPPORTED_ARCHITECTURES, check_vllm_config
 from .mask_attention import LayerHook, MaskRows, check_layer
 from .options import TidarOptions, parse_class_name
-from .step_clock import Prices, StepClock
+from .step_clock import StepClock
 from .step_layout import plan_step
 
 
@@ -40,8 +40,7 @@ class TidarProposer:
         if self.options.row_cost is None:
             self.prices = StepClock(ROW_COST, BLOCK_COST)
         else:
-            rc = self.options.row_cost
-            self.prices = Prices(rc, BLOCK_COST if rc else 0.0)
+            self.prices = fixed_prices(self.options.row_cost)
         hf = vllm_config.model_config.hf_config
         self.mask_token_id = int(hf.mask_token_id)
         self.max_position = vllm_config.model_config.max_model_len
