@@ -13,5 +13,25 @@ def run(args) -> int:
     from tidar_kernels import env
 
     report = env.report()
-    print(json.dumps(report, indent=2, default=str) if args.json else env.format_report(report))
+    report["hf_direct_body"] = _direct_body()
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        d = report["hf_direct_body"]
+        print(env.format_report({k: v for k, v in report.items() if k != "hf_direct_body"}))
+        print(
+            f"HF decoder body: direct for {', '.join(d['families'])} where proven per model, else the modules "
+            f"({'on' if d['on'] else 'off'}; {d['switch']})"
+        )
     return 0
+
+
+def _direct_body() -> dict:
+    """The HF layer's direct decoder body (``tidar.hf.direct_body``): its families and its switch."""
+    import os
+
+    from tidar.hf import direct_body
+
+    on = os.environ.get(direct_body.ENV, "1") != "0"
+    families = sorted(f.name for f in direct_body.FAMILIES.values())
+    return {"on": on, "families": families, "switch": f"{direct_body.ENV}=0 turns it off"}

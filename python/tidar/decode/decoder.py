@@ -57,6 +57,7 @@ from tidar.decode.slot_timing import slot_curve
 from tidar.decode.stats import AcceptanceEvidence, DecodeCounters, DecodeStats, check_stats
 from tidar.decode.step_costs import step_costs
 from tidar.hf.cache import TidarCache
+from tidar.hf.direct_body import decoder_body
 from tidar.hf.lm_head import output_head
 from tidar.settings import settings_of
 
@@ -227,6 +228,7 @@ class Decoder(StepForwards):
         self.device = g.device
         self.greedy = g.temperature == 0.0 and g.beta == 1.0  # the lean path: argmax rows only
         self.head = output_head(model)
+        self.body = decoder_body(model)  # the direct body where proven for this model (tidar.hf.direct_body)
         self.full_logits = full_logits
         self.B = len(g.prompts)
         self.max_pos = g.max_len  # positions a row may reach (max_position_embeddings, the sliding window)

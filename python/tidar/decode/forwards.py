@@ -17,7 +17,7 @@ import torch
 import tidar_kernels
 from tidar.decode.drafts import virtual_blocks
 from tidar.decode.planner import Plan
-from tidar.hf.attention import TidarStep, tidar_forward, tidar_hidden
+from tidar.hf.attention import TidarStep, tidar_forward
 from tidar_kernels import layouts
 
 # A greedy step needs the LM head on 2K of its K(1 + |levels|) rows, in two calls (the second depends on the
@@ -49,7 +49,7 @@ class StepForwards:
         step = TidarStep(layout, seg_start, self.cache, self.backend)
         if self.full_logits:
             return tidar_forward(self.model, ids, pos, step).logits
-        return tidar_hidden(self.model, ids, pos, step)
+        return self.body(ids, pos, step)
 
     def _rows(self, h, index):
         """Logits of the rows ``index`` (``[B, R]`` or a slice) of a forward's output ``h``."""
@@ -71,7 +71,7 @@ class StepForwards:
         lay = layouts.causal(n).to(self.device)
         seg = torch.zeros(1, dtype=torch.int32, device=self.device)
         pos = lay.position_ids[None]
-        hidden = tidar_hidden(self.model, ids, pos, TidarStep(lay, seg, None, self.backend))
+        hidden = self.body(ids, pos, TidarStep(lay, seg, None, self.backend))
         logits = tidar_forward(self.model, ids, pos, TidarStep(lay, seg, None, self.backend)).logits
         if not self.head.verify(hidden, logits):
             self.full_logits = True

@@ -141,8 +141,9 @@ def measure_slot_curve(
     """Time the patched ``model``'s forward (decoder body) for every token count in ``grid`` after ``prefix``
     cached tokens, and its LM head per row. The fastest of ``repeats`` runs after a warm-up. Stops after
     ``budget_s`` seconds (a large model on a CPU): the curve is extended linearly past the last count measured."""
-    from tidar.hf.attention import TidarStep, tidar_hidden
+    from tidar.hf.attention import TidarStep
     from tidar.hf.cache import TidarCache
+    from tidar.hf.direct_body import decoder_body
     from tidar.hf.lm_head import output_head
     from tidar.settings import settings_of
 
@@ -160,6 +161,7 @@ def measure_slot_curve(
     timer = _timer(device)
     was_training = model.training
     model.eval()
+    body = decoder_body(model)  # after eval(): a model in training mode runs its modules
     t0 = time.perf_counter()
     try:
         cache = TidarCache(1, prefix + grid[-1], backend=s.backend)
@@ -171,7 +173,7 @@ def measure_slot_curve(
             lay = layouts.causal(n).to(device)
             seg = torch.full((1,), start, dtype=torch.int32, device=device)
             pos = (lay.position_ids + start)[None]
-            return tidar_hidden(model, ids[:, start : start + n], pos, TidarStep(lay, seg, cache, s.backend))
+            return body(ids[:, start : start + n], pos, TidarStep(lay, seg, cache, s.backend))
 
         hidden = forward(0, prefix)  # the cached prefix (and the warm-up)
         cache.commit([prefix])
