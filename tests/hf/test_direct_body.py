@@ -186,3 +186,178 @@ def test_other_families_keep_the_modules():
     tidar.patch(model)
     reason = direct_body.status(model)
     assert reason.startswith("modules: GemmaModel is not one of ")
+
+
+# ---------------------------------------------------------------- what keeps the modules (each rule can fail)
+
+
+class _SameNameMLP(nn.Module):
+    """A stand-in named like the family's MLP (matched by identity, not by name)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = (
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+            mlp.act_fn,
+        )
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+_SameNameMLP.__name__ = "Qwen2MLP"
+
+
+def _own_forward(model):
+    mlp = model.model.layers[0].mlp
+    mlp.forward = mlp.forward  # an instance attribute, as offloading hooks and hub kernels set
+    return lambda: mlp.__dict__.pop("forward")
+
+
+def _pre_hook(model):
+    return model.model.layers[0].input_layernorm.register_forward_pre_hook(lambda m, a: None).remove
+
+
+def _global_hook(model):
+    from torch.nn.modules.module import register_module_forward_hook
+
+    return register_module_forward_hook(lambda m, a, o: None).remove
+
+
+def _compiled(model):
+    layer = model.model.layers[1]
+    layer.compile()
+    return lambda: setattr(layer, "_compiled_call_impl", None)
+
+
+def _same_name_class(model):
+    layer = model.model.layers[1]
+    old = layer.mlp
+    layer.mlp = _SameNameMLP(old).eval()
+    return lambda: setattr(layer, "mlp", old)
+
+
+def _eager(model):
+    model.set_attn_implementation("eager")
+    return lambda: model.set_attn_implementation("tidar")
+
+
+def _max_norm(model):
+    model.model.embed_tokens.max_norm = 1.0
+    return lambda: setattr(model.model.embed_tokens, "max_norm", None)
+
+
+def _parametrized(model):
+    from torch.nn.utils import parametrize
+
+    lin = model.model.layers[0].self_attn.o_proj
+
+    class Same(nn.Module):
+        def forward(self, w):
+            return w
+
+    parametrize.register_parametrization(lin, "weight", Same())
+    return lambda: parametrize.remove_parametrizations(lin, "weight")
+
+
+def _kernel_func(model):
+    funcs = getattr(model.model.layers[0].self_attn, "_kernel_funcs", None)
+    if not funcs:
+        pytest.skip("no hub kernel functions on this transformers/kernels install")
+    f = next(iter(funcs.values()))
+    f.forward = f.forward  # as kernelize() swaps a kernel in
+    return lambda: f.__dict__.pop("forward")
+
+
+MUTATIONS = {
+    "own forward": (_own_forward, "has its own forward"),
+    "pre-hook": (_pre_hook, "has forward hooks"),
+    "global hook": (_global_hook, "global module hooks are registered"),
+    "compiled layer": (_compiled, "is compiled"),
+    "same-name class": (_same_name_class, "not transformers' Qwen2MLP"),
+    "eager attention": (_eager, "the attention implementation is 'eager'"),
+    "embedding max_norm": (_max_norm, "max_norm"),
+    "parametrized weight": (_parametrized, "o_proj is a ParametrizedLinear"),
+    "hub kernel function": (_kernel_func, "runs a hub kernel"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_what_keeps_the_modules_and_is_undone(mutation):
+    """Each rule refuses with its reason after a first request, and undoing the change brings the body back."""
+    make, reason = MUTATIONS[mutation]
+    model = _patched("qwen2")
+    tidar.generate(model, torch.tensor([PROMPT]), max_new_tokens=4, eos_token_id=[])
+    assert direct_body.status(model) == "direct (qwen2)"
+    undo = make(model)
+    try:
+        got = direct_body.status(model)
+        assert got.startswith("modules: ") and reason in got, got
+        assert not isinstance(direct_body.decoder_body(model), direct_body.DirectBody)
+    finally:
+        undo()
+    assert direct_body.status(model) == "direct (qwen2)"
+
+
+def test_a_forward_changed_on_the_class_is_proven_again(monkeypatch):
+    model = _patched("qwen2")
+    assert direct_body.status(model) == "direct (qwen2)"
+    cls = type(model.model.layers[0].mlp)
+    real = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, x: real(self, x) * 2)
+    assert direct_body.status(model) == "modules: its hidden states differ from the module path's on a probe forward"
+    monkeypatch.setattr(cls, "forward", real)
+    assert direct_body.status(model) == "direct (qwen2)"
+
+
+def _same_as_modules(model):
+    with torch.no_grad():
+        got = _two_steps(model, direct_body.decoder_body(model))
+        want = _two_steps(model, lambda i, p, s: tidar_hidden(model, i, p, s))
+    same_kv = len(got[2]) == len(want[2]) and all(torch.equal(g, w) for g, w in zip(got[2], want[2]))
+    return same_kv and all(torch.equal(g, w) for g, w in zip(got[:2], want[:2]))
+
+
+def test_settings_changed_after_a_request_are_seen():
+    """Layer count, a norm's epsilon and the dtype, changed between requests: the body follows (proven again)."""
+    model = _patched("qwen3", layers=3)
+    assert _same_as_modules(model)
+    model.config.num_hidden_layers = 2
+    assert direct_body.status(model) == "direct (qwen3)" and _same_as_modules(model)
+    model.model.layers[0].post_attention_layernorm.variance_epsilon = 0.5
+    model.model.layers[1].self_attn.k_norm.variance_epsilon = 0.25
+    assert direct_body.status(model) == "direct (qwen3)" and _same_as_modules(model)
+    model.to(torch.bfloat16)
+    assert direct_body.status(model) == "direct (qwen3)" and _same_as_modules(model)
+    assert direct_body.decoder_body(model).layers[0].q[0].dtype == torch.bfloat16
+
+
+def test_a_sliding_window_refuses_as_the_modules_do():
+    """Mistral's window (from its config) reaches the attention: too many keys raise on both paths (and the proof,
+    which raises too, keeps the modules)."""
+    model = _patched("mistral")
+    assert direct_body.status(model) == "direct (mistral)"
+    model.config.sliding_window = 4
+    for layer in model.model.layers:
+        layer.self_attn.config.sliding_window = 4
+    assert direct_body.status(model).startswith("modules: ValueError: sliding-window attention (window 4)")
+    body = direct_body.DirectBody(model, direct_body.FAMILIES["MistralModel"])
+    assert [L.window for L in body.layers] == [4, 4]
+    for f in (body, lambda i, p, s: tidar_hidden(model, i, p, s)):
+        with torch.no_grad(), pytest.raises(ValueError, match="sliding-window attention"):
+            _two_steps(model, f)
+
+
+def test_the_body_does_not_keep_weights_alive():
+    """Nothing is cached with the model but the proof: a replaced weight is freed once the request ends."""
+    import gc
+    import weakref
+
+    model = _patched("qwen2")
+    tidar.generate(model, torch.tensor([PROMPT]), max_new_tokens=4, eos_token_id=[])
+    old = weakref.ref(model.model.layers[0].mlp.up_proj.weight)
+    model.model.layers[0].mlp.up_proj.weight = nn.Parameter(old().detach().clone())
+    gc.collect()
+    assert old() is None

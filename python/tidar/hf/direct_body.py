@@ -1,4 +1,4 @@
-"""The decoder body of a patched model run as plain tensor ops, without ``nn.Module`` dispatch (docs/design.md §4.5).
+"""The decoder body of a patched model run as plain tensor ops, without ``nn.Module`` dispatch (docs/design.md §4.6).
 
 A decode step of a small model is mostly host work: on a 2-core CPU the bundled model's one-row forward spends more
 time in ``nn.Module.__call__``, transformers' decorators and config lookups than in its GEMMs. For the families
@@ -6,13 +6,16 @@ whose decoder layer it knows (Llama, Mistral, Qwen2, Qwen3: pre-norm RMSNorm, q/
 bias, RoPE, a gated MLP), ``DirectBody`` runs the same tensor ops in the same order on the same parameters, calling
 the "tidar" attention function itself; the rotary module is still called (its rope type and scaling are its own).
 
-It is used only where it is proven equal: built for a model, it runs a forward beside the model's own module path
-(``tidar_hidden``) on random tokens and must give bit-identical hidden states, else the module path is kept and the
-reason logged once. A model whose modules change afterwards (a hook, an adapter, a replaced parameter, training
-mode, hub kernels) is rebuilt and proven again at its next request (``decoder_body`` compares a fingerprint of the
-modules). Hub kernels (transformers' ``use_kernels``, on by default) are covered the same way: a kernel that
-replaces a module's forward is an instance override, one that changes the numbers fails the proof.
-``TIDAR_DIRECT_BODY=0`` turns it off.
+It is used only where it is proven equal: for a model it runs a prompt and a cached decode step (drafts and a
+proposal block, at an offset) beside the model's own module path (``tidar_hidden``) on random tokens and must give
+bit-identical hidden states, else the module path is kept and the reason logged once. Where the modules would do
+more than their ops it is refused before any proof: hooks (global or on a module), a ``forward`` of an instance or a
+compiled module, a class that is not the family's own (by identity, not name), a projection that is not exactly
+``nn.Linear`` (adapters, quantisation), hub kernels swapped into the rotary function, training mode, an attention
+implementation other than TiDAR's. Every request compares a fingerprint of all this (module and class identities,
+their ``forward`` functions, hooks, the constants the body reads, parameter dtypes and devices) with the proven one,
+and proves again when it moved. The body holds the model's parameters only for one request (it is built per request:
+a weight reloaded with ``load_state_dict(assign=True)`` is never kept alive). ``TIDAR_DIRECT_BODY=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tidar.hf.attention import TidarStep, tidar_attention_forward, tidar_hidden
+from tidar.hf.attention import NAME, TidarStep, tidar_attention_forward, tidar_hidden
 from tidar_kernels import layouts
 
 log = logging.getLogger("tidar")
 
 ENV = "TIDAR_DIRECT_BODY"
+PROOF_PROMPT = 24  # tokens of the proof's prompt (its decode step follows at that offset)
 
 
 @dataclass(frozen=True)
@@ -90,14 +94,23 @@ class _Layer:
         self.up = (m.up_proj.weight, m.up_proj.bias)
         self.down = (m.down_proj.weight, m.down_proj.bias)
         self.act = m.act_fn.forward  # an activation module's forward (no hooks: see _fingerprint)
-        self.head_dim, self.scaling = a.head_dim, a.scaling
-        self.window = (
-            None
-            if family.window == "none"
-            else getattr(a.config, "sliding_window", None)
-            if family.window == "config"
-            else a.sliding_window
-        )
+        self.head_dim, self.scaling, self.window = _layer_constants(layer, family)[2:5]
+
+
+def _layer_constants(layer, family: Family) -> tuple:
+    """A layer's settings the body reads besides parameters: norm epsilons, head size, scaling, attention window,
+    q/k norm epsilons."""
+    a = layer.self_attn
+    window = (
+        None
+        if family.window == "none"
+        else getattr(a.config, "sliding_window", None)
+        if family.window == "config"
+        else a.sliding_window
+    )
+    qk = (a.q_norm.variance_epsilon, a.k_norm.variance_epsilon) if family.qk_norm else ()
+    eps = (layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon)
+    return (*eps, a.head_dim, a.scaling, window, *qk)
 
 
 class DirectBody:
@@ -142,23 +155,41 @@ class DirectBody:
 
 
 def _family_refusal(model) -> tuple[Family | None, str]:
-    """The model's family, or why the direct body does not apply (checked on classes, not on behaviour: the
-    proof forward checks behaviour)."""
+    """The model's family, or why the direct body does not apply (checked on classes and settings, not on
+    behaviour: the proof forward checks behaviour)."""
+    import sys
+
     base = getattr(model, "base_model", None)
     family = FAMILIES.get(type(base).__name__)
     if family is None:
         return None, f"{type(base).__name__} is not one of {', '.join(sorted(FAMILIES))}"
-    if not isinstance(base.embed_tokens, nn.Embedding) or type(base.embed_tokens) is not nn.Embedding:
+    home = sys.modules.get(type(base).__module__)  # the family's modeling module: its classes, by identity
+
+    def foreign(mod, cls: str) -> bool:
+        return type(mod) is not getattr(home, cls, None)
+
+    if not str(type(base).__module__).startswith("transformers.models."):
+        return None, f"{type(base).__name__} is not transformers' own class"
+    for cfg in {id(model.config): model.config, id(base.config): base.config}.values():
+        if getattr(cfg, "_attn_implementation", None) != NAME:
+            return None, f"the attention implementation is {cfg._attn_implementation!r}, not {NAME!r}"
+    if type(base.embed_tokens) is not nn.Embedding:
         return None, f"embed_tokens is a {type(base.embed_tokens).__name__}, not an nn.Embedding"
     if base.embed_tokens.max_norm is not None:
         return None, "embed_tokens has max_norm"
     for name, m in base.named_modules():
+        where = name or "the body"
         if m._forward_hooks or m._forward_pre_hooks:
-            return None, f"{name or 'the body'} has forward hooks (they run on the module path only)"
+            return None, f"{where} has forward hooks (they run on the module path only)"
         if "forward" in m.__dict__:
-            return None, f"{name or 'the body'} has its own forward (hub kernels, offloading, adapters)"
-    if type(base.norm).__name__ != family.norm:
-        return None, f"the final norm is a {type(base.norm).__name__}, not a {family.norm}"
+            return None, f"{where} has its own forward (hub kernels, offloading, adapters)"
+        if m._compiled_call_impl is not None:
+            return None, f"{where} is compiled (Module.compile)"
+        for fname, f in (getattr(m, "_kernel_funcs", None) or {}).items():
+            if "forward" in getattr(f, "__dict__", {}) or getattr(f, "_forward_hooks", None):
+                return None, f"{where} runs a hub kernel for {fname}"
+    if foreign(base.norm, family.norm):
+        return None, f"the final norm is a {type(base.norm).__name__}, not transformers' {family.norm}"
     for i, layer in enumerate(base.layers[: base.config.num_hidden_layers]):
         names = {
             "layer": (layer, family.layer),
@@ -171,8 +202,11 @@ def _family_refusal(model) -> tuple[Family | None, str]:
             names["q_norm"] = (layer.self_attn.q_norm, family.norm)
             names["k_norm"] = (layer.self_attn.k_norm, family.norm)
         for what, (mod, cls) in names.items():
-            if type(mod).__name__ != cls:
-                return None, f"layer {i}'s {what} is a {type(mod).__name__}, not a {cls}"
+            if foreign(mod, cls):
+                return (
+                    None,
+                    f"layer {i}'s {what} is a {type(mod).__name__} of {type(mod).__module__}, not transformers' {cls}",
+                )
         for what in ("q_proj", "k_proj", "v_proj", "o_proj"):
             if type(getattr(layer.self_attn, what)) is not nn.Linear:
                 return None, f"layer {i}'s {what} is a {type(getattr(layer.self_attn, what)).__name__}, not nn.Linear"
@@ -183,95 +217,143 @@ def _family_refusal(model) -> tuple[Family | None, str]:
 
 
 def _fingerprint(model) -> tuple | None:
-    """What the direct body's correctness rests on beyond the classes: every module of the body with its hooks,
-    instance-level ``forward`` overrides, training flag and parameter objects. ``None`` when global module hooks
-    are registered (they would run on the module path only)."""
+    """What the proof rests on beyond the classes' code: every module of the body (identity, class, its ``forward``
+    function, hooks, instance and compiled forwards, hub kernel functions, training flag, parameter dtypes and
+    devices), the constants the body reads (``_constants``) and the attention implementation. ``None`` when global
+    module hooks are registered (they would run on the module path only)."""
     from torch.nn.modules import module as module_mod
 
     if any(getattr(module_mod, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
         return None
     parts = []
     for m in model.base_model.modules():
+        kernels = getattr(m, "_kernel_funcs", None)
         parts.append(
             (
                 id(m),
+                type(m),
+                getattr(type(m), "forward", None),
                 m.training,
                 len(m._forward_hooks),
                 len(m._forward_pre_hooks),
                 "forward" in m.__dict__,
-                tuple(id(p) for p in m._parameters.values()),
+                m._compiled_call_impl is not None,
+                tuple((k, id(f), "forward" in getattr(f, "__dict__", {})) for k, f in kernels.items())
+                if kernels
+                else (),
+                tuple((k, None if p is None else (p.dtype, p.device)) for k, p in m._parameters.items()),
             )
         )
-    p = next(model.parameters())
-    return (id(model.base_model), p.dtype, p.device, tuple(parts))
+    try:
+        consts = _constants(model)
+    except Exception as exc:  # an attribute this release does not have: refused (and fingerprinted) as such
+        consts = repr(exc)
+    impl = (
+        getattr(model.config, "_attn_implementation", None),
+        getattr(model.base_model.config, "_attn_implementation", None),
+    )
+    return (id(model.base_model), impl, consts, tuple(parts))
+
+
+def _constants(model) -> tuple:
+    """The settings ``DirectBody`` reads once per request besides parameters: layer count, norms' epsilons, head
+    size, scaling, attention windows (a change after a proof must be proven again)."""
+    base = model.base_model
+    family = FAMILIES.get(type(base).__name__)
+    if family is None:
+        return ()
+    layers = base.layers[: base.config.num_hidden_layers]
+    e = base.embed_tokens
+    out = [base.config.num_hidden_layers, base.norm.variance_epsilon, e.padding_idx, e.max_norm]
+    out += [_layer_constants(layer, family) for layer in layers]
+    return tuple(out)
 
 
 def _prove(model, body: DirectBody) -> str:
-    """Run the body beside the module path on random tokens; '' when the hidden states are bit-identical."""
+    """Run the body beside the module path on random tokens: a ragged 2-row prompt of ``PROOF_PROMPT`` tokens
+    through a ``TidarCache``, then a decode step of 3 drafts with every proposal block after it; '' when the
+    hidden states of both forwards are bit-identical."""
+    from tidar.hf.cache import TidarCache
+
     p = next(model.parameters())
+    dev = p.device
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(1234)
-    n = 6
-    ids = torch.randint(0, vocab, (2, n), generator=gen).to(p.device)
-    lay = layouts.causal(n).to(p.device)
-    seg = torch.zeros(2, dtype=torch.int32, device=p.device)
-    pos = lay.position_ids[None].expand(2, -1)
+    n = PROOF_PROMPT
     backend = getattr(getattr(model, "_tidar", None), "backend", "auto")
+    prompt = torch.randint(0, vocab, (2, n), generator=gen).to(dev)
+    step = layouts.decode_step(3).to(dev)
+    S = step.local_limit.shape[0]
+    drafts = torch.randint(0, vocab, (2, S), generator=gen).to(dev)
+    causal = layouts.causal(n).to(dev)
+    lengths = [n, n - 5]  # ragged: the second row's step starts earlier
+
+    def run(f):
+        cache = TidarCache(2, n + S + 1, backend=backend)
+        h1 = f(
+            prompt, causal.position_ids[None].expand(2, -1), TidarStep(causal, cache.seq_lengths(dev), cache, backend)
+        )
+        cache.commit(lengths)
+        seg = cache.seq_lengths(dev)
+        pos = step.position_ids[None] + seg.to(torch.long)[:, None]
+        h2 = f(drafts, pos, TidarStep(step, seg, cache, backend))
+        return h1, h2
+
     with torch.no_grad():
-        want = tidar_hidden(model, ids, pos, TidarStep(lay, seg, None, backend))
-        got = body(ids, pos, TidarStep(lay, seg, None, backend))
-    if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
-        return "its hidden states differ from the module path's on a probe forward"
+        want = run(partial(tidar_hidden, model))
+        got = run(body)
+    for g, w in zip(got, want):
+        if g.shape != w.shape or g.dtype != w.dtype or not torch.equal(g, w):
+            return "its hidden states differ from the module path's on a probe forward"
     return ""
 
 
 @dataclass
 class _Entry:
     fingerprint: tuple | None
-    body: DirectBody | None
+    family: Family | None  # proven for this fingerprint; None: the module path (``reason``)
     reason: str
 
 
-_BODIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Entry (nothing stored on the model)
+_PROVEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Entry (nothing stored on the model)
 
 
 def _resolve(model) -> _Entry:
     if os.environ.get(ENV, "1") == "0":
         return _Entry(None, None, f"{ENV}=0")
     fp = _fingerprint(model)
-    entry = _BODIES.get(model)
-    if entry is not None and entry.fingerprint == fp and fp is not None:
+    entry = _PROVEN.get(model)
+    if entry is not None and fp is not None and entry.fingerprint == fp:
         return entry
     if fp is None:
         entry = _Entry(None, None, "global module hooks are registered")
-    elif any(m.training for m in model.base_model.modules()):
-        entry = _Entry(fp, None, "the model is in training mode")
     else:
         family, reason = _family_refusal(model)
-        body = None
+        if family is not None and any(m.training for m in model.base_model.modules()):
+            family, reason = None, "the model is in training mode"
         if family is not None:
             try:
-                body = DirectBody(model, family)
-                reason = _prove(model, body)
+                reason = _prove(model, DirectBody(model, family))
             except Exception as exc:  # an attribute this family's release does not have, a failed forward
                 reason = f"{type(exc).__name__}: {exc}"
             if reason:
-                body = None
-        entry = _Entry(fp, body, reason)
+                family = None
+        entry = _Entry(fp, family, reason)
         if reason:
             log.info("tidar: direct decoder body off for %s: %s (module path used)", type(model).__name__, reason)
-    _BODIES[model] = entry
+    _PROVEN[model] = entry
     return entry
 
 
 def decoder_body(model):
     """``f(input_ids, position_ids, step) -> hidden``: the direct body where it is proven for this model as its
-    modules are now, else the module path (``tidar_hidden``). Call once per request."""
+    modules are now, else the module path (``tidar_hidden``). Call once per request: the body it returns holds the
+    model's parameters, so it should not outlive the request."""
     entry = _resolve(model)
-    return entry.body if entry.body is not None else partial(tidar_hidden, model)
+    return DirectBody(model, entry.family) if entry.family is not None else partial(tidar_hidden, model)
 
 
 def status(model) -> str:
     """``"direct (qwen2)"`` or ``"modules: <why>"``: which body a request of ``model`` runs now."""
     entry = _resolve(model)
-    return f"direct ({entry.body.family.name})" if entry.body is not None else f"modules: {entry.reason}"
+    return f"direct ({entry.family.name})" if entry.family is not None else f"modules: {entry.reason}"
