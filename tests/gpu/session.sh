@@ -75,7 +75,7 @@ tail -1 "$OUT/tests_cuda.log" | tee -a "$summary"
 stage tests_gpu "$(cap 120 100)" "${PYTEST[@]}" tests/kernels/test_kv_append.py tests/kernels/test_triton_kv_append.py \
   tests/kernels/test_triton_rejection_sample.py tests/kernels/test_triton_tidar_attention.py tests/cli/test_env.py \
   tests/kernels/test_tidar_attention_paged.py tests/kernels/test_kv_append_paged.py tests/kernels/test_triton_tidar_attention_paged.py \
-  -k "gpu or cuda"
+  tests/hf/test_direct_body.py -k "gpu or cuda"
 tail -1 "$OUT/tests_gpu.log" | tee -a "$summary"
 
 # 3. compute-sanitizer on a short subset ------------------------------------------------------------------------

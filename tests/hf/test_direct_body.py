@@ -32,19 +32,19 @@ def _two_steps(model, body):
     """A prompt's causal forward, then a decode step of 3 drafts + one block of 3 masks per level, through a
     TidarCache: the hidden states of both forwards and the cache's K/V after them."""
     dev = next(model.parameters()).device
-    cache = TidarCache(1, 64)
+    cache = TidarCache(1, 64, backend="auto" if dev.type == "cuda" else "reference")
     n = len(PROMPT)
     ids = torch.tensor([PROMPT], device=dev)
     lay = layouts.causal(n).to(dev)
     seg = torch.zeros(1, dtype=torch.int32, device=dev)
-    h1 = body(ids, lay.position_ids[None], TidarStep(lay, seg, cache, "reference"))
+    h1 = body(ids, lay.position_ids[None], TidarStep(lay, seg, cache, cache.backend))
     cache.commit([n])
     step = layouts.decode_step(3).to(dev)
     S = step.local_limit.shape[0]
     gen = torch.Generator().manual_seed(7)
     ids2 = torch.randint(0, 90, (1, S), generator=gen).to(dev)
     seg2 = torch.full((1,), n, dtype=torch.int32, device=dev)
-    h2 = body(ids2, (step.position_ids + n)[None], TidarStep(step, seg2, cache, "reference"))
+    h2 = body(ids2, (step.position_ids + n)[None], TidarStep(step, seg2, cache, cache.backend))
     return h1, h2, [t.clone() for t in cache.keys + cache.values]
 
 
@@ -60,6 +60,19 @@ def test_direct_body_is_bit_identical_to_the_modules(arch, dtype):
     for g, w in zip(got[:2], want[:2]):
         assert g.dtype == dtype and torch.equal(g, w)
     assert len(got[2]) == 2 * model.config.num_hidden_layers and all(torch.equal(g, w) for g, w in zip(got[2], want[2]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (tests/gpu/session.sh runs it)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_direct_body_is_bit_identical_on_cuda(arch, dtype):
+    """On a GPU the body runs the same kernels in the same order: bit-identical there too, and proven so."""
+    model = tidar.patch(tiny_model(arch).to("cuda", dtype))
+    assert direct_body.status(model) == f"direct ({arch})"
+    with torch.no_grad():
+        got = _two_steps(model, direct_body.decoder_body(model))
+        want = _two_steps(model, lambda i, p, s: tidar_hidden(model, i, p, s))
+    assert all(g.is_cuda and torch.equal(g, w) for g, w in zip(got[:2], want[:2]))
+    assert all(torch.equal(g, w) for g, w in zip(got[2], want[2]))
 
 
 def test_llama_with_attention_and_mlp_biases():
