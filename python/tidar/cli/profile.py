@@ -225,6 +225,7 @@ def profile_model(
     The acceptance table counts every draft of the runs (``tidar.DecodeStats``); each run plans on its own
     evidence, from the priors, as every ``generate`` call does."""
     import tidar
+    from tidar.hf import direct_body
     from tidar.settings import settings_of
 
     _check_profile_args(prompts, max_new_tokens)
@@ -241,6 +242,7 @@ def profile_model(
         "device": str(p.device),
         "dtype": str(p.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+        "decoder_body": direct_body.status(model),
         "curve": _curve_report(curve),
         "generation": _generation_report(runs, stats.counters, draft_len, context_drafts, max_new_tokens),
         "acceptance": acceptance_table(acceptance),
@@ -255,6 +257,7 @@ def format_report(r: dict) -> str:
     c = r["curve"]
     lines = [
         f"{r['model']} on {r['device']} ({r['dtype']}, {r['torch_threads']} torch threads)",
+        f"decoder body: {r['decoder_body']}",
         "",
         f"token-slot curve (measured in {c['measured_s']:.1f} s; ms of one forward after a cached prefix):",
         f"{'tokens':>7} {'ms':>9} {'ms/token':>9} {'x 1 token':>10}",
