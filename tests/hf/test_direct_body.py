@@ -7,6 +7,8 @@ must equal the module path's exactly, in fp32 and bf16, on every family it claim
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -190,15 +192,40 @@ def test_a_proof_that_fails_keeps_the_modules(monkeypatch):
     assert out.new_tokens[0] == _hf_greedy(ref, PROMPT, 12)
 
 
-def test_other_families_keep_the_modules():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gemma_scaled_embedding_and_norm(dtype):
+    """Gemma: the embedding scales in its own forward, the norm scales by (1 + weight) in float32."""
     from family_models import build
 
     model, why = build("gemma", "GemmaForCausalLM")
     if model is None:
         pytest.skip(f"no tiny Gemma: {why}")
+    ref = copy.deepcopy(model)
+    torch.manual_seed(4)
+    with torch.no_grad():  # the norms' weights away from Gemma's zero init, so (1 + weight) matters
+        for a, b in zip(model.parameters(), ref.parameters()):
+            if a.dim() == 1:
+                a.copy_(torch.randn_like(a) * 0.3)
+                b.copy_(a)
+    model, ref = model.to(dtype), ref.to(dtype)
+    tidar.patch(model)
+    assert direct_body.status(model) == "direct (gemma)"
+    assert _same_as_modules(model)
+    if dtype == torch.float32:
+        ids = torch.tensor([PROMPT])
+        out = tidar.generate(model, ids, max_new_tokens=16, draft_len=4, eos_token_id=[])
+        assert out.new_tokens[0] == _hf_greedy(ref, PROMPT, 16)
+
+
+def test_other_families_keep_the_modules():
+    from family_models import build
+
+    model, why = build("phi3", "Phi3ForCausalLM")
+    if model is None:
+        pytest.skip(f"no tiny Phi-3: {why}")
     tidar.patch(model)
     reason = direct_body.status(model)
-    assert reason.startswith("modules: GemmaModel is not one of ")
+    assert reason.startswith("modules: Phi3Model is not one of ")
 
 
 # ---------------------------------------------------------------- what keeps the modules (each rule can fail)

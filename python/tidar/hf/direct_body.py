@@ -2,7 +2,7 @@
 
 A decode step of a small model is mostly host work: on a 2-core CPU the bundled model's one-row forward spends more
 time in ``nn.Module.__call__``, transformers' decorators and config lookups than in its GEMMs. For the families
-whose decoder layer it knows (Llama, Mistral, Qwen2, Qwen3: pre-norm RMSNorm, q/k/v/o projections with optional
+whose decoder layer it knows (Llama, Mistral, Qwen2, Qwen3, Gemma: pre-norm RMSNorm, q/k/v/o projections with optional
 bias, RoPE, a gated MLP), ``DirectBody`` runs the same tensor ops in the same order on the same parameters, calling
 the "tidar" attention function itself; the rotary module is still called (its rope type and scaling are its own).
 
@@ -50,6 +50,8 @@ class Family:
     norm: str
     qk_norm: bool  # Qwen3: RMSNorm on every head's q and k before RoPE
     window: str  # "none" (Llama), "config" (Mistral: config.sliding_window), "attr" (attn.sliding_window)
+    embed: str | None = None  # the embedding's class in the family's module (None: nn.Embedding)
+    gemma_norm: bool = False  # Gemma's RMSNorm: in float32, scaled by (1 + weight), epsilon ``eps``
 
 
 FAMILIES = {
@@ -59,6 +61,17 @@ FAMILIES = {
     ),
     "Qwen2Model": Family("qwen2", "Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm", False, "attr"),
     "Qwen3Model": Family("qwen3", "Qwen3DecoderLayer", "Qwen3Attention", "Qwen3MLP", "Qwen3RMSNorm", True, "attr"),
+    "GemmaModel": Family(
+        "gemma",
+        "GemmaDecoderLayer",
+        "GemmaAttention",
+        "GemmaMLP",
+        "GemmaRMSNorm",
+        False,
+        "none",
+        embed="GemmaTextScaledWordEmbedding",
+        gemma_norm=True,
+    ),
 }
 
 
@@ -72,6 +85,18 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (h if dtype == torch.float32 else h.to(dtype))
 
 
+def _gemma_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """GemmaRMSNorm's forward, op for op: normalised in float32, scaled by ``1 + weight`` in float32, cast back."""
+    h = x.float()
+    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = out * (1.0 + weight.float())
+    return out.type_as(x)
+
+
+def _eps(norm) -> float:
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -83,14 +108,14 @@ class _Layer:
     def __init__(self, layer, family: Family):
         a, m = layer.self_attn, layer.mlp
         self.attn = a
-        self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
-        self.ln2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        self.ln1, self.eps1 = layer.input_layernorm.weight, _eps(layer.input_layernorm)
+        self.ln2, self.eps2 = layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)
         self.q = (a.q_proj.weight, a.q_proj.bias)
         self.k = (a.k_proj.weight, a.k_proj.bias)
         self.v = (a.v_proj.weight, a.v_proj.bias)
         self.o = (a.o_proj.weight, a.o_proj.bias)
-        self.qn = (a.q_norm.weight, a.q_norm.variance_epsilon) if family.qk_norm else None
-        self.kn = (a.k_norm.weight, a.k_norm.variance_epsilon) if family.qk_norm else None
+        self.qn = (a.q_norm.weight, _eps(a.q_norm)) if family.qk_norm else None
+        self.kn = (a.k_norm.weight, _eps(a.k_norm)) if family.qk_norm else None
         self.gate = (m.gate_proj.weight, m.gate_proj.bias)
         self.up = (m.up_proj.weight, m.up_proj.bias)
         self.down = (m.down_proj.weight, m.down_proj.bias)
@@ -109,8 +134,8 @@ def _layer_constants(layer, family: Family) -> tuple:
         if family.window == "config"
         else a.sliding_window
     )
-    qk = (a.q_norm.variance_epsilon, a.k_norm.variance_epsilon) if family.qk_norm else ()
-    eps = (layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon)
+    qk = (_eps(a.q_norm), _eps(a.k_norm)) if family.qk_norm else ()
+    eps = (_eps(layer.input_layernorm), _eps(layer.post_attention_layernorm))
     return (*eps, a.head_dim, a.scaling, window, *qk)
 
 
@@ -121,24 +146,31 @@ class DirectBody:
         base = model.base_model
         self.family = family
         self.embed = base.embed_tokens
+        # Gemma's embedding scales in its own forward (no hooks: see _family_refusal); nn.Embedding's is F.embedding
+        self.embed_forward = None if family.embed is None else base.embed_tokens.forward
+        self.rms = _gemma_rms if family.gemma_norm else _rms
         self.rotary = base.rotary_emb
-        self.norm, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
+        self.norm, self.norm_eps = base.norm.weight, _eps(base.norm)
         self.layers = [_Layer(layer, family) for layer in base.layers[: base.config.num_hidden_layers]]
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: TidarStep) -> torch.Tensor:
-        e = self.embed
-        x = F.embedding(input_ids, e.weight, e.padding_idx)
+        e, rms = self.embed, self.rms
+        x = (
+            F.embedding(input_ids, e.weight, e.padding_idx)
+            if self.embed_forward is None
+            else self.embed_forward(input_ids)
+        )
         cos, sin = self.rotary(x, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         B, S = input_ids.shape
         for L in self.layers:
             residual = x
-            h = _rms(x, L.ln1, L.eps1)
+            h = rms(x, L.ln1, L.eps1)
             shape = (B, S, -1, L.head_dim)
             q = F.linear(h, *L.q).view(shape)
             k = F.linear(h, *L.k).view(shape)
             if L.qn is not None:
-                q, k = _rms(q, *L.qn), _rms(k, *L.kn)
+                q, k = rms(q, *L.qn), rms(k, *L.kn)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = F.linear(h, *L.v).view(shape).transpose(1, 2)
             q = (q * cos) + (_rotate_half(q) * sin)
@@ -149,10 +181,10 @@ class DirectBody:
             o = F.linear(o.reshape(B, S, -1), *L.o)  # contiguous already (the attention function returns it so)
             x = residual + o
             residual = x
-            h = _rms(x, L.ln2, L.eps2)
+            h = rms(x, L.ln2, L.eps2)
             h = F.linear(L.act(F.linear(h, *L.gate)) * F.linear(h, *L.up), *L.down)
             x = residual + h
-        return _rms(x, self.norm, self.norm_eps)
+        return rms(x, self.norm, self.norm_eps)
 
 
 def _family_refusal(model) -> tuple[Family | None, str]:
@@ -174,8 +206,10 @@ def _family_refusal(model) -> tuple[Family | None, str]:
     for cfg in {id(model.config): model.config, id(base.config): base.config}.values():
         if getattr(cfg, "_attn_implementation", None) != NAME:
             return None, f"the attention implementation is {cfg._attn_implementation!r}, not {NAME!r}"
-    if type(base.embed_tokens) is not nn.Embedding:
-        return None, f"embed_tokens is a {type(base.embed_tokens).__name__}, not an nn.Embedding"
+    embed_cls = nn.Embedding if family.embed is None else getattr(home, family.embed, None)
+    if type(base.embed_tokens) is not embed_cls:
+        want = "nn.Embedding" if family.embed is None else f"transformers' {family.embed}"
+        return None, f"embed_tokens is a {type(base.embed_tokens).__name__}, not {want}"
     if base.embed_tokens.max_norm is not None:
         return None, "embed_tokens has max_norm"
     for name, m in base.named_modules():
@@ -265,7 +299,13 @@ def _constants(model) -> tuple:
         return ()
     layers = base.layers[: base.config.num_hidden_layers]
     e = base.embed_tokens
-    out = [base.config.num_hidden_layers, base.norm.variance_epsilon, e.padding_idx, e.max_norm]
+    out = [
+        base.config.num_hidden_layers,
+        _eps(base.norm),
+        e.padding_idx,
+        e.max_norm,
+        getattr(e, "scalar_embed_scale", None),
+    ]
     out += [_layer_constants(layer, family) for layer in layers]
     return tuple(out)
 
