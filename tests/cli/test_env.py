@@ -88,10 +88,10 @@ def test_report_lists_gpu():
 def test_cli_reports_the_direct_body_and_its_switch(capsys, monkeypatch):
     assert cli.main(["env", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)["hf_direct_body"]
-    assert d["on"] is True and d["families"] == ["gemma", "llama", "mistral", "qwen2", "qwen3"]
+    assert d["on"] is True and d["families"] == ["gemma", "llama", "mistral", "phi3", "qwen2", "qwen3"]
     monkeypatch.setenv("TIDAR_DIRECT_BODY", "0")
     assert cli.main(["env"]) == 0
-    assert "HF decoder body: direct for gemma, llama, mistral, qwen2, qwen3" in capsys.readouterr().out.replace(
+    assert "HF decoder body: direct for gemma, llama, mistral, phi3, qwen2, qwen3" in capsys.readouterr().out.replace(
         "\n", " "
     )
     assert cli.main(["env", "--json"]) == 0

@@ -217,15 +217,40 @@ def test_gemma_scaled_embedding_and_norm(dtype):
         assert out.new_tokens[0] == _hf_greedy(ref, PROMPT, 16)
 
 
+@pytest.mark.parametrize("partial", [False, True], ids=["full-rope", "partial-rope"])
+def test_phi3_fused_projections_and_partial_rope(partial):
+    """Phi-3: q/k/v sliced from one projection, the MLP's halves from another, RoPE on part of each head."""
+    from family_models import build
+
+    kw = {}
+    if partial:
+        kw = dict(
+            partial_rotary_factor=0.5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        )
+    model, why = build("phi3", "Phi3ForCausalLM", **kw)
+    if model is None:
+        pytest.skip(f"no tiny Phi-3: {why}")
+    ref = copy.deepcopy(model)
+    head_dim = model.model.layers[0].self_attn.head_dim
+    rot = model.model.rotary_emb(torch.zeros(1, 1, 1), torch.zeros(1, 1, dtype=torch.long))[0].shape[-1]
+    assert (rot < head_dim) == partial
+    tidar.patch(model)
+    assert direct_body.status(model) == "direct (phi3)"
+    assert _same_as_modules(model)
+    out = tidar.generate(model, torch.tensor([PROMPT]), max_new_tokens=16, draft_len=4, eos_token_id=[])
+    assert out.new_tokens[0] == _hf_greedy(ref, PROMPT, 16)
+
+
 def test_other_families_keep_the_modules():
     from family_models import build
 
-    model, why = build("phi3", "Phi3ForCausalLM")
+    model, why = build("olmo2", "Olmo2ForCausalLM")
     if model is None:
-        pytest.skip(f"no tiny Phi-3: {why}")
+        pytest.skip(f"no tiny OLMo-2: {why}")
     tidar.patch(model)
     reason = direct_body.status(model)
-    assert reason.startswith("modules: Phi3Model is not one of ")
+    assert reason.startswith("modules: Olmo2Model is not one of ")
 
 
 # ---------------------------------------------------------------- what keeps the modules (each rule can fail)

@@ -2,9 +2,10 @@
 
 A decode step of a small model is mostly host work: on a 2-core CPU the bundled model's one-row forward spends more
 time in ``nn.Module.__call__``, transformers' decorators and config lookups than in its GEMMs. For the families
-whose decoder layer it knows (Llama, Mistral, Qwen2, Qwen3, Gemma: pre-norm RMSNorm, q/k/v/o projections with optional
-bias, RoPE, a gated MLP), ``DirectBody`` runs the same tensor ops in the same order on the same parameters, calling
-the "tidar" attention function itself; the rotary module is still called (its rope type and scaling are its own).
+whose decoder layer it knows (Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3: pre-norm RMSNorm, q/k/v/o projections,
+fused in Phi-3, with optional biases, RoPE, a gated MLP), ``DirectBody`` runs the same tensor ops in the same order
+on the same parameters, calling the "tidar" attention function itself; the rotary module is still called (its rope
+type and scaling are its own).
 
 It is used only where it is proven equal: for a model it runs a prompt and a cached decode step (drafts and a
 proposal block, at an offset) beside the model's own module path (``tidar_hidden``) on random tokens and must give
@@ -52,6 +53,7 @@ class Family:
     window: str  # "none" (Llama), "config" (Mistral: config.sliding_window), "attr" (attn.sliding_window)
     embed: str | None = None  # the embedding's class in the family's module (None: nn.Embedding)
     gemma_norm: bool = False  # Gemma's RMSNorm: in float32, scaled by (1 + weight), epsilon ``eps``
+    fused: bool = False  # Phi-3: one qkv_proj (sliced), one gate_up_proj (chunked), partial RoPE, residual dropouts
 
 
 FAMILIES = {
@@ -71,6 +73,9 @@ FAMILIES = {
         "none",
         embed="GemmaTextScaledWordEmbedding",
         gemma_norm=True,
+    ),
+    "Phi3Model": Family(
+        "phi3", "Phi3DecoderLayer", "Phi3Attention", "Phi3MLP", "Phi3RMSNorm", False, "config", fused=True
     ),
 }
 
@@ -110,16 +115,27 @@ class _Layer:
         self.attn = a
         self.ln1, self.eps1 = layer.input_layernorm.weight, _eps(layer.input_layernorm)
         self.ln2, self.eps2 = layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)
-        self.q = (a.q_proj.weight, a.q_proj.bias)
-        self.k = (a.k_proj.weight, a.k_proj.bias)
-        self.v = (a.v_proj.weight, a.v_proj.bias)
+        if family.fused:  # Phi-3: q, k, v sliced from one projection (its forward's sizes)
+            self.qkv = (a.qkv_proj.weight, a.qkv_proj.bias)
+            self.q_end = a.config.num_attention_heads * a.head_dim
+            self.k_end = self.q_end + a.num_key_value_heads * a.head_dim
+        else:
+            self.qkv = None
+            self.q = (a.q_proj.weight, a.q_proj.bias)
+            self.k = (a.k_proj.weight, a.k_proj.bias)
+            self.v = (a.v_proj.weight, a.v_proj.bias)
         self.o = (a.o_proj.weight, a.o_proj.bias)
         self.qn = (a.q_norm.weight, _eps(a.q_norm)) if family.qk_norm else None
         self.kn = (a.k_norm.weight, _eps(a.k_norm)) if family.qk_norm else None
-        self.gate = (m.gate_proj.weight, m.gate_proj.bias)
-        self.up = (m.up_proj.weight, m.up_proj.bias)
+        if family.fused:
+            self.gate_up = (m.gate_up_proj.weight, m.gate_up_proj.bias)
+            self.act = m.activation_fn.forward
+        else:
+            self.gate_up = None
+            self.gate = (m.gate_proj.weight, m.gate_proj.bias)
+            self.up = (m.up_proj.weight, m.up_proj.bias)
+            self.act = m.act_fn.forward  # an activation module's forward (no hooks: see _fingerprint)
         self.down = (m.down_proj.weight, m.down_proj.bias)
-        self.act = m.act_fn.forward  # an activation module's forward (no hooks: see _fingerprint)
         self.head_dim, self.scaling, self.window = _layer_constants(layer, family)[2:5]
 
 
@@ -136,7 +152,8 @@ def _layer_constants(layer, family: Family) -> tuple:
     )
     qk = (_eps(a.q_norm), _eps(a.k_norm)) if family.qk_norm else ()
     eps = (_eps(layer.input_layernorm), _eps(layer.post_attention_layernorm))
-    return (*eps, a.head_dim, a.scaling, window, *qk)
+    heads = (a.config.num_attention_heads, a.num_key_value_heads) if family.fused else ()
+    return (*eps, a.head_dim, a.scaling, window, *qk, *heads)
 
 
 class DirectBody:
@@ -167,14 +184,24 @@ class DirectBody:
             residual = x
             h = rms(x, L.ln1, L.eps1)
             shape = (B, S, -1, L.head_dim)
-            q = F.linear(h, *L.q).view(shape)
-            k = F.linear(h, *L.k).view(shape)
-            if L.qn is not None:
-                q, k = rms(q, *L.qn), rms(k, *L.kn)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            v = F.linear(h, *L.v).view(shape).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
+            if L.qkv is None:
+                q = F.linear(h, *L.q).view(shape)
+                k = F.linear(h, *L.k).view(shape)
+                if L.qn is not None:
+                    q, k = rms(q, *L.qn), rms(k, *L.kn)
+                q, k = q.transpose(1, 2), k.transpose(1, 2)
+                v = F.linear(h, *L.v).view(shape).transpose(1, 2)
+                q = (q * cos) + (_rotate_half(q) * sin)
+                k = (k * cos) + (_rotate_half(k) * sin)
+            else:  # Phi-3's slices and its partial RoPE (the rotated part, then the rest), as its forward
+                qkv = F.linear(h, *L.qkv)
+                q = qkv[..., : L.q_end].view(shape).transpose(1, 2)
+                k = qkv[..., L.q_end : L.k_end].view(shape).transpose(1, 2)
+                v = qkv[..., L.k_end :].view(shape).transpose(1, 2)
+                r = cos.shape[-1]
+                q_rot, q_pass, k_rot, k_pass = q[..., :r], q[..., r:], k[..., :r], k[..., r:]
+                q = torch.cat([(q_rot * cos) + (_rotate_half(q_rot) * sin), q_pass], dim=-1)
+                k = torch.cat([(k_rot * cos) + (_rotate_half(k_rot) * sin), k_pass], dim=-1)
             o, _ = tidar_attention_forward(
                 L.attn, q, k, v, None, scaling=L.scaling, sliding_window=L.window, tidar_step=step
             )
@@ -182,7 +209,11 @@ class DirectBody:
             x = residual + o
             residual = x
             h = rms(x, L.ln2, L.eps2)
-            h = F.linear(L.act(F.linear(h, *L.gate)) * F.linear(h, *L.up), *L.down)
+            if L.gate_up is None:
+                h = F.linear(L.act(F.linear(h, *L.gate)) * F.linear(h, *L.up), *L.down)
+            else:  # Phi-3: up * act(gate) of one projection's halves (its residual dropouts: identity in eval)
+                gate, up = F.linear(h, *L.gate_up).chunk(2, dim=-1)
+                h = F.linear(up * L.act(gate), *L.down)
             x = residual + h
         return rms(x, self.norm, self.norm_eps)
 
@@ -242,10 +273,15 @@ def _family_refusal(model) -> tuple[Family | None, str]:
                     None,
                     f"layer {i}'s {what} is a {type(mod).__name__} of {type(mod).__module__}, not transformers' {cls}",
                 )
-        for what in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        projections = ("qkv_proj", "o_proj") if family.fused else ("q_proj", "k_proj", "v_proj", "o_proj")
+        for what in projections:
             if type(getattr(layer.self_attn, what)) is not nn.Linear:
                 return None, f"layer {i}'s {what} is a {type(getattr(layer.self_attn, what)).__name__}, not nn.Linear"
-        for what in ("gate_proj", "up_proj", "down_proj"):
+        if family.fused:
+            for what in ("resid_attn_dropout", "resid_mlp_dropout"):
+                if type(getattr(layer, what)) is not nn.Dropout:
+                    return None, f"layer {i}'s {what} is a {type(getattr(layer, what)).__name__}, not nn.Dropout"
+        for what in ("gate_up_proj", "down_proj") if family.fused else ("gate_proj", "up_proj", "down_proj"):
             if type(getattr(layer.mlp, what)) is not nn.Linear:
                 return None, f"layer {i}'s {what} is a {type(getattr(layer.mlp, what)).__name__}, not nn.Linear"
     return family, ""
