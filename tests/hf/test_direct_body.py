@@ -50,6 +50,15 @@ def _two_steps(model, body):
     return h1, h2, [t.clone() for t in cache.keys + cache.values]
 
 
+def _same_as_modules(model):
+    """Both forwards of ``_two_steps`` and the K/V they wrote, bit-identical with the body and the modules."""
+    with torch.no_grad():
+        got = _two_steps(model, direct_body.decoder_body(model))
+        want = _two_steps(model, lambda i, p, s: tidar_hidden(model, i, p, s))
+    same_kv = len(got[2]) == len(want[2]) and all(torch.equal(g, w) for g, w in zip(got[2], want[2]))
+    return same_kv and all(torch.equal(g, w) for g, w in zip(got[:2], want[:2]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_direct_body_is_bit_identical_to_the_modules(arch, dtype):
     model = _patched(arch, dtype)
@@ -70,11 +79,7 @@ def test_direct_body_is_bit_identical_on_cuda(arch, dtype):
     """On a GPU the body runs the same kernels in the same order: bit-identical there too, and proven so."""
     model = tidar.patch(tiny_model(arch).to("cuda", dtype))
     assert direct_body.status(model) == f"direct ({arch})"
-    with torch.no_grad():
-        got = _two_steps(model, direct_body.decoder_body(model))
-        want = _two_steps(model, lambda i, p, s: tidar_hidden(model, i, p, s))
-    assert all(g.is_cuda and torch.equal(g, w) for g, w in zip(got[:2], want[:2]))
-    assert all(torch.equal(g, w) for g, w in zip(got[2], want[2]))
+    assert next(model.parameters()).is_cuda and _same_as_modules(model)
 
 
 def test_llama_with_attention_and_mlp_biases():
@@ -86,10 +91,7 @@ def test_llama_with_attention_and_mlp_biases():
     layer = model.model.layers[0]
     assert layer.self_attn.q_proj.bias is not None and layer.mlp.up_proj.bias is not None
     assert direct_body.status(model) == "direct (llama)"
-    with torch.no_grad():
-        got = _two_steps(model, direct_body.decoder_body(model))
-        want = _two_steps(model, lambda i, p, s: tidar_hidden(model, i, p, s))
-    assert all(torch.equal(g, w) for g, w in zip(got[:2], want[:2]))
+    assert _same_as_modules(model)
 
 
 def _hf_greedy(model, prompt, n):
@@ -375,14 +377,6 @@ def test_a_forward_changed_on_the_class_is_proven_again(monkeypatch):
     assert direct_body.status(model) == "modules: its hidden states differ from the module path's on a probe forward"
     monkeypatch.setattr(cls, "forward", real)
     assert direct_body.status(model) == "direct (qwen2)"
-
-
-def _same_as_modules(model):
-    with torch.no_grad():
-        got = _two_steps(model, direct_body.decoder_body(model))
-        want = _two_steps(model, lambda i, p, s: tidar_hidden(model, i, p, s))
-    same_kv = len(got[2]) == len(want[2]) and all(torch.equal(g, w) for g, w in zip(got[2], want[2]))
-    return same_kv and all(torch.equal(g, w) for g, w in zip(got[:2], want[:2]))
 
 
 def test_settings_changed_after_a_request_are_seen():

@@ -28,10 +28,7 @@ def run(args) -> int:
 
 def _direct_body() -> dict:
     """The HF layer's direct decoder body (``tidar.hf.direct_body``): its families and its switch."""
-    import os
-
     from tidar.hf import direct_body
 
-    on = os.environ.get(direct_body.ENV, "1") != "0"
     families = sorted(f.name for f in direct_body.FAMILIES.values())
-    return {"on": on, "families": families, "switch": f"{direct_body.ENV}=0 turns it off"}
+    return {"on": direct_body.enabled(), "families": families, "switch": f"{direct_body.ENV}=0 turns it off"}

@@ -113,8 +113,9 @@ class _Layer:
     def __init__(self, layer, family: Family):
         a, m = layer.self_attn, layer.mlp
         self.attn = a
-        self.ln1, self.eps1 = layer.input_layernorm.weight, _eps(layer.input_layernorm)
-        self.ln2, self.eps2 = layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)
+        # the constants from the one function the fingerprint reads them with (``_constants``)
+        self.eps1, self.eps2, self.head_dim, self.scaling, self.window = _layer_constants(layer, family)[:5]
+        self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         if family.fused:  # Phi-3: q, k, v sliced from one projection (its forward's sizes)
             self.qkv = (a.qkv_proj.weight, a.qkv_proj.bias)
             self.q_end = a.config.num_attention_heads * a.head_dim
@@ -136,7 +137,6 @@ class _Layer:
             self.up = (m.up_proj.weight, m.up_proj.bias)
             self.act = m.act_fn.forward  # an activation module's forward (no hooks: see _fingerprint)
         self.down = (m.down_proj.weight, m.down_proj.bias)
-        self.head_dim, self.scaling, self.window = _layer_constants(layer, family)[2:5]
 
 
 def _layer_constants(layer, family: Family) -> tuple:
@@ -395,8 +395,13 @@ class _Entry:
 _PROVEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Entry (nothing stored on the model)
 
 
+def enabled() -> bool:
+    """Whether the switch (``TIDAR_DIRECT_BODY``, read at every request) lets the direct body run at all."""
+    return os.environ.get(ENV, "1") != "0"
+
+
 def _resolve(model) -> _Entry:
-    if os.environ.get(ENV, "1") == "0":
+    if not enabled():
         return _Entry(None, None, f"{ENV}=0")
     fp = _fingerprint(model)
     entry = _PROVEN.get(model)
