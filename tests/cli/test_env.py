@@ -96,3 +96,19 @@ def test_cli_reports_the_direct_body_and_its_switch(capsys, monkeypatch):
     )
     assert cli.main(["env", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hf_direct_body"]["on"] is False
+
+
+def test_cli_reports_the_packed_cpu_projections_and_their_switch(capsys, monkeypatch):
+    from tidar.hf import cpu_packed
+
+    ok, why = cpu_packed.available()
+    assert cli.main(["env", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["hf_cpu_packed"]
+    assert d["on"] is ok and d["why"] == why and d["switch"] == "TIDAR_CPU_PACKED=0 turns it off"
+    monkeypatch.setenv("TIDAR_CPU_PACKED", "0")
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "oneDNN-packed float32 weights: off: " in out and "(TIDAR_CPU_PACKED=0 turns it off)" in out
+    assert cli.main(["env", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["hf_cpu_packed"]
+    assert d["on"] is False and d["why"] == (why or "TIDAR_CPU_PACKED=0")

@@ -14,16 +14,31 @@ def run(args) -> int:
 
     report = env.report()
     report["hf_direct_body"] = _direct_body()
+    report["hf_cpu_packed"] = _cpu_packed()
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
-        d = report["hf_direct_body"]
-        print(env.format_report({k: v for k, v in report.items() if k != "hf_direct_body"}))
+        d, p = report["hf_direct_body"], report["hf_cpu_packed"]
+        print(env.format_report({k: v for k, v in report.items() if not k.startswith("hf_")}))
         print(
             f"HF decoder body: direct for {', '.join(d['families'])} where proven per model, else the modules "
             f"({'on' if d['on'] else 'off'}; {d['switch']})"
         )
+        state = "on" if p["on"] else f"off: {p['why']}"
+        print(f"CPU projections and LM head on oneDNN-packed float32 weights: {state} ({p['switch']})")
     return 0
+
+
+def _cpu_packed() -> dict:
+    """The direct body's packed CPU projections (``tidar.hf.cpu_packed``): live or why not, and the switch."""
+    import os
+
+    from tidar.hf import cpu_packed
+
+    ok, why = cpu_packed.available()
+    if ok and not cpu_packed.enabled():
+        why = f"{cpu_packed.ENV}={os.environ.get(cpu_packed.ENV)}"
+    return {"on": cpu_packed.enabled(), "why": why, "switch": f"{cpu_packed.ENV}=0 turns it off"}
 
 
 def _direct_body() -> dict:

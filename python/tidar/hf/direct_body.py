@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tidar.hf import cpu_packed
 from tidar.hf.attention import NAME, TidarStep, tidar_attention_forward, tidar_hidden
 from tidar_kernels import layouts
 
@@ -118,6 +119,7 @@ class _Layer:
         self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         if family.fused:  # Phi-3: q, k, v sliced from one projection (its forward's sizes)
             self.qkv = (a.qkv_proj.weight, a.qkv_proj.bias)
+            self.q = self.k = self.v = None
             self.q_end = a.config.num_attention_heads * a.head_dim
             self.k_end = self.q_end + a.num_key_value_heads * a.head_dim
         else:
@@ -130,6 +132,7 @@ class _Layer:
         self.kn = (a.k_norm.weight, _eps(a.k_norm)) if family.qk_norm else None
         if family.fused:
             self.gate_up = (m.gate_up_proj.weight, m.gate_up_proj.bias)
+            self.gate = self.up = None
             self.act = m.activation_fn.forward
         else:
             self.gate_up = None
@@ -169,6 +172,7 @@ class DirectBody:
         self.rotary = base.rotary_emb
         self.norm, self.norm_eps = base.norm.weight, _eps(base.norm)
         self.layers = [_Layer(layer, family) for layer in base.layers[: base.config.num_hidden_layers]]
+        self.packed = None  # on a CPU, the projections' packed copies (``cpu_packed``; set by ``decoder_body``)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: TidarStep) -> torch.Tensor:
         e, rms = self.embed, self.rms
@@ -180,24 +184,27 @@ class DirectBody:
         cos, sin = self.rotary(x, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         B, S = input_ids.shape
-        for L in self.layers:
+        packed = self.packed.layers if self.packed is not None and not torch.is_grad_enabled() else None
+        for i, L in enumerate(self.layers):
+            P = packed[i] if packed is not None else None  # the layer's packed projections (``cpu_packed``)
             residual = x
             h = rms(x, L.ln1, L.eps1)
             shape = (B, S, -1, L.head_dim)
+            if P is not None:
+                q, k, v = cpu_packed.linear(h, P.qkv, P.qkv_bias).split(P.qkv_sizes, dim=-1)
+            elif L.qkv is None:
+                q, k, v = F.linear(h, *L.q), F.linear(h, *L.k), F.linear(h, *L.v)
+            else:  # Phi-3: q, k, v sliced from one projection
+                qkv = F.linear(h, *L.qkv)
+                q, k, v = qkv[..., : L.q_end], qkv[..., L.q_end : L.k_end], qkv[..., L.k_end :]
+            q, k, v = q.view(shape), k.view(shape), v.view(shape)
+            if L.qn is not None:
+                q, k = rms(q, *L.qn), rms(k, *L.kn)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if L.qkv is None:
-                q = F.linear(h, *L.q).view(shape)
-                k = F.linear(h, *L.k).view(shape)
-                if L.qn is not None:
-                    q, k = rms(q, *L.qn), rms(k, *L.kn)
-                q, k = q.transpose(1, 2), k.transpose(1, 2)
-                v = F.linear(h, *L.v).view(shape).transpose(1, 2)
                 q = (q * cos) + (_rotate_half(q) * sin)
                 k = (k * cos) + (_rotate_half(k) * sin)
-            else:  # Phi-3's slices and its partial RoPE (the rotated part, then the rest), as its forward
-                qkv = F.linear(h, *L.qkv)
-                q = qkv[..., : L.q_end].view(shape).transpose(1, 2)
-                k = qkv[..., L.q_end : L.k_end].view(shape).transpose(1, 2)
-                v = qkv[..., L.k_end :].view(shape).transpose(1, 2)
+            else:  # Phi-3's partial RoPE (the rotated part, then the rest), as its forward
                 r = cos.shape[-1]
                 q_rot, q_pass, k_rot, k_pass = q[..., :r], q[..., r:], k[..., :r], k[..., r:]
                 q = torch.cat([(q_rot * cos) + (_rotate_half(q_rot) * sin), q_pass], dim=-1)
@@ -205,15 +212,19 @@ class DirectBody:
             o, _ = tidar_attention_forward(
                 L.attn, q, k, v, None, scaling=L.scaling, sliding_window=L.window, tidar_step=step
             )
-            o = F.linear(o.reshape(B, S, -1), *L.o)  # contiguous already (the attention function returns it so)
+            o = o.reshape(B, S, -1)  # contiguous already (the attention function returns it so)
+            o = cpu_packed.linear(o, P.o, P.o_bias) if P is not None else F.linear(o, *L.o)
             x = residual + o
             residual = x
             h = rms(x, L.ln2, L.eps2)
-            if L.gate_up is None:
-                h = F.linear(L.act(F.linear(h, *L.gate)) * F.linear(h, *L.up), *L.down)
-            else:  # Phi-3: up * act(gate) of one projection's halves (its residual dropouts: identity in eval)
+            if P is not None:
+                gate, up = cpu_packed.linear(h, P.gate_up, P.gate_up_bias).chunk(2, dim=-1)
+            elif L.gate_up is None:
+                gate, up = F.linear(h, *L.gate), F.linear(h, *L.up)
+            else:  # Phi-3: one projection's halves (its residual dropouts: identity in eval)
                 gate, up = F.linear(h, *L.gate_up).chunk(2, dim=-1)
-                h = F.linear(up * L.act(gate), *L.down)
+            h = L.act(gate) * up if L.gate_up is None else up * L.act(gate)  # each family's order
+            h = cpu_packed.linear(h, P.down, P.down_bias) if P is not None else F.linear(h, *L.down)
             x = residual + h
         return rms(x, self.norm, self.norm_eps)
 
@@ -432,10 +443,42 @@ def decoder_body(model):
     modules are now, else the module path (``tidar_hidden``). Call once per request: the body it returns holds the
     model's parameters, so it should not outlive the request."""
     entry = _resolve(model)
-    return DirectBody(model, entry.family) if entry.family is not None else partial(tidar_hidden, model)
+    if entry.family is None:
+        return partial(tidar_hidden, model)
+    body = DirectBody(model, entry.family)
+    body.packed, _ = cpu_packed.packed_body(model, body.layers, partial(_check_packed, model, body))
+    return body
+
+
+def _check_packed(model, body: DirectBody, packed) -> str:
+    """The body with ``packed`` projections against the same body's plain ops (proven bit-identical to the modules)
+    on a random prompt: '' when within rounding (``cpu_packed.CHECK_TOL`` of the hidden states' scale)."""
+    dev = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, PROOF_PROMPT), generator=torch.Generator().manual_seed(4321)).to(dev)
+    lay = layouts.causal(PROOF_PROMPT).to(dev)
+    seg = torch.zeros(2, dtype=torch.int32, device=dev)
+    backend = getattr(getattr(model, "_tidar", None), "backend", "auto")
+
+    def run(p):
+        body.packed = p
+        return body(ids, lay.position_ids[None].expand(2, -1), TidarStep(lay, seg, None, backend))
+
+    try:
+        want, got = run(None), run(packed)
+    finally:
+        body.packed = None
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item()
+    if not err <= cpu_packed.CHECK_TOL * max(1.0, scale):
+        return f"its hidden states differ from the plain body's by {err:.3g} (scale {scale:.3g})"
+    return ""
 
 
 def status(model) -> str:
     """``"direct (qwen2)"`` or ``"modules: <why>"``: which body a request of ``model`` runs now."""
     entry = _resolve(model)
-    return f"direct ({entry.family.name})" if entry.family is not None else f"modules: {entry.reason}"
+    if entry.family is None:
+        return f"modules: {entry.reason}"
+    packed = cpu_packed.status(model)
+    return f"direct ({entry.family.name})" + (f", {packed}" if packed else "")
