@@ -155,6 +155,20 @@ def test_bf16_keeps_the_plain_ops():
     assert direct_body.status(model) == "direct (qwen2)"
 
 
+def test_inference_tensor_weights_keep_the_plain_ops():
+    """Weights made under ``torch.inference_mode`` have no version counter to key copies on: plain ops, exact."""
+    with torch.inference_mode():
+        ref = tiny_model("qwen2")
+    model = tidar.patch(ref)
+    assert model.model.layers[0].self_attn.q_proj.weight.is_inference()
+    assert direct_body.decoder_body(model).packed is None
+    ids = torch.tensor([PROMPT])
+    got = tidar.generate(model, ids, max_new_tokens=16).sequences
+    tidar.unpatch(model)
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    assert torch.equal(got, want)
+
+
 def test_autograd_runs_the_plain_ops(monkeypatch):
     """With grad enabled the packed copies (no autograd) are not used: bit-identical to the plain body."""
     model = tidar.patch(tiny_model("qwen2"))

@@ -165,11 +165,13 @@ def packed_body(model, layers, check) -> tuple[PackedBody | None, str]:
     once by ``check(packed) -> ''`` (else the reason); ``(None, why)`` where packing does not apply."""
     if not enabled():
         return None, (f"{ENV}=0" if os.environ.get(ENV, "1") == "0" else available()[1])
+    weights = layer_weights(layers)
+    if any(t.is_inference() for t in weights):  # no version counter to key copies on (made in inference_mode)
+        return None, "its weights are inference tensors (made under torch.inference_mode)"
     key = body_key(layers)
     entry = _MODELS.get(model)
     if entry is not None and entry.key == key:
         return entry.body, entry.reason
-    weights = layer_weights(layers)
     reason, body = packable(weights), None
     nbytes = sum(t.numel() * t.element_size() for t in weights)
     if not reason and nbytes > MAX_BYTES:
