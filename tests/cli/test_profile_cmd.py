@@ -83,7 +83,10 @@ def test_profile_on_a_tiny_model_reports_what_generation_did():
     assert src_steps == g["forwards"] - g["prompts"]  # one source per (row, step)
     text = format_report(r)
     assert "token-slot curve" in text and "auto would choose" in text and "diffusion" in text
-    assert r["decoder_body"] == "direct (qwen2)" and "decoder body: direct (qwen2)" in text
+    from tidar.hf import cpu_packed
+
+    body = "direct (qwen2)" + (", packed CPU projections" if cpu_packed.enabled() else "")
+    assert r["decoder_body"] == body and f"decoder body: {body}" in text
 
 
 def test_profile_fixed_k_and_bad_arguments():

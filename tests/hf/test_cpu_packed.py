@@ -25,6 +25,12 @@ pytestmark = pytest.mark.skipif(not cpu_packed.available()[0], reason=cpu_packed
 PROMPT = [5, 9, 14, 3, 27, 41, 8, 60, 2, 33, 17]
 
 
+@pytest.fixture(autouse=True)
+def _packing_on(monkeypatch):
+    """The tests below decide the switch themselves (a TIDAR_CPU_PACKED=0 in the caller's environment is not theirs)."""
+    monkeypatch.delenv(cpu_packed.ENV, raising=False)
+
+
 def _two_steps(model, body):
     """A prompt's causal forward, then a decode step of 4 drafts with every proposal block, through a TidarCache:
     both forwards' hidden states and the K/V written."""
@@ -80,7 +86,10 @@ def _with_biases(arch):
 def test_packed_body_matches_the_plain_body(arch, monkeypatch):
     model = tidar.patch(_random_biases(tiny_model(arch)))  # Qwen2's q/k/v biases
     assert direct_body.status(model) == f"direct ({arch})"  # before a request: nothing packed yet
-    _close(model, monkeypatch)
+    _close(model, monkeypatch)  # its plain body dropped the copies (the switch was off)
+    assert direct_body.status(model) == f"direct ({arch})"
+    with torch.no_grad():
+        direct_body.decoder_body(model)
     assert direct_body.status(model) == f"direct ({arch}), packed CPU projections"
 
 
@@ -128,17 +137,76 @@ def test_copies_follow_in_place_updates_and_reloads(monkeypatch):
     _close(model, monkeypatch)
 
 
+def _head_close(head, w, b=None, rows=3):
+    h = torch.randn(1, rows, w.shape[1])
+    with torch.no_grad():
+        torch.testing.assert_close(head(h), torch.nn.functional.linear(h, w, b), rtol=1e-4, atol=1e-5)
+
+
 def test_lm_head_packed_for_every_row_count():
     model = tidar.patch(tiny_model("qwen2"))
     head, w = output_head(model), model.lm_head.weight
     for rows in (1, 2, 5, 40):
-        h = torch.randn(1, rows, w.shape[1])
-        with torch.no_grad():
-            torch.testing.assert_close(head(h), torch.nn.functional.linear(h, w), rtol=1e-4, atol=1e-5)
+        _head_close(head, w, rows=rows)
+    assert head._packed._memo is not None and head._packed._memo[1] is not None  # the packed path ran
     with torch.no_grad():
         w.add_(1.0)  # a new version: repacked
-        h = torch.randn(1, 3, w.shape[1])
-        torch.testing.assert_close(head(h), torch.nn.functional.linear(h, w), rtol=1e-4, atol=1e-5)
+    _head_close(head, w)
+    w.data = torch.randn_like(w)  # new storage, same Parameter and version: repacked
+    _head_close(head, w)
+    bias = torch.randn(w.shape[0], 2)[:, 0]  # a strided bias (oneDNN reads biases as contiguous)
+    model.lm_head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    assert not model.lm_head.bias.is_contiguous()
+    _head_close(head, w, model.lm_head.bias)
+
+
+def test_lm_head_switch_and_failure_keep_the_plain_path(monkeypatch):
+    model = tidar.patch(tiny_model("qwen2"))
+    head, w = output_head(model), model.lm_head.weight
+    monkeypatch.setenv(cpu_packed.ENV, "0")
+    _head_close(head, w)
+    assert head._packed._memo is None
+    monkeypatch.delenv(cpu_packed.ENV)
+    monkeypatch.setattr(cpu_packed, "pack", lambda w: (_ for _ in ()).throw(RuntimeError("no primitive")))
+    _head_close(head, w)  # the plain path, the reason logged
+    assert head._packed._memo[1] is None
+
+
+def test_copies_follow_to_and_data_assignment(monkeypatch):
+    """``Module.to`` and ``param.data = ...`` keep each Parameter and its version but move its storage: the copies
+    are made again (float32 again after a bf16 round trip: from the rounded weights), or dropped (bf16)."""
+    ref = tiny_model("qwen2")
+    model = tidar.patch(copy.deepcopy(ref))
+    ids = torch.tensor([PROMPT])
+    tidar.generate(model, ids, max_new_tokens=8)
+    model.to(torch.bfloat16)
+    assert direct_body.decoder_body(model).packed is None
+    got = tidar.generate(model, ids, max_new_tokens=16).sequences
+    want = copy.deepcopy(ref).to(torch.bfloat16).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16)
+    assert torch.equal(got, want)
+    model.to(torch.float32)
+    _close(model, monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=gen) * 0.2
+    _close(model, monkeypatch)
+    twin = copy.deepcopy(model)
+    tidar.unpatch(twin)
+    want = twin.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    assert torch.equal(tidar.generate(model, ids, max_new_tokens=24).sequences, want)
+
+
+def test_a_packing_error_keeps_the_plain_ops(monkeypatch, caplog):
+    """oneDNN refusing a shape (or a primitive on another CPU) leaves the plain ops, with the reason, and exact text."""
+    monkeypatch.setattr(cpu_packed, "pack", lambda w: (_ for _ in ()).throw(RuntimeError("no primitive")))
+    ref = tiny_model("qwen2")
+    model = tidar.patch(copy.deepcopy(ref))
+    with caplog.at_level("INFO", logger="tidar"):
+        assert direct_body.decoder_body(model).packed is None
+    assert "packing failed: RuntimeError: no primitive" in caplog.text
+    ids = torch.tensor([PROMPT])
+    want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    assert torch.equal(tidar.generate(model, ids, max_new_tokens=16).sequences, want)
 
 
 def test_the_switch_turns_it_off(monkeypatch):

@@ -15,8 +15,8 @@ row counts (row 0 of ``F.linear`` at 1 row and at 4 rows already differ in the l
 was bit-identical to a one-row AR forward; greedy texts rest on the argmax, as before. The direct body's proof runs
 the plain ops (bit-identity with the modules); the packed copies are then checked against it once per packing
 (``check``). Used only where all of it holds: float32 weights on the CPU, oneDNN in the torch build, no autograd,
-at most ``MAX_BYTES`` of copies per model; the copies follow the weights (identities and versions: an optimizer step
-or a reload repacks). ``TIDAR_CPU_PACKED=0`` turns it off.
+at most ``MAX_BYTES`` of copies per model; the copies follow the weights (``tensor_key``: an optimizer step, a reload,
+``Module.to`` or ``param.data = ...`` repacks). ``TIDAR_CPU_PACKED=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _fused(parts: list[tuple]) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = torch.cat([p[0].detach() for p in parts])
     if all(p[1] is None for p in parts):
         return w, None
-    b = [p[1].detach() if p[1] is not None else torch.zeros(p[0].shape[0], dtype=p[0].dtype) for p in parts]
+    b = [p[1].detach() if p[1] is not None else p[0].new_zeros(p[0].shape[0]) for p in parts]
     return w, torch.cat(b)
 
 
@@ -140,9 +140,17 @@ def _sources(layers) -> list[torch.Tensor]:
     return out
 
 
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What a copy of ``t`` was made from: the tensor, its storage, layout and version. ``Module.to`` and
+    ``param.data = ...`` keep the Parameter and its version but move its storage (pointer, dtype or device); an
+    in-place update bumps the version. (An in-place update through ``param.data`` bumps another counter and is not
+    seen: call ``tidar.unpatch``/``patch`` or set ``TIDAR_CPU_PACKED=0`` around such code.)"""
+    return (id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape), t._version)
+
+
 def body_key(layers) -> tuple:
-    """What the packed copies were made from: every weight's and bias's identity and version."""
-    return tuple((id(t), t._version) for t in _sources(layers))
+    """What the packed copies were made from: ``tensor_key`` of every weight and bias."""
+    return tuple(tensor_key(t) for t in _sources(layers))
 
 
 def layer_weights(layers) -> list[torch.Tensor]:
@@ -164,9 +172,11 @@ def packed_body(model, layers, check) -> tuple[PackedBody | None, str]:
     """The model's packed copies of ``layers`` (a ``DirectBody``'s), made again when the weights changed and checked
     once by ``check(packed) -> ''`` (else the reason); ``(None, why)`` where packing does not apply."""
     if not enabled():
+        _MODELS.pop(model, None)  # switched off: its copies go
         return None, (f"{ENV}=0" if os.environ.get(ENV, "1") == "0" else available()[1])
     weights = layer_weights(layers)
     if any(t.is_inference() for t in weights):  # no version counter to key copies on (made in inference_mode)
+        _MODELS.pop(model, None)
         return None, "its weights are inference tensors (made under torch.inference_mode)"
     key = body_key(layers)
     entry = _MODELS.get(model)
@@ -176,10 +186,14 @@ def packed_body(model, layers, check) -> tuple[PackedBody | None, str]:
     nbytes = sum(t.numel() * t.element_size() for t in weights)
     if not reason and nbytes > MAX_BYTES:
         reason = f"its projections hold {nbytes >> 20} MB, over the {MAX_BYTES >> 20} MB of packed copies allowed"
+    _MODELS.pop(model, None)  # the old copies go before new ones are made
     if not reason:
-        with torch.no_grad():
-            body = PackedBody(layers)
-            reason = check(body)
+        try:
+            with torch.no_grad():
+                body = PackedBody(layers)
+                reason = check(body)
+        except Exception as exc:  # oneDNN refusing a shape or a primitive on this CPU: the plain ops run
+            reason = f"packing failed: {type(exc).__name__}: {exc}"
         if reason:
             body = None
             log.info("tidar: packed CPU projections off for %s: %s", type(model).__name__, reason)
@@ -188,16 +202,26 @@ def packed_body(model, layers, check) -> tuple[PackedBody | None, str]:
 
 
 class PackedHead:
-    """The LM head's weight packed (all row counts: see the module's docstring), remade when the weight changes."""
+    """The LM head's weight packed (all row counts: see the module's docstring), remade when the weight changes
+    (``tensor_key``). Holds the copy, not the weight."""
 
     def __init__(self):
-        self._memo = None  # (weight, its version, packed copy)
+        self._memo = None  # (tensor_key of the weight, packed copy)
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        """The logits, or None where the weight cannot be packed here (the caller runs its plain path)."""
+        key = tensor_key(weight)
         memo = self._memo
-        if memo is None or memo[0] is not weight or memo[1] != weight._version:
-            memo = self._memo = (weight, weight._version, pack(weight))
-        return linear(hidden, memo[2], bias)
+        if memo is None or memo[0] != key:
+            self._memo = None
+            try:
+                memo = self._memo = (key, pack(weight))
+            except Exception as exc:  # oneDNN refusing the shape on this CPU
+                log.info("tidar: the LM head stays unpacked: %s: %s", type(exc).__name__, exc)
+                memo = self._memo = (key, None)
+        if memo[1] is None:
+            return None
+        return linear(hidden, memo[1], None if bias is None else bias.contiguous())
 
 
 def status(model) -> str:

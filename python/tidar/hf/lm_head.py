@@ -71,7 +71,9 @@ class OutputHead:
         ):
             return proj(hidden)
         if w.dtype == torch.float32 and hidden.dtype == torch.float32 and cpu_packed.enabled():
-            return self._packed(hidden, w, proj.bias)
+            out = self._packed(hidden, w, proj.bias)
+            if out is not None:
+                return out
         rows = hidden.reshape(-1, hidden.shape[-1])
         if rows.shape[0] > 1:
             out = torch.mm(w.detach(), rows.t()).t().contiguous().view(*hidden.shape[:-1], w.shape[0])
