@@ -5,13 +5,14 @@
 """
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "python"))
+from best_us import best_us  # noqa: E402
+
 from tidar.cli.demo import _load, bundled_model_dir  # noqa: E402
 from tidar.hf import cpu_packed  # noqa: E402
 
@@ -49,24 +50,12 @@ def packed(x):
     return lin(x, head_packed)
 
 
-def bench(f, n=500):
-    with torch.no_grad():
-        for _ in range(30):
-            f()
-        best = float("inf")
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(n):
-                f()
-            best = min(best, (time.perf_counter() - t) / n * 1e6)
-    return best
-
-
 print("| rows | MKL on the weights, us | packed + fused, us |")
 print("|---|---|---|")
 for rows in [1, 2, 4, 6, 8, 12, 16, 20, 32]:
     x = torch.randn(1, rows, 256)
-    print(f"| {rows} | {bench(lambda x=x: mkl(x)):.0f} | {bench(lambda x=x: packed(x)):.0f} |")
+    print(f"| {rows} | {best_us(lambda x=x: mkl(x), 500):.0f} | {best_us(lambda x=x: packed(x), 500):.0f} |")
 x1, x8 = torch.randn(1, 1, 256), torch.randn(1, 8, 256)
-alt_mkl, alt_packed = bench(lambda: (mkl(x1), mkl(x8))), bench(lambda: (packed(x1), packed(x8)))
+alt_mkl = best_us(lambda: (mkl(x1), mkl(x8)), 500)
+alt_packed = best_us(lambda: (packed(x1), packed(x8)), 500)
 print(f"| 1 and 8 alternating | {alt_mkl:.0f} | {alt_packed:.0f} |")

@@ -3,24 +3,11 @@
 OMP_NUM_THREADS=2 python benchmarks/results/cpu_packed_linear/gemm_rows.py
 """
 
-import time
-
 import torch
 import torch.nn.functional as F
+from best_us import best_us
 
 torch.set_num_threads(2)
-
-
-def bench(f, n=2000):
-    for _ in range(50):
-        f()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(n):
-            f()
-        best = min(best, (time.perf_counter() - t) / n * 1e6)
-    return best
 
 
 print("| weight | rows | F.linear us | oneDNN packed us | max abs diff |")
@@ -30,7 +17,7 @@ for out_f, in_f in [(256, 256), (768, 256), (256, 768), (4096, 256)]:
     packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
     for m in [1, 2, 4, 8, 16, 24, 64]:
         x = torch.randn(m, in_f)
-        a = bench(lambda x=x, w=w: F.linear(x, w))
-        b = bench(lambda x=x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""))
+        a = best_us(lambda x=x, w=w: F.linear(x, w))
+        b = best_us(lambda x=x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""))
         err = (torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "") - F.linear(x, w)).abs().max()
         print(f"| {out_f}x{in_f} | {m} | {a:.1f} | {b:.1f} | {err.item():.1e} |")
