@@ -31,14 +31,9 @@ def run(args) -> int:
 
 def _cpu_packed() -> dict:
     """The direct body's packed CPU projections (``tidar.hf.cpu_packed``): live or why not, and the switch."""
-    import os
-
     from tidar.hf import cpu_packed
 
-    ok, why = cpu_packed.available()
-    if ok and not cpu_packed.enabled():
-        why = f"{cpu_packed.ENV}={os.environ.get(cpu_packed.ENV)}"
-    return {"on": cpu_packed.enabled(), "why": why, "switch": f"{cpu_packed.ENV}=0 turns it off"}
+    return {"on": cpu_packed.enabled(), "why": cpu_packed.off_reason(), "switch": f"{cpu_packed.ENV}=0 turns it off"}
 
 
 def _direct_body() -> dict:

@@ -50,6 +50,12 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0" and available()[0]
 
 
+def off_reason() -> str:
+    """Why packing is off ('' when it is on): the build's reason first, else the switch."""
+    ok, why = available()
+    return why if not ok else (f"{ENV}=0" if os.environ.get(ENV, "1") == "0" else "")
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """A float32 CPU weight ``[out, in]`` reordered for oneDNN's linear (a copy)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
@@ -94,13 +100,10 @@ class PackedLayer:
 
 
 class PackedBody:
-    """Packed copies of a ``DirectBody``'s layer projections, keyed by the identities and versions of the weights and
-    biases they copy (``key``)."""
+    """Packed copies of a ``DirectBody``'s layer projections (``packed_body`` keys them by ``tensor_key``)."""
 
     def __init__(self, layers):
-        self.key = body_key(layers)
         self.layers = []
-        self.nbytes = 0
         for L in layers:
             if L.qkv is not None:  # Phi-3: already one projection
                 qkv = [L.qkv]
@@ -110,8 +113,6 @@ class PackedBody:
                 sizes = [p[0].shape[0] for p in qkv]
             qkv_w, qkv_b = _fused(qkv)
             gu_w, gu_b = _fused([L.gate_up] if L.gate_up is not None else [L.gate, L.up])
-            parts = (qkv_w, L.o[0], gu_w, L.down[0])
-            self.nbytes += sum(w.numel() * w.element_size() for w in parts)
             self.layers.append(
                 PackedLayer(
                     pack(qkv_w),
@@ -131,7 +132,8 @@ def _detached(t):
     return None if t is None else t.detach().clone()  # a copy: the packed body holds no tensor of the model
 
 
-def _sources(layers) -> list[torch.Tensor]:
+def layer_weights(layers) -> list[torch.Tensor]:
+    """The weights and biases of a ``DirectBody``'s layer projections: what the packed copies copy."""
     out = []
     for L in layers:
         for pair in (L.qkv, L.q, L.k, L.v, L.o, L.gate_up, L.gate, L.up, L.down):
@@ -148,19 +150,9 @@ def tensor_key(t: torch.Tensor) -> tuple:
     return (id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape), t._version)
 
 
-def body_key(layers) -> tuple:
-    """What the packed copies were made from: ``tensor_key`` of every weight and bias."""
-    return tuple(tensor_key(t) for t in _sources(layers))
-
-
-def layer_weights(layers) -> list[torch.Tensor]:
-    """The weights and biases the packed copies would copy (``packable`` checks them)."""
-    return _sources(layers)
-
-
 @dataclass
 class _Entry:
-    key: tuple  # body_key of the weights it was decided for
+    key: tuple  # tensor_key of every weight and bias it was decided for
     body: PackedBody | None
     reason: str  # why there is no packed body ('' when there is)
 
@@ -173,12 +165,12 @@ def packed_body(model, layers, check) -> tuple[PackedBody | None, str]:
     once by ``check(packed) -> ''`` (else the reason); ``(None, why)`` where packing does not apply."""
     if not enabled():
         _MODELS.pop(model, None)  # switched off: its copies go
-        return None, (f"{ENV}=0" if os.environ.get(ENV, "1") == "0" else available()[1])
+        return None, off_reason()
     weights = layer_weights(layers)
     if any(t.is_inference() for t in weights):  # no version counter to key copies on (made in inference_mode)
         _MODELS.pop(model, None)
         return None, "its weights are inference tensors (made under torch.inference_mode)"
-    key = body_key(layers)
+    key = tuple(tensor_key(t) for t in weights)
     entry = _MODELS.get(model)
     if entry is not None and entry.key == key:
         return entry.body, entry.reason

@@ -357,14 +357,12 @@ def _constants(model) -> tuple:
     return tuple(out)
 
 
-def _prove(model, body: DirectBody) -> str:
-    """Run the body beside the module path on random tokens: a ragged 2-row prompt of ``PROOF_PROMPT`` tokens
-    through a ``TidarCache``, then a decode step of 3 drafts with every proposal block after it; '' when the
-    hidden states of both forwards are bit-identical."""
+def _probe(model, f) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states ``f`` gives on random tokens: a ragged 2-row prompt of ``PROOF_PROMPT`` tokens through a
+    ``TidarCache``, then a decode step of 3 drafts with every proposal block after it (the same inputs every call)."""
     from tidar.hf.cache import TidarCache
 
-    p = next(model.parameters())
-    dev = p.device
+    dev = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(1234)
     n = PROOF_PROMPT
@@ -374,22 +372,20 @@ def _prove(model, body: DirectBody) -> str:
     S = step.local_limit.shape[0]
     drafts = torch.randint(0, vocab, (2, S), generator=gen).to(dev)
     causal = layouts.causal(n).to(dev)
-    lengths = [n, n - 5]  # ragged: the second row's step starts earlier
-
-    def run(f):
-        cache = TidarCache(2, n + S + 1, backend=backend)
-        h1 = f(
-            prompt, causal.position_ids[None].expand(2, -1), TidarStep(causal, cache.seq_lengths(dev), cache, backend)
-        )
-        cache.commit(lengths)
-        seg = cache.seq_lengths(dev)
-        pos = step.position_ids[None] + seg.to(torch.long)[:, None]
-        h2 = f(drafts, pos, TidarStep(step, seg, cache, backend))
-        return h1, h2
-
+    cache = TidarCache(2, n + S + 1, backend=backend)
     with torch.no_grad():
-        want = run(partial(tidar_hidden, model))
-        got = run(body)
+        pos = causal.position_ids[None].expand(2, -1)
+        h1 = f(prompt, pos, TidarStep(causal, cache.seq_lengths(dev), cache, backend))
+        cache.commit([n, n - 5])  # ragged: the second row's step starts earlier
+        seg = cache.seq_lengths(dev)
+        h2 = f(drafts, step.position_ids[None] + seg.to(torch.long)[:, None], TidarStep(step, seg, cache, backend))
+    return h1, h2
+
+
+def _prove(model, body: DirectBody) -> str:
+    """The body beside the module path on ``_probe``'s inputs: '' when the hidden states of both forwards are
+    bit-identical."""
+    want, got = _probe(model, partial(tidar_hidden, model)), _probe(model, body)
     for g, w in zip(got, want):
         if g.shape != w.shape or g.dtype != w.dtype or not torch.equal(g, w):
             return "its hidden states differ from the module path's on a probe forward"
@@ -452,26 +448,21 @@ def decoder_body(model):
 
 def _check_packed(model, body: DirectBody, packed) -> str:
     """The body with ``packed`` projections against the same body's plain ops (proven bit-identical to the modules)
-    on a random prompt: '' when within rounding (``cpu_packed.CHECK_TOL`` of the hidden states' scale)."""
-    dev = next(model.parameters()).device
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(0, vocab, (2, PROOF_PROMPT), generator=torch.Generator().manual_seed(4321)).to(dev)
-    lay = layouts.causal(PROOF_PROMPT).to(dev)
-    seg = torch.zeros(2, dtype=torch.int32, device=dev)
-    backend = getattr(getattr(model, "_tidar", None), "backend", "auto")
+    on ``_probe``'s inputs: '' when within rounding (``cpu_packed.CHECK_TOL`` of the hidden states' scale)."""
 
     def run(p):
         body.packed = p
-        return body(ids, lay.position_ids[None].expand(2, -1), TidarStep(lay, seg, None, backend))
+        return _probe(model, body)
 
     try:
         want, got = run(None), run(packed)
     finally:
         body.packed = None
-    err = (got - want).abs().max().item()
-    scale = want.abs().max().item()
-    if not err <= cpu_packed.CHECK_TOL * max(1.0, scale):
-        return f"its hidden states differ from the plain body's by {err:.3g} (scale {scale:.3g})"
+    for g, w in zip(got, want):
+        err = (g - w).abs().max().item()
+        scale = w.abs().max().item()
+        if not err <= cpu_packed.CHECK_TOL * max(1.0, scale):
+            return f"its hidden states differ from the plain body's by {err:.3g} (scale {scale:.3g})"
     return ""
 
 
