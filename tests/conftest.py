@@ -203,3 +203,26 @@ def impl_calls(monkeypatch):
             spy.__dict__.update(vars(fn))  # capability flags (e.g. ``philox``)
             monkeypatch.setitem(impls, name, spy)
     return calls
+
+
+def two_steps(model, body, prompt: list, drafts: int):
+    """A prompt's causal forward, then a decode step of ``drafts`` drafts + one block of masks per level, through a
+    TidarCache, with ``body(input_ids, position_ids, step)`` (a decoder body): the hidden states of both forwards
+    and the cache's K/V after them (the direct body's and the packed projections' tests compare these)."""
+    from tidar.hf.attention import TidarStep
+    from tidar.hf.cache import TidarCache
+    from tidar_kernels import layouts
+
+    dev = next(model.parameters()).device
+    n = len(prompt)
+    step = layouts.decode_step(drafts).to(dev)
+    S = step.local_limit.shape[0]
+    cache = TidarCache(1, n + S, backend="auto" if dev.type == "cuda" else "reference")
+    lay = layouts.causal(n).to(dev)
+    seg = torch.zeros(1, dtype=torch.int32, device=dev)
+    h1 = body(torch.tensor([prompt], device=dev), lay.position_ids[None], TidarStep(lay, seg, cache, cache.backend))
+    cache.commit([n])
+    ids2 = torch.randint(0, 90, (1, S), generator=torch.Generator().manual_seed(7)).to(dev)
+    seg2 = torch.full((1,), n, dtype=torch.int32, device=dev)
+    h2 = body(ids2, (step.position_ids + n)[None], TidarStep(step, seg2, cache, cache.backend))
+    return h1, h2, [t.clone() for t in cache.keys + cache.values]

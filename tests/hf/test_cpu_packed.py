@@ -11,14 +11,11 @@ import weakref
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, two_steps
 
 import tidar
 from tidar.hf import cpu_packed, direct_body
-from tidar.hf.attention import TidarStep
-from tidar.hf.cache import TidarCache
 from tidar.hf.lm_head import output_head
-from tidar_kernels import layouts
 
 pytestmark = pytest.mark.skipif(not cpu_packed.available()[0], reason=cpu_packed.available()[1] or "no oneDNN")
 
@@ -32,18 +29,9 @@ def _packing_on(monkeypatch):
 
 
 def _two_steps(model, body):
-    """A prompt's causal forward, then a decode step of 4 drafts with every proposal block, through a TidarCache:
-    both forwards' hidden states and the K/V written."""
-    cache = TidarCache(1, 96, backend="reference")
-    n = len(PROMPT)
-    lay = layouts.causal(n)
-    h1 = body(torch.tensor([PROMPT]), lay.position_ids[None], TidarStep(lay, torch.zeros(1, dtype=torch.int32), cache))
-    cache.commit([n])
-    step = layouts.decode_step(4)
-    ids = torch.randint(0, 90, (1, step.local_limit.shape[0]), generator=torch.Generator().manual_seed(7))
-    seg = torch.full((1,), n, dtype=torch.int32)
-    h2 = body(ids, (step.position_ids + n)[None], TidarStep(step, seg, cache))
-    return [h1, h2, *(t.clone() for t in cache.keys + cache.values)]
+    """``conftest.two_steps`` on ``PROMPT`` with 4 drafts: both forwards' hidden states and the K/V, in one list."""
+    h1, h2, kv = two_steps(model, body, PROMPT, 4)
+    return [h1, h2, *kv]
 
 
 def _bodies(model, monkeypatch):

@@ -13,14 +13,12 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, two_steps
 from torch import nn
 
 import tidar
 from tidar.hf import cpu_packed, direct_body
-from tidar.hf.attention import TidarStep, tidar_hidden
-from tidar.hf.cache import TidarCache
-from tidar_kernels import layouts
+from tidar.hf.attention import tidar_hidden
 
 pytestmark = pytest.mark.usefixtures("module_one_thread")  # tiny models: see conftest
 
@@ -40,23 +38,8 @@ def _patched(arch="qwen2", dtype=torch.float32, **kw):
 
 
 def _two_steps(model, body):
-    """A prompt's causal forward, then a decode step of 3 drafts + one block of 3 masks per level, through a
-    TidarCache: the hidden states of both forwards and the cache's K/V after them."""
-    dev = next(model.parameters()).device
-    cache = TidarCache(1, 64, backend="auto" if dev.type == "cuda" else "reference")
-    n = len(PROMPT)
-    ids = torch.tensor([PROMPT], device=dev)
-    lay = layouts.causal(n).to(dev)
-    seg = torch.zeros(1, dtype=torch.int32, device=dev)
-    h1 = body(ids, lay.position_ids[None], TidarStep(lay, seg, cache, cache.backend))
-    cache.commit([n])
-    step = layouts.decode_step(3).to(dev)
-    S = step.local_limit.shape[0]
-    gen = torch.Generator().manual_seed(7)
-    ids2 = torch.randint(0, 90, (1, S), generator=gen).to(dev)
-    seg2 = torch.full((1,), n, dtype=torch.int32, device=dev)
-    h2 = body(ids2, (step.position_ids + n)[None], TidarStep(step, seg2, cache, cache.backend))
-    return h1, h2, [t.clone() for t in cache.keys + cache.values]
+    """``conftest.two_steps`` on ``PROMPT`` with 3 drafts."""
+    return two_steps(model, body, PROMPT, 3)
 
 
 def _same_as_modules(model):
