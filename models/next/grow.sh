@@ -1,0 +1,29 @@
+#!/bin/bash
+# v7 candidate of the bundled model (issue 23): v6 grown from 4 to 6 layers by block expansion
+# (models/next/grow_depth.py: zeroed copies of layers 1 and 3, the same logits as v6 at step 0), then trained with
+# v6's objective (hybrid, greedy self-distilled diffusion targets regenerated every 10 steps, acceptance weighting,
+# unlikelihood 0.3 on repeated 4-grams) with the AR term weighted 1:1 (v6: 1.5) so the new depth serves the drafter.
+# In the background; its PID goes to /tmp/tidar_train.pid. THREADS (default 2) sets its CPU threads.
+#   python models/next/grow_depth.py models/tidar-python-tiny runs/v6grow6 --after 1 3
+#   models/next/grow.sh MINUTES [INIT_MODEL] [OUTPUT] [extra tidar train options, e.g. --resume latest]
+set -e
+cd "$(dirname "$0")/../.."
+. .venv/bin/activate
+export OMP_NUM_THREADS=${THREADS:-2} RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+minutes=$1
+init=${2:-runs/v6grow6}
+out=${3:-runs/next-grow6}
+shift 3 || shift $#
+mkdir -p runs
+start=(--init-from "$init")
+[[ " $* " == *" --resume "* ]] && start=()  # a resumed run takes its weights from its checkpoint
+nohup python -m tidar train --output "$out" "${start[@]}" --site-packages \
+    --batch-size 16 --seq-len 256 --block-size 16 \
+    --max-steps 1200 --lr 5e-4 --warmup-steps 20 --min-lr-ratio 0.2 --seed 3 \
+    --alpha 1.0 --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 8 \
+    --distill-ratio 1.0 --distill-refresh 10 --distill-prompt-len 64 \
+    --unlikelihood 0.3 --unlikelihood-ngram 4 \
+    --save-every 100 --keep-checkpoints 2 --eval-every 300 --eval-batches 16 --eval-prompts 8 --eval-new-tokens 128 \
+    --log-every 10 --device cpu --max-minutes "$minutes" "$@" >> "$out.log" 2>&1 &
+echo $! > /tmp/tidar_train.pid
+echo "started PID $! (log: $out.log)"
