@@ -49,11 +49,13 @@ for cls in ("demo", "ordinary"):
         n = max(vals)[1]
         tok += 1 + min(r["acc"], n)
         ms += cost(n)
-    print(f"{cls}: {len(R)} positions, accepted drafts {acc.mean():.3f}, P(first draft accepted) {(acc >= 1).mean():.3f}")
-    print(f"  slot 0 agrees with the AR token: {agree.mean():.2f} of steps; then P(first) {(acc[agree] >= 1).mean():.3f}, "
-          f"else {(acc[~agree] >= 1).mean():.3f}")
+    first = (acc >= 1).mean()
+    print(f"{cls}: {len(R)} positions, accepted drafts {acc.mean():.3f}, P(first draft accepted) {first:.3f}")
+    yes, no = (acc[agree] >= 1).mean(), (acc[~agree] >= 1).mean()
+    print(f"  slot 0 agrees with the AR token: {agree.mean():.2f} of steps; then P(first) {yes:.3f}, else {no:.3f}")
     for lo, hi in ((0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.01)):
         m = (c1 >= lo) & (c1 < hi)
         print(f"  first draft's confidence [{lo}, {hi}): {m.sum()} steps, P(accepted) {(acc[m] >= 1).mean():.3f}")
-    print(f"  tokens per ms: AR {fixed[0]:.4f}, best fixed n = {best} {fixed[best]:.4f} ({fixed[best] / fixed[0]:.3f}x AR), "
-          f"gated {tok / ms:.4f} ({tok / ms / fixed[0]:.3f}x AR, {tok / ms / fixed[best]:.3f}x the best fixed)")
+    ar, fx, gated = fixed[0], fixed[best], tok / ms
+    print(f"  tokens per ms: AR {ar:.4f}, best fixed n = {best} {fx:.4f} ({fx / ar:.3f}x AR)")
+    print(f"  gated {gated:.4f} ({gated / ar:.3f}x AR, {gated / fx:.3f}x the best fixed)")
