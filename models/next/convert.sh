@@ -7,23 +7,12 @@
 # 2-core machine is about 1.6x faster.
 #   models/next/convert.sh MINUTES AR_CHECKPOINT [OUTPUT] [extra tidar train options, e.g. --resume latest]
 # (with --resume, AR_CHECKPOINT is not read: the run continues from OUTPUT's checkpoint)
-set -e
-cd "$(dirname "$0")/../.."
-. .venv/bin/activate
-export OMP_NUM_THREADS=${THREADS:-1} RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-minutes=$1
-init=$2
-out=${3:-runs/next-convert}
-shift 3 || shift $#
-mkdir -p runs
-start=(--init-from "$init")
-[[ " $* " == *" --resume "* ]] && start=()  # a resumed run takes its weights from its checkpoint
-nohup python -m tidar train --output "$out" "${start[@]}" --site-packages \
-    --batch-size 16 --seq-len 256 --block-size 16 \
-    --max-steps 1500 --lr 5e-4 --warmup-steps 20 --min-lr-ratio 0.2 --seed 1 \
-    --alpha 1.5 --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 4 \
-    --distill-ratio 1.0 --distill-refresh 100 --distill-prompt-len 64 \
-    --save-every 200 --keep-checkpoints 3 --eval-every 200 --eval-batches 16 --eval-prompts 4 --eval-new-tokens 64 \
-    --log-every 10 --device cpu --max-minutes "$minutes" "$@" >> "$out.log" 2>&1 &
-echo $! > /tmp/tidar_train.pid
-echo "started PID $! (log: $out.log)"
+threads=1 init_default= out_default=runs/next-convert
+recipe=(
+    --batch-size 16 --seq-len 256 --block-size 16
+    --max-steps 1500 --lr 5e-4 --warmup-steps 20 --min-lr-ratio 0.2 --seed 1
+    --alpha 1.5 --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 4
+    --distill-ratio 1.0 --distill-refresh 100 --distill-prompt-len 64
+    --save-every 200 --keep-checkpoints 3 --eval-every 200 --eval-batches 16 --eval-prompts 4 --eval-new-tokens 64
+)
+. "$(dirname "$0")/launch.sh"

@@ -5,24 +5,13 @@
 # steps), and a lighter unlikelihood term (0.5) so greedy decoding does not drift back to its loops.
 # In the background; its PID goes to /tmp/tidar_train.pid. THREADS (default 2) sets its CPU threads.
 #   models/next/drafter.sh MINUTES [INIT_MODEL] [OUTPUT] [extra tidar train options, e.g. --resume latest]
-set -e
-cd "$(dirname "$0")/../.."
-. .venv/bin/activate
-export OMP_NUM_THREADS=${THREADS:-2} RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-minutes=$1
-init=${2:-runs/next-unlikelihood}
-out=${3:-runs/next-drafter}
-shift 3 || shift $#
-mkdir -p runs
-start=(--init-from "$init")
-[[ " $* " == *" --resume "* ]] && start=()
-nohup python -m tidar train --output "$out" "${start[@]}" --site-packages \
-    --batch-size 16 --seq-len 256 --block-size 16 \
-    --max-steps 300 --lr 2e-4 --warmup-steps 10 --min-lr-ratio 0.2 --seed 3 \
-    --alpha 0.5 --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 16 \
-    --distill-ratio 1.0 --distill-refresh 20 --distill-prompt-len 64 \
-    --unlikelihood 0.5 --unlikelihood-ngram 4 \
-    --save-every 100 --keep-checkpoints 3 --eval-every 100 --eval-batches 16 --eval-prompts 8 --eval-new-tokens 128 \
-    --log-every 10 --device cpu --max-minutes "$minutes" "$@" >> "$out.log" 2>&1 &
-echo $! > /tmp/tidar_train.pid
-echo "started PID $! (log: $out.log)"
+threads=2 init_default=runs/next-unlikelihood out_default=runs/next-drafter
+recipe=(
+    --batch-size 16 --seq-len 256 --block-size 16
+    --max-steps 300 --lr 2e-4 --warmup-steps 10 --min-lr-ratio 0.2 --seed 3
+    --alpha 0.5 --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 16
+    --distill-ratio 1.0 --distill-refresh 20 --distill-prompt-len 64
+    --unlikelihood 0.5 --unlikelihood-ngram 4
+    --save-every 100 --keep-checkpoints 3 --eval-every 100 --eval-batches 16 --eval-prompts 8 --eval-new-tokens 128
+)
+. "$(dirname "$0")/launch.sh"

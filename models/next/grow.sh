@@ -9,24 +9,13 @@
 # (ALPHA=1.5 LR=3e-4 WARMUP=50, from runs/v6grow6).
 #   python models/next/grow_depth.py models/tidar-python-tiny runs/v6grow6 --after 1 3
 #   models/next/grow.sh MINUTES [INIT_MODEL] [OUTPUT] [extra tidar train options, e.g. --resume latest]
-set -e
-cd "$(dirname "$0")/../.."
-. .venv/bin/activate
-export OMP_NUM_THREADS=${THREADS:-2} RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-minutes=$1
-init=${2:-runs/v6grow6}
-out=${3:-runs/next-grow6}
-shift 3 || shift $#
-mkdir -p runs
-start=(--init-from "$init")
-[[ " $* " == *" --resume "* ]] && start=()  # a resumed run takes its weights from its checkpoint
-nohup python -m tidar train --output "$out" "${start[@]}" --site-packages \
-    --batch-size 16 --seq-len 256 --block-size 16 --max-steps "${STEPS:-1200}" --lr "${LR:-5e-4}" \
-    --warmup-steps "${WARMUP:-20}" --min-lr-ratio "${MIN_LR:-0.2}" --seed "${SEED:-3}" \
-    --alpha "${ALPHA:-1.0}" --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 8 \
-    --distill-ratio 1.0 --distill-refresh 10 --distill-prompt-len 64 \
-    --unlikelihood "${UL:-0.3}" --unlikelihood-ngram 4 \
-    --save-every 100 --keep-checkpoints 2 --eval-every 300 --eval-batches 16 --eval-prompts 8 --eval-new-tokens 128 \
-    --log-every 10 --device cpu --max-minutes "$minutes" "$@" >> "$out.log" 2>&1 &
-echo $! > /tmp/tidar_train.pid
-echo "started PID $! (log: $out.log)"
+threads=2 init_default=runs/v6grow6 out_default=runs/next-grow6
+recipe=(
+    --batch-size 16 --seq-len 256 --block-size 16 --max-steps "${STEPS:-1200}" --lr "${LR:-5e-4}"
+    --warmup-steps "${WARMUP:-20}" --min-lr-ratio "${MIN_LR:-0.2}" --seed "${SEED:-3}"
+    --alpha "${ALPHA:-1.0}" --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 8
+    --distill-ratio 1.0 --distill-refresh 10 --distill-prompt-len 64
+    --unlikelihood "${UL:-0.3}" --unlikelihood-ngram 4
+    --save-every 100 --keep-checkpoints 2 --eval-every 300 --eval-batches 16 --eval-prompts 8 --eval-new-tokens 128
+)
+. "$(dirname "$0")/launch.sh"

@@ -9,24 +9,13 @@
 # v6's; the first try had 1.0) the unlikelihood weight.
 #   UL=0.3 models/next/unlikelihood.sh MINUTES [INIT_MODEL] [OUTPUT] [extra tidar train options, e.g. --resume latest]
 # (with --resume, INIT_MODEL is not read: the run continues from OUTPUT's checkpoint)
-set -e
-cd "$(dirname "$0")/../.."
-. .venv/bin/activate
-export OMP_NUM_THREADS=${THREADS:-2} RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-minutes=$1
-init=${2:-runs/v5}
-out=${3:-runs/next-unlikelihood}
-shift 3 || shift $#
-mkdir -p runs
-start=(--init-from "$init")
-[[ " $* " == *" --resume "* ]] && start=()  # a resumed run takes its weights from its checkpoint
-nohup python -m tidar train --output "$out" "${start[@]}" --site-packages \
-    --batch-size 16 --seq-len 256 --block-size 16 \
-    --max-steps 800 --lr 3e-4 --warmup-steps 20 --min-lr-ratio 0.2 --seed 2 \
-    --alpha 1.5 --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 8 \
-    --distill-ratio 1.0 --distill-refresh 10 --distill-prompt-len 64 \
-    --unlikelihood "${UL:-0.3}" --unlikelihood-ngram 4 \
-    --save-every 100 --keep-checkpoints 3 --eval-every 100 --eval-batches 16 --eval-prompts 8 --eval-new-tokens 128 \
-    --log-every 10 --device cpu --max-minutes "$minutes" "$@" >> "$out.log" 2>&1 &
-echo $! > /tmp/tidar_train.pid
-echo "started PID $! (log: $out.log)"
+threads=2 init_default=runs/v5 out_default=runs/next-unlikelihood
+recipe=(
+    --batch-size 16 --seq-len 256 --block-size 16
+    --max-steps 800 --lr 3e-4 --warmup-steps 20 --min-lr-ratio 0.2 --seed 2
+    --alpha 1.5 --diffusion-target greedy --diffusion-weighting acceptance --distill-rows 8
+    --distill-ratio 1.0 --distill-refresh 10 --distill-prompt-len 64
+    --unlikelihood "${UL:-0.3}" --unlikelihood-ngram 4
+    --save-every 100 --keep-checkpoints 3 --eval-every 100 --eval-batches 16 --eval-prompts 8 --eval-new-tokens 128
+)
+. "$(dirname "$0")/launch.sh"
