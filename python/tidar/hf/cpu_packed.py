@@ -21,6 +21,7 @@ at most ``MAX_BYTES`` of copies per model; the copies follow the weights (``tens
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import weakref
@@ -35,8 +36,10 @@ MAX_BYTES = 1 << 30  # packed copies per model (the model's own weights are not 
 CHECK_TOL = 1e-3  # the packed body's hidden states vs the plain body's, relative to their scale (rounding: ~1e-6)
 
 
+@functools.cache
 def available() -> tuple[bool, str]:
-    """Whether this torch build can pack linear weights for oneDNN, and why not."""
+    """Whether this torch build can pack linear weights for oneDNN, and why not (a property of the build: asked
+    once; ``enabled`` runs at every LM head call)."""
     if not torch.backends.mkldnn.is_available():
         return False, "this torch build has no oneDNN (mkldnn)"
     ops = torch.ops.mkldnn
@@ -45,15 +48,19 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def _switched_off() -> bool:
+    return os.environ.get(ENV, "1") == "0"
+
+
 def enabled() -> bool:
     """The switch (``TIDAR_CPU_PACKED``, read at every request) and the build's support."""
-    return os.environ.get(ENV, "1") != "0" and available()[0]
+    return not _switched_off() and available()[0]
 
 
 def off_reason() -> str:
     """Why packing is off ('' when it is on): the build's reason first, else the switch."""
     ok, why = available()
-    return why if not ok else (f"{ENV}=0" if os.environ.get(ENV, "1") == "0" else "")
+    return why if not ok else (f"{ENV}=0" if _switched_off() else "")
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
