@@ -6,7 +6,17 @@ import itertools
 
 import pytest
 
-from tidar.vllm.draft_source import BLOCK_COST, PROBE_EVERY, ROW_COST, SourceEvidence, best_drafts, gain
+from tidar.vllm.draft_source import (
+    BLOCK_COST,
+    PROBE_EVERY,
+    ROW_COST,
+    VERIFY_COST,
+    SourceEvidence,
+    best_drafts,
+    fixed_prices,
+    gain,
+    step_pays,
+)
 
 
 @pytest.mark.parametrize("block", [True, False])
@@ -93,3 +103,29 @@ def test_a_rejecting_request_probes_a_block_now_and_then_when_alone():
         ev.planned(False)
     assert ev.wants_block(8, batch=1)  # a probe at the prior's price
     assert not ev.wants_block(8, batch=8)  # not worth a probe in a full batch
+
+
+def test_a_step_drafts_only_when_its_drafts_pay_for_the_verification():
+    assert fixed_prices().verify_cost == VERIFY_COST > 0 and fixed_prices(0.0).verify_cost == 0.0
+    assert not step_pays([], 0.0)  # no drafts: nothing to verify
+    assert step_pays([0.01], 0.0)
+    assert not step_pays([0.03, 0.04], 0.08) and step_pays([0.03, 0.04, 0.02], 0.08)
+    ev = SourceEvidence()  # q = 0.5: one draft alone is worth far more than a verification, in a full batch less
+    assert ev.expected_gain("context", 1, 1) > VERIFY_COST > ev.expected_gain("context", 1, 8) > 0
+    assert ev.expected_gain("context", 0, 1) == 0.0
+    assert ev.expected_gain("context", 3, 1) == pytest.approx(gain(0.5, 3, 1, False, ROW_COST))
+
+
+def test_withheld_drafts_are_scored_as_shadows_of_their_source():
+    ev = SourceEvidence()
+    q0 = ev.q("diffusion")
+    for _ in range(4):  # diffusion drafts withheld, and the text goes on with them
+        ev.last = ("diffusion", 3)
+        ev.withhold("diffusion", [5, 6, 7])
+        assert ev.last is None
+        ev.observe([5])
+    assert ev.q("diffusion") > q0 and ev.q("context") == 0.5
+    ev.last = ("context", 2)
+    ev.withhold("context", [1, 2])
+    ev.observe([9])  # the first context draft was wrong
+    assert ev.q("context") < 0.5 and ev.withheld is None and ev.shadow is None

@@ -69,3 +69,14 @@ def test_near_greedy_temperature_accepts_like_greedy(tidar_free_llm, prompts):
     assert greedy > 0.05  # drafts are accepted at all (the bundled v6 drafter: about 0.1 of them here, v5's 0.2),
     # so the comparison below is not vacuous
     assert rate(temperature=0.01, seed=0) > 0.8 * greedy
+
+
+def test_steps_without_drafts_sample_as_plain_vllm(plain_llm, tidar_llm, prompts):
+    """A request's first token comes from its prefill step, where no request has drafts: the plugin samples it with
+    vLLM's plain sampler (``plain_sampler_step``), and with the same seeds it is the token plain vLLM samples."""
+    params = [_params(temperature=1.0, max_tokens=1, seed=i) for i in range(24)]
+    batch = [prompts[i % len(prompts)] for i in range(24)]
+    plain = [o.outputs[0].token_ids for o in plain_llm.generate(batch, params, use_tqdm=False)]
+    ours = [o.outputs[0].token_ids for o in tidar_llm.generate(batch, params, use_tqdm=False)]
+    assert ours == plain
+    assert len({tuple(t) for t in plain}) > len(prompts)  # the seeds matter: the check is not a greedy one

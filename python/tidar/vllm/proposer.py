@@ -4,7 +4,9 @@
 blocks of every request (``step_layout``); their attention runs in ``mask_attention``; their final hidden states
 are kept, and the model returns the scheduled rows only, so vLLM's sampler, rejection sampler and metrics run
 unchanged. ``propose`` then reads the next drafts off the block that matches each request's accepted length: no
-second forward.
+second forward. A step whose requests carry no drafts is sampled by vLLM's plain sampler, not its rejection sampler
+(``plain_sampler_step``; the same tokens, less work), so ``propose`` drafts nothing when the step's drafts are worth
+less than that verification (``draft_source.step_pays``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 
 import torch
 
-from .draft_source import BLOCK_COST, ROW_COST, SourceEvidence, fixed_prices
+from .draft_source import BLOCK_COST, ROW_COST, VERIFY_COST, SourceEvidence, fixed_prices, step_pays
 from .engine_checks import SUPPORTED_ARCHITECTURES, check_vllm_config
 from .mask_attention import LayerHook, MaskRows, check_layer
 from .options import TidarOptions, parse_class_name
@@ -38,7 +40,7 @@ class TidarProposer:
         # the prices of rows and blocks: measured on the engine's own steps (``step_clock``), or the row cost the
         # options fix (then never corrected, as a slot curve given by hand)
         if self.options.row_cost is None:
-            self.prices = StepClock(ROW_COST, BLOCK_COST)
+            self.prices = StepClock(ROW_COST, BLOCK_COST, VERIFY_COST)
         else:
             self.prices = fixed_prices(self.options.row_cost)
         hf = vllm_config.model_config.hf_config
@@ -52,12 +54,27 @@ class TidarProposer:
         self.req_ids = []  # the current step's requests, in the runner's batch order
         self.contexts = {}  # req_id -> NgramIndex (context drafts)
         self.evidence = {}  # req_id -> SourceEvidence (context or diffusion drafts)
+        self.plain_sampler_steps = 0  # steps sampled without vLLM's rejection sampler (``plain_sampler_step``)
 
     # --- the runner hook (plugin.py) ---
     def begin_step(self, runner, scheduler_output) -> None:
         self.runner, self.scheduler_output = runner, scheduler_output
         self.hidden = self.layout = None
         self.prices.begin()
+
+    def plain_sampler_step(self, runner, metadata) -> bool:
+        """The runner hook (plugin.py) asks, before sampling a step, whether vLLM's plain sampler may sample it
+        instead of the rejection sampler: when no request in the step has drafts, the rejection sampler only
+        samples each request's bonus token with that same sampler, on the same logits and random generators. Not
+        when the step wants logprobs (the rejection sampler computes them its own way) or when a request still
+        holds draft tokens that penalties or bad words would count."""
+        if metadata.max_spec_len != 0:
+            return False
+        sm = runner.input_batch.sampling_metadata
+        if sm.max_num_logprobs is not None or (sm.spec_token_ids is not None and any(sm.spec_token_ids)):
+            return False
+        self.plain_sampler_steps += 1
+        return True
 
     # --- vLLM's interface ---
     def load_model(self, model) -> None:
@@ -139,7 +156,7 @@ class TidarProposer:
             levels.append(self.options.levels if block else ())
             ks.append(ev.block_drafts(self.K, batch))
         layout = plan_step(computed, sched, drafts, ks, levels, self.max_position)
-        self.prices.ran(input_ids.shape[0] + layout.num_rows, layout.num_rows > 0)
+        self.prices.ran(input_ids.shape[0] + layout.num_rows, layout.num_rows > 0, any(drafts))
         if layout.num_rows == 0:
             return None
         block_size = self.hooks[0].kv_cache().shape[2]  # the pool's [num_blocks, Hkv, block_size, 2 * D]
@@ -147,11 +164,13 @@ class TidarProposer:
 
     def propose(self, sampled_token_ids, num_tokens_no_spec=None, token_ids_cpu=None, slot_mappings=None, **_):
         """The next drafts of each request: a context (n-gram) continuation when ``options.context`` is on and the
-        text's end matches, else the slots of the block that assumed its accepted length (greedy)."""
+        text's end matches, else the slots of the block that assumed its accepted length (greedy); none at all when
+        together they do not pay for the step's verification (``step_pays``)."""
         layout, hidden = self.layout, self.hidden
         self.layout = self.hidden = None
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         picks = []  # (request, first row, count)
+        gains = []  # the expected gain of each request's drafts
         batch = sum(1 for s in sampled_token_ids[: len(self.req_ids)] if s)  # requests of the next step, about
         for r, sampled in enumerate(sampled_token_ids):
             if not sampled or r >= len(self.req_ids):
@@ -169,11 +188,13 @@ class TidarProposer:
                 if use:
                     out[r] = use
                     ev.last = ("context", len(use))
+                    gains.append(ev.expected_gain("context", len(use), batch))
                     continue
                 ev.shadow = ctx or None
             ev.last = ("diffusion", k + 1 - first) if has_block else None
             if has_block:
                 picks.append((r, found[0] + first, k + 1 - first))
+                gains.append(ev.expected_gain("diffusion", k + 1 - first, batch))
         if picks:
             idx = torch.cat([torch.arange(s, s + c) for _, s, c in picks]).to(hidden.device)
             logits = self.model.compute_logits(hidden.index_select(0, idx))
@@ -182,6 +203,13 @@ class TidarProposer:
             for r, _, c in picks:
                 out[r] = tokens[i : i + c]
                 i += c
+        if not step_pays(gains, self.prices.verify_cost):
+            # drafting nothing lets the next step skip the rejection sampler; the drafts become shadows
+            for r, drafts in enumerate(out):
+                if drafts:
+                    ev = self.evidence[self.req_ids[r]]
+                    ev.withhold(ev.last[0], drafts)
+            out = [[] for _ in sampled_token_ids]
         live = set(self.req_ids)
         for table in (self.contexts, self.evidence):
             for rid in [k for k in table if k not in live]:
