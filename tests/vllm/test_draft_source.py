@@ -122,7 +122,7 @@ def test_withheld_drafts_are_scored_as_shadows_of_their_source():
     for _ in range(4):  # diffusion drafts withheld, and the text goes on with them
         ev.last = ("diffusion", 3)
         ev.withhold("diffusion", [5, 6, 7])
-        assert ev.last is None
+        assert ev.last == ("diffusion", 0)  # the source stays, with nothing proposed to score
         ev.observe([5])
     assert ev.q("diffusion") > q0 and ev.q("context") == 0.5
     ev.last = ("context", 2)

@@ -11,9 +11,14 @@ import pytest
 import torch
 
 
-def _runner(drafter, max_num_logprobs=None, spec_token_ids=None):
+def _runner(drafter, max_num_logprobs=None, spec_token_ids=None, logprob_token_ids=None, thinking=None):
     class Batch:
-        sampling_metadata = SimpleNamespace(max_num_logprobs=max_num_logprobs, spec_token_ids=spec_token_ids)
+        sampling_metadata = SimpleNamespace(
+            max_num_logprobs=max_num_logprobs,
+            spec_token_ids=spec_token_ids,
+            logprob_token_ids=logprob_token_ids,
+            thinking_budget_state_holder=thinking,
+        )
 
         def update_async_output_token_ids(self):
             pass
@@ -59,9 +64,17 @@ def test_a_step_without_drafts_takes_the_plain_sampler(sample, proposer):
     assert proposer.plain_sampler_steps == 2
 
 
-def test_logprobs_held_drafts_and_other_drafters_keep_the_rejection_sampler(sample, proposer):
+def test_logprobs_held_drafts_thinking_budgets_and_other_drafters_keep_the_rejection_sampler(sample, proposer):
     logits, no_drafts = torch.randn(2, 11), SimpleNamespace(max_spec_len=0)
     assert sample(_runner(proposer, max_num_logprobs=3), logits, no_drafts) == "rejection"
     assert sample(_runner(proposer, spec_token_ids=[[5], []]), logits, no_drafts) == "rejection"
+    # logprobs of chosen tokens only (no top-k logprobs asked)
+    assert sample(_runner(proposer, logprob_token_ids={0: [3, 4]}), logits, no_drafts) == "rejection"
+    # a tracked thinking budget: its forced tokens follow the bonus-token path's row offsets
+    tracked = SimpleNamespace(has_tracked_requests=lambda: True)
+    assert sample(_runner(proposer, thinking=tracked), logits, no_drafts) == "rejection"
+    idle = SimpleNamespace(has_tracked_requests=lambda: False)
+    assert sample(_runner(proposer, thinking=idle), logits, no_drafts) == "plain"
+    proposer.plain_sampler_steps -= 1
     assert sample(_runner(object()), logits, no_drafts) == "rejection"  # e.g. vLLM's n-gram proposer
     assert proposer.plain_sampler_steps == 0

@@ -120,12 +120,13 @@ class SourceEvidence:
 
     def withhold(self, source: str, drafts: list[int]) -> None:
         """The step proposes none of this request's drafts (``step_pays``): they are scored against the text as
-        shadows instead, so the evidence of both sources keeps up."""
+        shadows instead, so the evidence of both sources keeps up. The source stays the request's last (with no
+        drafts to score): a request that drafts from the context still appends no block (``wants_block``)."""
         if source == "context":
             self.shadow = list(drafts)
         else:
             self.withheld = list(drafts)
-        self.last = None
+        self.last = (source, 0)
 
     def _record(self, source: str, accepted: int, checked: int) -> None:
         if checked:

@@ -65,13 +65,20 @@ class TidarProposer:
     def plain_sampler_step(self, runner, metadata) -> bool:
         """The runner hook (plugin.py) asks, before sampling a step, whether vLLM's plain sampler may sample it
         instead of the rejection sampler: when no request in the step has drafts, the rejection sampler only
-        samples each request's bonus token with that same sampler, on the same logits and random generators. Not
-        when the step wants logprobs (the rejection sampler computes them its own way) or when a request still
-        holds draft tokens that penalties or bad words would count."""
+        samples each request's bonus token with that same sampler, on the same logits and per-request generators
+        (greedy and seeded requests get the same tokens; unseeded ones draw from the global generator in another
+        order, the same distribution). Not when the step wants logprobs of any kind (the rejection sampler computes
+        them its own way), when a request still holds draft tokens that penalties or bad words would count, or when
+        a thinking budget is tracked (its forced tokens are placed by the bonus-token path's row offsets)."""
         if metadata.max_spec_len != 0:
             return False
         sm = runner.input_batch.sampling_metadata
-        if sm.max_num_logprobs is not None or (sm.spec_token_ids is not None and any(sm.spec_token_ids)):
+        if sm.max_num_logprobs is not None or getattr(sm, "logprob_token_ids", None):
+            return False
+        if sm.spec_token_ids is not None and any(sm.spec_token_ids):
+            return False
+        holder = getattr(sm, "thinking_budget_state_holder", None)
+        if holder is not None and holder.has_tracked_requests():
             return False
         self.plain_sampler_steps += 1
         return True
@@ -170,7 +177,7 @@ class TidarProposer:
         self.layout = self.hidden = None
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         picks = []  # (request, first row, count)
-        gains = []  # the expected gain of each request's drafts
+        gains = {}  # request -> the expected gain of its drafts
         batch = sum(1 for s in sampled_token_ids[: len(self.req_ids)] if s)  # requests of the next step, about
         for r, sampled in enumerate(sampled_token_ids):
             if not sampled or r >= len(self.req_ids):
@@ -188,13 +195,13 @@ class TidarProposer:
                 if use:
                     out[r] = use
                     ev.last = ("context", len(use))
-                    gains.append(ev.expected_gain("context", len(use), batch))
+                    gains[r] = ev.expected_gain("context", len(use), batch)
                     continue
                 ev.shadow = ctx or None
             ev.last = ("diffusion", k + 1 - first) if has_block else None
             if has_block:
                 picks.append((r, found[0] + first, k + 1 - first))
-                gains.append(ev.expected_gain("diffusion", k + 1 - first, batch))
+                gains[r] = ev.expected_gain("diffusion", k + 1 - first, batch)
         if picks:
             idx = torch.cat([torch.arange(s, s + c) for _, s, c in picks]).to(hidden.device)
             logits = self.model.compute_logits(hidden.index_select(0, idx))
@@ -203,13 +210,15 @@ class TidarProposer:
             for r, _, c in picks:
                 out[r] = tokens[i : i + c]
                 i += c
-        if not step_pays(gains, self.prices.verify_cost):
-            # drafting nothing lets the next step skip the rejection sampler; the drafts become shadows
-            for r, drafts in enumerate(out):
-                if drafts:
-                    ev = self.evidence[self.req_ids[r]]
-                    ev.withhold(ev.last[0], drafts)
-            out = [[] for _ in sampled_token_ids]
+        # drafts expected to cost more than they save are withheld; the rest only if together they do not pay for the
+        # step's verification (drafting nothing lets the next step skip the rejection sampler). Withheld drafts
+        # become shadows of their source.
+        pays = step_pays([g for g in gains.values() if g > 0], self.prices.verify_cost)
+        for r, g in gains.items():
+            if g <= 0 or not pays:
+                ev = self.evidence[self.req_ids[r]]
+                ev.withhold(ev.last[0], out[r])
+                out[r] = []
         live = set(self.req_ids)
         for table in (self.contexts, self.evidence):
             for rid in [k for k in table if k not in live]:
