@@ -4,6 +4,7 @@ value is an error naming its option)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from tidar.train import self_distill
 from tidar.train.objective import DIFFUSION_WEIGHTINGS
@@ -137,6 +138,14 @@ def _add_distill_options(g):
     g.add_argument(
         "--unlikelihood-ngram", type=int, default=4, help="--unlikelihood: the repeated n-grams it penalises"
     )
+    g.add_argument(
+        "--ar-teacher",
+        default=None,
+        help="greedy target: a model folder (e.g. the --init-from model) whose next-token distributions anchor the AR "
+        "head: KL(teacher || model) at every position of the real and the generated rows, weighted by "
+        "--ar-teacher-weight (the teacher is frozen; same vocabulary)",
+    )
+    g.add_argument("--ar-teacher-weight", type=float, default=1.0, help="--ar-teacher: weight of the KL term (> 0)")
 
 
 def _add_optimisation_options(g):
@@ -232,6 +241,7 @@ DISTILL_OPTIONS = (
     "distill_temperature",
     "unlikelihood",
     "unlikelihood_ngram",
+    "ar_teacher",
 )
 
 
@@ -280,6 +290,10 @@ def check_args(args):
         raise ValueError(f"--unlikelihood must be a finite number >= 0, got {args.unlikelihood}")
     if args.unlikelihood_ngram < 1:
         raise ValueError(f"--unlikelihood-ngram must be >= 1, got {args.unlikelihood_ngram}")
+    if args.ar_teacher is not None and not (0.0 < args.ar_teacher_weight < float("inf")):
+        raise ValueError(f"--ar-teacher-weight must be a finite number > 0, got {args.ar_teacher_weight}")
+    if args.ar_teacher is not None and not Path(args.ar_teacher).is_dir():
+        raise ValueError(f"--ar-teacher must be a model folder, got {args.ar_teacher!r} (no such folder)")
     if args.unlikelihood and self_distill.split_rows(args.distill_rows, args.distill_ratio)[1] == 0:
         raise ValueError("--unlikelihood needs generated rows: --distill-ratio > 0 and --distill-rows >= 1")
     if args.diffusion_weighting not in DIFFUSION_WEIGHTINGS:

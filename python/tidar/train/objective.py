@@ -194,6 +194,8 @@ def hybrid_loss_sums(
     diffusion_valid=None,
     diffusion_weighting="uniform",
     unlikelihood_valid=None,
+    teacher_logits=None,
+    teacher_valid=None,
 ):
     """The two terms of :func:`hybrid_loss` as (sum of cross-entropies, count) pairs:
     ``(ar_sum, ar_count, diffusion_sum, diffusion_count)`` (float tensors), so that several forwards
@@ -202,7 +204,11 @@ def hybrid_loss_sums(
     ``unlikelihood_valid`` (``[B, L]`` bool, optional) adds a third pair, ``(ul_sum, ul_count)``: the token-level
     unlikelihood ``-log(1 - p_AR(x[i] | x[:i]))`` of the clean half at the marked positions (Welleck et al. 2019,
     "Neural Text Generation with Unlikelihood Training"; :func:`repeat_positions` marks the tokens of repeated
-    n-grams of the model's own continuations). Position 0 has no AR prediction and is never counted."""
+    n-grams of the model's own continuations). Position 0 has no AR prediction and is never counted.
+
+    ``teacher_logits`` (``[B, L, V]``, optional, no gradient) adds a last pair, ``(kl_sum, kl_count)``: the
+    divergence ``KL(teacher || model)`` of the clean half's next-token distributions (:func:`teacher_kl_sums`)
+    at the positions of ``teacher_valid`` (``[B, L]`` bool, like ``ar_valid``; default: every position)."""
     if diffusion_target not in DIFFUSION_TARGETS:
         raise ValueError(f"diffusion_target must be one of {', '.join(DIFFUSION_TARGETS)}, got {diffusion_target!r}")
     if diffusion_weighting not in DIFFUSION_WEIGHTINGS:
@@ -214,6 +220,7 @@ def hybrid_loss_sums(
     ar_valid = _check_valid("ar_valid", ar_valid, shape)
     diffusion_valid = _check_valid("diffusion_valid", diffusion_valid, shape)
     unlikelihood_valid = _check_valid("unlikelihood_valid", unlikelihood_valid, shape)
+    teacher_valid = _check_valid("teacher_valid", teacher_valid, shape)
     logits = hybrid_forward(model, input_ids, block_size, mask_token_id, backend=backend)
     L = shape[1]
     dev = logits.device
@@ -241,12 +248,34 @@ def hybrid_loss_sums(
     if diffusion_weighting == "acceptance":
         diff_ce = diff_ce * acceptance_weights(diff_ce.view(shape[0], L), dv, block_size).flatten()
     sums = (ar_ce * ar_m).sum(), ar_m.sum(), (diff_ce * diff_m).sum(), diff_m.sum()
-    if unlikelihood_valid is None:
-        return sums
-    ul_m = (base & unlikelihood_valid.to(dev))[:, 1:].flatten().float()
-    # -log(1 - p) with p = exp(-ce): log1p(-exp(-ce)), floored so a token the model is sure of stays finite
-    ul = -torch.log1p(-torch.exp(-ar_ce).clamp(max=1.0 - 1e-6))
-    return (*sums, (ul * ul_m).sum(), ul_m.sum())
+    if unlikelihood_valid is not None:
+        ul_m = (base & unlikelihood_valid.to(dev))[:, 1:].flatten().float()
+        # -log(1 - p) with p = exp(-ce): log1p(-exp(-ce)), floored so a token the model is sure of stays finite
+        ul = -torch.log1p(-torch.exp(-ar_ce).clamp(max=1.0 - 1e-6))
+        sums = (*sums, (ul * ul_m).sum(), ul_m.sum())
+    if teacher_logits is not None:
+        tv = base if teacher_valid is None else base & teacher_valid.to(dev)
+        sums = (*sums, *teacher_kl_sums(logits[:, :L], teacher_logits.to(dev), tv))
+    return sums
+
+
+def teacher_kl_sums(logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None = None):
+    """``(kl_sum, kl_count)``: ``KL(teacher || model)`` of the next-token distributions at positions ``0..L-2``
+    (position i predicts token i + 1, counted where ``valid[:, i + 1]``, as the AR cross-entropy counts), summed.
+    ``logits`` and ``teacher_logits`` are ``[B, L, V]`` causal logits; the teacher gets no gradient. Anchoring a
+    model's AR head to a frozen copy of itself, on its own generated text as well as on data, keeps its free-running
+    text while the diffusion term moves the shared weights (``tidar train --ar-teacher``)."""
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(
+            f"teacher_logits must have the model's logits' shape {tuple(logits.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
+    L = logits.shape[1]
+    t = teacher_logits[:, : L - 1].detach().float().log_softmax(-1)
+    s = logits[:, : L - 1].float().log_softmax(-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    m = torch.ones_like(kl) if valid is None else valid[:, 1:].to(kl.device).float()
+    return (kl * m).sum(), m.sum()
 
 
 def repeat_positions(input_ids: torch.Tensor, n: int = 4, start: int = 0) -> torch.Tensor:
@@ -278,15 +307,18 @@ def ar_loss(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | No
     return s / n.clamp_min(1.0)
 
 
-def ar_loss_sums(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None):
-    """(sum of next-token cross-entropies, count) of a plain causal forward."""
+def ar_loss_sums(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, teacher_logits=None):
+    """(sum of next-token cross-entropies, count) of a plain causal forward; with ``teacher_logits`` ``[B, L, V]``
+    also ``(kl_sum, kl_count)`` of :func:`teacher_kl_sums` on the same positions."""
     valid = _check_ids(input_ids, attention_mask)
     device = _unwrap(model).get_input_embeddings().weight.device
     input_ids = input_ids.to(device).long()
     logits = model(input_ids=input_ids, use_cache=False).logits
     ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
     m = torch.ones_like(ce) if valid is None else valid[:, 1:].to(device).flatten().float()
-    return (ce * m).sum(), m.sum()
+    if teacher_logits is None:
+        return (ce * m).sum(), m.sum()
+    return (ce * m).sum(), m.sum(), *teacher_kl_sums(logits, teacher_logits.to(device), valid)
 
 
 __all__ = [
@@ -300,4 +332,5 @@ __all__ = [
     "hybrid_loss",
     "hybrid_loss_sums",
     "repeat_positions",
+    "teacher_kl_sums",
 ]

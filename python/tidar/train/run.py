@@ -128,9 +128,10 @@ def objective_name(args) -> str:
 
 
 def _ul_name(args) -> str:
+    teacher = "" if args.ar_teacher is None else f", ar_teacher={args.ar_teacher}, kl={args.ar_teacher_weight}"
     if not args.unlikelihood:
-        return ""
-    return f", unlikelihood={args.unlikelihood}, ngram={args.unlikelihood_ngram}"
+        return teacher
+    return f", unlikelihood={args.unlikelihood}, ngram={args.unlikelihood_ngram}{teacher}"
 
 
 MODEL_ARGS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "init_from")
@@ -231,7 +232,8 @@ def train(args, log=print) -> dict:
         f"{args.grad_accum} accumulation x {args.batch_size // (_world_size() * args.grad_accum)} rows"
     )
     pool, n_data, n_gen = _distill_pool(args, train_stream, ck, log)
-    run_loss = _run_loss(args, pool, n_data, n_gen)
+    teacher = _teacher(args, model, device, log)
+    run_loss = _run_loss(args, pool, n_data, n_gen, teacher)
     dataset, targs = _trainer_inputs(args, train_stream, output, device)
     state.update(_run_meta(args, n_params, device))
     _record_corpus(state, corpus, output, main)
@@ -323,7 +325,25 @@ def _distill_pool(args, train_stream, ck, log):
     return pool, n_data, n_gen
 
 
-def _run_loss(args, pool, n_data: int, n_gen: int):
+def _teacher(args, model, device, log):
+    """--ar-teacher: the frozen model whose AR distributions anchor the student's (None without the option)."""
+    if args.ar_teacher is None:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(args.ar_teacher, dtype=torch.float32, local_files_only=True)
+    v_t, v_s = teacher.get_output_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0]
+    if v_t != v_s:
+        raise ValueError(
+            f"--ar-teacher {args.ar_teacher} has {v_t} output tokens, the trained model {v_s}; "
+            "give a teacher of the same vocabulary"
+        )
+    teacher.requires_grad_(False).eval().to(device)
+    log(f"AR teacher: {args.ar_teacher} (frozen), KL weight {args.ar_teacher_weight}")
+    return teacher
+
+
+def _run_loss(args, pool, n_data: int, n_gen: int, teacher=None):
     from tidar.train.trainer import RunLoss
 
     return RunLoss(
@@ -341,6 +361,8 @@ def _run_loss(args, pool, n_data: int, n_gen: int):
         weighting=args.diffusion_weighting,
         unlikelihood=args.unlikelihood,
         unlikelihood_ngram=args.unlikelihood_ngram,
+        teacher=teacher,
+        teacher_weight=args.ar_teacher_weight,
     )
 
 

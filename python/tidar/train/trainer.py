@@ -196,6 +196,8 @@ class RunLoss:
         weighting="uniform",
         unlikelihood=0.0,
         unlikelihood_ngram=4,
+        teacher=None,
+        teacher_weight=0.0,
     ):
         L = seq_len
         self.L, self.batch, self.K, self.alpha = L, batch, block_size, alpha
@@ -213,6 +215,13 @@ class RunLoss:
         self.ul, self.ul_ngram = float(unlikelihood), unlikelihood_ngram
         self.ul_count = n_gen * (L - prompt_len)
         self.last_unlikelihood = None  # the last finished step's mean unlikelihood term (``step_means``)
+        # the AR head anchored to a frozen teacher (``--ar-teacher``): KL(teacher || model) at every AR position of
+        # the real and the generated rows (greedy target), averaged over that fixed count
+        if teacher is not None and target != "greedy":
+            raise ValueError("a teacher anchors the AR head of --diffusion-target greedy runs only")
+        self.teacher, self.teacher_weight = teacher, float(teacher_weight) if teacher is not None else 0.0
+        self.kl_count = (batch + n_gen) * (L - 1)
+        self.last_teacher_kl = None  # the last finished step's mean KL term (``step_means``)
         self.ar_count = batch * (L - 1)
         per_row = L if target in ("data", "greedy") else L - 1
         if no_diffusion:
@@ -224,7 +233,7 @@ class RunLoss:
         self.reset()
 
     def reset(self):
-        self.ar_sum, self.diff_sum, self.ul_sum = 0.0, 0.0, 0.0
+        self.ar_sum, self.diff_sum, self.ul_sum, self.kl_sum = 0.0, 0.0, 0.0, 0.0
 
     def __call__(self, model, inputs, step):
         x, rows = inputs["input_ids"], inputs["row"]
@@ -233,7 +242,7 @@ class RunLoss:
             ar_s, _ = ar_loss_sums(model, x)
             d_s = torch.zeros((), device=dev)
         elif self.target == "greedy":
-            ar_s, d_s, ul_s = self._greedy(model, x, rows.to(dev), step)
+            ar_s, d_s, ul_s, kl_s = self._greedy(model, x, rows.to(dev), step)
         else:
             ar_s, _, d_s, _ = hybrid_loss_sums(
                 model, x, self.K, diffusion_target=self.target, diffusion_weighting=self.weighting
@@ -247,7 +256,17 @@ class RunLoss:
         if self.ul and self.target == "greedy":
             self.ul_sum += float(ul_s.detach())
             loss = loss + self.ul * ul_s / self.ul_count
+        if self.teacher is not None:
+            self.kl_sum += float(kl_s.detach())
+            loss = loss + self.teacher_weight * kl_s / self.kl_count
         return loss * self.shards
+
+    def _teacher_logits(self, ids):
+        """The frozen teacher's causal logits ``[B, L, V]`` (no gradient), or None without a teacher."""
+        if self.teacher is None or not len(ids):
+            return None
+        with torch.no_grad():
+            return self.teacher(input_ids=ids, use_cache=False).logits.float()
 
     def _greedy(self, model, x, rows, step):
         L = self.L
@@ -265,7 +284,7 @@ class RunLoss:
             parts.append(gen_all[sel].to(x.device))
         hyb = torch.cat(parts, 0)
         zero = torch.zeros((), device=x.device)
-        ar_s, d_s, ul_s = zero, zero, zero
+        ar_s, d_s, ul_s, kl_s = zero, zero, zero, zero
         if len(hyb):
             nr = len(x) if single else int(data_rows.sum())
             is_real = torch.arange(len(hyb), device=x.device) < nr
@@ -284,19 +303,25 @@ class RunLoss:
                 diffusion_valid=diff_valid,
                 diffusion_weighting=self.weighting,
                 unlikelihood_valid=ul_valid,
+                teacher_logits=self._teacher_logits(hyb),
             )
             ar_s, d_s = ar_s + sums[0], d_s + sums[2]
             if self.ul:
                 ul_s = ul_s + sums[4]
+            if self.teacher is not None:
+                kl_s = kl_s + sums[-2]
         if not single and bool((~data_rows).any()):
-            a, _ = ar_loss_sums(model, x[~data_rows])
-            ar_s = ar_s + a
-        return ar_s, d_s, ul_s
+            plain = x[~data_rows]
+            sums = ar_loss_sums(model, plain, teacher_logits=self._teacher_logits(plain))
+            ar_s = ar_s + sums[0]
+            if self.teacher is not None:
+                kl_s = kl_s + sums[2]
+        return ar_s, d_s, ul_s, kl_s
 
     def step_means(self):
         """(loss, ar, diffusion or None) of the finished step, summed over processes; resets the sums. With
         ``unlikelihood``, the step's mean unlikelihood term is left in ``last_unlikelihood`` (and is in the loss)."""
-        sums = torch.tensor([self.ar_sum, self.diff_sum, self.ul_sum], dtype=torch.float64)
+        sums = torch.tensor([self.ar_sum, self.diff_sum, self.ul_sum, self.kl_sum], dtype=torch.float64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         self.reset()
@@ -309,6 +334,10 @@ class RunLoss:
         if self.ul and self.ul_count:
             self.last_unlikelihood = float(sums[2]) / self.ul_count
             loss += self.ul * self.last_unlikelihood
+        self.last_teacher_kl = None
+        if self.teacher is not None:
+            self.last_teacher_kl = float(sums[3]) / self.kl_count
+            loss += self.teacher_weight * self.last_teacher_kl
         return loss, ar, diff
 
 
@@ -378,6 +407,8 @@ class RunCallback(TrainerCallback):
             rec["diffusion_loss"] = diff
         if self.run_loss.last_unlikelihood is not None:
             rec["unlikelihood_loss"] = self.run_loss.last_unlikelihood
+        if self.run_loss.last_teacher_kl is not None:
+            rec["teacher_kl"] = self.run_loss.last_teacher_kl
         self.state["log_history"].append(rec)
         self.tokens_since += a.batch_size * a.seq_len
         if self.bar is not None:
@@ -433,6 +464,7 @@ class RunCallback(TrainerCallback):
                 f"step {step}/{self.a.max_steps} loss {rec['loss']:.4f} ar {rec['ar_loss']:.4f}"
                 + (f" diff {rec['diffusion_loss']:.4f}" if "diffusion_loss" in rec else "")
                 + (f" ul {rec['unlikelihood_loss']:.4f}" if "unlikelihood_loss" in rec else "")
+                + (f" kl {rec['teacher_kl']:.4f}" if "teacher_kl" in rec else "")
                 + f" lr {rec['lr']:.2e} gnorm {rec.get('grad_norm', float('nan')):.2f} "
                 f"{self.tokens_since / max(dt, 1e-9):,.0f} tok/s elapsed {self.elapsed():.0f}s"
             )
