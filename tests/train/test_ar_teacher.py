@@ -149,6 +149,7 @@ def test_a_run_with_a_teacher_logs_the_term(tiny_corpus, tmp_path):  # noqa: F81
     [
         (("--ar-teacher", "."), "--ar-teacher only apply to --diffusion-target greedy"),
         (("--diffusion-target", "greedy", "--ar-teacher", "/no/such/folder"), "--ar-teacher must be a model folder"),
+        (("--diffusion-target", "greedy", "--ar-teacher", "."), "is not a saved Hugging Face model: no config.json"),
         (
             ("--diffusion-target", "greedy", "--ar-teacher", ".", "--ar-teacher-weight", "0"),
             "--ar-teacher-weight must be a finite number > 0",

@@ -294,6 +294,8 @@ def check_args(args):
         raise ValueError(f"--ar-teacher-weight must be a finite number > 0, got {args.ar_teacher_weight}")
     if args.ar_teacher is not None and not Path(args.ar_teacher).is_dir():
         raise ValueError(f"--ar-teacher must be a model folder, got {args.ar_teacher!r} (no such folder)")
+    if args.ar_teacher is not None and not (Path(args.ar_teacher) / "config.json").is_file():
+        raise ValueError(f"--ar-teacher {args.ar_teacher!r} is not a saved Hugging Face model: no config.json")
     if args.unlikelihood and self_distill.split_rows(args.distill_rows, args.distill_ratio)[1] == 0:
         raise ValueError("--unlikelihood needs generated rows: --distill-ratio > 0 and --distill-rows >= 1")
     if args.diffusion_weighting not in DIFFUSION_WEIGHTINGS:

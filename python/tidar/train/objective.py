@@ -255,7 +255,7 @@ def hybrid_loss_sums(
         sums = (*sums, (ul * ul_m).sum(), ul_m.sum())
     if teacher_logits is not None:
         tv = base if teacher_valid is None else base & teacher_valid.to(dev)
-        sums = (*sums, *teacher_kl_sums(logits[:, :L], teacher_logits.to(dev), tv))
+        sums = (*sums, *teacher_kl_sums(logits[:, :L], teacher_logits, tv))
     return sums
 
 
@@ -271,7 +271,7 @@ def teacher_kl_sums(logits: torch.Tensor, teacher_logits: torch.Tensor, valid: t
             f"got {tuple(teacher_logits.shape)}"
         )
     L = logits.shape[1]
-    t = teacher_logits[:, : L - 1].detach().float().log_softmax(-1)
+    t = teacher_logits[:, : L - 1].detach().to(logits.device).float().log_softmax(-1)
     s = logits[:, : L - 1].float().log_softmax(-1)
     kl = (t.exp() * (t - s)).sum(-1)
     m = torch.ones_like(kl) if valid is None else valid[:, 1:].to(kl.device).float()
@@ -318,7 +318,7 @@ def ar_loss_sums(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor
     m = torch.ones_like(ce) if valid is None else valid[:, 1:].to(device).flatten().float()
     if teacher_logits is None:
         return (ce * m).sum(), m.sum()
-    return (ce * m).sum(), m.sum(), *teacher_kl_sums(logits, teacher_logits.to(device), valid)
+    return (ce * m).sum(), m.sum(), *teacher_kl_sums(logits, teacher_logits, valid)
 
 
 __all__ = [

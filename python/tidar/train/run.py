@@ -120,14 +120,14 @@ def objective_name(args) -> str:
     if args.diffusion_target == "greedy":
         return (
             f"hybrid(alpha={args.alpha}, diffusion_target=greedy, ratio={args.distill_ratio}, "
-            f"refresh={args.distill_refresh}, temperature={args.distill_temperature}{w}{_ul_name(args)})"
+            f"refresh={args.distill_refresh}, temperature={args.distill_temperature}{w}{_greedy_terms_name(args)})"
         )
     if args.diffusion_target != "data":
         return f"hybrid(alpha={args.alpha}, diffusion_target={args.diffusion_target}{w})"
     return f"hybrid(alpha={args.alpha}{w})"
 
 
-def _ul_name(args) -> str:
+def _greedy_terms_name(args) -> str:
     teacher = "" if args.ar_teacher is None else f", ar_teacher={args.ar_teacher}, kl={args.ar_teacher_weight}"
     if not args.unlikelihood:
         return teacher
