@@ -19,10 +19,10 @@ input the public ops accept (top-k/top-p become per-row thresholds computed with
 from __future__ import annotations
 
 import importlib.util
-import re
 
 import torch
 
+from .._cuda_archs import arch_covers
 from ..backends import record, register
 from ..reference import rejection_sample as _ref
 from ..reference.rejection_sample import Philox
@@ -35,25 +35,6 @@ def build_info() -> dict:
     except ImportError:
         return {}
     return dict(BUILD_INFO)
-
-
-def _arch_covers(archs, capability) -> bool:
-    """Whether code built for ``archs`` (e.g. ["sm_90a", "compute_90"]) runs on a GPU of ``capability``."""
-    cap = capability[0] * 10 + capability[1]
-    for arch in archs:
-        m = re.fullmatch(r"(sm|compute)_(\d+)([af]?)", arch)
-        if not m:
-            continue
-        kind, num, suffix = m.group(1), int(m.group(2)), m.group(3)
-        if suffix == "a":  # arch-specific features: this exact GPU only
-            if num == cap:
-                return True
-        elif kind == "sm":  # SASS: same major, same or newer minor
-            if num // 10 == cap // 10 and num <= cap:
-                return True
-        elif num <= cap:  # PTX: JIT-compiled by the driver for this or any newer GPU
-            return True
-    return False
 
 
 def _load():
@@ -80,7 +61,7 @@ def _load():
     archs = info.get("archs")
     if archs and torch.cuda.is_available():
         cap = torch.cuda.get_device_capability()
-        if not _arch_covers(archs, cap):
+        if not arch_covers(archs, cap):
             raise ImportError(
                 f"tidar_kernels._C was built for {', '.join(archs)}, which cannot run on this GPU "
                 f'(sm_{cap[0]}{cap[1]}); rebuild with TORCH_CUDA_ARCH_LIST="{cap[0]}.{cap[1]}"'

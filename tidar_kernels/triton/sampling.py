@@ -152,14 +152,18 @@ def _range_mass(
     row_a, row_b, lo, hi, M, Z, thr, q_row, use_q, COEF, MIX: tl.constexpr, FILTER: tl.constexpr, BLOCK_V: tl.constexpr
 ):
     """(mass of the residual max(0, p - q), mass of p) over [lo, hi), with p = exp(x - M) / Z and q the draft
-    distribution at ``q_row`` (read only when ``use_q``; else q = 0)."""
+    distribution at ``q_row`` (read only when ``use_q``; else q = 0).
+    A flag (``use_q`` here, ``resid`` and ``write_p`` in ``_range_scan``) masks a load or store through the end of
+    the range (``hi`` when set, ``lo`` when not), never as ``block_mask & flag``: triton 3.9's interpreter gives
+    that and of a block with a scalar int32 data, which a load refuses ("mask has unsupported dtype")."""
     offs = tl.arange(0, BLOCK_V)
+    hi_q = tl.where(use_q != 0, hi, lo)
     tot_r = tl.full([], 0.0, tl.float64)
     tot_p = tl.full([], 0.0, tl.float64)
     for v0 in range(lo, hi, BLOCK_V):
         m = v0 + offs < hi
         p = tl.exp(_load_x(row_a, row_b, v0 + offs, m, COEF, thr, MIX, True, FILTER) - M) / Z
-        q = tl.load(q_row + v0 + offs, mask=m & use_q, other=0.0).to(tl.float64)
+        q = tl.load(q_row + v0 + offs, mask=v0 + offs < hi_q, other=0.0).to(tl.float64)
         tot_r += tl.sum(tl.maximum(p - q, 0.0), 0)
         tot_p += tl.sum(p, 0)
     return tot_r, tot_p
@@ -172,18 +176,20 @@ def _range_scan(row_a, row_b, lo, hi, V, M, Z, thr, q_row, resid, carry, target,
     cumulative mass ``carry`` (float64) of the tokens before ``lo``: (first index whose cumulative mass exceeds
     ``target``, or V; last index with w > 0, or -1). Writes p as float32 to ``P_OUT`` when ``write_p``."""
     offs = tl.arange(0, BLOCK_V)
+    hi_r = tl.where(resid != 0, hi, lo)  # flags mask through the range's end: see _range_mass
+    hi_w = tl.where(write_p != 0, hi, lo)
     found = tl.full([], 0, tl.int32) + V
     last_w = tl.full([], -1, tl.int32)
     for v0 in range(lo, hi, BLOCK_V):
         m = v0 + offs < hi
         p = tl.exp(_load_x(row_a, row_b, v0 + offs, m, COEF, thr, MIX, True, FILTER) - M) / Z
-        q = tl.load(q_row + v0 + offs, mask=m & resid, other=0.0).to(tl.float64)
-        w = tl.where(resid, tl.maximum(p - q, 0.0), p)
+        q = tl.load(q_row + v0 + offs, mask=v0 + offs < hi_r, other=0.0).to(tl.float64)
+        w = tl.where(resid != 0, tl.maximum(p - q, 0.0), p)
         cdf = tl.cumsum(w, 0) + carry
         found = tl.minimum(found, tl.min(tl.where((cdf > target) & m, v0 + offs, V), 0))
         last_w = tl.maximum(last_w, tl.max(tl.where((w > 0) & m, v0 + offs, -1), 0))
         carry += tl.sum(w, 0)
-        tl.store(P_OUT + v0 + offs, p.to(tl.float32), mask=m & write_p)
+        tl.store(P_OUT + v0 + offs, p.to(tl.float32), mask=v0 + offs < hi_w)
     return found, last_w
 
 
@@ -194,7 +200,7 @@ def _sample(row_a, row_b, V, mx, z, u, Q_ROW, use_q, P_OUT, write_p, COEF, thr, 
     ``use_q`` and it has mass), optionally writing p as float32 to ``P_OUT``. Past the end (rounding): V - 1,
     as the reference's clamp."""
     tot_r, tot_p = _range_mass(row_a, row_b, 0, V, mx, z, thr, Q_ROW, use_q, COEF, MIX, FILTER, BLOCK_V)
-    resid = use_q & (tot_r > 0)
+    resid = (use_q != 0) & (tot_r > 0)
     target = u * tl.where(resid, tot_r, tot_p)
     found, _ = _range_scan(
         row_a,
