@@ -14,7 +14,9 @@ Without a GPU the suite runs under ``TRITON_INTERPRET=1``, set here, before anyt
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +54,15 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "triton_interpreter: also run on backend='triton' under the Triton interpreter (CPU tensors)"
     )
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, whatever ran before it: results do not depend on the order
+    or on which pytest-xdist worker runs a test (CI runs the suite on 2 workers)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 def pytest_collection_modifyitems(config, items):
