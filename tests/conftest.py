@@ -59,7 +59,7 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same global RNG state, whatever ran before it: results do not depend on the order
-    or on which pytest-xdist worker runs a test (CI runs the suite on 2 workers)."""
+    the tests run in (or on which worker runs a test, under pytest-xdist)."""
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)

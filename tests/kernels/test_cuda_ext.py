@@ -63,13 +63,13 @@ def test_build_info_recorded():
 
 
 def test_arch_coverage_rule():
-    from tidar_kernels._cuda_archs import arch_covers as _arch_covers
+    from tidar_kernels._cuda_archs import arch_covers
 
-    assert _arch_covers(["sm_90a"], (9, 0)) and not _arch_covers(["sm_90a"], (10, 0))
-    assert _arch_covers(["sm_90a", "compute_90"], (10, 0))  # PTX JITs forward
-    assert not _arch_covers(["compute_90"], (8, 0))
-    assert _arch_covers(["sm_80"], (8, 6)) and not _arch_covers(["sm_86"], (8, 0))
-    assert not _arch_covers(["compute_90a"], (10, 0))
+    assert arch_covers(["sm_90a"], (9, 0)) and not arch_covers(["sm_90a"], (10, 0))
+    assert arch_covers(["sm_90a", "compute_90"], (10, 0))  # PTX JITs forward
+    assert not arch_covers(["compute_90"], (8, 0))
+    assert arch_covers(["sm_80"], (8, 6)) and not arch_covers(["sm_86"], (8, 0))
+    assert not arch_covers(["compute_90a"], (10, 0))
 
 
 # ---------------------------------------------------------------------------------------------
