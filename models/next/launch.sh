@@ -1,4 +1,5 @@
-# Sourced by the fine-tuning recipes of this folder (convert.sh, unlikelihood.sh, drafter.sh, grow.sh, blocks4.sh), which set
+# Sourced by the fine-tuning recipes of this folder (convert.sh, unlikelihood.sh, drafter.sh, grow.sh, blocks4.sh),
+# which set
 #   threads       default CPU threads (THREADS overrides)
 #   init_default  the model to start from when the caller gives none (empty: the caller must give one)
 #   out_default   the run's folder when the caller gives none

@@ -19,9 +19,7 @@ from tidar.decode.slot_timing import GRID, SlotCurve
 def _curve(fn, head=0.0):
     """A synthetic curve whose host terms (zero) count as measured: the planner's choices then follow the curve
     alone, whatever the machine's load (``generate`` would otherwise time its host work and add it)."""
-    curve = SlotCurve(list(GRID), [float(fn(n)) for n in GRID], head, "cpu", "float32")
-    curve.host_measured = True
-    return curve
+    return SlotCurve(list(GRID), [float(fn(n)) for n in GRID], head, "cpu", "float32", host_measured=True)
 
 
 FLAT = _curve(lambda n: 10.0)  # every token slot free: the longest drafts pay

@@ -1,9 +1,10 @@
 """Engines interleaved batch by batch in one process (see ../vllm_cpu_step_breakdown.md).
 
-``PYTHONPATH=python:. python interleaved.py B ROUNDS plain,tidar,ngram`` from the repository root, with the Python of
-a vLLM venv: each round takes the next B prompts of ``tidar.ordinary_prompts`` and runs them (96 tokens, greedy) on
-every engine in turn; texts are checked identical to the first engine's. Prints each engine's best and median
-tokens/s, and each engine's median ratio to the first one over the rounds.
+``PYTHONPATH=python:. python interleaved.py B ROUNDS vllm,vllm-tidar,vllm-ngram`` (``benchmarks/bench_vllm.py``'s
+engines) from the repository root, with the Python of a vLLM venv: each round takes the next B prompts of
+``tidar.ordinary_prompts`` and runs them (96 tokens, greedy) on every engine in turn; texts are checked identical to
+the first engine's. Prints each engine's best and median tokens/s, and each engine's median ratio to the first one
+over the rounds.
 """
 
 import os
@@ -15,15 +16,14 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import vllm  # noqa: E402
 
-import tidar.vllm  # noqa: E402
-from benchmarks.bench_vllm import ENGINE_KW, NGRAM, _generate  # noqa: E402
+from benchmarks.bench_vllm import ENGINE_KW, _engines, _generate  # noqa: E402
 from tidar.cli.demo import bundled_model_dir  # noqa: E402
 from tidar.ordinary_prompts import PROMPTS  # noqa: E402
 
 
 def main():
     B, rounds, names = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
-    specs = {"plain": None, "ngram": NGRAM, "tidar": tidar.vllm.speculative_config(num_speculative_tokens=8)}
+    specs = _engines()
     llms = {n: vllm.LLM(model=str(bundled_model_dir()), speculative_config=specs[n], **ENGINE_KW) for n in names}
     prompts = [p for ps in PROMPTS.values() for p in ps]
     speed = {n: [] for n in names}

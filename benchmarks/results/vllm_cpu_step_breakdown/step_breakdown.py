@@ -1,9 +1,10 @@
 """Wall time of vLLM's step functions per engine step (see ../vllm_cpu_step_breakdown.md).
 
-``PYTHONPATH=python:. python step_breakdown.py ENGINE B`` (ENGINE: plain, ngram, tidar) from the repository root,
-with the Python of a vLLM venv: 8 prompts in batches of B (3 rounds when B > 1), 96 tokens each, after two warm-up
-batches. ``NODRAFT=1`` withholds every TiDAR draft (``step_pays`` forced false). Wrappers with ``perf_counter``, no
-profiler; the engine core runs in this process.
+``PYTHONPATH=python:. python step_breakdown.py ENGINE B`` (ENGINE: vllm, vllm-ngram, vllm-tidar, as
+``benchmarks/bench_vllm.py`` names them) from the repository root, with the Python of a vLLM venv: 8 prompts in
+batches of B (3 rounds when B > 1), 96 tokens each, after two warm-up batches. ``NODRAFT=1`` withholds every TiDAR
+draft (``step_pays`` forced false). Wrappers with ``perf_counter``, no profiler; the engine core runs in this
+process.
 """
 
 import collections
@@ -25,7 +26,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
 
 import tidar.vllm  # noqa: E402
 import tidar.vllm.proposer  # noqa: E402
-from benchmarks.bench_vllm import ENGINE_KW, NGRAM, _generate  # noqa: E402
+from benchmarks.bench_vllm import ENGINE_KW, _engines, _generate  # noqa: E402
 from tidar.cli.demo import bundled_model_dir  # noqa: E402
 from tidar.ordinary_prompts import PROMPTS  # noqa: E402
 
@@ -69,7 +70,7 @@ def main():
         timed(cls, name)
     if os.environ.get("NODRAFT"):
         tidar.vllm.proposer.step_pays = lambda gains, verify_cost: False
-    spec = {"plain": None, "ngram": NGRAM, "tidar": tidar.vllm.speculative_config(num_speculative_tokens=8)}[which]
+    spec = _engines()[which]
     llm = vllm.LLM(model=str(bundled_model_dir()), speculative_config=spec, **ENGINE_KW)
     prompts = [p for ps in PROMPTS.values() for p in ps][:8]
     for _ in range(2):
