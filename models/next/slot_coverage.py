@@ -17,7 +17,7 @@ import argparse
 import torch
 
 import tidar
-from tidar.ordinary_prompts import PROMPTS
+from tidar.ordinary_prompts import all_prompts
 from tidar.train.checkpoint import load_checkpoint
 from tidar.train.objective import hybrid_forward
 
@@ -27,7 +27,7 @@ TOPS = (1, 2, 4, 8)
 def greedy_continuations(model, tok, new_tokens: int):
     """``[(prompt length, prompt + greedy continuation ids)]`` for every ordinary prompt (EOS not stopping)."""
     out = []
-    for prompt in (p for ps in PROMPTS.values() for p in ps):
+    for _, prompt in all_prompts():
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         seq = model.generate(
             ids,
@@ -55,8 +55,7 @@ def slot_coverage(model, seqs, block: int):
                 if p + shift < plen:
                     continue
                 top = logits[p : p + block].topk(max(TOPS), -1).indices  # [block, 8]
-                want = x[0, p : p + block, None]
-                hit = (top[:, None, :] == want[:, :, None]).squeeze(1)  # [block, 8]
+                hit = top == x[0, p : p + block, None]  # [block, 8]
                 for i, k in enumerate(TOPS):
                     hits[:, i] += hit[:, :k].any(-1).float()
                 chain += hit[:, 0].float().cumprod(0)

@@ -18,14 +18,14 @@ import vllm  # noqa: E402
 
 from benchmarks.bench_vllm import ENGINE_KW, _engines, _generate  # noqa: E402
 from tidar.cli.demo import bundled_model_dir  # noqa: E402
-from tidar.ordinary_prompts import PROMPTS  # noqa: E402
+from tidar.ordinary_prompts import all_prompts  # noqa: E402
 
 
 def main():
     B, rounds, names = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
     specs = _engines()
     llms = {n: vllm.LLM(model=str(bundled_model_dir()), speculative_config=specs[n], **ENGINE_KW) for n in names}
-    prompts = [p for ps in PROMPTS.values() for p in ps]
+    prompts = [p for _, p in all_prompts()]
     speed = {n: [] for n in names}
     steps = {n: [] for n in names}
     for n in names:

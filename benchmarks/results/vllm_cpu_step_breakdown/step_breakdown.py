@@ -28,7 +28,7 @@ import tidar.vllm  # noqa: E402
 import tidar.vllm.proposer  # noqa: E402
 from benchmarks.bench_vllm import ENGINE_KW, _engines, _generate  # noqa: E402
 from tidar.cli.demo import bundled_model_dir  # noqa: E402
-from tidar.ordinary_prompts import PROMPTS  # noqa: E402
+from tidar.ordinary_prompts import all_prompts  # noqa: E402
 
 SECONDS = collections.defaultdict(float)
 CALLS = collections.defaultdict(int)
@@ -72,7 +72,7 @@ def main():
         tidar.vllm.proposer.step_pays = lambda gains, verify_cost: False
     spec = _engines()[which]
     llm = vllm.LLM(model=str(bundled_model_dir()), speculative_config=spec, **ENGINE_KW)
-    prompts = [p for ps in PROMPTS.values() for p in ps][:8]
+    prompts = [p for _, p in all_prompts()][:8]
     for _ in range(2):
         _generate(llm, prompts[:B], 96)
     SECONDS.clear()

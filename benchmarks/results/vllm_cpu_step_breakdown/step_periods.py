@@ -18,7 +18,7 @@ import tidar.vllm  # noqa: E402
 import tidar.vllm.step_clock as step_clock  # noqa: E402
 from benchmarks.bench_vllm import ENGINE_KW, _generate  # noqa: E402
 from tidar.cli.demo import bundled_model_dir  # noqa: E402
-from tidar.ordinary_prompts import PROMPTS  # noqa: E402
+from tidar.ordinary_prompts import all_prompts  # noqa: E402
 
 
 def main():
@@ -34,7 +34,7 @@ def main():
     step_clock.StepClock._add = recording_add
     spec = tidar.vllm.speculative_config(num_speculative_tokens=8)
     llm = vllm.LLM(model=str(bundled_model_dir()), speculative_config=spec, **ENGINE_KW)
-    prompts = [p for ps in PROMPTS.values() for p in ps][:B]
+    prompts = [p for _, p in all_prompts()][:B]
     for _ in range(4):
         _generate(llm, prompts, 96)
     with open(out, "w") as f:
